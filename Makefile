@@ -1,0 +1,40 @@
+# The two commands: `make run` and `make test`. Everything else is set up from here.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench redis-server clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/corral run
+
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's redis-server"; \
+	    (apt-get install -y -qq redis-server >/dev/null 2>&1 || \
+	     (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)); \
+	  else \
+	    echo "redis-server is missing: run 'sudo apt-get install redis-server' (Debian/Ubuntu)"; exit 1; \
+	  fi; }
+
+lint: $(STAMP)
+	$(BIN)/ruff check corral tests bench examples
+	$(BIN)/ruff format --check corral tests bench examples
+	$(BIN)/mypy
+
+test: $(STAMP) redis-server lint
+	$(BIN)/pytest
+
+bench: $(STAMP) redis-server
+	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,160 @@
+"""Message codec throughput: corral's Codec against plain msgpack, side by side.
+
+Run as ``python bench/codec.py``. Each corral figure is one ``encode`` plus one
+``decode`` (which validates the envelope and every field); its reference is
+``msgpack.packb`` plus ``msgpack.unpackb`` of the equivalent envelope dict, built
+once. Figures are calls per second: every case runs in many short slices,
+interleaved with the others so that load from elsewhere hits all of them alike,
+and the best slice counts. The design target (reported, not asserted) is a ratio
+of at least 0.5x.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+from _report import Row, report, timed
+
+from corral.messages import Codec, Message, Reply, Request, message
+
+ROUNDS = 25
+SLICE_SECONDS = 0.025
+TARGET = 0.5
+
+
+@message("bench.cache_value")
+class BenchCacheValue(Reply):
+    value: bytes | None = None
+
+
+@message("bench.get")
+class BenchCacheGet(Request[BenchCacheValue]):
+    """A cache-get-like request: the common small message."""
+
+    manager = "cache"
+    key: str
+    namespace: str = "default"
+    ttl: int | None = None
+
+
+@message("bench.bulk_set")
+class BenchBulkSet(Request[BenchCacheValue]):
+    """A larger message: a 50-entry map in an ``Any`` field."""
+
+    manager = "cache"
+    namespace: str = "default"
+    values: Any = dataclasses.field(default_factory=dict)
+
+
+SMALL = BenchCacheGet(key="user:42", namespace="default", ttl=300)
+LARGE = BenchBulkSet(
+    namespace="sessions",
+    values={
+        f"user:{i:05d}": {
+            "name": f"user {i}",
+            "score": i * 1.5,
+            "tags": ["a", "b"],
+            "ok": i % 2 == 0,
+        }
+        for i in range(50)
+    },
+)
+REPLY_TO = None
+KEYS = [b"k" * 32]
+
+
+def _envelope(msg: Message) -> dict[str, Any]:
+    """The plain dict corral puts on the wire for ``msg`` (unsigned)."""
+    return {
+        "t": msg.type_name,
+        "v": msg.version,
+        "id": bytes(16),
+        "c": None,
+        "r": REPLY_TO,
+        "ts": int(time.time() * 1000),
+        "b": msg.to_wire(),
+    }
+
+
+def _corral(codec: Codec, msg: Message) -> Callable[[], object]:
+    encode, decode = codec.encode, codec.decode
+
+    def run() -> object:
+        return decode(encode(msg, reply_to=REPLY_TO))
+
+    return run
+
+
+def _plain(envelope: dict[str, Any]) -> Callable[[], object]:
+    packb, unpackb = msgpack.packb, msgpack.unpackb
+
+    def run() -> object:
+        return unpackb(packb(envelope, use_bin_type=True), raw=False)
+
+    return run
+
+
+def _calls_per_slice(fn: Callable[[], object]) -> int:
+    """How many calls of ``fn`` take about SLICE_SECONDS."""
+    n = 10
+    while True:
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        elapsed = time.perf_counter() - start
+        if elapsed > SLICE_SECONDS / 4:
+            return max(1, int(n * SLICE_SECONDS / elapsed))
+        n *= 4
+
+
+def main() -> None:
+    plain, signed = Codec(), Codec(keys=KEYS)
+    small_env, large_env = _envelope(SMALL), _envelope(LARGE)
+    cases: dict[str, Callable[[], object]] = {
+        "small": _corral(plain, SMALL),
+        "small signed": _corral(signed, SMALL),
+        "small msgpack": _plain(small_env),
+        "large": _corral(plain, LARGE),
+        "large signed": _corral(signed, LARGE),
+        "large msgpack": _plain(large_env),
+        "small encode": lambda: plain.encode(SMALL, reply_to=REPLY_TO),
+        "small packb": lambda: msgpack.packb(small_env, use_bin_type=True),
+    }
+    small_bytes = plain.encode(SMALL, reply_to=REPLY_TO)
+    small_packed = msgpack.packb(small_env, use_bin_type=True)
+    cases["small decode"] = lambda: plain.decode(small_bytes)
+    cases["small unpackb"] = lambda: msgpack.unpackb(small_packed, raw=False)
+
+    sizes = {n: _calls_per_slice(fn) for n, fn in cases.items()}
+    best = dict.fromkeys(cases, 0.0)
+    for _ in range(ROUNDS):
+        for name, fn in cases.items():
+            best[name] = max(best[name], timed(fn, sizes[name]))
+
+    large_bytes = plain.encode(LARGE, reply_to=REPLY_TO)
+    signed_bytes = signed.encode(SMALL, reply_to=REPLY_TO)
+    rows = [
+        Row(f"small encode+decode ({len(small_bytes)} B)", best["small"], best["small msgpack"]),
+        Row(
+            f"small signed encode+decode ({len(signed_bytes)} B)",
+            best["small signed"],
+            best["small msgpack"],
+        ),
+        Row(f"large encode+decode ({len(large_bytes)} B)", best["large"], best["large msgpack"]),
+        Row("large signed encode+decode", best["large signed"], best["large msgpack"]),
+        Row("small encode only", best["small encode"], best["small packb"]),
+        Row("small decode only", best["small decode"], best["small unpackb"]),
+    ]
+    report(
+        "corral Codec vs plain msgpack (figure: corral, reference: msgpack packb/unpackb)",
+        rows,
+        note=f"design target: ratio >= {TARGET}x; best of {ROUNDS} interleaved slices per case",
+    )
+
+
+if __name__ == "__main__":
+    main()

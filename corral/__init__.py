@@ -1,0 +1,38 @@
+"""corral: an event-driven actor system for Python services.
+
+Managers run as supervised pykka actors and talk through typed messages::
+
+    import corral
+    from corral.messages.system import Ping
+
+    with corral.System() as system:
+        assert system.ask(Ping(payload=b"hi")).payload == b"hi"
+
+Define your own messages and managers with :func:`message` and :class:`Manager`,
+and pass them to ``System(managers=[...])``.
+"""
+
+from corral import errors
+from corral.actors.base import Manager, handles
+from corral.config import Config, load_config
+from corral.messages.base import Event, Message, Reply, Request, message
+from corral.supervisor import ChildSpec
+from corral.system import System
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChildSpec",
+    "Config",
+    "Event",
+    "Manager",
+    "Message",
+    "Reply",
+    "Request",
+    "System",
+    "__version__",
+    "errors",
+    "handles",
+    "load_config",
+    "message",
+]

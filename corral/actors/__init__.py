@@ -1,0 +1,10 @@
+"""Managers: one module per manager, each a :class:`~corral.actors.base.Manager`."""
+
+from corral.actors.base import Manager, ManagerContext, handles
+
+BUILTIN: dict[str, str] = {
+    "system": "corral.actors.system:SystemManager",
+}
+"""Built-in managers by name, as import paths (loaded only when configured)."""
+
+__all__ = ["BUILTIN", "Manager", "ManagerContext", "handles"]

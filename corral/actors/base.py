@@ -1,0 +1,388 @@
+"""The Manager base: a pykka actor with typed dispatch, health, counters and a bounded mailbox.
+
+A manager declares the messages it handles with :func:`handles`; a handler
+returns a Reply, or raises a :mod:`corral.errors` error, which answers the
+caller and leaves the actor running::
+
+    class Greeter(Manager):
+        name = "greeter"
+
+        @handles(Greet)
+        def greet(self, msg: Greet) -> Greeting:
+            if not msg.who:
+                raise InvalidMessage("who must not be empty", path="who")
+            return Greeting(text=f"hello {msg.who}")
+
+Any other exception is a crash: the caller gets ``ManagerUnavailable``, the
+actor stops and its supervisor is told (through the context), which restarts
+it with the messages still queued in its mailbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import pykka
+from pykka import ActorDeadError, ActorRegistry
+from pykka._envelope import Envelope
+from pykka.messages import _ActorStop
+
+from corral.errors import CorralError, InvalidMessage, ManagerUnavailable, Overloaded
+from corral.messages.base import ErrorReply, Event, Message, Reply, Request
+from corral.messages.system import Health, HealthCheck
+
+__all__ = [
+    "AsyncioFuture",
+    "Mailbox",
+    "Manager",
+    "ManagerContext",
+    "Probe",
+    "Router",
+    "handles",
+]
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R", bound=Reply)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Router(Protocol):
+    """What a manager may do outside itself: reach other managers by name, publish events."""
+
+    def ask(self, message: Request[R], *, timeout: float | None = None) -> R: ...
+
+    def tell(self, message: Message) -> None: ...
+
+    def publish(self, topic: str, event: Event) -> None: ...
+
+
+ExitCallback = Callable[["Manager", BaseException | None, list[Envelope[Any]]], None]
+
+
+@dataclass
+class ManagerContext:
+    """Everything a manager gets from the system that runs it."""
+
+    name: str
+    router: Router
+    options: Mapping[str, Any] = field(default_factory=dict)
+    mailbox_size: int = 10_000
+    mailbox_put_timeout: float = 1.0
+    on_exit: ExitCallback | None = None
+
+
+class Probe:
+    """The supervisor's liveness probe: goes ahead of the queue, answered with Health."""
+
+    __slots__ = ()
+
+
+PROBE = Probe()
+
+
+class Mailbox(queue.Queue[Envelope[Any]]):
+    """A bounded actor inbox.
+
+    A full mailbox makes ``put`` wait up to ``put_timeout`` seconds, then raise
+    :class:`Overloaded`. Stop requests and liveness probes always get in, and
+    probes go ahead of ordinary messages, so a long backlog is not taken for a
+    hung actor.
+    """
+
+    def __init__(self, capacity: int, put_timeout: float, owner: str) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.put_timeout = put_timeout
+        self.owner = owner
+        self.overloaded = 0
+        self.closed = False
+
+    def _init(self, maxsize: int) -> None:
+        self.queue: deque[Envelope[Any]] = deque()
+        self.urgent: deque[Envelope[Any]] = deque()
+
+    def _qsize(self) -> int:
+        return len(self.queue) + len(self.urgent)
+
+    def _get(self) -> Envelope[Any]:
+        return self.urgent.popleft() if self.urgent else self.queue.popleft()
+
+    def put(self, item: Envelope[Any], block: bool = True, timeout: float | None = None) -> None:
+        message = item.message
+        with self.not_full:
+            if self.closed:
+                raise ActorDeadError(f"the {self.owner} actor has stopped")
+            if message is PROBE:
+                self.urgent.append(item)
+            else:
+                if len(self.queue) >= self.capacity and not isinstance(message, _ActorStop):
+                    self._wait_for_room()
+                self.queue.append(item)
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
+
+    def _wait_for_room(self) -> None:
+        deadline = time.monotonic() + self.put_timeout
+        while len(self.queue) >= self.capacity:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.overloaded += 1
+                raise Overloaded(
+                    f"the {self.owner} mailbox stayed full ({self.capacity} messages) "
+                    f"for {self.put_timeout:g}s",
+                    {"manager": self.owner, "capacity": self.capacity},
+                )
+            self.not_full.wait(remaining)
+
+    def try_put(self, item: Envelope[Any]) -> bool:
+        """Put without waiting; False when the mailbox is full or closed."""
+        with self.not_full:
+            if self.closed or len(self.queue) >= self.capacity:
+                return False
+            self.queue.append(item)
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
+            return True
+
+    def requeue(self, envelopes: list[Envelope[Any]]) -> None:
+        """Put envelopes taken from a dead predecessor ahead of anything new."""
+        with self.not_full:
+            self.queue.extendleft(reversed(envelopes))
+            self.unfinished_tasks += len(envelopes)
+            self.not_empty.notify(len(envelopes))
+
+    def drain(self) -> list[Envelope[Any]]:
+        """Close the mailbox and take what is in it; later puts raise ActorDeadError."""
+        with self.mutex:
+            self.closed = True
+            taken = list(self.urgent) + list(self.queue)
+            self.urgent.clear()
+            self.queue.clear()
+            self.not_full.notify_all()
+            return taken
+
+
+class AsyncioFuture(pykka.Future[Any]):
+    """A pykka future that resolves an asyncio future, so awaiting never blocks the loop.
+
+    (pykka's own futures block the event loop when awaited: pykka #99.)
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self.loop = loop
+        self.future: asyncio.Future[Any] = loop.create_future()
+
+    def get(self, *, timeout: float | None = None) -> Any:  # pragma: no cover - never called
+        raise NotImplementedError("await AsyncioFuture.future instead")
+
+    def set(self, value: Any | None = None) -> None:
+        self._call(value, None)
+
+    def set_exception(self, exc_info: Any = None) -> None:
+        self._call(None, exc_info[1])
+
+    def _call(self, value: Any, exc: BaseException | None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self._resolve, value, exc)
+        except RuntimeError:  # the caller's event loop is closed: nobody is waiting any more
+            log.debug("reply dropped: the asking event loop is closed")
+
+    def _resolve(self, value: Any, exc: BaseException | None) -> None:
+        if self.future.done():
+            return
+        if exc is not None:
+            self.future.set_exception(exc)
+        else:
+            self.future.set_result(value)
+
+
+def handles(*message_types: type[Message]) -> Callable[[F], F]:
+    """Mark a Manager method as the handler of one or more message types."""
+
+    def mark(func: F) -> F:
+        func.__corral_handles__ = message_types  # type: ignore[attr-defined]
+        return func
+
+    return mark
+
+
+class Manager(pykka.ThreadingActor):
+    """Base class of every corral manager. Subclasses set ``name`` and mark handlers."""
+
+    name: ClassVar[str] = ""
+    use_daemon_thread = True  # a hung manager must not keep the process alive
+    _handlers: ClassVar[dict[type[Message], Callable[[Any, Any], Any]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        handlers: dict[type[Message], Callable[[Any, Any], Any]] = {}
+        for klass in reversed(cls.__mro__):
+            for attr in vars(klass).values():
+                for message_type in getattr(attr, "__corral_handles__", ()):
+                    handlers[message_type] = attr
+        cls._handlers = handlers
+
+    def __init__(self, context: ManagerContext) -> None:
+        self.context = context
+        super().__init__()
+        self.started_at = time.monotonic()
+        self.handled = 0
+        self.errors = 0
+        self.handler_seconds = 0.0
+        self.dead_letters = 0
+        self.failure: BaseException | None = None
+        self.settled = threading.Event()
+        self.leftovers: list[Envelope[Any]] = []
+        self.thread: threading.Thread | None = None
+
+    def _create_actor_inbox(self) -> Mailbox:  # type: ignore[override]
+        return Mailbox(
+            self.context.mailbox_size, self.context.mailbox_put_timeout, self.context.name
+        )
+
+    @property
+    def mailbox(self) -> Mailbox:
+        inbox = self.actor_inbox
+        assert isinstance(inbox, Mailbox)
+        return inbox
+
+    # -- the public face for subclasses ---------------------------------------------------
+
+    @property
+    def router(self) -> Router:
+        return self.context.router
+
+    @property
+    def options(self) -> Mapping[str, Any]:
+        return self.context.options
+
+    def health(self) -> Health:
+        """This manager's own health; override to report backends and details."""
+        return Health(status="healthy")
+
+    def stats(self) -> dict[str, Any]:
+        """Counters kept for every manager; they go into ``Health.metrics``."""
+        mailbox = self.mailbox
+        return {
+            "handled": self.handled,
+            "errors": self.errors,
+            "handler_seconds": self.handler_seconds,
+            "mailbox_depth": mailbox.qsize(),
+            "mailbox_capacity": mailbox.capacity,
+            "overloaded": mailbox.overloaded,
+            "dead_letters": self.dead_letters,
+            "uptime_s": time.monotonic() - self.started_at,
+        }
+
+    # -- dispatch -------------------------------------------------------------------------
+
+    def on_receive(self, message: Any) -> Any:
+        """Messages without a typed handler: the liveness probe, or an error reply."""
+        if message is PROBE:
+            return self._full_health()
+        self.errors += 1
+        what = getattr(message, "type_name", type(message).__name__)
+        error = InvalidMessage(f"manager {self.context.name!r} does not handle {what}")
+        return ErrorReply(code=error.code, message=str(error), details=error.details)
+
+    @handles(HealthCheck)
+    def _answer_health_check(self, _message: HealthCheck) -> Health:
+        return self._full_health()
+
+    def _full_health(self) -> Health:
+        own = self.health()
+        return Health(
+            status=own.status,
+            details=own.details,
+            metrics={**self.stats(), **own.metrics},
+            dependencies=own.dependencies,
+        )
+
+    # -- pykka's loop, with corral's failure semantics ------------------------------------
+    #
+    # These override private pykka methods; setup.cfg pins pykka to the tested minor version.
+
+    def _actor_loop(self) -> None:
+        self.thread = threading.current_thread()
+        try:
+            super()._actor_loop()
+        finally:
+            self.settled.set()
+            if self.context.on_exit is not None:
+                self.context.on_exit(self, self.failure, self.leftovers)
+
+    def _actor_loop_setup(self) -> None:
+        super()._actor_loop_setup()
+        self.settled.set()
+
+    def _actor_loop_running(self) -> None:
+        inbox = self.actor_inbox
+        stopped = self.actor_stopped
+        handlers = self._handlers
+        clock = time.perf_counter
+        while not stopped.is_set():
+            envelope = inbox.get()
+            message = envelope.message
+            try:
+                handler = handlers.get(type(message))
+                if handler is None:
+                    response = self._handle_receive(message)  # pykka's own messages, probes
+                else:
+                    started = clock()
+                    try:
+                        response = handler(self, message)
+                    except CorralError as exc:
+                        self.errors += 1
+                        response = ErrorReply(
+                            code=exc.code, message=exc.message, details=exc.details
+                        )
+                    self.handled += 1
+                    self.handler_seconds += clock() - started
+            except BaseException as exc:
+                self._crash(exc)
+                if envelope.reply_to is not None:
+                    what = getattr(envelope.message, "type_name", type(envelope.message).__name__)
+                    unavailable = ManagerUnavailable(
+                        f"manager {self.context.name!r} crashed handling {what}: "
+                        f"{type(exc).__name__}: {exc}",
+                        {"manager": self.context.name},
+                    )
+                    envelope.reply_to.set_exception((ManagerUnavailable, unavailable, None))
+                return
+            if envelope.reply_to is not None:
+                try:
+                    envelope.reply_to.set(response)
+                except Exception:  # a caller that cannot take its reply is not our crash
+                    log.warning(
+                        "manager %s could not deliver a reply", self.context.name, exc_info=True
+                    )
+
+    def _actor_loop_teardown(self) -> None:
+        self.leftovers = self.mailbox.drain()
+
+    def _handle_failure(
+        self,
+        exception_type: type[BaseException] | None,
+        exception_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self.failure is None:
+            self.failure = exception_value
+        super()._handle_failure(exception_type, exception_value, traceback)
+
+    def _crash(self, exc: BaseException) -> None:
+        self.failure = exc
+        log.error("manager %s crashed", self.context.name, exc_info=exc)
+        ActorRegistry.unregister(self.actor_ref)
+        self.actor_stopped.set()

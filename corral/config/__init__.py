@@ -1,0 +1,59 @@
+"""corral's configuration: one typed, frozen object merged from layers, key by key.
+
+Layers, lowest precedence first:
+
+1. built-in defaults: ``Config()``, enough for ``corral run`` with no file;
+2. environment variables ``CORRAL_<SECTION>_<KEY>`` (``CORRAL_BUS_URL``,
+   ``CORRAL_SUPERVISOR_MAX_RESTARTS``, ``CORRAL_MANAGERS_<NAME>_<FIELD>``), parsed
+   as the field's type: numbers, ``true/false/yes/no/1/0``, comma-separated lists;
+3. the TOML file (``load_config(path)``, else ``$CORRAL_CONFIG``, else none);
+4. :class:`ConfigSource` objects such as Vault, later ones beating earlier ones.
+
+The file beats the environment, unlike the usual twelve-factor order: that is
+what the project's design specifies, so an environment variable only fills in
+what the file leaves out. A string value such as ``"vault:secret/corral#jwt_secret"``
+is a reference, resolved by the source that claims its scheme; a ``vault:``
+reference that no source resolves is an error.
+
+The file's top-level tables are the sections (``[system]``, ``[supervisor]``,
+``[bus]``, ``[codec]``, ``[log]``, ``[daemon]``) and ``[managers.<name>]`` tables,
+whose keys besides :class:`ManagerSection`'s fields are the manager's options.
+Unknown sections, keys and variables, wrong types and out-of-range values raise
+:class:`~corral.errors.ConfigError` naming the key and where the value came
+from, e.g. ``corral.toml: supervisor.max_restarts: expected int, got str``.
+
+Example::
+
+    config = load_config("corral.toml")
+    config.supervisor.max_restarts      # 5
+    config.sources["bus.url"]           # 'env CORRAL_BUS_URL'
+    config.masked()["bus"]["url"]       # 'redis://:***@redis:6379/0'
+
+    # In tests and embedding code:
+    config = Config().replace(bus=BusSection(backend="redis", url="redis://127.0.0.1:6380/0"))
+"""
+
+from corral.config._config import Config
+from corral.config._loader import ConfigSource, load_config
+from corral.config._sections import (
+    BusSection,
+    CodecSection,
+    DaemonSection,
+    LogSection,
+    ManagerSection,
+    SupervisorSection,
+    SystemSection,
+)
+
+__all__ = [
+    "BusSection",
+    "CodecSection",
+    "Config",
+    "ConfigSource",
+    "DaemonSection",
+    "LogSection",
+    "ManagerSection",
+    "SupervisorSection",
+    "SystemSection",
+    "load_config",
+]

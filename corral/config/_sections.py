@@ -1,0 +1,218 @@
+"""The sections of the config: frozen dataclasses that check their own values."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, NoReturn
+
+from corral.config._values import Mismatch, convert, hide, mask
+from corral.errors import ConfigError
+
+Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
+Restart = Literal["permanent", "transient", "temporary"]
+Backend = Literal["memory", "redis"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+LogFormat = Literal["plain", "json"]
+
+# Field metadata: bounds checked on construction, and secrecy for repr() and masked().
+_POSITIVE = {"gt": 0}
+_NON_NEGATIVE = {"ge": 0}
+_SIZE = {"ge": 1}
+_CLASS_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class Section:
+    """Base of every section: checks field types and bounds when constructed.
+
+    A bad value raises :class:`ConfigError` whose details carry ``field``,
+    ``problem`` and ``related`` (other fields the problem involves), so that the
+    loader can say where the offending values came from.
+    """
+
+    prefix: ClassVar[str] = ""
+    """The section's name in dotted keys (``bus``); empty for managers, which are named by key."""
+
+    def __post_init__(self) -> None:
+        types = field_types(type(self))
+        for f in dataclasses.fields(self):
+            try:
+                value = convert(types[f.name], getattr(self, f.name))
+            except Mismatch as exc:
+                self._fail(f.name, exc.problem, path=exc.path)
+            object.__setattr__(self, f.name, value)
+        for f in dataclasses.fields(self):
+            self._check_bounds(f)
+
+    def _check_bounds(self, f: dataclasses.Field[Any]) -> None:
+        value = getattr(self, f.name)
+        if value is None:
+            return
+        # Written as "not (ok)" so that NaN fails every bound.
+        if "gt" in f.metadata and not value > f.metadata["gt"]:
+            self._fail(f.name, f"must be > {f.metadata['gt']}, got {value}")
+        if "ge" in f.metadata and not value >= f.metadata["ge"]:
+            self._fail(f.name, f"must be >= {f.metadata['ge']}, got {value}")
+        if "le" in f.metadata and not value <= f.metadata["le"]:
+            self._fail(f.name, f"must be <= {f.metadata['le']}, got {value}")
+        if "le_field" in f.metadata:
+            other = f.metadata["le_field"]
+            limit = getattr(self, other)
+            if not value <= limit:
+                self._fail(
+                    f.name, f"must be <= {self._key(other)} ({limit}), got {value}", related=other
+                )
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def _fail(self, name: str, problem: str, *, path: str = "", related: str = "") -> NoReturn:
+        raise ConfigError(
+            f"{self._key(name)}{path}: {problem}",
+            {"field": name, "problem": problem, "related": [related] if related else []},
+        )
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f.name}={hide(value) if f.metadata.get('secret') else mask(value)!r}"
+            for f in dataclasses.fields(self)
+            for value in [getattr(self, f.name)]
+        )
+        return f"{type(self).__name__}({shown})"
+
+
+_field_types: dict[type[Section], dict[str, Any]] = {}
+
+
+def field_types(cls: type[Section]) -> dict[str, Any]:
+    """The resolved type of each field of a section class."""
+    if cls not in _field_types:
+        hints = typing.get_type_hints(cls)
+        _field_types[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return _field_types[cls]
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class SystemSection(Section):
+    """``[system]``: the actor system as a whole."""
+
+    prefix: ClassVar[str] = "system"
+
+    name: str = "corral"
+    ask_timeout: float = field(default=5.0, metadata=_POSITIVE)
+    mailbox_size: int = field(default=10_000, metadata=_SIZE)
+    mailbox_put_timeout: float = field(default=1.0, metadata=_NON_NEGATIVE)
+    validate: bool = True
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class SupervisorSection(Section):
+    """``[supervisor]``: restart strategy, restart intensity, backoff, probes."""
+
+    prefix: ClassVar[str] = "supervisor"
+
+    strategy: Strategy = "one_for_one"
+    max_restarts: int = field(default=5, metadata=_NON_NEGATIVE)
+    period: float = field(default=30.0, metadata=_POSITIVE)
+    backoff_initial: float = field(default=0.05, metadata={"ge": 0, "le_field": "backoff_max"})
+    backoff_max: float = field(default=5.0, metadata=_NON_NEGATIVE)
+    backoff_jitter: float = field(default=0.2, metadata={"ge": 0, "le": 1})
+    probe_interval: float = field(default=2.0, metadata=_POSITIVE)
+    probe_timeout: float = field(default=5.0, metadata=_POSITIVE)
+    shutdown_timeout: float = field(default=5.0, metadata=_POSITIVE)
+    start_timeout: float = field(default=10.0, metadata=_POSITIVE)
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class BusSection(Section):
+    """``[bus]``: the in-memory bus, or Redis at ``url`` (whose password is masked)."""
+
+    prefix: ClassVar[str] = "bus"
+
+    backend: Backend = "memory"
+    url: str = "redis://127.0.0.1:6379/0"
+    namespace: str = "corral"
+    queue_size: int = field(default=10_000, metadata=_SIZE)
+    reconnect_initial: float = field(default=0.1, metadata={"ge": 0, "le_field": "reconnect_max"})
+    reconnect_max: float = field(default=5.0, metadata=_NON_NEGATIVE)
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class CodecSection(Section):
+    """``[codec]``: message size and depth limits, HMAC signing keys (secret)."""
+
+    prefix: ClassVar[str] = "codec"
+
+    max_size: int = field(default=1_048_576, metadata=_SIZE)
+    max_depth: int = field(default=32, metadata=_SIZE)
+    signing_keys: list[str] = field(default_factory=list, metadata={"secret": True})
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class LogSection(Section):
+    """``[log]``: level and format of the logs on stderr."""
+
+    prefix: ClassVar[str] = "log"
+
+    level: LogLevel = "INFO"
+    format: LogFormat = "plain"
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class DaemonSection(Section):
+    """``[daemon]``: where ``corral run`` serves /health, /metrics and the dashboard."""
+
+    prefix: ClassVar[str] = "daemon"
+
+    host: str = "127.0.0.1"
+    port: int = field(default=8650, metadata={"ge": 0, "le": 65535})
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class ManagerSection(Section):
+    """One ``[managers.<name>]`` table: the child spec of a manager.
+
+    ``class_path`` is ``"package.module:ClassName"``; empty means the built-in
+    manager of that name. Every key of the table that is not a field here lands
+    in ``options``, which the manager validates itself.
+    """
+
+    enabled: bool = True
+    class_path: str = ""
+    critical: bool = False
+    restart: Restart = "permanent"
+    depends_on: list[str] = field(default_factory=list)
+    shutdown_timeout: float | None = field(default=None, metadata=_POSITIVE)
+    mailbox_size: int | None = field(default=None, metadata=_SIZE)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.class_path and not _CLASS_PATH.match(self.class_path):
+            self._fail(
+                "class_path", f"expected 'package.module:ClassName', got {self.class_path!r}"
+            )
+        # Options share the table, and so the dotted keys, with the fields.
+        shadowing = sorted(MANAGER_FIELDS.intersection(self.options))
+        if shadowing:
+            self._fail("options", f"{shadowing[0]!r} is a field of the manager, not an option")
+
+
+SECTIONS: dict[str, type[Section]] = {
+    cls.prefix: cls
+    for cls in (
+        SystemSection,
+        SupervisorSection,
+        BusSection,
+        CodecSection,
+        LogSection,
+        DaemonSection,
+    )
+}
+"""The fixed sections by name, in the order they are shown; ``managers`` is apart."""
+
+MANAGER_FIELDS = frozenset(f.name for f in dataclasses.fields(ManagerSection)) - {"options"}
+"""The keys of a ``[managers.<name>]`` table that are fields rather than options."""

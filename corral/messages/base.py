@@ -1,0 +1,601 @@
+"""Typed messages: the ``@message`` registry and the kinds Request, Reply and Event.
+
+A message is a frozen, slotted, keyword-only dataclass registered under a stable
+wire name and version. Its field types come from its annotations and are checked
+on the way in (``from_wire``) and, for messages built in process, by
+:func:`validate`::
+
+    @message("cache.get", version=1)
+    class CacheGet(Request["CacheValue"]):
+        manager = "cache"
+        key: str
+        namespace: str = "default"
+
+Supported field types: ``str int float bool bytes None``, ``list[T]``,
+``dict[str, T]``, unions such as ``T | None``, ``Literal[...]``, ``enum.Enum``,
+nested messages, and ``Any`` (any msgpack value).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+import sys
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, ClassVar, Generic, TypeVar
+
+from corral.errors import InvalidMessage
+
+__all__ = [
+    "ErrorReply",
+    "Event",
+    "FieldInfo",
+    "Message",
+    "Reply",
+    "Request",
+    "lookup",
+    "message",
+    "registered",
+    "validate",
+]
+
+_WIRE_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
+
+Check = Callable[[Any, str], Any]
+"""A compiled field check: takes a value and its path, returns the value or raises."""
+
+
+class Message:
+    """Base of every message. Subclass Request, Reply or Event, never this directly."""
+
+    __slots__ = ()
+
+    type_name: ClassVar[str]
+    version: ClassVar[int]
+    kind: ClassVar[str] = "message"
+    manager: ClassVar[str | None] = None
+    fields_info: ClassVar[tuple[FieldInfo, ...]]
+    open_values: ClassVar[bool]
+    """True when a field holds ``Any`` values, whose nesting the codec must bound."""
+    _from_wire: ClassVar[Callable[[dict[str, Any], str], Message]]
+    _validate: ClassVar[Callable[[Message], None]]
+
+    def route(self) -> str | None:
+        """The manager that handles this message (its class's ``manager``)."""
+        return self.manager
+
+    def to_wire(self) -> dict[str, Any]:
+        """The message's fields as plain msgpack-encodable values."""
+        return {f.name: f.to_wire(getattr(self, f.name)) for f in self.fields_info}
+
+    @classmethod
+    def upgrade(cls, fields: dict[str, Any], from_version: int) -> dict[str, Any]:
+        """Turn the fields of an older version into this version's; override when they differ.
+
+        Fields added since ``from_version`` with a default need nothing here.
+        """
+        return fields
+
+
+R = TypeVar("R", bound="Reply")
+
+
+class Request(Message, Generic[R]):
+    """A message that expects exactly one Reply (or an error)."""
+
+    __slots__ = ()
+    kind = "request"
+
+    @classmethod
+    def reply_type(cls) -> type[Reply] | None:
+        """The Reply class named in ``Request[...]``, when it names one."""
+        return _reply_type_of(cls)
+
+
+class Reply(Message):
+    """The answer to a Request."""
+
+    __slots__ = ()
+    kind = "reply"
+
+
+class Event(Message):
+    """A fire-and-forget message published on a topic."""
+
+    __slots__ = ()
+    kind = "event"
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldInfo:
+    """One field of a message: its name, type, default and compiled checks."""
+
+    name: str
+    annotation: Any
+    required: bool
+    default: Any
+    from_wire: Check = dataclasses.field(repr=False)
+    check: Check = dataclasses.field(repr=False)
+    to_wire: Callable[[Any], Any] = dataclasses.field(repr=False)
+
+    def describe(self) -> str:
+        return _describe(self.annotation)
+
+
+_REGISTRY: dict[str, type[Message]] = {}
+
+
+def registered() -> dict[str, type[Message]]:
+    """Every registered message class by wire name (a copy)."""
+    return dict(_REGISTRY)
+
+
+def lookup(type_name: str) -> type[Message] | None:
+    return _REGISTRY.get(type_name)
+
+
+def validate(msg: Message) -> None:
+    """Check a message built in process, field by field; raise InvalidMessage."""
+    type(msg)._validate(msg)
+
+
+M = TypeVar("M", bound=type[Message])
+
+
+@typing.dataclass_transform(kw_only_default=True, frozen_default=True)
+def message(name: str, *, version: int = 1) -> Callable[[M], M]:
+    """Register a message class under a wire name and version, and make it a dataclass."""
+    if not _WIRE_NAME.fullmatch(name):
+        raise ValueError(f"wire name {name!r} must look like 'area.name' in snake case")
+    if version < 1:
+        raise ValueError("message versions start at 1")
+
+    def register(cls: M) -> M:
+        existing = _REGISTRY.get(name)
+        if existing is not None and (existing.__module__, existing.__qualname__) != (
+            cls.__module__,
+            cls.__qualname__,
+        ):
+            raise ValueError(
+                f"{name!r} is already registered by {existing.__module__}.{existing.__qualname__}"
+            )
+        made = typing.cast(M, dataclasses.dataclass(frozen=True, slots=True, kw_only=True)(cls))
+        made.type_name = name
+        made.version = version
+        _compile(made)
+        _REGISTRY[name] = made
+        return made
+
+    return register
+
+
+def _compile(cls: type[Message]) -> None:
+    hints = typing.get_type_hints(cls)
+    infos: list[FieldInfo] = []
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        annotation = hints[field.name]
+        from_wire, check, to_wire = _compile_type(annotation)
+        has_default = field.default is not dataclasses.MISSING
+        has_factory = field.default_factory is not dataclasses.MISSING
+        default: Any = field.default if has_default else field.default_factory
+        infos.append(
+            FieldInfo(
+                name=field.name,
+                annotation=annotation,
+                required=not (has_default or has_factory),
+                default=(default, has_factory),
+                from_wire=from_wire,
+                check=check,
+                to_wire=to_wire,
+            )
+        )
+    cls.fields_info = tuple(infos)
+    cls.open_values = any(_mentions_any(f.annotation) for f in infos)
+    _generate_methods(cls, infos)
+
+
+_FAST_TYPES = {str: str, bytes: bytes, bool: bool, int: int, float: float, type(None): type(None)}
+_MISSING = object()
+
+
+def _generate_methods(cls: type[Message], infos: list[FieldInfo]) -> None:
+    """Write the class's from_wire, validate and to_wire as straight-line code.
+
+    Plain field types are checked inline (``type(v) is str``); the compiled checks
+    run only for containers, unions, enums, nested messages, and on failure.
+    Decoding and validation are on every message's path, so this matters.
+    """
+    names = frozenset(f.name for f in infos)
+    namespace: dict[str, Any] = {
+        "cls": cls,
+        "names": names,
+        "new": object.__new__,
+        "MISSING": _MISSING,
+        "unknown_field": _unknown_field,
+        "missing_field": _missing_field,
+    }
+    decode = [
+        "def from_wire(body, path):",
+        "    if not names.issuperset(body):",
+        "        unknown_field(cls, body, path)",
+        "    obj = new(cls)",
+    ]
+    check = ["def validate(msg):"]
+    to_wire = ["def to_wire(self):", "    return {"]
+    for i, f in enumerate(infos):
+        namespace[f"conv_{i}"] = f.from_wire
+        namespace[f"check_{i}"] = f.check
+        namespace[f"wire_{i}"] = f.to_wire
+        namespace[f"set_{i}"] = cls.__dict__[f.name].__set__
+        default, is_factory = f.default
+        namespace[f"default_{i}"] = default
+        fast = _FAST_TYPES.get(f.annotation)
+        optional = _optional_fast_type(f.annotation)
+        if fast is not None or optional is not None:
+            namespace[f"type_{i}"] = fast or optional
+        decode.append(f"    v = body.get({f.name!r}, MISSING)")
+        decode.append("    if v is MISSING:")
+        if f.required:
+            decode.append(f"        missing_field(path, {f.name!r})")
+        elif is_factory:
+            decode.append(f"        v = default_{i}()")
+        else:
+            decode.append(f"        v = default_{i}")
+        if fast is not None:
+            decode.append(f"    elif type(v) is not type_{i}:")
+            check.append(f"    if type(msg.{f.name}) is not type_{i}:")
+            check.append(f"        check_{i}(msg.{f.name}, {f.name!r})")
+        elif optional is not None:  # ``T | None`` of a plain T: inline too
+            decode.append(f"    elif v is not None and type(v) is not type_{i}:")
+            check.append(f"    v = msg.{f.name}")
+            check.append(f"    if v is not None and type(v) is not type_{i}:")
+            check.append(f"        check_{i}(v, {f.name!r})")
+        else:
+            decode.append("    else:")
+            check.append(f"    check_{i}(msg.{f.name}, {f.name!r})")
+        decode.append(f"        v = conv_{i}(v, path + {'.' + f.name!r})")
+        decode.append(f"    set_{i}(obj, v)")
+        identity = f.to_wire is _identity
+        to_wire.append(
+            f"        {f.name!r}: self.{f.name},"
+            if identity
+            else f"        {f.name!r}: wire_{i}(self.{f.name}),"
+        )
+    if hasattr(cls, "__post_init__"):
+        decode.append("    obj.__post_init__()")
+    decode.append("    return obj")
+    check.append("    return None")
+    to_wire.append("    }")
+    exec("\n".join(decode + check + to_wire), namespace)
+    cls._from_wire = staticmethod(namespace["from_wire"])
+    cls._validate = staticmethod(namespace["validate"])
+    cls.to_wire = namespace["to_wire"]  # type: ignore[method-assign]
+
+
+def _optional_fast_type(annotation: Any) -> type | None:
+    """``T`` when ``annotation`` is ``T | None`` of a plain type T (``int | None``)."""
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return None
+    args = typing.get_args(annotation)
+    if len(args) != 2 or type(None) not in args:
+        return None
+    other = args[0] if args[1] is type(None) else args[1]
+    fast = _FAST_TYPES.get(other)
+    return fast if fast is not None and fast is not type(None) else None
+
+
+def _unknown_field(cls: type[Message], body: dict[str, Any], path: str) -> None:
+    names = {f.name for f in cls.fields_info}
+    unknown = sorted(str(k) for k in body if k not in names)
+    raise InvalidMessage(
+        f"unknown field of {cls.type_name} (fields: {', '.join(sorted(names)) or 'none'})",
+        path=f"{path}.{unknown[0]}",
+    )
+
+
+def _missing_field(path: str, name: str) -> None:
+    raise InvalidMessage("missing required field", path=f"{path}.{name}")
+
+
+def _reply_type_of(cls: type) -> type[Reply] | None:
+    for klass in cls.__mro__:
+        for base in getattr(klass, "__orig_bases__", ()):
+            if typing.get_origin(base) is Request:
+                (arg,) = typing.get_args(base)
+                if isinstance(arg, type) and issubclass(arg, Reply):
+                    return arg
+                module = sys.modules.get(klass.__module__)
+                if isinstance(arg, typing.ForwardRef | str) and module is not None:
+                    ref = arg.__forward_arg__ if isinstance(arg, typing.ForwardRef) else arg
+                    resolved = vars(module).get(ref)
+                    if isinstance(resolved, type) and issubclass(resolved, Reply):
+                        return resolved
+    return None
+
+
+def _mentions_any(annotation: Any) -> bool:
+    if annotation is Any:
+        return True
+    if isinstance(annotation, type) and issubclass(annotation, Message):
+        return annotation.open_values
+    return any(_mentions_any(a) for a in typing.get_args(annotation))
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _describe(annotation: Any) -> str:
+    if annotation is type(None):
+        return "None"
+    if annotation is Any:
+        return "any"
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_describe(a) for a in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(annotation))
+    if origin is list:
+        return f"list[{_describe(typing.get_args(annotation)[0])}]"
+    if origin is dict:
+        return f"dict[str, {_describe(typing.get_args(annotation)[1])}]"
+    if isinstance(annotation, type) and issubclass(annotation, Message):
+        return annotation.type_name
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation)
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+_PLAIN = (str, bytes, bool, type(None))
+
+
+def _scalar(expected: type) -> tuple[Check, Check, Callable[[Any], Any]]:
+    label = "None" if expected is type(None) else expected.__name__
+
+    def check(value: Any, path: str) -> Any:
+        if type(value) is expected:
+            return value
+        raise InvalidMessage(f"expected {label}, got {_type_name(value)}", path=path)
+
+    return check, check, _identity
+
+
+def _int() -> tuple[Check, Check, Callable[[Any], Any]]:
+    def check(value: Any, path: str) -> Any:
+        if type(value) is int:
+            return value
+        raise InvalidMessage(f"expected int, got {_type_name(value)}", path=path)
+
+    return check, check, _identity
+
+
+def _float() -> tuple[Check, Check, Callable[[Any], Any]]:
+    def check(value: Any, path: str) -> Any:
+        kind = type(value)
+        if kind is float:
+            return value
+        if kind is int:
+            return float(value)
+        raise InvalidMessage(f"expected float, got {_type_name(value)}", path=path)
+
+    return check, check, _identity
+
+
+_ANY_LEAVES = frozenset((*_PLAIN, int, float))
+
+
+def _check_any(value: Any, path: str) -> Any:
+    """Check a msgpack value of any shape; walks it level by level without building paths."""
+    level = [value]
+    while level:
+        below: list[Any] = []
+        extend = below.extend
+        for item in level:
+            kind = type(item)
+            if kind in _ANY_LEAVES:
+                continue
+            if kind is dict:
+                for k in item:
+                    if type(k) is not str:
+                        _any_error(value, path)
+                extend(item.values())
+            elif kind is list or kind is tuple:
+                extend(item)
+            else:
+                _any_error(value, path)
+        level = below
+    return value
+
+
+def _any_error(value: Any, path: str) -> typing.NoReturn:
+    """Find what :func:`_check_any` rejected, and raise it with its path."""
+    stack: list[tuple[Any, str]] = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        kind = type(item)
+        if kind in _PLAIN or kind is int or kind is float:
+            continue
+        if kind is list or kind is tuple:
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(item))
+        elif kind is dict:
+            for k, v in item.items():
+                if type(k) is not str:
+                    raise InvalidMessage(f"map keys must be str, got {_type_name(k)}", path=where)
+                stack.append((v, f"{where}.{k}"))
+        else:
+            raise InvalidMessage(f"expected a msgpack value, got {_type_name(item)}", path=where)
+    raise InvalidMessage("expected a msgpack value", path=path)  # not reached
+
+
+def _list(item: Any) -> tuple[Check, Check, Callable[[Any], Any]]:
+    item_wire, item_check, item_to_wire = _compile_type(item)
+
+    def make(convert: Check) -> Check:
+        def check(value: Any, path: str) -> Any:
+            if type(value) is not list:
+                raise InvalidMessage(f"expected list, got {_type_name(value)}", path=path)
+            return [convert(v, f"{path}[{i}]") for i, v in enumerate(value)]
+
+        return check
+
+    return make(item_wire), make(item_check), lambda v: [item_to_wire(x) for x in v]
+
+
+def _dict(key: Any, value_type: Any) -> tuple[Check, Check, Callable[[Any], Any]]:
+    if key is not str:
+        raise TypeError("message maps must have str keys")
+    value_wire, value_check, value_to_wire = _compile_type(value_type)
+
+    def make(convert: Check) -> Check:
+        def check(value: Any, path: str) -> Any:
+            if type(value) is not dict:
+                raise InvalidMessage(f"expected map, got {_type_name(value)}", path=path)
+            out = {}
+            for k, v in value.items():
+                if type(k) is not str:
+                    raise InvalidMessage(f"map keys must be str, got {_type_name(k)}", path=path)
+                out[k] = convert(v, f"{path}.{k}")
+            return out
+
+        return check
+
+    return (
+        make(value_wire),
+        make(value_check),
+        lambda v: {k: value_to_wire(x) for k, x in v.items()},
+    )
+
+
+def _union(options: tuple[Any, ...]) -> tuple[Check, Check, Callable[[Any], Any]]:
+    compiled = [_compile_type(o) for o in options]
+    label = " | ".join(_describe(o) for o in options)
+    wire_checks = [c[0] for c in compiled]
+    py_checks = [c[1] for c in compiled]
+
+    def make(checks: list[Check]) -> Check:
+        def check(value: Any, path: str) -> Any:
+            inner: InvalidMessage | None = None
+            for candidate in checks:
+                try:
+                    return candidate(value, path)
+                except InvalidMessage as exc:
+                    # A candidate that took the value's shape and failed inside names the path.
+                    if inner is None and exc.path != path:
+                        inner = exc
+            if inner is not None:
+                raise inner
+            raise InvalidMessage(f"expected {label}, got {_type_name(value)}", path=path)
+
+        return check
+
+    if all(convert is _identity for (_, _, convert) in compiled):
+        return make(wire_checks), make(py_checks), _identity
+
+    def to_wire(value: Any) -> Any:
+        for _, check, convert in compiled:
+            try:
+                check(value, "")
+            except InvalidMessage:
+                continue
+            return convert(value)
+        return value
+
+    return make(wire_checks), make(py_checks), to_wire
+
+
+def _literal(values: tuple[Any, ...]) -> tuple[Check, Check, Callable[[Any], Any]]:
+    allowed = {(type(v), v) for v in values}
+    label = ", ".join(repr(v) for v in values)
+
+    def check(value: Any, path: str) -> Any:
+        try:
+            if (type(value), value) in allowed:
+                return value
+        except TypeError:  # unhashable
+            pass
+        raise InvalidMessage(f"expected one of {label}, got {value!r:.60}", path=path)
+
+    return check, check, _identity
+
+
+def _enum(cls: type[enum.Enum]) -> tuple[Check, Check, Callable[[Any], Any]]:
+    by_value = {m.value: m for m in cls}
+    label = ", ".join(repr(v) for v in by_value)
+
+    def from_wire(value: Any, path: str) -> Any:
+        try:
+            member = by_value.get(value)
+        except TypeError:
+            member = None
+        if member is None or type(member.value) is not type(value):
+            raise InvalidMessage(f"expected one of {label}, got {value!r:.60}", path=path)
+        return member
+
+    def check(value: Any, path: str) -> Any:
+        if isinstance(value, cls):
+            return value
+        raise InvalidMessage(f"expected {cls.__name__}, got {_type_name(value)}", path=path)
+
+    return from_wire, check, lambda v: v.value
+
+
+def _nested(cls: type[Message]) -> tuple[Check, Check, Callable[[Any], Any]]:
+    def from_wire(value: Any, path: str) -> Any:
+        if type(value) is not dict:
+            raise InvalidMessage(
+                f"expected {cls.type_name} map, got {_type_name(value)}", path=path
+            )
+        return cls._from_wire(value, path)
+
+    def check(value: Any, path: str) -> Any:
+        if type(value) is not cls:
+            raise InvalidMessage(f"expected {cls.type_name}, got {_type_name(value)}", path=path)
+        for f in cls.fields_info:
+            f.check(getattr(value, f.name), f"{path}.{f.name}")
+        return value
+
+    return from_wire, check, lambda v: v.to_wire()
+
+
+def _compile_type(annotation: Any) -> tuple[Check, Check, Callable[[Any], Any]]:
+    if annotation is int:
+        return _int()
+    if annotation is float:
+        return _float()
+    if annotation in (str, bytes, bool) or annotation is None or annotation is type(None):
+        return _scalar(type(None) if annotation is None else annotation)
+    if annotation is Any:
+        return _check_any, _check_any, _identity
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is list:
+        return _list(args[0])
+    if origin is dict:
+        return _dict(*args)
+    if origin in (typing.Union, types.UnionType):
+        return _union(args)
+    if origin is typing.Literal:
+        return _literal(args)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return _enum(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, Message):
+        if not hasattr(annotation, "type_name"):
+            raise TypeError(f"nested message {annotation.__name__} must be registered first")
+        return _nested(annotation)
+    raise TypeError(f"unsupported message field type: {annotation!r}")
+
+
+@message("corral.error")
+class ErrorReply(Reply):
+    """An error answered instead of a Reply; raised in the caller as ``corral.errors``."""
+
+    code: str
+    message: str = ""
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -1,0 +1,260 @@
+"""The msgpack envelope: encode, decode, validate and sign.
+
+One msgpack map per message, with compact keys::
+
+    {"t": "cache.get", "v": 1, "id": <16 bytes>, "c": <correlation id or nil>,
+     "r": <reply topic or nil>, "ts": <unix ms>, "b": {<fields>}, "s": <HMAC-SHA256>}
+
+:meth:`Codec.decode` checks everything before a manager sees the message: size,
+nesting depth, envelope shape, known type and version, every field's type and,
+when keys are configured, the signature. Any failure is :class:`InvalidMessage`
+naming the field path, and nothing else::
+
+    codec = Codec(keys=[b"secret"])
+    data = codec.encode(CacheGet(key="a"))
+    assert codec.decode(data).message == CacheGet(key="a")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import itertools
+import os
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import msgpack
+
+from corral.errors import InvalidMessage
+from corral.messages.base import Message, lookup
+
+_packb = msgpack.packb
+_unpackb = msgpack.unpackb
+_new_envelope = tuple.__new__
+_lookup = lookup
+
+__all__ = ["DEFAULT_MAX_DEPTH", "DEFAULT_MAX_SIZE", "Codec", "Envelope", "new_id"]
+
+DEFAULT_MAX_SIZE = 1 << 20
+DEFAULT_MAX_DEPTH = 32
+
+_ENVELOPE_KEYS = frozenset({"t", "v", "id", "c", "r", "ts", "b", "s"})
+
+# ``encode`` packs a 7-entry envelope (header: fixmap 0x87) and appends "s" and a
+# 32-byte bin8 signature, which gives the 8-entry map (0x88) that packing it with
+# "s" last would give.
+_UNSIGNED_HEADER = b"\x87"
+_SIGNED_HEADER = b"\x88"
+_SIGNATURE_ENTRY = b"\xa1s\xc4\x20"
+_SIGNATURE_TAIL = len(_SIGNATURE_ENTRY) + 32
+
+
+class _Ids:
+    """Unique 16-byte ids: 8 random bytes per process, then a counter (cheaper than urandom)."""
+
+    def __init__(self) -> None:
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self) -> None:
+        self.prefix = os.urandom(8)
+        self.counter = itertools.count()
+
+    def next(self) -> bytes:
+        return self.prefix + next(self.counter).to_bytes(8, "big")
+
+
+new_id = _Ids().next
+
+
+class _Packer(threading.local):
+    """One reusable msgpack Packer per thread (``packb`` builds a new one per call)."""
+
+    def __init__(self) -> None:
+        self.pack = msgpack.Packer(use_bin_type=True).pack
+
+
+_packer = _Packer()
+
+
+class Envelope(NamedTuple):
+    """A decoded message with its envelope: id, correlation id, reply topic, timestamp."""
+
+    message: Message
+    id: bytes
+    correlation: bytes | None = None
+    reply_to: str | None = None
+    ts: int = 0
+    version: int = 1
+
+
+def _fail(path: str, problem: str) -> InvalidMessage:
+    return InvalidMessage(problem, path=path)
+
+
+class Codec:
+    """Encodes messages to envelopes and decodes (and validates) them back.
+
+    ``keys``: HMAC keys. The first signs; any of them verifies, so keys can be
+    rotated. With keys set, an unsigned or badly signed message is rejected.
+    """
+
+    def __init__(
+        self,
+        *,
+        keys: Sequence[bytes] = (),
+        max_size: int = DEFAULT_MAX_SIZE,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+    ) -> None:
+        self.keys = tuple(keys)
+        self.max_size = max_size
+        self.max_depth = max_depth
+
+    @property
+    def keys(self) -> tuple[bytes, ...]:
+        return self._keys
+
+    @keys.setter
+    def keys(self, keys: Sequence[bytes]) -> None:
+        self._keys = tuple(keys)
+        # HMAC states that have absorbed their key; each signature works on a copy.
+        self._macs = tuple(hmac.new(key, digestmod=hashlib.sha256) for key in self._keys)
+
+    def _sign(self, mac: hmac.HMAC, data: bytes) -> bytes:
+        mac = mac.copy()
+        mac.update(data)
+        return mac.digest()
+
+    @property
+    def signing(self) -> bool:
+        return bool(self.keys)
+
+    def encode(
+        self,
+        message: Message,
+        *,
+        id: bytes | None = None,
+        correlation: bytes | None = None,
+        reply_to: str | None = None,
+    ) -> bytes:
+        envelope: dict[str, Any] = {
+            "t": message.type_name,
+            "v": message.version,
+            "id": id or new_id(),
+            "c": correlation,
+            "r": reply_to,
+            "ts": int(time.time() * 1000),
+            "b": message.to_wire(),
+        }
+        try:
+            data: bytes = _packer.pack(envelope)
+        except (TypeError, ValueError, OverflowError) as exc:  # validate() was skipped
+            raise _fail("", f"cannot encode {message.type_name}: {exc}") from None
+        if self._macs:
+            signature = self._sign(self._macs[0], data)
+            if data[:1] == _UNSIGNED_HEADER:
+                data = _SIGNED_HEADER + data[1:] + _SIGNATURE_ENTRY + signature
+            else:  # not reached: the envelope above has 7 entries
+                envelope["s"] = signature
+                data = _packb(envelope, use_bin_type=True)
+        if len(data) > self.max_size:
+            raise _fail("", f"message is {len(data)} bytes, over the {self.max_size}-byte limit")
+        return data
+
+    def decode(self, data: bytes | bytearray | memoryview) -> Envelope:
+        if type(data) is not bytes:
+            if not isinstance(data, bytearray | memoryview):
+                raise _fail("", f"expected bytes, got {type(data).__name__}")
+            data = bytes(data)
+        if len(data) > self.max_size:
+            raise _fail("", f"message is {len(data)} bytes, over the {self.max_size}-byte limit")
+        try:
+            raw = _unpackb(data, raw=False, strict_map_key=True, timestamp=0)
+        except Exception as exc:  # msgpack raises a handful of unrelated types
+            raise _fail("", f"not a msgpack message ({type(exc).__name__}: {exc})") from None
+        if type(raw) is not dict:
+            raise _fail("", f"expected an envelope map, got {type(raw).__name__}")
+        if not _ENVELOPE_KEYS.issuperset(raw):
+            unknown = sorted(str(k) for k in raw if k not in _ENVELOPE_KEYS)
+            raise _fail(unknown[0], "unknown envelope key")
+        if self._macs:
+            self._verify(raw, data)
+        get = raw.get
+        type_name, version, msg_id, body = get("t"), get("v"), get("id"), get("b")
+        correlation, reply_to, ts = get("c"), get("r"), get("ts", 0)
+        if type(type_name) is not str:
+            raise _fail("t", f"expected str, got {type(type_name).__name__}")
+        cls = _lookup(type_name)
+        if cls is None:
+            raise _fail("t", f"unknown message type {type_name!r:.80}")
+        if type(version) is not int or version < 1:
+            raise _fail("v", f"expected a version >= 1, got {version!r:.40}")
+        if version > cls.version:
+            raise _fail(
+                "v", f"{type_name} version {version} is newer than this reader's {cls.version}"
+            )
+        if type(msg_id) is not bytes or len(msg_id) != 16:
+            raise _fail("id", "expected 16 bytes")
+        if correlation is not None and type(correlation) is not bytes:
+            raise _fail("c", f"expected bytes or nil, got {type(correlation).__name__}")
+        if reply_to is not None and type(reply_to) is not str:
+            raise _fail("r", f"expected str or nil, got {type(reply_to).__name__}")
+        if type(ts) is not int:
+            raise _fail("ts", f"expected int, got {type(ts).__name__}")
+        if type(body) is not dict:
+            raise _fail("b", f"expected map, got {type(body).__name__}")
+        if cls.open_values:
+            # Typed fields bound the depth themselves; only ``Any`` values can nest freely.
+            self._check_depth(body)
+        if version < cls.version:
+            body = cls.upgrade(body, version)
+        return _new_envelope(
+            Envelope, (cls._from_wire(body, "b"), msg_id, correlation, reply_to, ts, version)
+        )
+
+    def _check_depth(self, body: dict[str, Any]) -> None:
+        limit = self.max_depth
+        level: list[Any] = [body]
+        depth = 2  # the envelope is level 1
+        while level:
+            if depth > limit:
+                raise _fail("b", f"nesting deeper than {limit} levels")
+            below: list[Any] = []
+            extend = below.extend
+            for item in level:
+                if type(item) is dict:
+                    extend(item.values())
+                elif type(item) is list:
+                    extend(item)
+            level = below
+            depth += 1
+
+    def _verify(self, raw: dict[str, Any], data: bytes) -> None:
+        signature = raw.pop("s", None)
+        if signature is None:
+            raise _fail("s", "signature missing (this receiver requires signed messages)")
+        if type(signature) is not bytes:
+            raise _fail("s", "expected bytes")
+        compare = hmac.compare_digest
+        if (
+            data[:1] == _SIGNED_HEADER
+            and data[-_SIGNATURE_TAIL:-32] == _SIGNATURE_ENTRY
+            and len(raw) == 7
+        ):
+            # As encode() writes it: the signed bytes are the message without its tail.
+            unsigned = _UNSIGNED_HEADER + data[1:-_SIGNATURE_TAIL]
+            for mac in self._macs:
+                if compare(self._sign(mac, unsigned), signature):
+                    return
+        # Any other layout (another encoder): the map without "s", packed again.
+        try:
+            unsigned = _packb(raw, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError):  # nested deeper than msgpack packs
+            raise _fail("s", "signature does not match") from None
+        for mac in self._macs:
+            if compare(self._sign(mac, unsigned), signature):
+                return
+        raise _fail("s", "signature does not match")

@@ -1,0 +1,107 @@
+"""Messages every manager and the supervisor understand: health, ping, lifecycle events."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from corral.messages.base import Event, Reply, Request, message
+
+__all__ = [
+    "ChildStatus",
+    "Health",
+    "HealthChanged",
+    "HealthCheck",
+    "HealthStatus",
+    "Ping",
+    "Pong",
+    "SupervisorChildChanged",
+    "SystemHealth",
+    "SystemHealthCheck",
+]
+
+HealthStatus = Literal["healthy", "degraded", "unhealthy"]
+
+
+@message("health.health")
+class Health(Reply):
+    """One manager's health: the seeds' ``health_check()`` shape."""
+
+    status: HealthStatus
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    dependencies: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@message("health.check")
+class HealthCheck(Request[Health]):
+    """Ask the manager named ``target`` for its Health; every manager answers it."""
+
+    manager = "*"
+    target: str
+
+    def route(self) -> str:
+        return self.target
+
+
+@message("system.ping")
+class Ping(Request["Pong"]):
+    """Answered by the built-in ``system`` manager: a round trip through an actor."""
+
+    manager = "system"
+    payload: bytes = b""
+
+
+@message("system.pong")
+class Pong(Reply):
+    payload: bytes = b""
+
+
+@message("supervisor.child_status")
+class ChildStatus(Reply):
+    """The supervisor's view of one child, with the child's own Health when it answered."""
+
+    name: str
+    state: Literal["starting", "running", "restarting", "stopped", "failed"]
+    status: HealthStatus
+    critical: bool
+    restarts: int
+    last_error: str | None
+    mailbox_depth: int
+    uptime_s: float
+    health: Health | None = None
+
+
+@message("system.health")
+class SystemHealth(Reply):
+    """The whole system: unhealthy if a critical child is down, degraded if any isn't healthy."""
+
+    status: HealthStatus
+    managers: dict[str, ChildStatus]
+    escalated: bool = False
+
+
+@message("system.health_check")
+class SystemHealthCheck(Request[SystemHealth]):
+    """Ask for the health of the whole system (answered by the supervisor)."""
+
+    manager = "supervisor"
+
+
+@message("supervisor.child_changed")
+class SupervisorChildChanged(Event):
+    """Published on ``supervisor.child.<change>`` for every lifecycle change of a child."""
+
+    child: str
+    change: Literal["started", "stopped", "failed", "restarted", "hung", "escalated"]
+    reason: str = ""
+    restarts: int = 0
+
+
+@message("health.changed")
+class HealthChanged(Event):
+    """Published on ``health.changed`` when the system's status changes."""
+
+    status: HealthStatus
+    previous: HealthStatus
+    reasons: list[str] = dataclasses.field(default_factory=list)

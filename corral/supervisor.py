@@ -1,0 +1,714 @@
+"""Supervision for managers, modelled on Erlang/OTP (which pykka leaves out).
+
+A :class:`Supervisor` starts its children in the topological order of
+``depends_on``, watches them, restarts the ones that die according to their
+restart policy and the strategy, and gives up (escalates) when restarts come
+faster than ``max_restarts`` within ``period`` seconds::
+
+    supervisor = Supervisor(
+        [ChildSpec(name="cache", manager=CacheManager, critical=True)],
+        router,
+        policy=SupervisorPolicy(strategy="one_for_one", max_restarts=5, period=30),
+    )
+    supervisor.start()
+    ref = supervisor.resolve("cache", deadline=time.monotonic() + 1)
+
+It sees every way a pykka actor dies: a crash in a handler (ask or tell), a
+failure in ``on_start``, an exit it did not ask for, and a hung actor that does
+not answer the liveness probe within ``probe_timeout`` (replaced, and its
+thread reported). A restarted child takes over its predecessor's mailbox, so a
+restart is invisible to callers except for the request that was in flight.
+
+All lifecycle work happens on one control thread; callers only read state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import heapq
+import itertools
+import logging
+import queue
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import pykka
+from pykka import ActorRef, ActorRegistry
+from pykka._envelope import Envelope
+from pykka.messages import _ActorStop
+
+from corral.actors.base import PROBE, Manager, ManagerContext, Router
+from corral.errors import ConfigError, ManagerUnavailable
+from corral.messages.base import Event
+from corral.messages.system import (
+    ChildStatus,
+    Health,
+    HealthChanged,
+    HealthStatus,
+    SupervisorChildChanged,
+    SystemHealth,
+)
+
+__all__ = [
+    "ChildSpec",
+    "RestartPolicy",
+    "Strategy",
+    "Supervisor",
+    "SupervisorPolicy",
+    "start_order",
+]
+
+log = logging.getLogger(__name__)
+
+RestartPolicy = Literal["permanent", "transient", "temporary"]
+Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
+ChildState = Literal["starting", "running", "restarting", "stopped", "failed"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ChildSpec:
+    """How to run one manager under a supervisor.
+
+    ``restart``: permanent children are always restarted, transient ones only
+    after a crash, temporary ones never. A ``critical`` child that is down makes
+    the whole system unhealthy.
+    """
+
+    name: str
+    manager: type[Manager]
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    restart: RestartPolicy = "permanent"
+    depends_on: tuple[str, ...] = ()
+    critical: bool = False
+    shutdown_timeout: float = 5.0
+    mailbox_size: int = 10_000
+    mailbox_put_timeout: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SupervisorPolicy:
+    """Strategy, restart intensity, backoff and liveness probing for a supervisor."""
+
+    strategy: Strategy = "one_for_one"
+    max_restarts: int = 5
+    period: float = 30.0
+    backoff_initial: float = 0.05
+    backoff_max: float = 5.0
+    backoff_jitter: float = 0.2
+    probe_interval: float = 2.0
+    probe_timeout: float = 5.0
+    start_timeout: float = 10.0
+
+
+def start_order(specs: Iterable[ChildSpec]) -> list[ChildSpec]:
+    """Specs sorted so that every child comes after what it depends on (stable otherwise)."""
+    by_name: dict[str, ChildSpec] = {}
+    for spec in specs:
+        if spec.name in by_name:
+            raise ConfigError(f"two managers are named {spec.name!r}")
+        by_name[spec.name] = spec
+    for spec in by_name.values():
+        for dependency in spec.depends_on:
+            if dependency not in by_name:
+                raise ConfigError(
+                    f"managers.{spec.name}.depends_on: no manager named {dependency!r} "
+                    f"(managers: {', '.join(sorted(by_name))})"
+                )
+    ordered: list[ChildSpec] = []
+    visiting: list[str] = []
+    done: set[str] = set()
+
+    def visit(spec: ChildSpec) -> None:
+        if spec.name in done:
+            return
+        if spec.name in visiting:
+            cycle = " -> ".join([*visiting[visiting.index(spec.name) :], spec.name])
+            raise ConfigError(f"managers depend on each other in a cycle: {cycle}")
+        visiting.append(spec.name)
+        for dependency in spec.depends_on:
+            visit(by_name[dependency])
+        visiting.pop()
+        done.add(spec.name)
+        ordered.append(spec)
+
+    for spec in by_name.values():
+        visit(spec)
+    return ordered
+
+
+class _Child:
+    """The supervisor's record of one child; mutated only on the control thread."""
+
+    def __init__(self, spec: ChildSpec, index: int) -> None:
+        self.spec = spec
+        self.index = index
+        self.actor: Manager | None = None
+        self.live_ref: ActorRef[Any] | None = None  # set only while running: the router's fast path
+        self.state: ChildState = "stopped"
+        self.restarts = 0
+        self.restart_times: deque[float] = deque()
+        self.last_error: str | None = None
+        self.started_at = 0.0
+        self.pending: list[Envelope[Any]] = []
+        self.probe: tuple[pykka.Future[Any], float] | None = None
+        self.last_probe = 0.0
+        self.last_health: Health | None = None
+
+
+_STOP = object()
+
+
+class Supervisor:
+    """Starts, watches, restarts and stops a set of managers. See the module docstring."""
+
+    def __init__(
+        self,
+        specs: Sequence[ChildSpec],
+        router: Router,
+        *,
+        policy: SupervisorPolicy | None = None,
+        publish: Callable[[str, Event], None] | None = None,
+        on_escalate: Callable[[str], None] | None = None,
+    ) -> None:
+        self.policy = policy or SupervisorPolicy()
+        self.router = router
+        self._publish = publish
+        self._on_escalate = on_escalate
+        self._children = {spec.name: _Child(spec, i) for i, spec in enumerate(start_order(specs))}
+        self._order = list(self._children.values())
+        self._cond = threading.Condition()
+        self._events: queue.Queue[Any] = queue.Queue()
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timer_ids = itertools.count()
+        self._restart_times: deque[float] = deque()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.escalated: str | None = None
+        self.dead_letters = 0
+        self.abandoned_threads: list[str] = []
+        self._status: HealthStatus = "healthy"
+        self._running = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def names(self) -> list[str]:
+        return [c.spec.name for c in self._order]
+
+    def start(self) -> None:
+        """Start every child in dependency order; return when all run (or raise)."""
+        if self._thread is not None:
+            raise RuntimeError("supervisor already started")
+        self._thread = threading.Thread(target=self._run, name="corral-supervisor", daemon=True)
+        self._thread.start()
+        for child in self._order:
+            done = threading.Event()
+            self._events.put(("call", lambda c=child, d=done: self._initial_start(c, d)))
+            done.wait()
+            deadline = (
+                time.monotonic()
+                + self.policy.start_timeout
+                + self.policy.backoff_max * (self.policy.max_restarts + 1)
+            )
+            with self._cond:
+                while child.state in ("starting", "restarting") and self.escalated is None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                state = child.state
+            if self.escalated is not None:
+                self.stop()
+                raise ManagerUnavailable(f"supervisor gave up during start-up: {self.escalated}")
+            if state != "running":
+                log.warning("manager %s did not start: %s", child.spec.name, child.last_error)
+        self._events.put(("call", self._started))
+
+    def _started(self) -> None:
+        self._running = True
+        self._update_status()
+
+    def stop(self) -> None:
+        """Stop every child in reverse start order, each within its shutdown timeout."""
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return
+        done = threading.Event()
+        self._events.put(("call", lambda: self._stop_all(done)))
+        done.wait()
+        self._events.put(_STOP)
+        thread.join()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the supervisor stops (or escalates); False on timeout."""
+        thread = self._thread
+        if thread is None:
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    # -- routing --------------------------------------------------------------------------
+
+    def live_ref(self, name: str) -> ActorRef[Any] | None:
+        """The running actor of a child, without waiting; None while it is not running."""
+        child = self._children.get(name)
+        return child.live_ref if child is not None else None
+
+    def resolve(
+        self, name: str, deadline: float, *, stale: ActorRef[Any] | None = None
+    ) -> ActorRef[Any]:
+        """The live actor of a child, waiting (until ``deadline``) while it restarts."""
+        child = self._children.get(name)
+        if child is None:
+            raise ManagerUnavailable(
+                f"no manager named {name!r} (managers: {', '.join(self.names) or 'none'})",
+                {"manager": name},
+            )
+        ref = child.live_ref
+        if ref is not None and ref is not stale:
+            return ref
+        with self._cond:
+            while True:
+                ref = child.live_ref
+                if ref is not None and ref is not stale:
+                    return ref
+                if self.escalated is not None:
+                    raise ManagerUnavailable(
+                        f"manager {name!r} is down: the supervisor gave up ({self.escalated})",
+                        {"manager": name},
+                    )
+                if child.state in ("stopped", "failed") or self._stopping:
+                    raise ManagerUnavailable(
+                        f"manager {name!r} is {child.state}"
+                        + (f" ({child.last_error})" if child.last_error else ""),
+                        {"manager": name, "state": child.state},
+                    )
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ManagerUnavailable(
+                        f"manager {name!r} is {child.state} and was not back in time",
+                        {"manager": name, "state": child.state},
+                    )
+                self._cond.wait(remaining)
+
+    # -- health ---------------------------------------------------------------------------
+
+    def health(self, timeout: float = 1.0) -> SystemHealth:
+        """Ask every running child for its Health (in parallel) and aggregate."""
+        deadline = time.monotonic() + timeout
+        asked: dict[str, pykka.Future[Any]] = {}
+        for child in self._order:
+            ref = child.live_ref
+            if ref is not None:
+                with contextlib.suppress(pykka.ActorDeadError):
+                    asked[child.spec.name] = ref.ask(PROBE, block=False)
+        answers: dict[str, Health | None] = {}
+        for name, future in asked.items():
+            try:
+                answers[name] = future.get(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception:
+                answers[name] = None
+        return self._aggregate(answers, assume_healthy=False)
+
+    def snapshot(self) -> SystemHealth:
+        """The health as last seen by the liveness probe, without asking anyone.
+
+        A running child that has not been probed yet counts as healthy.
+        """
+        return self._aggregate(
+            {c.spec.name: c.last_health for c in self._order}, assume_healthy=True
+        )
+
+    def _aggregate(
+        self, answers: Mapping[str, Health | None], *, assume_healthy: bool
+    ) -> SystemHealth:
+        now = time.monotonic()
+        managers: dict[str, ChildStatus] = {}
+        worst = 0
+        with self._cond:
+            for child in self._order:
+                name = child.spec.name
+                health = answers.get(name)
+                running = child.state == "running"
+                status: HealthStatus = "unhealthy"
+                if running and health is not None:
+                    status = health.status
+                elif running and assume_healthy:
+                    status = "healthy"
+                if status != "healthy":
+                    worst = max(worst, 2 if child.spec.critical and status == "unhealthy" else 1)
+                actor = child.actor
+                managers[name] = ChildStatus(
+                    name=name,
+                    state=child.state,
+                    status=status,
+                    critical=child.spec.critical,
+                    restarts=child.restarts,
+                    last_error=child.last_error,
+                    mailbox_depth=actor.mailbox.qsize() if actor is not None else 0,
+                    uptime_s=now - child.started_at if running else 0.0,
+                    health=health,
+                )
+            if self.escalated is not None:
+                worst = 2
+        statuses: tuple[HealthStatus, ...] = ("healthy", "degraded", "unhealthy")
+        return SystemHealth(
+            status=statuses[worst], managers=managers, escalated=self.escalated is not None
+        )
+
+    # -- the control thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        tick = min(0.25, self.policy.probe_interval / 2, self.policy.probe_timeout / 4)
+        while True:
+            now = time.monotonic()
+            wait = tick
+            if self._timers:
+                wait = max(0.0, min(wait, self._timers[0][0] - now))
+            try:
+                item = self._events.get(timeout=wait)
+            except queue.Empty:
+                item = None
+            if item is _STOP:
+                return
+            try:
+                if item is not None:
+                    self._handle(item)
+                self._run_due_timers()
+                if not self._stopping and self.escalated is None:
+                    self._probe_children()
+            except Exception:
+                log.exception("supervisor control loop error")
+
+    def _handle(self, item: tuple[Any, ...]) -> None:
+        kind = item[0]
+        if kind == "call":
+            item[1]()
+        elif kind == "exit":
+            self._handle_exit(item[1], item[2], item[3])
+
+    def _schedule(self, delay: float, action: Callable[[], None]) -> None:
+        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_ids), action))
+
+    def _run_due_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, action = heapq.heappop(self._timers)
+            action()
+
+    def _on_exit(
+        self, actor: Manager, failure: BaseException | None, leftovers: list[Envelope[Any]]
+    ) -> None:
+        # Runs on the dying actor's thread: hand over to the control thread.
+        self._events.put(("exit", actor, failure, leftovers))
+
+    def _emit(self, topic: str, event: Event) -> None:
+        if self._publish is None:
+            return
+        try:
+            self._publish(topic, event)
+        except Exception:
+            log.warning("could not publish %s", topic, exc_info=True)
+
+    def _lifecycle(self, child: _Child, change: str, reason: str = "") -> None:
+        log.info(
+            "manager %s %s%s",
+            child.spec.name,
+            change,
+            f": {reason}" if reason else "",
+            extra={"manager": child.spec.name, "change": change},
+        )
+        self._emit(
+            f"supervisor.child.{change}",
+            SupervisorChildChanged(
+                child=child.spec.name,
+                change=change,  # type: ignore[arg-type]
+                reason=reason,
+                restarts=child.restarts,
+            ),
+        )
+        self._update_status()
+
+    def _update_status(self) -> None:
+        if not self._running:
+            return  # children come up one by one during start(); judge once they all did
+        current = self.snapshot()
+        if current.status != self._status:
+            previous, self._status = self._status, current.status
+            reasons = [
+                f"{s.name} is {s.state if s.state != 'running' else s.status}"
+                for s in current.managers.values()
+                if s.status != "healthy"
+            ]
+            log.warning("system health %s -> %s", previous, current.status)
+            self._emit(
+                "health.changed",
+                HealthChanged(status=current.status, previous=previous, reasons=reasons),
+            )
+
+    def _set_state(self, child: _Child, state: ChildState, actor: Manager | None = None) -> None:
+        with self._cond:
+            child.state = state
+            child.actor = actor if state in ("starting", "running") else None
+            child.live_ref = actor.actor_ref if state == "running" and actor else None
+            child.probe = None
+            self._cond.notify_all()
+
+    # -- starting -------------------------------------------------------------------------
+
+    def _initial_start(self, child: _Child, done: threading.Event) -> None:
+        try:
+            self._launch(child, change="started")
+        finally:
+            done.set()
+
+    def _launch(self, child: _Child, *, change: str) -> None:
+        spec = child.spec
+        context = ManagerContext(
+            name=spec.name,
+            router=self.router,
+            options=spec.options,
+            mailbox_size=spec.mailbox_size,
+            mailbox_put_timeout=spec.mailbox_put_timeout,
+            on_exit=self._on_exit,
+        )
+        self._set_state(child, "starting")
+        try:
+            ref = spec.manager.start(context)
+        except Exception as exc:  # the manager's __init__ failed
+            log.error("manager %s could not be created", spec.name, exc_info=exc)
+            self._child_down(child, _describe(exc), abnormal=True, leftovers=[])
+            return
+        actor: Manager | None = ref._actor_weakref()
+        assert actor is not None
+        self._set_state(child, "starting", actor)
+        if not actor.settled.wait(self.policy.start_timeout):
+            self._abandon(actor)
+            self._child_down(
+                child,
+                f"on_start did not finish within {self.policy.start_timeout:g}s",
+                abnormal=True,
+                leftovers=actor.mailbox.drain(),
+            )
+            return
+        if actor.failure is not None or not ref.is_alive():
+            return  # its exit event follows and is handled as a crash
+        pending, child.pending = child.pending, []
+        if pending:
+            actor.mailbox.requeue(pending)
+        child.started_at = time.monotonic()
+        child.last_health = None
+        self._set_state(child, "running", actor)
+        self._lifecycle(child, change)
+
+    # -- dying ----------------------------------------------------------------------------
+
+    def _handle_exit(
+        self, actor: Manager, failure: BaseException | None, leftovers: list[Envelope[Any]]
+    ) -> None:
+        child = self._children.get(actor.context.name)
+        if child is None:
+            return
+        if child.actor is not actor:
+            self._rehome(child, leftovers)  # an actor we stopped or abandoned
+            return
+        if failure is None and not self._stopping:
+            self._child_down(child, "stopped by itself", abnormal=False, leftovers=leftovers)
+        else:
+            self._child_down(
+                child,
+                _describe(failure) if failure else "stopped",
+                abnormal=failure is not None,
+                leftovers=leftovers,
+            )
+
+    def _rehome(self, child: _Child, leftovers: list[Envelope[Any]]) -> None:
+        """Give messages left in a replaced actor's mailbox to its successor, or fail them."""
+        if not leftovers:
+            return
+        if child.state == "running" and child.actor is not None:
+            child.actor.mailbox.requeue(leftovers)
+        elif child.state in ("starting", "restarting"):
+            child.pending.extend(leftovers)
+        else:
+            self._fail_envelopes(child, leftovers)
+
+    def _fail_envelopes(self, child: _Child, envelopes: list[Envelope[Any]]) -> None:
+        reason = child.last_error or child.state
+        for envelope in envelopes:
+            if envelope.reply_to is None:
+                self.dead_letters += 1
+                continue
+            if isinstance(envelope.message, _ActorStop):
+                envelope.reply_to.set(None)
+                continue
+            error = ManagerUnavailable(
+                f"manager {child.spec.name!r} is {child.state} ({reason})",
+                {"manager": child.spec.name},
+            )
+            envelope.reply_to.set_exception((ManagerUnavailable, error, None))
+        if self.dead_letters:
+            log.warning("manager %s: %d dead letters so far", child.spec.name, self.dead_letters)
+
+    def _abandon(self, actor: Manager) -> None:
+        """Give up on an actor that does not answer: it can never take another message."""
+        thread = actor.thread.name if actor.thread is not None else "?"
+        self.abandoned_threads.append(thread)
+        actor.actor_stopped.set()
+        ActorRegistry.unregister(actor.actor_ref)
+
+    def _child_down(
+        self, child: _Child, reason: str, *, abnormal: bool, leftovers: list[Envelope[Any]]
+    ) -> None:
+        child.last_error = reason if abnormal else child.last_error
+        child.pending.extend(leftovers)
+        restart = child.spec.restart == "permanent" or (
+            child.spec.restart == "transient" and abnormal
+        )
+        if self._stopping or not restart:
+            self._set_state(child, "failed" if abnormal else "stopped")
+            self._lifecycle(child, "failed" if abnormal else "stopped", reason)
+            pending, child.pending = child.pending, []
+            self._fail_envelopes(child, pending)
+            return
+        self._set_state(child, "restarting")
+        if abnormal:
+            self._lifecycle(child, "failed", reason)
+        now = time.monotonic()
+        self._restart_times.append(now)
+        while self._restart_times and self._restart_times[0] < now - self.policy.period:
+            self._restart_times.popleft()
+        if len(self._restart_times) > self.policy.max_restarts:
+            self._escalate(
+                f"{len(self._restart_times)} restarts within {self.policy.period:g}s "
+                f"(max {self.policy.max_restarts}); last: {child.spec.name}: {reason}"
+            )
+            return
+        child.restart_times.append(now)
+        while child.restart_times and child.restart_times[0] < now - self.policy.period:
+            child.restart_times.popleft()
+        group = self._restart_group(child)
+        for other in reversed(group):
+            if other is not child:
+                self._stop_child(other, then="restarting")
+        delay = self._backoff(len(child.restart_times))
+        log.info("restarting %s in %.3fs", ", ".join(c.spec.name for c in group), delay)
+        self._schedule(delay, lambda: self._restart(group))
+
+    def _restart_group(self, child: _Child) -> list[_Child]:
+        strategy = self.policy.strategy
+        if strategy == "one_for_all":
+            return [c for c in self._order if c is child or c.state in ("running", "starting")]
+        if strategy == "rest_for_one":
+            return [
+                c
+                for c in self._order
+                if c is child or (c.index > child.index and c.state in ("running", "starting"))
+            ]
+        return [child]
+
+    def _backoff(self, attempt: int) -> float:
+        policy = self.policy
+        base = min(policy.backoff_max, policy.backoff_initial * 2 ** max(0, attempt - 1))
+        jitter = policy.backoff_jitter
+        return float(base * random.uniform(1 - jitter, 1 + jitter))
+
+    def _restart(self, group: list[_Child]) -> None:
+        if self._stopping or self.escalated is not None:
+            return
+        for child in group:
+            if child.state == "restarting":
+                child.restarts += 1
+                self._launch(child, change="restarted")
+
+    def _stop_child(self, child: _Child, *, then: ChildState) -> None:
+        actor = child.actor
+        self._set_state(child, then)
+        if actor is None:
+            return
+        try:
+            actor.actor_ref.stop(block=True, timeout=child.spec.shutdown_timeout)
+        except pykka.Timeout:
+            log.error(
+                "manager %s did not stop within %gs; abandoning its thread",
+                child.spec.name,
+                child.spec.shutdown_timeout,
+            )
+            self._abandon(actor)
+            self._rehome(child, actor.mailbox.drain())
+        except pykka.ActorDeadError:
+            pass
+        if then == "stopped":
+            self._lifecycle(child, "stopped")
+
+    def _escalate(self, reason: str) -> None:
+        log.critical("supervisor gives up: %s", reason)
+        with self._cond:
+            self.escalated = reason
+            self._cond.notify_all()
+        self._emit(
+            "supervisor.child.escalated",
+            SupervisorChildChanged(child="*", change="escalated", reason=reason),
+        )
+        self._stop_all(None)
+        self._update_status()
+        if self._on_escalate is not None:
+            self._on_escalate(reason)
+
+    def _stop_all(self, done: threading.Event | None) -> None:
+        self._stopping = True
+        try:
+            for child in reversed(self._order):
+                if child.state in ("running", "starting"):
+                    self._stop_child(child, then="stopped")
+                else:
+                    self._set_state(child, "failed" if child.state == "failed" else "stopped")
+                pending, child.pending = child.pending, []
+                self._fail_envelopes(child, pending)
+        finally:
+            if done is not None:
+                done.set()
+
+    # -- liveness -------------------------------------------------------------------------
+
+    def _probe_children(self) -> None:
+        now = time.monotonic()
+        for child in self._order:
+            actor = child.actor
+            if child.state != "running" or actor is None:
+                continue
+            if child.probe is not None:
+                future, sent = child.probe
+                try:
+                    child.last_health = future.get(timeout=0)
+                    child.probe = None
+                except pykka.Timeout:
+                    if now - sent > self.policy.probe_timeout:
+                        self._hung(child, actor, now - sent)
+                except Exception:
+                    child.probe = None
+            elif now - child.last_probe >= self.policy.probe_interval:
+                child.last_probe = now
+                try:
+                    child.probe = (actor.actor_ref.ask(PROBE, block=False), now)
+                except pykka.ActorDeadError:
+                    child.probe = None
+        self._update_status()
+
+    def _hung(self, child: _Child, actor: Manager, waited: float) -> None:
+        thread = actor.thread.name if actor.thread is not None else "?"
+        reason = (
+            f"hung: no answer to the liveness probe for {waited:.1f}s (thread {thread} abandoned)"
+        )
+        self._abandon(actor)
+        self._lifecycle(child, "hung", reason)
+        self._child_down(child, reason, abnormal=True, leftovers=actor.mailbox.drain())
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,301 @@
+"""System: the in-process entry point — bus, supervisor and managers, with routing by name.
+
+::
+
+    import corral
+    from corral.messages.system import Ping
+
+    with corral.System() as system:
+        pong = system.ask(Ping(payload=b"hi"))
+        for delivery in system.subscribe("supervisor.child.*"):
+            ...
+
+Callers hold manager *names*, never actor references: ``ask`` and ``tell`` route
+by the message's manager to whichever actor currently serves it, and wait
+(within the timeout) while that manager restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from types import TracebackType
+from typing import Any, TypeVar
+
+import pykka
+from pykka._envelope import Envelope
+
+from corral.actors import BUILTIN
+from corral.actors.base import AsyncioFuture, Mailbox, Manager
+from corral.bus import Bus, Delivery, MemoryBus, RedisBus, Subscription
+from corral.config import Config, ManagerSection
+from corral.errors import ConfigError, Timeout, error_class
+from corral.messages.base import ErrorReply, Event, Message, Reply, Request, validate
+from corral.messages.codec import Codec
+from corral.messages.system import SystemHealth
+from corral.supervisor import ChildSpec, Supervisor, SupervisorPolicy
+
+__all__ = ["System"]
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R", bound=Reply)
+
+
+class System:
+    """Bus + supervisor + managers in this process. See the module docstring.
+
+    ``managers``: extra Manager classes (or full ChildSpecs) of the embedding
+    service, run under the same supervisor as the configured ones. Their
+    ``[managers.<name>]`` config section, if any, applies to them too.
+    """
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        managers: Iterable[type[Manager] | ChildSpec] = (),
+        bus: Bus | None = None,
+        on_escalate: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config or Config()
+        self.ask_timeout = self.config.system.ask_timeout
+        self.validate = self.config.system.validate
+        self.codec = Codec(
+            keys=[k.encode() for k in self.config.codec.signing_keys],
+            max_size=self.config.codec.max_size,
+            max_depth=self.config.codec.max_depth,
+        )
+        self._own_bus = bus is None
+        self.bus = bus or self._make_bus()
+        self.supervisor = Supervisor(
+            self._child_specs(managers),
+            self,
+            policy=self._policy(),
+            publish=self.bus.publish,
+            on_escalate=on_escalate,
+        )
+        self._started = False
+
+    # -- building -------------------------------------------------------------------------
+
+    def _make_bus(self) -> Bus:
+        section = self.config.bus
+        if section.backend == "redis":
+            return RedisBus(
+                section.url,
+                namespace=section.namespace,
+                codec=self.codec,
+                queue_size=section.queue_size,
+                reconnect_initial=section.reconnect_initial,
+                reconnect_max=section.reconnect_max,
+            )
+        return MemoryBus(queue_size=section.queue_size)
+
+    def _policy(self) -> SupervisorPolicy:
+        s = self.config.supervisor
+        return SupervisorPolicy(
+            strategy=s.strategy,
+            max_restarts=s.max_restarts,
+            period=s.period,
+            backoff_initial=s.backoff_initial,
+            backoff_max=s.backoff_max,
+            backoff_jitter=s.backoff_jitter,
+            probe_interval=s.probe_interval,
+            probe_timeout=s.probe_timeout,
+            start_timeout=s.start_timeout,
+        )
+
+    def _child_specs(self, extra: Iterable[type[Manager] | ChildSpec]) -> list[ChildSpec]:
+        given: dict[str, type[Manager] | ChildSpec] = {}
+        for item in extra:
+            name = item.name
+            if not name:
+                raise ConfigError(f"{item!r} has no manager name (set its class attribute `name`)")
+            given[name] = item
+        sections = dict(self.config.managers)
+        names = ["system", *[n for n in sections if n != "system"]]
+        names += [n for n in given if n not in names]
+        specs = []
+        for name in names:
+            section = sections.get(name, ManagerSection())
+            if not section.enabled:
+                continue
+            given_item = given.get(name)
+            if isinstance(given_item, ChildSpec):
+                specs.append(given_item)
+                continue
+            manager = given_item or _load_manager(name, section)
+            specs.append(
+                ChildSpec(
+                    name=name,
+                    manager=manager,
+                    options=section.options,
+                    restart=section.restart,
+                    depends_on=tuple(section.depends_on),
+                    critical=section.critical,
+                    shutdown_timeout=(
+                        section.shutdown_timeout
+                        if section.shutdown_timeout is not None
+                        else self.config.supervisor.shutdown_timeout
+                    ),
+                    mailbox_size=section.mailbox_size or self.config.system.mailbox_size,
+                    mailbox_put_timeout=self.config.system.mailbox_put_timeout,
+                )
+            )
+        return specs
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> System:
+        if not self._started:
+            self._started = True
+            self.supervisor.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop every manager in reverse start order, then the bus (if this system made it)."""
+        self.supervisor.stop()
+        if self._own_bus:
+            self.bus.close()
+
+    def __enter__(self) -> System:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- messaging ------------------------------------------------------------------------
+
+    def ask(self, message: Request[R], *, timeout: float | None = None) -> R:
+        """Send a request to the manager that handles it and return its reply.
+
+        Raises the error the manager answered with (``NotFound``, ``Conflict``, ...),
+        ``ManagerUnavailable`` when it is down, ``Timeout`` when no reply came in time.
+        """
+        timeout = self.ask_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        name = self._route(message)
+        if name == "supervisor":
+            return self.health(timeout=timeout)  # type: ignore[return-value]
+        future: pykka.Future[Any] = pykka.ThreadingFuture()
+        self._deliver(name, Envelope(message, reply_to=future), timeout)
+        try:
+            reply = future.get(timeout=max(0.0, deadline - time.monotonic()))
+        except pykka.Timeout:
+            raise Timeout(
+                f"no reply to {message.type_name} from {name!r} within {timeout:g}s",
+                {"manager": name, "timeout": timeout},
+            ) from None
+        answer: R = _unwrap(reply)
+        return answer
+
+    async def ask_async(self, message: Request[R], *, timeout: float | None = None) -> R:
+        """``ask`` for asyncio code: awaiting never blocks the event loop."""
+        timeout = self.ask_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        name = self._route(message)
+        loop = asyncio.get_running_loop()
+        if name == "supervisor":
+            return await loop.run_in_executor(None, self.ask, message, timeout)  # type: ignore[arg-type]
+        bridge = AsyncioFuture(loop)
+        envelope = Envelope(message, reply_to=bridge)
+        ref = self.supervisor.live_ref(name)
+        mailbox = ref.actor_inbox if ref is not None else None
+        if not (isinstance(mailbox, Mailbox) and mailbox.try_put(envelope)):
+            # Waiting for a restart or for room in the mailbox blocks: not on the loop.
+            await loop.run_in_executor(
+                None, self._deliver, name, envelope, deadline - time.monotonic()
+            )
+        try:
+            reply = await asyncio.wait_for(bridge.future, max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise Timeout(
+                f"no reply to {message.type_name} from {name!r} within {timeout:g}s",
+                {"manager": name, "timeout": timeout},
+            ) from None
+        answer: R = _unwrap(reply)
+        return answer
+
+    def tell(self, message: Message) -> None:
+        """Send a message without waiting for an answer (errors are counted, not raised)."""
+        self._deliver(self._route(message), Envelope(message), self.ask_timeout)
+
+    def publish(self, topic: str, event: Event) -> None:
+        if self.validate:
+            validate(event)
+        self.bus.publish(topic, event)
+
+    def subscribe(
+        self,
+        pattern: str,
+        *,
+        callback: Callable[[Delivery], None] | None = None,
+        queue_size: int | None = None,
+    ) -> Subscription:
+        """Follow events whose topic matches ``pattern`` (Redis glob rules)."""
+        return self.bus.subscribe(pattern, callback=callback, queue_size=queue_size)
+
+    def health(self, *, timeout: float = 1.0) -> SystemHealth:
+        """Every manager's Health and the supervisor's view, aggregated."""
+        return self.supervisor.health(timeout)
+
+    # -- routing internals ----------------------------------------------------------------
+
+    def _route(self, message: Message) -> str:
+        if self.validate:
+            validate(message)
+        name = message.route()
+        if name is None:
+            raise ConfigError(f"{message.type_name} names no manager to handle it")
+        return name
+
+    def _deliver(self, name: str, envelope: Envelope[Any], timeout: float) -> None:
+        """Put an envelope in the mailbox of the actor now serving ``name``."""
+        ref = self.supervisor.live_ref(name)
+        if ref is not None:
+            try:
+                ref.actor_inbox.put(envelope)
+                return
+            except pykka.ActorDeadError:
+                pass  # it died just now: wait for its successor below
+        deadline = time.monotonic() + timeout
+        stale = ref
+        while True:
+            ref = self.supervisor.resolve(name, deadline, stale=stale)
+            try:
+                ref.actor_inbox.put(envelope)
+                return
+            except pykka.ActorDeadError:
+                stale = ref  # it died between resolve and put: wait for its successor
+
+
+def _unwrap(reply: Any) -> Any:
+    if type(reply) is ErrorReply:
+        raise error_class(reply.code)(reply.message, reply.details)
+    return reply
+
+
+def _load_manager(name: str, section: ManagerSection) -> type[Manager]:
+    path = section.class_path or BUILTIN.get(name)
+    if not path:
+        raise ConfigError(
+            f'managers.{name}: unknown manager; set class_path = "package.module:Class" '
+            f"(built-in: {', '.join(sorted(BUILTIN))})"
+        )
+    module_name, _, attr = path.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"managers.{name}.class_path: cannot load {path!r}: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Manager)):
+        raise ConfigError(f"managers.{name}.class_path: {path!r} is not a corral Manager")
+    return cls

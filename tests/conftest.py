@@ -1,0 +1,43 @@
+"""Shared fixtures. Redis is always a real, private redis-server (see tests/redis_server.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from tests.redis_server import RedisServer, RedisServerNotFound
+
+
+def _start_redis(*args: str) -> RedisServer:
+    try:
+        return RedisServer(*args)
+    except RedisServerNotFound as exc:
+        problem = str(exc)
+    pytest.fail(problem, pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def _shared_redis_server() -> Iterator[RedisServer]:
+    with _start_redis() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_server(_shared_redis_server: RedisServer) -> RedisServer:
+    """The session's redis-server, emptied (FLUSHALL) for this test. Do not stop it:
+    tests that restart, kill or pause Redis take ``fresh_redis_server``."""
+    server = _shared_redis_server
+    if not server.running:
+        server.start()
+    with redis.Redis.from_url(server.url, protocol=2) as client:
+        client.flushall()
+    return server
+
+
+@pytest.fixture
+def fresh_redis_server() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, free to stop, restart, kill or pause."""
+    with _start_redis() as server:
+        yield server

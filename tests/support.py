@@ -1,0 +1,115 @@
+"""Small helpers shared by the tests: waiting for a condition, test managers and messages."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
+
+from corral.actors.base import Manager, handles
+from corral.bus import Subscription
+from corral.errors import NotFound
+from corral.messages.base import Message, Reply, Request, message
+from corral.messages.system import Health
+from corral.system import System
+
+E = TypeVar("E", bound=Message)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
+        time.sleep(interval)
+
+
+def next_event(subscription: Subscription, kind: type[E], timeout: float = 5.0) -> tuple[str, E]:
+    """The next delivery on a subscription, checked to be of ``kind``: (topic, event)."""
+    delivery = subscription.get(timeout=timeout)
+    assert delivery is not None, f"no {kind.__name__} within {timeout}s"
+    assert isinstance(delivery.message, kind), delivery
+    return delivery.topic, delivery.message
+
+
+def mailbox_depth(system: System, name: str) -> int:
+    """How many messages wait in the mailbox of the manager now serving ``name``."""
+    ref = system.supervisor.live_ref(name)
+    return ref.actor_inbox.qsize() if ref is not None else -1  # type: ignore[attr-defined]
+
+
+Action = Literal["ok", "refuse", "crash", "exit", "sleep", "stop", "block"]
+
+
+@message("test.work")
+class Work(Request["Done"]):
+    manager = "worker"
+    action: Action = "ok"
+    seconds: float = 0.0
+    target: str = ""
+
+    def route(self) -> str:
+        return self.target or "worker"
+
+
+@message("test.done")
+class Done(Reply):
+    incarnation: int
+    handled: int
+    name: str
+
+
+class Worker(Manager):
+    """A manager that does what it is told: answer, refuse, crash, exit, sleep, stop.
+
+    Options: ``journal`` (a list that gets "start <name>" / "stop <name>"),
+    ``fail_starts`` (a dict whose [name] counts down on_start failures),
+    ``status`` (the Health status it reports), ``gate`` (a threading.Event "block" waits on).
+    """
+
+    name = "worker"
+    incarnations: dict[str, int] = {}
+
+    def on_start(self) -> None:
+        name = self.context.name
+        failures = self.options.get("fail_starts")
+        if failures and failures.get(name, 0) > 0:
+            failures[name] -= 1
+            raise RuntimeError(f"{name} refuses to start")
+        Worker.incarnations[name] = Worker.incarnations.get(name, 0) + 1
+        self.incarnation = Worker.incarnations[name]
+        self.count = 0
+        journal = self.options.get("journal")
+        if journal is not None:
+            journal.append(f"start {name}")
+
+    def on_stop(self) -> None:
+        journal = self.options.get("journal")
+        if journal is not None:
+            journal.append(f"stop {self.context.name}")
+
+    def health(self) -> Health:
+        return Health(status=self.options.get("status", "healthy"))
+
+    @handles(Work)
+    def work(self, msg: Work) -> Done:
+        self.count += 1
+        if msg.action == "refuse":
+            raise NotFound("nothing here", {"asked": msg.action})
+        if msg.action == "crash":
+            raise RuntimeError("boom")
+        if msg.action == "exit":
+            raise SystemExit(3)
+        if msg.action == "sleep":
+            time.sleep(msg.seconds)
+        if msg.action == "block":
+            gate: threading.Event = self.options["gate"]
+            gate.wait(msg.seconds or 10)
+        if msg.action == "stop":
+            self.stop()
+        return Done(incarnation=self.incarnation, handled=self.count, name=self.context.name)
