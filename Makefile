@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LINTED := corral tests bench $(wildcard examples)
 
 .PHONY: run test lint bench redis-server clean
 
@@ -26,8 +27,8 @@ redis-server:
 	  fi; }
 
 lint: $(STAMP)
-	$(BIN)/ruff check corral tests bench examples
-	$(BIN)/ruff format --check corral tests bench examples
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy
 
 test: $(STAMP) redis-server lint
