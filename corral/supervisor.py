@@ -435,8 +435,8 @@ class Supervisor:
         self._update_status()
 
     def _update_status(self) -> None:
-        if not self._running:
-            return  # children come up one by one during start(); judge once they all did
+        if not self._running or (self._stopping and self.escalated is None):
+            return  # children come and go one by one in start() and stop(): not news
         current = self.snapshot()
         if current.status != self._status:
             previous, self._status = self._status, current.status

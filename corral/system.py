@@ -31,7 +31,7 @@ from pykka._envelope import Envelope
 from corral.actors import BUILTIN
 from corral.actors.base import AsyncioFuture, Mailbox, Manager
 from corral.bus import Bus, Delivery, MemoryBus, RedisBus, Subscription
-from corral.config import Config, ManagerSection
+from corral.config import Config, ManagerSection, parse_options
 from corral.errors import ConfigError, Timeout, error_class
 from corral.messages.base import ErrorReply, Event, Message, Reply, Request, validate
 from corral.messages.codec import Codec
@@ -129,6 +129,7 @@ class System:
                 specs.append(given_item)
                 continue
             manager = given_item or _load_manager(name, section)
+            self._check_options(name, manager, section)
             specs.append(
                 ChildSpec(
                     name=name,
@@ -147,6 +148,16 @@ class System:
                 )
             )
         return specs
+
+    def _check_options(self, name: str, manager: type[Manager], section: ManagerSection) -> None:
+        """Fail at construction, naming key and file, rather than in a restart loop."""
+        if manager.Options is None:
+            return
+        try:
+            parse_options(manager.Options, section.options, manager=name)
+        except ConfigError as exc:
+            origin = self.config.sources.get(f"managers.{name}.{exc.details.get('field', '')}")
+            raise ConfigError(f"{origin}: {exc}" if origin else str(exc), exc.details) from None
 
     # -- lifecycle ------------------------------------------------------------------------
 

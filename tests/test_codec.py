@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import enum
 import hashlib
@@ -643,6 +644,28 @@ def test_very_deep_signed_message_is_rejected_cleanly() -> None:
     assert text.startswith(("s: ", "not a msgpack message"))
 
 
+# -- threads ------------------------------------------------------------------------------------
+
+
+def test_encode_and_decode_from_many_threads() -> None:
+    codecs = [Codec(), Codec(keys=[KEY])]
+
+    def work(n: int) -> list[bool]:
+        results = []
+        for i in range(300):
+            codec = codecs[i % 2]
+            msg = CodecBlob(
+                data={"thread": n, "i": i, "pad": "x" * (i % 50), "list": [n] * (i % 7)}
+            )
+            results.append(codec.decode(codec.encode(msg)).message == msg)
+        return results
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        outcomes = [ok for batch in pool.map(work, range(8)) for ok in batch]
+    assert len(outcomes) == 2400
+    assert all(outcomes)
+
+
 # -- encode ------------------------------------------------------------------------------------
 
 
@@ -671,6 +694,7 @@ def test_signed_round_trip() -> None:
     assert type(raw["s"]) is bytes and len(raw["s"]) == 32
     unsigned = {k: v for k, v in raw.items() if k != "s"}
     assert raw["s"] == hmac.new(KEY, pack(unsigned), hashlib.sha256).digest()
+    assert data == pack({**unsigned, "s": raw["s"]})  # "s" last, as a map packer writes it
     decoded = codec.decode(data)
     assert decoded.message == msg
     assert (decoded.correlation, decoded.reply_to) == (b"c" * 16, "r")
@@ -749,6 +773,17 @@ def test_key_rotation() -> None:
     assert new_only.decode(data).message == Ping(payload=b"2")
     assert rejected(data, old_sender) == "s: signature does not match"
     assert rejected(old_sender.encode(Ping()), new_only) == "s: signature does not match"
+
+
+def test_keys_can_be_replaced() -> None:
+    codec = Codec(keys=[OLD_KEY])
+    codec.keys = [KEY]
+    assert codec.keys == (KEY,)
+    assert Codec(keys=[KEY]).decode(codec.encode(Ping())).message == Ping()
+    assert rejected(Codec(keys=[OLD_KEY]).encode(Ping()), codec) == "s: signature does not match"
+    codec.keys = []
+    assert not codec.signing
+    assert codec.decode(Codec().encode(Ping())).message == Ping()
 
 
 def test_signature_checked_before_the_body() -> None:

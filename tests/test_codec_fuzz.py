@@ -113,8 +113,8 @@ STRUCTURES: st.SearchStrategy[Any] = st.deferred(
 
 # Envelope-shaped input is built by plain Python from a seed that hypothesis draws,
 # with a kind of damage that hypothesis draws too: building these from nested
-# strategies costs ~10 ms an example, this well under 1 ms.
-# corral's own messages and this file's: the same set whichever other tests were imported.
+# strategies costs ~10 ms an example, this well under 1 ms. The messages are
+# corral's own and this file's: the same set whichever other tests were imported.
 MESSAGE_CLASSES = sorted(
     (
         c

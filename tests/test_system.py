@@ -9,12 +9,13 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 import corral
-from corral.config import BusSection, Config, SupervisorSection, load_config
+from corral.config import BusSection, Config, Section, SupervisorSection, load_config
 from corral.errors import ConfigError, InvalidMessage, ManagerUnavailable, NotFound, Timeout
 from corral.messages.base import Event, message
 from corral.messages.system import Ping, Pong, SupervisorChildChanged, SystemHealthCheck
@@ -39,14 +40,50 @@ class Shout(Event):
     text: str
 
 
+@dataclass(frozen=True, kw_only=True)
+class GreeterOptions(Section):
+    greeting: str = "hello"
+    repeat: int = field(default=1, metadata={"ge": 1})
+
+
 class Greeter(corral.Manager):
     name = "greeter"
+    Options = GreeterOptions
 
     @corral.handles(Greet)
     def greet(self, msg: Greet) -> Greeting:
         if msg.who == "nobody":
             raise NotFound("no such person", {"who": msg.who})
-        return Greeting(text=f"hello {msg.who}")
+        return Greeting(
+            text=" ".join([f"{self.settings.greeting} {msg.who}"] * self.settings.repeat)
+        )
+
+
+def test_typed_manager_options_from_the_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "corral.toml"
+    path.write_text('[managers.greeter]\ngreeting = "hi"\nrepeat = 2\n')
+    with corral.System(load_config(path, env={}), managers=[Greeter]) as system:
+        assert system.ask(Greet(who="bo")).text == "hi bo hi bo"
+
+
+@pytest.mark.parametrize(
+    ("table", "error"),
+    [
+        ("repeat = 'x'", "managers.greeter.repeat: expected int, got str"),
+        ("repeat = 0", "managers.greeter.repeat: must be >= 1, got 0"),
+        (
+            "colour = 'red'",
+            "managers.greeter.colour: not an option of the greeter manager "
+            "(options: greeting, repeat)",
+        ),
+    ],
+)
+def test_bad_manager_options_fail_at_construction(tmp_path: Path, table: str, error: str) -> None:
+    path = tmp_path / "corral.toml"
+    path.write_text(f"[managers.greeter]\n{table}\n")
+    with pytest.raises(ConfigError) as caught:
+        corral.System(load_config(path, env={}), managers=[Greeter])
+    assert str(caught.value) == f"file {path}: {error}"
 
 
 def test_the_readme_example_runs() -> None:

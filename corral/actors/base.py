@@ -36,6 +36,7 @@ from pykka import ActorDeadError, ActorRegistry
 from pykka._envelope import Envelope
 from pykka.messages import _ActorStop
 
+from corral.config import Section, parse_options
 from corral.errors import CorralError, InvalidMessage, ManagerUnavailable, Overloaded
 from corral.messages.base import ErrorReply, Event, Message, Reply, Request
 from corral.messages.system import Health, HealthCheck
@@ -221,6 +222,8 @@ class Manager(pykka.ThreadingActor):
     """Base class of every corral manager. Subclasses set ``name`` and mark handlers."""
 
     name: ClassVar[str] = ""
+    Options: ClassVar[type[Section] | None] = None
+    """The typed options of ``[managers.<name>]``; None takes any options, unchecked."""
     use_daemon_thread = True  # a hung manager must not keep the process alive
     _handlers: ClassVar[dict[type[Message], Callable[[Any, Any], Any]]] = {}
 
@@ -235,6 +238,11 @@ class Manager(pykka.ThreadingActor):
 
     def __init__(self, context: ManagerContext) -> None:
         self.context = context
+        self.settings: Any = (
+            parse_options(self.Options, context.options, manager=context.name)
+            if self.Options is not None
+            else None
+        )
         super().__init__()
         self.started_at = time.monotonic()
         self.handled = 0

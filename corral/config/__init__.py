@@ -33,6 +33,10 @@ Example::
     config = Config().replace(bus=BusSection(backend="redis", url="redis://127.0.0.1:6380/0"))
 """
 
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
 from corral.config._config import Config
 from corral.config._loader import ConfigSource, load_config
 from corral.config._sections import (
@@ -42,8 +46,38 @@ from corral.config._sections import (
     LogSection,
     ManagerSection,
     SupervisorSection,
+    Section,
+    SupervisorSection,
     SystemSection,
 )
+from corral.errors import ConfigError
+
+S = TypeVar("S", bound=Section)
+
+
+def parse_options(cls: type[S], options: Mapping[str, Any], *, manager: str) -> S:
+    """A manager's ``[managers.<name>]`` options as its typed ``Options`` section.
+
+    ``cls`` is a frozen, keyword-only dataclass subclassing :class:`Section`, so
+    its fields are type-checked (and bounds-checked through field metadata)::
+
+        @dataclass(frozen=True, kw_only=True)
+        class CacheOptions(Section):
+            default_ttl: float = 300.0
+    """
+    names = sorted(f.name for f in dataclasses.fields(cls))
+    for key in options:
+        if key not in names:
+            raise ConfigError(
+                f"managers.{manager}.{key}: not an option of the {manager} manager "
+                f"(options: {', '.join(names) or 'none'})",
+                {"field": key, "problem": "unknown option"},
+            )
+    try:
+        return cls(**options)
+    except ConfigError as exc:
+        raise ConfigError(f"managers.{manager}.{exc.message}", exc.details) from None
+
 
 __all__ = [
     "BusSection",
@@ -53,7 +87,9 @@ __all__ = [
     "DaemonSection",
     "LogSection",
     "ManagerSection",
+    "Section",
     "SupervisorSection",
     "SystemSection",
     "load_config",
+    "parse_options",
 ]
