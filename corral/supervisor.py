@@ -88,6 +88,8 @@ class ChildSpec:
     shutdown_timeout: float = 5.0
     mailbox_size: int = 10_000
     mailbox_put_timeout: float = 1.0
+    redis_url: str = ""
+    namespace: str = "corral"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -476,6 +478,8 @@ class Supervisor:
             mailbox_size=spec.mailbox_size,
             mailbox_put_timeout=spec.mailbox_put_timeout,
             on_exit=self._on_exit,
+            redis_url=spec.redis_url,
+            namespace=spec.namespace,
         )
         self._set_state(child, "starting")
         try:

@@ -145,6 +145,8 @@ class System:
                     ),
                     mailbox_size=section.mailbox_size or self.config.system.mailbox_size,
                     mailbox_put_timeout=self.config.system.mailbox_put_timeout,
+                    redis_url=self.config.bus.url if self.config.bus.backend == "redis" else "",
+                    namespace=self.config.bus.namespace,
                 )
             )
         return specs

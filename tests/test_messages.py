@@ -14,6 +14,7 @@ import pytest
 from corral import errors
 from corral.errors import CorralError, InvalidMessage, error_class
 from corral.messages import (
+    Codec,
     ErrorReply,
     Event,
     HealthCheck,
@@ -98,6 +99,18 @@ class MsgHolder(Event):
 
     inner: MsgEvent
     blob: MsgBlob
+
+
+@message("test.msg_base")
+class MsgBase(Event):
+    a: int = 0
+
+
+@message("test.msg_derived")
+class MsgDerived(MsgBase):
+    """A message that extends another: it keeps the base's fields."""
+
+    b: str = ""
 
 
 class MsgTeapot(errors.RequestError):
@@ -305,6 +318,19 @@ def test_nested_message_must_be_registered() -> None:
     assert lookup("test.msg_nests_unregistered") is None
 
 
+def test_message_extending_another_message() -> None:
+    msg = MsgDerived(a=1, b="x")
+    assert [f.name for f in MsgDerived.fields_info] == ["a", "b"]
+    assert isinstance(msg, MsgBase)
+    assert MsgDerived.type_name == "test.msg_derived"
+    assert MsgBase.type_name == "test.msg_base"
+    codec = Codec()
+    assert codec.decode(codec.encode(msg)).message == msg
+    validate(msg)
+    with pytest.raises(InvalidMessage, match=r"^a: expected int, got str$"):
+        validate(unchecked(MsgDerived, a="1"))
+
+
 # -- Request reply types ------------------------------------------------------------------
 
 
@@ -421,6 +447,7 @@ def test_validate_accepts_a_good_message() -> None:
         ({"i": 3.0}, "i: expected int, got float"),
         ({"f": "1.5"}, "f: expected float, got str"),
         ({"f": False}, "f: expected float, got bool"),
+        ({"f": 10**400}, "f: expected float, got an int too large"),
         ({"flag": 1}, "flag: expected bool, got int"),
         ({"raw": "bytes"}, "raw: expected bytes, got str"),
         ({"raw": bytearray(b"x")}, "raw: expected bytes, got bytearray"),

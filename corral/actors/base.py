@@ -80,6 +80,10 @@ class ManagerContext:
     mailbox_size: int = 10_000
     mailbox_put_timeout: float = 1.0
     on_exit: ExitCallback | None = None
+    redis_url: str = ""
+    """The system's Redis (``bus.url`` when the bus is on Redis): a default for managers."""
+    namespace: str = "corral"
+    """Prefix for the Redis keys and channels of this system (``bus.namespace``)."""
 
 
 class Probe:

@@ -229,7 +229,9 @@ def _generate_methods(cls: type[Message], infos: list[FieldInfo]) -> None:
         namespace[f"conv_{i}"] = f.from_wire
         namespace[f"check_{i}"] = f.check
         namespace[f"wire_{i}"] = f.to_wire
-        namespace[f"set_{i}"] = cls.__dict__[f.name].__set__
+        # The field's slot; an inherited field's slot lives on the base class.
+        slot = next(k.__dict__[f.name] for k in cls.__mro__ if f.name in k.__dict__)
+        namespace[f"set_{i}"] = slot.__set__
         default, is_factory = f.default
         namespace[f"default_{i}"] = default
         fast = _FAST_TYPES.get(f.annotation)
@@ -382,7 +384,10 @@ def _float() -> tuple[Check, Check, Callable[[Any], Any]]:
         if kind is float:
             return value
         if kind is int:
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # only in process: msgpack ints fit in a float
+                raise InvalidMessage("expected float, got an int too large", path=path) from None
         raise InvalidMessage(f"expected float, got {_type_name(value)}", path=path)
 
     return check, check, _identity
