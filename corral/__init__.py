@@ -14,6 +14,7 @@ and pass them to ``System(managers=[...])``.
 
 from corral import errors
 from corral.actors.base import Manager, handles
+from corral.client import Client, connect
 from corral.config import Config, load_config
 from corral.messages.base import Event, Message, Reply, Request, message
 from corral.supervisor import ChildSpec
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ChildSpec",
+    "Client",
     "Config",
     "Event",
     "Manager",
@@ -31,6 +33,7 @@ __all__ = [
     "Request",
     "System",
     "__version__",
+    "connect",
     "errors",
     "handles",
     "load_config",

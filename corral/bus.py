@@ -148,10 +148,14 @@ def _check_topic(topic: str) -> None:
 
 
 class Delivery(NamedTuple):
-    """One message as a subscription receives it, with the topic it was published on."""
+    """One message as a subscription receives it, with the topic it was published on.
+
+    ``correlation`` is the id of the request a reply answers (remote requests), else None.
+    """
 
     topic: str
     message: Message
+    correlation: bytes | None = None
 
 
 _Offer = Literal["delivered", "dropped", "closed"]
@@ -327,8 +331,11 @@ class Bus(abc.ABC):
         self._closed = False
 
     @abc.abstractmethod
-    def publish(self, topic: str, message: Message) -> None:
-        """Send ``message`` to every subscription matching ``topic``."""
+    def publish(self, topic: str, message: Message, *, correlation: bytes | None = None) -> None:
+        """Send ``message`` to every subscription matching ``topic``.
+
+        ``correlation`` ties a reply to the request it answers (remote requests).
+        """
 
     def subscribe(
         self,
@@ -435,7 +442,7 @@ class MemoryBus(Bus):
         self._exact: dict[str, tuple[Subscription, ...]] = {}
         self._patterns: tuple[tuple[re.Pattern[str], Subscription], ...] = ()
 
-    def publish(self, topic: str, message: Message) -> None:
+    def publish(self, topic: str, message: Message, *, correlation: bytes | None = None) -> None:
         _check_topic(topic)
         self._check_open()
         subs: Iterable[Subscription] = self._exact.get(topic, ())
@@ -446,7 +453,7 @@ class MemoryBus(Bus):
             if matched:
                 subs = [*subs, *matched]
         self._count("published")
-        self._fan_out(subs, Delivery(topic, message))
+        self._fan_out(subs, Delivery(topic, message, correlation))
 
     def _attach(self, sub: Subscription) -> None:
         with self._lock:
@@ -558,11 +565,11 @@ class RedisBus(Bus):
     def healthy(self) -> bool:
         return self._healthy and not self._closed
 
-    def publish(self, topic: str, message: Message) -> None:
+    def publish(self, topic: str, message: Message, *, correlation: bytes | None = None) -> None:
         """Encode and PUBLISH; raises BackendUnavailable when Redis cannot be reached."""
         _check_topic(topic)
         self._check_open()
-        data = self.codec.encode(message)
+        data = self.codec.encode(message, correlation=correlation)
         try:
             self._client.publish(self._prefix + topic.encode(), data)
         except (redis.RedisError, OSError) as exc:
@@ -750,7 +757,7 @@ class RedisBus(Bus):
             self._reject(channel, exc)
             return
         topic = channel[len(self._prefix) :].decode("utf-8", "replace")
-        self._fan_out(subs, Delivery(topic, envelope.message))
+        self._fan_out(subs, Delivery(topic, envelope.message, envelope.correlation))
 
     def _reject(self, channel: bytes, exc: InvalidMessage) -> None:
         self._count("rejected")

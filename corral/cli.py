@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -19,12 +20,14 @@ from types import FrameType
 from typing import Any
 
 import click
+import httpx
 
 from corral import __version__
-from corral.config import load_config
-from corral.errors import CorralError
-from corral.messages.base import registered
-from corral.system import System
+from corral.client import Client, connect
+from corral.config import Config, load_config
+from corral.daemon import Daemon
+from corral.errors import ConfigError, CorralError, InvalidMessage
+from corral.messages.base import Event, Message, Request, lookup, registered, validate
 
 log = logging.getLogger("corral")
 
@@ -67,8 +70,7 @@ def main() -> None:
     """corral: supervised actor managers for Python services."""
 
 
-@main.command()
-@click.option(
+config_option = click.option(
     "-c",
     "--config",
     "config_path",
@@ -76,6 +78,37 @@ def main() -> None:
     default=None,
     help="TOML config file (default: $CORRAL_CONFIG, else none).",
 )
+
+
+import_option = click.option(
+    "--import",
+    "modules",
+    multiple=True,
+    metavar="MODULE",
+    help="Import MODULE first, to register its message types (repeatable).",
+)
+
+
+def _load(config_path: str | None) -> Config:
+    try:
+        return load_config(config_path)
+    except CorralError as exc:
+        click.echo(f"corral: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+
+def _register_messages(config: Config, modules: tuple[str, ...]) -> None:
+    """Import the modules that define message types: the managers' and the ones named."""
+    names = [s.class_path.partition(":")[0] for s in config.managers.values() if s.class_path]
+    for module in [*names, *modules]:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise click.UsageError(f"cannot import {module}: {exc}") from None
+
+
+@main.command()
+@config_option
 @click.option(
     "--log-format",
     type=click.Choice(["plain", "json"]),
@@ -89,12 +122,11 @@ def main() -> None:
     help="Log level (overrides log.level).",
 )
 def run(config_path: str | None, log_format: str | None, log_level: str | None) -> None:
-    """Start the supervisor and its managers; stop cleanly on SIGTERM or Ctrl-C."""
-    try:
-        config = load_config(config_path)
-    except CorralError as exc:
-        click.echo(f"corral: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
+    """Start the supervisor, its managers and the HTTP face; stop on SIGTERM or Ctrl-C.
+
+    Exit status: 0 after a clean stop, 1 when the supervisor gave up, 2 for bad config.
+    """
+    config = _load(config_path)
     setup_logging(log_level or config.log.level, log_format or config.log.format)
 
     escalated = threading.Event()
@@ -103,8 +135,6 @@ def run(config_path: str | None, log_format: str | None, log_level: str | None) 
     def on_escalate(_reason: str) -> None:
         escalated.set()
         stop.set()
-
-    system = System(config, on_escalate=on_escalate)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         if stop.is_set():
@@ -117,30 +147,237 @@ def run(config_path: str | None, log_format: str | None, log_level: str | None) 
     signal.signal(signal.SIGINT, on_signal)
     started = time.monotonic()
     try:
-        system.start()
+        daemon = Daemon(config, on_escalate=on_escalate)
+        daemon.start()
+    except ConfigError as exc:
+        log.critical("start-up failed: %s", exc)
+        sys.exit(EXIT_CONFIG)
     except CorralError as exc:
         log.critical("start-up failed: %s", exc)
-        system.stop()
         sys.exit(EXIT_ESCALATED)
+    names = daemon.system.supervisor.names
     log.info(
         "corral %s running %d managers in %.0f ms: %s",
         __version__,
-        len(system.supervisor.names),
+        len(names),
         (time.monotonic() - started) * 1000,
-        ", ".join(system.supervisor.names),
+        ", ".join(names),
     )
     while not stop.wait(0.5):
         pass
-    system.stop()
+    daemon.stop()
     if escalated.is_set():
         log.critical("stopped: the supervisor gave up")
         sys.exit(EXIT_ESCALATED)
     log.info("stopped cleanly")
 
 
+HEALTH_EXIT = {"healthy": 0, "degraded": 1, "unhealthy": 2}
+EXIT_UNREACHABLE = 3
+
+
 @main.command()
-def messages() -> None:
+@config_option
+@click.option("--url", default=None, help="The daemon's HTTP address (default: from daemon.*).")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole /health document.")
+def health(config_path: str | None, url: str | None, as_json: bool) -> None:
+    """Ask a running daemon for its health.
+
+    Exit status: 0 healthy, 1 degraded, 2 unhealthy, 3 no daemon answering.
+    """
+    if url is None:
+        daemon = _load(config_path).daemon
+        url = f"http://{daemon.host}:{daemon.port}"
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/health", timeout=5.0)
+        document = response.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        click.echo(f"corral: no daemon answering at {url}: {exc}", err=True)
+        sys.exit(EXIT_UNREACHABLE)
+    if as_json:
+        click.echo(json.dumps(document, indent=2))
+    else:
+        click.echo(f"{document['status']}  ({url})")
+        for name, child in document.get("managers", {}).items():
+            error = f"  last error: {child['last_error']}" if child.get("last_error") else ""
+            click.echo(
+                f"  {name:<16} {child['status']:<10} {child['state']:<10} "
+                f"restarts={child['restarts']} mailbox={child['mailbox_depth']}{error}"
+            )
+    sys.exit(HEALTH_EXIT.get(document.get("status", ""), EXIT_UNREACHABLE))
+
+
+def _remote(config: Config, url: str | None) -> Client:
+    if url is None:
+        if config.bus.backend != "redis":
+            raise click.UsageError(
+                "this command talks to a daemon through Redis: pass --url redis://HOST:PORT/DB "
+                'or set bus.backend = "redis" and bus.url in the config'
+            )
+        url = config.bus.url
+    return connect(
+        url,
+        namespace=config.bus.namespace,
+        signing_keys=config.codec.signing_keys,
+        ask_timeout=config.system.ask_timeout,
+    )
+
+
+@main.command()
+@config_option
+@click.argument("name")
+@click.argument("fields", nargs=-1)
+@click.option("--url", default=None, help="Redis URL of the daemons (default: bus.url).")
+@click.option("--topic", default=None, help="For an event: the topic to publish it on.")
+@click.option("--timeout", type=float, default=None, help="Seconds to wait for the reply.")
+@click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON.")
+@import_option
+def send(
+    config_path: str | None,
+    name: str,
+    fields: tuple[str, ...],
+    url: str | None,
+    topic: str | None,
+    timeout: float | None,
+    as_json: bool,
+    modules: tuple[str, ...],
+) -> None:
+    """Send the message NAME built from FIELD=VALUE pairs and print the reply.
+
+    Values are JSON (numbers, true/false, lists, maps); text fields take the text as is.
+    Example: corral send system.ping payload=hello
+    """
+    config = _load(config_path)
+    _register_messages(config, modules)
+    try:
+        message = build_message(name, fields)
+    except CorralError as exc:
+        raise click.UsageError(str(exc)) from None
+    with _remote(config, url) as client:
+        try:
+            if isinstance(message, Request):
+                reply = client.ask(message, timeout=timeout)
+                click.echo(render(reply, as_json))
+            elif isinstance(message, Event):
+                if topic is None:
+                    raise click.UsageError(f"{name} is an event: give --topic to publish it on")
+                client.publish(topic, message)
+            else:
+                raise click.UsageError(
+                    f"{name} is a {message.kind}: only requests and events are sent"
+                )
+        except CorralError as exc:
+            click.echo(f"error: {exc.code}: {exc}", err=True)
+            sys.exit(1)
+
+
+def build_message(name: str, pairs: tuple[str, ...]) -> Message:
+    """A message of the registered type ``name`` from ``field=value`` pairs, validated."""
+    cls = lookup(name)
+    if cls is None:
+        sendable = sorted(n for n, c in registered().items() if c.kind in ("request", "event"))
+        raise InvalidMessage(f"unknown message {name!r}; known: {', '.join(sendable)}")
+    fields = {f.name: f for f in cls.fields_info}
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep:
+            raise InvalidMessage(f"{pair!r} is not FIELD=VALUE")
+        field = fields.get(key)
+        if field is None:
+            known = ", ".join(f"{f.name}: {f.describe()}" for f in cls.fields_info) or "none"
+            raise InvalidMessage(f"{name} has no field {key!r}; fields: {known}")
+        values[key] = _parse_value(field.annotation, text)
+    missing = [f.name for f in cls.fields_info if f.required and f.name not in values]
+    if missing:
+        raise InvalidMessage(f"{name} needs {', '.join(missing)}")
+    try:
+        message = cls._from_wire(values, name)
+    except InvalidMessage:
+        raise
+    validate(message)
+    return message
+
+
+def _parse_value(annotation: Any, text: str) -> Any:
+    if annotation is str:
+        return text
+    if annotation is bytes:
+        return text.encode()
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text  # let validation say what was expected
+    return value
+
+
+def render(message: Message, as_json: bool) -> str:
+    """A message for people (``type field=value ...``) or as one JSON object."""
+    wire = message.to_wire()
+    if as_json:
+        return json.dumps({"type": message.type_name, "fields": wire}, default=_json_default)
+    shown = " ".join(f"{k}={json.dumps(v, default=_json_default)}" for k, v in wire.items())
+    return f"{message.type_name} {shown}".rstrip()
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return str(value)
+
+
+@main.command()
+@config_option
+@click.argument("pattern", default="*")
+@click.option("--url", default=None, help="Redis URL of the daemons (default: bus.url).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per event.")
+def events(config_path: str | None, pattern: str, url: str | None, as_json: bool) -> None:
+    """Print events whose topic matches PATTERN (Redis glob) until Ctrl-C."""
+    config = _load(config_path)
+    with _remote(config, url) as client, client.subscribe(pattern) as subscription:
+        click.echo(f"following {pattern!r} at {client.where} (Ctrl-C stops)", err=True)
+        try:
+            for delivery in subscription:
+                if as_json:
+                    line = json.dumps(
+                        {
+                            "topic": delivery.topic,
+                            "type": delivery.message.type_name,
+                            "fields": delivery.message.to_wire(),
+                        },
+                        default=_json_default,
+                    )
+                else:
+                    line = f"{delivery.topic}  {render(delivery.message, False)}"
+                click.echo(line)
+        except KeyboardInterrupt:
+            pass
+
+
+@main.group(name="config")
+def config_group() -> None:
+    """Inspect the configuration."""
+
+
+@config_group.command()
+@config_option
+def check(config_path: str | None) -> None:
+    """Print the merged config, secrets masked, with where each value came from."""
+    config = _load(config_path)
+    for section, values in config.masked().items():
+        click.echo(f"[{section}]")
+        for key, value in values.items():
+            source = config.sources.get(f"{section}.{key}", "")
+            click.echo(f"{key} = {json.dumps(value, default=str)}  # {source}")
+        click.echo()
+
+
+@main.command()
+@config_option
+@import_option
+def messages(config_path: str | None, modules: tuple[str, ...]) -> None:
     """List every registered message type with its fields."""
+    _register_messages(_load(config_path), modules)
     for name, cls in sorted(registered().items()):
         handler = f" -> {cls.manager}" if cls.manager else ""
         click.echo(f"{name} v{cls.version} ({cls.kind}{handler})")

@@ -32,8 +32,8 @@ from corral.actors import BUILTIN
 from corral.actors.base import AsyncioFuture, Mailbox, Manager
 from corral.bus import Bus, Delivery, MemoryBus, RedisBus, Subscription
 from corral.config import Config, ManagerSection, parse_options
-from corral.errors import ConfigError, Timeout, error_class
-from corral.messages.base import ErrorReply, Event, Message, Reply, Request, validate
+from corral.errors import ConfigError, Timeout
+from corral.messages.base import Event, Message, Reply, Request, unwrap, validate
 from corral.messages.codec import Codec
 from corral.messages.system import SystemHealth
 from corral.supervisor import ChildSpec, Supervisor, SupervisorPolicy
@@ -208,7 +208,7 @@ class System:
                 f"no reply to {message.type_name} from {name!r} within {timeout:g}s",
                 {"manager": name, "timeout": timeout},
             ) from None
-        answer: R = _unwrap(reply)
+        answer: R = unwrap(reply)
         return answer
 
     async def ask_async(self, message: Request[R], *, timeout: float | None = None) -> R:
@@ -235,12 +235,26 @@ class System:
                 f"no reply to {message.type_name} from {name!r} within {timeout:g}s",
                 {"manager": name, "timeout": timeout},
             ) from None
-        answer: R = _unwrap(reply)
+        answer: R = unwrap(reply)
         return answer
 
     def tell(self, message: Message) -> None:
         """Send a message without waiting for an answer (errors are counted, not raised)."""
         self._deliver(self._route(message), Envelope(message), self.ask_timeout)
+
+    def dispatch(
+        self, message: Message, reply_to: pykka.Future[Any] | None, *, timeout: float | None = None
+    ) -> None:
+        """Put ``message`` in the mailbox of its manager; its reply is set on ``reply_to``.
+
+        The building block of ``ask`` for callers that must not wait (the daemon's
+        remote request server passes a :class:`~corral.actors.base.CallbackFuture`).
+        """
+        name = self._route(message)
+        self._deliver(name, Envelope(message, reply_to=reply_to), self._timeout(timeout))
+
+    def _timeout(self, timeout: float | None) -> float:
+        return self.ask_timeout if timeout is None else timeout
 
     def publish(self, topic: str, event: Event) -> None:
         if self.validate:
@@ -289,12 +303,6 @@ class System:
                 return
             except pykka.ActorDeadError:
                 stale = ref  # it died between resolve and put: wait for its successor
-
-
-def _unwrap(reply: Any) -> Any:
-    if type(reply) is ErrorReply:
-        raise error_class(reply.code)(reply.message, reply.details)
-    return reply
 
 
 def _load_manager(name: str, section: ManagerSection) -> type[Manager]:

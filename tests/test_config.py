@@ -78,7 +78,7 @@ def test_defaults() -> None:
     assert set(config.sources.values()) == {"default"}
     assert len(config.sources) == sum(
         len(dataclasses.fields(getattr(config, name)))
-        for name in ("system", "supervisor", "bus", "codec", "log", "daemon")
+        for name in ("system", "supervisor", "bus", "codec", "log", "daemon", "vault")
     )
 
 
@@ -512,7 +512,13 @@ def test_masked_hides_secrets(tmp_path: Path) -> None:
     assert auth["jwt_secret"] == "***"
     assert auth["issuer"] == "corral"
     assert auth["upstream"] == "https://bot:***@example.com/api"
-    assert shown["daemon"] == {"host": "127.0.0.1", "port": 8650}
+    assert shown["daemon"] == {
+        "host": "127.0.0.1",
+        "port": 8650,
+        "heartbeat_interval": 1.0,
+        "heartbeat_ttl": 3.0,
+        "claim_idle": 5.0,
+    }
     assert config.codec.signing_keys == ["k1", "k2"]  # masking is only for display
     for secret in ("p%40ss", "k1", "hunter2", "t0ken"):
         assert secret not in repr(config)
@@ -539,7 +545,13 @@ def test_masked_hides_every_value_from_a_source() -> None:
     vault = FakeVault(layer={"daemon": {"host": "10.0.0.7"}})
     config = load_config(env={}, sources=[vault])
     assert config.daemon.host == "10.0.0.7"
-    assert config.masked()["daemon"] == {"host": "***", "port": 8650}
+    assert config.masked()["daemon"] == {
+        "host": "***",
+        "port": 8650,
+        "heartbeat_interval": 1.0,
+        "heartbeat_ttl": 3.0,
+        "claim_idle": 5.0,
+    }
 
 
 def test_strings_from_a_source_are_parsed_like_env_values() -> None:

@@ -238,7 +238,7 @@ def run_corral(*args: str, env: dict[str, str] | None = None) -> subprocess.Pope
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "CORRAL_DAEMON_PORT": "0", **(env or {})},
     )
 
 

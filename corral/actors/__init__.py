@@ -4,6 +4,7 @@ from corral.actors.base import Manager, ManagerContext, handles
 
 BUILTIN: dict[str, str] = {
     "system": "corral.actors.system:SystemManager",
+    "auth": "corral.actors.auth:AuthManager",
 }
 """Built-in managers by name, as import paths (loaded only when configured)."""
 

@@ -21,6 +21,8 @@ it with the messages still queued in its mailbox.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import functools
 import logging
 import queue
 import threading
@@ -42,7 +44,9 @@ from corral.messages.base import ErrorReply, Event, Message, Reply, Request
 from corral.messages.system import Health, HealthCheck
 
 __all__ = [
+    "LATENCY_BUCKETS",
     "AsyncioFuture",
+    "CallbackFuture",
     "Mailbox",
     "Manager",
     "ManagerContext",
@@ -212,6 +216,47 @@ class AsyncioFuture(pykka.Future[Any]):
             self.future.set_result(value)
 
 
+class CallbackFuture(pykka.Future[Any]):
+    """A pykka future that calls ``callback(value, error)`` when the reply is set.
+
+    The callback runs on the replying actor's thread: it must only hand over
+    (put in a queue), never wait on the network.
+    """
+
+    def __init__(self, callback: Callable[[Any, BaseException | None], None]) -> None:
+        super().__init__()
+        self.callback = callback
+
+    def get(self, *, timeout: float | None = None) -> Any:  # pragma: no cover - never called
+        raise NotImplementedError("CallbackFuture delivers through its callback")
+
+    def set(self, value: Any | None = None) -> None:
+        self.callback(value, None)
+
+    def set_exception(self, exc_info: Any = None) -> None:
+        self.callback(None, exc_info[1])
+
+
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+"""Upper bounds (seconds) of the handler latency histogram kept by every manager."""
+
+
 def handles(*message_types: type[Message]) -> Callable[[F], F]:
     """Mark a Manager method as the handler of one or more message types."""
 
@@ -252,6 +297,7 @@ class Manager(pykka.ThreadingActor):
         self.handled = 0
         self.errors = 0
         self.handler_seconds = 0.0
+        self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.dead_letters = 0
         self.failure: BaseException | None = None
         self.settled = threading.Event()
@@ -290,6 +336,7 @@ class Manager(pykka.ThreadingActor):
             "handled": self.handled,
             "errors": self.errors,
             "handler_seconds": self.handler_seconds,
+            "latency_counts": list(self.latency_counts),
             "mailbox_depth": mailbox.qsize(),
             "mailbox_capacity": mailbox.capacity,
             "overloaded": mailbox.overloaded,
@@ -343,6 +390,8 @@ class Manager(pykka.ThreadingActor):
         stopped = self.actor_stopped
         handlers = self._handlers
         clock = time.perf_counter
+        counts = self.latency_counts
+        bucket = functools.partial(bisect.bisect_left, LATENCY_BUCKETS)
         while not stopped.is_set():
             envelope = inbox.get()
             message = envelope.message
@@ -359,8 +408,10 @@ class Manager(pykka.ThreadingActor):
                         response = ErrorReply(
                             code=exc.code, message=exc.message, details=exc.details
                         )
+                    elapsed = clock() - started
                     self.handled += 1
-                    self.handler_seconds += clock() - started
+                    self.handler_seconds += elapsed
+                    counts[bucket(elapsed)] += 1
             except BaseException as exc:
                 self._crash(exc)
                 if envelope.reply_to is not None:

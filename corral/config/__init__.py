@@ -7,7 +7,9 @@ Layers, lowest precedence first:
    ``CORRAL_SUPERVISOR_MAX_RESTARTS``, ``CORRAL_MANAGERS_<NAME>_<FIELD>``), parsed
    as the field's type: numbers, ``true/false/yes/no/1/0``, comma-separated lists;
 3. the TOML file (``load_config(path)``, else ``$CORRAL_CONFIG``, else none);
-4. :class:`ConfigSource` objects such as Vault, later ones beating earlier ones.
+4. :class:`ConfigSource` objects such as Vault, later ones beating earlier ones;
+   by default, the :class:`VaultSource` that ``[vault]`` describes when ``vault.url``
+   is set in the environment or the file (see ``corral/config/_vault.py``).
 
 The file beats the environment, unlike the usual twelve-factor order: that is
 what the project's design specifies, so an environment variable only fills in
@@ -16,7 +18,7 @@ is a reference, resolved by the source that claims its scheme; a ``vault:``
 reference that no source resolves is an error.
 
 The file's top-level tables are the sections (``[system]``, ``[supervisor]``,
-``[bus]``, ``[codec]``, ``[log]``, ``[daemon]``) and ``[managers.<name>]`` tables,
+``[bus]``, ``[codec]``, ``[log]``, ``[daemon]``, ``[vault]``) and ``[managers.<name>]`` tables,
 whose keys besides :class:`ManagerSection`'s fields are the manager's options.
 Unknown sections, keys and variables, wrong types and out-of-range values raise
 :class:`~corral.errors.ConfigError` naming the key and where the value came
@@ -45,11 +47,12 @@ from corral.config._sections import (
     DaemonSection,
     LogSection,
     ManagerSection,
-    SupervisorSection,
     Section,
     SupervisorSection,
     SystemSection,
+    VaultSection,
 )
+from corral.config._vault import VaultSource
 from corral.errors import ConfigError
 
 S = TypeVar("S", bound=Section)
@@ -90,6 +93,8 @@ __all__ = [
     "Section",
     "SupervisorSection",
     "SystemSection",
+    "VaultSection",
+    "VaultSource",
     "load_config",
     "parse_options",
 ]

@@ -17,6 +17,7 @@ from corral.config._sections import (
     Section,
     SupervisorSection,
     SystemSection,
+    VaultSection,
 )
 from corral.config._values import hide, mask
 
@@ -35,6 +36,7 @@ class SectionChanges(TypedDict, total=False):
     codec: CodecSection
     log: LogSection
     daemon: DaemonSection
+    vault: VaultSection
     managers: Mapping[str, ManagerSection]
 
 
@@ -59,6 +61,7 @@ class Config:
     codec: CodecSection = field(default_factory=CodecSection)
     log: LogSection = field(default_factory=LogSection)
     daemon: DaemonSection = field(default_factory=DaemonSection)
+    vault: VaultSection = field(default_factory=VaultSection)
     managers: dict[str, ManagerSection] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     secret_keys: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
@@ -107,7 +110,8 @@ class Config:
     def masked(self) -> dict[str, dict[str, Any]]:
         """The config as plain data, safe to print: secrets are ``***``, URL passwords too.
 
-        Hidden whole: secret fields (``codec.signing_keys``), every value from a
+        Hidden whole: secret fields (``codec.signing_keys``, ``vault.token``,
+        ``vault.secret_id``), every value from a
         ConfigSource, and manager options with secret-sounding names
         (``jwt_secret``, ``password``, ``api_key``). Everywhere else, URL
         passwords are replaced (``redis://:***@host``). Managers are shown as in

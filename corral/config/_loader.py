@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import re
@@ -11,8 +12,15 @@ from dataclasses import dataclass
 from typing import Any, Protocol, get_origin
 
 from corral.config._config import Config
-from corral.config._sections import MANAGER_FIELDS, SECTIONS, ManagerSection, field_types
+from corral.config._sections import (
+    MANAGER_FIELDS,
+    SECTIONS,
+    ManagerSection,
+    VaultSection,
+    field_types,
+)
 from corral.config._values import Mismatch, convert, split_list
+from corral.config._vault import VaultSource
 from corral.errors import ConfigError
 
 Key = tuple[str, ...]
@@ -71,13 +79,15 @@ def load_config(
     path: str | os.PathLike[str] | None = None,
     *,
     env: Mapping[str, str] | None = None,
-    sources: Sequence[ConfigSource] = (),
+    sources: Sequence[ConfigSource] | None = None,
 ) -> Config:
     """Build the Config from the environment, the TOML file at ``path`` and ``sources``.
 
     ``env`` defaults to ``os.environ``; ``path`` defaults to ``$CORRAL_CONFIG``,
-    and with neither there is no file. Raises :class:`ConfigError` naming the
-    key and where its value came from.
+    and with neither there is no file. ``sources`` defaults to the Vault that the
+    ``[vault]`` section read so far describes (none while ``vault.url`` is empty);
+    ``sources=[]`` reads no source. Raises :class:`ConfigError` naming the key and
+    where its value came from.
     """
     environ = os.environ if env is None else env
     entries = _read_env(environ)
@@ -85,11 +95,24 @@ def load_config(
         path = environ.get(CONFIG_VAR) or None
     if path is not None:
         entries.update(_read_file(os.fspath(path)))
-    for source in sources:
-        origin = _Origin(source.name, f"source {source.name}", secret=True)
-        # Secret stores hold text, so a source's strings are parsed like environment values.
-        entries.update(_read_document(source.values(), origin, text=True))
-    return _build({key: _finish(key, entry, sources) for key, entry in entries.items()})
+    with contextlib.ExitStack() as stack:
+        if sources is None:
+            # Built here, so closed here once read: its secrets are in the Config by then.
+            sources = [stack.enter_context(contextlib.closing(v)) for v in _vault_sources(entries)]
+        for source in sources:
+            origin = _Origin(source.name, f"source {source.name}", secret=True)
+            # Secret stores hold text, so a source's strings are parsed like environment values.
+            entries.update(_read_document(source.values(), origin, text=True))
+        return _build({key: _finish(key, entry, sources) for key, entry in entries.items()})
+
+
+def _vault_sources(entries: Mapping[Key, _Entry]) -> list[VaultSource]:
+    """A VaultSource when the ``vault`` entries of the lower layers set ``vault.url``."""
+    found = {key: _finish(key, entry, ()) for key, entry in entries.items() if key[0] == "vault"}
+    origins = {key: entry.origin for key, entry in found.items()}
+    values = {key[1]: entry.value for key, entry in found.items()}
+    section: VaultSection = _construct(VaultSection, values, ("vault",), origins)
+    return [VaultSource(section)] if section.url else []
 
 
 def _read_env(environ: Mapping[str, str]) -> dict[Key, _Entry]:

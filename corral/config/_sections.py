@@ -169,6 +169,58 @@ class DaemonSection(Section):
 
     host: str = "127.0.0.1"
     port: int = field(default=8650, metadata={"ge": 0, "le": 65535})
+    heartbeat_interval: float = field(default=1.0, metadata=_POSITIVE)
+    """How often a daemon renews its presence for remote clients (bus on Redis)."""
+    heartbeat_ttl: float = field(default=3.0, metadata=_POSITIVE)
+    """How long a silent daemon still counts as serving."""
+    claim_idle: float = field(default=5.0, metadata=_POSITIVE)
+    """After how long a request taken by a silent daemon is claimed by another."""
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class VaultSection(Section):
+    """``[vault]``: HashiCorp Vault, the top layer of the config; an empty ``url`` means none.
+
+    Auth is by ``token``, or by AppRole with ``role_id`` and ``secret_id``. Secrets
+    live on KV v2 mounts: a path such as ``secret/corral`` starts with its mount,
+    which is ``mount`` when the path starts with it (it may hold slashes), else the
+    first segment. ``config_path`` names a secret whose keys are dotted settings
+    (``bus.url``). TLS is checked against ``ca_cert``, else the system's CAs, unless
+    ``verify`` is false.
+    """
+
+    prefix: ClassVar[str] = "vault"
+
+    url: str = ""
+    token: str = field(default="", metadata={"secret": True})
+    role_id: str = ""
+    secret_id: str = field(default="", metadata={"secret": True})
+    mount: str = "secret"
+    config_path: str = ""
+    timeout: float = field(default=5.0, metadata=_POSITIVE)
+    verify: bool = True
+    ca_cert: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.url and not self.url.startswith(("http://", "https://")):
+            self._fail("url", f"expected an http:// or https:// URL, got {self.url!r}")
+        if not self.mount or self.mount.startswith("/") or self.mount.endswith("/"):
+            self._fail("mount", f"expected a mount such as 'secret', got {self.mount!r}")
+        if self.role_id and not self.secret_id:
+            self._fail("secret_id", "AppRole auth needs it with vault.role_id", related="role_id")
+        if self.secret_id and not self.role_id:
+            self._fail("role_id", "AppRole auth needs it with vault.secret_id", related="secret_id")
+        if self.token and self.role_id:
+            self._fail(
+                "token",
+                "set vault.token or vault.role_id and vault.secret_id, not both",
+                related="role_id",
+            )
+        if self.url and not (self.token or self.role_id):
+            self._fail("url", "Vault needs vault.token, or vault.role_id and vault.secret_id")
+        if self.ca_cert and not self.verify:
+            self._fail("ca_cert", "has no use with vault.verify = false", related="verify")
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
@@ -210,6 +262,7 @@ SECTIONS: dict[str, type[Section]] = {
         CodecSection,
         LogSection,
         DaemonSection,
+        VaultSection,
     )
 }
 """The fixed sections by name, in the order they are shown; ``managers`` is apart."""

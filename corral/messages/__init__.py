@@ -3,6 +3,8 @@
 ``corral.messages`` imports nothing of corral but :mod:`corral.errors`.
 """
 
+# The built-in managers' messages, so that every process knows their wire names.
+from corral.messages import auth  # noqa: F401
 from corral.messages.base import (
     ErrorReply,
     Event,

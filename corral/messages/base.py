@@ -27,7 +27,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeVar
 
-from corral.errors import InvalidMessage
+from corral.errors import InvalidMessage, error_class
 
 __all__ = [
     "ErrorReply",
@@ -39,6 +39,7 @@ __all__ = [
     "lookup",
     "message",
     "registered",
+    "unwrap",
     "validate",
 ]
 
@@ -604,3 +605,10 @@ class ErrorReply(Reply):
     code: str
     message: str = ""
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def unwrap(reply: Any) -> Any:
+    """Return a reply, or raise the :mod:`corral.errors` error an ErrorReply carries."""
+    if type(reply) is ErrorReply:
+        raise error_class(reply.code)(reply.message, reply.details)
+    return reply

@@ -1,0 +1,257 @@
+"""The daemon behind ``corral run``: the System, its HTTP face, and remote requests.
+
+On one host:port (default 127.0.0.1:8650) it serves:
+
+- ``GET /health``: ``{"status", "managers": {name: {...}}, "bus", "remote", ...}``,
+  200 when healthy or degraded, 503 when unhealthy;
+- ``GET /metrics``: Prometheus text format (messages handled, errors, handler
+  latency histogram, mailbox depth, restarts, bus counters, per manager, and every
+  numeric metric a manager reports in its Health);
+- room for more routes on the same port (the WebSocket endpoint and dashboard
+  add themselves through :attr:`Daemon.app`).
+
+When the bus is on Redis it also serves remote requests from ``corral.connect()``
+(:mod:`corral.remote`)::
+
+    daemon = Daemon(load_config("corral.toml"))
+    daemon.start()
+    print(daemon.url)       # http://127.0.0.1:8650
+    daemon.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from corral import __version__
+from corral.actors.base import LATENCY_BUCKETS
+from corral.config import Config
+from corral.errors import ConfigError
+from corral.messages.system import ChildStatus, SystemHealth
+from corral.remote import RequestServer
+from corral.system import System
+
+__all__ = ["Daemon", "health_document"]
+
+log = logging.getLogger("corral.daemon")
+
+_STANDARD_METRICS = frozenset(
+    {"handled", "errors", "handler_seconds", "latency_counts", "mailbox_depth", "uptime_s"}
+)
+
+
+class Daemon:
+    """A System served over HTTP (and to remote clients when the bus is on Redis)."""
+
+    def __init__(
+        self, config: Config | None = None, *, on_escalate: Callable[[str], None] | None = None
+    ) -> None:
+        self.config = config or Config()
+        self.started_at = time.monotonic()
+        self.system = System(self.config, on_escalate=on_escalate)
+        self.remote: RequestServer | None = None
+        if self.config.bus.backend == "redis":
+            daemon = self.config.daemon
+            self.remote = RequestServer(
+                self.system,
+                self.config.bus.url,
+                codec=self.system.codec,
+                namespace=self.config.bus.namespace,
+                heartbeat_interval=daemon.heartbeat_interval,
+                heartbeat_ttl=daemon.heartbeat_ttl,
+                claim_idle=daemon.claim_idle,
+            )
+        self.registry = CollectorRegistry()
+        self.registry.register(_SystemCollector(self))
+        self.app = web.Application()
+        self.app.router.add_get("/health", self._health)
+        self.app.router.add_get("/metrics", self._metrics)
+        self._loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+        self.port = self.config.daemon.port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.daemon.host}:{self.port}"
+
+    def start(self) -> None:
+        """Start the managers, then listen; raises ConfigError if the port is taken."""
+        self.system.start()
+        try:
+            self._listen()
+        except OSError as exc:
+            self.system.stop()
+            daemon = self.config.daemon
+            raise ConfigError(
+                f"daemon: cannot listen on {daemon.host}:{daemon.port}: {exc}"
+            ) from exc
+        if self.remote is not None:
+            self.remote.start()
+
+    def _listen(self) -> None:
+        runner = web.AppRunner(self.app, access_log=None)
+        self._loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, self.config.daemon.host, self.config.daemon.port)
+        self._loop.run_until_complete(site.start())
+        sockets = getattr(site._server, "sockets", None)
+        if sockets:  # the real port when 0 was asked
+            self.port = sockets[0].getsockname()[1]
+        self._runner = runner
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="corral-http", daemon=True
+        )
+        self._thread.start()
+        log.info("serving %s (/health, /metrics)", self.url)
+
+    def stop(self) -> None:
+        """Stop taking remote requests, stop the managers in reverse order, stop serving."""
+        if self.remote is not None:
+            self.remote.stop()
+        self.system.stop()
+        if self._runner is not None and self._thread is not None:
+            future = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
+            future.result(timeout=10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+
+    def health(self) -> tuple[dict[str, Any], int]:
+        """The /health document and its HTTP status."""
+        health = self.system.health(timeout=1.0)
+        document = health_document(health)
+        bus_ok = self.system.bus.healthy
+        remote_ok = self.remote is None or self.remote.connected
+        if document["status"] == "healthy" and not (bus_ok and remote_ok):
+            document["status"] = "degraded"
+        document["bus"] = {
+            "backend": self.config.bus.backend,
+            "healthy": bus_ok,
+            **self.system.bus.stats(),
+        }
+        if self.remote is not None:
+            document["remote"] = {
+                "daemon_id": self.remote.daemon_id,
+                "connected": self.remote.connected,
+                **self.remote.counts,
+            }
+        document["version"] = __version__
+        document["uptime_s"] = round(time.monotonic() - self.started_at, 3)
+        return document, 503 if document["status"] == "unhealthy" else 200
+
+    async def _health(self, _request: web.Request) -> web.Response:
+        document, status = await asyncio.get_running_loop().run_in_executor(None, self.health)
+        return web.Response(
+            text=json.dumps(document, default=str), status=status, content_type="application/json"
+        )
+
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        body = await asyncio.get_running_loop().run_in_executor(
+            None, generate_latest, self.registry
+        )
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def health_document(health: SystemHealth) -> dict[str, Any]:
+    """SystemHealth as the seed's JSON shape: ``{"status", "managers": {name: {...}}}``."""
+    return {
+        "status": health.status,
+        "escalated": health.escalated,
+        "managers": {name: _child_document(child) for name, child in health.managers.items()},
+    }
+
+
+def _child_document(child: ChildStatus) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "status": child.status,
+        "state": child.state,
+        "critical": child.critical,
+        "restarts": child.restarts,
+        "last_error": child.last_error,
+        "mailbox_depth": child.mailbox_depth,
+        "uptime_s": round(child.uptime_s, 3),
+    }
+    if child.health is not None:
+        document["details"] = child.health.details
+        document["metrics"] = {
+            k: v for k, v in child.health.metrics.items() if k != "latency_counts"
+        }
+        document["dependencies"] = child.health.dependencies
+    return document
+
+
+class _SystemCollector(Collector):
+    """Reads the managers' counters at scrape time (one parallel health probe)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def collect(self) -> Iterator[Metric]:
+        health = self.daemon.system.health(timeout=1.0)
+        up = GaugeMetricFamily(
+            "corral_manager_up", "1 when the manager is running", labels=["manager"]
+        )
+        healthy = GaugeMetricFamily(
+            "corral_manager_healthy", "0 unhealthy, 1 degraded, 2 healthy", labels=["manager"]
+        )
+        restarts = CounterMetricFamily(
+            "corral_restarts", "Restarts of the manager", labels=["manager"]
+        )
+        handled = CounterMetricFamily(
+            "corral_messages_handled", "Messages handled", labels=["manager"]
+        )
+        errors = CounterMetricFamily(
+            "corral_errors", "Requests answered with an error", labels=["manager"]
+        )
+        depth = GaugeMetricFamily("corral_mailbox_depth", "Messages waiting", labels=["manager"])
+        latency = HistogramMetricFamily(
+            "corral_handler_seconds", "Time spent in message handlers", labels=["manager"]
+        )
+        extra = GaugeMetricFamily(
+            "corral_manager_metric",
+            "A numeric metric a manager reports",
+            labels=["manager", "name"],
+        )
+        level = {"unhealthy": 0, "degraded": 1, "healthy": 2}
+        for name, child in health.managers.items():
+            up.add_metric([name], 1.0 if child.state == "running" else 0.0)
+            healthy.add_metric([name], level[child.status])
+            restarts.add_metric([name], child.restarts)
+            depth.add_metric([name], child.mailbox_depth)
+            metrics = child.health.metrics if child.health is not None else {}
+            handled.add_metric([name], metrics.get("handled", 0))
+            errors.add_metric([name], metrics.get("errors", 0))
+            counts = metrics.get("latency_counts")
+            if counts:
+                cumulative, buckets = 0, []
+                for bound, count in zip([*LATENCY_BUCKETS, float("inf")], counts, strict=True):
+                    cumulative += count
+                    buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
+                latency.add_metric([name], buckets, metrics.get("handler_seconds", 0.0))
+            for key, value in metrics.items():
+                if key not in _STANDARD_METRICS and isinstance(value, int | float):
+                    extra.add_metric([name, key], float(value))
+        yield from (up, healthy, restarts, handled, errors, depth, latency, extra)
+        stats = self.daemon.system.bus.stats()
+        for key in ("published", "delivered", "dropped", "rejected", "reconnects"):
+            yield CounterMetricFamily(f"corral_bus_{key}", f"Bus messages {key}", value=stats[key])
+        yield GaugeMetricFamily(
+            "corral_bus_healthy",
+            "1 when the bus is connected",
+            value=float(self.daemon.system.bus.healthy),
+        )

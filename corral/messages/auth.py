@@ -1,0 +1,196 @@
+"""Messages of the ``auth`` manager: JWT access and refresh tokens, revocation, API keys.
+
+::
+
+    tokens = system.ask(AuthIssue(subject="user:42", scopes=["read"]))
+    claims = system.ask(AuthValidate(token=tokens.access_token, scopes=["read"]))
+    claims.subject                                          # 'user:42'
+    tokens = system.ask(AuthRefresh(token=tokens.refresh_token))   # a new pair
+    system.ask(AuthRevoke(token=tokens.access_token))
+
+A refused token raises :class:`corral.errors.Unauthorized` whose
+``details["reason"]`` is one of :data:`REASONS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from corral.messages.base import Reply, Request, message
+
+__all__ = [
+    "REASONS",
+    "AuthApiKey",
+    "AuthApiKeyCreate",
+    "AuthApiKeyRevoke",
+    "AuthApiKeyValidate",
+    "AuthClaims",
+    "AuthIsRevoked",
+    "AuthIssue",
+    "AuthRefresh",
+    "AuthRevocation",
+    "AuthRevoke",
+    "AuthRevoked",
+    "AuthTokens",
+    "AuthValidate",
+    "TokenType",
+]
+
+TokenType = Literal["access", "refresh"]
+
+REASONS = (
+    "malformed",  # not a JWT, or a part of it does not decode
+    "algorithm_not_allowed",  # alg is not the configured one (alg none, HS/RS key confusion)
+    "unknown_kid",  # no active verification key has the header's kid (or there is no kid)
+    "bad_signature",  # the signature does not match the header and payload
+    "expired",  # exp is past (beyond the leeway); also an API key past its expiry
+    "not_yet_valid",  # nbf or iat is in the future (beyond the leeway)
+    "bad_audience",
+    "bad_issuer",
+    "missing_claim",  # one of exp, iat, sub, jti, type (and aud, iss when configured)
+    "bad_claim",  # a registered claim of the wrong type
+    "wrong_token_type",  # a refresh token where an access token is expected, or the reverse
+    "revoked",  # the jti is on the denylist, or its token family was revoked
+    "reused_refresh",  # a retired refresh token came back: its whole family is now revoked
+    "insufficient_scope",  # the token or API key lacks a required scope
+    "invalid_api_key",  # unknown, revoked or wrong API key
+)
+"""The stable values of ``Unauthorized.details["reason"]``."""
+
+
+@message("auth.issue")
+class AuthIssue(Request["AuthTokens"]):
+    """Issue an access token, and a refresh token starting a new token family.
+
+    ``claims`` are extra private claims copied into both tokens; registered
+    claims (``exp``, ``sub``, ...) and corral's own (``type``, ``fam``, ``scope``)
+    cannot be set this way.
+    """
+
+    manager = "auth"
+    subject: str
+    scopes: list[str] = dataclasses.field(default_factory=list)
+    claims: dict[str, Any] = dataclasses.field(default_factory=dict)
+    refresh: bool = True
+
+
+@message("auth.tokens")
+class AuthTokens(Reply):
+    """A token pair (``refresh_token`` is None when none was asked for)."""
+
+    access_token: str
+    expires_in: int
+    refresh_token: str | None = None
+    refresh_expires_in: int | None = None
+    token_type: str = "Bearer"
+
+
+@message("auth.validate")
+class AuthValidate(Request["AuthClaims"]):
+    """Check a token completely (signature, claims, denylist); ``scopes`` are required."""
+
+    manager = "auth"
+    token: str
+    token_type: TokenType = "access"
+    scopes: list[str] = dataclasses.field(default_factory=list)
+
+
+@message("auth.claims")
+class AuthClaims(Reply):
+    """Who a valid token speaks for: its subject, id, scopes and every claim."""
+
+    subject: str
+    jti: str
+    token_type: TokenType
+    expires_at: int
+    scopes: list[str]
+    claims: dict[str, Any]
+
+
+@message("auth.refresh")
+class AuthRefresh(Request[AuthTokens]):
+    """Trade a refresh token for a new pair; the presented one is retired.
+
+    Presenting a retired refresh token again (after the grace window) revokes
+    the whole family: ``Unauthorized`` with reason ``reused_refresh``.
+    """
+
+    manager = "auth"
+    token: str
+
+
+@message("auth.revoke")
+class AuthRevoke(Request["AuthRevoked"]):
+    """Put a token's jti on the denylist for the rest of its life (logout).
+
+    Revoking a refresh token, or any token with ``family=True``, also revokes
+    its token family: every token issued from the same login.
+    """
+
+    manager = "auth"
+    token: str
+    family: bool = False
+
+
+@message("auth.revoked")
+class AuthRevoked(Reply):
+    jti: str
+    ttl: int
+    """Seconds the denylist entry lives; 0 when the token had expired already."""
+    family_revoked: bool
+
+
+@message("auth.is_revoked")
+class AuthIsRevoked(Request["AuthRevocation"]):
+    """Whether a jti is on the denylist (the seeds' ``is_token_blacklisted``)."""
+
+    manager = "auth"
+    jti: str
+
+
+@message("auth.revocation")
+class AuthRevocation(Reply):
+    jti: str
+    revoked: bool
+
+
+@message("auth.api_key")
+class AuthApiKey(Reply):
+    """An API key's record; ``key`` (the secret) is set only in the reply to its creation."""
+
+    key_id: str
+    owner: str
+    scopes: list[str]
+    name: str
+    created_at: float
+    expires_at: float | None
+    key: str | None = None
+
+
+@message("auth.api_key_create")
+class AuthApiKeyCreate(Request[AuthApiKey]):
+    """Generate an API key for ``owner``; only its hash is stored, so show it once."""
+
+    manager = "auth"
+    owner: str
+    scopes: list[str] = dataclasses.field(default_factory=list)
+    name: str = ""
+    ttl: float | None = None
+
+
+@message("auth.api_key_validate")
+class AuthApiKeyValidate(Request[AuthApiKey]):
+    """Check an API key and that it has every scope in ``scopes``."""
+
+    manager = "auth"
+    key: str
+    scopes: list[str] = dataclasses.field(default_factory=list)
+
+
+@message("auth.api_key_revoke")
+class AuthApiKeyRevoke(Request[AuthApiKey]):
+    """Delete an API key; ``NotFound`` when there is no such key."""
+
+    manager = "auth"
+    key_id: str

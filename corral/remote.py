@@ -1,0 +1,304 @@
+"""Remote requests over Redis: the keys both sides use, and the daemon's RequestServer.
+
+A request for manager ``m`` is one entry on the Redis Stream ``<ns>:{req:m}:stream``,
+read by a consumer group of daemons, so exactly one daemon takes it however many
+run. Each daemon keeps itself in the sorted set ``<ns>:{req:m}:alive`` (score = the
+Redis time its heartbeat expires); a client adds a request only if some daemon is
+alive there — one Lua call, so a request to no daemon fails at once instead of
+waiting for a timeout. Both keys share a hash tag: cluster-ready.
+
+The reply goes back on the caller's own channel (the envelope's reply topic),
+correlated by the request id; then the entry is acknowledged and deleted. An
+entry left pending by a daemon that died is claimed (XAUTOCLAIM) by another
+after ``claim_idle`` seconds. Requests past their deadline are dropped unanswered:
+their caller has given up already.
+
+::
+
+    server = RequestServer(system, "redis://127.0.0.1:6379/0", codec=codec)
+    server.start()      # serves every manager of ``system`` (and the supervisor's health)
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, cast
+
+import redis
+
+from corral.actors.base import CallbackFuture
+from corral.errors import CorralError, InvalidMessage, ManagerUnavailable
+from corral.messages.base import ErrorReply, Message, Reply
+from corral.messages.codec import Codec, Envelope
+from corral.system import System
+
+__all__ = ["GROUP", "SUBMIT_SCRIPT", "RequestServer", "alive_key", "stream_key"]
+
+log = logging.getLogger(__name__)
+
+GROUP = "daemons"
+
+SUBMIT_SCRIPT = """
+local now = redis.call('TIME')
+local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now_ms)
+if redis.call('ZCARD', KEYS[2]) == 0 then
+  return 0
+end
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'm', ARGV[1], 'd', ARGV[2])
+return 1
+"""
+"""KEYS: stream, alive set. ARGV: envelope, deadline (unix ms), stream cap. 1 = queued."""
+
+HEARTBEAT_SCRIPT = """
+local now = redis.call('TIME')
+local expires = now[1] * 1000 + math.floor(now[2] / 1000) + tonumber(ARGV[2])
+for _, key in ipairs(KEYS) do
+  redis.call('ZADD', key, expires, ARGV[1])
+end
+return expires
+"""
+"""KEYS: alive sets. ARGV: daemon id, TTL (ms). Uses Redis time, so clocks may differ."""
+
+
+def stream_key(namespace: str, manager: str) -> str:
+    return f"{namespace}:{{req:{manager}}}:stream"
+
+
+def alive_key(namespace: str, manager: str) -> str:
+    return f"{namespace}:{{req:{manager}}}:alive"
+
+
+class RequestServer:
+    """Serves remote requests for every manager of a System (run by the daemon)."""
+
+    def __init__(
+        self,
+        system: System,
+        url: str,
+        *,
+        codec: Codec,
+        namespace: str = "corral",
+        heartbeat_interval: float = 1.0,
+        heartbeat_ttl: float = 3.0,
+        claim_idle: float = 5.0,
+        block: float = 0.5,
+        batch: int = 64,
+    ) -> None:
+        self.system = system
+        self.codec = codec
+        self.namespace = namespace
+        self.daemon_id = f"{uuid.uuid4().hex[:12]}"
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_ttl_ms = int(heartbeat_ttl * 1000)
+        self.claim_idle_ms = int(claim_idle * 1000)
+        self.block_ms = int(block * 1000)
+        self.batch = batch
+        self.managers = [*system.supervisor.names, "supervisor"]
+        self.streams = {stream_key(namespace, m): m for m in self.managers}
+        self._redis = redis.Redis.from_url(url, protocol=2, socket_timeout=block + 5)
+        self._heartbeat = self._redis.register_script(HEARTBEAT_SCRIPT)
+        self._replies: queue.Queue[Any] = queue.Queue()
+        self._blocking = ThreadPoolExecutor(4, thread_name_prefix="corral-remote-health")
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.connected = False
+        self.counts = {"served": 0, "expired": 0, "rejected": 0, "claimed": 0, "errors": 0}
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Announce this daemon (when Redis answers) and start serving in the background."""
+        try:
+            self._ensure_groups()
+            self._announce()
+            self.connected = True
+            log.info(
+                "daemon %s serves remote requests for %s", self.daemon_id, ", ".join(self.managers)
+            )
+        except (redis.RedisError, OSError) as exc:
+            log.warning("remote requests: Redis unavailable at start (%s); retrying", exc)
+        for name, target in (
+            ("reader", self._read_loop),
+            ("replier", self._reply_loop),
+            ("heartbeat", self._heartbeat_loop),
+        ):
+            thread = threading.Thread(target=target, name=f"corral-remote-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        """Stop taking requests, finish replying, and leave the alive sets at once."""
+        self._stop.set()
+        for thread in self._threads[::2]:  # reader and heartbeat first
+            thread.join(self.block_ms / 1000 + 5)
+        self._replies.put(None)
+        self._threads[1].join(5)
+        self._blocking.shutdown(wait=False)
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            for manager in self.managers:
+                pipe.zrem(alive_key(self.namespace, manager), self.daemon_id)
+            pipe.execute()
+        except redis.RedisError:
+            pass  # the heartbeat expires by itself
+        self._redis.close()
+
+    # -- the loops ------------------------------------------------------------------------
+
+    def _announce(self) -> None:
+        keys = [alive_key(self.namespace, m) for m in self.managers]
+        self._heartbeat(keys=keys, args=[self.daemon_id, self.heartbeat_ttl_ms])
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.heartbeat_interval):
+            try:
+                self._announce()
+                self._claim_abandoned()
+            except (redis.RedisError, OSError) as exc:
+                log.debug("heartbeat failed: %s", exc)
+
+    def _claim_abandoned(self) -> None:
+        for stream in self.streams:
+            try:
+                _, entries, *_ = self._redis.xautoclaim(
+                    stream, GROUP, self.daemon_id, self.claim_idle_ms, "0-0", count=self.batch
+                )
+            except redis.ResponseError:
+                continue  # no group yet: the reader creates it
+            for entry_id, fields in entries:
+                if fields:
+                    self.counts["claimed"] += 1
+                    log.warning("claimed request %s on %s from a silent daemon", entry_id, stream)
+                    self._handle(stream, entry_id, fields)
+
+    def _ensure_groups(self) -> None:
+        for stream in self.streams:
+            try:
+                self._redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    def _read_loop(self) -> None:
+        delay = 0.1
+        while not self._stop.is_set():
+            try:
+                if not self.connected:
+                    self._ensure_groups()
+                    self.connected = True
+                    delay = 0.1
+                    log.info("daemon %s reconnected to Redis", self.daemon_id)
+                batches = self._redis.xreadgroup(
+                    GROUP,
+                    self.daemon_id,
+                    dict.fromkeys(self.streams, ">"),
+                    count=self.batch,
+                    block=self.block_ms,
+                )
+            except (redis.RedisError, OSError) as exc:
+                if self.connected:
+                    log.warning("remote requests: Redis unavailable (%s); reconnecting", exc)
+                self.connected = False  # a NOGROUP after a Redis restart lands here too
+                self._stop.wait(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 5.0)
+                continue
+            for stream, entries in cast(list[tuple[bytes, list[Any]]], batches or []):
+                for entry_id, fields in entries:
+                    self._handle(stream.decode(), entry_id, fields)
+
+    def _handle(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        deadline = int(fields.get(b"d", b"0") or 0)
+        if deadline and time.time() * 1000 > deadline:
+            self.counts["expired"] += 1
+            self._replies.put((stream, entry_id, None, None, None))
+            return
+        try:
+            envelope = self.codec.decode(fields.get(b"m", b""))
+        except InvalidMessage as exc:
+            self.counts["rejected"] += 1
+            log.warning("rejected a remote request on %s: %s", stream, exc)
+            self._replies.put((stream, entry_id, None, None, None))
+            return
+        message = envelope.message
+
+        def answer(value: Any, error: BaseException | None) -> None:
+            self._replies.put((stream, entry_id, envelope, value, error))
+
+        if envelope.reply_to is None:
+            answer(None, None)  # a tell: acknowledge once it is in the mailbox
+            callback: CallbackFuture | None = None
+        else:
+            callback = CallbackFuture(answer)
+        remaining = max(0.001, deadline / 1000 - time.time()) if deadline else None
+        if message.route() == "supervisor":
+            self._blocking.submit(self._ask_blocking, message, remaining, answer)
+            return
+        try:
+            self.system.dispatch(message, callback, timeout=remaining)
+        except CorralError as exc:
+            if callback is not None:
+                answer(None, exc)
+
+    def _ask_blocking(self, message: Any, timeout: float | None, answer: Any) -> None:
+        try:
+            answer(self.system.ask(message, timeout=timeout), None)
+        except CorralError as exc:
+            answer(None, exc)
+
+    def _reply_loop(self) -> None:
+        while True:
+            first = self._replies.get()
+            if first is None:
+                return
+            items = [first]
+            while len(items) < self.batch:
+                try:
+                    item = self._replies.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._replies.put(None)
+                    break
+                items.append(item)
+            self._send_replies(items)
+
+    def _send_replies(self, items: Iterable[tuple[Any, ...]]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for stream, entry_id, envelope, value, error in items:
+            if envelope is not None and envelope.reply_to is not None:
+                reply = _as_reply(value, error, envelope)
+                data = self.codec.encode(reply, correlation=envelope.id)
+                pipe.publish(f"{self.namespace}:{envelope.reply_to}", data)
+                self.counts["served"] += 1
+            pipe.xack(stream, GROUP, entry_id)
+            pipe.xdel(stream, entry_id)
+        for attempt in range(3):
+            try:
+                pipe.execute()
+                return
+            except (redis.RedisError, OSError) as exc:
+                log.warning("could not send replies (attempt %d): %s", attempt + 1, exc)
+                time.sleep(0.2 * (attempt + 1))
+        self.counts["errors"] += 1
+
+
+def _as_reply(value: Any, error: BaseException | None, envelope: Envelope) -> Message:
+    if error is None and isinstance(value, Reply):
+        return value
+    if isinstance(error, CorralError):
+        return ErrorReply(code=error.code, message=error.message, details=error.details)
+    unavailable = ManagerUnavailable(
+        f"{envelope.message.type_name} failed: {error or 'no reply'}",
+        {"manager": envelope.message.route() or ""},
+    )
+    return ErrorReply(
+        code=unavailable.code, message=unavailable.message, details=unavailable.details
+    )

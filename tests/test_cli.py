@@ -1,0 +1,270 @@
+"""The corral command as a subprocess: run, health, send, events, config check."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+import corral
+from corral.config import BusSection, Config, DaemonSection, ManagerSection
+from corral.daemon import Daemon
+from corral.remote import GROUP, stream_key
+from tests.redis_server import RedisServer
+from tests.support import Done, Work, wait_until
+
+
+def corral_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "corral.cli", *args]
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        corral_command(*args),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        corral_command(*args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def read_until(process: subprocess.Popen[str], needle: str, timeout: float = 20.0) -> str:
+    """Read the daemon's stderr until a line holds ``needle``; return everything read."""
+    assert process.stderr is not None
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    raise AssertionError(f"{needle!r} not logged; got:\n{''.join(seen)}")
+
+
+def write_config(tmp_path: Path, redis_url: str, extra: str = "") -> Path:
+    path = tmp_path / "corral.toml"
+    path.write_text(
+        f'[bus]\nbackend = "redis"\nurl = "{redis_url}"\nnamespace = "cli"\n'
+        "[daemon]\nport = 0\nheartbeat_interval = 0.2\nheartbeat_ttl = 1.0\nclaim_idle = 1.0\n"
+        '[managers.cache_like]\nclass_path = "tests.support:Worker"\n'
+        'depends_on = ["system"]\n'
+        '[managers.worker]\nclass_path = "tests.support:Worker"\n'
+        'depends_on = ["cache_like"]\n' + extra
+    )
+    return path
+
+
+def served_url(log: str) -> str:
+    match = re.search(r"serving (http://\S+) ", log)
+    assert match, log
+    return match.group(1)
+
+
+@pytest.fixture
+def daemon(redis_server: RedisServer) -> Iterator[Daemon]:
+    config = Config().replace(
+        bus=BusSection(backend="redis", url=redis_server.url, namespace="cli"),
+        daemon=DaemonSection(port=0, heartbeat_interval=0.2),
+        managers={"worker": ManagerSection(class_path="tests.support:Worker")},
+    )
+    running = Daemon(config)
+    running.start()
+    yield running
+    running.stop()
+
+
+def test_run_serves_health_and_stops_in_reverse_order_on_sigterm(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    process = start("run", "-c", str(write_config(tmp_path, redis_server.url)))
+    try:
+        log = read_until(process, "running 3 managers")
+        url = served_url(log)
+        healthy = run("health", "--url", url)
+        assert healthy.returncode == 0, healthy.stderr
+        assert healthy.stdout.startswith("healthy")
+        assert "worker" in healthy.stdout
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert process.stderr is not None
+        rest = process.stderr.read()
+        stops = re.findall(r"manager (\w+) stopped", rest)
+        assert stops == ["worker", "cache_like", "system"]
+        assert "stopped cleanly" in rest
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_health_exit_codes(daemon: Daemon, redis_server: RedisServer) -> None:
+    as_json = run("health", "--url", daemon.url, "--json")
+    assert as_json.returncode == 0
+    assert json.loads(as_json.stdout)["managers"]["worker"]["state"] == "running"
+    with corral.connect(redis_server.url, namespace="cli") as remote:
+        remote.tell(Work(action="exit"))  # the worker is not critical: degraded while it restarts
+    nobody = run("health", "--url", "http://127.0.0.1:9")
+    assert nobody.returncode == 3
+    assert "no daemon answering at http://127.0.0.1:9" in nobody.stderr
+
+
+def test_health_exit_code_when_unhealthy(redis_server: RedisServer) -> None:
+    config = Config().replace(
+        bus=BusSection(backend="redis", url=redis_server.url, namespace="cli"),
+        daemon=DaemonSection(port=0),
+        managers={
+            "worker": ManagerSection(
+                class_path="tests.support:Worker", critical=True, restart="temporary"
+            )
+        },
+    )
+    running = Daemon(config)
+    running.start()
+    try:
+        with corral.connect(redis_server.url, namespace="cli") as remote:
+            remote.tell(Work(action="crash"))
+        wait_until(lambda: running.system.health().status == "unhealthy")
+        result = run("health", "--url", running.url)
+        assert result.returncode == 2
+        assert result.stdout.startswith("unhealthy")
+        assert "last error: RuntimeError: boom" in result.stdout
+    finally:
+        running.stop()
+
+
+def test_send_builds_validates_and_prints_the_reply(
+    daemon: Daemon, redis_server: RedisServer
+) -> None:
+    url = ["--url", redis_server.url, "-c", os.devnull, "--import", "tests.support"]
+    env = {"CORRAL_BUS_NAMESPACE": "cli"}
+    ping = run("send", "system.ping", "payload=hello", *url, env=env)
+    assert ping.returncode == 0, ping.stderr
+    assert ping.stdout.strip() == 'system.pong payload="hello"'
+    work = run("send", "test.work", "action=refuse", "--json", *url, env=env)
+    assert work.returncode == 1
+    assert "error: not_found: nothing here" in work.stderr
+    done = run("send", "test.work", "seconds=0.01", "action=sleep", "--json", *url, env=env)
+    assert json.loads(done.stdout)["fields"]["name"] == "worker"
+    unknown = run("send", "cache.gett", *url, env=env)
+    assert unknown.returncode == 2
+    assert "unknown message 'cache.gett'; known: " in unknown.stderr
+    assert "system.ping" in unknown.stderr
+    bad = run("send", "test.work", "seconds=soon", *url, env=env)
+    assert bad.returncode == 2
+    assert "test.work.seconds: expected float, got str" in bad.stderr
+    no_field = run("send", "system.ping", "colour=red", *url, env=env)
+    assert "system.ping has no field 'colour'; fields: payload: bytes" in no_field.stderr
+
+
+def test_events_prints_what_is_published(daemon: Daemon, redis_server: RedisServer) -> None:
+    process = start(
+        "events",
+        "supervisor.child.*",
+        "--json",
+        "--url",
+        redis_server.url,
+        "-c",
+        os.devnull,
+        env={"CORRAL_BUS_NAMESPACE": "cli"},
+    )
+    try:
+        read_until(process, "following 'supervisor.child.*'")
+        with corral.connect(redis_server.url, namespace="cli") as remote:
+            deadline = time.monotonic() + 20
+            assert process.stdout is not None
+            remote.tell(Work(action="crash"))
+            line = process.stdout.readline()
+            while '"failed"' not in line and time.monotonic() < deadline:
+                line = process.stdout.readline()
+            event = json.loads(line)
+            assert event["topic"] == "supervisor.child.failed"
+            assert event["type"] == "supervisor.child_changed"
+            assert event["fields"]["child"] == "worker"
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=20) == 0
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_config_check_masks_secrets_and_names_sources(tmp_path: Path) -> None:
+    path = tmp_path / "corral.toml"
+    path.write_text('[codec]\nsigning_keys = ["hush"]\n[bus]\nurl = "redis://u:pw@db:6379/0"\n')
+    result = run("config", "check", "-c", str(path), env={"CORRAL_SYSTEM_ASK_TIMEOUT": "2.5"})
+    assert result.returncode == 0, result.stderr
+    assert "hush" not in result.stdout
+    assert "pw@" not in result.stdout
+    assert f'url = "redis://u:***@db:6379/0"  # file {path}' in result.stdout
+    assert "ask_timeout = 2.5  # env CORRAL_SYSTEM_ASK_TIMEOUT" in result.stdout
+    assert "max_restarts = 5  # default" in result.stdout
+
+
+def test_a_daemon_killed_mid_request_hands_it_to_another(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    config = str(write_config(tmp_path, redis_server.url))
+    daemons: dict[str, subprocess.Popen[str]] = {}
+    for _ in range(2):
+        process = start("run", "-c", config)
+        log = read_until(process, "running 3 managers")
+        match = re.search(r"daemon (\w+) serves remote requests", log)
+        assert match, log
+        daemons[match.group(1)] = process
+    try:
+        with corral.connect(redis_server.url, namespace="cli") as remote:
+            outcome: list[object] = []
+
+            def slow_request() -> None:
+                try:
+                    outcome.append(remote.ask(Work(action="sleep", seconds=1.0), timeout=15))
+                except corral.errors.CorralError as exc:
+                    outcome.append(exc)
+
+            caller = threading.Thread(target=slow_request)
+            caller.start()
+            holder = wait_until(lambda: _holder(redis_server.url, stream_key("cli", "worker")))
+            victim = daemons[holder]
+            victim.kill()
+            assert victim.wait(timeout=10) == -signal.SIGKILL
+            caller.join(20)
+            assert not caller.is_alive()  # never hangs
+            (reply,) = outcome
+            assert isinstance(reply, Done), reply  # the other daemon claimed and completed it
+            assert reply.name == "worker"
+    finally:
+        for process in daemons.values():
+            process.kill()
+            process.wait()
+
+
+def _holder(url: str, stream: str) -> str | None:
+    """The daemon id (consumer) holding a pending request on ``stream``, if any."""
+    with redis.Redis.from_url(url) as client:
+        pending = client.xpending(stream, GROUP)
+    consumers = pending.get("consumers") or []
+    if not consumers:
+        return None
+    name = consumers[0]["name"]
+    return name.decode() if isinstance(name, bytes) else str(name)

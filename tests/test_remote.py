@@ -1,0 +1,211 @@
+"""Remote requests: corral.connect() against in-process daemons on a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+import corral
+from corral.client import Client
+from corral.config import BusSection, Config, DaemonSection, ManagerSection, SupervisorSection
+from corral.daemon import Daemon
+from corral.errors import BackendUnavailable, ManagerUnavailable, NotFound, Timeout
+from corral.messages.system import Ping, Pong, SupervisorChildChanged
+from tests.redis_server import RedisServer
+from tests.support import Work, next_event, wait_until
+
+
+def daemon_config(url: str, **managers: ManagerSection) -> Config:
+    return Config().replace(
+        bus=BusSection(backend="redis", url=url, namespace="rt", reconnect_max=0.5),
+        daemon=DaemonSection(port=0, heartbeat_interval=0.2, heartbeat_ttl=1.0, claim_idle=1.0),
+        supervisor=SupervisorSection(backoff_initial=0.01, backoff_jitter=0.0),
+        managers={
+            "worker": ManagerSection(class_path="tests.support:Worker"),
+            **managers,
+        },
+    )
+
+
+@pytest.fixture
+def daemon(redis_server: RedisServer) -> Iterator[Daemon]:
+    running = Daemon(daemon_config(redis_server.url))
+    running.start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def client(redis_server: RedisServer) -> Iterator[Client]:
+    with corral.connect(redis_server.url, namespace="rt") as remote:
+        yield remote
+
+
+def test_remote_ask_tell_publish_subscribe(daemon: Daemon, client: Client) -> None:
+    assert client.ask(Ping(payload=b"over redis")) == Pong(payload=b"over redis")
+    assert client.ask(Work()).name == "worker"
+    with pytest.raises(NotFound, match="nothing here") as caught:
+        client.ask(Work(action="refuse"))
+    assert caught.value.details == {"asked": "refuse"}
+    events = client.subscribe("supervisor.child.*")
+    client.tell(Work(action="crash"))
+    _, event = next_event(events, SupervisorChildChanged)
+    assert (event.child, event.change) == ("worker", "failed")
+    assert client.ask(Work()).incarnation >= 2  # the restart is invisible remotely too
+
+
+def test_remote_ask_async(daemon: Daemon, client: Client) -> None:
+    async def scenario() -> list[Pong]:
+        return await asyncio.gather(
+            *(client.ask_async(Ping(payload=bytes([i]))) for i in range(30))
+        )
+
+    pongs = asyncio.run(scenario())
+    assert [p.payload for p in pongs] == [bytes([i]) for i in range(30)]
+
+
+def test_remote_system_health(daemon: Daemon, client: Client) -> None:
+    health = client.health()
+    assert health.status == "healthy"
+    assert set(health.managers) == {"system", "worker"}
+
+
+def test_no_daemon_fails_at_once(redis_server: RedisServer, client: Client) -> None:
+    started = time.monotonic()
+    with pytest.raises(
+        ManagerUnavailable, match=f"no corral daemon is serving worker at {redis_server.url}"
+    ):
+        client.ask(Work(), timeout=10)
+    assert time.monotonic() - started < 1.0
+
+
+def test_no_reply_in_time_is_a_timeout(daemon: Daemon, client: Client) -> None:
+    with pytest.raises(Timeout, match=r"no reply to test\.work from a daemon .* within 0\.3s"):
+        client.ask(Work(action="sleep", seconds=2.0), timeout=0.3)
+
+
+def test_a_stopped_daemon_leaves_at_once(redis_server: RedisServer, client: Client) -> None:
+    running = Daemon(daemon_config(redis_server.url))
+    running.start()
+    assert client.ask(Ping()).payload == b""
+    running.stop()
+    with pytest.raises(ManagerUnavailable, match="no corral daemon is serving system"):
+        client.ask(Ping())
+
+
+def test_two_daemons_handle_each_request_exactly_once(
+    redis_server: RedisServer, client: Client
+) -> None:
+    first = Daemon(daemon_config(redis_server.url))
+    second = Daemon(daemon_config(redis_server.url))
+    first.start()
+    second.start()
+    try:
+        replies: list[int] = []
+        lock = threading.Lock()
+
+        def caller() -> None:
+            for _ in range(50):
+                reply = client.ask(Work())
+                with lock:
+                    replies.append(reply.handled)
+
+        threads = [threading.Thread(target=caller) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(replies) == 200
+        handled = [
+            d.system.health().managers["worker"].health.metrics["handled"]  # type: ignore[union-attr]
+            for d in (first, second)
+        ]
+        assert sum(handled) == 200  # each request ran once, on one daemon
+        assert all(h > 0 for h in handled)  # and both daemons took a share
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_health_and_metrics_over_http(daemon: Daemon, client: Client) -> None:
+    client.ask(Work())
+    response = httpx.get(f"{daemon.url}/health")
+    assert response.status_code == 200
+    document = response.json()
+    assert document["status"] == "healthy"
+    assert document["managers"]["worker"]["state"] == "running"
+    assert document["managers"]["worker"]["metrics"]["handled"] == 1
+    assert document["bus"]["backend"] == "redis"
+    assert document["remote"]["connected"] is True
+    metrics = httpx.get(f"{daemon.url}/metrics").text
+    assert 'corral_messages_handled_total{manager="worker"} 1.0' in metrics
+    assert 'corral_handler_seconds_bucket{le="+Inf",manager="worker"} 1.0' in metrics
+    assert 'corral_manager_up{manager="system"} 1.0' in metrics
+    assert "corral_bus_published_total" in metrics
+
+
+def test_unhealthy_daemon_answers_503(redis_server: RedisServer, client: Client) -> None:
+    config = daemon_config(
+        redis_server.url,
+        core=ManagerSection(class_path="tests.support:Worker", critical=True, restart="temporary"),
+    )
+    running = Daemon(config)
+    running.start()
+    try:
+        client.tell(Work(target="core", action="crash"))
+        wait_until(lambda: httpx.get(f"{running.url}/health").status_code == 503)
+        document = httpx.get(f"{running.url}/health").json()
+        assert document["status"] == "unhealthy"
+        assert document["managers"]["core"]["last_error"] == "RuntimeError: boom"
+    finally:
+        running.stop()
+
+
+def test_redis_restart_under_the_daemon(fresh_redis_server: RedisServer) -> None:
+    running = Daemon(daemon_config(fresh_redis_server.url))
+    running.start()
+    try:
+        with corral.connect(fresh_redis_server.url, namespace="rt") as remote:
+            assert remote.ask(Ping()).payload == b""
+            fresh_redis_server.stop()
+            wait_until(lambda: httpx.get(f"{running.url}/health").json()["status"] == "degraded")
+            with pytest.raises(BackendUnavailable):
+                remote.ask(Ping())
+            fresh_redis_server.start()
+            wait_until(
+                lambda: httpx.get(f"{running.url}/health").json()["status"] == "healthy",
+                timeout=15,
+            )
+            wait_until(lambda: _answers(remote), timeout=10)
+    finally:
+        running.stop()
+
+
+def _answers(remote: Client) -> bool:
+    try:
+        return remote.ask(Ping(payload=b"back"), timeout=2).payload == b"back"
+    except (ManagerUnavailable, BackendUnavailable, Timeout):
+        return False
+
+
+def test_redis_password_in_the_url() -> None:
+    with RedisServer("--requirepass", "s3cret") as server:
+        url = server.url.replace("redis://", "redis://:s3cret@")
+        running = Daemon(daemon_config(url))
+        running.start()
+        try:
+            with corral.connect(url, namespace="rt") as remote:
+                assert remote.ask(Ping(payload=b"auth")).payload == b"auth"
+            wrong = server.url.replace("redis://", "redis://:wrong@")
+            with (
+                corral.connect(wrong, namespace="rt") as remote,
+                pytest.raises(BackendUnavailable, match="cannot reach Redis"),
+            ):
+                remote.ask(Ping())
+        finally:
+            running.stop()
