@@ -331,10 +331,21 @@ def _json_default(value: Any) -> Any:
 @click.argument("pattern", default="*")
 @click.option("--url", default=None, help="Redis URL of the daemons (default: bus.url).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per event.")
-def events(config_path: str | None, pattern: str, url: str | None, as_json: bool) -> None:
+@click.option(
+    "--from-offset",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Replay state changes after this offset first (durable stream), then follow live.",
+)
+def events(
+    config_path: str | None, pattern: str, url: str | None, as_json: bool, from_offset: int | None
+) -> None:
     """Print events whose topic matches PATTERN (Redis glob) until Ctrl-C."""
     config = _load(config_path)
-    with _remote(config, url) as client, client.subscribe(pattern) as subscription:
+    with (
+        _remote(config, url) as client,
+        client.subscribe(pattern, from_offset=from_offset) as subscription,
+    ):
         click.echo(f"following {pattern!r} at {client.where} (Ctrl-C stops)", err=True)
         try:
             for delivery in subscription:

@@ -37,6 +37,7 @@ from corral.messages.base import Event, Message, Reply, Request, unwrap, validat
 from corral.messages.codec import Codec, new_id
 from corral.messages.system import SystemHealth, SystemHealthCheck
 from corral.remote import SUBMIT_SCRIPT, alive_key, stream_key
+from corral.streams import follow_state_changes
 
 __all__ = ["Client", "connect"]
 
@@ -140,9 +141,21 @@ class Client:
         *,
         callback: Callable[[Delivery], None] | None = None,
         queue_size: int | None = None,
+        from_offset: int | None = None,
+        epoch: str | None = None,
     ) -> Subscription:
-        """Follow events whose topic matches ``pattern`` (Redis glob rules)."""
-        return self.bus.subscribe(pattern, callback=callback, queue_size=queue_size)
+        """Follow events whose topic matches ``pattern`` (see :meth:`System.subscribe`)."""
+        if from_offset is None:
+            return self.bus.subscribe(pattern, callback=callback, queue_size=queue_size)
+        return follow_state_changes(
+            self.url,
+            self.namespace,
+            pattern,
+            from_offset=from_offset,
+            epoch=epoch,
+            callback=callback,
+            queue_size=queue_size or self.bus.queue_size,
+        )
 
     def health(self, *, timeout: float | None = None) -> SystemHealth:
         """The daemons' system health, as ``System.health()`` gives it."""

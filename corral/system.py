@@ -36,6 +36,7 @@ from corral.errors import ConfigError, Timeout
 from corral.messages.base import Event, Message, Reply, Request, unwrap, validate
 from corral.messages.codec import Codec
 from corral.messages.system import SystemHealth
+from corral.streams import follow_state_changes
 from corral.supervisor import ChildSpec, Supervisor, SupervisorPolicy
 
 __all__ = ["System"]
@@ -267,9 +268,32 @@ class System:
         *,
         callback: Callable[[Delivery], None] | None = None,
         queue_size: int | None = None,
+        from_offset: int | None = None,
+        epoch: str | None = None,
     ) -> Subscription:
-        """Follow events whose topic matches ``pattern`` (Redis glob rules)."""
-        return self.bus.subscribe(pattern, callback=callback, queue_size=queue_size)
+        """Follow events whose topic matches ``pattern`` (Redis glob rules).
+
+        With ``from_offset``, follow the durable state-change stream instead: every
+        ``state.changed.*`` event after that offset, in order, then live ones; a
+        ``StreamGap`` event says plainly when the offset was trimmed away or the
+        ``epoch`` changed. That stream lives in Redis: the bus must be on Redis.
+        """
+        if from_offset is None:
+            return self.bus.subscribe(pattern, callback=callback, queue_size=queue_size)
+        if self.config.bus.backend != "redis":
+            raise ConfigError(
+                "subscribing from an offset replays a stream kept in Redis: "
+                'set bus.backend = "redis"'
+            )
+        return follow_state_changes(
+            self.config.bus.url,
+            self.config.bus.namespace,
+            pattern,
+            from_offset=from_offset,
+            epoch=epoch,
+            callback=callback,
+            queue_size=queue_size or self.config.bus.queue_size,
+        )
 
     def health(self, *, timeout: float = 1.0) -> SystemHealth:
         """Every manager's Health and the supervisor's view, aggregated."""

@@ -5,6 +5,9 @@ from corral.actors.base import Manager, ManagerContext, handles
 BUILTIN: dict[str, str] = {
     "system": "corral.actors.system:SystemManager",
     "auth": "corral.actors.auth:AuthManager",
+    "cache": "corral.actors.cache:CacheManager",
+    "state": "corral.actors.state:StateManager",
+    "transaction": "corral.actors.transaction:TransactionManager",
 }
 """Built-in managers by name, as import paths (loaded only when configured)."""
 

@@ -1,0 +1,627 @@
+"""Cache backends: memory, Redis, and tiered (L1 memory in front of L2 Redis).
+
+Every backend stores encoded values (msgpack bytes) and counts what it does. Only
+the owning actor calls them, except :class:`InvalidationListener`, a thread that
+forwards other nodes' invalidations to the actor through ``deliver``::
+
+    backend = MemoryBackend("local", MemoryStore("lru", 100, None))
+    backend.set_many({"k": b"\\xa1v"}, ttl=None, tags=())
+    backend.get("k")           # b"\\xa1v"
+
+Redis keys, under the backend's namespace ``ns``: ``ns:cache:{<key>}`` for values
+and ``ns:cache-tag:{<tag>}`` for the set of keys stored with a tag (the hash tag
+keeps a future lease key ``ns:cache-lease:{<key>}`` in its value's slot). Changes
+are published on ``ns:cache.invalidated`` as a :class:`CacheInvalidated` envelope.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import typing
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Literal, Protocol, TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from corral.actors.cache._memory import MemoryStore
+from corral.actors.cache._options import BackendOptions
+from corral.errors import BackendUnavailable, InvalidMessage
+from corral.messages.cache import CacheInvalidated
+from corral.messages.codec import Codec
+
+__all__ = [
+    "Backend",
+    "Breaker",
+    "InvalidationListener",
+    "MemoryBackend",
+    "RedisBackend",
+    "Resync",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Status = Literal["healthy", "degraded", "unhealthy"]
+_GLOB_SPECIALS = frozenset("*?[]\\")
+_CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+class Counters:
+    """What a backend did, as reported in statistics and health metrics."""
+
+    __slots__ = ("deletes", "errors", "fallbacks", "hits", "l1_hits", "misses", "sets")
+
+    def __init__(self) -> None:
+        self.hits = self.misses = self.l1_hits = 0
+        self.sets = self.deletes = self.errors = self.fallbacks = 0
+
+
+class Backend(Protocol):
+    """What the manager asks of a backend; every method may raise BackendUnavailable."""
+
+    name: str
+    kind: str
+
+    def get(self, key: str) -> bytes | None: ...
+    def get_many(self, keys: list[str]) -> dict[str, bytes]: ...
+    def set_many(self, items: dict[str, bytes], ttl: float | None, tags: Iterable[str]) -> None: ...
+    def delete(self, key: str) -> bool: ...
+    def exists(self, key: str) -> bool: ...
+    def clear(self) -> int: ...
+    def invalidate(self, pattern: str) -> int: ...
+    def invalidate_tags(self, tags: list[str]) -> int: ...
+    def status(self) -> tuple[Status, dict[str, Any]]: ...
+    def stats(self) -> dict[str, Any]: ...
+    def close(self) -> None: ...
+
+
+def _stats(kind: str, counters: Counters, store: MemoryStore | None) -> dict[str, Any]:
+    lookups = counters.hits + counters.misses
+    return {
+        "type": kind,
+        "hits": counters.hits,
+        "misses": counters.misses,
+        "hit_rate": counters.hits / lookups if lookups else 0.0,
+        "sets": counters.sets,
+        "deletes": counters.deletes,
+        "evictions": store.evictions if store is not None else 0,
+        "expirations": store.expirations if store is not None else 0,
+        "errors": counters.errors,
+        "fallbacks": counters.fallbacks,
+        "size": len(store) if store is not None else 0,
+    }
+
+
+class MemoryBackend:
+    """A :class:`MemoryStore` behind the backend interface."""
+
+    kind = "memory"
+
+    def __init__(self, name: str, store: MemoryStore) -> None:
+        self.name = name
+        self.store = store
+        self.counters = Counters()
+
+    def get(self, key: str) -> bytes | None:
+        entry = self.store.get(key)
+        if entry is None:
+            self.counters.misses += 1
+            return None
+        self.counters.hits += 1
+        return entry.data
+
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        found = {}
+        for key in keys:
+            data = self.get(key)
+            if data is not None:
+                found[key] = data
+        return found
+
+    def set_many(self, items: dict[str, bytes], ttl: float | None, tags: Iterable[str]) -> None:
+        tags = tuple(tags)
+        for key, data in items.items():
+            self.store.set(key, data, ttl, tags)
+        self.counters.sets += len(items)
+
+    def delete(self, key: str) -> bool:
+        deleted = self.store.delete(key)
+        self.counters.deletes += deleted
+        return deleted
+
+    def exists(self, key: str) -> bool:
+        return self.store.get(key) is not None
+
+    def clear(self) -> int:
+        count = self.store.clear()
+        self.counters.deletes += count
+        return count
+
+    def invalidate(self, pattern: str) -> int:
+        count = self.store.invalidate(pattern)
+        self.counters.deletes += count
+        return count
+
+    def invalidate_tags(self, tags: list[str]) -> int:
+        count = self.store.invalidate_tags(tags)
+        self.counters.deletes += count
+        return count
+
+    def status(self) -> tuple[Status, dict[str, Any]]:
+        return "healthy", {"type": self.kind, "strategy": self.store.strategy}
+
+    def stats(self) -> dict[str, Any]:
+        return _stats(self.kind, self.counters, self.store)
+
+    def close(self) -> None:
+        self.store.clear()
+
+
+class Breaker:
+    """A circuit breaker: ``threshold`` failures in a row open it for ``reset_timeout``
+    seconds; then one request goes through as a probe (half-open), whose success
+    closes it and whose failure opens it again. Used from one thread only."""
+
+    def __init__(
+        self, threshold: int, reset_timeout: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.threshold = threshold
+        self.reset_timeout = reset_timeout
+        self.clock = clock
+        self.state: Literal["closed", "open", "half_open"] = "closed"
+        self.failures = 0
+        self.opened_at = 0.0
+        self.opens = 0
+
+    def allow(self) -> bool:
+        if self.state == "closed":
+            return True
+        if self.state == "open" and self.clock() - self.opened_at >= self.reset_timeout:
+            self.state = "half_open"
+            return True
+        return False
+
+    def succeeded(self) -> bool:
+        """Record a success; True when it closed an open or half-open breaker."""
+        recovered = self.state != "closed"
+        self.state = "closed"
+        self.failures = 0
+        return recovered
+
+    def failed(self) -> None:
+        self.failures += 1
+        if self.state == "half_open" or (
+            self.state == "closed" and self.failures >= self.threshold
+        ):
+            if self.state == "closed":
+                self.opens += 1
+            self.state = "open"
+            self.opened_at = self.clock()
+
+
+class RedisBackend:
+    """Redis behind a circuit breaker, with an optional local store.
+
+    ``tiered``: the local store is an L1 read before Redis and written through,
+    kept coherent by invalidation events. Otherwise the local store (when
+    ``fallback`` is on) is used only while the breaker is open. Either way it is
+    emptied when Redis comes back, since it may have missed invalidations.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        options: BackendOptions,
+        *,
+        url: str,
+        namespace: str,
+        origin: str,
+        codec: Codec,
+    ) -> None:
+        self.name = name
+        self.kind: str = options.type
+        self.options = options
+        self.url = url
+        self.namespace = namespace
+        self.origin = origin
+        self.codec = codec
+        self.tiered = options.type == "tiered"
+        self.local: MemoryStore | None = None
+        if self.tiered or options.fallback:
+            self.local = MemoryStore(
+                options.strategy,
+                options.l1_max_size,
+                options.default_ttl,
+                max_ttl=options.l1_ttl if self.tiered else None,
+            )
+        self.counters = Counters()
+        self.breaker = Breaker(options.breaker_threshold, options.breaker_reset_timeout)
+        self.last_error = ""
+        self.listener: InvalidationListener | None = None
+        self.client = redis.Redis(
+            # Not BlockingConnectionPool: its queue costs ~30 us per command, and only
+            # the actor's thread uses this pool.
+            connection_pool=redis.ConnectionPool.from_url(
+                url,
+                max_connections=options.max_connections,
+                socket_timeout=options.socket_timeout,
+                socket_connect_timeout=options.socket_timeout,
+                retry=Retry(NoBackoff(), 0),  # the breaker decides; no hidden retries
+                protocol=2,
+            )
+        )
+        self.key_prefix = f"{namespace}:cache:{{"
+        self.tag_prefix = f"{namespace}:cache-tag:{{"
+        self.channel = f"{namespace}:cache.invalidated"
+
+    # -- keys -----------------------------------------------------------------------------
+
+    def redis_key(self, key: str) -> str:
+        return f"{self.key_prefix}{key}}}"
+
+    def tag_key(self, tag: str) -> str:
+        return f"{self.tag_prefix}{tag}}}"
+
+    def user_key(self, redis_key: bytes) -> str:
+        return redis_key.decode()[len(self.key_prefix) : -1]
+
+    # -- operations -----------------------------------------------------------------------
+
+    def get(self, key: str) -> bytes | None:
+        local = self.local
+        if self.tiered and local is not None:
+            entry = local.get(key)
+            if entry is not None:
+                self.counters.hits += 1
+                self.counters.l1_hits += 1
+                return entry.data
+        data = self._run(lambda: self._fetch([key]).get(key), lambda: self._local_get(key))
+        if data is None:
+            self.counters.misses += 1
+        else:
+            self.counters.hits += 1
+        return data
+
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        wanted = keys
+        local = self.local
+        if self.tiered and local is not None:
+            wanted = []
+            for key in keys:
+                entry = local.get(key)
+                if entry is None:
+                    wanted.append(key)
+                else:
+                    found[key] = entry.data
+                    self.counters.l1_hits += 1
+        if wanted:
+            found.update(
+                self._run(
+                    lambda: self._fetch(wanted),
+                    lambda: {k: d for k in wanted if (d := self._local_get(k)) is not None},
+                )
+            )
+        self.counters.hits += len(found)
+        self.counters.misses += len(keys) - len(found)
+        return found
+
+    def set_many(self, items: dict[str, bytes], ttl: float | None, tags: Iterable[str]) -> None:
+        tags = tuple(tags)
+        lifetime = self.options.default_ttl if ttl is None else ttl
+
+        def remote() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            px = None if lifetime is None else max(1, math.ceil(lifetime * 1000))
+            for key, data in items.items():
+                pipe.set(self.redis_key(key), data, px=px)
+            for tag in tags:
+                pipe.sadd(self.tag_key(tag), *items)
+            pipe.publish(self.channel, self._event(keys=list(items)))
+            pipe.execute()
+            if self.tiered:
+                self._local_set(items, ttl, tags)
+
+        self._run(remote, lambda: self._local_set(items, ttl, tags))
+        self.counters.sets += len(items)
+
+    def delete(self, key: str) -> bool:
+        def remote() -> bool:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.unlink(self.redis_key(key))
+            pipe.publish(self.channel, self._event(keys=[key]))
+            removed: int = pipe.execute()[0]
+            return removed > 0
+
+        local_deleted = self.local.delete(key) if self.local is not None else False
+        deleted = self._run(remote, lambda: local_deleted)
+        self.counters.deletes += deleted
+        return deleted
+
+    def exists(self, key: str) -> bool:
+        local = self.local
+        if self.tiered and local is not None and local.get(key) is not None:
+            return True
+        return self._run(
+            lambda: bool(self.client.exists(self.redis_key(key))),
+            lambda: self._local_get(key) is not None,
+        )
+
+    def clear(self) -> int:
+        local_count = self.local.clear() if self.local is not None else 0
+
+        def remote() -> int:
+            count = self._unlink_matching(f"{_escape(self.key_prefix)}*")
+            self._unlink_matching(f"{_escape(self.tag_prefix)}*")
+            self.client.publish(self.channel, self._event(patterns=["*"]))
+            return count
+
+        count = self._run(remote, lambda: local_count)
+        self.counters.deletes += count
+        return count
+
+    def invalidate(self, pattern: str) -> int:
+        local_count = self.local.invalidate(pattern) if self.local is not None else 0
+
+        def remote() -> int:
+            count = self._unlink_matching(f"{_escape(self.key_prefix)}{pattern}}}")
+            self.client.publish(self.channel, self._event(patterns=[pattern]))
+            return count
+
+        count = self._run(remote, lambda: local_count)
+        self.counters.deletes += count
+        return count
+
+    def invalidate_tags(self, tags: list[str]) -> int:
+        local_count = self.local.invalidate_tags(tags) if self.local is not None else 0
+
+        def remote() -> int:
+            pipe = self.client.pipeline(transaction=False)
+            for tag in tags:
+                pipe.smembers(self.tag_key(tag))
+            keys = sorted({member.decode() for members in pipe.execute() for member in members})
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.unlink(self.redis_key(key))
+            for tag in tags:
+                pipe.unlink(self.tag_key(tag))
+            pipe.publish(self.channel, self._event(keys=keys))
+            removed: list[int] = pipe.execute()
+            return sum(removed[: len(keys)])
+
+        count = self._run(remote, lambda: local_count)
+        self.counters.deletes += count
+        return count
+
+    # -- coherence ------------------------------------------------------------------------
+
+    def invalidated(self, event: CacheInvalidated) -> None:
+        """Another node changed keys: drop them from the local store."""
+        local = self.local
+        if event.origin == self.origin or local is None:
+            return
+        for key in event.keys:
+            local.delete(key)
+        for pattern in event.patterns:
+            local.invalidate(pattern)
+
+    def resync(self) -> None:
+        """Invalidations may have been missed (the listener was cut off): empty L1."""
+        if self.local is not None:
+            self.local.clear()
+
+    # -- health ---------------------------------------------------------------------------
+
+    def status(self) -> tuple[Status, dict[str, Any]]:
+        breaker = self.breaker.state
+        details: dict[str, Any] = {"type": self.kind, "breaker": breaker}
+        if self.last_error:
+            details["last_error"] = self.last_error
+        if self.listener is not None:
+            details["subscribed"] = self.listener.connected.is_set()
+        if breaker == "closed":
+            return "healthy", details
+        details["fallback"] = self.local is not None
+        return ("degraded" if self.local is not None else "unhealthy"), details
+
+    def stats(self) -> dict[str, Any]:
+        stats = _stats(self.kind, self.counters, self.local)
+        stats.update(
+            l1_hits=self.counters.l1_hits,
+            breaker=self.breaker.state,
+            breaker_opens=self.breaker.opens,
+        )
+        return stats
+
+    def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+        self.client.close()
+        self.client.connection_pool.disconnect()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _run(self, remote: Callable[[], T], fallback: Callable[[], T]) -> T:
+        """``remote()`` through the breaker; ``fallback()`` while Redis is unavailable."""
+        if self.breaker.allow():
+            try:
+                result = remote()
+            except _CONNECTION_ERRORS as exc:
+                self.counters.errors += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.breaker.failed()
+            except redis.RedisError as exc:
+                self.counters.errors += 1
+                raise BackendUnavailable(
+                    f"cache backend {self.name!r}: {type(exc).__name__}: {exc}",
+                    {"backend": self.name},
+                ) from None
+            else:
+                if self.breaker.succeeded():
+                    log.info("cache backend %s: Redis is back, local entries dropped", self.name)
+                    self.last_error = ""
+                    self.resync()
+                return result
+        if self.local is None:
+            raise BackendUnavailable(
+                f"cache backend {self.name!r}: Redis is unavailable ({self.last_error})",
+                {"backend": self.name, "breaker": self.breaker.state},
+            )
+        self.counters.fallbacks += 1
+        return fallback()
+
+    def _fetch(self, keys: list[str]) -> dict[str, bytes]:
+        """Values of ``keys`` from Redis in one round trip (and their TTLs, for L1)."""
+        if not self.tiered and len(keys) == 1:
+            data = typing.cast(bytes | None, self.client.get(self.redis_key(keys[0])))
+            return {} if data is None else {keys[0]: data}
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.get(self.redis_key(key))
+            if self.tiered:
+                pipe.pttl(self.redis_key(key))
+        replies = pipe.execute()
+        step = 2 if self.tiered else 1
+        found: dict[str, bytes] = {}
+        for index, key in enumerate(keys):
+            data = replies[index * step]
+            if data is None:
+                continue
+            found[key] = data
+            if self.tiered and self.local is not None:
+                pttl = replies[index * step + 1]
+                self.local.set(key, data, pttl / 1000 if pttl > 0 else None)
+        return found
+
+    def _local_get(self, key: str) -> bytes | None:
+        entry = self.local.get(key) if self.local is not None else None
+        return None if entry is None else entry.data
+
+    def _local_set(self, items: dict[str, bytes], ttl: float | None, tags: tuple[str, ...]) -> None:
+        if self.local is not None:
+            for key, data in items.items():
+                self.local.set(key, data, ttl, tags)
+
+    def _unlink_matching(self, match: str) -> int:
+        """SCAN (never KEYS) in batches and UNLINK what matches; one key per command,
+        so that no command spans hash slots."""
+        count = 0
+        for batch in self._scan(match):
+            pipe = self.client.pipeline(transaction=False)
+            for key in batch:
+                pipe.unlink(key)
+            removed: list[int] = pipe.execute()
+            count += sum(removed)
+        return count
+
+    def _scan(self, match: str) -> Iterator[list[bytes]]:
+        cursor = 0
+        while True:
+            cursor, keys = self.client.scan(cursor, match=match, count=self.options.scan_batch)
+            if keys:
+                yield typing.cast(list[bytes], keys)
+            if cursor == 0:
+                return
+
+    def _event(self, *, keys: list[str] | None = None, patterns: list[str] | None = None) -> bytes:
+        return self.codec.encode(
+            CacheInvalidated(origin=self.origin, keys=keys or [], patterns=patterns or [])
+        )
+
+
+def _escape(text: str) -> str:
+    """``text`` as a literal inside a Redis glob pattern."""
+    return "".join("\\" + c if c in _GLOB_SPECIALS else c for c in text)
+
+
+class Resync:
+    """Told to the actor when the listener reconnected: invalidations may have been lost."""
+
+    __slots__ = ("backend",)
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+
+
+class InvalidationListener:
+    """A thread on one exact channel (SUBSCRIBE, never a pattern) that hands each
+    :class:`CacheInvalidated` to ``deliver`` — which tells the actor, so the L1 is only
+    touched on the actor's thread. It reconnects with backoff; after a reconnect it
+    delivers :class:`Resync`. ``deliver`` returning False stops it (the actor is gone).
+    """
+
+    def __init__(
+        self,
+        backend: RedisBackend,
+        deliver: Callable[[object], bool],
+        *,
+        reconnect_max: float = 1.0,
+    ) -> None:
+        self.backend_name = backend.name
+        self.url = backend.url
+        self.channel = backend.channel
+        self.codec = backend.codec
+        self.timeout = backend.options.socket_timeout
+        self.deliver = deliver
+        self.reconnect_max = reconnect_max
+        self.connected = threading.Event()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(
+            target=self._run, name=f"cache-invalidations-{backend.name}", daemon=True
+        )
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stopping.set()
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(timeout=2.0)
+
+    def _run(self) -> None:
+        delay = 0.0
+        reconnected = False
+        while not self.stopping.wait(delay):
+            client = redis.Redis.from_url(
+                self.url,
+                socket_connect_timeout=self.timeout,
+                retry=Retry(NoBackoff(), 0),
+                protocol=2,
+            )
+            pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+            try:
+                pubsub.subscribe(self.channel)
+                while not self.stopping.is_set():
+                    msg = pubsub.get_message(timeout=0.2)
+                    if msg is None:
+                        continue
+                    if msg["type"] == "subscribe":
+                        self.connected.set()
+                        delay = 0.0
+                        if reconnected and not self.deliver(Resync(self.backend_name)):
+                            return
+                    elif msg["type"] == "message" and not self._forward(msg["data"]):
+                        return
+            except (redis.RedisError, OSError) as exc:
+                log.debug("cache invalidations on %s cut: %s", self.channel, exc)
+            finally:
+                self.connected.clear()
+                pubsub.close()
+                client.close()
+            reconnected = True
+            delay = min(self.reconnect_max, max(0.05, delay * 2))
+
+    def _forward(self, data: bytes) -> bool:
+        try:
+            event = self.codec.decode(data).message
+        except InvalidMessage as exc:
+            log.warning("cache invalidation on %s rejected: %s", self.channel, exc)
+            return True
+        if not isinstance(event, CacheInvalidated):
+            return True
+        return self.deliver((self.backend_name, event))

@@ -1,0 +1,479 @@
+"""The cache manager: named backends, statistics, invalidation and single-flight leases.
+
+::
+
+    config = Config().replace(managers={"cache": ManagerSection(options={
+        "backends": {"main": {"type": "tiered", "url": "redis://127.0.0.1:6379/0"}},
+    })})
+    with System(config, managers=[CacheManager]) as system:
+        system.ask(CacheSet(key="k", value=[1, 2], ttl=30))
+        system.ask(CacheGet(key="k")).value      # [1, 2]
+
+Single-flight: ``CacheGetOrLease`` for a key that another caller is computing is
+not answered at once; the actor keeps the caller's reply future and answers it
+when the value is set, when the lease passes to it (the holder released it or
+never came back), or with ``Timeout`` after the caller's ``wait``. The mailbox
+keeps flowing meanwhile: waiting costs a list entry, not a thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import pykka
+from pykka._envelope import Envelope
+
+from corral.actors.base import Mailbox, Manager, handles
+from corral.actors.cache._backends import (
+    Backend,
+    InvalidationListener,
+    MemoryBackend,
+    RedisBackend,
+    Resync,
+)
+from corral.actors.cache._memory import MemoryStore
+from corral.actors.cache._options import BackendOptions, CacheOptions
+from corral.errors import (
+    BackendUnavailable,
+    ConfigError,
+    InvalidMessage,
+    ManagerUnavailable,
+    Timeout,
+)
+from corral.messages.base import ErrorReply
+from corral.messages.cache import (
+    CacheClear,
+    CacheDelete,
+    CacheDeleted,
+    CacheExists,
+    CacheGet,
+    CacheGetMany,
+    CacheGetOrLease,
+    CacheInvalidate,
+    CacheInvalidated,
+    CacheInvalidateTags,
+    CacheLease,
+    CachePresence,
+    CacheRelease,
+    CacheReleased,
+    CacheSet,
+    CacheSetMany,
+    CacheStatistics,
+    CacheStats,
+    CacheStored,
+    CacheValue,
+    CacheValues,
+)
+from corral.messages.codec import Codec
+from corral.messages.system import Health
+
+__all__ = ["CacheManager"]
+
+log = logging.getLogger(__name__)
+
+_SUMMED = ("hits", "misses", "sets", "deletes", "evictions", "expirations", "errors", "fallbacks")
+_SEVERITY = {"healthy": 0, "degraded": 1, "unhealthy": 2}
+_LISTENER_READY_TIMEOUT = 1.0
+
+
+class _Sweep:
+    """Told to the actor by the lease timer: expire leases and time out waiters."""
+
+    __slots__ = ()
+
+
+_SWEEP = _Sweep()
+
+
+class _CacheMailbox(Mailbox):
+    """Remembers the envelope being handled, so a handler can take its reply future."""
+
+    current: Envelope[Any] | None = None
+
+    def _get(self) -> Envelope[Any]:
+        envelope = super()._get()
+        self.current = envelope
+        return envelope
+
+
+@dataclass
+class _Waiter:
+    future: pykka.Future[Any]
+    deadline: float
+
+
+@dataclass
+class _Flight:
+    """A key being computed: the lease holder's token and the callers waiting for it."""
+
+    token: str
+    expires_at: float
+    lease_ttl: float
+    waiters: list[_Waiter] = field(default_factory=list)
+
+
+class CacheManager(Manager):
+    """The ``cache`` manager; see the module docstring and docs/cache.md."""
+
+    name = "cache"
+    Options = CacheOptions
+
+    def _create_actor_inbox(self) -> _CacheMailbox:  # type: ignore[override]
+        return _CacheMailbox(
+            self.context.mailbox_size, self.context.mailbox_put_timeout, self.context.name
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def on_start(self) -> None:
+        settings: CacheOptions = self.settings
+        self.origin = uuid.uuid4().hex
+        self.codec = Codec()
+        self.max_key_length = settings.max_key_length
+        self.max_value_size = settings.max_value_size
+        self.default_backend = settings.default
+        self.flights: dict[tuple[str, str], _Flight] = {}
+        self.timer: threading.Timer | None = None
+        self.timer_due = math.inf
+        self.backends: dict[str, Backend] = {}
+        try:
+            for name, options in settings.backend_options().items():
+                self.backends[name] = self._build(name, options)
+        except BaseException:
+            self._close_backends()
+            raise
+        for backend in self.backends.values():
+            if isinstance(backend, RedisBackend) and backend.listener is not None:
+                backend.listener.connected.wait(_LISTENER_READY_TIMEOUT)
+
+    def on_stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        gone = ManagerUnavailable("the cache manager stopped", {"manager": self.context.name})
+        for flight in self.flights.values():
+            for waiter in flight.waiters:
+                waiter.future.set(_error_reply(gone))
+        self.flights.clear()
+        self._close_backends()
+
+    def on_failure(self, *_exc_info: Any) -> None:
+        self._close_backends()
+
+    def _build(self, name: str, options: BackendOptions) -> Backend:
+        if options.type == "memory":
+            store = MemoryStore(options.strategy, options.max_size, options.default_ttl)
+            return MemoryBackend(name, store)
+        url = options.url or self.context.redis_url
+        if not url:
+            raise ConfigError(
+                f"managers.{self.context.name}.backends.{name}.url: a {options.type} backend "
+                "needs a Redis url (or the system's bus on Redis)"
+            )
+        backend = RedisBackend(
+            name,
+            options,
+            url=url,
+            namespace=options.namespace or self.context.namespace,
+            origin=self.origin,
+            codec=self.codec,
+        )
+        if backend.tiered:
+            backend.listener = InvalidationListener(backend, self._deliver)
+            backend.listener.start()
+        return backend
+
+    def _close_backends(self) -> None:
+        for backend in self.backends.values():
+            try:
+                backend.close()
+            except Exception:  # closing must not hide why we stop
+                log.debug("closing cache backend %s failed", backend.name, exc_info=True)
+
+    def _deliver(self, item: object) -> bool:
+        """Hand something from another thread to the actor; False once the actor is gone."""
+        try:
+            self.actor_ref.tell(item)
+        except pykka.ActorDeadError:
+            return False
+        except Exception:  # a full mailbox: the actor is alive, this item is dropped
+            log.warning("cache manager: dropped %r (mailbox full)", item)
+        return True
+
+    # -- requests -------------------------------------------------------------------------
+
+    @handles(CacheGet)
+    def get(self, msg: CacheGet) -> CacheValue:
+        backend = self._backend(msg.backend)
+        data = backend.get(self._key(msg.key))
+        if data is None:
+            return CacheValue(key=msg.key, found=False)
+        return CacheValue(key=msg.key, found=True, value=_decode(data))
+
+    @handles(CacheGetMany)
+    def get_many(self, msg: CacheGetMany) -> CacheValues:
+        backend = self._backend(msg.backend)
+        keys = [self._key(k, f"keys[{i}]") for i, k in enumerate(msg.keys)]
+        found = backend.get_many(keys)
+        return CacheValues(values={k: _decode(d) for k, d in found.items()})
+
+    @handles(CacheSet)
+    def set(self, msg: CacheSet) -> CacheStored:
+        backend = self._backend(msg.backend)
+        key = self._key(msg.key)
+        data = self._encode(msg.value, "value")
+        _check_ttl(msg.ttl, "ttl")
+        backend.set_many({key: data}, msg.ttl, msg.tags)
+        self._settle(backend.name, key, msg.value)
+        return CacheStored(count=1)
+
+    @handles(CacheSetMany)
+    def set_many(self, msg: CacheSetMany) -> CacheStored:
+        backend = self._backend(msg.backend)
+        _check_ttl(msg.ttl, "ttl")
+        items = {
+            self._key(k, f"values.{k}"): self._encode(v, f"values.{k}")
+            for k, v in msg.values.items()
+        }
+        backend.set_many(items, msg.ttl, msg.tags)
+        for key, value in msg.values.items():
+            self._settle(backend.name, key, value)
+        return CacheStored(count=len(items))
+
+    @handles(CacheDelete)
+    def delete(self, msg: CacheDelete) -> CacheDeleted:
+        return CacheDeleted(count=int(self._backend(msg.backend).delete(self._key(msg.key))))
+
+    @handles(CacheExists)
+    def exists(self, msg: CacheExists) -> CachePresence:
+        exists = self._backend(msg.backend).exists(self._key(msg.key))
+        return CachePresence(key=msg.key, exists=exists)
+
+    @handles(CacheClear)
+    def clear(self, msg: CacheClear) -> CacheDeleted:
+        return CacheDeleted(count=self._backend(msg.backend).clear())
+
+    @handles(CacheInvalidate)
+    def invalidate(self, msg: CacheInvalidate) -> CacheDeleted:
+        if not msg.pattern:
+            raise InvalidMessage("must not be empty", path="pattern")
+        return CacheDeleted(count=self._backend(msg.backend).invalidate(msg.pattern))
+
+    @handles(CacheInvalidateTags)
+    def invalidate_tags(self, msg: CacheInvalidateTags) -> CacheDeleted:
+        return CacheDeleted(count=self._backend(msg.backend).invalidate_tags(msg.tags))
+
+    @handles(CacheStats)
+    def statistics(self, msg: CacheStats) -> CacheStatistics:
+        names = [self._backend(msg.backend).name] if msg.backend else list(self.backends)
+        per_backend = {name: self.backends[name].stats() for name in names}
+        return CacheStatistics(backends=per_backend, total=_total(per_backend.values()))
+
+    # -- single-flight --------------------------------------------------------------------
+
+    @handles(CacheGetOrLease)
+    def get_or_lease(self, msg: CacheGetOrLease) -> CacheLease | None:
+        backend = self._backend(msg.backend)
+        key = self._key(msg.key)
+        _check_ttl(msg.lease_ttl, "lease_ttl")
+        _check_ttl(msg.wait, "wait")
+        data = backend.get(key)
+        if data is not None:
+            return CacheLease(key=msg.key, found=True, value=_decode(data))
+        now = time.monotonic()
+        flight = self.flights.get((backend.name, key))
+        if flight is None or flight.expires_at <= now:
+            token = uuid.uuid4().hex
+            waiters = flight.waiters if flight is not None else []
+            self.flights[backend.name, key] = _Flight(
+                token, now + msg.lease_ttl, msg.lease_ttl, waiters
+            )
+            self._wake_at(now + msg.lease_ttl)
+            return CacheLease(key=msg.key, found=False, lease=token)
+        future = self._take_reply_future()
+        if future is None:  # a tell: nobody waits for the answer
+            return None
+        flight.waiters.append(_Waiter(future, now + msg.wait))
+        self._wake_at(now + msg.wait)
+        return None  # answered later, by _settle, _hand_over or _sweep
+
+    @handles(CacheRelease)
+    def release(self, msg: CacheRelease) -> CacheReleased:
+        backend = self._backend(msg.backend)
+        key = self._key(msg.key)
+        flight = self.flights.get((backend.name, key))
+        if flight is None or flight.token != msg.lease:
+            return CacheReleased(released=False)
+        self._hand_over(backend.name, key, flight, time.monotonic())
+        return CacheReleased(released=True)
+
+    def _take_reply_future(self) -> pykka.Future[Any] | None:
+        """Take the current request's reply future: the handler's return value is dropped."""
+        inbox = self.actor_inbox
+        assert isinstance(inbox, _CacheMailbox)
+        envelope = inbox.current
+        if envelope is None:
+            return None
+        future, envelope.reply_to = envelope.reply_to, None
+        return future
+
+    def _settle(self, backend: str, key: str, value: Any) -> None:
+        """The key was set: answer everyone waiting for it; its lease ends."""
+        flight = self.flights.pop((backend, key), None)
+        if flight is not None:
+            reply = CacheLease(key=key, found=True, value=value)
+            for waiter in flight.waiters:
+                waiter.future.set(reply)
+
+    def _hand_over(self, backend: str, key: str, flight: _Flight, now: float) -> None:
+        """The holder let go: the first waiter still waiting gets a new lease."""
+        while flight.waiters:
+            waiter = flight.waiters.pop(0)
+            if waiter.deadline > now:
+                flight.token = uuid.uuid4().hex
+                flight.expires_at = now + flight.lease_ttl
+                waiter.future.set(CacheLease(key=key, found=False, lease=flight.token))
+                self._wake_at(flight.expires_at)
+                return
+            waiter.future.set(_error_reply(_timed_out(key)))
+        del self.flights[backend, key]
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        self.timer, self.timer_due = None, math.inf
+        for (backend, key), flight in list(self.flights.items()):
+            waiting = []
+            for waiter in flight.waiters:
+                if waiter.deadline <= now:
+                    waiter.future.set(_error_reply(_timed_out(key)))
+                else:
+                    waiting.append(waiter)
+            flight.waiters = waiting
+            if flight.expires_at <= now:
+                self._hand_over(backend, key, flight, now)
+        wakes = [f.expires_at for f in self.flights.values()]
+        wakes += [w.deadline for f in self.flights.values() for w in f.waiters]
+        if wakes:
+            self._wake_at(min(wakes))
+
+    def _wake_at(self, due: float) -> None:
+        """Have the actor told ``_SWEEP`` at ``due`` (monotonic), unless it already will be."""
+        if due >= self.timer_due:
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer_due = due
+        self.timer = threading.Timer(max(0.0, due - time.monotonic()), self._deliver, (_SWEEP,))
+        self.timer.daemon = True
+        self.timer.start()
+
+    # -- other threads' news, on the actor thread -----------------------------------------
+
+    def on_receive(self, message: Any) -> Any:
+        if message is _SWEEP:
+            self._sweep()
+        elif isinstance(message, Resync):
+            backend = self.backends.get(message.backend)
+            if isinstance(backend, RedisBackend):
+                backend.resync()
+        elif isinstance(message, tuple):
+            name, event = message
+            backend = self.backends.get(name)
+            if isinstance(backend, RedisBackend) and isinstance(event, CacheInvalidated):
+                backend.invalidated(event)
+        else:
+            return super().on_receive(message)
+        return None
+
+    # -- health ---------------------------------------------------------------------------
+
+    def health(self) -> Health:
+        status = "healthy"
+        details: dict[str, Any] = {"default_backend": self.default_backend, "backends": {}}
+        metrics: dict[str, Any] = {}
+        per_backend = {}
+        for name, backend in self.backends.items():
+            backend_status, backend_details = backend.status()
+            details["backends"][name] = {"status": backend_status, **backend_details}
+            if _SEVERITY[backend_status] > _SEVERITY[status]:
+                status = backend_status
+            stats = per_backend[name] = backend.stats()
+            for counter, value in stats.items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    metrics[f"backends.{name}.{counter}"] = value
+        total = _total(per_backend.values())
+        metrics.update({f"cache_{k}": v for k, v in total.items()})
+        metrics["leases"] = len(self.flights)
+        metrics["lease_waiters"] = sum(len(f.waiters) for f in self.flights.values())
+        return Health(status=status, details=details, metrics=metrics)  # type: ignore[arg-type]
+
+    # -- input ----------------------------------------------------------------------------
+
+    def _backend(self, name: str) -> Backend:
+        backend = self.backends.get(name or self.default_backend)
+        if backend is None:
+            raise InvalidMessage(
+                f"no cache backend named {name!r} (backends: {', '.join(self.backends)})",
+                path="backend",
+            )
+        return backend
+
+    def _key(self, key: str, path: str = "key") -> str:
+        if not key:
+            raise InvalidMessage("a cache key must not be empty", path=path)
+        if len(key) * 4 > self.max_key_length and len(key.encode()) > self.max_key_length:
+            raise InvalidMessage(
+                f"a cache key must be at most {self.max_key_length} bytes, got {len(key.encode())}",
+                path=path,
+            )
+        return key
+
+    def _encode(self, value: Any, path: str) -> bytes:
+        try:
+            data: bytes = msgpack.packb(value, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise InvalidMessage(f"cannot encode the value as msgpack: {exc}", path=path) from None
+        if len(data) > self.max_value_size:
+            raise InvalidMessage(
+                f"the value is {len(data)} bytes encoded, over the "
+                f"{self.max_value_size}-byte limit (max_value_size)",
+                path=path,
+            )
+        return data
+
+
+def _decode(data: bytes) -> Any:
+    try:
+        return msgpack.unpackb(data, raw=False)
+    except Exception as exc:  # msgpack raises a handful of unrelated types
+        raise BackendUnavailable(f"a stored value is not msgpack: {exc}") from None
+
+
+def _check_ttl(value: float | None, path: str) -> None:
+    if value is not None and not value > 0:
+        raise InvalidMessage(f"must be > 0 seconds, got {value}", path=path)
+
+
+def _timed_out(key: str) -> Timeout:
+    return Timeout(f"no value for {key!r} was set while waiting", {"key": key})
+
+
+def _error_reply(error: Any) -> ErrorReply:
+    return ErrorReply(code=error.code, message=error.message, details=error.details)
+
+
+def _total(stats: Any) -> dict[str, Any]:
+    total: dict[str, Any] = dict.fromkeys(_SUMMED, 0)
+    total["size"] = 0
+    for backend in stats:
+        for name in (*_SUMMED, "size"):
+            total[name] += backend[name]
+    lookups = total["hits"] + total["misses"]
+    total["hit_rate"] = total["hits"] / lookups if lookups else 0.0
+    return total

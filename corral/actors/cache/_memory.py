@@ -1,0 +1,191 @@
+"""The in-memory store: a cachetools cache of encoded entries, with tags and per-entry TTL.
+
+Owned by one actor, so it takes no lock (cachetools is not thread-safe)::
+
+    store = MemoryStore("lru", max_size=2, default_ttl=None)
+    store.set("a", b"\\x01", ttl=None, tags=("t",))
+    store.get("a").data        # b"\\x01"
+    store.invalidate_tags(["t"])
+
+Strategies, i.e. what a full store evicts first:
+
+- ``lru``: the least recently used entry (``cachetools.LRUCache``);
+- ``lfu``: the least frequently used entry (``cachetools.LFUCache``);
+- ``ttl``: expired entries, then the least recently used (``cachetools.TLRUCache``,
+  which also drops each entry eagerly at its own expiry).
+
+Under ``lru`` and ``lfu`` an expired entry is dropped when it is next read.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from cachetools import Cache, LFUCache, LRUCache, TLRUCache
+
+from corral.bus import compile_glob
+
+__all__ = ["Entry", "MemoryStore"]
+
+Clock = Callable[[], float]
+
+
+class Entry:
+    """An encoded value, when it expires (monotonic seconds; inf: never), and its tags."""
+
+    __slots__ = ("data", "expires_at", "tags")
+
+    def __init__(self, data: bytes, expires_at: float, tags: tuple[str, ...]) -> None:
+        self.data = data
+        self.expires_at = expires_at
+        self.tags = tags
+
+
+class MemoryStore:
+    """Entries by key in a cachetools cache of ``strategy``; see the module docstring.
+
+    ``max_ttl`` caps every entry's lifetime (an L1 in front of Redis uses it).
+    """
+
+    def __init__(
+        self,
+        strategy: str,
+        max_size: int,
+        default_ttl: float | None,
+        *,
+        max_ttl: float | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.strategy = strategy
+        self.default_ttl = default_ttl
+        self.max_ttl = max_ttl
+        self.clock = clock
+        self.tags: dict[str, set[str]] = {}
+        self.evictions = 0
+        self.expirations = 0
+        self.entries: Cache[str, Entry] = _make_cache(strategy, max_size, self)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def get(self, key: str) -> Entry | None:
+        entry = self.entries.get(key)
+        if entry is not None and entry.expires_at <= self.clock():
+            del self.entries[key]
+            self.dropped(key, entry, evicted=False)
+            return None
+        return entry
+
+    def set(self, key: str, data: bytes, ttl: float | None, tags: Iterable[str] = ()) -> None:
+        """Store ``data`` for ``ttl`` seconds (None: the default TTL, if any)."""
+        lifetime = self.default_ttl if ttl is None else ttl
+        if self.max_ttl is not None:
+            lifetime = self.max_ttl if lifetime is None else min(lifetime, self.max_ttl)
+        expires_at = math.inf if lifetime is None else self.clock() + lifetime
+        self.delete(key)  # its old tags go with it
+        entry = Entry(data, expires_at, tuple(tags))
+        self.entries[key] = entry
+        for tag in entry.tags:
+            self.tags.setdefault(tag, set()).add(key)
+
+    def delete(self, key: str) -> bool:
+        entry = self.entries.pop(key, None)
+        if entry is None:
+            return False
+        self._untag(key, entry)
+        return True
+
+    def invalidate(self, pattern: str) -> int:
+        """Drop the keys matching a Redis glob ``pattern``; return how many."""
+        return self._delete_all(_matching(pattern, list(self.entries.keys())))
+
+    def invalidate_tags(self, tags: Iterable[str]) -> int:
+        keys: set[str] = set()
+        for tag in tags:
+            keys.update(self.tags.pop(tag, ()))
+        return self._delete_all(keys)
+
+    def clear(self) -> int:
+        count = len(self.entries)
+        self.entries.clear()
+        self.tags.clear()
+        return count
+
+    def dropped(self, key: str, entry: Entry, *, evicted: bool) -> None:
+        """Called for every entry the cache itself dropped: evicted, or expired."""
+        if evicted:
+            self.evictions += 1
+        else:
+            self.expirations += 1
+        self._untag(key, entry)
+
+    def _delete_all(self, keys: Iterable[str]) -> int:
+        return sum(self.delete(key) for key in keys)
+
+    def _untag(self, key: str, entry: Entry) -> None:
+        for tag in entry.tags:
+            members = self.tags.get(tag)
+            if members is not None:
+                members.discard(key)
+                if not members:
+                    del self.tags[tag]
+
+
+def _matching(pattern: str, keys: list[str]) -> list[str]:
+    regex: re.Pattern[str] = compile_glob(pattern)
+    return [k for k in keys if regex.match(k if k.isascii() else k.encode().decode("latin-1"))]
+
+
+class _LRU(LRUCache[str, Entry]):
+    def __init__(self, maxsize: int, owner: MemoryStore) -> None:
+        super().__init__(maxsize)
+        self.owner = owner
+
+    def popitem(self) -> tuple[str, Entry]:
+        key, entry = super().popitem()
+        self.owner.dropped(key, entry, evicted=True)
+        return key, entry
+
+
+class _LFU(LFUCache[str, Entry]):
+    def __init__(self, maxsize: int, owner: MemoryStore) -> None:
+        super().__init__(maxsize)
+        self.owner = owner
+
+    def popitem(self) -> tuple[str, Entry]:
+        key, entry = super().popitem()
+        self.owner.dropped(key, entry, evicted=True)
+        return key, entry
+
+
+class _TLRU(TLRUCache[str, Entry]):
+    def __init__(self, maxsize: int, owner: MemoryStore) -> None:
+        super().__init__(maxsize, ttu=_expiry, timer=owner.clock)
+        self.owner = owner
+
+    def popitem(self) -> tuple[str, Entry]:
+        key, entry = super().popitem()
+        self.owner.dropped(key, entry, evicted=True)
+        return key, entry
+
+    def expire(self, time: Any = None) -> list[tuple[str, Entry]]:
+        expired: list[tuple[str, Entry]] = list(super().expire(time))
+        for key, entry in expired:
+            self.owner.dropped(key, entry, evicted=False)
+        return expired
+
+
+def _expiry(_key: str, entry: Entry, _now: float) -> float:
+    return entry.expires_at
+
+
+def _make_cache(strategy: str, max_size: int, owner: MemoryStore) -> Cache[str, Entry]:
+    if strategy == "lfu":
+        return _LFU(max_size, owner)
+    if strategy == "ttl":
+        return _TLRU(max_size, owner)
+    return _LRU(max_size, owner)

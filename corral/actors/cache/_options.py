@@ -1,0 +1,110 @@
+"""The cache manager's options: named backends and limits on keys and values.
+
+::
+
+    [managers.cache]
+    default_backend = "main"
+    max_value_size = 524288
+
+    [managers.cache.backends.main]
+    type = "tiered"          # memory | redis | tiered (L1 memory in front of L2 Redis)
+    strategy = "lru"         # ttl | lru | lfu  (the memory store's eviction)
+    max_size = 10000
+    default_ttl = 300.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from corral.config import Section
+from corral.errors import ConfigError
+
+__all__ = ["BackendOptions", "CacheOptions"]
+
+BackendType = Literal["memory", "redis", "tiered"]
+Strategy = Literal["ttl", "lru", "lfu"]
+
+_POSITIVE = {"gt": 0}
+_SIZE = {"ge": 1}
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class BackendOptions(Section):
+    """One ``[managers.cache.backends.<name>]`` table.
+
+    ``memory``: a cachetools store with ``strategy``, ``max_size``, ``default_ttl``.
+    ``redis``: Redis at ``url`` ("" = the system's Redis) under ``namespace``
+    ("" = the system's), with a circuit breaker; with ``fallback``, an in-memory
+    store of ``l1_max_size`` serves while the breaker is open.
+    ``tiered``: ``redis`` plus an L1 memory store (``l1_max_size`` entries, each kept
+    at most ``l1_ttl`` seconds) kept coherent across nodes through Redis pub/sub.
+    """
+
+    type: BackendType = "memory"
+    strategy: Strategy = "lru"
+    max_size: int = field(default=10_000, metadata=_SIZE)
+    default_ttl: float | None = field(default=None, metadata=_POSITIVE)
+    url: str = ""
+    namespace: str = ""
+    max_connections: int = field(default=16, metadata=_SIZE)
+    socket_timeout: float = field(default=0.5, metadata=_POSITIVE)
+    fallback: bool = True
+    breaker_threshold: int = field(default=3, metadata=_SIZE)
+    breaker_reset_timeout: float = field(default=5.0, metadata=_POSITIVE)
+    l1_max_size: int = field(default=1_000, metadata=_SIZE)
+    l1_ttl: float = field(default=60.0, metadata=_POSITIVE)
+    scan_batch: int = field(default=500, metadata=_SIZE)
+
+
+_BACKEND_FIELDS = frozenset(f.name for f in dataclasses.fields(BackendOptions))
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class CacheOptions(Section):
+    """``[managers.cache]``: the backends by name, the default one, and input limits."""
+
+    backends: dict[str, dict[str, Any]] = field(default_factory=lambda: {"memory": {}})
+    default_backend: str = ""
+    """The backend of requests that name none; "" means the first one."""
+    max_key_length: int = field(default=1024, metadata=_SIZE)
+    """In UTF-8 bytes."""
+    max_value_size: int = field(default=512 * 1024, metadata=_SIZE)
+    """In msgpack-encoded bytes."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.backends:
+            self._fail("backends", "configure at least one backend")
+        parsed = self.backend_options()
+        if self.default_backend and self.default_backend not in parsed:
+            self._fail(
+                "default_backend",
+                f"no backend named {self.default_backend!r} (backends: {', '.join(parsed)})",
+                related="backends",
+            )
+
+    @property
+    def default(self) -> str:
+        return self.default_backend or next(iter(self.backends))
+
+    def backend_options(self) -> dict[str, BackendOptions]:
+        """Each backend's table, checked: errors name ``backends.<name>.<key>``."""
+        parsed: dict[str, BackendOptions] = {}
+        for name, table in self.backends.items():
+            unknown = sorted(set(table) - _BACKEND_FIELDS)
+            if unknown:
+                self._fail(
+                    "backends",
+                    f"not a backend option (options: {', '.join(sorted(_BACKEND_FIELDS))})",
+                    path=f".{name}.{unknown[0]}",
+                )
+            try:
+                parsed[name] = BackendOptions(**table)
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"backends.{name}.{exc.message}", {**exc.details, "field": "backends"}
+                ) from None
+        return parsed

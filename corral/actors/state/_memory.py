@@ -1,0 +1,137 @@
+"""The state backends' common interface, and the in-process memory backend.
+
+::
+
+    backend = MemoryBackend(history_limit=100)
+    events, states = backend.apply([StateWrite(state_id="a", transition="create",
+                                               state_type="User")], now_ms=now())
+"""
+
+from __future__ import annotations
+
+import collections
+import uuid
+from typing import Protocol
+
+from corral.errors import NotFound
+from corral.messages.state import (
+    StateChanged,
+    StateInfo,
+    StateWrite,
+    apply_transition,
+)
+
+__all__ = ["Backend", "MemoryBackend", "new_epoch"]
+
+
+def new_epoch() -> str:
+    """A fresh epoch: names one life of an event stream (offsets restart with it)."""
+    return uuid.uuid4().hex[:12]
+
+
+class Backend(Protocol):
+    """Where states live. Every method raises NotFound / Conflict / BackendUnavailable."""
+
+    name: str
+
+    def apply(
+        self, writes: list[StateWrite], now_ms: int
+    ) -> tuple[list[StateChanged], list[StateInfo]]:
+        """Check every write, then apply them all; the events (in order) and each
+        write's resulting state. States past their expiry are expired first."""
+        ...
+
+    def get(self, state_id: str, now_ms: int) -> StateInfo: ...
+
+    def history(self, state_id: str, limit: int) -> list[StateChanged]: ...
+
+    def expire_due(self, now_ms: int) -> list[StateChanged]:
+        """Expire the states whose TTL has passed; their ``expire`` events."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class MemoryBackend:
+    """States in a dict of this process; events get offsets of a per-process epoch."""
+
+    name = "memory"
+
+    def __init__(self, *, history_limit: int) -> None:
+        self.history_limit = history_limit
+        self.states: dict[str, StateInfo] = {}
+        self.histories: dict[str, collections.deque[StateChanged]] = {}
+        self.epoch = new_epoch()
+        self.offset = 0
+
+    def apply(
+        self, writes: list[StateWrite], now_ms: int
+    ) -> tuple[list[StateChanged], list[StateInfo]]:
+        events = self._expire([w.state_id for w in writes], now_ms)
+        overlay: dict[str, StateInfo | None] = {}
+        changes: list[tuple[StateInfo | None, StateWrite, StateInfo]] = []
+        for write in writes:
+            current = overlay.get(write.state_id, self.states.get(write.state_id))
+            after = apply_transition(current, write, now_ms)
+            removed = write.transition in ("delete", "expire")
+            overlay[write.state_id] = None if removed else after
+            changes.append((current, write, after))
+        for current, write, after in changes:
+            events.append(self._record(current, write.transition, after, now_ms))
+        return events, [after for _, _, after in changes]
+
+    def get(self, state_id: str, now_ms: int) -> StateInfo:
+        state = self.states.get(state_id)
+        if state is None or (state.expires_at is not None and state.expires_at <= now_ms):
+            raise NotFound(f"no state {state_id!r}", {"state_id": state_id})
+        return state
+
+    def history(self, state_id: str, limit: int) -> list[StateChanged]:
+        entries = self.histories.get(state_id)
+        if not entries:
+            raise NotFound(f"no history of state {state_id!r}", {"state_id": state_id})
+        return list(entries)[-limit:]
+
+    def expire_due(self, now_ms: int) -> list[StateChanged]:
+        return self._expire(list(self.states), now_ms)
+
+    def close(self) -> None:
+        self.states.clear()
+
+    def _expire(self, state_ids: list[str], now_ms: int) -> list[StateChanged]:
+        events = []
+        for state_id in dict.fromkeys(state_ids):
+            state = self.states.get(state_id)
+            if state is not None and state.expires_at is not None and state.expires_at <= now_ms:
+                write = StateWrite(state_id=state_id, transition="expire")
+                events.append(
+                    self._record(state, "expire", apply_transition(state, write, now_ms), now_ms)
+                )
+        return events
+
+    def _record(
+        self, before: StateInfo | None, transition: str, after: StateInfo, now_ms: int
+    ) -> StateChanged:
+        removed = after.status in ("deleted", "expired")
+        if removed:
+            self.states.pop(after.state_id, None)
+        else:
+            self.states[after.state_id] = after
+        self.offset += 1
+        event = StateChanged(
+            state_id=after.state_id,
+            state_type=after.state_type,
+            transition=transition,
+            old=None if before is None else before.data,
+            new=None if removed else after.data,
+            state_version=after.state_version,
+            offset=self.offset,
+            epoch=self.epoch,
+            ts=now_ms,
+            status=after.status,
+        )
+        history = self.histories.get(after.state_id)
+        if history is None:
+            history = self.histories[after.state_id] = collections.deque(maxlen=self.history_limit)
+        history.append(event)
+        return event

@@ -1,0 +1,367 @@
+"""The Redis state backend: one Lua script call per change (or per commit).
+
+The script checks every write's transition and expected version first, then
+applies them all: writes the state hashes, appends to each capped history,
+bumps the versions, and appends each event to the capped event stream under
+the next offset. Atomic, one round trip, no WATCH retries.
+
+Keys (all under the hash tag ``{state}``, so one script may touch several states
+and the one ordered event stream, also on Redis Cluster)::
+
+    <ns>:{state}:s:<id>     hash: type status data version allowed created updated [expires]
+    <ns>:{state}:h:<id>     list: the state's latest events (msgpack StateChanged bodies)
+    <ns>:{state}:events     a durable stream (corral.streams) with every change, by offset
+    <ns>:{state}:events:meta  hash: offset (the last one given), epoch
+    <ns>:{state}:expiry     sorted set: state id by expiry time (unix ms)
+
+::
+
+    backend = RedisBackend("redis://localhost:6379/0", namespace="corral",
+                           history_limit=100, stream_max_len=100_000)
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+import msgpack
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from corral.errors import BackendUnavailable, Conflict, NotFound
+from corral.messages.state import (
+    KEEP,
+    REMOVE,
+    TRANSITION_RULES,
+    StateChanged,
+    StateInfo,
+    StateWrite,
+    events_stream_key,
+)
+
+__all__ = ["RedisBackend", "decode_event"]
+
+T = TypeVar("T")
+
+_CONNECT_TIMEOUT = 2.0
+_SOCKET_TIMEOUT = 5.0
+_EXPIRE_BATCH = 100
+_NONE = "~"  # "not given" in the script's arguments (every given value is non-empty or "\x80")
+
+
+def _lua_rules() -> str:
+    entries = []
+    for name, rule in TRANSITION_RULES.items():
+        sources = "," + ",".join(sorted(rule.sources)) + "," if rule.sources else ""
+        entries.append(f'["{name}"] = {{"{sources}", "{rule.target}"}}')
+    return "{" + ", ".join(entries) + "}"
+
+
+# ARGV: now_ms, epoch_candidate, history_limit, stream_max_len, n, then 7 per write:
+# state_id, transition, state_type, data, expected_version, ttl_ms, allowed (or "~").
+# A write whose transition is "" only expires its state if due (the TTL sweep).
+# KEYS: meta, stream, expiry, then per write: state hash, history list.
+# Answers {0, code, write index, a, b} for a refusal, {1, events, states} when applied.
+_APPLY = """
+local RULES = __RULES__
+local KEEP, REMOVE = "__KEEP__", "__REMOVE__"
+local now = tonumber(ARGV[1])
+local n = tonumber(ARGV[5])
+local current = {}   -- state id -> state table, or false when absent
+local changes = {}   -- {id, key index, transition, before, after}
+local results = {}
+
+local function load(id, k)
+  if current[id] ~= nil then return current[id] end
+  local h = redis.call("HGETALL", KEYS[k])
+  local s = false
+  if #h > 0 then
+    s = {}
+    for j = 1, #h, 2 do s[h[j]] = h[j + 1] end
+    s.version = tonumber(s.version)
+    if s.expires and tonumber(s.expires) <= now then
+      local after = {}
+      for f, v in pairs(s) do after[f] = v end
+      after.version = s.version + 1
+      after.status = "expired"
+      after.removed = true
+      changes[#changes + 1] = {id, k, "expire", s, after}
+      s = false
+    end
+  end
+  current[id] = s
+  return s
+end
+
+for i = 1, n do
+  local a = 5 + (i - 1) * 7
+  local id, tr, stype, data = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local expected, ttl, allowed = ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
+  local k = 3 + 2 * i - 1
+  local s = load(id, k)
+  if tr ~= "" then
+    local after
+    if not s then
+      if tr ~= "create" then return {0, "not_found", i, "", ""} end
+      if expected ~= "~" and tonumber(expected) ~= 0 then
+        return {0, "version", i, expected, "0"}
+      end
+      if allowed == "~" then allowed = "__STANDARD__" end
+      if data == "~" then data = "\\128" end
+      after = {type = stype, status = RULES["create"][2], data = data, version = 1,
+               allowed = allowed, created = tostring(now)}
+    else
+      if tr == "create" then return {0, "exists", i, "", ""} end
+      if expected ~= "~" and tonumber(expected) ~= s.version then
+        return {0, "version", i, expected, tostring(s.version)}
+      end
+      if tr ~= "expire" and not string.find("," .. s.allowed .. ",", "," .. tr .. ",", 1, true) then
+        return {0, "not_allowed", i, s.allowed, ""}
+      end
+      local rule = RULES[tr] or {"", KEEP}
+      if rule[1] ~= "" and not string.find(rule[1], "," .. s.status .. ",", 1, true) then
+        return {0, "status", i, s.status, ""}
+      end
+      after = {}
+      for f, v in pairs(s) do after[f] = v end
+      after.version = s.version + 1
+      if rule[2] == REMOVE then
+        after.removed = true
+        after.status = (tr == "expire") and "expired" or "deleted"
+      elseif rule[2] ~= KEEP then
+        after.status = rule[2]
+      end
+      if data ~= "~" then after.data = data end
+    end
+    after.updated = tostring(now)
+    if ttl ~= "~" then after.expires = tostring(now + tonumber(ttl)) end
+    changes[#changes + 1] = {id, k, tr, s, after}
+    current[id] = (not after.removed) and after or false
+    results[#results + 1] = {after.status, after.type, after.data, after.version, after.allowed,
+                             after.created, after.updated, after.expires or ""}
+  end
+end
+
+if #changes == 0 then return {1, {}, results} end
+local epoch = redis.call("HGET", KEYS[1], "epoch")
+if not epoch then
+  epoch = ARGV[2]
+  redis.call("HSET", KEYS[1], "epoch", epoch)
+end
+local limit, maxlen = tonumber(ARGV[3]), ARGV[4]
+local events = {}
+for c = 1, #changes do
+  local id, k, tr, before, after = unpack(changes[c])
+  local offset = redis.call("HINCRBY", KEYS[1], "offset", 1)
+  local new = after.removed and "\\192" or after.data
+  local old = before and before.data or "\\192"
+  local body = "\\138" .. cmsgpack.pack("state_id", id, "state_type", after.type,
+      "transition", tr, "old") .. old .. cmsgpack.pack("new") .. new ..
+      cmsgpack.pack("state_version", after.version, "offset", offset, "epoch", epoch, "ts", now,
+                    "status", after.status)
+  events[c] = body
+  local topic = "state.changed." .. after.type .. "." .. id
+  redis.call("XADD", KEYS[2], "MAXLEN", maxlen, offset .. "-0",
+             "topic", topic, "type", "state.changed", "v", "1", "body", body)
+  if after.removed then
+    redis.call("DEL", KEYS[k], KEYS[k + 1])
+    redis.call("ZREM", KEYS[3], id)
+  else
+    redis.call("RPUSH", KEYS[k + 1], body)
+    redis.call("LTRIM", KEYS[k + 1], -limit, -1)
+    redis.call("HSET", KEYS[k], "type", after.type, "status", after.status, "data", after.data,
+               "version", after.version, "allowed", after.allowed, "created", after.created,
+               "updated", after.updated)
+    if after.expires then
+      redis.call("HSET", KEYS[k], "expires", after.expires)
+      redis.call("ZADD", KEYS[3], after.expires, id)
+    end
+  end
+end
+return {1, events, results}
+"""
+
+
+def _apply_script() -> str:
+    standard = ",".join(TRANSITION_RULES)
+    return (
+        _APPLY.replace("__RULES__", _lua_rules())
+        .replace("__KEEP__", KEEP)
+        .replace("__REMOVE__", REMOVE)
+        .replace("__STANDARD__", standard)
+    )
+
+
+def _unpack(blob: bytes) -> Any:
+    return msgpack.unpackb(blob, raw=False)
+
+
+def decode_event(body: bytes) -> StateChanged:
+    """A StateChanged from the msgpack body the script stored (history, stream)."""
+    return StateChanged(**_unpack(body))
+
+
+class RedisBackend:
+    """States in Redis; see the module docstring for the keys."""
+
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        namespace: str,
+        history_limit: int,
+        stream_max_len: int,
+    ) -> None:
+        self.url = url
+        self.history_limit = history_limit
+        self.stream_max_len = stream_max_len
+        base = f"{namespace}:{{state}}:"
+        self._state_prefix = base + "s:"
+        self._history_prefix = base + "h:"
+        stream = events_stream_key(namespace)
+        self._fixed_keys = [stream + ":meta", stream, base + "expiry"]
+        options: dict[str, Any] = {
+            "protocol": 2,
+            "socket_connect_timeout": _CONNECT_TIMEOUT,
+            "socket_timeout": _SOCKET_TIMEOUT,
+        }
+        # A write is never retried: a reply lost after Redis applied it must not apply
+        # twice. Reads are retried once, which replaces a connection Redis closed.
+        self._writer = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)
+        self._reader = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 1), **options)
+        self._script = self._writer.register_script(_apply_script())
+
+    def apply(
+        self, writes: list[StateWrite], now_ms: int
+    ) -> tuple[list[StateChanged], list[StateInfo]]:
+        keys = list(self._fixed_keys)
+        args: list[Any] = [now_ms, uuid.uuid4().hex[:12], self.history_limit]
+        args += [self.stream_max_len, len(writes)]
+        for write in writes:
+            keys += [self._state_prefix + write.state_id, self._history_prefix + write.state_id]
+            args += [
+                write.state_id,
+                write.transition,
+                write.state_type,
+                _NONE if write.data is None else _pack(write.data),
+                _NONE if write.expected_version is None else write.expected_version,
+                _NONE if write.ttl is None else int(write.ttl * 1000),
+                _NONE if write.allowed_transitions is None else ",".join(
+                    write.allowed_transitions
+                ),
+            ]  # fmt: skip
+        answer = self._call(lambda: self._script(keys, args), "apply a state change")
+        if answer[0] == 0:
+            _, code, index, a, b = answer
+            raise _refusal(code.decode(), writes[index - 1], a.decode(), b.decode())
+        _, bodies, results = answer
+        events = [decode_event(body) for body in bodies]
+        states = [
+            _state_info(write.state_id, result)
+            for write, result in zip([w for w in writes if w.transition], results, strict=True)
+        ]
+        return events, states
+
+    def get(self, state_id: str, now_ms: int) -> StateInfo:
+        fields = self._call(
+            lambda: self._reader.hgetall(self._state_prefix + state_id), "read a state"
+        )
+        expires = fields.get(b"expires")
+        if not fields or (expires is not None and int(expires) <= now_ms):
+            raise NotFound(f"no state {state_id!r}", {"state_id": state_id})
+        return _state_info(
+            state_id,
+            [fields[f] for f in (b"status", b"type", b"data", b"version", b"allowed")]
+            + [fields[b"created"], fields[b"updated"], expires or b""],
+        )
+
+    def history(self, state_id: str, limit: int) -> list[StateChanged]:
+        bodies: list[bytes] = self._call(
+            lambda: cast(
+                "list[bytes]",
+                self._reader.lrange(self._history_prefix + state_id, -limit, -1),
+            ),
+            "read a state's history",
+        )
+        if not bodies:
+            raise NotFound(f"no history of state {state_id!r}", {"state_id": state_id})
+        return [decode_event(body) for body in bodies]
+
+    def expire_due(self, now_ms: int) -> list[StateChanged]:
+        due: list[bytes] = self._call(
+            lambda: cast(
+                "list[bytes]",
+                self._reader.zrangebyscore(
+                    self._fixed_keys[2], "-inf", now_ms, start=0, num=_EXPIRE_BATCH
+                ),
+            ),
+            "find expired states",
+        )
+        if not due:
+            return []
+        sweeps = [StateWrite(state_id=state_id.decode(), transition="") for state_id in due]
+        events, _ = self.apply(sweeps, now_ms)
+        return events
+
+    def close(self) -> None:
+        self._writer.close()
+        self._reader.close()
+
+    def _call(self, action: Callable[[], T], what: str) -> T:
+        try:
+            return action()
+        except (redis.RedisError, OSError) as exc:
+            raise BackendUnavailable(
+                f"cannot {what}: Redis at {self.url.rpartition('@')[2]} is unavailable ({exc})",
+                {"backend": "redis"},
+            ) from exc
+
+
+def _pack(value: Any) -> bytes:
+    data: bytes = msgpack.packb(value, use_bin_type=True)
+    return data
+
+
+def _state_info(state_id: str, fields: list[Any]) -> StateInfo:
+    status, state_type, data, version, allowed, created, updated, expires = fields
+    allowed_text = allowed.decode()
+    return StateInfo(
+        state_id=state_id,
+        state_type=state_type.decode(),
+        status=status.decode(),
+        data=_unpack(data),
+        state_version=int(version),
+        allowed_transitions=allowed_text.split(",") if allowed_text else [],
+        created_at=int(created),
+        updated_at=int(updated),
+        expires_at=int(expires) if expires else None,
+    )
+
+
+def _refusal(code: str, write: StateWrite, a: str, b: str) -> Exception:
+    """The same errors as :func:`corral.messages.state.apply_transition` raises."""
+    state_id = write.state_id
+    if code == "not_found":
+        return NotFound(f"no state {state_id!r}", {"state_id": state_id})
+    if code == "exists":
+        return Conflict(f"state {state_id!r} exists", {"state_id": state_id})
+    if code == "version":
+        return Conflict(
+            f"state {state_id!r} is at version {b}, not {a}",
+            {"state_id": state_id, "expected_version": int(a), "state_version": int(b)},
+        )
+    if code == "not_allowed":
+        return Conflict(
+            f"transition {write.transition!r} is not allowed for state {state_id!r}",
+            {"state_id": state_id, "transition": write.transition,
+             "allowed": a.split(",") if a else []},
+        )  # fmt: skip
+    return Conflict(
+        f"cannot {write.transition} state {state_id!r}: it is {a}",
+        {"state_id": state_id, "transition": write.transition, "status": a},
+    )

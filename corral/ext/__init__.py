@@ -1,0 +1,1 @@
+"""Helpers for embedding code, built on messages only (never on manager modules)."""

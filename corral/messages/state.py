@@ -1,0 +1,348 @@
+"""Messages of the ``state`` manager: typed states, transitions, history and change events.
+
+A state has an id, a type (``System``, ``User``, ``Session``, ``Resource``,
+``Feature``, ``Subscription`` or a custom name), a data map, a version, a status,
+the transitions it allows and an optional TTL. Every change is a transition,
+checked against :data:`TRANSITION_RULES` and the state's allowed transitions, and
+emits :class:`StateChanged` on ``state.changed.<state_type>.<state_id>``::
+
+    info = system.ask(StateRegister(state_id="u1", state_type="User", data={"n": 1}))
+    info = system.ask(
+        StateUpdate(state_id="u1", data={"n": 2}, expected_version=info.state_version)
+    )
+    system.ask(StateUpdate(state_id="u1", transition="suspend"))
+
+The rules live here, as data, so that every backend (the memory backend, the
+Redis Lua script generated from them, a transaction's read-your-writes overlay)
+applies the same ones: :func:`apply_transition`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+from corral.errors import Conflict, InvalidMessage, NotFound
+from corral.messages.base import Event, Reply, Request, message
+
+__all__ = [
+    "KEEP",
+    "REMOVE",
+    "STANDARD_TRANSITIONS",
+    "STATE_TYPES",
+    "TRANSITION_RULES",
+    "StateChanged",
+    "StateCommit",
+    "StateCommitted",
+    "StateDelete",
+    "StateExpireDue",
+    "StateExpired",
+    "StateGet",
+    "StateGetHistory",
+    "StateHistory",
+    "StateInfo",
+    "StateRegister",
+    "StateUpdate",
+    "StateWrite",
+    "TransitionRule",
+    "apply_transition",
+    "changed_topic",
+    "check_write",
+    "events_stream_key",
+]
+
+STATE_TYPES = ("System", "User", "Session", "Resource", "Feature", "Subscription")
+"""The seeds' state types; any other name matching ``[A-Za-z][A-Za-z0-9_-]*`` is a custom type."""
+
+KEEP = "="
+"""A rule's target meaning: the status does not change."""
+REMOVE = "-"
+"""A rule's target meaning: the state is removed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TransitionRule:
+    """From which statuses a transition may run (empty: any) and the status it leads to."""
+
+    sources: frozenset[str]
+    target: str
+
+
+TRANSITION_RULES: dict[str, TransitionRule] = {
+    "create": TransitionRule(frozenset(), "active"),
+    "update": TransitionRule(frozenset({"active", "inactive"}), KEEP),
+    "activate": TransitionRule(frozenset({"inactive"}), "active"),
+    "deactivate": TransitionRule(frozenset({"active"}), "inactive"),
+    "suspend": TransitionRule(frozenset({"active", "inactive"}), "suspended"),
+    "resume": TransitionRule(frozenset({"suspended"}), "active"),
+    "delete": TransitionRule(frozenset(), REMOVE),
+    "expire": TransitionRule(frozenset(), REMOVE),
+}
+"""The standard transitions. ``create`` needs an absent state, every other one an
+existing state; a custom transition (any other name) keeps the status, from any status."""
+
+STANDARD_TRANSITIONS = tuple(TRANSITION_RULES)
+"""What a state allows when registered without ``allowed_transitions``."""
+
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+_TRANSITION = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_STATE_ID = re.compile(r"[^\s*?\[\]]{1,200}")
+
+
+def events_stream_key(namespace: str = "corral") -> str:
+    """The Redis Stream that holds every state change of a namespace, by offset
+    (what a durable subscription to ``state.changed.*`` reads)."""
+    return f"{namespace}:{{state}}:events"
+
+
+def changed_topic(state_type: str = "*", state_id: str = "*") -> str:
+    """The topic of a state's change events; the defaults make a pattern for all of them."""
+    return f"state.changed.{state_type}.{state_id}"
+
+
+@message("state.info")
+class StateInfo(Reply):
+    """A state as stored. Timestamps are unix milliseconds; ``status`` is ``active``,
+    ``inactive``, ``suspended``, or ``deleted`` / ``expired`` for a state just removed."""
+
+    state_id: str
+    state_type: str
+    status: str
+    data: dict[str, Any]
+    state_version: int
+    allowed_transitions: list[str]
+    created_at: int
+    updated_at: int
+    expires_at: int | None = None
+
+
+@message("state.changed")
+class StateChanged(Event):
+    """One change of one state: published on ``state.changed.<state_type>.<state_id>``.
+
+    ``old``/``new`` are the data before and after (None before ``create`` and after a
+    removal); ``offset`` and ``epoch`` place the event in the durable event stream
+    (resume a subscription from ``offset``); ``ts`` is unix milliseconds.
+    """
+
+    state_id: str
+    state_type: str
+    transition: str
+    old: dict[str, Any] | None
+    new: dict[str, Any] | None
+    state_version: int
+    offset: int
+    epoch: str
+    ts: int
+    status: str = ""
+
+
+@message("state.write")
+class StateWrite(Reply):
+    """One change to apply: what StateRegister/Update/Delete ask for, and what a
+    transaction buffers and commits. ``data`` None keeps the data; ``ttl`` (seconds)
+    sets a new expiry; ``state_type`` and ``allowed_transitions`` count for ``create``."""
+
+    state_id: str
+    transition: str
+    state_type: str = ""
+    data: dict[str, Any] | None = None
+    expected_version: int | None = None
+    ttl: float | None = None
+    allowed_transitions: list[str] | None = None
+
+
+@message("state.register")
+class StateRegister(Request[StateInfo]):
+    """Create a state (transition ``create``); Conflict if it exists.
+
+    ``allowed_transitions`` defaults to the standard ones; list custom names here to
+    allow them. With ``ttl`` (seconds) the state expires, emitting ``expire``.
+    """
+
+    manager = "state"
+    state_id: str
+    state_type: str
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+    allowed_transitions: list[str] | None = None
+    ttl: float | None = None
+
+
+@message("state.get")
+class StateGet(Request[StateInfo]):
+    """The current state; NotFound if there is none (or it has expired)."""
+
+    manager = "state"
+    state_id: str
+
+
+@message("state.update")
+class StateUpdate(Request[StateInfo]):
+    """Run ``transition`` (default ``update``) on a state, replacing its data when given.
+
+    Conflict when the transition is not allowed or ``expected_version`` is not current.
+    ``ttl`` (seconds) restarts the state's expiry.
+    """
+
+    manager = "state"
+    state_id: str
+    transition: str = "update"
+    data: dict[str, Any] | None = None
+    expected_version: int | None = None
+    ttl: float | None = None
+
+
+@message("state.delete")
+class StateDelete(Request[StateInfo]):
+    """Remove a state (transition ``delete``); answers its last form, status ``deleted``."""
+
+    manager = "state"
+    state_id: str
+    expected_version: int | None = None
+
+
+@message("state.history")
+class StateHistory(Reply):
+    """A state's latest changes, oldest first (at most the manager's ``history_limit``)."""
+
+    state_id: str
+    entries: list[StateChanged]
+
+
+@message("state.get_history")
+class StateGetHistory(Request[StateHistory]):
+    """The latest ``limit`` changes of a state; NotFound when it has no history."""
+
+    manager = "state"
+    state_id: str
+    limit: int = 100
+
+
+@message("state.committed")
+class StateCommitted(Reply):
+    """The states after a commit, one per write, in the order of the writes."""
+
+    states: list[StateInfo]
+
+
+@message("state.commit")
+class StateCommit(Request[StateCommitted]):
+    """Apply several writes all or nothing: every transition and expected version is
+    checked first, then all apply at once and their events follow. Sent by the
+    ``transaction`` manager; usable directly for a one-shot multi-state change."""
+
+    manager = "state"
+    writes: list[StateWrite]
+    transaction_id: str = ""
+
+
+@message("state.expired")
+class StateExpired(Reply):
+    """The states an expiry sweep removed (each also emitted ``expire``)."""
+
+    state_ids: list[str]
+
+
+@message("state.expire_due")
+class StateExpireDue(Request[StateExpired]):
+    """Expire the states whose TTL has passed, now. The manager sends itself this every
+    ``expiry_interval`` seconds; reads never see an expired state meanwhile."""
+
+    manager = "state"
+
+
+def check_write(write: StateWrite) -> None:
+    """Reject a malformed write with InvalidMessage naming the field (before any backend)."""
+    if not _STATE_ID.fullmatch(write.state_id):
+        raise InvalidMessage(
+            "a state id is 1-200 characters without whitespace or * ? [ ]", path="state_id"
+        )
+    if not _TRANSITION.fullmatch(write.transition):
+        raise InvalidMessage(
+            f"a transition is a snake_case name, got {write.transition!r:.70}", path="transition"
+        )
+    if write.transition == "create":
+        if not _NAME.fullmatch(write.state_type):
+            raise InvalidMessage(
+                f"a state type matches [A-Za-z][A-Za-z0-9_-]*, got {write.state_type!r:.70}",
+                path="state_type",
+            )
+        for i, name in enumerate(write.allowed_transitions or ()):
+            if not _TRANSITION.fullmatch(name):
+                raise InvalidMessage(
+                    f"a transition is a snake_case name, got {name!r:.70}",
+                    path=f"allowed_transitions[{i}]",
+                )
+    if write.expected_version is not None and write.expected_version < 0:
+        raise InvalidMessage("expected_version must be >= 0", path="expected_version")
+    if write.ttl is not None and not write.ttl > 0:
+        raise InvalidMessage(f"ttl must be > 0 seconds, got {write.ttl}", path="ttl")
+
+
+def apply_transition(current: StateInfo | None, write: StateWrite, now_ms: int) -> StateInfo:
+    """The state after ``write``, or NotFound / Conflict; the rules every backend follows.
+
+    A removed state comes back with status ``deleted`` or ``expired``. The Redis
+    backend's Lua script is generated from the same :data:`TRANSITION_RULES`.
+    """
+    transition = write.transition
+    if current is None:
+        if transition != "create":
+            raise NotFound(f"no state {write.state_id!r}", {"state_id": write.state_id})
+        if write.expected_version not in (None, 0):
+            raise _version_conflict(write, 0)
+        return StateInfo(
+            state_id=write.state_id,
+            state_type=write.state_type,
+            status=TRANSITION_RULES["create"].target,
+            data=write.data if write.data is not None else {},
+            state_version=1,
+            allowed_transitions=list(
+                STANDARD_TRANSITIONS
+                if write.allowed_transitions is None
+                else write.allowed_transitions
+            ),
+            created_at=now_ms,
+            updated_at=now_ms,
+            expires_at=None if write.ttl is None else now_ms + int(write.ttl * 1000),
+        )
+    if transition == "create":
+        raise Conflict(f"state {write.state_id!r} exists", {"state_id": write.state_id})
+    if write.expected_version is not None and write.expected_version != current.state_version:
+        raise _version_conflict(write, current.state_version)
+    if transition not in current.allowed_transitions and transition != "expire":
+        raise Conflict(
+            f"transition {transition!r} is not allowed for state {write.state_id!r}",
+            {"state_id": write.state_id, "transition": transition,
+             "allowed": current.allowed_transitions},
+        )  # fmt: skip
+    rule = TRANSITION_RULES.get(transition, TransitionRule(frozenset(), KEEP))
+    if rule.sources and current.status not in rule.sources:
+        raise Conflict(
+            f"cannot {transition} state {write.state_id!r}: it is {current.status}",
+            {"state_id": write.state_id, "transition": transition, "status": current.status},
+        )
+    if rule.target == REMOVE:
+        status = "expired" if transition == "expire" else "deleted"
+    else:
+        status = current.status if rule.target == KEEP else rule.target
+    expires_at = current.expires_at
+    if write.ttl is not None:
+        expires_at = now_ms + int(write.ttl * 1000)
+    return dataclasses.replace(
+        current,
+        status=status,
+        data=current.data if write.data is None else write.data,
+        state_version=current.state_version + 1,
+        updated_at=now_ms,
+        expires_at=expires_at,
+    )
+
+
+def _version_conflict(write: StateWrite, actual: int) -> Conflict:
+    return Conflict(
+        f"state {write.state_id!r} is at version {actual}, not {write.expected_version}",
+        {"state_id": write.state_id, "expected_version": write.expected_version,
+         "state_version": actual},
+    )  # fmt: skip

@@ -1,0 +1,39 @@
+"""Messages of durable event streams: the notice that a subscriber missed events.
+
+A durable subscription (:mod:`corral.streams`) that cannot deliver every event
+after the offset it was asked to resume from says so with a ``StreamGap``
+delivery instead of staying silent::
+
+    for delivery in subscription:
+        if isinstance(delivery.message, StreamGap):
+            reload_everything()        # events first_missing..last_missing are gone
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from corral.messages.base import Event, message
+
+__all__ = ["GAP_TOPIC", "StreamGap"]
+
+GAP_TOPIC = "stream.gap"
+"""The topic a :class:`StreamGap` is delivered under."""
+
+
+@message("stream.gap")
+class StreamGap(Event):
+    """Events ``first_missing``..``last_missing`` of ``stream`` cannot be delivered.
+
+    ``reason``: ``trimmed`` (the capped stream dropped them before they were read)
+    or ``epoch_changed`` (the stream was lost and started again, e.g. Redis came
+    back without its data: offsets restart, and ``last_missing`` is unknown, -1).
+    Delivery goes on after the notice with the first event still available.
+    """
+
+    stream: str
+    reason: Literal["trimmed", "epoch_changed"]
+    first_missing: int
+    last_missing: int
+    epoch: str
+    previous_epoch: str = ""

@@ -1,0 +1,165 @@
+"""Cache manager on a real Redis: L1 coherence across two Systems, and Redis going away
+and coming back (circuit breaker, fallback, degraded health, recovery)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis
+
+from corral.actors.cache import CacheManager
+from corral.config import Config, ManagerSection
+from corral.errors import BackendUnavailable
+from corral.messages.cache import (
+    CacheClear,
+    CacheDelete,
+    CacheGet,
+    CacheInvalidate,
+    CacheInvalidateTags,
+    CacheSet,
+    CacheStats,
+)
+from corral.system import System
+from tests.redis_server import RedisServer
+from tests.support import wait_until
+
+
+def tiered_system(url: str, **backend: Any) -> System:
+    options = {"backends": {"main": {"type": "tiered", "url": url, "l1_ttl": 60.0, **backend}}}
+    config = Config().replace(managers={"cache": ManagerSection(options=options)})
+    return System(config, managers=[CacheManager]).start()
+
+
+def l1_hits(system: System) -> int:
+    hits: int = system.ask(CacheStats()).backends["main"]["l1_hits"]
+    return hits
+
+
+def read_from_l1(system: System, key: str, value: Any) -> None:
+    """Read ``key`` until a read is an L1 hit with ``value``.
+
+    The first read fills L1 from L2; the invalidation of the set that wrote the key
+    may still arrive after it and empty L1 again, hence the loop.
+    """
+
+    def hit() -> bool:
+        before = l1_hits(system)
+        reply = system.ask(CacheGet(key=key))
+        return reply.value == value and l1_hits(system) == before + 1
+
+    wait_until(hit)
+
+
+def cache_status(system: System) -> str:
+    health = system.health().managers["cache"].health
+    assert health is not None
+    return health.status
+
+
+def test_l1_invalidation_across_two_systems(redis_server: RedisServer) -> None:
+    with tiered_system(redis_server.url) as one, tiered_system(redis_server.url) as two:
+        one.ask(CacheSet(key="k", value=1, tags=["group"]))
+        read_from_l1(two, "k", 1)
+
+        one.ask(CacheSet(key="k", value=2))
+        wait_until(lambda: two.ask(CacheGet(key="k")).value == 2)
+
+        one.ask(CacheDelete(key="k"))
+        wait_until(lambda: not two.ask(CacheGet(key="k")).found)
+
+        for invalidate in (
+            CacheInvalidate(pattern="user:*"),
+            CacheInvalidateTags(tags=["users"]),
+            CacheClear(),
+        ):
+            one.ask(CacheSet(key="user:1", value="ada", tags=["users"]))
+            read_from_l1(two, "user:1", "ada")
+            one.ask(invalidate)
+            wait_until(lambda: not two.ask(CacheGet(key="user:1")).found)
+
+
+def test_namespaces_keep_caches_apart(redis_server: RedisServer) -> None:
+    with (
+        tiered_system(redis_server.url, namespace="a") as one,
+        tiered_system(redis_server.url, namespace="b") as two,
+    ):
+        one.ask(CacheSet(key="k", value="a"))
+        two.ask(CacheSet(key="k", value="b"))
+        assert one.ask(CacheClear()).count == 1
+        assert two.ask(CacheGet(key="k")).value == "b"
+        with redis.Redis.from_url(redis_server.url) as client:
+            assert client.keys("*") == [b"b:cache:{k}"]
+
+
+def test_redis_stopped_and_restarted(fresh_redis_server: RedisServer) -> None:
+    server = fresh_redis_server
+    breaker = {"breaker_threshold": 2, "breaker_reset_timeout": 0.2, "socket_timeout": 0.3}
+    with tiered_system(server.url, **breaker) as system:
+        system.ask(CacheSet(key="before", value=1))
+        assert cache_status(system) == "healthy"
+
+        server.stop()
+        # Nothing raises into the callers: reads and writes fall back to L1.
+        for n in range(5):
+            system.ask(CacheSet(key=f"during:{n}", value=n))
+        assert system.ask(CacheGet(key="during:4")).value == 4
+        assert system.ask(CacheGet(key="missing")).found is False
+        assert system.ask(CacheDelete(key="during:0")).count == 1
+        system.ask(CacheInvalidate(pattern="during:1*"))
+        assert cache_status(system) == "degraded"
+        stats = system.ask(CacheStats()).backends["main"]
+        assert stats["breaker"] == "open" and stats["fallbacks"] > 0 and stats["errors"] >= 2
+        health = system.health().managers["cache"].health
+        assert health is not None
+        assert health.details["backends"]["main"]["breaker"] == "open"
+
+        server.start()
+
+        def recovered() -> bool:
+            system.ask(CacheGet(key="probe"))  # a request is the half-open probe
+            return cache_status(system) == "healthy"
+
+        wait_until(recovered)
+        # Entries written only to L1 while Redis was away are dropped: they may be stale.
+        assert system.ask(CacheGet(key="during:4")).found is False
+        system.ask(CacheSet(key="after", value="ok"))
+        with redis.Redis.from_url(server.url) as client:
+            assert client.exists("corral:cache:{after}") == 1
+        assert system.ask(CacheStats()).backends["main"]["breaker_opens"] == 1
+
+
+def test_without_fallback_redis_down_is_backend_unavailable(
+    fresh_redis_server: RedisServer,
+) -> None:
+    server = fresh_redis_server
+    backend = {
+        "type": "redis",
+        "url": server.url,
+        "fallback": False,
+        "breaker_threshold": 1,
+        "breaker_reset_timeout": 0.2,
+    }
+    config = Config().replace(
+        managers={"cache": ManagerSection(options={"backends": {"r": backend}})}
+    )
+    with System(config, managers=[CacheManager]) as system:
+        system.ask(CacheSet(key="k", value=1))
+        server.stop()
+        with pytest.raises(BackendUnavailable, match="Redis is unavailable"):
+            system.ask(CacheGet(key="k"))
+        with pytest.raises(BackendUnavailable):
+            system.ask(CacheSet(key="k", value=2))
+        assert cache_status(system) == "unhealthy"
+        server.start()
+
+        def recovered() -> bool:
+            try:
+                system.ask(CacheSet(key="k", value=3))
+            except BackendUnavailable:
+                return False
+            return True
+
+        wait_until(recovered)
+        assert system.ask(CacheGet(key="k")).value == 3
+        assert cache_status(system) == "healthy"

@@ -1,0 +1,148 @@
+"""Durable subscriptions over the state manager's event stream: resume from an offset,
+gap notices for trimmed history and a changed epoch, topic filtering."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from corral.actors.state import StateManager
+from corral.config import Config
+from corral.messages.state import StateChanged, StateRegister, StateUpdate, events_stream_key
+from corral.messages.stream import StreamGap
+from corral.streams import DurableSubscription
+from corral.supervisor import ChildSpec
+from corral.system import System
+from tests.redis_server import RedisServer
+
+STREAM = events_stream_key("corral")
+
+
+def state_system(url: str, **options: object) -> System:
+    spec = ChildSpec(name="state", manager=StateManager, options={"backend": "redis", **options},
+                     redis_url=url)  # fmt: skip
+    return System(Config(), managers=[spec]).start()
+
+
+@pytest.fixture
+def system(redis_server: RedisServer) -> Iterator[System]:
+    system = state_system(redis_server.url)
+    yield system
+    system.stop()
+
+
+def changes(system: System, state_id: str, count: int, state_type: str = "User") -> None:
+    system.ask(StateRegister(state_id=state_id, state_type=state_type, data={"n": 0}))
+    for n in range(1, count):
+        system.ask(StateUpdate(state_id=state_id, data={"n": n}))
+
+
+def take(sub: DurableSubscription, count: int) -> list[Any]:
+    """The next ``count`` messages: StateChanged events and StreamGap notices."""
+    taken: list[Any] = []
+    for _ in range(count):
+        delivery = sub.get(timeout=5)
+        assert delivery is not None, f"only {len(taken)} of {count} deliveries"
+        assert isinstance(delivery.message, StateChanged | StreamGap)
+        taken.append(delivery.message)
+    return taken
+
+
+def test_a_subscriber_that_missed_1000_events_gets_them_all_in_order(
+    system: System, redis_server: RedisServer
+) -> None:
+    changes(system, "u1", 10)
+    with DurableSubscription(redis_server.url, stream=STREAM, pattern="state.changed.*") as sub:
+        seen = take(sub, 10)
+    resume_at, epoch = sub.offset, sub.epoch
+    assert resume_at == 10 and [e.offset for e in seen] == list(range(1, 11))
+
+    for n in range(1000):  # while it is away
+        system.ask(StateUpdate(state_id="u1", data={"n": 100 + n}))
+    with DurableSubscription(
+        redis_server.url, stream=STREAM, pattern="state.changed.*", from_offset=resume_at,
+        epoch=epoch,
+    ) as sub:  # fmt: skip
+        missed = take(sub, 1000)
+        system.ask(StateUpdate(state_id="u1", data={"n": "live"}))
+        (live,) = take(sub, 1)
+        assert sub.get(timeout=0.1) is None  # no duplicates
+    assert [e.offset for e in missed] == list(range(11, 1011))
+    assert [e.new for e in missed if isinstance(e, StateChanged)] == [
+        {"n": 100 + n} for n in range(1000)]  # fmt: skip
+    assert isinstance(live, StateChanged) and (live.offset, live.new) == (1011, {"n": "live"})
+
+
+def test_trimmed_history_yields_a_gap_notice_then_what_is_left(redis_server: RedisServer) -> None:
+    system = state_system(redis_server.url, stream_max_len=10)
+    try:
+        changes(system, "u1", 50)
+        with DurableSubscription(redis_server.url, stream=STREAM, from_offset=5) as sub:
+            gap, *rest = take(sub, 11)
+    finally:
+        system.stop()
+    assert isinstance(gap, StreamGap)
+    assert (gap.reason, gap.first_missing, gap.last_missing) == ("trimmed", 6, 40)
+    assert [e.offset for e in rest] == list(range(41, 51))
+
+
+def test_a_changed_epoch_yields_a_gap_notice_and_starts_over(
+    system: System, redis_server: RedisServer
+) -> None:
+    changes(system, "u1", 3)
+    with DurableSubscription(redis_server.url, stream=STREAM, from_offset=3) as sub:
+        assert sub.get(timeout=0.2) is None
+        old_epoch = sub.epoch
+        with redis.Redis.from_url(redis_server.url) as client:
+            client.flushall()  # the stream's life ends: Redis lost everything
+        changes(system, "u1", 2)
+        gap, first, second = take(sub, 3)
+    assert isinstance(gap, StreamGap) and gap.reason == "epoch_changed"
+    assert (gap.first_missing, gap.last_missing, gap.previous_epoch) == (4, -1, old_epoch)
+    assert gap.epoch != old_epoch
+    assert [e.offset for e in (first, second)] == [1, 2]
+
+
+def test_an_unknown_epoch_is_a_gap_from_the_start(
+    system: System, redis_server: RedisServer
+) -> None:
+    changes(system, "u1", 2)
+    with DurableSubscription(
+        redis_server.url, stream=STREAM, from_offset=7, epoch="elsewhere"
+    ) as sub:
+        gap, *events = take(sub, 3)
+    assert isinstance(gap, StreamGap) and gap.previous_epoch == "elsewhere"
+    assert [e.offset for e in events] == [1, 2]
+
+
+def test_only_matching_topics_are_delivered(system: System, redis_server: RedisServer) -> None:
+    changes(system, "u1", 3)
+    changes(system, "s1", 2, state_type="Session")
+    with DurableSubscription(
+        redis_server.url, stream=STREAM, pattern="state.changed.Session.*"
+    ) as sub:
+        events = take(sub, 2)
+        assert sub.get(timeout=0.1) is None
+    assert [(e.state_id, e.offset) for e in events if isinstance(e, StateChanged)] == [
+        ("s1", 4), ("s1", 5)]  # fmt: skip
+
+
+def test_the_subscription_waits_out_a_redis_restart(fresh_redis_server: RedisServer) -> None:
+    server = fresh_redis_server
+    server.stop()
+    server.args = ("--appendonly", "yes", "--appendfsync", "always")
+    server.start()
+    system = state_system(server.url)
+    try:
+        changes(system, "u1", 2)
+        with DurableSubscription(server.url, stream=STREAM, block_seconds=0.2) as sub:
+            take(sub, 2)
+            server.restart()
+            system.ask(StateUpdate(state_id="u1", data={"n": "after"}))
+            (event,) = take(sub, 1)
+    finally:
+        system.stop()
+    assert isinstance(event, StateChanged) and event.offset == 3
