@@ -303,6 +303,7 @@ class Manager(pykka.ThreadingActor):
         self.settled = threading.Event()
         self.leftovers: list[Envelope[Any]] = []
         self.thread: threading.Thread | None = None
+        self.current_envelope: Envelope[Any] | None = None
 
     def _create_actor_inbox(self) -> Mailbox:  # type: ignore[override]
         return Mailbox(
@@ -324,6 +325,23 @@ class Manager(pykka.ThreadingActor):
     @property
     def options(self) -> Mapping[str, Any]:
         return self.context.options
+
+    def defer_reply(self) -> pykka.Future[Any] | None:
+        """Take the reply future of the request being handled, to answer it later.
+
+        The handler's return value is then dropped; set the future (with a Reply,
+        or an ErrorReply) when the answer is known, from any thread. None for a tell.
+        Waiting callers cost a list entry, not a blocked mailbox::
+
+            @handles(WaitFor)
+            def wait_for(self, msg: WaitFor) -> None:
+                self.waiters.append(self.defer_reply())
+        """
+        envelope = self.current_envelope
+        if envelope is None:
+            return None
+        future, envelope.reply_to = envelope.reply_to, None
+        return future
 
     def health(self) -> Health:
         """This manager's own health; override to report backends and details."""
@@ -394,6 +412,7 @@ class Manager(pykka.ThreadingActor):
         bucket = functools.partial(bisect.bisect_left, LATENCY_BUCKETS)
         while not stopped.is_set():
             envelope = inbox.get()
+            self.current_envelope = envelope
             message = envelope.message
             try:
                 handler = handlers.get(type(message))

@@ -28,9 +28,8 @@ from typing import Any
 
 import msgpack
 import pykka
-from pykka._envelope import Envelope
 
-from corral.actors.base import Mailbox, Manager, handles
+from corral.actors.base import Manager, handles
 from corral.actors.cache._backends import (
     Backend,
     InvalidationListener,
@@ -92,17 +91,6 @@ class _Sweep:
 _SWEEP = _Sweep()
 
 
-class _CacheMailbox(Mailbox):
-    """Remembers the envelope being handled, so a handler can take its reply future."""
-
-    current: Envelope[Any] | None = None
-
-    def _get(self) -> Envelope[Any]:
-        envelope = super()._get()
-        self.current = envelope
-        return envelope
-
-
 @dataclass
 class _Waiter:
     future: pykka.Future[Any]
@@ -124,11 +112,6 @@ class CacheManager(Manager):
 
     name = "cache"
     Options = CacheOptions
-
-    def _create_actor_inbox(self) -> _CacheMailbox:  # type: ignore[override]
-        return _CacheMailbox(
-            self.context.mailbox_size, self.context.mailbox_put_timeout, self.context.name
-        )
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -296,7 +279,7 @@ class CacheManager(Manager):
             )
             self._wake_at(now + msg.lease_ttl)
             return CacheLease(key=msg.key, found=False, lease=token)
-        future = self._take_reply_future()
+        future = self.defer_reply()
         if future is None:  # a tell: nobody waits for the answer
             return None
         flight.waiters.append(_Waiter(future, now + msg.wait))
@@ -312,16 +295,6 @@ class CacheManager(Manager):
             return CacheReleased(released=False)
         self._hand_over(backend.name, key, flight, time.monotonic())
         return CacheReleased(released=True)
-
-    def _take_reply_future(self) -> pykka.Future[Any] | None:
-        """Take the current request's reply future: the handler's return value is dropped."""
-        inbox = self.actor_inbox
-        assert isinstance(inbox, _CacheMailbox)
-        envelope = inbox.current
-        if envelope is None:
-            return None
-        future, envelope.reply_to = envelope.reply_to, None
-        return future
 
     def _settle(self, backend: str, key: str, value: Any) -> None:
         """The key was set: answer everyone waiting for it; its lease ends."""
