@@ -71,7 +71,7 @@ def _envelope(msg: Message) -> dict[str, Any]:
     """The plain dict corral puts on the wire for ``msg`` (unsigned)."""
     return {
         "t": msg.type_name,
-        "v": msg.version,
+        "v": msg.wire_version,
         "id": bytes(16),
         "c": None,
         "r": REPLY_TO,

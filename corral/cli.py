@@ -391,7 +391,7 @@ def messages(config_path: str | None, modules: tuple[str, ...]) -> None:
     _register_messages(_load(config_path), modules)
     for name, cls in sorted(registered().items()):
         handler = f" -> {cls.manager}" if cls.manager else ""
-        click.echo(f"{name} v{cls.version} ({cls.kind}{handler})")
+        click.echo(f"{name} v{cls.wire_version} ({cls.kind}{handler})")
         for field in cls.fields_info:
             optional = "" if field.required else " (optional)"
             click.echo(f"    {field.name}: {field.describe()}{optional}")

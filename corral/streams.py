@@ -232,7 +232,7 @@ class DurableSubscription(Subscription):
             if type(body) is not dict:
                 raise InvalidMessage("expected a map", path="body")
             version = int(fields.get(b"v", b"1"))
-            if version < cls.version:
+            if version < cls.wire_version:
                 body = cls.upgrade(body, version)
             # The codec's own per-field check and conversion of a message body.
             return cls._from_wire(body, "body")

@@ -255,7 +255,7 @@ def damage(env: dict[Any, Any], kind: str, rng: random.Random) -> None:
     elif kind == "entry_extra":
         env[rng.choice(["x", "sig", "T", b"t", 5])] = junk(rng)
     elif kind == "version":
-        env["v"] = rng.choice([0, -1, cls.version + 1, 2**64 - 1, 1, 2, True, 1.0])
+        env["v"] = rng.choice([0, -1, cls.wire_version + 1, 2**64 - 1, 1, 2, True, 1.0])
     elif kind == "type_name":  # another message's name on this body, or no message's
         env["t"] = rng.choice([*(c.type_name for c in MESSAGE_CLASSES), "test.fuzz_none", ""])
     elif kind == "body_junk":
@@ -268,7 +268,7 @@ def envelopes(draw: st.DrawFn) -> tuple[dict[Any, Any], str]:
     cls = MESSAGE_CLASSES[draw(st.integers(0, len(MESSAGE_CLASSES) - 1))]
     env: dict[Any, Any] = {
         "t": cls.type_name,
-        "v": rng.randint(1, cls.version),
+        "v": rng.randint(1, cls.wire_version),
         "id": rng.randbytes(16),
         "c": rng.choice([None, rng.randbytes(16)]),
         "r": rng.choice([None, "reply.node.7"]),

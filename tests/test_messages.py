@@ -178,8 +178,8 @@ def test_message_equality_and_hash_follow_fields() -> None:
 
 def test_class_attributes() -> None:
     assert MsgSample.type_name == "test.msg_sample"
-    assert MsgSample.version == 3
-    assert MsgItem.version == 1
+    assert MsgSample.wire_version == 3
+    assert MsgItem.wire_version == 1
     assert MsgSample.kind == "request"
     assert MsgItem.kind == "reply"
     assert MsgEvent.kind == "event"

@@ -86,7 +86,7 @@ def test_every_transition_rule_from_every_status(system: System, status: str) ->
             assert system.ask(StateGet(state_id=state_id)) == before
         else:
             after = system.ask(update)
-            assert after.state_version == before.state_version + 1
+            assert after.version == before.version + 1
             expected = {"=": status, "-": "expired" if transition == "expire" else "deleted"}
             assert after.status == expected.get(rule.target, rule.target)
             if rule.target == "-":
@@ -101,7 +101,7 @@ def test_transitions_outside_the_allowed_list_are_refused(system: System) -> Non
     with pytest.raises(Conflict, match="'reject' is not allowed"):
         system.ask(StateUpdate(state_id="u1", transition="reject"))
     approved = system.ask(StateUpdate(state_id="u1", transition="approve", data={"ok": True}))
-    assert (approved.status, approved.data, approved.state_version) == ("active", {"ok": True}, 2)
+    assert (approved.status, approved.data, approved.version) == ("active", {"ok": True}, 2)
     assert info.allowed_transitions == ["update", "approve"]
     assert register(system, "u2").allowed_transitions == list(STANDARD_TRANSITIONS)
 
@@ -111,7 +111,7 @@ def test_expected_version_conflicts(system: System) -> None:
     system.ask(StateUpdate(state_id="u1", data={"n": 1}, expected_version=1))
     with pytest.raises(Conflict) as caught:
         system.ask(StateUpdate(state_id="u1", data={"n": 9}, expected_version=1))
-    assert caught.value.details["state_version"] == 2
+    assert caught.value.details["version"] == 2
     with pytest.raises(Conflict):
         system.ask(StateDelete(state_id="u1", expected_version=5))
     assert system.ask(StateGet(state_id="u1")).data == {"n": 1}
@@ -124,7 +124,7 @@ def test_history_keeps_the_latest_changes_and_events_carry_offsets(system: Syste
             system.ask(StateUpdate(state_id="u1", data={"n": n}))
         events = [next_event(sub, StateChanged)[1] for _ in range(10)]
     history = system.ask(StateGetHistory(state_id="u1")).entries
-    assert [e.state_version for e in history] == [6, 7, 8, 9, 10]
+    assert [e.version for e in history] == [6, 7, 8, 9, 10]
     assert history == events[-5:]
     assert [e.offset for e in events] == list(range(1, 11))
     assert events[0].old is None and events[0].new == {"n": 0}
@@ -195,7 +195,7 @@ def test_bad_input_gets_a_clear_error_and_changes_nothing(
         assert next_event(sub, StateChanged)[1].transition == "create"
         with pytest.raises(error, match=text):
             system.ask(request_)
-        assert system.ask(StateGet(state_id="u1")).state_version == 1
+        assert system.ask(StateGet(state_id="u1")).version == 1
         assert sub.get(timeout=0.05) is None
     assert [e.transition for e in system.ask(StateGetHistory(state_id="u1")).entries] == ["create"]
 
@@ -213,7 +213,7 @@ def test_a_commit_applies_every_write_in_order_with_one_event_each(system: Syste
     with system.subscribe("state.changed.*") as sub:
         states = system.ask(StateCommit(writes=writes)).states
         events = [next_event(sub, StateChanged)[1] for _ in writes]
-    assert [(s.state_id, s.status, s.state_version) for s in states] == [
+    assert [(s.state_id, s.status, s.version) for s in states] == [
         ("b", "active", 1),
         ("b", "active", 2),
         ("a", "suspended", 2),
@@ -257,5 +257,5 @@ def test_acknowledged_writes_survive_a_killed_redis_and_the_others_fail_cleanly(
             stored = {int(k.rsplit(b":", 1)[1][1:]) for k in client.keys("corral:{state}:s:*")}
         assert set(acknowledged) <= stored
         assert len(stored - set(acknowledged)) <= 1  # at most the write in flight at the kill
-        assert register(system, "after").state_version == 1  # the manager carries on
+        assert register(system, "after").version == 1  # the manager carries on
         system.stop()

@@ -68,7 +68,7 @@ def undone_block(
 def test_writes_are_buffered_visible_inside_and_published_after_commit(system: System) -> None:
     with system.subscribe("state.changed.*") as sub:
         with transaction(system) as tx:
-            assert tx.update("a", data={"n": 1}).state_version == 2
+            assert tx.update("a", data={"n": 1}).version == 2
             tx.register("c", "Resource", data={"new": True})
             tx.update("c", transition="suspend")
             assert tx.get("a").data == {"n": 1}
@@ -80,7 +80,7 @@ def test_writes_are_buffered_visible_inside_and_published_after_commit(system: S
         events = [next_event(sub, StateChanged)[1] for _ in range(3)]
     assert [(e.state_id, e.transition) for e in events] == [
         ("a", "update"), ("c", "create"), ("c", "suspend")]  # fmt: skip
-    assert [s.state_version for s in tx.states] == [2, 1, 2]
+    assert [s.version for s in tx.states] == [2, 1, 2]
     assert data(system, "a") == {"n": 1}
 
 
@@ -97,7 +97,7 @@ def test_nested_savepoints_roll_back_exactly_their_part(system: System) -> None:
             undone_block(system, tx, ("b", None), error=ValueError("this one too"))
         assert tx.get("b").data == {"n": 5}
     assert (data(system, "a"), data(system, "b")) == ({"n": 2}, {"n": 5})
-    assert system.ask(StateGet(state_id="a")).state_version == 3
+    assert system.ask(StateGet(state_id="a")).version == 3
 
 
 def test_an_error_in_the_outer_block_rolls_everything_back(system: System) -> None:
@@ -143,7 +143,7 @@ def test_two_concurrent_transactions_one_commits_the_other_conflicts(system: Sys
     assert sorted(o.split()[0] for o in outcomes) == ["committed", "conflict"]
     winner = next(int(o.split()[1]) for o in outcomes if o.startswith("committed"))
     assert (data(system, "a"), data(system, "b")) == ({"n": winner}, {"n": winner})
-    assert system.ask(StateGet(state_id="b")).state_version == 2
+    assert system.ask(StateGet(state_id="b")).version == 2
 
 
 def test_a_change_made_outside_makes_the_commit_fail_and_apply_nothing(system: System) -> None:

@@ -236,8 +236,7 @@ class TransactionManager(Manager):
     def _versioned(self, tx: _Transaction) -> list[StateWrite]:
         """The writes, each expecting the version the transaction saw before it."""
         versions = {
-            state_id: 0 if state is None else state.state_version
-            for state_id, state in tx.stored.items()
+            state_id: 0 if state is None else state.version for state_id, state in tx.stored.items()
         }
         versioned = []
         for write in tx.writes:

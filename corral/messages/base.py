@@ -55,7 +55,8 @@ class Message:
     __slots__ = ()
 
     type_name: ClassVar[str]
-    version: ClassVar[int]
+    wire_version: ClassVar[int]
+    """The version this class reads and writes (``@message(name, version=N)``)."""
     kind: ClassVar[str] = "message"
     manager: ClassVar[str | None] = None
     fields_info: ClassVar[tuple[FieldInfo, ...]]
@@ -165,7 +166,7 @@ def message(name: str, *, version: int = 1) -> Callable[[M], M]:
             )
         made = typing.cast(M, dataclasses.dataclass(frozen=True, slots=True, kw_only=True)(cls))
         made.type_name = name
-        made.version = version
+        made.wire_version = version
         _compile(made)
         _REGISTRY[name] = made
         return made

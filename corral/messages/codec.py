@@ -142,7 +142,7 @@ class Codec:
     ) -> bytes:
         envelope: dict[str, Any] = {
             "t": message.type_name,
-            "v": message.version,
+            "v": message.wire_version,
             "id": id or new_id(),
             "c": correlation,
             "r": reply_to,
@@ -192,9 +192,9 @@ class Codec:
             raise _fail("t", f"unknown message type {type_name!r:.80}")
         if type(version) is not int or version < 1:
             raise _fail("v", f"expected a version >= 1, got {version!r:.40}")
-        if version > cls.version:
+        if version > cls.wire_version:
             raise _fail(
-                "v", f"{type_name} version {version} is newer than this reader's {cls.version}"
+                "v", f"{type_name} version {version} is newer than this reader's {cls.wire_version}"
             )
         if type(msg_id) is not bytes or len(msg_id) != 16:
             raise _fail("id", "expected 16 bytes")
@@ -209,7 +209,7 @@ class Codec:
         if cls.open_values:
             # Typed fields bound the depth themselves; only ``Any`` values can nest freely.
             self._check_depth(body)
-        if version < cls.version:
+        if version < cls.wire_version:
             body = cls.upgrade(body, version)
         return _new_envelope(
             Envelope, (cls._from_wire(body, "b"), msg_id, correlation, reply_to, ts, version)

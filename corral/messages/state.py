@@ -8,7 +8,7 @@ emits :class:`StateChanged` on ``state.changed.<state_type>.<state_id>``::
 
     info = system.ask(StateRegister(state_id="u1", state_type="User", data={"n": 1}))
     info = system.ask(
-        StateUpdate(state_id="u1", data={"n": 2}, expected_version=info.state_version)
+        StateUpdate(state_id="u1", data={"n": 2}, expected_version=info.version)
     )
     system.ask(StateUpdate(state_id="u1", transition="suspend"))
 
@@ -110,7 +110,7 @@ class StateInfo(Reply):
     state_type: str
     status: str
     data: dict[str, Any]
-    state_version: int
+    version: int
     allowed_transitions: list[str]
     created_at: int
     updated_at: int
@@ -131,7 +131,7 @@ class StateChanged(Event):
     transition: str
     old: dict[str, Any] | None
     new: dict[str, Any] | None
-    state_version: int
+    version: int
     offset: int
     epoch: str
     ts: int
@@ -297,7 +297,7 @@ def apply_transition(current: StateInfo | None, write: StateWrite, now_ms: int) 
             state_type=write.state_type,
             status=TRANSITION_RULES["create"].target,
             data=write.data if write.data is not None else {},
-            state_version=1,
+            version=1,
             allowed_transitions=list(
                 STANDARD_TRANSITIONS
                 if write.allowed_transitions is None
@@ -309,8 +309,8 @@ def apply_transition(current: StateInfo | None, write: StateWrite, now_ms: int) 
         )
     if transition == "create":
         raise Conflict(f"state {write.state_id!r} exists", {"state_id": write.state_id})
-    if write.expected_version is not None and write.expected_version != current.state_version:
-        raise _version_conflict(write, current.state_version)
+    if write.expected_version is not None and write.expected_version != current.version:
+        raise _version_conflict(write, current.version)
     if transition not in current.allowed_transitions and transition != "expire":
         raise Conflict(
             f"transition {transition!r} is not allowed for state {write.state_id!r}",
@@ -334,7 +334,7 @@ def apply_transition(current: StateInfo | None, write: StateWrite, now_ms: int) 
         current,
         status=status,
         data=current.data if write.data is None else write.data,
-        state_version=current.state_version + 1,
+        version=current.version + 1,
         updated_at=now_ms,
         expires_at=expires_at,
     )
@@ -344,5 +344,5 @@ def _version_conflict(write: StateWrite, actual: int) -> Conflict:
     return Conflict(
         f"state {write.state_id!r} is at version {actual}, not {write.expected_version}",
         {"state_id": write.state_id, "expected_version": write.expected_version,
-         "state_version": actual},
+         "version": actual},
     )  # fmt: skip

@@ -124,7 +124,7 @@ class MemoryBackend:
             transition=transition,
             old=None if before is None else before.data,
             new=None if removed else after.data,
-            state_version=after.state_version,
+            version=after.version,
             offset=self.offset,
             epoch=self.epoch,
             ts=now_ms,

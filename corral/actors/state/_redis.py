@@ -160,7 +160,7 @@ for c = 1, #changes do
   local old = before and before.data or "\\192"
   local body = "\\138" .. cmsgpack.pack("state_id", id, "state_type", after.type,
       "transition", tr, "old") .. old .. cmsgpack.pack("new") .. new ..
-      cmsgpack.pack("state_version", after.version, "offset", offset, "epoch", epoch, "ts", now,
+      cmsgpack.pack("version", after.version, "offset", offset, "epoch", epoch, "ts", now,
                     "status", after.status)
   events[c] = body
   local topic = "state.changed." .. after.type .. "." .. id
@@ -335,7 +335,7 @@ def _state_info(state_id: str, fields: list[Any]) -> StateInfo:
         state_type=state_type.decode(),
         status=status.decode(),
         data=_unpack(data),
-        state_version=int(version),
+        version=int(version),
         allowed_transitions=allowed_text.split(",") if allowed_text else [],
         created_at=int(created),
         updated_at=int(updated),
@@ -353,7 +353,7 @@ def _refusal(code: str, write: StateWrite, a: str, b: str) -> Exception:
     if code == "version":
         return Conflict(
             f"state {state_id!r} is at version {b}, not {a}",
-            {"state_id": state_id, "expected_version": int(a), "state_version": int(b)},
+            {"state_id": state_id, "expected_version": int(a), "version": int(b)},
         )
     if code == "not_allowed":
         return Conflict(
