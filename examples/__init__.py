@@ -1,0 +1,1 @@
+"""Runnable examples of embedding corral (see README.md, "Examples")."""
