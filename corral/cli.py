@@ -375,10 +375,13 @@ def config_group() -> None:
 def check(config_path: str | None) -> None:
     """Print the merged config, secrets masked, with where each value came from."""
     config = _load(config_path)
-    for section, values in config.masked().items():
-        click.echo(f"[{section}]")
-        for key, value in values.items():
-            source = config.sources.get(f"{section}.{key}", "")
+    masked = config.masked()
+    tables = [(name, values) for name, values in masked.items() if name != "managers"]
+    tables += [(f"managers.{name}", values) for name, values in masked["managers"].items()]
+    for table, values in tables:
+        click.echo(f"[{table}]")
+        for key, value in values.items():  # a manager's options are keys of its table
+            source = config.sources.get(f"{table}.{key}", "default")
             click.echo(f"{key} = {json.dumps(value, default=str)}  # {source}")
         click.echo()
 
