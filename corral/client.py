@@ -25,19 +25,18 @@ import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar
 
 import redis
 
-from corral.bus import Delivery, RedisBus, Subscription
+from corral._events import EventsMixin
+from corral.bus import Delivery, RedisBus
 from corral.errors import BackendUnavailable, ManagerUnavailable, Timeout
-from corral.messages.base import Event, Message, Reply, Request, unwrap, validate
+from corral.messages.base import Message, Reply, Request, unwrap, validate
 from corral.messages.codec import Codec, new_id
 from corral.messages.system import SystemHealth, SystemHealthCheck
 from corral.remote import SUBMIT_SCRIPT, alive_key, stream_key
-from corral.streams import follow_state_changes
 
 __all__ = ["Client", "connect"]
 
@@ -70,7 +69,7 @@ class _Waiter:
                 )
 
 
-class Client:
+class Client(EventsMixin):
     """A connection to the corral daemons on one Redis (see the module docstring)."""
 
     def __init__(
@@ -130,32 +129,8 @@ class Client:
         """Queue a message for a daemon without waiting for its handling."""
         self._send(message, self.ask_timeout, None)
 
-    def publish(self, topic: str, event: Event) -> None:
-        if self.validate:
-            validate(event)
-        self.bus.publish(topic, event)
-
-    def subscribe(
-        self,
-        pattern: str,
-        *,
-        callback: Callable[[Delivery], None] | None = None,
-        queue_size: int | None = None,
-        from_offset: int | None = None,
-        epoch: str | None = None,
-    ) -> Subscription:
-        """Follow events whose topic matches ``pattern`` (see :meth:`System.subscribe`)."""
-        if from_offset is None:
-            return self.bus.subscribe(pattern, callback=callback, queue_size=queue_size)
-        return follow_state_changes(
-            self.url,
-            self.namespace,
-            pattern,
-            from_offset=from_offset,
-            epoch=epoch,
-            callback=callback,
-            queue_size=queue_size or self.bus.queue_size,
-        )
+    def _durable_source(self) -> tuple[str, str]:
+        return self.url, self.namespace
 
     def health(self, *, timeout: float | None = None) -> SystemHealth:
         """The daemons' system health, as ``System.health()`` gives it."""

@@ -18,6 +18,7 @@ by the message's manager to whichever actor currently serves it, and wait
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import logging
 import time
@@ -28,15 +29,15 @@ from typing import Any, TypeVar
 import pykka
 from pykka._envelope import Envelope
 
+from corral._events import EventsMixin
 from corral.actors import BUILTIN
 from corral.actors.base import AsyncioFuture, Mailbox, Manager
-from corral.bus import Bus, Delivery, MemoryBus, RedisBus, Subscription
+from corral.bus import Bus, MemoryBus, RedisBus
 from corral.config import Config, ManagerSection, parse_options
 from corral.errors import ConfigError, Timeout
-from corral.messages.base import Event, Message, Reply, Request, unwrap, validate
+from corral.messages.base import Message, Reply, Request, unwrap, validate
 from corral.messages.codec import Codec
 from corral.messages.system import SystemHealth
-from corral.streams import follow_state_changes
 from corral.supervisor import ChildSpec, Supervisor, SupervisorPolicy
 
 __all__ = ["System"]
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Reply)
 
 
-class System:
+class System(EventsMixin):
     """Bus + supervisor + managers in this process. See the module docstring.
 
     ``managers``: extra Manager classes (or full ChildSpecs) of the embedding
@@ -97,18 +98,9 @@ class System:
         return MemoryBus(queue_size=section.queue_size)
 
     def _policy(self) -> SupervisorPolicy:
-        s = self.config.supervisor
-        return SupervisorPolicy(
-            strategy=s.strategy,
-            max_restarts=s.max_restarts,
-            period=s.period,
-            backoff_initial=s.backoff_initial,
-            backoff_max=s.backoff_max,
-            backoff_jitter=s.backoff_jitter,
-            probe_interval=s.probe_interval,
-            probe_timeout=s.probe_timeout,
-            start_timeout=s.start_timeout,
-        )
+        section = self.config.supervisor
+        names = (f.name for f in dataclasses.fields(SupervisorPolicy))
+        return SupervisorPolicy(**{name: getattr(section, name) for name in names})
 
     def _child_specs(self, extra: Iterable[type[Manager] | ChildSpec]) -> list[ChildSpec]:
         given: dict[str, type[Manager] | ChildSpec] = {}
@@ -257,43 +249,13 @@ class System:
     def _timeout(self, timeout: float | None) -> float:
         return self.ask_timeout if timeout is None else timeout
 
-    def publish(self, topic: str, event: Event) -> None:
-        if self.validate:
-            validate(event)
-        self.bus.publish(topic, event)
-
-    def subscribe(
-        self,
-        pattern: str,
-        *,
-        callback: Callable[[Delivery], None] | None = None,
-        queue_size: int | None = None,
-        from_offset: int | None = None,
-        epoch: str | None = None,
-    ) -> Subscription:
-        """Follow events whose topic matches ``pattern`` (Redis glob rules).
-
-        With ``from_offset``, follow the durable state-change stream instead: every
-        ``state.changed.*`` event after that offset, in order, then live ones; a
-        ``StreamGap`` event says plainly when the offset was trimmed away or the
-        ``epoch`` changed. That stream lives in Redis: the bus must be on Redis.
-        """
-        if from_offset is None:
-            return self.bus.subscribe(pattern, callback=callback, queue_size=queue_size)
+    def _durable_source(self) -> tuple[str, str]:
         if self.config.bus.backend != "redis":
             raise ConfigError(
                 "subscribing from an offset replays a stream kept in Redis: "
                 'set bus.backend = "redis"'
             )
-        return follow_state_changes(
-            self.config.bus.url,
-            self.config.bus.namespace,
-            pattern,
-            from_offset=from_offset,
-            epoch=epoch,
-            callback=callback,
-            queue_size=queue_size or self.config.bus.queue_size,
-        )
+        return self.config.bus.url, self.config.bus.namespace
 
     def health(self, *, timeout: float = 1.0) -> SystemHealth:
         """Every manager's Health and the supervisor's view, aggregated."""

@@ -1,0 +1,55 @@
+"""Publishing and following events: what System and Client share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from corral.bus import Bus, Delivery, Subscription
+from corral.messages.base import Event, validate
+from corral.streams import follow_state_changes
+
+
+class EventsMixin:
+    """``publish`` and ``subscribe`` over ``self.bus``; durable replay from Redis."""
+
+    bus: Bus
+    validate: bool
+
+    def _durable_source(self) -> tuple[str, str]:
+        """The Redis URL and namespace of the durable state-change stream."""
+        raise NotImplementedError
+
+    def publish(self, topic: str, event: Event) -> None:
+        """Publish ``event`` on ``topic`` (validated first, unless validation is off)."""
+        if self.validate:
+            validate(event)
+        self.bus.publish(topic, event)
+
+    def subscribe(
+        self,
+        pattern: str,
+        *,
+        callback: Callable[[Delivery], None] | None = None,
+        queue_size: int | None = None,
+        from_offset: int | None = None,
+        epoch: str | None = None,
+    ) -> Subscription:
+        """Follow events whose topic matches ``pattern`` (Redis glob rules).
+
+        With ``from_offset``, follow the durable state-change stream instead: every
+        ``state.changed.*`` event after that offset, in order, then live ones; a
+        ``StreamGap`` event says plainly when the offset was trimmed away or the
+        ``epoch`` changed. That stream lives in Redis.
+        """
+        if from_offset is None:
+            return self.bus.subscribe(pattern, callback=callback, queue_size=queue_size)
+        url, namespace = self._durable_source()
+        return follow_state_changes(
+            url,
+            namespace,
+            pattern,
+            from_offset=from_offset,
+            epoch=epoch,
+            callback=callback,
+            queue_size=queue_size or self.bus.queue_size,
+        )
