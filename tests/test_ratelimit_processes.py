@@ -1,0 +1,96 @@
+"""Two processes x 8 threads, each process with its own System, hammer one limit on one Redis.
+
+Every thread of both processes starts at once (a ``go`` key in Redis), makes
+its calls, and the processes report how many were allowed: never more than the
+limit, for the sliding window and for the token bucket.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.redis_server import RedisServer
+
+THREADS = 8
+CALLS = 30  # per thread and per limit: 2 x 8 x 30 = 480 tries at each limit
+
+WORKER = textwrap.dedent(
+    """
+    import json, sys, threading, time
+    import redis
+    from corral.actors.ratelimit import RateLimiter
+    from corral.messages.ratelimit import RatelimitCheck
+    from corral.supervisor import ChildSpec
+    from corral.system import System
+
+    url, threads, calls = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    cluster = sys.argv[4] == "cluster"
+    rules = {
+        "window": {"level": "ip", "limit": "40/hour"},
+        "bucket": {"level": "user", "limit": "30/hour", "algorithm": "token_bucket"},
+    }
+    spec = ChildSpec(name="ratelimit", manager=RateLimiter,
+                     options={"backend": "redis", "redis_url": url, "rules": rules,
+                              "cluster": cluster})
+    allowed = {"window": 0, "bucket": 0}
+    lock = threading.Lock()
+
+    def hammer(system):
+        for _ in range(calls):
+            for rule, call in (("window", RatelimitCheck(ip="shared")),
+                               ("bucket", RatelimitCheck(user="shared"))):
+                if system.ask(call, timeout=30).allowed:
+                    with lock:
+                        allowed[rule] += 1
+
+    with System(managers=[spec]) as system:
+        client = redis.Redis.from_url(url)
+        print("ready", flush=True)
+        while not client.exists("go"):
+            time.sleep(0.002)
+        workers = [threading.Thread(target=hammer, args=(system,)) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    print(json.dumps(allowed), flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("layout", ["single", "cluster"])
+def test_two_processes_never_exceed_one_limit(redis_server: RedisServer, layout: str) -> None:
+    root = Path(__file__).resolve().parent.parent
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, redis_server.url, str(THREADS), str(CALLS), layout],
+            cwd=root,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        for process in processes:
+            assert process.stdout is not None
+            assert process.stdout.readline().strip() == "ready"
+        redis.Redis.from_url(redis_server.url).set("go", 1)
+        totals = {"window": 0, "bucket": 0}
+        for process in processes:
+            out, _ = process.communicate(timeout=60)
+            assert process.returncode == 0
+            for rule, count in json.loads(out.strip().splitlines()[-1]).items():
+                totals[rule] += count
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    # Each limit is reached exactly: never exceeded, and not refused below it either.
+    assert totals == {"window": 40, "bucket": 30}
