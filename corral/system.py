@@ -22,7 +22,7 @@ import dataclasses
 import importlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -119,10 +119,11 @@ class System(EventsMixin):
                 continue
             given_item = given.get(name)
             if isinstance(given_item, ChildSpec):
+                self._check_options(name, given_item.manager, given_item.options)
                 specs.append(given_item)
                 continue
             manager = given_item or _load_manager(name, section)
-            self._check_options(name, manager, section)
+            self._check_options(name, manager, section.options)
             specs.append(
                 ChildSpec(
                     name=name,
@@ -144,12 +145,12 @@ class System(EventsMixin):
             )
         return specs
 
-    def _check_options(self, name: str, manager: type[Manager], section: ManagerSection) -> None:
+    def _check_options(self, name: str, manager: type[Manager], options: Mapping[str, Any]) -> None:
         """Fail at construction, naming key and file, rather than in a restart loop."""
         if manager.Options is None:
             return
         try:
-            parse_options(manager.Options, section.options, manager=name)
+            parse_options(manager.Options, options, manager=name)
         except ConfigError as exc:
             origin = self.config.sources.get(f"managers.{name}.{exc.details.get('field', '')}")
             raise ConfigError(f"{origin}: {exc}" if origin else str(exc), exc.details) from None

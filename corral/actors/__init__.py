@@ -6,6 +6,7 @@ BUILTIN: dict[str, str] = {
     "system": "corral.actors.system:SystemManager",
     "auth": "corral.actors.auth:AuthManager",
     "cache": "corral.actors.cache:CacheManager",
+    "pool": "corral.actors.pool:PoolManager",
     "ratelimit": "corral.actors.ratelimit:RateLimiter",
     "state": "corral.actors.state:StateManager",
     "transaction": "corral.actors.transaction:TransactionManager",

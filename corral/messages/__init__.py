@@ -4,7 +4,15 @@
 """
 
 # The built-in managers' messages, so that every process knows their wire names.
-from corral.messages import auth, cache, ratelimit, state, stream, transaction  # noqa: F401
+from corral.messages import (  # noqa: F401
+    auth,
+    cache,
+    pool,
+    ratelimit,
+    state,
+    stream,
+    transaction,
+)
 from corral.messages.base import (
     ErrorReply,
     Event,

@@ -1,0 +1,142 @@
+"""Replying later: an asyncio loop in its own thread, and replies a handler takes over.
+
+A handler that must wait on the network takes its caller's reply with
+``DeferredReply.take(self)``, hands the work to the :class:`LoopThread` and
+returns at once; the mailbox moves on, and the reply is set from the loop when
+the work completes::
+
+    @handles(HttpRequest)
+    def http_request(self, msg: HttpRequest) -> None:
+        reply = DeferredReply.take(self)
+        self.loop.spawn(answer(reply, self.fetch(msg)))
+
+Nothing here is specific to HTTP: this is the piece a base-class ``defer()``
+would provide to every manager (see docs/pool.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Awaitable, Coroutine
+from typing import Any, TypeVar
+
+import pykka
+
+from corral.actors.base import Manager
+from corral.errors import CorralError
+from corral.messages.base import ErrorReply, Reply
+
+__all__ = ["DeferredReply", "LoopThread"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class DeferredReply:
+    """The reply to the message being handled, to be set later, from any thread, once."""
+
+    __slots__ = ("_lock", "_reply_to")
+
+    def __init__(self, reply_to: pykka.Future[Any] | None) -> None:
+        self._reply_to = reply_to
+        self._lock = threading.Lock()
+
+    @classmethod
+    def take(cls, manager: Manager) -> DeferredReply:
+        """Take over the reply of the message being handled: the base loop then sends none."""
+        return cls(manager.defer_reply())
+
+    @property
+    def done(self) -> bool:
+        return self._reply_to is None
+
+    def resolve(self, reply: Reply) -> None:
+        self._set(reply)
+
+    def fail(self, error: CorralError) -> None:
+        self._set(ErrorReply(code=error.code, message=error.message, details=error.details))
+
+    def _set(self, value: Reply) -> None:
+        with self._lock:
+            reply_to, self._reply_to = self._reply_to, None
+        if reply_to is None:  # a tell, or answered already
+            return
+        try:
+            reply_to.set(value)
+        except Exception:  # a caller that cannot take its reply is not our failure
+            log.warning("a deferred reply could not be delivered", exc_info=True)
+
+
+class LoopThread:
+    """An asyncio event loop running in a daemon thread of its own.
+
+    ``spawn`` schedules a coroutine from any thread without waiting; ``call``
+    runs one and waits for its result (for start, stop and health, not for
+    requests). ``stop`` gives running tasks ``grace`` seconds, then cancels them.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.close()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self.loop.is_closed()
+
+    def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run ``work`` on the loop as a task; returns at once. Raises RuntimeError if closed."""
+        self.loop.call_soon_threadsafe(self._create_task, work)
+
+    def _create_task(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = self.loop.create_task(work)
+        self.tasks.add(task)  # the loop keeps only weak references to its tasks
+        task.add_done_callback(self.tasks.discard)
+
+    def call(self, work: Awaitable[T], timeout: float) -> T:
+        """Run ``work`` on the loop and wait for its result; TimeoutError past ``timeout``."""
+        future = asyncio.run_coroutine_threadsafe(_awaited(work), self.loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"the event loop did not answer within {timeout:g}s") from None
+
+    def stop(self, *, grace: float, timeout: float) -> None:
+        """Let tasks finish for ``grace`` seconds, cancel the rest, stop the loop, join."""
+        if not self.alive:
+            return
+        try:
+            self.call(self._drain(grace), timeout=grace + timeout)
+        except (TimeoutError, RuntimeError):
+            log.warning("event loop %s did not drain in time", self._thread.name)
+        try:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        except RuntimeError:  # closed already
+            return
+        self._thread.join(timeout)
+
+    async def _drain(self, grace: float) -> None:
+        pending = set(self.tasks)
+        if pending and grace > 0:
+            await asyncio.wait(pending, timeout=grace)
+        for task in self.tasks:
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=1.0)
+
+
+async def _awaited(work: Awaitable[T]) -> T:
+    return await work

@@ -1,0 +1,367 @@
+"""The ``pool`` manager: HTTP and JSON-RPC calls to named services, never blocking its mailbox.
+
+::
+
+    [managers.pool.services.billing]
+    base_urls = ["http://127.0.0.1:8001", "http://127.0.0.1:8002"]
+    health_path = "/healthz"
+
+    reply = system.ask(HttpRequest(service="billing", method="GET", path="/invoices"))
+
+How a request travels: the handler checks the message (service known, path,
+params, headers, JSON body) on the actor's thread and raises ``InvalidMessage``
+at once for a bad one. It then takes over the caller's reply
+(:class:`~corral.actors.pool.loop.DeferredReply`) and hands the call to the
+manager's asyncio loop, which runs in its own thread with one
+``httpx.AsyncClient`` per service; the handler returns and the mailbox moves on.
+The loop answers the caller when the response arrives, so a hundred slow calls
+run at once, bounded only by each service's ``max_connections``.
+
+Why an asyncio loop rather than a worker pool: one thread holds any number of
+waiting calls, httpx's async pool enforces the connection limits, and breakers,
+probes and statistics live on that one thread without locks.
+
+Per call: the circuit breakers of the service's base URLs come first (an open
+breaker fails the call at once with ``BackendUnavailable``, and is never
+retried), then load balancing (round robin or least outstanding, skipping
+URLs whose breaker is open or whose health probe fails), then retries for
+idempotent calls on connection errors and ``retry_statuses`` (honouring
+``Retry-After``), moving to another base URL when there is one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import re
+from collections.abc import Coroutine
+from typing import Any, ClassVar
+
+from pykka._envelope import Envelope
+
+from corral.actors.base import Manager, handles
+from corral.actors.pool.loop import DeferredReply, LoopThread
+from corral.actors.pool.options import PoolOptions
+from corral.actors.pool.service import Call, Service
+from corral.errors import (
+    BackendUnavailable,
+    CorralError,
+    InvalidMessage,
+    ManagerUnavailable,
+    NotFound,
+    RequestError,
+    Unauthorized,
+)
+from corral.messages.base import Reply
+from corral.messages.pool import (
+    HttpRequest,
+    JsonRpcCall,
+    JsonRpcResult,
+    PoolStatistics,
+    PoolStats,
+)
+from corral.messages.system import Health, HealthStatus
+
+__all__ = ["PoolManager"]
+
+log = logging.getLogger(__name__)
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_BAD_HEADER_VALUE = re.compile(r"[\r\n\x00]")
+_BAD_PATH = re.compile(r"[\s?#\x00-\x1f\x7f]")
+_SCALARS = (str, int, float, bool, type(None))
+_ACCESS_ERRORS = ("AccessDenied", "AccessError")
+
+
+class _LoopFailure:
+    """Told to the actor when a call on the loop hit a bug: it crashes, and is restarted."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class PoolManager(Manager):
+    """Connection pools to named HTTP services, with retries, breakers and health probes."""
+
+    name = "pool"
+    Options: ClassVar[type[PoolOptions]] = PoolOptions
+    stop_grace = 2.0
+    """Seconds calls in flight get to finish when the manager stops."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loop: LoopThread | None = None
+        self.services: dict[str, Service] = {}
+        self._rpc_ids = itertools.count(1)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def on_start(self) -> None:
+        settings: PoolOptions = self.settings
+        self.loop = LoopThread(f"corral-{self.context.name}-loop")
+        self.services = {
+            name: Service(name, options, latency_window=settings.latency_window)
+            for name, options in settings.services.items()
+        }
+        for service in self.services.values():
+            self.loop.call(service.start(), timeout=5.0)
+
+    def _actor_loop_teardown(self) -> None:
+        # Runs on every way out (stop, crash, failed start), unlike on_stop.
+        super()._actor_loop_teardown()
+        if self.loop is not None:
+            self.loop.stop(grace=self.stop_grace if self.failure is None else 0.0, timeout=2.0)
+            self.loop = None
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, _LoopFailure):
+            raise RuntimeError(
+                f"{self.context.name}: a call failed unexpectedly"
+            ) from message.error
+        return super().on_receive(message)
+
+    # -- handlers -------------------------------------------------------------------------
+
+    @handles(HttpRequest)
+    def http_request(self, msg: HttpRequest) -> None:
+        service = self._service(msg.service)
+        headers = _checked_headers(msg.headers)
+        if msg.json is not None and msg.body is not None:
+            raise InvalidMessage("give json or body, not both", path="body")
+        content = msg.body
+        if msg.json is not None:
+            content = _json_bytes(msg.json, "json")
+            headers.setdefault("Content-Type", "application/json")
+        if msg.idempotency_key is not None:
+            headers["Idempotency-Key"] = msg.idempotency_key
+        call = Call(
+            method=msg.method,
+            path=_checked_path(msg.path, "path"),
+            idempotent=msg.method in IDEMPOTENT_METHODS or msg.idempotency_key is not None,
+            params=_checked_params(msg.params),
+            headers=headers,
+            content=content,
+            timeout=_checked_timeout(msg.timeout),
+        )
+        self._reply_later(service.request(call))
+
+    @handles(JsonRpcCall)
+    def json_rpc_call(self, msg: JsonRpcCall) -> None:
+        service = self._service(msg.service)
+        if msg.params is not None and not isinstance(msg.params, list | dict):
+            raise InvalidMessage("JSON-RPC params must be a list or a map", path="params")
+        request_id = next(self._rpc_ids)
+        payload: dict[str, Any] = {"jsonrpc": "2.0", "method": msg.method, "id": request_id}
+        if msg.params is not None:
+            payload["params"] = msg.params
+        headers = {"Content-Type": "application/json"}
+        if msg.idempotency_key is not None:
+            headers["Idempotency-Key"] = msg.idempotency_key
+        call = Call(
+            method="POST",
+            path=_checked_path(msg.path or service.options.jsonrpc_path, "path"),
+            idempotent=msg.idempotency_key is not None,
+            headers=headers,
+            content=_json_bytes(payload, "params"),
+            timeout=_checked_timeout(msg.timeout),
+        )
+        self._reply_later(_json_rpc(service, call, request_id))
+
+    @handles(PoolStats)
+    def pool_stats(self, msg: PoolStats) -> None:
+        chosen = [self._service(msg.service)] if msg.service else list(self.services.values())
+        self._reply_later(_statistics(chosen))
+
+    def _service(self, name: str) -> Service:
+        service = self.services.get(name)
+        if service is None:
+            known = ", ".join(sorted(self.services)) or "none configured"
+            raise InvalidMessage(f"unknown service {name!r} (services: {known})", path="service")
+        return service
+
+    # -- replying later -------------------------------------------------------------------
+
+    def _reply_later(self, work: Coroutine[Any, Any, Reply]) -> None:
+        loop = self.loop
+        if loop is None or not loop.alive:
+            work.close()
+            raise RuntimeError(f"{self.context.name}: its event loop is gone")
+        reply = DeferredReply.take(self)
+        loop.spawn(self._answer(reply, work))
+
+    async def _answer(self, reply: DeferredReply, work: Coroutine[Any, Any, Reply]) -> None:
+        try:
+            reply.resolve(await work)
+        except CorralError as exc:
+            reply.fail(exc)
+        except BaseException as exc:
+            stopping = ManagerUnavailable(
+                f"manager {self.context.name!r} stopped before the call completed",
+                {"manager": self.context.name},
+            )
+            if isinstance(exc, Exception):
+                log.error("pool: a call failed unexpectedly", exc_info=exc)
+                stopping = ManagerUnavailable(
+                    f"manager {self.context.name!r} failed: {type(exc).__name__}: {exc}",
+                    {"manager": self.context.name},
+                )
+                self.mailbox.try_put(Envelope(_LoopFailure(exc)))
+            reply.fail(stopping)
+            if not isinstance(exc, Exception):
+                raise
+
+    # -- health ---------------------------------------------------------------------------
+
+    def health(self) -> Health:
+        loop = self.loop
+        if loop is None or not loop.alive:
+            return Health(status="unhealthy", details={"error": "event loop not running"})
+        try:
+            report = loop.call(_health_report(self.services), timeout=1.0)
+        except TimeoutError as exc:
+            return Health(status="unhealthy", details={"error": str(exc)})
+        details, metrics, dependencies = report
+        return Health(
+            status=_overall(list(dependencies.values())),
+            details=details,
+            metrics=metrics,
+            dependencies=dict(dependencies),
+        )
+
+
+def _overall(statuses: list[HealthStatus]) -> HealthStatus:
+    """Unhealthy when no service can be reached; degraded when some cannot, or only in part.
+
+    A service that is down is the service's problem, not the pool's: restarting
+    the pool would not bring it back, so one down service only degrades the pool.
+    """
+    if statuses and all(status == "unhealthy" for status in statuses):
+        return "unhealthy"
+    return "healthy" if all(status == "healthy" for status in statuses) else "degraded"
+
+
+async def _health_report(
+    services: dict[str, Service],
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, HealthStatus]]:
+    details = {name: service.details() for name, service in services.items()}
+    metrics: dict[str, Any] = {}
+    for name, service in services.items():
+        _flatten(metrics, name, service.stats())
+    dependencies: dict[str, HealthStatus] = {
+        name: service.status() for name, service in services.items()
+    }
+    return details, metrics, dependencies
+
+
+def _flatten(into: dict[str, Any], prefix: str, value: Any) -> None:
+    """Nested statistics as flat numeric keys (``billing.latency_ms.p99``), for /metrics."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _flatten(into, f"{prefix}.{key}", item)
+    elif isinstance(value, int | float):
+        into[prefix] = value
+
+
+async def _statistics(services: list[Service]) -> PoolStatistics:
+    return PoolStatistics(services={s.name: {**s.stats(), **s.details()} for s in services})
+
+
+async def _json_rpc(service: Service, call: Call, request_id: int) -> JsonRpcResult:
+    response = await service.request(call)
+    where = {"service": service.name, "status": response.status}
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or ("result" not in body and "error" not in body):
+        error = BackendUnavailable if response.status >= 500 else RequestError
+        raise error(
+            f"service {service.name!r} answered HTTP {response.status} without a JSON-RPC body",
+            where,
+        )
+    if body.get("id") not in (request_id, None):
+        raise BackendUnavailable(
+            f"service {service.name!r} answered JSON-RPC id {body.get('id')!r}, "
+            f"expected {request_id}",
+            where,
+        )
+    remote = body.get("error")
+    if remote is not None:
+        raise _json_rpc_error(service.name, remote)
+    return JsonRpcResult(
+        result=body["result"], elapsed=response.elapsed, attempts=response.attempts
+    )
+
+
+def _json_rpc_error(service: str, remote: Any) -> CorralError:
+    """A JSON-RPC error object as a typed corral error carrying the remote code and message."""
+    remote = remote if isinstance(remote, dict) else {"message": str(remote)}
+    code = remote.get("code")
+    message = str(remote.get("message", ""))
+    data = remote.get("data")
+    details = {"service": service, "remote_code": code, "remote_message": message}
+    if data is not None:
+        details["remote_data"] = data
+    name = str(data.get("name", "")) if isinstance(data, dict) else ""
+    text = f"service {service!r}: JSON-RPC error {code}: {message}"
+    if code == -32601:
+        return NotFound(text, details)
+    if any(marker in name for marker in _ACCESS_ERRORS):
+        return Unauthorized(text, details)
+    return RequestError(text, details)
+
+
+# -- checks on the actor's thread, before any I/O -------------------------------------------
+
+
+def _checked_path(path: str, field: str) -> str:
+    if not path.startswith("/"):
+        raise InvalidMessage(f"must start with '/', got {path!r:.80}", path=field)
+    if _BAD_PATH.search(path):
+        raise InvalidMessage(
+            "no spaces, control characters, '?' or '#' (put the query in params)", path=field
+        )
+    return path
+
+
+def _checked_params(params: dict[str, Any]) -> dict[str, Any]:
+    for key, value in params.items():
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if not isinstance(item, _SCALARS) or (
+                isinstance(item, float) and not math.isfinite(item)
+            ):
+                raise InvalidMessage(
+                    "a query parameter is a string, number, bool, null or a list of them",
+                    path=f"params.{key}",
+                )
+    return params
+
+
+def _checked_headers(headers: dict[str, str]) -> dict[str, str]:
+    for name, value in headers.items():
+        if not _HEADER_NAME.match(name):
+            raise InvalidMessage(f"not a valid header name: {name!r:.80}", path="headers")
+        if _BAD_HEADER_VALUE.search(value):
+            raise InvalidMessage(
+                "header values must not hold CR, LF or NUL", path=f"headers.{name}"
+            )
+    return dict(headers)
+
+
+def _checked_timeout(timeout: float | None) -> float | None:
+    if timeout is not None and not timeout > 0:
+        raise InvalidMessage(f"must be > 0, got {timeout}", path="timeout")
+    return timeout
+
+
+def _json_bytes(value: Any, field: str) -> bytes:
+    try:
+        return json.dumps(value, allow_nan=False, separators=(",", ":")).encode()
+    except (TypeError, ValueError) as exc:
+        raise InvalidMessage(f"not serializable as JSON: {exc}", path=field) from None

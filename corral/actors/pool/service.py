@@ -1,0 +1,407 @@
+"""One external service as the pool's event loop sees it: base URLs, client, retries, probes.
+
+Everything here runs on the pool's asyncio loop thread, and only there, so it
+needs no locks::
+
+    service = Service("billing", options, latency_window=1000)
+    await service.start()
+    response = await service.request(Call(method="GET", path="/invoices", idempotent=True))
+    await service.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+
+from corral.actors.pool.options import ServiceOptions
+from corral.actors.pool.policy import Breaker, parse_retry_after, retry_delay
+from corral.errors import BackendUnavailable, RequestError, Timeout
+from corral.messages.pool import HttpResponse
+from corral.messages.system import HealthStatus
+
+__all__ = ["Call", "Endpoint", "Service"]
+
+log = logging.getLogger(__name__)
+
+ProbeStatus = Literal["unknown", "healthy", "unhealthy"]
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A checked request, ready to send: the path joins each base URL."""
+
+    method: str
+    path: str
+    idempotent: bool
+    params: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+    content: bytes | None = None
+    timeout: float | None = None
+
+
+class Endpoint:
+    """One base URL of a service: its breaker, probe status and calls in flight."""
+
+    def __init__(self, url: str, options: ServiceOptions) -> None:
+        self.url = url.rstrip("/")
+        self.breaker = Breaker(
+            options.breaker_threshold, options.breaker_open_seconds, options.breaker_probes
+        )
+        self.outstanding = 0
+        self.requests = 0
+        self.probe: ProbeStatus = "unknown"
+        self.probe_error = ""
+
+    @property
+    def up(self) -> bool:
+        return self.breaker.state != "open" and self.probe != "unhealthy"
+
+    def details(self) -> dict[str, Any]:
+        found: dict[str, Any] = {
+            "breaker": self.breaker.state,
+            "probe": self.probe,
+            "outstanding": self.outstanding,
+            "requests": self.requests,
+            "consecutive_failures": self.breaker.failures,
+        }
+        if self.probe_error:
+            found["probe_error"] = self.probe_error
+        return found
+
+
+class _Failed(Exception):
+    """An attempt that got no response: ``kind`` names the error class in the statistics."""
+
+    def __init__(self, kind: str, cause: Exception, *, retryable: bool) -> None:
+        super().__init__(f"{kind}: {type(cause).__name__}: {cause}")
+        self.kind = kind
+        self.cause = cause
+        self.retryable = retryable
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class Service:
+    """A named service: one ``httpx.AsyncClient`` (one pool, shared by its base URLs)."""
+
+    def __init__(self, name: str, options: ServiceOptions, *, latency_window: int) -> None:
+        self.name = name
+        self.options = options
+        self.endpoints = [Endpoint(url, options) for url in options.base_urls]
+        self._rotation = 0
+        self._client: httpx.AsyncClient | None = None
+        self._probes: list[asyncio.Task[None]] = []
+        self.calls = 0
+        self.attempts = 0
+        self.retries = 0
+        self.responses: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.latencies: deque[float] = deque(maxlen=latency_window)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        options = self.options
+        auth: httpx.Auth | None = None
+        if options.username:
+            auth = httpx.BasicAuth(options.username, options.password)
+        headers = dict(options.headers)
+        if options.bearer_token:
+            headers["Authorization"] = f"Bearer {options.bearer_token}"
+        self._client = httpx.AsyncClient(
+            auth=auth,
+            headers=headers,
+            http2=options.http2,
+            limits=httpx.Limits(
+                max_connections=options.max_connections,
+                max_keepalive_connections=options.max_keepalive,
+                keepalive_expiry=options.keepalive_expiry,
+            ),
+            timeout=self._timeout(math.inf),
+            trust_env=False,
+        )
+        if options.health_path:
+            self._probes = [
+                asyncio.create_task(self._probe_forever(endpoint), name=f"probe {endpoint.url}")
+                for endpoint in self.endpoints
+            ]
+
+    async def close(self) -> None:
+        for task in self._probes:
+            task.cancel()
+        for task in self._probes:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._client is not None:
+            await self._client.aclose()
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        assert self._client is not None, "Service.start() first"
+        return self._client
+
+    # -- calls ----------------------------------------------------------------------------
+
+    async def request(self, call: Call) -> HttpResponse:
+        """Send ``call`` with this service's retries and breakers; see the manager's docstring."""
+        self.calls += 1
+        started = time.monotonic()
+        deadline = started + call.timeout if call.timeout is not None else math.inf
+        retry_until = min(deadline, started + self.options.retry_max_time)
+        attempt = 0
+        avoid: Endpoint | None = None
+        while True:
+            attempt += 1
+            endpoint = self._choose(avoid)
+            if endpoint is None:
+                self.errors["breaker_open"] += 1
+                raise self._unavailable(attempt)
+            outcome: HttpResponse | _Failed
+            try:
+                outcome = await self._attempt(endpoint, call, deadline, attempt, started)
+            except _Failed as failed:
+                outcome = failed
+            delay = self._retry_delay(call, outcome, attempt)
+            if delay is None or time.monotonic() + delay > retry_until:
+                return self._finish(outcome, attempt, started)
+            # An open breaker is not retried: the next attempt needs a base URL to go to.
+            if not any(e.breaker.available() and e.probe != "unhealthy" for e in self.endpoints):
+                return self._finish(outcome, attempt, started)
+            self.retries += 1
+            avoid = endpoint
+            await asyncio.sleep(delay)
+
+    async def _attempt(
+        self, endpoint: Endpoint, call: Call, deadline: float, attempt: int, started: float
+    ) -> HttpResponse:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            endpoint.breaker.record(None)
+            raise self._timeout_error(call, "the call's timeout ran out", endpoint)
+        self.attempts += 1
+        endpoint.requests += 1
+        endpoint.outstanding += 1
+        breaker_outcome: bool | None = False
+        try:
+            status, headers, body = await self._send(endpoint, call, remaining)
+            breaker_outcome = status < 500
+            return HttpResponse(
+                status=status,
+                headers=headers,
+                body=body,
+                elapsed=time.monotonic() - started,
+                attempts=attempt,
+                url=endpoint.url,
+            )
+        except httpx.PoolTimeout as exc:
+            breaker_outcome = None  # our own pool is full: says nothing of the service
+            raise self._timeout_error(call, f"no free connection ({exc})", endpoint) from None
+        except httpx.ConnectTimeout as exc:
+            raise _Failed("connect_timeout", exc, retryable=True) from None
+        except httpx.TimeoutException as exc:
+            raise self._timeout_error(call, f"{type(exc).__name__}: {exc}", endpoint) from None
+        except httpx.ConnectError as exc:
+            raise _Failed("connect", exc, retryable=True) from None
+        except httpx.TransportError as exc:
+            raise _Failed("transport", exc, retryable=True) from None
+        except httpx.HTTPError as exc:
+            raise _Failed("protocol", exc, retryable=False) from None
+        except _TooLarge as exc:
+            breaker_outcome = None
+            self.errors["too_large"] += 1
+            raise RequestError(
+                f"service {self.name!r}: {exc}",
+                {
+                    "service": self.name,
+                    "url": endpoint.url,
+                    "max_response_bytes": self.options.max_response_bytes,
+                },
+            ) from None
+        finally:
+            endpoint.outstanding -= 1
+            endpoint.breaker.record(breaker_outcome)
+
+    async def _send(
+        self, endpoint: Endpoint, call: Call, remaining: float
+    ) -> tuple[int, dict[str, str], bytes]:
+        limit = self.options.max_response_bytes
+        async with self.client.stream(
+            call.method,
+            endpoint.url + call.path,
+            params=call.params or None,
+            headers=call.headers or None,
+            content=call.content,
+            timeout=self._timeout(remaining),
+        ) as response:
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise _TooLarge(f"response of {declared} bytes exceeds {limit}")
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > limit:
+                    raise _TooLarge(f"response exceeds {limit} bytes")
+                chunks.append(chunk)
+            return response.status_code, dict(response.headers), b"".join(chunks)
+
+    def _retry_delay(
+        self, call: Call, outcome: HttpResponse | _Failed, attempt: int
+    ) -> float | None:
+        """Seconds before the next attempt, or None when this outcome is final."""
+        if not call.idempotent or attempt >= self.options.retry_attempts:
+            return None
+        if isinstance(outcome, _Failed):
+            return retry_delay(self.options, attempt) if outcome.retryable else None
+        if outcome.status not in self.options.retry_statuses:
+            return None
+        asked = parse_retry_after(outcome.headers.get("retry-after"))
+        return asked if asked is not None else retry_delay(self.options, attempt)
+
+    def _finish(
+        self, outcome: HttpResponse | _Failed, attempt: int, started: float
+    ) -> HttpResponse:
+        if isinstance(outcome, _Failed):
+            self.errors[outcome.kind] += 1
+            raise BackendUnavailable(
+                f"service {self.name!r}: {outcome}",
+                {"service": self.name, "error": outcome.kind, "attempts": attempt},
+            )
+        self.responses[f"{outcome.status // 100}xx"] += 1
+        self.latencies.append(time.monotonic() - started)
+        return outcome
+
+    def _timeout(self, remaining: float) -> httpx.Timeout:
+        o = self.options
+        return httpx.Timeout(
+            connect=min(o.connect_timeout, remaining),
+            read=min(o.read_timeout, remaining),
+            write=min(o.write_timeout, remaining),
+            pool=min(o.pool_timeout, remaining),
+        )
+
+    def _timeout_error(self, call: Call, why: str, endpoint: Endpoint) -> Timeout:
+        self.errors["timeout"] += 1
+        return Timeout(
+            f"service {self.name!r}: {call.method} {call.path} timed out: {why}",
+            {"service": self.name, "url": endpoint.url},
+        )
+
+    # -- load balancing -------------------------------------------------------------------
+
+    def _choose(self, avoid: Endpoint | None) -> Endpoint | None:
+        """The base URL for the next attempt, its breaker's permission taken; None if none."""
+        usable = [e for e in self.endpoints if e.probe != "unhealthy" and e.breaker.available()]
+        if avoid is not None and len(usable) > 1:
+            usable = [e for e in usable if e is not avoid]
+        if not usable:
+            return None
+        count = len(self.endpoints)
+        order = {id(e): (self.endpoints.index(e) - self._rotation) % count for e in usable}
+        if self.options.balance == "least_outstanding":
+            chosen = min(usable, key=lambda e: (e.outstanding, order[id(e)]))
+        else:
+            chosen = min(usable, key=lambda e: order[id(e)])
+        self._rotation = (self.endpoints.index(chosen) + 1) % count
+        chosen.breaker.allow()
+        return chosen
+
+    def _unavailable(self, attempt: int) -> BackendUnavailable:
+        states = {e.url: e.breaker.state for e in self.endpoints}
+        if all(state == "open" for state in states.values()):
+            wait = min(e.breaker.seconds_until_half_open() for e in self.endpoints)
+            why = f"circuit breaker open (next probe in {wait:.1f}s)"
+        elif all(e.probe == "unhealthy" for e in self.endpoints):
+            why = "no healthy base URL (health probes failing)"
+        else:
+            why = "no base URL available (breakers open or probes failing)"
+        return BackendUnavailable(
+            f"service {self.name!r} unavailable: {why}",
+            {
+                "service": self.name,
+                "breakers": states,
+                "probes": {e.url: e.probe for e in self.endpoints},
+                "attempts": attempt - 1,
+            },
+        )
+
+    # -- health ---------------------------------------------------------------------------
+
+    async def _probe_forever(self, endpoint: Endpoint) -> None:
+        while True:
+            await self.probe(endpoint)
+            await asyncio.sleep(self.options.health_interval)
+
+    async def probe(self, endpoint: Endpoint) -> None:
+        """GET the health path once; below 400 is healthy."""
+        try:
+            response = await self.client.get(
+                endpoint.url + self.options.health_path, timeout=self.options.health_timeout
+            )
+        except httpx.HTTPError as exc:
+            status: ProbeStatus = "unhealthy"
+            endpoint.probe_error = f"{type(exc).__name__}: {exc}"
+        else:
+            status = "healthy" if response.status_code < 400 else "unhealthy"
+            endpoint.probe_error = "" if status == "healthy" else f"HTTP {response.status_code}"
+        if status != endpoint.probe:
+            log.info("pool: %s %s is %s", self.name, endpoint.url, status)
+        endpoint.probe = status
+
+    def status(self) -> HealthStatus:
+        up = sum(endpoint.up for endpoint in self.endpoints)
+        if up == len(self.endpoints):
+            return "healthy"
+        return "unhealthy" if up == 0 else "degraded"
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "status": self.status(),
+            "urls": {endpoint.url: endpoint.details() for endpoint in self.endpoints},
+        }
+
+    def stats(self) -> dict[str, Any]:
+        in_use, idle = self._connections()
+        latencies = sorted(self.latencies)
+        return {
+            "requests": self.calls,
+            "attempts": self.attempts,
+            "retries": self.retries,
+            "in_flight": sum(e.outstanding for e in self.endpoints),
+            "responses": dict(self.responses),
+            "errors": dict(self.errors),
+            "breakers": {e.url: e.breaker.state for e in self.endpoints},
+            "breaker_transitions": sum(e.breaker.transitions for e in self.endpoints),
+            "latency_ms": {
+                name: _rank(latencies, p) * 1000.0
+                for name, p in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
+            },
+            "connections_in_use": in_use,
+            "connections_idle": idle,
+            "max_connections": self.options.max_connections,
+        }
+
+    def _connections(self) -> tuple[int, int]:
+        # httpx does not expose its pool: read httpcore's (public) list through the transport.
+        pool: Any = getattr(getattr(self._client, "_transport", None), "_pool", None)
+        connections: list[Any] = list(getattr(pool, "connections", []))
+        idle = sum(1 for c in connections if c.is_idle())
+        in_use = sum(1 for c in connections if not c.is_idle() and not c.is_closed())
+        return in_use, idle
+
+
+def _rank(ordered: list[float], p: float) -> float:
+    if not ordered:
+        return 0.0
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(p * len(ordered)) - 1))]
