@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
@@ -107,6 +108,10 @@ def test_run_serves_health_and_stops_in_reverse_order_on_sigterm(
         assert healthy.returncode == 0, healthy.stderr
         assert healthy.stdout.startswith("healthy")
         assert "worker" in healthy.stdout
+        metrics = httpx.get(f"{url}/metrics").text
+        for name in ("system", "cache_like", "worker"):
+            assert f'corral_manager_up{{manager="{name}"}} 1.0' in metrics
+        assert "corral_bus_healthy 1.0" in metrics
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
         assert process.stderr is not None
@@ -119,12 +124,40 @@ def test_run_serves_health_and_stops_in_reverse_order_on_sigterm(
         process.wait()
 
 
+def test_redis_restarted_under_a_running_daemon(
+    fresh_redis_server: RedisServer, tmp_path: Path
+) -> None:
+    process = start("run", "-c", str(write_config(tmp_path, fresh_redis_server.url)))
+    try:
+        url = served_url(read_until(process, "running 3 managers"))
+
+        def status() -> str:
+            return str(httpx.get(f"{url}/health", timeout=5).json()["status"])
+
+        assert status() == "healthy"
+        fresh_redis_server.stop()
+        wait_until(lambda: status() == "degraded", timeout=15)
+        assert run("health", "--url", url).returncode == 1
+        fresh_redis_server.start()
+        wait_until(lambda: status() == "healthy", timeout=20)
+        with corral.connect(fresh_redis_server.url, namespace="cli") as remote:
+            wait_until(lambda: _answers(remote), timeout=15)
+    finally:
+        process.kill()
+        process.wait()
+
+
+def _answers(remote: corral.Client) -> bool:
+    try:
+        return remote.ask(Work(), timeout=2).name == "worker"
+    except corral.errors.CorralError:
+        return False
+
+
 def test_health_exit_codes(daemon: Daemon, redis_server: RedisServer) -> None:
     as_json = run("health", "--url", daemon.url, "--json")
     assert as_json.returncode == 0
     assert json.loads(as_json.stdout)["managers"]["worker"]["state"] == "running"
-    with corral.connect(redis_server.url, namespace="cli") as remote:
-        remote.tell(Work(action="exit"))  # the worker is not critical: degraded while it restarts
     nobody = run("health", "--url", "http://127.0.0.1:9")
     assert nobody.returncode == 3
     assert "no daemon answering at http://127.0.0.1:9" in nobody.stderr
