@@ -39,7 +39,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from corral import __version__
+from corral import __version__, dashboard
+from corral.actors import websocket
 from corral.actors.base import LATENCY_BUCKETS
 from corral.config import Config
 from corral.errors import ConfigError
@@ -82,6 +83,8 @@ class Daemon:
         self.app = web.Application()
         self.app.router.add_get("/health", self._health)
         self.app.router.add_get("/metrics", self._metrics)
+        dashboard.mount(self)
+        websocket.mount(self)  # before the system starts: the manager looks for its gateway
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None

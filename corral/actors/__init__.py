@@ -4,6 +4,7 @@ from corral.actors.base import Manager, ManagerContext, handles
 
 BUILTIN: dict[str, str] = {
     "system": "corral.actors.system:SystemManager",
+    "websocket": "corral.actors.websocket:WebSocketManager",
     "auth": "corral.actors.auth:AuthManager",
     "cache": "corral.actors.cache:CacheManager",
     "pool": "corral.actors.pool:PoolManager",

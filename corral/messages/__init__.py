@@ -12,6 +12,7 @@ from corral.messages import (  # noqa: F401
     state,
     stream,
     transaction,
+    websocket,
 )
 from corral.messages.base import (
     ErrorReply,

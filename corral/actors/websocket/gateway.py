@@ -1,0 +1,573 @@
+"""The loop side of the WebSocket manager: sockets, outbound queues, and the rooms' channels.
+
+The :class:`Gateway` lives on the daemon's asyncio loop. It authenticates a
+socket (through the auth manager), then hands everything that needs a decision
+(join, leave, publish, presence, history) to the ``websocket`` actor with
+``ask_async``. The actor hands frames back with ``loop.call_soon_threadsafe``
+(:meth:`Gateway.call`); the gateway writes them to each connection's bounded
+queue, so no send ever blocks the actor or another client::
+
+    gateway = Gateway(system, options, redis_url="redis://...", namespace="corral")
+    app.router.add_get("/ws", gateway.handle)
+    app.on_startup.append(gateway.started)
+    app.on_cleanup.append(gateway.closed)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import secrets
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import redis.asyncio as aredis
+from aiohttp import WSMsgType, web
+from redis.exceptions import RedisError
+
+from corral.errors import CorralError, Unauthorized
+from corral.messages.auth import AuthValidate
+from corral.messages.base import Reply, Request
+from corral.messages.websocket import (
+    WsAttach,
+    WsDetach,
+    WsHistory,
+    WsJoinRoom,
+    WsLeaveRoom,
+    WsPublish,
+    WsRoomInfo,
+    WsTick,
+)
+
+__all__ = ["CLOSE_FLOODING", "CLOSE_SLOW", "CLOSE_UNAUTHORIZED", "Gateway", "gateway_for"]
+
+log = logging.getLogger("corral.websocket")
+
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_SLOW = 4008
+CLOSE_FLOODING = 4029
+CLOSE_GOING_AWAY = 1001
+
+_GATEWAYS: weakref.WeakKeyDictionary[object, Gateway] = weakref.WeakKeyDictionary()
+
+
+def gateway_for(router: object) -> Gateway | None:
+    """The gateway serving the system ``router`` (None when no daemon serves it)."""
+    return _GATEWAYS.get(router)
+
+
+class AsyncAsker(Protocol):
+    async def ask_async(self, message: Request[Any], *, timeout: float | None = None) -> Any: ...
+
+
+class GatewayOptions(Protocol):
+    @property
+    def auth_timeout(self) -> float: ...
+    @property
+    def send_queue_size(self) -> int: ...
+    @property
+    def max_frame_size(self) -> int: ...
+    @property
+    def inbound_rate(self) -> float: ...
+    @property
+    def inbound_burst(self) -> int: ...
+    @property
+    def close_timeout(self) -> float: ...
+
+
+@dataclass(eq=False)
+class Connection:
+    """One socket: its bounded outbound queue, its rooms, its inbound token bucket."""
+
+    id: str
+    user: str
+    ws: web.WebSocketResponse
+    queue: asyncio.Queue[str]
+    expires_at: float
+    scopes: list[str]
+    tokens: float
+    refilled: float = field(default_factory=time.monotonic)
+    rooms: set[str] = field(default_factory=set)
+    recovering: dict[str, list[str]] = field(default_factory=dict)
+    writer: asyncio.Task[None] | None = None
+    closing: bool = False
+
+
+def _dumps(frame: dict[str, Any]) -> str:
+    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
+
+
+class Gateway:
+    """See the module docstring. ``node`` names this daemon in connection ids and presence."""
+
+    def __init__(
+        self,
+        system: AsyncAsker,
+        options: GatewayOptions,
+        *,
+        redis_url: str = "",
+        namespace: str = "corral",
+        tick_interval: float = 1.0,
+    ) -> None:
+        self.system = system
+        self.options = options
+        self.node = secrets.token_hex(4)
+        self.namespace = namespace
+        self.redis_url = redis_url
+        self.tick_interval = tick_interval
+        self.connections: dict[str, Connection] = {}
+        self.rooms: dict[str, set[Connection]] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._redis: aredis.Redis | None = None
+        self._pubsub: Any = None
+        self._room_prefix = f"{namespace}:ws.room."
+        self.stopping = False
+        self.counts = {"sent": 0, "slow": 0, "flooding": 0, "refused": 0, "accepted": 0}
+        _GATEWAYS[system] = self
+
+    # -- lifecycle (aiohttp on_startup / on_cleanup) --------------------------------------
+
+    async def started(self, _app: web.Application | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        if self.redis_url:
+            self._redis = aredis.Redis.from_url(self.redis_url, protocol=2)
+            self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            await self._pubsub.subscribe(f"{self.namespace}:ws.node.{self.node}")
+            self._spawn(self._read_channels())
+        self._spawn(self._tick())
+
+    async def shutdown(self, _app: web.Application | None = None) -> None:
+        """Close every socket (the managers have stopped: nothing to detach from)."""
+        self.stopping = True
+        for conn in list(self.connections.values()):
+            self._close(conn, CLOSE_GOING_AWAY, "server shutting down")
+
+    async def closed(self, _app: web.Application | None = None) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._pubsub is not None:
+            await self._pubsub.aclose()
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- called by the actor, from its thread ---------------------------------------------
+
+    def call(self, func: Callable[..., None], *args: Any) -> None:
+        """Run ``func(*args)`` on the loop, soon; never waits (the actor's hand-off)."""
+        if self.loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody to send to
+            self.loop.call_soon_threadsafe(func, *args)
+
+    def subscribe_now(self, room: str, timeout: float) -> None:
+        """SUBSCRIBE the room's channel and wait for it, so history read next is complete."""
+        if self._pubsub is None or self.loop is None:
+            return
+        future = asyncio.run_coroutine_threadsafe(
+            self._pubsub.subscribe(self._room_prefix + room), self.loop
+        )
+        future.result(timeout)
+
+    def unsubscribe(self, room: str) -> None:
+        if self._pubsub is not None and room not in self.rooms:
+            self._spawn(self._pubsub.unsubscribe(self._room_prefix + room))
+
+    def snapshot(self, timeout: float) -> list[tuple[str, str, float, list[str]]]:
+        """Every socket as (connection_id, user, expires_at, rooms): a restarted actor's state."""
+        if self.loop is None:
+            return []
+
+        async def take() -> list[tuple[str, str, float, list[str]]]:
+            return [
+                (c.id, c.user, c.expires_at, sorted(c.rooms)) for c in self.connections.values()
+            ]
+
+        return asyncio.run_coroutine_threadsafe(take(), self.loop).result(timeout)
+
+    # -- run on the loop (through call) ---------------------------------------------------
+
+    def join(self, connection_id: str, room: str, frames: list[str], recovering: bool) -> None:
+        conn = self.connections.get(connection_id)
+        if conn is None:
+            return
+        for frame in frames:
+            self._push(conn, frame)
+        if recovering:
+            conn.recovering[room] = []
+        conn.rooms.add(room)
+        self.rooms.setdefault(room, set()).add(conn)
+
+    def recovered(self, connection_id: str, room: str, frames: list[str], offset: int) -> None:
+        """Send what history gave, then what arrived meanwhile beyond ``offset``."""
+        conn = self.connections.get(connection_id)
+        if conn is None:
+            return
+        buffered = conn.recovering.pop(room, [])
+        for frame in frames:
+            self._push(conn, frame)
+        for frame in buffered:
+            if json.loads(frame).get("offset", offset + 1) > offset:
+                self._push(conn, frame)
+
+    def leave(self, connection_id: str, room: str, frames: list[str]) -> None:
+        conn = self.connections.get(connection_id)
+        if conn is None:
+            return
+        conn.rooms.discard(room)
+        conn.recovering.pop(room, None)
+        members = self.rooms.get(room)
+        if members is not None:
+            members.discard(conn)
+            if not members:
+                del self.rooms[room]
+                self.unsubscribe(room)
+        for frame in frames:
+            self._push(conn, frame)
+
+    def send(self, connection_id: str, frames: list[str]) -> None:
+        conn = self.connections.get(connection_id)
+        if conn is not None:
+            for frame in frames:
+                self._push(conn, frame)
+
+    def deliver(self, room: str, frame: str) -> None:
+        """Fan one frame out to this daemon's members of ``room``."""
+        for conn in list(self.rooms.get(room, ())):
+            pending = conn.recovering.get(room)
+            if pending is not None:
+                pending.append(frame)
+            else:
+                self._push(conn, frame)
+
+    def disconnect(self, connection_id: str, code: int, reason: str) -> None:
+        conn = self.connections.get(connection_id)
+        if conn is not None:
+            self._close(conn, code, reason)
+
+    # -- outbound -------------------------------------------------------------------------
+
+    def _push(self, conn: Connection, frame: str) -> None:
+        if conn.closing:
+            return
+        try:
+            conn.queue.put_nowait(frame)
+        except asyncio.QueueFull:
+            self.counts["slow"] += 1
+            self._close(conn, CLOSE_SLOW, "slow")
+
+    async def _write(self, conn: Connection) -> None:
+        queue, ws = conn.queue, conn.ws
+        while True:
+            frame = await queue.get()
+            await ws.send_str(frame)
+            self.counts["sent"] += 1
+
+    def _close(self, conn: Connection, code: int, reason: str) -> None:
+        if conn.closing:
+            return
+        conn.closing = True
+        if conn.writer is not None:
+            conn.writer.cancel()
+        self._spawn(self._close_socket(conn.ws, code, reason))
+
+    async def _close_socket(self, ws: web.WebSocketResponse, code: int, reason: str) -> None:
+        # A client that reads nothing may never let the close frame out: cut it then.
+        with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
+            await asyncio.wait_for(
+                ws.close(code=code, message=reason.encode()[:120]), self.options.close_timeout
+            )
+        if not ws.closed:
+            transport = getattr(getattr(ws, "_req", None), "transport", None)
+            if transport is not None:
+                transport.abort()
+
+    # -- the /ws endpoint -----------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(
+            max_msg_size=self.options.max_frame_size, timeout=self.options.close_timeout
+        )
+        await ws.prepare(request)
+        claims = await self._authenticate(request, ws)
+        if claims is None:
+            return ws
+        conn = Connection(
+            id=f"{self.node}.{next(self._ids)}",
+            user=claims.subject,
+            ws=ws,
+            queue=asyncio.Queue(self.options.send_queue_size),
+            expires_at=float(claims.expires_at),
+            scopes=list(claims.scopes),
+            tokens=float(self.options.inbound_burst),
+        )
+        self.connections[conn.id] = conn
+        try:
+            await self._attach(conn)
+            conn.writer = asyncio.ensure_future(self._write(conn))
+            self._push(
+                conn,
+                _dumps(
+                    {
+                        "type": "welcome",
+                        "connection_id": conn.id,
+                        "user": conn.user,
+                        "expires_at": conn.expires_at,
+                    }
+                ),
+            )
+            self.counts["accepted"] += 1
+            await self._serve(conn)
+        except CorralError as exc:
+            self._close(conn, 1011, f"{exc.code}: {exc.message}")
+        finally:
+            await self._forget(conn)
+        return ws
+
+    async def _attach(self, conn: Connection) -> None:
+        await self.system.ask_async(
+            WsAttach(
+                connection_id=conn.id,
+                user=conn.user,
+                expires_at=conn.expires_at,
+                scopes=conn.scopes,
+            )
+        )
+
+    async def _forget(self, conn: Connection) -> None:
+        conn.closing = True
+        if conn.writer is not None:
+            conn.writer.cancel()
+        self.connections.pop(conn.id, None)
+        for room in list(conn.rooms):
+            members = self.rooms.get(room)
+            if members is not None:
+                members.discard(conn)
+                if not members:
+                    del self.rooms[room]
+                    self.unsubscribe(room)
+        if not self.stopping:
+            with contextlib.suppress(CorralError):
+                await self.system.ask_async(WsDetach(connection_id=conn.id))
+
+    async def _authenticate(self, request: web.Request, ws: web.WebSocketResponse) -> Any:
+        token = _bearer(request.headers.get("Authorization", "")) or request.query.get("token")
+        if not token:
+            token = await self._first_frame_token(ws)
+            if token is None:
+                return None
+        try:
+            return await self.system.ask_async(AuthValidate(token=token))
+        except Unauthorized as exc:
+            self.counts["refused"] += 1
+            reason = str(exc.details.get("reason", "unauthorized"))
+            await ws.close(code=CLOSE_UNAUTHORIZED, message=reason.encode())
+        except CorralError as exc:
+            await ws.close(code=1011, message=f"auth unavailable: {exc.code}".encode())
+        return None
+
+    async def _first_frame_token(self, ws: web.WebSocketResponse) -> str | None:
+        try:
+            msg = await ws.receive(timeout=self.options.auth_timeout)
+        except TimeoutError:
+            await ws.close(code=CLOSE_UNAUTHORIZED, message=b"no token")
+            return None
+        frame = _parse(msg.data) if msg.type == WSMsgType.TEXT else None
+        token = frame.get("token") if frame and frame.get("type") == "auth" else None
+        if not isinstance(token, str) or not token:
+            self.counts["refused"] += 1
+            if not ws.closed:
+                await ws.close(code=CLOSE_UNAUTHORIZED, message=b"no token")
+            return None
+        return token
+
+    async def _serve(self, conn: Connection) -> None:
+        # Frames after a close began are read and dropped, so the socket can finish the close.
+        async for msg in conn.ws:
+            if conn.closing:
+                continue
+            if not self._take_token(conn):
+                self.counts["flooding"] += 1
+                self._close(conn, CLOSE_FLOODING, "flooding")
+                continue
+            if msg.type != WSMsgType.TEXT:
+                self._error(conn, None, "bad_frame", "frames are JSON text")
+                continue
+            frame = _parse(msg.data)
+            if frame is None:
+                self._error(conn, None, "bad_frame", "not a JSON object")
+                continue
+            await self._dispatch(conn, frame)
+
+    def _take_token(self, conn: Connection) -> bool:
+        now = time.monotonic()
+        conn.tokens = min(
+            float(self.options.inbound_burst),
+            conn.tokens + (now - conn.refilled) * self.options.inbound_rate,
+        )
+        conn.refilled = now
+        if conn.tokens < 1.0:
+            return False
+        conn.tokens -= 1.0
+        return True
+
+    async def _dispatch(self, conn: Connection, frame: dict[str, Any]) -> None:
+        kind = frame.get("type")
+        request_id = frame.get("id")
+        if kind == "ping":
+            self._push(conn, _dumps({"type": "pong", "id": request_id}))
+            return
+        if kind == "refresh":
+            await self._refresh(conn, frame.get("token"), request_id)
+            return
+        build = _REQUESTS.get(kind) if isinstance(kind, str) else None
+        if build is None:
+            self._error(conn, request_id, "unknown_type", f"unknown frame type {kind!r}")
+            return
+        try:
+            request = build(conn.id, frame)
+            reply = await self.system.ask_async(request)
+        except CorralError as exc:
+            self._error(conn, request_id, exc.code, str(exc))
+            return
+        except (KeyError, TypeError, ValueError) as exc:
+            self._error(conn, request_id, "invalid_message", f"bad {kind} frame: {exc}")
+            return
+        answer = _ANSWERS.get(str(kind))
+        if answer is not None:
+            self._push(conn, _dumps({**answer(reply), "id": request_id}))
+
+    async def _refresh(self, conn: Connection, token: Any, request_id: Any) -> None:
+        if not isinstance(token, str):
+            self._error(conn, request_id, "invalid_message", "refresh needs a token")
+            return
+        try:
+            claims = await self.system.ask_async(AuthValidate(token=token))
+        except Unauthorized as exc:
+            self._close(conn, CLOSE_UNAUTHORIZED, str(exc.details.get("reason", "unauthorized")))
+            return
+        if claims.subject != conn.user:
+            self._close(conn, CLOSE_UNAUTHORIZED, "token of another user")
+            return
+        conn.expires_at = float(claims.expires_at)
+        await self._attach(conn)
+        self._push(
+            conn, _dumps({"type": "refreshed", "expires_at": conn.expires_at, "id": request_id})
+        )
+
+    def _error(self, conn: Connection, request_id: Any, code: str, message: str) -> None:
+        self._push(
+            conn, _dumps({"type": "error", "code": code, "message": message, "id": request_id})
+        )
+
+    # -- the rooms' Redis channels, and this node's control channel -----------------------
+
+    async def _read_channels(self) -> None:
+        control = f"{self.namespace}:ws.node.{self.node}".encode()
+        prefix = self._room_prefix.encode()
+        while True:
+            try:
+                msg = await self._pubsub.get_message(timeout=1.0)
+            except (RedisError, OSError) as exc:
+                log.warning("websocket channels: %s; retrying", exc)
+                await asyncio.sleep(0.5)
+                continue
+            if msg is None or msg.get("type") != "message":
+                continue
+            channel: bytes = msg["channel"]
+            if channel.startswith(prefix):
+                self.deliver(channel[len(prefix) :].decode(), msg["data"].decode())
+            elif channel == control:
+                self._spawn(self._control(json.loads(msg["data"])))
+
+    async def _control(self, order: dict[str, Any]) -> None:
+        """A request about one of this node's connections, forwarded by another daemon."""
+        op = order.get("op")
+        with contextlib.suppress(CorralError):
+            if op == "disconnect":
+                self.disconnect(order["connection_id"], order["code"], order["reason"])
+            elif op == "join":
+                await self.system.ask_async(
+                    WsJoinRoom(room=order["room"], connection_id=order["connection_id"])
+                )
+            elif op == "leave":
+                await self.system.ask_async(
+                    WsLeaveRoom(room=order["room"], connection_id=order["connection_id"])
+                )
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_interval)
+            try:
+                await self.system.ask_async(WsTick())
+            except CorralError as exc:
+                log.debug("websocket tick: %s", exc)
+
+
+def _bearer(header: str) -> str | None:
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _parse(data: Any) -> dict[str, Any] | None:
+    try:
+        frame = json.loads(data)
+    except (TypeError, ValueError):
+        return None
+    return frame if isinstance(frame, dict) else None
+
+
+def _optional_int(value: Any) -> int | None:
+    if value is None:
+        return None
+    if type(value) is not int:
+        raise TypeError("since must be an integer offset")
+    return value
+
+
+_REQUESTS: dict[str, Callable[[str, dict[str, Any]], Request[Any]]] = {
+    "join": lambda cid, f: WsJoinRoom(
+        room=f["room"], connection_id=cid, since=_optional_int(f.get("since")), epoch=f.get("epoch")
+    ),
+    "leave": lambda cid, f: WsLeaveRoom(room=f["room"], connection_id=cid),
+    "publish": lambda cid, f: WsPublish(
+        room=f["room"], event=f["event"], data=f.get("data"), connection_id=cid
+    ),
+    "presence": lambda _cid, f: WsRoomInfo(room=f["room"]),
+    "history": lambda _cid, f: WsHistory(
+        room=f["room"], since=_optional_int(f.get("since")) or 0, epoch=f.get("epoch")
+    ),
+}
+
+# Replies that become a frame; join and leave answer with frames the actor queues in order.
+_ANSWERS: dict[str, Callable[[Reply], dict[str, Any]]] = {
+    "publish": lambda r: {"type": "published", "room": r.room, "offset": r.offset},  # type: ignore[attr-defined]
+    "presence": lambda r: {
+        "type": "presence",
+        "room": r.room,  # type: ignore[attr-defined]
+        "members": r.members,  # type: ignore[attr-defined]
+        "count": r.count,  # type: ignore[attr-defined]
+        "users": r.users,  # type: ignore[attr-defined]
+    },
+    "history": lambda r: {
+        "type": "gap" if r.gap else "history",  # type: ignore[attr-defined]
+        "room": r.room,  # type: ignore[attr-defined]
+        "messages": r.messages,  # type: ignore[attr-defined]
+        "offset": r.offset,  # type: ignore[attr-defined]
+        "epoch": r.epoch,  # type: ignore[attr-defined]
+    },
+}

@@ -1,0 +1,214 @@
+"""Messages of the ``websocket`` manager: rooms, emits, presence and disconnects.
+
+An embedding service reaches the browsers attached to any daemon::
+
+    system.ask(EmitToRoom(room="orders", event="created", data={"id": 7}))
+    info = system.ask(RoomInfo(room="orders"))       # info.members, info.count
+    system.ask(JoinRoom(room="vip", connection_id=cid))
+    system.ask(Disconnect(user="user:42", reason="banned"))
+
+The names the issue uses (``EmitToRoom``, ``JoinRoom``, ``LeaveRoom``,
+``RoomInfo``, ``Disconnect``) are aliases of the ``Ws*`` classes, whose names
+follow the wire names (``ws.emit_to_room`` -> ``WsEmitToRoom``). Messages
+marked *internal* travel between the daemon's HTTP loop and the manager.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from corral.messages.base import Reply, Request, message
+
+__all__ = [
+    "Disconnect",
+    "EmitToRoom",
+    "JoinRoom",
+    "LeaveRoom",
+    "RoomInfo",
+    "WsAck",
+    "WsAttach",
+    "WsAttached",
+    "WsDetach",
+    "WsDisconnect",
+    "WsDisconnected",
+    "WsEmitToRoom",
+    "WsEmitted",
+    "WsHistory",
+    "WsHistoryPage",
+    "WsJoinRoom",
+    "WsLeaveRoom",
+    "WsPublish",
+    "WsRoomInfo",
+    "WsRoomJoined",
+    "WsRoomMembers",
+    "WsTick",
+]
+
+
+@message("ws.emitted")
+class WsEmitted(Reply):
+    """Where an emit landed in the room's sequence: clients resume from ``offset``."""
+
+    room: str
+    offset: int
+    epoch: str
+
+
+@message("ws.emit_to_room")
+class WsEmitToRoom(Request[WsEmitted]):
+    """Send ``event`` with ``data`` to every client in ``room``, on every daemon."""
+
+    manager = "websocket"
+    room: str
+    event: str
+    data: Any = None
+
+
+@message("ws.room_joined")
+class WsRoomJoined(Reply):
+    """A connection is in the room; ``recovered`` is None when no offset was given."""
+
+    room: str
+    connection_id: str
+    count: int
+    offset: int
+    epoch: str
+    recovered: bool | None = None
+
+
+@message("ws.join_room")
+class WsJoinRoom(Request[WsRoomJoined]):
+    """Put a connection (attached to any daemon) in a room.
+
+    With ``since`` (the last offset the client saw) and ``epoch``, the client
+    first receives what it missed from the room's history, or a ``gap`` frame.
+    """
+
+    manager = "websocket"
+    room: str
+    connection_id: str
+    since: int | None = None
+    epoch: str | None = None
+
+
+@message("ws.ack")
+class WsAck(Reply):
+    """A plain acknowledgement; ``count`` says how many things it touched."""
+
+    count: int = 0
+
+
+@message("ws.leave_room")
+class WsLeaveRoom(Request[WsAck]):
+    """Take a connection out of a room (``count``: 1 if it was in, else 0)."""
+
+    manager = "websocket"
+    room: str
+    connection_id: str
+
+
+@message("ws.room_members")
+class WsRoomMembers(Reply):
+    """The room's members on every daemon (``connection_id``, ``user``, ``node``)."""
+
+    room: str
+    members: list[dict[str, Any]]
+    count: int
+    users: int
+
+
+@message("ws.room_info")
+class WsRoomInfo(Request[WsRoomMembers]):
+    """Who is in a room, cluster-wide (presence expires with its TTL)."""
+
+    manager = "websocket"
+    room: str
+
+
+@message("ws.disconnected")
+class WsDisconnected(Reply):
+    """How many connections were told to close (on this daemon or another)."""
+
+    count: int
+
+
+@message("ws.disconnect")
+class WsDisconnect(Request[WsDisconnected]):
+    """Close one connection, or every connection of a user, wherever it is attached."""
+
+    manager = "websocket"
+    connection_id: str | None = None
+    user: str | None = None
+    code: int = 4000
+    reason: str = "disconnected"
+
+
+@message("ws.publish")
+class WsPublish(Request[WsEmitted]):
+    """A client's own ``publish`` frame: allowed when the options say so and it is a member."""
+
+    manager = "websocket"
+    room: str
+    event: str
+    connection_id: str
+    data: Any = None
+
+
+@message("ws.history_page")
+class WsHistoryPage(Reply):
+    """What a room published after ``since``, or ``gap=True`` when history cannot fill it."""
+
+    room: str
+    messages: list[dict[str, Any]]
+    offset: int
+    epoch: str
+    gap: bool
+
+
+@message("ws.history")
+class WsHistory(Request[WsHistoryPage]):
+    """The room's messages after offset ``since`` (within the same ``epoch``)."""
+
+    manager = "websocket"
+    room: str
+    since: int = 0
+    epoch: str | None = None
+
+
+@message("ws.attached")
+class WsAttached(Reply):
+    connection_id: str
+
+
+@message("ws.attach")
+class WsAttach(Request[WsAttached]):
+    """Internal: an authenticated socket (or a refreshed token) on this daemon."""
+
+    manager = "websocket"
+    connection_id: str
+    user: str
+    expires_at: float
+    scopes: list[str] = dataclasses.field(default_factory=list)
+
+
+@message("ws.detach")
+class WsDetach(Request[WsAck]):
+    """Internal: a socket of this daemon closed; it leaves all its rooms."""
+
+    manager = "websocket"
+    connection_id: str
+
+
+@message("ws.tick")
+class WsTick(Request[WsAck]):
+    """Internal: the periodic beat that refreshes presence and enforces token expiry."""
+
+    manager = "websocket"
+
+
+EmitToRoom = WsEmitToRoom
+JoinRoom = WsJoinRoom
+LeaveRoom = WsLeaveRoom
+RoomInfo = WsRoomInfo
+Disconnect = WsDisconnect

@@ -1,0 +1,406 @@
+"""The websocket manager: real daemons, real `websockets` clients, a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.client import ClientProtocol
+from websockets.protocol import State
+from websockets.uri import parse_uri
+
+import corral
+from corral.config import BusSection, Config, DaemonSection, ManagerSection
+from corral.daemon import Daemon
+from corral.errors import NotFound
+from corral.messages.auth import AuthIssue
+from corral.messages.websocket import (
+    Disconnect,
+    EmitToRoom,
+    JoinRoom,
+    RoomInfo,
+    WsHistory,
+)
+from tests.redis_server import RedisServer
+
+SECRET = "websocket-tests-signing-secret-32b"
+
+
+def config(redis_url: str = "", *, auth: dict[str, Any] | None = None, **options: Any) -> Config:
+    bus = BusSection(backend="redis", url=redis_url, namespace="wst") if redis_url else BusSection()
+    return Config().replace(
+        bus=bus,
+        daemon=DaemonSection(port=0, heartbeat_interval=0.2, heartbeat_ttl=1.0),
+        managers={
+            "auth": ManagerSection(
+                class_path="corral.actors.auth:AuthManager",
+                options={"signing_key": SECRET, **(auth or {})},
+            ),
+            "websocket": ManagerSection(
+                class_path="corral.actors.websocket:WebSocketManager",
+                depends_on=["auth"],
+                options=options,
+            ),
+        },
+    )
+
+
+class Running:
+    """Daemons started by a test, stopped at its end."""
+
+    def __init__(self) -> None:
+        self.daemons: list[Daemon] = []
+
+    def start(self, cfg: Config) -> Daemon:
+        daemon = Daemon(cfg)
+        daemon.start()
+        self.daemons.append(daemon)
+        return daemon
+
+    def stop(self, daemon: Daemon) -> None:
+        self.daemons.remove(daemon)
+        daemon.stop()
+
+
+@pytest.fixture
+def running() -> Iterator[Running]:
+    started = Running()
+    yield started
+    for daemon in started.daemons:
+        daemon.stop()
+
+
+def token(daemon: Daemon, user: str = "user:1") -> str:
+    return daemon.system.ask(AuthIssue(subject=user, refresh=False)).access_token
+
+
+def ws_url(daemon: Daemon, query: str = "") -> str:
+    return f"ws://127.0.0.1:{daemon.port}/ws{query}"
+
+
+async def connect(daemon: Daemon, user: str = "user:1", **kwargs: Any) -> ClientConnection:
+    ws = await websockets.connect(ws_url(daemon, f"?token={token(daemon, user)}"), **kwargs)
+    welcome = await frame(ws)
+    assert welcome["type"] == "welcome" and welcome["user"] == user
+    return ws
+
+
+async def frame(ws: ClientConnection, timeout: float = 5.0) -> dict[str, Any]:
+    parsed: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), timeout))
+    return parsed
+
+
+async def request(ws: ClientConnection, **fields: Any) -> dict[str, Any]:
+    await ws.send(json.dumps(fields))
+    return await frame(ws)
+
+
+async def close_code(ws: ClientConnection, timeout: float = 5.0) -> tuple[int, str]:
+    """Read until the server closes; the close code and reason it sent."""
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        await drain(ws, timeout)
+    assert closed.value.rcvd is not None, "closed without a close frame"
+    return closed.value.rcvd.code, closed.value.rcvd.reason
+
+
+async def drain(ws: ClientConnection, timeout: float) -> None:
+    while True:
+        await asyncio.wait_for(ws.recv(), timeout)
+
+
+def ask(daemon: Daemon, message: Any) -> Any:
+    return asyncio.to_thread(daemon.system.ask, message)
+
+
+def test_auth_by_header_query_or_first_frame_and_refusals(running: Running) -> None:
+    daemon = running.start(config())
+
+    async def scenario() -> None:
+        good = token(daemon)
+        async with websockets.connect(
+            ws_url(daemon), additional_headers={"Authorization": f"Bearer {good}"}
+        ) as ws:
+            assert (await frame(ws))["type"] == "welcome"
+        async with websockets.connect(ws_url(daemon)) as ws:
+            assert (await request(ws, type="auth", token=good))["type"] == "welcome"
+            assert (await request(ws, type="ping", id=7)) == {"type": "pong", "id": 7}
+        async with websockets.connect(ws_url(daemon, "?token=not.a.jwt")) as ws:
+            assert await close_code(ws) == (4401, "malformed")
+        async with websockets.connect(ws_url(daemon)) as ws:
+            await ws.send(json.dumps({"type": "join", "room": "r"}))
+            assert await close_code(ws) == (4401, "no token")
+
+    asyncio.run(scenario())
+
+
+def test_expired_token_gets_a_refresh_window_then_4401(running: Running) -> None:
+    daemon = running.start(config(auth={"access_ttl": 1, "leeway": 0.0}, refresh_window=0.6))
+
+    async def scenario() -> None:
+        lazy = await connect(daemon)
+        keen = await connect(daemon)
+        notice = await frame(keen, timeout=3)
+        assert notice["type"] == "refresh_required"
+        refreshed = await request(keen, type="refresh", token=token(daemon))
+        assert refreshed["type"] == "refreshed"
+        assert (await frame(lazy, timeout=3))["type"] == "refresh_required"
+        assert await close_code(lazy) == (4401, "expired")
+        assert (await request(keen, type="ping"))["type"] == "pong"  # still connected
+        await keen.close()
+        stale = token(daemon)
+        await asyncio.sleep(1.2)
+        async with websockets.connect(ws_url(daemon, f"?token={stale}")) as ws:
+            assert await close_code(ws) == (4401, "expired")
+
+    asyncio.run(scenario())
+
+
+def test_emit_from_a_remote_service_reaches_clients_of_the_other_daemon(
+    redis_server: RedisServer, running: Running
+) -> None:
+    first = running.start(config(redis_server.url))
+    second = running.start(config(redis_server.url))
+
+    async def scenario() -> None:
+        here = await connect(first, "user:a")
+        there = [await connect(second, f"user:{i}") for i in range(3)]
+        for ws in [here, *there]:
+            assert (await request(ws, type="join", room="news"))["type"] == "joined"
+        with corral.connect(redis_server.url, namespace="wst") as service:
+            emitted = await asyncio.to_thread(
+                service.ask, EmitToRoom(room="news", event="posted", data={"id": 1})
+            )
+            for ws in [here, *there]:
+                got = await frame(ws)
+                assert got == {
+                    "type": "message", "room": "news", "event": "posted", "data": {"id": 1},
+                    "offset": emitted.offset, "epoch": emitted.epoch,
+                }  # fmt: skip
+            info = await asyncio.to_thread(service.ask, RoomInfo(room="news"))
+            assert info.count == 4 and info.users == 4
+            nodes = {m["node"] for m in info.members}
+            assert len(nodes) == 2
+            # An embedding service moves a connection of the second daemon, from anywhere.
+            cid = info.members[0]["connection_id"]
+            await asyncio.to_thread(service.ask, JoinRoom(room="vip", connection_id=cid))
+            await wait_for_count(first, "vip", 1)
+            gone = await asyncio.to_thread(service.ask, Disconnect(user="user:1"))
+            assert gone.count == 1
+        assert await close_code(there[1]) == (4000, "disconnected")
+        with pytest.raises(NotFound):
+            await ask(first, Disconnect(connection_id="nobody.1"))
+
+    asyncio.run(scenario())
+
+
+async def wait_for_count(daemon: Daemon, room: str, count: int) -> None:
+    deadline = time.monotonic() + 5
+    while (await ask(daemon, RoomInfo(room=room))).count != count:
+        assert time.monotonic() < deadline, f"{room} never had {count} members"
+        await asyncio.sleep(0.05)
+
+
+def test_a_stopped_daemons_members_expire_with_the_presence_ttl(
+    redis_server: RedisServer, running: Running
+) -> None:
+    stays = running.start(config(redis_server.url, presence_ttl=0.6))
+    dies = running.start(config(redis_server.url, presence_ttl=0.6))
+
+    async def scenario() -> None:
+        a = await connect(stays, "user:stays")
+        b = await connect(dies, "user:dies")
+        for ws in (a, b):
+            await request(ws, type="join", room="lobby")
+        await asyncio.sleep(1.0)  # past the TTL: the beats keep both alive
+        presence = await request(a, type="presence", room="lobby")
+        assert sorted(m["user"] for m in presence["members"]) == ["user:dies", "user:stays"]
+        # The daemon stops without its members leaving (its manager stops first): a crash, seen
+        # from Redis. Its entries stop being refreshed and expire.
+        await asyncio.to_thread(running.stop, dies)
+        await wait_for_count(stays, "lobby", 1)
+        presence = await request(a, type="presence", room="lobby")
+        assert [m["user"] for m in presence["members"]] == ["user:stays"]
+
+    asyncio.run(scenario())
+
+
+def test_reconnect_with_offset_recovers_or_gets_a_gap(
+    redis_server: RedisServer, running: Running
+) -> None:
+    daemon = running.start(config(redis_server.url, history_size=3))
+
+    async def scenario() -> None:
+        ws = await connect(daemon)
+        joined = await request(ws, type="join", room="feed")
+        await ask(daemon, EmitToRoom(room="feed", event="n", data=1))
+        seen = await frame(ws)
+        await ws.close()
+        for n in (2, 3):
+            await ask(daemon, EmitToRoom(room="feed", event="n", data=n))
+        ws = await connect(daemon)
+        back = await request(
+            ws, type="join", room="feed", since=seen["offset"], epoch=seen["epoch"]
+        )
+        assert back["recovered"] is True and back["epoch"] == joined["epoch"]
+        assert [(await frame(ws))["data"] for _ in range(2)] == [2, 3]
+        await ask(daemon, EmitToRoom(room="feed", event="n", data=4))
+        assert (await frame(ws))["data"] == 4  # live again, nothing twice
+        for n in range(5, 10):
+            await ask(daemon, EmitToRoom(room="feed", event="n", data=n))
+        late = await connect(daemon)
+        back = await request(
+            late, type="join", room="feed", since=seen["offset"], epoch=seen["epoch"]
+        )
+        assert back["recovered"] is False
+        gap = await frame(late)
+        assert gap["type"] == "gap" and gap["since"] == seen["offset"] and gap["offset"] == 9
+        other_epoch = await request(late, type="history", room="feed", since=8, epoch="feedbeef")
+        assert other_epoch["type"] == "gap"
+        page = await ask(daemon, WsHistory(room="feed", since=7, epoch=seen["epoch"]))
+        assert [m["data"] for m in page.messages] == [8, 9] and not page.gap
+
+    asyncio.run(scenario())
+
+
+class SilentClient:
+    """A WebSocket client on a raw socket with a 4 KiB receive buffer that reads nothing
+    until told to (``websockets``' sans-I/O protocol does the framing)."""
+
+    def __init__(self, url: str) -> None:
+        where = parse_uri(url)
+        self.protocol = ClientProtocol(where)
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.connect((where.host, where.port))
+        self.protocol.send_request(self.protocol.connect())
+        self._flush()
+        while self.protocol.state is not State.OPEN:
+            self.protocol.receive_data(self.sock.recv(65536))
+        self.protocol.events_received()
+
+    def _flush(self) -> None:
+        self.sock.sendall(b"".join(self.protocol.data_to_send()))
+
+    def send(self, frame: dict[str, Any]) -> None:
+        self.protocol.send_text(json.dumps(frame).encode())
+        self._flush()
+
+    def read_until_closed(self) -> tuple[int, str]:
+        self.sock.settimeout(10)
+        while self.protocol.close_rcvd is None:
+            data = self.sock.recv(1 << 20)
+            if not data:
+                self.protocol.receive_eof()
+                break
+            self.protocol.receive_data(data)
+        self.sock.close()
+        assert self.protocol.close_rcvd is not None, "closed without a close frame"
+        return self.protocol.close_rcvd.code, self.protocol.close_rcvd.reason
+
+
+def slow_closes(daemon: Daemon) -> int:
+    health = daemon.system.health().managers["websocket"].health
+    assert health is not None
+    return int(health.metrics["slow"])
+
+
+def test_a_slow_client_is_closed_4008_while_50_others_get_everything(running: Running) -> None:
+    daemon = running.start(config(send_queue_size=32, close_timeout=10.0))
+    batch, payload = 10, "x" * 16000
+
+    async def scenario() -> None:
+        readers = [await connect(daemon, f"user:{i}") for i in range(50)]
+        slow = SilentClient(ws_url(daemon, f"?token={token(daemon, 'user:slow')}"))
+        slow.send({"type": "join", "room": "firehose"})
+        for ws in readers:
+            await ws.send(json.dumps({"type": "join", "room": "firehose"}))
+        for ws in readers:
+            assert (await frame(ws))["type"] == "joined"
+        await wait_for_count(daemon, "firehose", 51)
+        received: list[list[int]] = [[] for _ in readers]
+
+        async def read_all(ws: ClientConnection, into: list[int]) -> None:
+            while (got := await frame(ws, timeout=20))["event"] == "tick":
+                into.append(got["data"]["n"])
+
+        reading = [
+            asyncio.ensure_future(read_all(ws, r)) for ws, r in zip(readers, received, strict=True)
+        ]
+        sent = 0
+        # The slow client reads nothing: once the kernel's buffers are full, its queue fills.
+        while slow_closes(daemon) == 0 and sent < 2000:
+            for _ in range(batch):
+                data = {"n": sent, "p": payload}
+                await ask(daemon, EmitToRoom(room="firehose", event="tick", data=data))
+                sent += 1
+            while min(len(r) for r in received) < sent and not any(t.done() for t in reading):
+                await asyncio.sleep(0.002)
+        await ask(daemon, EmitToRoom(room="firehose", event="end"))
+        await asyncio.gather(*reading)
+        assert all(got == list(range(sent)) for got in received)
+        assert await asyncio.to_thread(slow.read_until_closed) == (4008, "slow")
+
+    asyncio.run(scenario())
+
+
+def test_bad_frames_get_an_error_or_a_close_never_a_crash(running: Running) -> None:
+    daemon = running.start(config(max_frame_size=1024, inbound_rate=20.0, inbound_burst=20))
+
+    async def scenario() -> None:
+        ws = await connect(daemon)
+        for bad in ("{nope", "[1, 2]", json.dumps({"type": "dance"}), json.dumps({"room": "r"})):
+            await ws.send(bad)
+            got = await frame(ws)
+            assert got["type"] == "error", bad
+        assert (await request(ws, type="join"))["code"] == "invalid_message"
+        assert (await request(ws, type="join", room="bad room!"))["code"] == "invalid_message"
+        assert (await request(ws, type="join", room="r", since="yesterday"))["type"] == "error"
+        assert (await request(ws, type="publish", room="r", event="e"))["code"] == "unauthorized"
+        await ws.send(b"\x00binary")
+        assert (await frame(ws))["code"] == "bad_frame"
+        assert (await request(ws, type="ping"))["type"] == "pong"
+        await ws.send("x" * 5000)
+        assert (await close_code(ws))[0] == 1009
+        flood = await connect(daemon)
+        for _ in range(40):  # twice the burst, at once
+            await flood.send(json.dumps({"type": "ping"}))
+        assert await close_code(flood) == (4029, "flooding")
+        health = daemon.system.health()
+        assert health.managers["websocket"].restarts == 0
+        assert health.managers["websocket"].state == "running"
+
+    asyncio.run(scenario())
+
+
+def test_clients_publish_when_allowed_and_see_presence_events(running: Running) -> None:
+    daemon = running.start(config(client_publish=True, presence_events=True))
+
+    async def scenario() -> None:
+        alice = await connect(daemon, "alice")
+        bob = await connect(daemon, "bob")
+        await request(alice, type="join", room="chat")
+        assert (await frame(alice))["data"]["user"] == "alice"  # her own arrival
+        await request(bob, type="join", room="chat")
+        joined = await frame(alice)
+        assert joined["type"] == "join" and joined["data"]["user"] == "bob"
+        assert (await frame(bob))["type"] == "join"  # bob sees his own arrival too
+        await bob.send(
+            json.dumps({"type": "publish", "room": "chat", "event": "say", "data": "hi"})
+        )
+        said = await frame(alice)
+        assert (said["event"], said["data"]) == ("say", "hi")
+        bobs = sorted([await frame(bob), await frame(bob)], key=lambda f: str(f["type"]))
+        assert [f["type"] for f in bobs] == ["message", "published"]  # his own, and the receipt
+        assert bobs[1]["offset"] == said["offset"]
+        assert (await request(bob, type="leave", room="chat"))["type"] == "left"
+        left = await frame(alice)
+        assert left["type"] == "leave" and left["data"]["user"] == "bob"
+
+    asyncio.run(scenario())
