@@ -108,7 +108,7 @@ class RequestServer:
         self._replies: queue.Queue[Any] = queue.Queue()
         self._blocking = ThreadPoolExecutor(4, thread_name_prefix="corral-remote-health")
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._threads: dict[str, threading.Thread] = {}
         self.connected = False
         self.counts = {"served": 0, "expired": 0, "rejected": 0, "claimed": 0, "errors": 0}
 
@@ -132,15 +132,15 @@ class RequestServer:
         ):
             thread = threading.Thread(target=target, name=f"corral-remote-{name}", daemon=True)
             thread.start()
-            self._threads.append(thread)
+            self._threads[name] = thread
 
     def stop(self) -> None:
         """Stop taking requests, finish replying, and leave the alive sets at once."""
         self._stop.set()
-        for thread in self._threads[::2]:  # reader and heartbeat first
-            thread.join(self.block_ms / 1000 + 5)
-        self._replies.put(None)
-        self._threads[1].join(5)
+        for name in ("reader", "heartbeat"):
+            self._threads[name].join(self.block_ms / 1000 + 5)
+        self._replies.put(None)  # the replier sends what is left, then ends
+        self._threads["replier"].join(5)
         self._blocking.shutdown(wait=False)
         try:
             pipe = self._redis.pipeline(transaction=False)
