@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
+import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 import corral
 from corral.client import Client
@@ -207,5 +215,68 @@ def test_redis_password_in_the_url() -> None:
                 pytest.raises(BackendUnavailable, match="cannot reach Redis"),
             ):
                 remote.ask(Ping())
+        finally:
+            running.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_tls_urls(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    tls_port = _free_port()
+    args = ("--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key))
+    with RedisServer(*args, "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"):
+        url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}"
+        running = Daemon(daemon_config(url))
+        running.start()
+        try:
+            with corral.connect(url, namespace="rt") as remote:
+                assert remote.ask(Ping(payload=b"tls")).payload == b"tls"
+        finally:
+            running.stop()
+
+
+def test_acl_user_in_the_url() -> None:
+    with RedisServer("--user", "alice", "on", ">wonderland", "~*", "&*", "+@all") as server:
+        url = server.url.replace("redis://", "redis://alice:wonderland@")
+        running = Daemon(daemon_config(url))
+        running.start()
+        try:
+            with corral.connect(url, namespace="rt") as remote:
+                assert remote.ask(Ping(payload=b"acl")).payload == b"acl"
         finally:
             running.stop()
