@@ -90,6 +90,7 @@ class ChildSpec:
     mailbox_put_timeout: float = 1.0
     redis_url: str = ""
     namespace: str = "corral"
+    signing_keys: tuple[bytes, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -480,6 +481,7 @@ class Supervisor:
             on_exit=self._on_exit,
             redis_url=spec.redis_url,
             namespace=spec.namespace,
+            signing_keys=spec.signing_keys,
         )
         self._set_state(child, "starting")
         try:

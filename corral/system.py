@@ -112,6 +112,10 @@ class System(EventsMixin):
         sections = dict(self.config.managers)
         names = ["system", *[n for n in sections if n != "system"]]
         names += [n for n in given if n not in names]
+        # What every manager gets from the system it runs in, given specs included.
+        redis_url = self.config.bus.url if self.config.bus.backend == "redis" else ""
+        namespace = self.config.bus.namespace
+        keys = self.codec.keys
         specs = []
         for name in names:
             section = sections.get(name, ManagerSection())
@@ -120,7 +124,14 @@ class System(EventsMixin):
             given_item = given.get(name)
             if isinstance(given_item, ChildSpec):
                 self._check_options(name, given_item.manager, given_item.options)
-                specs.append(given_item)
+                specs.append(
+                    dataclasses.replace(
+                        given_item,
+                        redis_url=given_item.redis_url or redis_url,
+                        namespace=namespace,
+                        signing_keys=given_item.signing_keys or keys,
+                    )
+                )
                 continue
             manager = given_item or _load_manager(name, section)
             self._check_options(name, manager, section.options)
@@ -139,8 +150,9 @@ class System(EventsMixin):
                     ),
                     mailbox_size=section.mailbox_size or self.config.system.mailbox_size,
                     mailbox_put_timeout=self.config.system.mailbox_put_timeout,
-                    redis_url=self.config.bus.url if self.config.bus.backend == "redis" else "",
-                    namespace=self.config.bus.namespace,
+                    redis_url=redis_url,
+                    namespace=namespace,
+                    signing_keys=keys,
                 )
             )
         return specs

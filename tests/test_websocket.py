@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.client import ClientProtocol
@@ -17,10 +19,11 @@ from websockets.protocol import State
 from websockets.uri import parse_uri
 
 import corral
-from corral.config import BusSection, Config, DaemonSection, ManagerSection
+from corral.config import BusSection, CodecSection, Config, DaemonSection, ManagerSection
 from corral.daemon import Daemon
 from corral.errors import NotFound
 from corral.messages.auth import AuthIssue
+from corral.messages.system import Health
 from corral.messages.websocket import (
     Disconnect,
     EmitToRoom,
@@ -33,10 +36,17 @@ from tests.redis_server import RedisServer
 SECRET = "websocket-tests-signing-secret-32b"
 
 
-def config(redis_url: str = "", *, auth: dict[str, Any] | None = None, **options: Any) -> Config:
+def config(
+    redis_url: str = "",
+    *,
+    auth: dict[str, Any] | None = None,
+    signing_keys: list[str] | None = None,
+    **options: Any,
+) -> Config:
     bus = BusSection(backend="redis", url=redis_url, namespace="wst") if redis_url else BusSection()
     return Config().replace(
         bus=bus,
+        codec=CodecSection(signing_keys=signing_keys or []),
         daemon=DaemonSection(port=0, heartbeat_interval=0.2, heartbeat_ttl=1.0),
         managers={
             "auth": ManagerSection(
@@ -305,10 +315,14 @@ class SilentClient:
         return self.protocol.close_rcvd.code, self.protocol.close_rcvd.reason
 
 
-def slow_closes(daemon: Daemon) -> int:
+def manager_health(daemon: Daemon) -> Health:
     health = daemon.system.health().managers["websocket"].health
     assert health is not None
-    return int(health.metrics["slow"])
+    return health
+
+
+def slow_closes(daemon: Daemon) -> int:
+    return int(manager_health(daemon).metrics["slow"])
 
 
 def test_a_slow_client_is_closed_4008_while_50_others_get_everything(running: Running) -> None:
@@ -369,8 +383,9 @@ def test_bad_frames_get_an_error_or_a_close_never_a_crash(running: Running) -> N
         await ws.send("x" * 5000)
         assert (await close_code(ws))[0] == 1009
         flood = await connect(daemon)
-        for _ in range(40):  # twice the burst, at once
-            await flood.send(json.dumps({"type": "ping"}))
+        with contextlib.suppress(websockets.ConnectionClosed):  # the close may come before
+            for _ in range(40):  # twice the burst, at once
+                await flood.send(json.dumps({"type": "ping"}))
         assert await close_code(flood) == (4029, "flooding")
         health = daemon.system.health()
         assert health.managers["websocket"].restarts == 0
@@ -402,5 +417,100 @@ def test_clients_publish_when_allowed_and_see_presence_events(running: Running) 
         assert (await request(bob, type="leave", room="chat"))["type"] == "left"
         left = await frame(alice)
         assert left["type"] == "leave" and left["data"]["user"] == "bob"
+
+    asyncio.run(scenario())
+
+
+def next_message(pubsub: Any) -> dict[str, Any]:
+    deadline = time.monotonic() + 5
+    while True:
+        message = pubsub.get_message(timeout=0.5)
+        if message is not None and message["type"] == "message":
+            assert isinstance(message, dict)
+            return message
+        assert time.monotonic() < deadline, "nothing published"
+
+
+FORGED_MESSAGE = {
+    "type": "message", "room": "news", "event": "forged", "data": 1, "offset": 99,
+    "epoch": "deadbeef",
+}  # fmt: skip
+
+
+def test_signed_channels_take_only_what_a_holder_of_the_key_published(
+    redis_server: RedisServer, running: Running
+) -> None:
+    keys = ["old-channel-key", "channel-signing-key"]
+    emitter = running.start(config(redis_server.url, signing_keys=keys[1:]))
+    receiver = running.start(  # signs with the old key, verifies with both: a rotation
+        config(redis_server.url, signing_keys=keys, presence_events=True)
+    )
+    frame_text = json.dumps(FORGED_MESSAGE)
+    forged_head = frame_text[: frame_text.index('"offset":') + len('"offset":')]
+
+    async def scenario(raw: redis.Redis) -> None:
+        ws = await websockets.connect(ws_url(receiver, f"?token={token(receiver)}"))
+        cid = (await frame(ws))["connection_id"]
+        joined = await request(ws, type="join", room="news")
+        assert (await frame(ws))["type"] == "join"  # its own arrival, signed, back from Redis
+        room, control = "wst:ws.room.news", f"wst:ws.node.{cid.rpartition('.')[0]}"
+        order = json.dumps({"op": "disconnect", "connection_id": cid, "code": 4000, "reason": "x"})
+        forgeries = [
+            (room, frame_text.encode()),  # unsigned
+            (room, bytes(32) + b"f" + frame_text.encode()),  # a made-up signature
+            (room, bytes(32) + b"m" + forged_head.encode() + b'1,"epoch":"ab"}'),
+            (room, b"\xff\xfe not text"),
+            (control, order.encode()),
+            (control, bytes(32) + b"f" + order.encode()),
+        ]
+        for channel, payload in forgeries:
+            assert raw.publish(channel, payload) == 1
+        listener = raw.pubsub()  # type: ignore[no-untyped-call]
+        listener.subscribe(room)
+        emitted = await ask(emitter, EmitToRoom(room="news", event="posted", data={"id": 1}))
+        got = await frame(ws)
+        assert (got["event"], got["offset"]) == ("posted", emitted.offset)
+        # A genuine payload seen on the channel, its unsigned tail bent to override the data.
+        genuine: bytes = (await asyncio.to_thread(next_message, listener))["data"]
+        listener.close()
+        head = genuine[: genuine.rindex(b'"offset":') + len(b'"offset":')]
+        assert raw.publish(room, head + b'7,"epoch":"ab","data":"evil"}') == 1
+        assert (await request(ws, type="ping"))["type"] == "pong"  # nothing forged came, still open
+        health = await asyncio.to_thread(manager_health, receiver)
+        assert health.metrics["forged"] == len(forgeries) + 1 and health.details["signed"]
+        # The history: an entry XADDed without the key makes a gap, never a recovery of it.
+        page = await ask(receiver, WsHistory(room="news", since=joined["offset"]))
+        assert [m["event"] for m in page.messages] == ["posted"] and not page.gap
+        history, offset = "wst:{ws:room:news}:history", "wst:{ws:room:news}:offset"
+        raw.xadd(history, {"f": frame_text}, id=f"0-{emitted.offset + 1}")
+        raw.incr(offset)
+        page = await ask(receiver, WsHistory(room="news", since=joined["offset"]))
+        assert page.gap and page.messages == []
+        health = await asyncio.to_thread(manager_health, receiver)
+        assert health.metrics["forged_history"] == 1
+        # A genuine order to the receiver's node: the emitter puts the connection in a room.
+        await ask(emitter, JoinRoom(room="vip", connection_id=cid))
+        assert (await frame(ws))["type"] == "joined"
+        assert (await frame(ws))["type"] == "join"
+
+    with redis.Redis.from_url(redis_server.url, protocol=2) as raw:
+        asyncio.run(scenario(raw))
+
+
+def test_without_keys_the_channels_carry_bare_frames_as_before(
+    redis_server: RedisServer, running: Running
+) -> None:
+    daemon = running.start(config(redis_server.url))
+
+    async def scenario() -> None:
+        ws = await connect(daemon)
+        await request(ws, type="join", room="news")
+        with redis.Redis.from_url(redis_server.url) as raw:
+            assert raw.publish("wst:ws.room.news", json.dumps(FORGED_MESSAGE)) == 1
+        assert await frame(ws) == FORGED_MESSAGE
+        emitted = await ask(daemon, EmitToRoom(room="news", event="posted"))
+        assert (await frame(ws))["offset"] == emitted.offset
+        page = await ask(daemon, WsHistory(room="news", since=0, epoch=emitted.epoch))
+        assert [m["event"] for m in page.messages] == ["posted"]
 
     asyncio.run(scenario())

@@ -88,6 +88,9 @@ class ManagerContext:
     """The system's Redis (``bus.url`` when the bus is on Redis): a default for managers."""
     namespace: str = "corral"
     """Prefix for the Redis keys and channels of this system (``bus.namespace``)."""
+    signing_keys: tuple[bytes, ...] = ()
+    """The codec's HMAC keys (``codec.signing_keys``; the first signs): for a manager's own
+    signed Redis traffic."""
 
 
 class Probe:

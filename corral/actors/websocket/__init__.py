@@ -46,6 +46,7 @@ def mount(daemon: Daemon) -> Gateway | None:
         redis_url=redis_url,
         namespace=config.bus.namespace,
         tick_interval=options.tick_interval,
+        signing_keys=daemon.system.codec.keys,
     )
     daemon.app.router.add_get("/ws", gateway.handle)
     daemon.app.on_startup.append(gateway.started)

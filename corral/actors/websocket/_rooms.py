@@ -4,9 +4,11 @@ Every message a room publishes gets the next ``offset`` of the room and the
 room's ``epoch`` (a random id made when the room's sequence starts, so a client
 can tell a restarted sequence from the one it followed). In Redis one Lua
 script assigns the offset, appends the frame to the capped history stream and
-PUBLISHes it on the room's own channel, in one round trip::
+PUBLISHes it on the room's own channel, in one round trip. With signing keys the
+frame's head is signed before the script runs (see :mod:`._signing`)::
 
-    rooms = RedisRooms(redis_client, namespace="corral", history_size=100, ttl=300)
+    rooms = RedisRooms(redis_client, namespace="corral", history_size=100, ttl=300,
+                       presence_ttl=30.0, signer=ChannelSigner(keys))
     offset, epoch, local = rooms.emit("orders", frame_head)   # local is None: published
 """
 
@@ -20,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import redis
+
+from corral.actors.websocket._signing import ChannelSigner
 
 __all__ = ["HistorySlice", "MemoryRooms", "RedisRooms", "Rooms", "frame_head"]
 
@@ -162,8 +166,10 @@ redis.call('EXPIRE', KEYS[2], ARGV[2])
 return {tonumber(redis.call('GET', KEYS[1])), redis.call('GET', KEYS[2])}
 """
 
-# KEYS: offset, epoch, history. ARGV: channel, frame head, new epoch, history size, ttl.
-# A missing offset means the room's sequence expired: it restarts under a new epoch.
+# KEYS: offset, epoch, history. ARGV: channel, frame head, new epoch, history size, ttl,
+# signature prefix (empty when unsigned: it precedes the published frame and is kept in the
+# history entry beside it). A missing offset means the room's sequence expired: it restarts
+# under a new epoch.
 _EMIT = """
 local epoch = redis.call('GET', KEYS[2])
 if not epoch or redis.call('EXISTS', KEYS[1]) == 0 then
@@ -175,12 +181,16 @@ local offset = redis.call('INCR', KEYS[1])
 local frame = ARGV[2] .. offset .. ',"epoch":"' .. epoch .. '"}'
 local size = tonumber(ARGV[4])
 if size > 0 then
-  redis.call('XADD', KEYS[3], 'MAXLEN', size, '0-' .. offset, 'f', frame)
+  if ARGV[6] == '' then
+    redis.call('XADD', KEYS[3], 'MAXLEN', size, '0-' .. offset, 'f', frame)
+  else
+    redis.call('XADD', KEYS[3], 'MAXLEN', size, '0-' .. offset, 'f', frame, 'm', ARGV[6])
+  end
   redis.call('EXPIRE', KEYS[3], ARGV[5])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
-redis.call('PUBLISH', ARGV[1], frame)
+redis.call('PUBLISH', ARGV[1], ARGV[6] .. frame)
 return {offset, epoch}
 """
 
@@ -224,7 +234,11 @@ return redis.call('HVALS', KEYS[2])
 
 
 class RedisRooms:
-    """Rooms shared by every daemon on one Redis; presence entries expire after ``presence_ttl``."""
+    """Rooms shared by every daemon on one Redis; presence entries expire after ``presence_ttl``.
+
+    ``signer`` signs what goes on the channels and checks the history read back: a
+    history holding an entry not signed with the key is a gap, never recovered from.
+    """
 
     def __init__(
         self,
@@ -234,8 +248,10 @@ class RedisRooms:
         history_size: int,
         ttl: int,
         presence_ttl: float,
+        signer: ChannelSigner,
     ) -> None:
         self.client = client
+        self.signer = signer
         self.namespace = namespace
         self.history_size = history_size
         self.ttl = ttl
@@ -265,30 +281,43 @@ class RedisRooms:
         return int(offset), _text(epoch)
 
     def emit(self, room: str, head: str, *, history: bool = True) -> tuple[int, str, str | None]:
+        channel = self.channel(room)
         offset, epoch = self._emit(
             keys=self._keys(room, "offset", "epoch", "history"),
             args=[
-                self.channel(room),
+                channel,
                 head,
                 _new_epoch(),
                 self.history_size if history else 0,
                 self.ttl,
+                self.signer.message_prefix(channel, head),
             ],
         )
         return int(offset), _text(epoch), None
 
     def publish_frame(self, room: str, frame: str) -> None:
         """A frame outside the room's sequence (presence join/leave) to every daemon."""
-        self.client.publish(self.channel(room), frame)
+        channel = self.channel(room)
+        self.client.publish(channel, self.signer.seal(channel, frame))
+
+    def publish_order(self, node: str, order: str) -> int:
+        """An order about one of ``node``'s connections; how many daemons received it."""
+        channel = self.node_channel(node)
+        return int(self.client.publish(channel, self.signer.seal(channel, order)))
 
     def history(self, room: str, since: int, epoch: str | None) -> HistorySlice:
         offset, room_epoch, raw = self._history(
             keys=self._keys(room, "offset", "epoch", "history"), args=[since]
         )
-        entries = [
-            (int(_text(entry_id).split("-")[1]), _text(fields[1])) for entry_id, fields in raw
-        ]
-        return _slice(since, epoch, int(offset), _text(room_epoch), entries)
+        channel, offset, room_epoch = self.channel(room), int(offset), _text(room_epoch)
+        entries = []
+        for entry_id, fields in raw:
+            payload = _entry_payload(fields, signed=self.signer.signing)
+            frame = self.signer.open(channel, payload)
+            if frame is None:  # not written by a holder of the key: never a partial recovery
+                return HistorySlice([], offset, room_epoch, gap=True)
+            entries.append((int(_text(entry_id).split("-")[1]), frame))
+        return _slice(since, epoch, offset, room_epoch, entries)
 
     def join(self, room: str, connection_id: str, member: dict[str, Any]) -> int:
         now = _now_ms()
@@ -343,6 +372,14 @@ class RedisRooms:
 
     def forget_user(self, user: str, connection_id: str) -> None:
         self.client.hdel(self._user_key(user), connection_id)
+
+
+def _entry_payload(fields: list[bytes], *, signed: bool) -> bytes:
+    """A history entry (``f frame [m prefix]``) as it was published: [prefix +] frame."""
+    frame = fields[1] if len(fields) >= 2 and fields[0] == b"f" else b""
+    if signed and len(fields) == 4 and fields[2] == b"m":
+        return fields[3] + frame
+    return frame
 
 
 def _now_ms() -> int:

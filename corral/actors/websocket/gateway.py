@@ -5,7 +5,8 @@ socket (through the auth manager), then hands everything that needs a decision
 (join, leave, publish, presence, history) to the ``websocket`` actor with
 ``ask_async``. The actor hands frames back with ``loop.call_soon_threadsafe``
 (:meth:`Gateway.call`); the gateway writes them to each connection's bounded
-queue, so no send ever blocks the actor or another client::
+queue, so no send ever blocks the actor or another client. With ``signing_keys``
+(the codec's) it takes from the Redis channels only payloads signed with one of them::
 
     gateway = Gateway(system, options, redis_url="redis://...", namespace="corral")
     app.router.add_get("/ws", gateway.handle)
@@ -23,7 +24,7 @@ import logging
 import secrets
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -31,6 +32,7 @@ import redis.asyncio as aredis
 from aiohttp import WSMsgType, web
 from redis.exceptions import RedisError
 
+from corral.actors.websocket._signing import ChannelSigner
 from corral.errors import CorralError, Unauthorized
 from corral.messages.auth import AuthValidate
 from corral.messages.base import Reply, Request
@@ -114,6 +116,7 @@ class Gateway:
         redis_url: str = "",
         namespace: str = "corral",
         tick_interval: float = 1.0,
+        signing_keys: Sequence[bytes] = (),
     ) -> None:
         self.system = system
         self.options = options
@@ -121,6 +124,7 @@ class Gateway:
         self.namespace = namespace
         self.redis_url = redis_url
         self.tick_interval = tick_interval
+        self.signer = ChannelSigner(signing_keys)
         self.connections: dict[str, Connection] = {}
         self.rooms: dict[str, set[Connection]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -130,7 +134,9 @@ class Gateway:
         self._pubsub: Any = None
         self._room_prefix = f"{namespace}:ws.room."
         self.stopping = False
-        self.counts = {"sent": 0, "slow": 0, "flooding": 0, "refused": 0, "accepted": 0}
+        self.counts = {
+            "sent": 0, "slow": 0, "flooding": 0, "refused": 0, "accepted": 0, "forged": 0,
+        }  # fmt: skip
         _GATEWAYS[system] = self
 
     # -- lifecycle (aiohttp on_startup / on_cleanup) --------------------------------------
@@ -278,12 +284,17 @@ class Gateway:
             self.counts["sent"] += 1
 
     def _close(self, conn: Connection, code: int, reason: str) -> None:
+        if self._begin_close(conn):
+            self._spawn(self._close_socket(conn.ws, code, reason))
+
+    def _begin_close(self, conn: Connection) -> bool:
+        """Stop sending to ``conn``; False when its close had begun already."""
         if conn.closing:
-            return
+            return False
         conn.closing = True
         if conn.writer is not None:
             conn.writer.cancel()
-        self._spawn(self._close_socket(conn.ws, code, reason))
+        return True
 
     async def _close_socket(self, ws: web.WebSocketResponse, code: int, reason: str) -> None:
         # A client that reads nothing may never let the close frame out: cut it then.
@@ -402,8 +413,13 @@ class Gateway:
                 continue
             if not self._take_token(conn):
                 self.counts["flooding"] += 1
-                self._close(conn, CLOSE_FLOODING, "flooding")
-                continue
+                # Closed by the reading task itself: aiohttp then reads the client's frames up
+                # to its close frame. Closed from another task while this one waits in
+                # receive(), it drops the socket at once, and the unread flood makes that a
+                # reset that can reach the client before the close frame.
+                if self._begin_close(conn):
+                    await self._close_socket(conn.ws, CLOSE_FLOODING, "flooding")
+                break
             if msg.type != WSMsgType.TEXT:
                 self._error(conn, None, "bad_frame", "frames are JSON text")
                 continue
@@ -477,8 +493,7 @@ class Gateway:
     # -- the rooms' Redis channels, and this node's control channel -----------------------
 
     async def _read_channels(self) -> None:
-        control = f"{self.namespace}:ws.node.{self.node}".encode()
-        prefix = self._room_prefix.encode()
+        control = f"{self.namespace}:ws.node.{self.node}"
         while True:
             try:
                 msg = await self._pubsub.get_message(timeout=1.0)
@@ -488,11 +503,15 @@ class Gateway:
                 continue
             if msg is None or msg.get("type") != "message":
                 continue
-            channel: bytes = msg["channel"]
-            if channel.startswith(prefix):
-                self.deliver(channel[len(prefix) :].decode(), msg["data"].decode())
-            elif channel == control:
-                self._spawn(self._control(json.loads(msg["data"])))
+            channel = msg["channel"].decode()
+            body = self.signer.open(channel, msg["data"])
+            self.counts["forged"] = self.signer.refused
+            if body is None:
+                continue
+            if channel.startswith(self._room_prefix):
+                self.deliver(channel[len(self._room_prefix) :], body)
+            elif channel == control and (order := _parse(body)) is not None:
+                self._spawn(self._control(order))
 
     async def _control(self, order: dict[str, Any]) -> None:
         """A request about one of this node's connections, forwarded by another daemon."""

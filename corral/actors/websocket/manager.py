@@ -28,6 +28,7 @@ import redis
 
 from corral.actors.base import Manager, handles
 from corral.actors.websocket._rooms import MemoryRooms, RedisRooms, Rooms, frame_head
+from corral.actors.websocket._signing import ChannelSigner
 from corral.actors.websocket.gateway import CLOSE_UNAUTHORIZED, Gateway, gateway_for
 from corral.config import Section
 from corral.errors import BackendUnavailable, Conflict, InvalidMessage, NotFound, Unauthorized
@@ -111,6 +112,7 @@ class WebSocketManager(Manager):
         self.node = self.gateway.node if self.gateway is not None else "embedded"
         url = self.opts.redis_url or self.context.redis_url
         self.client: redis.Redis | None = None
+        self.signer = ChannelSigner(self.context.signing_keys)
         self.rooms: Rooms
         if self.opts.backend == "redis" or (self.opts.backend == "auto" and url):
             self.client = redis.Redis.from_url(
@@ -122,6 +124,7 @@ class WebSocketManager(Manager):
                 history_size=self.opts.history_size,
                 ttl=self.opts.history_ttl,
                 presence_ttl=self.opts.presence_ttl,
+                signer=self.signer,
             )
         else:
             self.rooms = MemoryRooms(history_size=self.opts.history_size)
@@ -142,11 +145,16 @@ class WebSocketManager(Manager):
         gateway = self.gateway.counts if self.gateway is not None else {}
         return Health(
             status="healthy",
-            details={"backend": "redis" if self.client else "memory", "node": self.node},
+            details={
+                "backend": "redis" if self.client else "memory",
+                "node": self.node,
+                "signed": self.signer.signing,
+            },
             metrics={
                 "connections": len(self.conns),
                 "rooms": len(self.local),
                 "emitted": self.emitted,
+                "forged_history": self.signer.refused,
                 **gateway,
             },
             dependencies={"auth": "required"},
@@ -359,8 +367,7 @@ class WebSocketManager(Manager):
         if not isinstance(self.rooms, RedisRooms) or not node or node == self.node:
             return 0
         order = {"op": op, "connection_id": connection_id, **fields}
-        receivers = self.rooms.client.publish(self.rooms.node_channel(node), _dumps(order))
-        return 1 if int(receivers) else 0
+        return 1 if self.rooms.publish_order(node, _dumps(order)) else 0
 
     def _presence_event(self, room: str, event: str, member: dict[str, Any]) -> None:
         frame = _dumps({"type": event, "room": room, "data": member})
