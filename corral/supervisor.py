@@ -88,9 +88,12 @@ class ChildSpec:
     shutdown_timeout: float = 5.0
     mailbox_size: int = 10_000
     mailbox_put_timeout: float = 1.0
-    redis_url: str = ""
-    namespace: str = "corral"
-    signing_keys: tuple[bytes, ...] = ()
+    redis_url: str | None = None
+    """The Redis a manager uses by default; None: the system's (``bus.url`` on Redis)."""
+    namespace: str | None = None
+    """Prefix of the manager's Redis keys and channels; None: the system's."""
+    signing_keys: tuple[bytes, ...] | None = None
+    """HMAC keys for what the manager signs itself; None: the system's codec keys."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -479,9 +482,9 @@ class Supervisor:
             mailbox_size=spec.mailbox_size,
             mailbox_put_timeout=spec.mailbox_put_timeout,
             on_exit=self._on_exit,
-            redis_url=spec.redis_url,
-            namespace=spec.namespace,
-            signing_keys=spec.signing_keys,
+            redis_url=spec.redis_url or "",
+            namespace=spec.namespace or "corral",
+            signing_keys=spec.signing_keys or (),
         )
         self._set_state(child, "starting")
         try:

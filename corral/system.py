@@ -127,9 +127,15 @@ class System(EventsMixin):
                 specs.append(
                     dataclasses.replace(
                         given_item,
-                        redis_url=given_item.redis_url or redis_url,
-                        namespace=namespace,
-                        signing_keys=given_item.signing_keys or keys,
+                        redis_url=redis_url
+                        if given_item.redis_url is None
+                        else given_item.redis_url,
+                        namespace=namespace
+                        if given_item.namespace is None
+                        else given_item.namespace,
+                        signing_keys=keys
+                        if given_item.signing_keys is None
+                        else given_item.signing_keys,
                     )
                 )
                 continue
