@@ -1,6 +1,7 @@
 """State: a transition through the state actor on Redis against redis-py by hand, in one run.
 
-- transition: ``StateUpdate`` through ``System.ask`` (one Lua script: checks, write,
+- transition, one caller and 4 threads on one state (where WATCH retries):
+  ``StateUpdate`` through ``System.ask`` (one Lua script: checks, write,
   history, version, stream, then the event published on the Redis bus) vs the same
   change hand-written with redis-py WATCH/MULTI/EXEC (WATCH, HGETALL, check, then
   MULTI: HSET, RPUSH, LTRIM, XADD, PUBLISH, EXEC), and vs a plain redis-py GET;
@@ -13,9 +14,11 @@ Run: ``python bench/state.py``. Prints figures and ratios; asserts nothing.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import cast
 
 import msgpack
@@ -37,12 +40,14 @@ from corral.system import System
 from tests.redis_server import RedisServer
 
 TRANSITIONS = 3_000
+THREADS = 4
 EVENTS = 30_000
 BATCH = 500
 
 
-def by_hand(client: redis.Redis, n: int) -> None:
-    """One versioned update the WATCH/MULTI/EXEC way (retrying on a concurrent change)."""
+def by_hand(client: redis.Redis, n: int) -> int:
+    """One versioned update the WATCH/MULTI/EXEC way; returns how often it had to retry."""
+    retries = 0
     key, history = "hand:{s}:u1", "hand:{s}:h:u1"
     with client.pipeline() as pipe:
         while True:
@@ -60,9 +65,9 @@ def by_hand(client: redis.Redis, n: int) -> None:
                 pipe.xadd("hand:{s}:events", {"body": body}, maxlen=100_000)
                 pipe.publish("hand:state.changed.User.u1", body)
                 pipe.execute()
-                return
+                return retries
             except redis.WatchError:
-                continue
+                retries += 1
 
 
 def transitions(server: RedisServer) -> list[Row]:
@@ -79,13 +84,46 @@ def transitions(server: RedisServer) -> list[Row]:
             lambda: system.ask(StateUpdate(state_id="u1", data={"n": next(counter)})),
             TRANSITIONS, repeat=3,
         )  # fmt: skip
+        actor_contended, _ = contended(
+            lambda: lambda n: system.ask(StateUpdate(state_id="u1", data={"n": n}))
+        )
     hand = timed(lambda: by_hand(client, next(counter)), TRANSITIONS, repeat=3)
+    hand_contended, retries = contended(
+        lambda: functools.partial(by_hand, redis.Redis.from_url(server.url, protocol=2))
+    )
     get = timed(lambda: client.get("plain"), TRANSITIONS, repeat=3)
     client.close()
     return [
         Row("transition: actor vs WATCH/MULTI/EXEC", actor, hand, "ops/s"),
+        Row(
+            f"{THREADS} threads, one state: actor vs WATCH/MULTI/EXEC ({retries} retries)",
+            actor_contended,
+            hand_contended,
+            "ops/s",
+        ),
         Row("transition: actor vs plain GET", actor, get, "ops/s"),
     ]
+
+
+def contended(make_call: Callable[[], Callable[[int], object]]) -> tuple[float, int]:
+    """Transitions/s with THREADS threads changing one state at once, and the retries made."""
+    per_thread = TRANSITIONS // THREADS
+    retries = [0] * THREADS
+
+    def work(index: int) -> None:
+        call = make_call()
+        for n in range(per_thread):
+            outcome = call(n)
+            if isinstance(outcome, int):
+                retries[index] += outcome
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(THREADS)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return per_thread * THREADS / (time.perf_counter() - started), sum(retries)
 
 
 def durable_delivery(server: RedisServer) -> float:
