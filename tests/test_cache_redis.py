@@ -3,6 +3,7 @@ and coming back (circuit breaker, fallback, degraded health, recovery)."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -10,7 +11,7 @@ import redis
 
 from corral.actors.cache import CacheManager
 from corral.config import Config, ManagerSection
-from corral.errors import BackendUnavailable
+from corral.errors import BackendUnavailable, InvalidMessage
 from corral.messages.cache import (
     CacheClear,
     CacheDelete,
@@ -163,3 +164,32 @@ def test_without_fallback_redis_down_is_backend_unavailable(
         wait_until(recovered)
         assert system.ask(CacheGet(key="k")).value == 3
         assert cache_status(system) == "healthy"
+
+
+def test_gets_waiting_together_share_one_round_trip(redis_server: RedisServer) -> None:
+    options = {"backends": {"main": {"type": "redis", "url": redis_server.url}}}
+    config = Config().replace(managers={"cache": ManagerSection(options=options)})
+    with System(config, managers=[CacheManager]) as system:
+        for n in range(20):
+            system.ask(CacheSet(key=f"k{n}", value=n))
+        wrong: list[tuple[int, Any]] = []
+
+        def reader(offset: int) -> None:
+            for i in range(100):
+                n = (offset + i) % 25  # k20..k24 are misses
+                reply = system.ask(CacheGet(key=f"k{n}"))
+                expected = (True, n) if n < 20 else (False, None)
+                if (reply.found, reply.value) != expected:
+                    wrong.append((n, reply))
+
+        threads = [threading.Thread(target=reader, args=(t,)) for t in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert wrong == []
+        health = system.health().managers["cache"].health
+        assert health is not None
+        assert health.metrics["batched_gets"] > 0  # 16 callers at once: some gets waited together
+        with pytest.raises(InvalidMessage, match="no cache backend named 'nope'"):
+            system.ask(CacheGet(key="k1", backend="nope"))

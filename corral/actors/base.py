@@ -58,6 +58,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 R = TypeVar("R", bound=Reply)
+M = TypeVar("M", bound=Message)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -172,6 +173,17 @@ class Mailbox(queue.Queue[Envelope[Any]]):
             self.queue.extendleft(reversed(envelopes))
             self.unfinished_tasks += len(envelopes)
             self.not_empty.notify(len(envelopes))
+
+    def take_head(self, message_type: type[Message], limit: int) -> list[Envelope[Any]]:
+        """The envelopes of ``message_type`` at the head of the queue, up to ``limit``."""
+        taken: list[Envelope[Any]] = []
+        with self.mutex:
+            queue = self.queue
+            while queue and len(taken) < limit and type(queue[0].message) is message_type:
+                taken.append(queue.popleft())
+            if taken:
+                self.not_full.notify(len(taken))
+        return taken
 
     def drain(self) -> list[Envelope[Any]]:
         """Close the mailbox and take what is in it; later puts raise ActorDeadError."""
@@ -345,6 +357,24 @@ class Manager(pykka.ThreadingActor):
             return None
         future, envelope.reply_to = envelope.reply_to, None
         return future
+
+    def take_queued(
+        self, message_type: type[M], limit: int
+    ) -> list[tuple[M, pykka.Future[Any] | None]]:
+        """Requests of ``message_type`` waiting right behind the one being handled.
+
+        For handling them together with it, e.g. in one Redis round trip for many
+        callers. Only the consecutive ones at the head of the mailbox are taken, so
+        nothing is overtaken. Answer each through its future (None for a tell)::
+
+            @handles(CacheGet)
+            def get(self, msg: CacheGet) -> CacheValue:
+                for queued, future in self.take_queued(CacheGet, 100):
+                    ...
+        """
+        taken = self.mailbox.take_head(message_type, limit)
+        self.handled += len(taken)
+        return [(envelope.message, envelope.reply_to) for envelope in taken]
 
     def health(self) -> Health:
         """This manager's own health; override to report backends and details."""

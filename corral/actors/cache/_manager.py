@@ -42,11 +42,12 @@ from corral.actors.cache._options import BackendOptions, CacheOptions
 from corral.errors import (
     BackendUnavailable,
     ConfigError,
+    CorralError,
     InvalidMessage,
     ManagerUnavailable,
     Timeout,
 )
-from corral.messages.base import ErrorReply
+from corral.messages.base import ErrorReply, Reply
 from corral.messages.cache import (
     CacheClear,
     CacheDelete,
@@ -79,6 +80,8 @@ log = logging.getLogger(__name__)
 
 _SUMMED = ("hits", "misses", "sets", "deletes", "evictions", "expirations", "errors", "fallbacks")
 _SEVERITY = {"healthy": 0, "degraded": 1, "unhealthy": 2}
+_GET_BATCH = 256
+"""At most this many waiting gets are answered with one round trip per backend."""
 _LISTENER_READY_TIMEOUT = 1.0
 
 
@@ -118,6 +121,7 @@ class CacheManager(Manager):
     def on_start(self) -> None:
         settings: CacheOptions = self.settings
         self.origin = uuid.uuid4().hex
+        self.batched_gets = 0
         self.codec = Codec()
         self.max_key_length = settings.max_key_length
         self.max_value_size = settings.max_value_size
@@ -192,12 +196,42 @@ class CacheManager(Manager):
     # -- requests -------------------------------------------------------------------------
 
     @handles(CacheGet)
-    def get(self, msg: CacheGet) -> CacheValue:
+    def get(self, msg: CacheGet) -> CacheValue | None:
+        """One get, or, when more wait behind it, all of them in one round trip per backend."""
+        queued = self.take_queued(CacheGet, _GET_BATCH)
+        if queued:
+            self.batched_gets += len(queued) + 1
+            self._get_together([(msg, self.defer_reply()), *queued])
+            return None  # answered through its future with the others
         backend = self._backend(msg.backend)
         data = backend.get(self._key(msg.key))
         if data is None:
             return CacheValue(key=msg.key, found=False)
         return CacheValue(key=msg.key, found=True, value=_decode(data))
+
+    def _get_together(self, queued: list[tuple[CacheGet, pykka.Future[Any] | None]]) -> None:
+        by_backend: dict[str, list[tuple[str, CacheGet, pykka.Future[Any] | None]]] = {}
+        for msg, future in queued:
+            try:
+                backend = self._backend(msg.backend)
+                by_backend.setdefault(backend.name, []).append((self._key(msg.key), msg, future))
+            except CorralError as exc:
+                _answer(future, exc)
+        for name, gets in by_backend.items():
+            try:
+                found = self.backends[name].get_many(list(dict.fromkeys(k for k, _, _ in gets)))
+            except CorralError as exc:
+                for _, _, future in gets:
+                    _answer(future, exc)
+                continue
+            for key, msg, future in gets:
+                data = found.get(key)
+                _answer(
+                    future,
+                    CacheValue(key=msg.key, found=False)
+                    if data is None
+                    else CacheValue(key=msg.key, found=True, value=_decode(data)),
+                )
 
     @handles(CacheGetMany)
     def get_many(self, msg: CacheGetMany) -> CacheValues:
@@ -383,6 +417,7 @@ class CacheManager(Manager):
         total = _total(per_backend.values())
         metrics.update({f"cache_{k}": v for k, v in total.items()})
         metrics["leases"] = len(self.flights)
+        metrics["batched_gets"] = self.batched_gets
         metrics["lease_waiters"] = sum(len(f.waiters) for f in self.flights.values())
         return Health(status=status, details=details, metrics=metrics)  # type: ignore[arg-type]
 
@@ -450,3 +485,15 @@ def _total(stats: Any) -> dict[str, Any]:
     lookups = total["hits"] + total["misses"]
     total["hit_rate"] = total["hits"] / lookups if lookups else 0.0
     return total
+
+
+def _answer(future: pykka.Future[Any] | None, reply: Reply | CorralError) -> None:
+    """Answer a request taken from the mailbox (None: a tell, nobody to answer)."""
+    if future is None:
+        return
+    if isinstance(reply, CorralError):
+        reply = ErrorReply(code=reply.code, message=reply.message, details=reply.details)
+    try:
+        future.set(reply)
+    except Exception:  # a caller that cannot take its reply is not the cache's failure
+        log.warning("a batched cache reply could not be delivered", exc_info=True)
