@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +30,46 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s: {predicate}")
         time.sleep(interval)
+
+
+def corral_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "corral.cli", *args]
+
+
+def _environment(env: dict[str, str] | None) -> dict[str, str]:
+    # Port 0 unless a config file says otherwise: tests never fight over 8650.
+    return {**os.environ, "CORRAL_DAEMON_PORT": "0", **(env or {})}
+
+
+def run_corral(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``corral ARGS`` to completion."""
+    return subprocess.run(
+        corral_command(*args), capture_output=True, text=True, timeout=60,
+        env=_environment(env), check=False,
+    )  # fmt: skip
+
+
+def start_corral(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start ``corral ARGS`` in the background, its output piped."""
+    return subprocess.Popen(
+        corral_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=_environment(env),
+    )  # fmt: skip
+
+
+def read_until(process: subprocess.Popen[str], needle: str, timeout: float = 20.0) -> str:
+    """Read a process's stderr until a line holds ``needle``; return all it read."""
+    assert process.stderr is not None
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    raise AssertionError(f"{needle!r} not logged; got:\n{''.join(seen)}")
 
 
 def next_event(subscription: Subscription, kind: type[E], timeout: float = 5.0) -> tuple[str, E]:

@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,47 +21,7 @@ from corral.config import BusSection, Config, DaemonSection, ManagerSection
 from corral.daemon import Daemon
 from corral.remote import GROUP, stream_key
 from tests.redis_server import RedisServer
-from tests.support import Done, Work, wait_until
-
-
-def corral_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "corral.cli", *args]
-
-
-def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        corral_command(*args),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, **(env or {})},
-        check=False,
-    )
-
-
-def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        corral_command(*args),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def read_until(process: subprocess.Popen[str], needle: str, timeout: float = 20.0) -> str:
-    """Read the daemon's stderr until a line holds ``needle``; return everything read."""
-    assert process.stderr is not None
-    seen: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line:
-            break
-        seen.append(line)
-        if needle in line:
-            return "".join(seen)
-    raise AssertionError(f"{needle!r} not logged; got:\n{''.join(seen)}")
+from tests.support import Done, Work, read_until, run_corral, start_corral, wait_until
 
 
 def write_config(tmp_path: Path, redis_url: str, extra: str = "") -> Path:
@@ -100,11 +59,11 @@ def daemon(redis_server: RedisServer) -> Iterator[Daemon]:
 def test_run_serves_health_and_stops_in_reverse_order_on_sigterm(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    process = start("run", "-c", str(write_config(tmp_path, redis_server.url)))
+    process = start_corral("run", "-c", str(write_config(tmp_path, redis_server.url)))
     try:
         log = read_until(process, "running 3 managers")
         url = served_url(log)
-        healthy = run("health", "--url", url)
+        healthy = run_corral("health", "--url", url)
         assert healthy.returncode == 0, healthy.stderr
         assert healthy.stdout.startswith("healthy")
         assert "worker" in healthy.stdout
@@ -127,7 +86,7 @@ def test_run_serves_health_and_stops_in_reverse_order_on_sigterm(
 def test_redis_restarted_under_a_running_daemon(
     fresh_redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    process = start("run", "-c", str(write_config(tmp_path, fresh_redis_server.url)))
+    process = start_corral("run", "-c", str(write_config(tmp_path, fresh_redis_server.url)))
     try:
         url = served_url(read_until(process, "running 3 managers"))
 
@@ -137,7 +96,7 @@ def test_redis_restarted_under_a_running_daemon(
         assert status() == "healthy"
         fresh_redis_server.stop()
         wait_until(lambda: status() == "degraded", timeout=15)
-        assert run("health", "--url", url).returncode == 1
+        assert run_corral("health", "--url", url).returncode == 1
         fresh_redis_server.start()
         wait_until(lambda: status() == "healthy", timeout=20)
         with corral.connect(fresh_redis_server.url, namespace="cli") as remote:
@@ -155,10 +114,10 @@ def _answers(remote: corral.Client) -> bool:
 
 
 def test_health_exit_codes(daemon: Daemon, redis_server: RedisServer) -> None:
-    as_json = run("health", "--url", daemon.url, "--json")
+    as_json = run_corral("health", "--url", daemon.url, "--json")
     assert as_json.returncode == 0
     assert json.loads(as_json.stdout)["managers"]["worker"]["state"] == "running"
-    nobody = run("health", "--url", "http://127.0.0.1:9")
+    nobody = run_corral("health", "--url", "http://127.0.0.1:9")
     assert nobody.returncode == 3
     assert "no daemon answering at http://127.0.0.1:9" in nobody.stderr
 
@@ -179,7 +138,7 @@ def test_health_exit_code_when_unhealthy(redis_server: RedisServer) -> None:
         with corral.connect(redis_server.url, namespace="cli") as remote:
             remote.tell(Work(action="crash"))
         wait_until(lambda: running.system.health().status == "unhealthy")
-        result = run("health", "--url", running.url)
+        result = run_corral("health", "--url", running.url)
         assert result.returncode == 2
         assert result.stdout.startswith("unhealthy")
         assert "last error: RuntimeError: boom" in result.stdout
@@ -192,27 +151,27 @@ def test_send_builds_validates_and_prints_the_reply(
 ) -> None:
     url = ["--url", redis_server.url, "-c", os.devnull, "--import", "tests.support"]
     env = {"CORRAL_BUS_NAMESPACE": "cli"}
-    ping = run("send", "system.ping", "payload=hello", *url, env=env)
+    ping = run_corral("send", "system.ping", "payload=hello", *url, env=env)
     assert ping.returncode == 0, ping.stderr
     assert ping.stdout.strip() == 'system.pong payload="hello"'
-    work = run("send", "test.work", "action=refuse", "--json", *url, env=env)
+    work = run_corral("send", "test.work", "action=refuse", "--json", *url, env=env)
     assert work.returncode == 1
     assert "error: not_found: nothing here" in work.stderr
-    done = run("send", "test.work", "seconds=0.01", "action=sleep", "--json", *url, env=env)
+    done = run_corral("send", "test.work", "seconds=0.01", "action=sleep", "--json", *url, env=env)
     assert json.loads(done.stdout)["fields"]["name"] == "worker"
-    unknown = run("send", "cache.gett", *url, env=env)
+    unknown = run_corral("send", "cache.gett", *url, env=env)
     assert unknown.returncode == 2
     assert "unknown message 'cache.gett'; known: " in unknown.stderr
     assert "system.ping" in unknown.stderr
-    bad = run("send", "test.work", "seconds=soon", *url, env=env)
+    bad = run_corral("send", "test.work", "seconds=soon", *url, env=env)
     assert bad.returncode == 2
     assert "test.work.seconds: expected float, got str" in bad.stderr
-    no_field = run("send", "system.ping", "colour=red", *url, env=env)
+    no_field = run_corral("send", "system.ping", "colour=red", *url, env=env)
     assert "system.ping has no field 'colour'; fields: payload: bytes" in no_field.stderr
 
 
 def test_events_prints_what_is_published(daemon: Daemon, redis_server: RedisServer) -> None:
-    process = start(
+    process = start_corral(
         "events",
         "supervisor.child.*",
         "--json",
@@ -245,7 +204,9 @@ def test_events_prints_what_is_published(daemon: Daemon, redis_server: RedisServ
 def test_config_check_masks_secrets_and_names_sources(tmp_path: Path) -> None:
     path = tmp_path / "corral.toml"
     path.write_text('[codec]\nsigning_keys = ["hush"]\n[bus]\nurl = "redis://u:pw@db:6379/0"\n')
-    result = run("config", "check", "-c", str(path), env={"CORRAL_SYSTEM_ASK_TIMEOUT": "2.5"})
+    result = run_corral(
+        "config", "check", "-c", str(path), env={"CORRAL_SYSTEM_ASK_TIMEOUT": "2.5"}
+    )
     assert result.returncode == 0, result.stderr
     assert "hush" not in result.stdout
     assert "pw@" not in result.stdout
@@ -260,7 +221,7 @@ def test_a_daemon_killed_mid_request_hands_it_to_another(
     config = str(write_config(tmp_path, redis_server.url))
     daemons: dict[str, subprocess.Popen[str]] = {}
     for _ in range(2):
-        process = start("run", "-c", config)
+        process = start_corral("run", "-c", config)
         log = read_until(process, "running 3 managers")
         match = re.search(r"daemon (\w+) serves remote requests", log)
         assert match, log

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
@@ -17,7 +15,7 @@ from corral.errors import ConfigError
 from corral.messages.state import StateChanged, StateRegister, StateUpdate
 from corral.messages.stream import StreamGap
 from tests.redis_server import RedisServer
-from tests.support import next_event
+from tests.support import next_event, start_corral
 
 
 def config(url: str) -> Config:
@@ -80,13 +78,10 @@ def test_offsets_need_the_bus_on_redis() -> None:
 def test_events_command_from_an_offset(daemon: Daemon, redis_server: RedisServer) -> None:
     for n in range(3):
         daemon.system.ask(StateRegister(state_id=f"f{n}", state_type="Feature"))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "corral.cli", "events", "state.changed.*", "--from-offset", "1",
-         "--json", "--url", redis_server.url, "-c", os.devnull],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "CORRAL_BUS_NAMESPACE": "dur"},
+    process = start_corral(
+        "events", "state.changed.*", "--from-offset", "1", "--json",
+        "--url", redis_server.url, "-c", os.devnull,
+        env={"CORRAL_BUS_NAMESPACE": "dur"},
     )  # fmt: skip
     try:
         assert process.stdout is not None

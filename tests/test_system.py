@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +18,7 @@ from corral.messages.base import Event, message
 from corral.messages.system import Ping, Pong, SupervisorChildChanged, SystemHealthCheck
 from corral.supervisor import ChildSpec
 from tests.redis_server import RedisServer
-from tests.support import Work, Worker, next_event
+from tests.support import Work, Worker, next_event, read_until, run_corral, start_corral
 
 
 @corral.message("test.greet")
@@ -232,35 +229,11 @@ def test_lifecycle_events_cross_processes_over_redis(redis_server: RedisServer) 
         watcher.stop()
 
 
-def run_corral(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "corral.cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "CORRAL_DAEMON_PORT": "0", **(env or {})},
-    )
-
-
-def wait_for_line(process: subprocess.Popen[str], needle: str, timeout: float = 20.0) -> str:
-    assert process.stderr is not None
-    seen = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line:
-            break
-        seen.append(line)
-        if needle in line:
-            return line
-    raise AssertionError(f"{needle!r} not logged; got:\n{''.join(seen)}")
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_run_starts_the_supervisor_and_stops_cleanly_on_a_signal(signum: int) -> None:
-    process = run_corral("run")
+    process = start_corral("run")
     try:
-        started = wait_for_line(process, "running 1 managers")
+        started = read_until(process, "running 1 managers")
         assert "system" in started
         process.send_signal(signum)
         assert process.wait(timeout=20) == 0
@@ -274,9 +247,9 @@ def test_run_starts_the_supervisor_and_stops_cleanly_on_a_signal(signum: int) ->
 
 
 def test_run_logs_json_lines() -> None:
-    process = run_corral("run", "--log-format", "json")
+    process = start_corral("run", "--log-format", "json")
     try:
-        line = wait_for_line(process, "running 1 managers")
+        line = read_until(process, "running 1 managers").splitlines()[-1]
         record = json.loads(line)
         assert record["level"] == "info"
         assert record["logger"] == "corral"
@@ -294,7 +267,7 @@ def test_run_exits_nonzero_when_the_supervisor_gives_up(tmp_path: Path) -> None:
         '[managers.worker]\nclass_path = "tests.support:Worker"\ncritical = true\n'
         "fail_starts = { worker = 100 }\n"
     )
-    process = run_corral("run", "-c", str(config))
+    process = start_corral("run", "-c", str(config))
     try:
         assert process.wait(timeout=30) == 1
         assert process.stderr is not None
@@ -309,16 +282,15 @@ def test_run_exits_nonzero_when_the_supervisor_gives_up(tmp_path: Path) -> None:
 def test_run_with_a_bad_config_exits_2(tmp_path: Path) -> None:
     config = tmp_path / "corral.toml"
     config.write_text("[supervisor]\nmax_restarts = 'many'\n")
-    process = run_corral("run", "-c", str(config))
+    process = start_corral("run", "-c", str(config))
     assert process.wait(timeout=20) == 2
     assert process.stderr is not None
     assert "supervisor.max_restarts: expected int, got str" in process.stderr.read()
 
 
 def test_messages_command_lists_the_registry() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "corral.cli", "messages"], capture_output=True, text=True, check=True
-    )
+    result = run_corral("messages")
+    assert result.returncode == 0, result.stderr
     assert "system.ping v1 (request -> system)" in result.stdout
     assert "    payload: bytes (optional)" in result.stdout
 

@@ -140,9 +140,11 @@ def _matching(pattern: str, keys: list[str]) -> list[str]:
     return [k for k in keys if regex.match(k if k.isascii() else k.encode().decode("latin-1"))]
 
 
-class _LRU(LRUCache[str, Entry]):
-    def __init__(self, maxsize: int, owner: MemoryStore) -> None:
-        super().__init__(maxsize)
+class _ReportsEvictions(Cache[str, Entry]):
+    """Tells its store about every entry the cache's policy evicts."""
+
+    def __init__(self, *args: Any, owner: MemoryStore, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.owner = owner
 
     def popitem(self) -> tuple[str, Entry]:
@@ -151,27 +153,15 @@ class _LRU(LRUCache[str, Entry]):
         return key, entry
 
 
-class _LFU(LFUCache[str, Entry]):
-    def __init__(self, maxsize: int, owner: MemoryStore) -> None:
-        super().__init__(maxsize)
-        self.owner = owner
-
-    def popitem(self) -> tuple[str, Entry]:
-        key, entry = super().popitem()
-        self.owner.dropped(key, entry, evicted=True)
-        return key, entry
+class _LRU(_ReportsEvictions, LRUCache[str, Entry]):
+    pass
 
 
-class _TLRU(TLRUCache[str, Entry]):
-    def __init__(self, maxsize: int, owner: MemoryStore) -> None:
-        super().__init__(maxsize, ttu=_expiry, timer=owner.clock)
-        self.owner = owner
+class _LFU(_ReportsEvictions, LFUCache[str, Entry]):
+    pass
 
-    def popitem(self) -> tuple[str, Entry]:
-        key, entry = super().popitem()
-        self.owner.dropped(key, entry, evicted=True)
-        return key, entry
 
+class _TLRU(_ReportsEvictions, TLRUCache[str, Entry]):
     def expire(self, time: Any = None) -> list[tuple[str, Entry]]:
         expired: list[tuple[str, Entry]] = list(super().expire(time))
         for key, entry in expired:
@@ -185,7 +175,7 @@ def _expiry(_key: str, entry: Entry, _now: float) -> float:
 
 def _make_cache(strategy: str, max_size: int, owner: MemoryStore) -> Cache[str, Entry]:
     if strategy == "lfu":
-        return _LFU(max_size, owner)
+        return _LFU(max_size, owner=owner)
     if strategy == "ttl":
-        return _TLRU(max_size, owner)
-    return _LRU(max_size, owner)
+        return _TLRU(max_size, ttu=_expiry, timer=owner.clock, owner=owner)
+    return _LRU(max_size, owner=owner)
