@@ -106,11 +106,15 @@ class RequestServer:
         self._redis = redis.Redis.from_url(url, protocol=2, socket_timeout=block + 5)
         self._heartbeat = self._redis.register_script(HEARTBEAT_SCRIPT)
         self._replies: queue.Queue[Any] = queue.Queue()
-        self._blocking = ThreadPoolExecutor(4, thread_name_prefix="corral-remote-health")
+        # For what must wait (a full mailbox, a restart, the supervisor's health), so that
+        # the reader never does.
+        self._blocking = ThreadPoolExecutor(8, thread_name_prefix="corral-remote-wait")
         self._stop = threading.Event()
         self._threads: dict[str, threading.Thread] = {}
         self.connected = False
-        self.counts = {"served": 0, "expired": 0, "rejected": 0, "claimed": 0, "errors": 0}
+        self.counts = {
+            "served": 0, "expired": 0, "rejected": 0, "claimed": 0, "dropped": 0, "errors": 0,
+        }  # fmt: skip
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -166,17 +170,39 @@ class RequestServer:
                 log.debug("heartbeat failed: %s", exc)
 
     def _claim_abandoned(self) -> None:
-        for stream in self.streams:
+        """Take over the requests held by daemons that are no longer alive.
+
+        A request a live daemon is still handling is never claimed, however long
+        it takes: claiming it would run it twice.
+        """
+        seconds, microseconds = self._redis.time()
+        now_ms = seconds * 1000 + microseconds // 1000
+        for stream, manager in self.streams.items():
             try:
-                _, entries, *_ = self._redis.xautoclaim(
-                    stream, GROUP, self.daemon_id, self.claim_idle_ms, "0-0", count=self.batch
+                pending = cast(
+                    list[dict[str, Any]],
+                    self._redis.xpending_range(
+                        stream, GROUP, "-", "+", self.batch, idle=self.claim_idle_ms
+                    ),
                 )
             except redis.ResponseError:
                 continue  # no group yet: the reader creates it
-            for entry_id, fields in entries:
+            if not pending:
+                continue
+            alive = set(
+                self._redis.zrangebyscore(alive_key(self.namespace, manager), now_ms, "+inf")
+            )
+            orphans: list[Any] = [p["message_id"] for p in pending if p["consumer"] not in alive]
+            if not orphans:
+                continue
+            claimed = cast(
+                list[tuple[bytes, dict[bytes, bytes]]],
+                self._redis.xclaim(stream, GROUP, self.daemon_id, self.claim_idle_ms, orphans),
+            )
+            for entry_id, fields in claimed:
                 if fields:
                     self.counts["claimed"] += 1
-                    log.warning("claimed request %s on %s from a silent daemon", entry_id, stream)
+                    log.warning("claimed request %s on %s from a dead daemon", entry_id, stream)
                     self._handle(stream, entry_id, fields)
 
     def _ensure_groups(self) -> None:
@@ -215,16 +241,25 @@ class RequestServer:
                     self._handle(stream.decode(), entry_id, fields)
 
     def _handle(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
-        deadline = int(fields.get(b"d", b"0") or 0)
-        if deadline and time.time() * 1000 > deadline:
-            self.counts["expired"] += 1
-            self._replies.put((stream, entry_id, None, None, None))
-            return
+        """Take one request entry. Never raises: a bad entry is acknowledged and counted."""
         try:
+            self._take(stream, entry_id, fields)
+        except Exception:
+            self.counts["rejected"] += 1
+            log.exception("could not take request %s on %s", entry_id, stream)
+            self._replies.put((stream, entry_id, None, None, None))
+
+    def _take(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        try:
+            deadline = int(fields.get(b"d", b"0") or 0)
             envelope = self.codec.decode(fields.get(b"m", b""))
-        except InvalidMessage as exc:
+        except (ValueError, InvalidMessage) as exc:
             self.counts["rejected"] += 1
             log.warning("rejected a remote request on %s: %s", stream, exc)
+            self._replies.put((stream, entry_id, None, None, None))
+            return
+        if deadline and time.time() * 1000 > deadline:
+            self.counts["expired"] += 1
             self._replies.put((stream, entry_id, None, None, None))
             return
         message = envelope.message
@@ -232,26 +267,44 @@ class RequestServer:
         def answer(value: Any, error: BaseException | None) -> None:
             self._replies.put((stream, entry_id, envelope, value, error))
 
-        if envelope.reply_to is None:
-            answer(None, None)  # a tell: acknowledge once it is in the mailbox
-            callback: CallbackFuture | None = None
-        else:
-            callback = CallbackFuture(answer)
         remaining = max(0.001, deadline / 1000 - time.time()) if deadline else None
         if message.route() == "supervisor":
             self._blocking.submit(self._ask_blocking, message, remaining, answer)
             return
+        callback = CallbackFuture(answer) if envelope.reply_to is not None else None
+        if self.system.try_dispatch(message, callback):
+            if callback is None:
+                answer(None, None)  # a tell, now in the mailbox: acknowledge it
+            return
+        # A full mailbox or a manager restarting: wait for it off the reader thread.
+        self._blocking.submit(self._dispatch_blocking, message, callback, remaining, answer)
+
+    def _dispatch_blocking(
+        self, message: Any, callback: CallbackFuture | None, timeout: float | None, answer: Any
+    ) -> None:
         try:
-            self.system.dispatch(message, callback, timeout=remaining)
+            self.system.dispatch(message, callback, timeout=timeout)
         except CorralError as exc:
             if callback is not None:
                 answer(None, exc)
+                return
+            self.counts["dropped"] += 1
+            log.warning("dropped a remote tell of %s: %s", message.type_name, exc)
+        if callback is None:
+            answer(None, None)
 
     def _ask_blocking(self, message: Any, timeout: float | None, answer: Any) -> None:
         try:
             answer(self.system.ask(message, timeout=timeout), None)
         except CorralError as exc:
             answer(None, exc)
+
+    def _encode_reply(self, reply: Message, envelope: Envelope) -> bytes:
+        try:
+            return self.codec.encode(reply, correlation=envelope.id)
+        except InvalidMessage as exc:  # too big, or a manager's reply with bad fields
+            log.error("reply to %s not encodable: %s", envelope.message.type_name, exc)
+            return self.codec.encode(_unencodable(exc), correlation=envelope.id)
 
     def _reply_loop(self) -> None:
         while True:
@@ -274,8 +327,7 @@ class RequestServer:
         pipe = self._redis.pipeline(transaction=False)
         for stream, entry_id, envelope, value, error in items:
             if envelope is not None and envelope.reply_to is not None:
-                reply = _as_reply(value, error, envelope)
-                data = self.codec.encode(reply, correlation=envelope.id)
+                data = self._encode_reply(_as_reply(value, error, envelope), envelope)
                 pipe.publish(f"{self.namespace}:{envelope.reply_to}", data)
                 self.counts["served"] += 1
             pipe.xack(stream, GROUP, entry_id)
@@ -288,6 +340,11 @@ class RequestServer:
                 log.warning("could not send replies (attempt %d): %s", attempt + 1, exc)
                 time.sleep(0.2 * (attempt + 1))
         self.counts["errors"] += 1
+
+
+def _unencodable(exc: InvalidMessage) -> ErrorReply:
+    unavailable = ManagerUnavailable(f"the reply could not be sent: {exc}")
+    return ErrorReply(code=unavailable.code, message=unavailable.message)
 
 
 def _as_reply(value: Any, error: BaseException | None, envelope: Envelope) -> Message:

@@ -507,9 +507,8 @@ class Supervisor:
             return
         if actor.failure is not None or not ref.is_alive():
             return  # its exit event follows and is handled as a crash
-        pending, child.pending = child.pending, []
-        if pending:
-            actor.mailbox.requeue(pending)
+        if child.pending and actor.mailbox.requeue(child.pending):
+            child.pending = []  # else it died at once: they wait for the next successor
         child.started_at = time.monotonic()
         child.last_health = None
         self._set_state(child, "running", actor)
@@ -540,10 +539,11 @@ class Supervisor:
         """Give messages left in a replaced actor's mailbox to its successor, or fail them."""
         if not leftovers:
             return
-        if child.state == "running" and child.actor is not None:
-            child.actor.mailbox.requeue(leftovers)
-        elif child.state in ("starting", "restarting"):
-            child.pending.extend(leftovers)
+        running = child.state == "running" and child.actor is not None
+        if running and child.actor is not None and child.actor.mailbox.requeue(leftovers):
+            return
+        if running or child.state in ("starting", "restarting"):
+            child.pending.extend(leftovers)  # a closed mailbox: its exit comes next
         else:
             self._fail_envelopes(child, leftovers)
 

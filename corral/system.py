@@ -265,6 +265,15 @@ class System(EventsMixin):
         name = self._route(message)
         self._deliver(name, Envelope(message, reply_to=reply_to), self._timeout(timeout))
 
+    def try_dispatch(self, message: Message, reply_to: pykka.Future[Any] | None) -> bool:
+        """``dispatch`` without waiting: False when the manager is not running or its
+        mailbox is full (nothing was sent then)."""
+        ref = self.supervisor.live_ref(self._route(message))
+        mailbox = ref.actor_inbox if ref is not None else None
+        return isinstance(mailbox, Mailbox) and mailbox.try_put(
+            Envelope(message, reply_to=reply_to)
+        )
+
     def _timeout(self, timeout: float | None) -> float:
         return self.ask_timeout if timeout is None else timeout
 

@@ -111,7 +111,8 @@ class Worker(Manager):
     """A manager that does what it is told: answer, refuse, crash, exit, sleep, stop.
 
     Options: ``journal`` (a list that gets "start <name>" / "stop <name>"),
-    ``fail_starts`` (a dict whose [name] counts down on_start failures),
+    ``fail_starts`` (a dict whose [name] counts down on_start failures), ``exit_on_start``
+    (the same with SystemExit),
     ``status`` (the Health status it reports), ``gate`` (a threading.Event "block" waits on).
     """
 
@@ -124,6 +125,10 @@ class Worker(Manager):
         if failures and failures.get(name, 0) > 0:
             failures[name] -= 1
             raise RuntimeError(f"{name} refuses to start")
+        exits = self.options.get("exit_on_start")
+        if exits and exits.get(name, 0) > 0:
+            exits[name] -= 1
+            raise SystemExit(f"{name} exits in on_start")
         Worker.incarnations[name] = Worker.incarnations.get(name, 0) + 1
         self.incarnation = Worker.incarnations[name]
         self.count = 0

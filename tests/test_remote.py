@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -20,10 +21,18 @@ from cryptography.x509.oid import NameOID
 
 import corral
 from corral.client import Client
-from corral.config import BusSection, Config, DaemonSection, ManagerSection, SupervisorSection
+from corral.config import (
+    BusSection,
+    CodecSection,
+    Config,
+    DaemonSection,
+    ManagerSection,
+    SupervisorSection,
+)
 from corral.daemon import Daemon
 from corral.errors import BackendUnavailable, ManagerUnavailable, NotFound, Timeout
 from corral.messages.system import Ping, Pong, SupervisorChildChanged
+from corral.remote import stream_key
 from tests.redis_server import RedisServer
 from tests.support import Work, next_event, wait_until
 
@@ -280,3 +289,71 @@ def test_acl_user_in_the_url() -> None:
                 assert remote.ask(Ping(payload=b"acl")).payload == b"acl"
         finally:
             running.stop()
+
+
+def test_a_malformed_request_entry_is_rejected_and_the_daemon_serves_on(
+    redis_server: RedisServer, daemon: Daemon, client: Client
+) -> None:
+    raw = redis.Redis.from_url(redis_server.url)
+    stream = stream_key("rt", "system")
+    raw.xadd(stream, {"d": "junk", "m": "x"})  # a deadline that is not a number
+    raw.xadd(stream, {"d": "0", "m": b"\x93not an envelope"})
+    raw.close()
+    assert daemon.remote is not None
+    wait_until(lambda: daemon.remote is not None and daemon.remote.counts["rejected"] == 2)
+    assert client.ask(Ping(payload=b"still here")).payload == b"still here"
+
+
+def test_a_reply_too_big_to_send_is_an_error_not_silence(redis_server: RedisServer) -> None:
+    config = daemon_config(redis_server.url).replace(codec=CodecSection(max_size=512))
+    running = Daemon(config)
+    running.start()
+    try:
+        with corral.connect(redis_server.url, namespace="rt") as remote:
+            with pytest.raises(ManagerUnavailable, match="the reply could not be sent"):
+                remote.health(timeout=5)  # the whole system's health is over 512 bytes
+            assert remote.ask(Ping(payload=b"ok")).payload == b"ok"
+    finally:
+        running.stop()
+
+
+def test_a_slow_request_is_not_claimed_from_a_live_daemon(redis_server: RedisServer) -> None:
+    config = daemon_config(redis_server.url).replace(
+        daemon=DaemonSection(port=0, heartbeat_interval=0.1, heartbeat_ttl=1.0, claim_idle=0.2)
+    )
+    running = Daemon(config)
+    running.start()
+    try:
+        with corral.connect(redis_server.url, namespace="rt") as remote:
+            reply = remote.ask(Work(action="sleep", seconds=1.5), timeout=10)
+        assert reply.handled == 1
+        health = running.system.health().managers["worker"].health
+        assert health is not None
+        assert health.metrics["handled"] == 1  # ran once, though idle past claim_idle
+        assert running.remote is not None
+        assert running.remote.counts["claimed"] == 0
+    finally:
+        running.stop()
+
+
+def test_a_full_mailbox_does_not_hold_up_other_managers(redis_server: RedisServer) -> None:
+    gate = threading.Event()
+    config = daemon_config(
+        redis_server.url,
+        worker=ManagerSection(
+            class_path="tests.support:Worker", mailbox_size=1, options={"gate": gate}
+        ),
+    )
+    running = Daemon(config)
+    running.start()
+    try:
+        with corral.connect(redis_server.url, namespace="rt") as remote:
+            worker = running.system.supervisor.live_ref("worker")
+            assert worker is not None
+            worker.tell(Work(action="block", seconds=3))  # the worker is busy ...
+            for _ in range(5):
+                remote.tell(Work())  # ... and these wait for room in its mailbox
+            assert remote.ask(Ping(payload=b"p"), timeout=2).payload == b"p"
+            gate.set()
+    finally:
+        running.stop()

@@ -8,7 +8,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from pykka import ActorDeadError
+from pykka._envelope import Envelope
 
+from corral.actors.base import Mailbox
 from corral.config import Config, SupervisorSection, SystemSection
 from corral.errors import ConfigError, ManagerUnavailable, NotFound, Overloaded
 from corral.messages.system import HealthChanged, SupervisorChildChanged
@@ -346,3 +349,41 @@ def test_restart_is_invisible_to_a_caller_holding_the_name(running: System) -> N
     stop.set()
     thread.join()
     assert -1 not in done  # the caller never saw the restart
+
+
+def test_system_exit_in_on_start_is_a_failed_start_not_a_clean_stop() -> None:
+    exits = {"w": 1}
+    with make_system(spec("w", restart="transient", options={"exit_on_start": exits})) as system:
+        status = system.supervisor.snapshot().managers["w"]
+        assert status.state == "running"  # transient: restarted, so the exit was a failure
+        assert status.restarts == 1
+        assert status.last_error == "SystemExit: w exits in on_start"
+
+
+def test_a_crash_runs_on_failure_which_runs_on_stop(journal: list[str]) -> None:
+    with make_system(spec("w", options={"journal": journal})) as system:
+        system.tell(Work(target="w", action="crash"))
+        wait_until(lambda: system.supervisor.snapshot().managers["w"].restarts == 1)
+        assert journal[:3] == ["start w", "stop w", "start w"]  # released before the restart
+
+
+def test_a_put_waiting_on_a_full_mailbox_is_refused_when_the_actor_dies() -> None:
+    mailbox = Mailbox(capacity=1, put_timeout=10.0, owner="w")
+    mailbox.put(Envelope("first"))
+    outcome: list[BaseException] = []
+
+    def blocked_put() -> None:
+        try:
+            mailbox.put(Envelope("second"))
+        except BaseException as exc:  # the test inspects whatever it is
+            outcome.append(exc)
+
+    thread = threading.Thread(target=blocked_put)
+    thread.start()
+    wait_until(lambda: mailbox.not_full._waiters)  # type: ignore[attr-defined]
+    assert [e.message for e in mailbox.drain()] == ["first"]
+    thread.join(5)
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], ActorDeadError)  # the router retries with the successor
+    assert mailbox.qsize() == 0
+    assert not mailbox.requeue([Envelope("late")])

@@ -133,13 +133,13 @@ class Mailbox(queue.Queue[Envelope[Any]]):
     def put(self, item: Envelope[Any], block: bool = True, timeout: float | None = None) -> None:
         message = item.message
         with self.not_full:
-            if self.closed:
-                raise ActorDeadError(f"the {self.owner} actor has stopped")
             if message is PROBE:
+                self._check_open()
                 self.urgent.append(item)
             else:
                 if len(self.queue) >= self.capacity and not isinstance(message, _ActorStop):
                     self._wait_for_room()
+                self._check_open()
                 self.queue.append(item)
             self.unfinished_tasks += 1
             self.not_empty.notify()
@@ -147,6 +147,8 @@ class Mailbox(queue.Queue[Envelope[Any]]):
     def _wait_for_room(self) -> None:
         deadline = time.monotonic() + self.put_timeout
         while len(self.queue) >= self.capacity:
+            if self.closed:
+                break  # drained while we waited: the put below must not go into a dead mailbox
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self.overloaded += 1
@@ -156,6 +158,10 @@ class Mailbox(queue.Queue[Envelope[Any]]):
                     {"manager": self.owner, "capacity": self.capacity},
                 )
             self.not_full.wait(remaining)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ActorDeadError(f"the {self.owner} actor has stopped")
 
     def try_put(self, item: Envelope[Any]) -> bool:
         """Put without waiting; False when the mailbox is full or closed."""
@@ -167,12 +173,18 @@ class Mailbox(queue.Queue[Envelope[Any]]):
             self.not_empty.notify()
             return True
 
-    def requeue(self, envelopes: list[Envelope[Any]]) -> None:
-        """Put envelopes taken from a dead predecessor ahead of anything new."""
+    def requeue(self, envelopes: list[Envelope[Any]]) -> bool:
+        """Put envelopes taken from a dead predecessor ahead of anything new.
+
+        False, taking nothing, when this mailbox has closed meanwhile.
+        """
         with self.not_full:
+            if self.closed:
+                return False
             self.queue.extendleft(reversed(envelopes))
             self.unfinished_tasks += len(envelopes)
             self.not_empty.notify(len(envelopes))
+            return True
 
     def take_head(self, message_type: type[Message], limit: int) -> list[Envelope[Any]]:
         """The envelopes of ``message_type`` at the head of the queue, up to ``limit``."""
@@ -433,7 +445,10 @@ class Manager(pykka.ThreadingActor):
                 self.context.on_exit(self, self.failure, self.leftovers)
 
     def _actor_loop_setup(self) -> None:
-        super()._actor_loop_setup()
+        try:
+            super()._actor_loop_setup()  # pykka catches Exception in on_start, not SystemExit
+        except BaseException as exc:  # a failed start, whatever it raised
+            self._crash(exc, run_hooks=False)  # as pykka: no on_failure for on_start
         self.settled.set()
 
     def _actor_loop_running(self) -> None:
@@ -496,8 +511,27 @@ class Manager(pykka.ThreadingActor):
             self.failure = exception_value
         super()._handle_failure(exception_type, exception_value, traceback)
 
-    def _crash(self, exc: BaseException) -> None:
+    def _crash(self, exc: BaseException, *, run_hooks: bool = True) -> None:
         self.failure = exc
         log.error("manager %s crashed", self.context.name, exc_info=exc)
         ActorRegistry.unregister(self.actor_ref)
         self.actor_stopped.set()
+        if not run_hooks:
+            return
+        try:
+            self.on_failure(type(exc), exc, exc.__traceback__)
+        except Exception:
+            log.exception("manager %s: on_failure raised", self.context.name)
+
+    def on_failure(
+        self,
+        exception_type: type[BaseException] | None,
+        exception_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Runs after a crash, on the actor's thread; by default ``on_stop``.
+
+        So that whatever ``on_stop`` releases (connections, threads, waiting
+        callers) is released on a crash too. Override to do something else.
+        """
+        self.on_stop()
