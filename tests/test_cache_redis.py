@@ -3,12 +3,14 @@ and coming back (circuit breaker, fallback, degraded health, recovery)."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
 import pytest
 import redis
 
+import corral
 from corral.actors.cache import CacheManager
 from corral.config import Config, ManagerSection
 from corral.errors import BackendUnavailable, InvalidMessage
@@ -193,3 +195,61 @@ def test_gets_waiting_together_share_one_round_trip(redis_server: RedisServer) -
         assert health.metrics["batched_gets"] > 0  # 16 callers at once: some gets waited together
         with pytest.raises(InvalidMessage, match="no cache backend named 'nope'"):
             system.ask(CacheGet(key="k1", backend="nope"))
+
+
+def redis_system(url: str, **backend: Any) -> System:
+    options = {"backends": {"main": {"type": "redis", "url": url, **backend}}}
+    config = Config().replace(managers={"cache": ManagerSection(options=options)})
+    return System(config, managers=[CacheManager]).start()
+
+
+def test_a_value_that_does_not_decode_fails_only_its_own_get_in_a_batch(
+    redis_server: RedisServer,
+) -> None:
+    with redis_system(redis_server.url) as system, redis.Redis.from_url(redis_server.url) as raw:
+        for n in range(4):
+            system.ask(CacheSet(key=f"good{n}", value=n))
+        raw.set("corral:cache:{bad}", b"\xc1")  # not msgpack
+        raw.execute_command("CLIENT", "PAUSE", "300", "ALL")  # so the gets pile up behind one
+        outcomes: dict[str, Any] = {}
+
+        def get(key: str) -> None:
+            try:
+                outcomes[key] = system.ask(CacheGet(key=key), timeout=5).value
+            except corral.errors.CorralError as exc:
+                outcomes[key] = exc
+
+        keys = ["good0", "bad", "good1", "good2", "good3"]
+        threads = [threading.Thread(target=get, args=(k,)) for k in keys]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert {k: outcomes[k] for k in keys if k != "bad"} == {f"good{n}": n for n in range(4)}
+        assert isinstance(outcomes["bad"], corral.errors.BackendUnavailable)
+
+
+def test_a_probe_answered_with_an_error_still_closes_the_breaker(
+    fresh_redis_server: RedisServer,
+) -> None:
+    server = fresh_redis_server
+    options = {"breaker_threshold": 1, "breaker_reset_timeout": 0.2, "socket_timeout": 0.3}
+    with redis_system(server.url, **options) as system:
+        server.stop()
+        system.ask(CacheGet(key="x"))  # opens the breaker; served from the fallback
+        assert system.ask(CacheStats()).backends["main"]["breaker"] == "open"
+        server.start()
+        with redis.Redis.from_url(server.url) as raw:
+            raw.rpush("corral:cache:{listed}", "a")  # a GET on it is a WRONGTYPE error
+
+        def probed_with_an_error() -> bool:
+            with contextlib.suppress(corral.errors.BackendUnavailable):
+                system.ask(CacheGet(key="listed"))
+            breaker: str = system.ask(CacheStats()).backends["main"]["breaker"]
+            return breaker != "open"
+
+        wait_until(probed_with_an_error)
+        assert system.ask(CacheStats()).backends["main"]["breaker"] == "closed"
+        system.ask(CacheSet(key="after", value=1))
+        assert system.ask(CacheGet(key="after")).value == 1
+        assert cache_status(system) == "healthy"

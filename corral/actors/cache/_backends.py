@@ -457,6 +457,10 @@ class RedisBackend:
                 self.breaker.failed()
             except redis.RedisError as exc:
                 self.counters.errors += 1
+                # Redis answered, with an error: it is reachable, so a half-open probe succeeded.
+                if self.breaker.succeeded():
+                    self.last_error = ""
+                    self.resync()
                 raise BackendUnavailable(
                     f"cache backend {self.name!r}: {type(exc).__name__}: {exc}",
                     {"backend": self.name},

@@ -150,9 +150,6 @@ class CacheManager(Manager):
         self.flights.clear()
         self._close_backends()
 
-    def on_failure(self, *_exc_info: Any) -> None:
-        self._close_backends()
-
     def _build(self, name: str, options: BackendOptions) -> Backend:
         if options.type == "memory":
             store = MemoryStore(options.strategy, options.max_size, options.default_ttl)
@@ -210,28 +207,51 @@ class CacheManager(Manager):
         return CacheValue(key=msg.key, found=True, value=_decode(data))
 
     def _get_together(self, queued: list[tuple[CacheGet, pykka.Future[Any] | None]]) -> None:
+        """Answer every get of the batch, each with its value or its own error."""
+        unanswered = {id(future): future for _, future in queued if future is not None}
+        try:
+            self._answer_gets(queued, unanswered)
+        except BaseException as exc:
+            gone = ManagerUnavailable(f"cache manager failed during a batched get: {exc!r}")
+            for future in unanswered.values():
+                _answer(future, gone)
+            raise
+
+    def _answer_gets(
+        self,
+        queued: list[tuple[CacheGet, pykka.Future[Any] | None]],
+        unanswered: dict[int, pykka.Future[Any]],
+    ) -> None:
+        def answer(future: pykka.Future[Any] | None, reply: Reply | CorralError) -> None:
+            unanswered.pop(id(future), None)
+            _answer(future, reply)
+
         by_backend: dict[str, list[tuple[str, CacheGet, pykka.Future[Any] | None]]] = {}
         for msg, future in queued:
             try:
                 backend = self._backend(msg.backend)
                 by_backend.setdefault(backend.name, []).append((self._key(msg.key), msg, future))
             except CorralError as exc:
-                _answer(future, exc)
+                answer(future, exc)
         for name, gets in by_backend.items():
             try:
                 found = self.backends[name].get_many(list(dict.fromkeys(k for k, _, _ in gets)))
             except CorralError as exc:
                 for _, _, future in gets:
-                    _answer(future, exc)
+                    answer(future, exc)
                 continue
             for key, msg, future in gets:
                 data = found.get(key)
-                _answer(
-                    future,
-                    CacheValue(key=msg.key, found=False)
-                    if data is None
-                    else CacheValue(key=msg.key, found=True, value=_decode(data)),
-                )
+                try:
+                    reply = (
+                        CacheValue(key=msg.key, found=False)
+                        if data is None
+                        else CacheValue(key=msg.key, found=True, value=_decode(data))
+                    )
+                except CorralError as exc:  # a stored value that does not decode
+                    answer(future, exc)
+                    continue
+                answer(future, reply)
 
     @handles(CacheGetMany)
     def get_many(self, msg: CacheGetMany) -> CacheValues:
@@ -371,8 +391,8 @@ class CacheManager(Manager):
 
     def _wake_at(self, due: float) -> None:
         """Have the actor told ``_SWEEP`` at ``due`` (monotonic), unless it already will be."""
-        if due >= self.timer_due:
-            return
+        if time.monotonic() < self.timer_due <= due:
+            return  # a sweep is due no later (a past due means that sweep was lost)
         if self.timer is not None:
             self.timer.cancel()
         self.timer_due = due

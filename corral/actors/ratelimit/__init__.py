@@ -52,6 +52,7 @@ from corral.errors import (
     ConfigError,
     CorralError,
     InvalidMessage,
+    ManagerUnavailable,
     NotFound,
 )
 from corral.messages.base import ErrorReply
@@ -255,7 +256,13 @@ class RateLimiter(Manager):
         batch, self.batch = self.batch, []
         self.counts["batches"] += 1
         self.counts["batched_checks"] += len(batch)
-        decisions = self._decide_all([msg for msg, _ in batch], consume=True)
+        try:
+            decisions = self._decide_all([msg for msg, _ in batch], consume=True)
+        except BaseException as exc:  # a crash is coming: its callers must not hang meanwhile
+            gone = ManagerUnavailable(f"the rate limiter failed deciding a batch: {exc!r}")
+            for _, future in batch:
+                future.set(ErrorReply(code=gone.code, message=gone.message, details={}))
+            raise
         for (_, future), decision in zip(batch, decisions, strict=True):
             if isinstance(decision, CorralError):
                 self.errors += 1

@@ -17,6 +17,7 @@ queue, so no send ever blocks the actor or another client. With ``signing_keys``
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import itertools
 import json
@@ -26,14 +27,14 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import redis.asyncio as aredis
 from aiohttp import WSMsgType, web
 from redis.exceptions import RedisError
 
 from corral.actors.websocket._signing import ChannelSigner
-from corral.errors import CorralError, Unauthorized
+from corral.errors import BackendUnavailable, CorralError, Unauthorized
 from corral.messages.auth import AuthValidate
 from corral.messages.base import Reply, Request
 from corral.messages.websocket import (
@@ -50,6 +51,8 @@ from corral.messages.websocket import (
 __all__ = ["CLOSE_FLOODING", "CLOSE_SLOW", "CLOSE_UNAUTHORIZED", "Gateway", "gateway_for"]
 
 log = logging.getLogger("corral.websocket")
+
+T = TypeVar("T")
 
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_SLOW = 4008
@@ -187,11 +190,16 @@ class Gateway:
         future = asyncio.run_coroutine_threadsafe(
             self._pubsub.subscribe(self._room_prefix + room), self.loop
         )
-        future.result(timeout)
+        _wait_for_loop(future, timeout, f"subscribing to room {room!r}")
 
     def unsubscribe(self, room: str) -> None:
         if self._pubsub is not None and room not in self.rooms:
-            self._spawn(self._pubsub.unsubscribe(self._room_prefix + room))
+            self._spawn(self._unsubscribe_if_empty(room))
+
+    async def _unsubscribe_if_empty(self, room: str) -> None:
+        # Checked again here: a member may have joined since this was asked for.
+        if self._pubsub is not None and room not in self.rooms:
+            await self._pubsub.unsubscribe(self._room_prefix + room)
 
     def snapshot(self, timeout: float) -> list[tuple[str, str, float, list[str]]]:
         """Every socket as (connection_id, user, expires_at, rooms): a restarted actor's state."""
@@ -203,7 +211,8 @@ class Gateway:
                 (c.id, c.user, c.expires_at, sorted(c.rooms)) for c in self.connections.values()
             ]
 
-        return asyncio.run_coroutine_threadsafe(take(), self.loop).result(timeout)
+        future = asyncio.run_coroutine_threadsafe(take(), self.loop)
+        return _wait_for_loop(future, timeout, "listing the connections")
 
     # -- run on the loop (through call) ---------------------------------------------------
 
@@ -216,6 +225,10 @@ class Gateway:
         if recovering:
             conn.recovering[room] = []
         conn.rooms.add(room)
+        if room not in self.rooms and self._pubsub is not None:
+            # The actor may think the room still has a member here while its last one
+            # is leaving (and unsubscribing): subscribe again, which is harmless if so.
+            self._spawn(self._pubsub.subscribe(self._room_prefix + room))
         self.rooms.setdefault(room, set()).add(conn)
 
     def recovered(self, connection_id: str, room: str, frames: list[str], offset: int) -> None:
@@ -590,3 +603,14 @@ _ANSWERS: dict[str, Callable[[Reply], dict[str, Any]]] = {
         "epoch": r.epoch,  # type: ignore[attr-defined]
     },
 }
+
+
+def _wait_for_loop(future: concurrent.futures.Future[T], timeout: float, doing: str) -> T:
+    """The result of work handed to the daemon's loop, or BackendUnavailable (never a crash)."""
+    try:
+        return future.result(timeout)
+    except (TimeoutError, RuntimeError) as exc:
+        future.cancel()
+        raise BackendUnavailable(
+            f"websocket gateway: {doing} did not finish within {timeout:g}s ({exc!r})"
+        ) from None
