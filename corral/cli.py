@@ -337,14 +337,24 @@ def _json_default(value: Any) -> Any:
     default=None,
     help="Replay state changes after this offset first (durable stream), then follow live.",
 )
+@click.option(
+    "--epoch",
+    default=None,
+    help="The epoch --from-offset belongs to: a different one gets a stream.gap event.",
+)
 def events(
-    config_path: str | None, pattern: str, url: str | None, as_json: bool, from_offset: int | None
+    config_path: str | None,
+    pattern: str,
+    url: str | None,
+    as_json: bool,
+    from_offset: int | None,
+    epoch: str | None,
 ) -> None:
     """Print events whose topic matches PATTERN (Redis glob) until Ctrl-C."""
     config = _load(config_path)
     with (
         _remote(config, url) as client,
-        client.subscribe(pattern, from_offset=from_offset) as subscription,
+        client.subscribe(pattern, from_offset=from_offset, epoch=epoch) as subscription,
     ):
         click.echo(f"following {pattern!r} at {client.where} (Ctrl-C stops)", err=True)
         try:
@@ -362,7 +372,12 @@ def events(
                     line = f"{delivery.topic}  {render(delivery.message, False)}"
                 click.echo(line)
         except KeyboardInterrupt:
-            pass
+            offset, resume_epoch = (
+                getattr(subscription, "offset", None),
+                getattr(subscription, "epoch", None),
+            )
+            if offset is not None:  # durable: say where to resume from
+                click.echo(f"resume with --from-offset {offset} --epoch {resume_epoch}", err=True)
 
 
 @main.group(name="config")

@@ -167,6 +167,10 @@ class DurableSubscription(Subscription):
             "list[bytes | None]", self._client.hmget(meta_key(self.stream), ["epoch", "offset"])
         )
         if epoch is None:
+            if self.epoch is not None:  # the stream was lost (Redis restarted empty, say)
+                self._gap("epoch_changed", self.offset + 1, -1, "", previous=self.epoch)
+                self.epoch = None
+                self.offset = 0
             return  # nothing written yet in this life of the stream
         current = epoch.decode()
         if self.epoch is None:

@@ -11,8 +11,8 @@ import pytest
 import corral
 from corral.config import BusSection, Config, DaemonSection, ManagerSection
 from corral.daemon import Daemon
-from corral.errors import ConfigError
-from corral.messages.state import StateChanged, StateRegister, StateUpdate
+from corral.errors import ConfigError, InvalidMessage, NotFound
+from corral.messages.state import StateChanged, StateGet, StateRegister, StateUpdate
 from corral.messages.stream import StreamGap
 from tests.redis_server import RedisServer
 from tests.support import next_event, start_corral
@@ -91,3 +91,36 @@ def test_events_command_from_an_offset(daemon: Daemon, redis_server: RedisServer
     finally:
         process.kill()
         process.wait()
+
+
+def test_a_lost_stream_is_a_gap_not_silence(daemon: Daemon) -> None:
+    # The subscriber knew epoch "before-restart"; Redis came back empty (no stream at all).
+    with daemon.system.subscribe("state.changed.*", from_offset=3, epoch="before-restart") as sub:
+        topic, gap = next_event(sub, StreamGap)
+        assert (topic, gap.reason, gap.previous_epoch) == (
+            "stream.gap",
+            "epoch_changed",
+            "before-restart",
+        )
+        for n in range(3):
+            daemon.system.ask(StateRegister(state_id=f"n{n}", state_type="User"))
+        offsets = [next_event(sub, StateChanged)[1].offset for _ in range(3)]
+        assert offsets == [1, 2, 3]  # every event of the new epoch, once each
+
+
+@pytest.mark.parametrize(
+    ("write", "error"),
+    [
+        (StateRegister(state_id="t", state_type="Session", ttl=float("inf")), "ttl must be > 0"),
+        (StateRegister(state_id="t", state_type="Session", ttl=1e12), "ttl must be > 0"),
+        (StateRegister(state_id="t", state_type="Session", data={"n": 2**64}), "cannot be stored"),
+    ],
+)
+def test_values_that_cannot_be_stored_change_nothing(
+    daemon: Daemon, write: StateRegister, error: str
+) -> None:
+    with pytest.raises(InvalidMessage, match=error):
+        daemon.system.ask(write)
+    with pytest.raises(NotFound):
+        daemon.system.ask(StateGet(state_id="t"))
+    assert daemon.system.health().managers["state"].restarts == 0

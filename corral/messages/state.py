@@ -252,6 +252,10 @@ class StateExpireDue(Request[StateExpired]):
     manager = "state"
 
 
+MAX_TTL = 10 * 365 * 24 * 3600.0
+"""The longest TTL a state may have: ten years (and never infinite)."""
+
+
 def check_write(write: StateWrite) -> None:
     """Reject a malformed write with InvalidMessage naming the field (before any backend)."""
     if not _STATE_ID.fullmatch(write.state_id):
@@ -276,8 +280,10 @@ def check_write(write: StateWrite) -> None:
                 )
     if write.expected_version is not None and write.expected_version < 0:
         raise InvalidMessage("expected_version must be >= 0", path="expected_version")
-    if write.ttl is not None and not write.ttl > 0:
-        raise InvalidMessage(f"ttl must be > 0 seconds, got {write.ttl}", path="ttl")
+    if write.ttl is not None and not 0 < write.ttl <= MAX_TTL:
+        raise InvalidMessage(
+            f"ttl must be > 0 and <= {MAX_TTL:g} seconds, got {write.ttl}", path="ttl"
+        )
 
 
 def apply_transition(current: StateInfo | None, write: StateWrite, now_ms: int) -> StateInfo:

@@ -227,7 +227,10 @@ class StateManager(Manager):
         try:
             check_write(write)
             if write.data is not None:
-                size = len(msgpack.packb(write.data, use_bin_type=True))
+                try:
+                    size = len(msgpack.packb(write.data, use_bin_type=True))
+                except (OverflowError, TypeError, ValueError) as exc:
+                    raise InvalidMessage(f"data cannot be stored: {exc}", path="data") from None
                 if size > self.settings.max_data_bytes:
                     raise InvalidMessage(
                         f"data is {size} bytes packed, over the limit of "

@@ -259,12 +259,17 @@ class RedisBackend:
         if answer[0] == 0:
             _, code, index, a, b = answer
             raise _refusal(code.decode(), writes[index - 1], a.decode(), b.decode())
-        _, bodies, results = answer
-        events = [decode_event(body) for body in bodies]
-        states = [
-            _state_info(write.state_id, result)
-            for write, result in zip([w for w in writes if w.transition], results, strict=True)
-        ]
+        try:
+            _, bodies, results = answer
+            events = [decode_event(body) for body in bodies]
+            states = [
+                _state_info(write.state_id, result)
+                for write, result in zip([w for w in writes if w.transition], results, strict=True)
+            ]
+        except Exception as exc:  # the change is stored: say so, never crash the actor
+            raise BackendUnavailable(
+                f"the change was applied but its answer could not be read: {exc!r}"
+            ) from None
         return events, states
 
     def get(self, state_id: str, now_ms: int) -> StateInfo:
