@@ -1,0 +1,95 @@
+"""The websocket manager across two real ``corral run`` processes on one redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+import corral
+from corral.messages.auth import AuthIssue
+from corral.messages.websocket import EmitToRoom, RoomInfo
+from tests.redis_server import RedisServer
+from tests.support import read_until, start_corral
+
+SECRET = "websocket-daemons-signing-secret-32"
+
+
+def write_config(tmp_path: Path, redis_url: str) -> Path:
+    path = tmp_path / "corral.toml"
+    path.write_text(
+        f'[bus]\nbackend = "redis"\nurl = "{redis_url}"\nnamespace = "wsd"\n'
+        "[daemon]\nport = 0\nheartbeat_interval = 0.2\nheartbeat_ttl = 1.0\n"
+        f'[managers.auth]\nsigning_key = "{SECRET}"\n'
+        '[managers.websocket]\ndepends_on = ["auth"]\npresence_ttl = 1.0\n'
+    )
+    return path
+
+
+def start_daemon(config: Path) -> tuple[subprocess.Popen[str], str]:
+    process = start_corral("run", "-c", str(config))
+    log = read_until(process, "running 3 managers")
+    match = re.search(r"serving http://(\S+) ", log)
+    assert match, log
+    return process, match.group(1)
+
+
+async def member(address: str, token: str) -> ClientConnection:
+    ws = await websockets.connect(f"ws://{address}/ws?token={token}")
+    assert json.loads(await ws.recv())["type"] == "welcome"
+    await ws.send(json.dumps({"type": "join", "room": "news"}))
+    assert json.loads(await ws.recv())["type"] == "joined"
+    return ws
+
+
+async def room_count(remote: corral.Client, count: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (await asyncio.to_thread(remote.ask, RoomInfo(room="news"))).count != count:
+        assert time.monotonic() < deadline, f"the room never had {count} members"
+        await asyncio.sleep(0.1)
+
+
+def test_fan_out_and_presence_across_two_corral_run_processes(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, redis_server.url)
+    (survivor, here), (victim, there) = start_daemon(config), start_daemon(config)
+    try:
+        with corral.connect(redis_server.url, namespace="wsd") as remote:
+            tokens = [
+                remote.ask(AuthIssue(subject=f"user:{n}", refresh=False)).access_token
+                for n in range(2)
+            ]
+
+            async def scenario() -> None:
+                a = await member(here, tokens[0])
+                b = await member(there, tokens[1])
+                emitted = await asyncio.to_thread(
+                    remote.ask, EmitToRoom(room="news", event="posted", data={"id": 7})
+                )
+                for ws in (a, b):  # the emit reached both daemons' clients
+                    got: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 5))
+                    assert (got["event"], got["data"], got["offset"]) == (
+                        "posted", {"id": 7}, emitted.offset,
+                    )  # fmt: skip
+                await room_count(remote, 2)
+                victim.kill()  # SIGKILL: its members never leave; their presence expires
+                assert victim.wait(timeout=10) == -signal.SIGKILL
+                await room_count(remote, 1)
+                info = await asyncio.to_thread(remote.ask, RoomInfo(room="news"))
+                assert [m["user"] for m in info.members] == ["user:0"]
+                await a.close()
+
+            asyncio.run(scenario())
+    finally:
+        for process in (survivor, victim):
+            process.kill()
+            process.wait()
