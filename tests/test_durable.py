@@ -7,12 +7,19 @@ import os
 from collections.abc import Iterator
 
 import pytest
+import redis
 
 import corral
 from corral.config import BusSection, Config, DaemonSection, ManagerSection
 from corral.daemon import Daemon
 from corral.errors import ConfigError, InvalidMessage, NotFound
-from corral.messages.state import StateChanged, StateGet, StateRegister, StateUpdate
+from corral.messages.state import (
+    StateChanged,
+    StateGet,
+    StateRegister,
+    StateUpdate,
+    events_stream_key,
+)
 from corral.messages.stream import StreamGap
 from tests.redis_server import RedisServer
 from tests.support import next_event, start_corral
@@ -124,3 +131,19 @@ def test_values_that_cannot_be_stored_change_nothing(
     with pytest.raises(NotFound):
         daemon.system.ask(StateGet(state_id="t"))
     assert daemon.system.health().managers["state"].restarts == 0
+
+
+def test_a_lost_epoch_starts_a_new_stream(daemon: Daemon, redis_server: RedisServer) -> None:
+    system = daemon.system
+    first = system.ask(StateRegister(state_id="m1", state_type="User"))
+    with redis.Redis.from_url(redis_server.url) as raw:
+        stream = events_stream_key("dur")
+        old_epoch = raw.hget(f"{stream}:meta", "epoch")
+        raw.delete(f"{stream}:meta")  # evicted, say, while the stream stayed
+        with system.subscribe("state.changed.*", from_offset=0) as sub:
+            system.ask(StateRegister(state_id="m2", state_type="User"))  # no failure
+            _, event = next_event(sub, StateChanged)
+        assert (event.state_id, event.offset) == ("m2", 1)
+        assert event.epoch.encode() != old_epoch
+        assert raw.xlen(stream) == 1  # the old epoch's entries went with it
+    assert first.version == 1

@@ -148,7 +148,9 @@ end
 if #changes == 0 then return {1, {}, results} end
 local epoch = redis.call("HGET", KEYS[1], "epoch")
 if not epoch then
+  -- A new epoch: offsets start again at 1, so a stream left from the old one goes.
   epoch = ARGV[2]
+  redis.call("DEL", KEYS[2])
   redis.call("HSET", KEYS[1], "epoch", epoch)
 end
 local limit, maxlen = tonumber(ARGV[3]), ARGV[4]
