@@ -343,19 +343,17 @@ class RequestServer:
 
 
 def _unencodable(exc: InvalidMessage) -> ErrorReply:
-    unavailable = ManagerUnavailable(f"the reply could not be sent: {exc}")
-    return ErrorReply(code=unavailable.code, message=unavailable.message)
+    return ErrorReply.of(ManagerUnavailable(f"the reply could not be sent: {exc}"))
 
 
 def _as_reply(value: Any, error: BaseException | None, envelope: Envelope) -> Message:
     if error is None and isinstance(value, Reply):
         return value
     if isinstance(error, CorralError):
-        return ErrorReply(code=error.code, message=error.message, details=error.details)
-    unavailable = ManagerUnavailable(
-        f"{envelope.message.type_name} failed: {error or 'no reply'}",
-        {"manager": envelope.message.route() or ""},
-    )
-    return ErrorReply(
-        code=unavailable.code, message=unavailable.message, details=unavailable.details
+        return ErrorReply.of(error)
+    return ErrorReply.of(
+        ManagerUnavailable(
+            f"{envelope.message.type_name} failed: {error or 'no reply'}",
+            {"manager": envelope.message.route() or ""},
+        )
     )

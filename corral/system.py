@@ -206,7 +206,7 @@ class System(EventsMixin):
         Raises the error the manager answered with (``NotFound``, ``Conflict``, ...),
         ``ManagerUnavailable`` when it is down, ``Timeout`` when no reply came in time.
         """
-        timeout = self.ask_timeout if timeout is None else timeout
+        timeout = self._timeout(timeout)
         deadline = time.monotonic() + timeout
         name = self._route(message)
         if name == "supervisor":
@@ -225,7 +225,7 @@ class System(EventsMixin):
 
     async def ask_async(self, message: Request[R], *, timeout: float | None = None) -> R:
         """``ask`` for asyncio code: awaiting never blocks the event loop."""
-        timeout = self.ask_timeout if timeout is None else timeout
+        timeout = self._timeout(timeout)
         deadline = time.monotonic() + timeout
         name = self._route(message)
         loop = asyncio.get_running_loop()
@@ -233,9 +233,7 @@ class System(EventsMixin):
             return await loop.run_in_executor(None, self.ask, message, timeout)  # type: ignore[arg-type]
         bridge = AsyncioFuture(loop)
         envelope = Envelope(message, reply_to=bridge)
-        ref = self.supervisor.live_ref(name)
-        mailbox = ref.actor_inbox if ref is not None else None
-        if not (isinstance(mailbox, Mailbox) and mailbox.try_put(envelope)):
+        if not self._try_put(name, envelope):
             # Waiting for a restart or for room in the mailbox blocks: not on the loop.
             await loop.run_in_executor(
                 None, self._deliver, name, envelope, deadline - time.monotonic()
@@ -268,11 +266,12 @@ class System(EventsMixin):
     def try_dispatch(self, message: Message, reply_to: pykka.Future[Any] | None) -> bool:
         """``dispatch`` without waiting: False when the manager is not running or its
         mailbox is full (nothing was sent then)."""
-        ref = self.supervisor.live_ref(self._route(message))
+        return self._try_put(self._route(message), Envelope(message, reply_to=reply_to))
+
+    def _try_put(self, name: str, envelope: Envelope[Any]) -> bool:
+        ref = self.supervisor.live_ref(name)
         mailbox = ref.actor_inbox if ref is not None else None
-        return isinstance(mailbox, Mailbox) and mailbox.try_put(
-            Envelope(message, reply_to=reply_to)
-        )
+        return isinstance(mailbox, Mailbox) and mailbox.try_put(envelope)
 
     def _timeout(self, timeout: float | None) -> float:
         return self.ask_timeout if timeout is None else timeout

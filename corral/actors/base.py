@@ -416,7 +416,7 @@ class Manager(pykka.ThreadingActor):
         self.errors += 1
         what = getattr(message, "type_name", type(message).__name__)
         error = InvalidMessage(f"manager {self.context.name!r} does not handle {what}")
-        return ErrorReply(code=error.code, message=str(error), details=error.details)
+        return ErrorReply.of(error)
 
     @handles(HealthCheck)
     def _answer_health_check(self, _message: HealthCheck) -> Health:
@@ -472,9 +472,7 @@ class Manager(pykka.ThreadingActor):
                         response = handler(self, message)
                     except CorralError as exc:
                         self.errors += 1
-                        response = ErrorReply(
-                            code=exc.code, message=exc.message, details=exc.details
-                        )
+                        response = ErrorReply.of(exc)
                     elapsed = clock() - started
                     self.handled += 1
                     self.handler_seconds += elapsed

@@ -27,7 +27,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeVar
 
-from corral.errors import InvalidMessage, error_class
+from corral.errors import CorralError, InvalidMessage, error_class
 
 __all__ = [
     "ErrorReply",
@@ -606,6 +606,11 @@ class ErrorReply(Reply):
     code: str
     message: str = ""
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(cls, error: CorralError) -> ErrorReply:
+        """The reply that carries ``error`` to the caller (where ``unwrap`` raises it again)."""
+        return cls(code=error.code, message=error.message, details=error.details)
 
 
 def unwrap(reply: Any) -> Any:

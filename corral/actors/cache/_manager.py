@@ -146,7 +146,7 @@ class CacheManager(Manager):
         gone = ManagerUnavailable("the cache manager stopped", {"manager": self.context.name})
         for flight in self.flights.values():
             for waiter in flight.waiters:
-                waiter.future.set(_error_reply(gone))
+                waiter.future.set(ErrorReply.of(gone))
         self.flights.clear()
         self._close_backends()
 
@@ -368,7 +368,7 @@ class CacheManager(Manager):
                 waiter.future.set(CacheLease(key=key, found=False, lease=flight.token))
                 self._wake_at(flight.expires_at)
                 return
-            waiter.future.set(_error_reply(_timed_out(key)))
+            waiter.future.set(ErrorReply.of(_timed_out(key)))
         del self.flights[backend, key]
 
     def _sweep(self) -> None:
@@ -378,7 +378,7 @@ class CacheManager(Manager):
             waiting = []
             for waiter in flight.waiters:
                 if waiter.deadline <= now:
-                    waiter.future.set(_error_reply(_timed_out(key)))
+                    waiter.future.set(ErrorReply.of(_timed_out(key)))
                 else:
                     waiting.append(waiter)
             flight.waiters = waiting
@@ -492,10 +492,6 @@ def _timed_out(key: str) -> Timeout:
     return Timeout(f"no value for {key!r} was set while waiting", {"key": key})
 
 
-def _error_reply(error: Any) -> ErrorReply:
-    return ErrorReply(code=error.code, message=error.message, details=error.details)
-
-
 def _total(stats: Any) -> dict[str, Any]:
     total: dict[str, Any] = dict.fromkeys(_SUMMED, 0)
     total["size"] = 0
@@ -512,7 +508,7 @@ def _answer(future: pykka.Future[Any] | None, reply: Reply | CorralError) -> Non
     if future is None:
         return
     if isinstance(reply, CorralError):
-        reply = ErrorReply(code=reply.code, message=reply.message, details=reply.details)
+        reply = ErrorReply.of(reply)
     try:
         future.set(reply)
     except Exception:  # a caller that cannot take its reply is not the cache's failure

@@ -58,7 +58,7 @@ class DeferredReply:
         self._set(reply)
 
     def fail(self, error: CorralError) -> None:
-        self._set(ErrorReply(code=error.code, message=error.message, details=error.details))
+        self._set(ErrorReply.of(error))
 
     def _set(self, value: Reply) -> None:
         with self._lock:

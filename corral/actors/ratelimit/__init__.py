@@ -261,16 +261,12 @@ class RateLimiter(Manager):
         except BaseException as exc:  # a crash is coming: its callers must not hang meanwhile
             gone = ManagerUnavailable(f"the rate limiter failed deciding a batch: {exc!r}")
             for _, future in batch:
-                future.set(ErrorReply(code=gone.code, message=gone.message, details={}))
+                future.set(ErrorReply.of(gone))
             raise
         for (_, future), decision in zip(batch, decisions, strict=True):
             if isinstance(decision, CorralError):
                 self.errors += 1
-                future.set(
-                    ErrorReply(
-                        code=decision.code, message=decision.message, details=decision.details
-                    )
-                )
+                future.set(ErrorReply.of(decision))
             else:
                 future.set(decision)
 
