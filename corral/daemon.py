@@ -134,6 +134,13 @@ class Daemon:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
 
+    def __enter__(self) -> Daemon:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc_info: object) -> None:
+        self.stop()
+
     def health(self) -> tuple[dict[str, Any], int]:
         """The /health document and its HTTP status."""
         health = self.system.health(timeout=1.0)

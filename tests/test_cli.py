@@ -50,10 +50,8 @@ def daemon(redis_server: RedisServer) -> Iterator[Daemon]:
         daemon=DaemonSection(port=0, heartbeat_interval=0.2),
         managers={"worker": ManagerSection(class_path="tests.support:Worker")},
     )
-    running = Daemon(config)
-    running.start()
-    yield running
-    running.stop()
+    with Daemon(config) as running:
+        yield running
 
 
 def test_run_serves_health_and_stops_in_reverse_order_on_sigterm(
@@ -132,9 +130,7 @@ def test_health_exit_code_when_unhealthy(redis_server: RedisServer) -> None:
             )
         },
     )
-    running = Daemon(config)
-    running.start()
-    try:
+    with Daemon(config) as running:
         with corral.connect(redis_server.url, namespace="cli") as remote:
             remote.tell(Work(action="crash"))
         wait_until(lambda: running.system.health().status == "unhealthy")
@@ -142,8 +138,6 @@ def test_health_exit_code_when_unhealthy(redis_server: RedisServer) -> None:
         assert result.returncode == 2
         assert result.stdout.startswith("unhealthy")
         assert "last error: RuntimeError: boom" in result.stdout
-    finally:
-        running.stop()
 
 
 def test_send_builds_validates_and_prints_the_reply(

@@ -49,9 +49,8 @@ def daemon() -> Iterator[Daemon]:
             },
         )
     )
-    running.start()
-    yield running
-    running.stop()
+    with running:
+        yield running
 
 
 def test_the_page_is_self_contained(daemon: Daemon) -> None:

@@ -35,10 +35,8 @@ def config(url: str) -> Config:
 
 @pytest.fixture
 def daemon(redis_server: RedisServer) -> Iterator[Daemon]:
-    running = Daemon(config(redis_server.url))
-    running.start()
-    yield running
-    running.stop()
+    with Daemon(config(redis_server.url)) as running:
+        yield running
 
 
 def test_system_subscribe_from_an_offset_replays_then_follows(daemon: Daemon) -> None:

@@ -23,10 +23,8 @@ def daemon(redis_server: RedisServer) -> Iterator[Daemon]:
         daemon=DaemonSection(port=0),
         managers={"cache": ManagerSection(), "state": ManagerSection()},
     )
-    running = Daemon(config)
-    running.start()
-    yield running
-    running.stop()
+    with Daemon(config) as running:
+        yield running
 
 
 def exercise(app_module: str) -> None:

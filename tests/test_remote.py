@@ -51,10 +51,8 @@ def daemon_config(url: str, **managers: ManagerSection) -> Config:
 
 @pytest.fixture
 def daemon(redis_server: RedisServer) -> Iterator[Daemon]:
-    running = Daemon(daemon_config(redis_server.url))
-    running.start()
-    yield running
-    running.stop()
+    with Daemon(daemon_config(redis_server.url)) as running:
+        yield running
 
 
 @pytest.fixture
@@ -107,10 +105,8 @@ def test_no_reply_in_time_is_a_timeout(daemon: Daemon, client: Client) -> None:
 
 
 def test_a_stopped_daemon_leaves_at_once(redis_server: RedisServer, client: Client) -> None:
-    running = Daemon(daemon_config(redis_server.url))
-    running.start()
-    assert client.ask(Ping()).payload == b""
-    running.stop()
+    with Daemon(daemon_config(redis_server.url)):
+        assert client.ask(Ping()).payload == b""
     with pytest.raises(ManagerUnavailable, match="no corral daemon is serving system"):
         client.ask(Ping())
 
@@ -171,36 +167,30 @@ def test_unhealthy_daemon_answers_503(redis_server: RedisServer, client: Client)
         redis_server.url,
         core=ManagerSection(class_path="tests.support:Worker", critical=True, restart="temporary"),
     )
-    running = Daemon(config)
-    running.start()
-    try:
+    with Daemon(config) as running:
         client.tell(Work(target="core", action="crash"))
         wait_until(lambda: httpx.get(f"{running.url}/health").status_code == 503)
         document = httpx.get(f"{running.url}/health").json()
         assert document["status"] == "unhealthy"
         assert document["managers"]["core"]["last_error"] == "RuntimeError: boom"
-    finally:
-        running.stop()
 
 
 def test_redis_restart_under_the_daemon(fresh_redis_server: RedisServer) -> None:
-    running = Daemon(daemon_config(fresh_redis_server.url))
-    running.start()
-    try:
-        with corral.connect(fresh_redis_server.url, namespace="rt") as remote:
-            assert remote.ask(Ping()).payload == b""
-            fresh_redis_server.stop()
-            wait_until(lambda: httpx.get(f"{running.url}/health").json()["status"] == "degraded")
-            with pytest.raises(BackendUnavailable):
-                remote.ask(Ping())
-            fresh_redis_server.start()
-            wait_until(
-                lambda: httpx.get(f"{running.url}/health").json()["status"] == "healthy",
-                timeout=15,
-            )
-            wait_until(lambda: _answers(remote), timeout=10)
-    finally:
-        running.stop()
+    with (
+        Daemon(daemon_config(fresh_redis_server.url)) as running,
+        corral.connect(fresh_redis_server.url, namespace="rt") as remote,
+    ):
+        assert remote.ask(Ping()).payload == b""
+        fresh_redis_server.stop()
+        wait_until(lambda: httpx.get(f"{running.url}/health").json()["status"] == "degraded")
+        with pytest.raises(BackendUnavailable):
+            remote.ask(Ping())
+        fresh_redis_server.start()
+        wait_until(
+            lambda: httpx.get(f"{running.url}/health").json()["status"] == "healthy",
+            timeout=15,
+        )
+        wait_until(lambda: _answers(remote), timeout=10)
 
 
 def _answers(remote: Client) -> bool:
@@ -213,9 +203,7 @@ def _answers(remote: Client) -> bool:
 def test_redis_password_in_the_url() -> None:
     with RedisServer("--requirepass", "s3cret") as server:
         url = server.url.replace("redis://", "redis://:s3cret@")
-        running = Daemon(daemon_config(url))
-        running.start()
-        try:
+        with Daemon(daemon_config(url)):
             with corral.connect(url, namespace="rt") as remote:
                 assert remote.ask(Ping(payload=b"auth")).payload == b"auth"
             wrong = server.url.replace("redis://", "redis://:wrong@")
@@ -224,8 +212,6 @@ def test_redis_password_in_the_url() -> None:
                 pytest.raises(BackendUnavailable, match="cannot reach Redis"),
             ):
                 remote.ask(Ping())
-        finally:
-            running.stop()
 
 
 def _free_port() -> int:
@@ -270,25 +256,15 @@ def test_tls_urls(tmp_path: Path) -> None:
     args = ("--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key))
     with RedisServer(*args, "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"):
         url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}"
-        running = Daemon(daemon_config(url))
-        running.start()
-        try:
-            with corral.connect(url, namespace="rt") as remote:
-                assert remote.ask(Ping(payload=b"tls")).payload == b"tls"
-        finally:
-            running.stop()
+        with Daemon(daemon_config(url)), corral.connect(url, namespace="rt") as remote:
+            assert remote.ask(Ping(payload=b"tls")).payload == b"tls"
 
 
 def test_acl_user_in_the_url() -> None:
     with RedisServer("--user", "alice", "on", ">wonderland", "~*", "&*", "+@all") as server:
         url = server.url.replace("redis://", "redis://alice:wonderland@")
-        running = Daemon(daemon_config(url))
-        running.start()
-        try:
-            with corral.connect(url, namespace="rt") as remote:
-                assert remote.ask(Ping(payload=b"acl")).payload == b"acl"
-        finally:
-            running.stop()
+        with Daemon(daemon_config(url)), corral.connect(url, namespace="rt") as remote:
+            assert remote.ask(Ping(payload=b"acl")).payload == b"acl"
 
 
 def test_a_malformed_request_entry_is_rejected_and_the_daemon_serves_on(
@@ -306,24 +282,17 @@ def test_a_malformed_request_entry_is_rejected_and_the_daemon_serves_on(
 
 def test_a_reply_too_big_to_send_is_an_error_not_silence(redis_server: RedisServer) -> None:
     config = daemon_config(redis_server.url).replace(codec=CodecSection(max_size=512))
-    running = Daemon(config)
-    running.start()
-    try:
-        with corral.connect(redis_server.url, namespace="rt") as remote:
-            with pytest.raises(ManagerUnavailable, match="the reply could not be sent"):
-                remote.health(timeout=5)  # the whole system's health is over 512 bytes
-            assert remote.ask(Ping(payload=b"ok")).payload == b"ok"
-    finally:
-        running.stop()
+    with Daemon(config), corral.connect(redis_server.url, namespace="rt") as remote:
+        with pytest.raises(ManagerUnavailable, match="the reply could not be sent"):
+            remote.health(timeout=5)  # the whole system's health is over 512 bytes
+        assert remote.ask(Ping(payload=b"ok")).payload == b"ok"
 
 
 def test_a_slow_request_is_not_claimed_from_a_live_daemon(redis_server: RedisServer) -> None:
     config = daemon_config(redis_server.url).replace(
         daemon=DaemonSection(port=0, heartbeat_interval=0.1, heartbeat_ttl=1.0, claim_idle=0.2)
     )
-    running = Daemon(config)
-    running.start()
-    try:
+    with Daemon(config) as running:
         with corral.connect(redis_server.url, namespace="rt") as remote:
             reply = remote.ask(Work(action="sleep", seconds=1.5), timeout=10)
         assert reply.handled == 1
@@ -332,8 +301,6 @@ def test_a_slow_request_is_not_claimed_from_a_live_daemon(redis_server: RedisSer
         assert health.metrics["handled"] == 1  # ran once, though idle past claim_idle
         assert running.remote is not None
         assert running.remote.counts["claimed"] == 0
-    finally:
-        running.stop()
 
 
 def test_a_full_mailbox_does_not_hold_up_other_managers(redis_server: RedisServer) -> None:
@@ -344,16 +311,11 @@ def test_a_full_mailbox_does_not_hold_up_other_managers(redis_server: RedisServe
             class_path="tests.support:Worker", mailbox_size=1, options={"gate": gate}
         ),
     )
-    running = Daemon(config)
-    running.start()
-    try:
-        with corral.connect(redis_server.url, namespace="rt") as remote:
-            worker = running.system.supervisor.live_ref("worker")
-            assert worker is not None
-            worker.tell(Work(action="block", seconds=3))  # the worker is busy ...
-            for _ in range(5):
-                remote.tell(Work())  # ... and these wait for room in its mailbox
-            assert remote.ask(Ping(payload=b"p"), timeout=2).payload == b"p"
-            gate.set()
-    finally:
-        running.stop()
+    with Daemon(config) as running, corral.connect(redis_server.url, namespace="rt") as remote:
+        worker = running.system.supervisor.live_ref("worker")
+        assert worker is not None
+        worker.tell(Work(action="block", seconds=3))  # the worker is busy ...
+        for _ in range(5):
+            remote.tell(Work())  # ... and these wait for room in its mailbox
+        assert remote.ask(Ping(payload=b"p"), timeout=2).payload == b"p"
+        gate.set()
