@@ -27,7 +27,7 @@ from corral.client import Client, connect
 from corral.config import Config, load_config
 from corral.daemon import Daemon
 from corral.errors import ConfigError, CorralError, InvalidMessage
-from corral.messages.base import Event, Message, Request, lookup, registered, validate
+from corral.messages.base import Event, Message, Request, lookup, registered
 
 log = logging.getLogger("corral")
 
@@ -291,12 +291,7 @@ def build_message(name: str, pairs: tuple[str, ...]) -> Message:
     missing = [f.name for f in cls.fields_info if f.required and f.name not in values]
     if missing:
         raise InvalidMessage(f"{name} needs {', '.join(missing)}")
-    try:
-        message = cls._from_wire(values, name)
-    except InvalidMessage:
-        raise
-    validate(message)
-    return message
+    return cls._from_wire(values, name)  # checks every field, naming it
 
 
 def _parse_value(annotation: Any, text: str) -> Any:
@@ -311,13 +306,17 @@ def _parse_value(annotation: Any, text: str) -> Any:
     return value
 
 
-def render(message: Message, as_json: bool) -> str:
-    """A message for people (``type field=value ...``) or as one JSON object."""
+def render(message: Message, as_json: bool, *, topic: str | None = None) -> str:
+    """A message for people (``[topic]  type field=value ...``) or as one JSON object."""
     wire = message.to_wire()
     if as_json:
-        return json.dumps({"type": message.type_name, "fields": wire}, default=_json_default)
+        document = {"type": message.type_name, "fields": wire}
+        if topic is not None:
+            document = {"topic": topic, **document}
+        return json.dumps(document, default=_json_default)
     shown = " ".join(f"{k}={json.dumps(v, default=_json_default)}" for k, v in wire.items())
-    return f"{message.type_name} {shown}".rstrip()
+    line = f"{message.type_name} {shown}".rstrip()
+    return line if topic is None else f"{topic}  {line}"
 
 
 def _json_default(value: Any) -> Any:
@@ -359,18 +358,7 @@ def events(
         click.echo(f"following {pattern!r} at {client.where} (Ctrl-C stops)", err=True)
         try:
             for delivery in subscription:
-                if as_json:
-                    line = json.dumps(
-                        {
-                            "topic": delivery.topic,
-                            "type": delivery.message.type_name,
-                            "fields": delivery.message.to_wire(),
-                        },
-                        default=_json_default,
-                    )
-                else:
-                    line = f"{delivery.topic}  {render(delivery.message, False)}"
-                click.echo(line)
+                click.echo(render(delivery.message, as_json, topic=delivery.topic))
         except KeyboardInterrupt:
             offset, resume_epoch = (
                 getattr(subscription, "offset", None),
