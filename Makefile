@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LINTED := corral tests bench $(wildcard examples)
 
-.PHONY: run test lint bench redis-server chromium clean
+.PHONY: run test test-repeat lint bench redis-server chromium clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ lint: $(STAMP)
 
 test: $(STAMP) redis-server chromium lint
 	$(BIN)/pytest
+
+# `make test-repeat N=5 [HOG=1]`: the suite N times in a row (with every core busy when
+# HOG=1); lists every test that failed at least once.
+N ?= 5
+test-repeat: $(STAMP) redis-server chromium
+	$(BIN)/python -m tests.repeat $(N) $(if $(HOG),--hog)
 
 bench: $(STAMP) redis-server
 	@for b in $(filter-out bench/_%,$(wildcard bench/*.py)); do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -6,10 +6,13 @@ the same Lua script that applies a change):
 
 - the stream key ``K`` holds one entry per event, with the id ``<offset>-0``
   (offsets count 1, 2, 3, ... without holes) and the fields ``topic`` (the
-  event's topic), ``type`` and ``v`` (its message wire name and version) and
-  ``body`` (its fields as a msgpack map);
+  event's topic), ``type`` and ``v`` (its message wire name and version),
+  ``epoch`` (the life of the stream it was written in) and ``body`` (its fields
+  as a msgpack map);
 - the hash ``K:meta`` holds ``epoch``, a name for this life of the stream: when the
   stream is lost and starts again (offsets restart at 1), the epoch changes.
+  Entries left in ``K`` while ``K:meta`` is gone belong to no live epoch: a
+  reader never delivers them, and the producer's next write replaces them.
 
 A :class:`DurableSubscription` reads the stream from ``from_offset`` and then
 waits on it for new entries (XREAD BLOCK), so history and live events come
@@ -56,6 +59,7 @@ log = logging.getLogger(__name__)
 _CONNECT_TIMEOUT = 2.0
 _FULL_QUEUE_POLL = 0.01
 _RECONNECT_MAX = 2.0
+_ORPHAN_POLL = 0.05
 
 
 def meta_key(stream: str) -> str:
@@ -144,10 +148,12 @@ class DurableSubscription(Subscription):
         while not self._stopping.is_set():
             try:
                 if not synced:
-                    self._sync()
-                    synced = True
+                    synced = self._sync()
                     self.healthy = True
                     delay = 0.05
+                    if not synced:  # entries of a lost epoch: wait for the next one
+                        self._stopping.wait(_ORPHAN_POLL)
+                        continue
                 # The epoch is checked again whenever the stream stays quiet for a block.
                 synced = self._read()
             except Exception as exc:
@@ -161,17 +167,22 @@ class DurableSubscription(Subscription):
                 delay = min(delay * 2, _RECONNECT_MAX)
         self._client.close()
 
-    def _sync(self) -> None:
-        """Check the stream's epoch and last offset against where the reader stands."""
-        epoch, last = cast(
-            "list[bytes | None]", self._client.hmget(meta_key(self.stream), ["epoch", "offset"])
-        )
+    def _sync(self) -> bool:
+        """Check the stream's epoch and last offset against where the reader stands.
+
+        False while the stream holds entries of a lost epoch (its meta hash is
+        gone): those must not be read, since the next epoch reuses their offsets.
+        """
+        with self._client.pipeline(transaction=True) as pipe:
+            pipe.hmget(meta_key(self.stream), ["epoch", "offset"])
+            pipe.xlen(self.stream)
+            (epoch, last), length = cast("tuple[list[bytes | None], int]", pipe.execute())
         if epoch is None:
             if self.epoch is not None:  # the stream was lost (Redis restarted empty, say)
                 self._gap("epoch_changed", self.offset + 1, -1, "", previous=self.epoch)
                 self.epoch = None
                 self.offset = 0
-            return  # nothing written yet in this life of the stream
+            return length == 0  # nothing written yet in this life of the stream
         current = epoch.decode()
         if self.epoch is None:
             self.epoch = current
@@ -179,14 +190,19 @@ class DurableSubscription(Subscription):
             self._gap("epoch_changed", self.offset + 1, -1, current, previous=self.epoch)
             self.epoch = current
             self.offset = 0
-            return
+            return True
         last_offset = int(last or 0)
         # Ahead of the stream in its own epoch: those offsets were never written,
         # so the events that get them must not be skipped.
         self.offset = min(self.offset, last_offset)
+        return True
 
     def _read(self) -> bool:
-        """Read one batch (waiting up to a block for it); False when nothing came."""
+        """Read one batch (waiting up to a block for it).
+
+        False when nothing came, or when an entry of another epoch did: the stream
+        was lost and started again under the reader, which must sync first.
+        """
         answer = cast(
             "list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None",
             self._client.xread(
@@ -197,11 +213,17 @@ class DurableSubscription(Subscription):
             return False
         batch: list[Delivery] = []
         for entry_id, fields in answer[0][1]:
+            epoch = fields.get(b"epoch", b"").decode("utf-8", "replace")
+            if self.epoch is None:
+                self.epoch = epoch  # read only once no entry of a lost epoch is left
+            elif epoch != self.epoch:
+                self._deliver(batch)
+                return False
             offset = int(entry_id.split(b"-", 1)[0])
             if offset > self.offset + 1:
                 self._deliver(batch)
                 batch = []
-                self._gap("trimmed", self.offset + 1, offset - 1, self.epoch or "")
+                self._gap("trimmed", self.offset + 1, offset - 1, self.epoch)
             self.offset = offset
             topic = fields[b"topic"].decode("utf-8", "replace")
             if self._matches(topic):

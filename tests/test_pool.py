@@ -92,10 +92,18 @@ class Backend:
             ports.append(Port(server.sockets[0].getsockname()[1]))
         return ports
 
+    def release(self, key: str) -> None:
+        """Let the calls to ``/hold?key=<key>`` answer."""
+        self.loop.call_soon_threadsafe(lambda: self._hold(key).set())
+
+    def _hold(self, key: str) -> asyncio.Event:
+        return self.barriers.setdefault(key, asyncio.Event())
+
     def close(self) -> None:
         asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+        self.loop.close()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         port = self.by_port[request.transport.get_extra_info("sockname")[1]]  # type: ignore[union-attr]
@@ -117,8 +125,11 @@ class Backend:
         if path == "/slow":
             await asyncio.sleep(int(q.get("ms", "50")) / 1000)
             return web.json_response({"port": port.port})
+        if path == "/hold":  # answers once the test releases its key
+            await self._hold(q["key"]).wait()
+            return web.json_response({"port": port.port})
         if path == "/barrier":  # answers once ``n`` calls with this key are all in flight
-            barrier = self.barriers.setdefault(q["key"], asyncio.Event())
+            barrier = self._hold(q["key"])
             self.flaky[q["key"]] += 1
             if self.flaky[q["key"]] >= int(q["n"]):
                 barrier.set()
@@ -648,6 +659,16 @@ class Impatient(PoolManager):
         self._reply_later(_fail_on_the_loop())
 
 
+class Watched(PoolManager):
+    """Says when it starts to stop."""
+
+    stopping = threading.Event()
+
+    def on_stop(self) -> None:
+        Watched.stopping.set()
+        super().on_stop()
+
+
 async def _fail_on_the_loop() -> HttpResponse:
     raise ValueError("a bug on the loop")
 
@@ -658,27 +679,39 @@ def _system(manager: type[PoolManager], ports: list[Port]) -> System:
     return System(config, managers=[manager]).start()
 
 
-def test_calls_in_flight_finish_when_the_manager_stops(ports: list[Port]) -> None:
-    system = _system(PoolManager, ports)
-    with ThreadPoolExecutor(1) as executor:
+def test_calls_in_flight_finish_when_the_manager_stops(backend: Backend, ports: list[Port]) -> None:
+    Watched.stopping.clear()
+    system = _system(Watched, ports)
+    hold = key()
+    with ThreadPoolExecutor(2) as executor:
         call = executor.submit(
-            system.ask, HttpRequest(service="api", path="/slow", params={"ms": 300})
+            system.ask, HttpRequest(service="api", path="/hold", params={"key": hold})
         )
         wait_until(lambda: ports[0].in_flight == 1)
-        system.stop()
+        stopped = executor.submit(system.stop)
+        assert Watched.stopping.wait(5)
+        backend.release(hold)
         assert call.result().status == 200
+        stopped.result()
 
 
-def test_calls_in_flight_past_the_grace_get_manager_unavailable(ports: list[Port]) -> None:
+def test_calls_in_flight_past_the_grace_get_manager_unavailable(
+    backend: Backend, ports: list[Port]
+) -> None:
     system = _system(Impatient, ports)
-    with ThreadPoolExecutor(1) as executor:
-        call = executor.submit(
-            system.ask, HttpRequest(service="api", path="/slow", params={"ms": 2000})
-        )
-        wait_until(lambda: ports[0].in_flight == 1)
-        system.stop()
-        with pytest.raises(ManagerUnavailable, match="stopped before the call completed"):
-            call.result()
+    hold = key()
+    try:
+        with ThreadPoolExecutor(1) as executor:
+            call = executor.submit(
+                system.ask, HttpRequest(service="api", path="/hold", params={"key": hold})
+            )
+            wait_until(lambda: ports[0].in_flight == 1)
+            system.stop()
+            with pytest.raises(ManagerUnavailable, match="stopped before the call completed"):
+                call.result()
+    finally:
+        backend.release(hold)
+        wait_until(lambda: ports[0].in_flight == 0)
 
 
 def test_a_bug_on_the_loop_answers_the_caller_and_restarts_the_manager(ports: list[Port]) -> None:

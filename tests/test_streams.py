@@ -106,6 +106,23 @@ def test_a_changed_epoch_yields_a_gap_notice_and_starts_over(
     assert [e.offset for e in (first, second)] == [1, 2]
 
 
+def test_a_new_epoch_written_past_the_readers_offset_is_not_taken_for_the_old_one(
+    system: System, redis_server: RedisServer
+) -> None:
+    changes(system, "u1", 3)
+    with DurableSubscription(redis_server.url, stream=STREAM) as sub:
+        old = take(sub, 3)
+        with redis.Redis.from_url(redis_server.url) as client:
+            client.delete(f"{STREAM}:meta")  # evicted while the stream stayed
+        changes(system, "u2", 5)  # the new epoch's offsets 4 and 5 follow the reader's 3
+        gap, *new = take(sub, 6)
+        assert sub.get(timeout=0.1) is None
+    assert isinstance(gap, StreamGap) and gap.reason == "epoch_changed"
+    assert gap.previous_epoch == old[0].epoch
+    assert [(e.state_id, e.offset) for e in new] == [("u2", n) for n in range(1, 6)]
+    assert {e.epoch for e in new} != {old[0].epoch}
+
+
 def test_an_unknown_epoch_is_a_gap_from_the_start(
     system: System, redis_server: RedisServer
 ) -> None:

@@ -20,7 +20,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import pykka
@@ -114,12 +114,20 @@ class LoopThread:
             future.cancel()
             raise TimeoutError(f"the event loop did not answer within {timeout:g}s") from None
 
-    def stop(self, *, grace: float, timeout: float) -> None:
-        """Let tasks finish for ``grace`` seconds, cancel the rest, stop the loop, join."""
+    def stop(
+        self,
+        *,
+        grace: float,
+        timeout: float,
+        cleanup: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Let tasks finish for ``grace`` seconds, cancel the rest, run ``cleanup``, stop
+        the loop, join. Every task left on the loop is cancelled and awaited first, so
+        none is destroyed while pending."""
         if not self.alive:
             return
         try:
-            self.call(self._drain(grace), timeout=grace + timeout)
+            self.call(self._drain(grace, cleanup), timeout=grace + timeout)
         except (TimeoutError, RuntimeError):
             log.warning("event loop %s did not drain in time", self._thread.name)
         try:
@@ -128,7 +136,7 @@ class LoopThread:
             return
         self._thread.join(timeout)
 
-    async def _drain(self, grace: float) -> None:
+    async def _drain(self, grace: float, cleanup: Callable[[], Awaitable[None]] | None) -> None:
         pending = set(self.tasks)
         if pending and grace > 0:
             await asyncio.wait(pending, timeout=grace)
@@ -136,6 +144,16 @@ class LoopThread:
             task.cancel()
         if self.tasks:
             await asyncio.wait(set(self.tasks), timeout=1.0)
+        if cleanup is not None:
+            try:
+                await cleanup()
+            except Exception:
+                log.warning("event loop %s: cleanup failed", self._thread.name, exc_info=True)
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        for task in others:
+            task.cancel()
+        if others:
+            await asyncio.wait(others, timeout=1.0)
 
 
 async def _awaited(work: Awaitable[T]) -> T:

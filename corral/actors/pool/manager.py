@@ -115,8 +115,16 @@ class PoolManager(Manager):
         # Runs on every way out (stop, crash, failed start), unlike on_stop.
         super()._actor_loop_teardown()
         if self.loop is not None:
-            self.loop.stop(grace=self.stop_grace if self.failure is None else 0.0, timeout=2.0)
+            self.loop.stop(
+                grace=self.stop_grace if self.failure is None else 0.0,
+                timeout=2.0,
+                cleanup=self._close_services,
+            )
             self.loop = None
+
+    async def _close_services(self) -> None:
+        for service in self.services.values():
+            await service.close()
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, _LoopFailure):

@@ -167,7 +167,7 @@ for c = 1, #changes do
   events[c] = body
   local topic = "state.changed." .. after.type .. "." .. id
   redis.call("XADD", KEYS[2], "MAXLEN", maxlen, offset .. "-0",
-             "topic", topic, "type", "state.changed", "v", "1", "body", body)
+             "topic", topic, "type", "state.changed", "v", "1", "epoch", epoch, "body", body)
   if after.removed then
     redis.call("DEL", KEYS[k], KEYS[k + 1])
     redis.call("ZREM", KEYS[3], id)
