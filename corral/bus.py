@@ -33,17 +33,15 @@ import random
 import re
 import threading
 import time
-import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Literal, NamedTuple, Self
 
 import redis
-from redis.backoff import NoBackoff
 from redis.client import PubSub
-from redis.retry import Retry
 
+from corral._redis import REDIS_ERRORS, connect, redact, subscriber
 from corral.errors import BackendUnavailable, InvalidMessage
 from corral.messages.base import Message
 from corral.messages.codec import Codec
@@ -509,7 +507,7 @@ class RedisBus(Bus):
         super().__init__(queue_size=queue_size)
         self.namespace = namespace
         self.codec = codec or Codec()
-        self.where = _describe_url(url)
+        self.where = redact(url)
         self._reconnect_initial = reconnect_initial
         self._reconnect_max = reconnect_max
         self._health_check_interval = health_check_interval
@@ -522,24 +520,20 @@ class RedisBus(Bus):
         # spares a HELLO (and, on Redis < 7.4, a failing CLIENT MAINT_NOTIFICATIONS)
         # round trip on every reconnect. One retry lets publish() replace a pooled
         # connection that the server closed meanwhile.
-        self._client = redis.Redis.from_url(
+        self._client = connect(
             url,
-            protocol=2,
-            retry=Retry(NoBackoff(), 1),
-            socket_connect_timeout=_CONNECT_TIMEOUT,
+            setting="bus url",
+            retries=1,
+            connect_timeout=_CONNECT_TIMEOUT,
             socket_timeout=_SOCKET_TIMEOUT,
         )
         # redis-py's PubSub reconnects and resubscribes by itself from its retry
         # failure callback, silently and with its own channel list. Retrying on no
-        # error at all turns that off: errors reach the reader, which owns reconnection.
-        self._sub_client = redis.Redis.from_url(
-            url,
-            protocol=2,
-            retry=Retry(NoBackoff(), 0, supported_errors=()),
-            socket_connect_timeout=_CONNECT_TIMEOUT,
-            socket_timeout=_SOCKET_TIMEOUT,
-            health_check_interval=health_check_interval,
-        )
+        # error at all turns that off: errors reach the reader, which owns reconnection
+        # and builds a new subscriber client each time (on a cluster, the node it
+        # listened to may be the one that died).
+        self._url = url
+        self._sub_client: redis.Redis | None = None
         self._table_lock = threading.Lock()
         self._channels: dict[bytes, _Subs] = {}
         self._patterns: dict[bytes, _Subs] = {}
@@ -572,7 +566,7 @@ class RedisBus(Bus):
         data = self.codec.encode(message, correlation=correlation)
         try:
             self._client.publish(self._prefix + topic.encode(), data)
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise BackendUnavailable(
                 f"cannot publish {topic!r}: Redis at {self.where} is unavailable ({exc})",
                 {"topic": topic},
@@ -602,7 +596,7 @@ class RedisBus(Bus):
                     pending.append(waiter)
                     try:
                         (pubsub.psubscribe if pattern else pubsub.subscribe)(name)
-                    except (redis.RedisError, OSError):
+                    except REDIS_ERRORS:
                         # The reader sees the broken connection and resubscribes all.
                         pending.pop()
                         waiter = None
@@ -623,7 +617,7 @@ class RedisBus(Bus):
             if pubsub is None or self._closing.is_set():
                 return
             # On error the connection is broken, and the reader resubscribes without it.
-            with contextlib.suppress(redis.RedisError, OSError):
+            with contextlib.suppress(*REDIS_ERRORS):
                 if pattern:
                     pubsub.punsubscribe(name)  # type: ignore[no-untyped-call]
                 else:
@@ -633,11 +627,12 @@ class RedisBus(Bus):
         self._closing.set()
         if self._healthy:
             # Wakes the reader at once; failing that, it sees the flag within a poll.
-            with contextlib.suppress(redis.RedisError, OSError):
+            with contextlib.suppress(*REDIS_ERRORS):
                 self._client.publish(self._control, b"")
         self._reader.join(_CONNECT_TIMEOUT + _SOCKET_TIMEOUT + 1.0)
         self._client.close()
-        self._sub_client.close()
+        if self._sub_client is not None:
+            self._sub_client.close()
 
     # -- the reader thread -------------------------------------------------------------
 
@@ -646,9 +641,10 @@ class RedisBus(Bus):
         connections = 0
         poll = min(1.0, self._health_check_interval / 2)
         while not self._closing.is_set():
-            pubsub: PubSub = self._sub_client.pubsub()  # type: ignore[no-untyped-call]
+            pubsub: PubSub | None = None
             connected = False
             try:
+                pubsub = self._new_pubsub()
                 started = time.monotonic()
                 self._subscribe_all(pubsub)
                 while not self._closing.is_set():
@@ -662,7 +658,7 @@ class RedisBus(Bus):
                         self._connected(reconnect=connections > 1)
                     else:
                         self._handle(msg)
-            except (redis.RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 self._disconnected(pubsub, exc, was_connected=connected)
             except Exception as exc:
                 logger.exception("bus reader: unexpected error; reconnecting to %s", self.where)
@@ -672,6 +668,21 @@ class RedisBus(Bus):
             if self._closing.wait(random.uniform(delay / 2, delay)):
                 break
             delay = min(delay * 2, self._reconnect_max)
+
+    def _new_pubsub(self) -> PubSub:
+        if self._sub_client is not None:
+            self._sub_client.close()
+            self._sub_client = None
+        self._sub_client = subscriber(
+            self._url,
+            setting="bus url",
+            retry_on_no_error=True,
+            connect_timeout=_CONNECT_TIMEOUT,
+            socket_timeout=_SOCKET_TIMEOUT,
+            health_check_interval=self._health_check_interval,
+        )
+        pubsub: PubSub = self._sub_client.pubsub()  # type: ignore[no-untyped-call]
+        return pubsub
 
     def _subscribe_all(self, pubsub: PubSub) -> None:
         pubsub.subscribe(self._control)  # connects, with a PING round trip
@@ -707,7 +718,9 @@ class RedisBus(Bus):
             )
         self._outage_logged = False
 
-    def _disconnected(self, pubsub: PubSub, exc: Exception | None, *, was_connected: bool) -> None:
+    def _disconnected(
+        self, pubsub: PubSub | None, exc: Exception | None, *, was_connected: bool
+    ) -> None:
         with self._table_lock:
             self._pubsub = None
             self._healthy = False
@@ -715,8 +728,9 @@ class RedisBus(Bus):
         for waiters in pending.values():
             for waiter in waiters:
                 waiter.set()
-        with contextlib.suppress(redis.RedisError, OSError):
-            pubsub.close()
+        if pubsub is not None:
+            with contextlib.suppress(*REDIS_ERRORS):
+                pubsub.close()
         self._first_attempt.set()
         if exc is None or self._closing.is_set():
             return
@@ -773,10 +787,3 @@ class RedisBus(Bus):
             exc,
             f" (and {more} more since the last report)" if more else "",
         )
-
-
-def _describe_url(url: str) -> str:
-    """The URL without its credentials, for messages and logs."""
-    parts = urllib.parse.urlsplit(url)
-    netloc = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))

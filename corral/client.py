@@ -14,8 +14,9 @@
 :class:`corral.System`, so embedding code moves between in-process and remote
 without change. A request when no daemon serves its manager fails at once with
 ``ManagerUnavailable``; one with no reply in time fails with ``Timeout``. The
-URL may carry a password or ACL user (``redis://user:pass@host/0``) and use TLS
-(``rediss://``).
+URL may carry a password or ACL user (``redis://user:pass@host/0``), use TLS
+(``rediss://``), name any node of a Redis Cluster, or name Sentinels
+(``redis+sentinel://host:26379,host:26380/service``): see ``corral._redis``.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ import uuid
 from types import TracebackType
 from typing import Any, TypeVar
 
-import redis
-
 from corral._events import EventsMixin
+from corral._redis import REDIS_ERRORS, describe
+from corral._redis import connect as connect_redis
 from corral.bus import Delivery, RedisBus
 from corral.errors import BackendUnavailable, ManagerUnavailable, Timeout
 from corral.messages.base import Message, Reply, Request, unwrap, validate
@@ -88,7 +89,7 @@ class Client(EventsMixin):
         self.codec = Codec(keys=[k.encode() for k in signing_keys])
         self.bus = RedisBus(url, namespace=namespace, codec=self.codec)
         self.where = self.bus.where
-        self._redis = redis.Redis.from_url(url, protocol=2)
+        self._redis = connect_redis(url, setting="url")
         self._submit = self._redis.register_script(SUBMIT_SCRIPT)
         self._pending: dict[bytes, _Waiter] = {}
         self.reply_topic = f"reply.{uuid.uuid4().hex}"
@@ -171,10 +172,10 @@ class Client(EventsMixin):
                 keys=[stream_key(self.namespace, manager), alive_key(self.namespace, manager)],
                 args=[data, deadline_ms, STREAM_CAP],
             )
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             self._pending.pop(request_id, None)
             raise BackendUnavailable(
-                f"cannot reach Redis at {self.where} to send {message.type_name}: {exc}"
+                f"cannot send {message.type_name}: {describe(exc, self.where)}"
             ) from exc
         if not queued:
             self._pending.pop(request_id, None)

@@ -40,6 +40,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from corral import __version__, dashboard
+from corral._redis import check_writable
 from corral.actors import websocket
 from corral.actors.base import LATENCY_BUCKETS
 from corral.config import Config
@@ -64,6 +65,8 @@ class Daemon:
         self, config: Config | None = None, *, on_escalate: Callable[[str], None] | None = None
     ) -> None:
         self.config = config or Config()
+        if self.config.bus.backend == "redis":
+            check_writable(self.config.bus.url, setting="bus.url")
         self.started_at = time.monotonic()
         self.system = System(self.config, on_escalate=on_escalate)
         self.remote: RequestServer | None = None

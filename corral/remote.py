@@ -5,7 +5,8 @@ read by a consumer group of daemons, so exactly one daemon takes it however many
 run. Each daemon keeps itself in the sorted set ``<ns>:{req:m}:alive`` (score = the
 Redis time its heartbeat expires); a client adds a request only if some daemon is
 alive there — one Lua call, so a request to no daemon fails at once instead of
-waiting for a timeout. Both keys share a hash tag: cluster-ready.
+waiting for a timeout. Both keys share a hash tag, so each command touches one cluster slot;
+heartbeats and reads go manager by manager on a cluster.
 
 The reply goes back on the caller's own channel (the envelope's reply topic),
 correlated by the request id; then the entry is acknowledged and deleted. An
@@ -21,18 +22,20 @@ their caller has given up already.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import random
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import redis
 
+from corral._redis import REDIS_ERRORS, connect, topology
 from corral.actors.base import CallbackFuture
 from corral.errors import CorralError, InvalidMessage, ManagerUnavailable
 from corral.messages.base import ErrorReply, Message, Reply
@@ -60,12 +63,10 @@ return 1
 HEARTBEAT_SCRIPT = """
 local now = redis.call('TIME')
 local expires = now[1] * 1000 + math.floor(now[2] / 1000) + tonumber(ARGV[2])
-for _, key in ipairs(KEYS) do
-  redis.call('ZADD', key, expires, ARGV[1])
-end
+redis.call('ZADD', KEYS[1], expires, ARGV[1])
 return expires
 """
-"""KEYS: alive sets. ARGV: daemon id, TTL (ms). Uses Redis time, so clocks may differ."""
+"""KEYS: one alive set. ARGV: daemon id, TTL (ms). Uses Redis time, so clocks may differ."""
 
 
 def stream_key(namespace: str, manager: str) -> str:
@@ -103,7 +104,13 @@ class RequestServer:
         self.batch = batch
         self.managers = [*system.supervisor.names, "supervisor"]
         self.streams = {stream_key(namespace, m): m for m in self.managers}
-        self._redis = redis.Redis.from_url(url, protocol=2, socket_timeout=block + 5)
+        self._redis = connect(url, setting="remote url", socket_timeout=block + 5)
+        # One command may only touch one cluster slot: a reader per manager there.
+        self._cluster = topology(self._redis) == "cluster"
+        if self._cluster:
+            self._read_groups = [[stream] for stream in self.streams]
+        else:
+            self._read_groups = [list(self.streams)]
         self._heartbeat = self._redis.register_script(HEARTBEAT_SCRIPT)
         self._replies: queue.Queue[Any] = queue.Queue()
         # For what must wait (a full mailbox, a restart, the supervisor's health), so that
@@ -127,13 +134,15 @@ class RequestServer:
             log.info(
                 "daemon %s serves remote requests for %s", self.daemon_id, ", ".join(self.managers)
             )
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             log.warning("remote requests: Redis unavailable at start (%s); retrying", exc)
-        for name, target in (
-            ("reader", self._read_loop),
+        loops: list[tuple[str, Callable[[], None]]] = [
             ("replier", self._reply_loop),
             ("heartbeat", self._heartbeat_loop),
-        ):
+        ]
+        for index, streams in enumerate(self._read_groups):
+            loops.append((f"reader-{index}", functools.partial(self._read_loop, streams)))
+        for name, target in loops:
             thread = threading.Thread(target=target, name=f"corral-remote-{name}", daemon=True)
             thread.start()
             self._threads[name] = thread
@@ -141,8 +150,9 @@ class RequestServer:
     def stop(self) -> None:
         """Stop taking requests, finish replying, and leave the alive sets at once."""
         self._stop.set()
-        for name in ("reader", "heartbeat"):
-            self._threads[name].join(self.block_ms / 1000 + 5)
+        for name, thread in self._threads.items():
+            if name != "replier":
+                thread.join(self.block_ms / 1000 + 5)
         self._replies.put(None)  # the replier sends what is left, then ends
         self._threads["replier"].join(5)
         self._blocking.shutdown(wait=False)
@@ -151,22 +161,25 @@ class RequestServer:
             for manager in self.managers:
                 pipe.zrem(alive_key(self.namespace, manager), self.daemon_id)
             pipe.execute()
-        except redis.RedisError:
+        except REDIS_ERRORS:
             pass  # the heartbeat expires by itself
         self._redis.close()
 
     # -- the loops ------------------------------------------------------------------------
 
     def _announce(self) -> None:
-        keys = [alive_key(self.namespace, m) for m in self.managers]
-        self._heartbeat(keys=keys, args=[self.daemon_id, self.heartbeat_ttl_ms])
+        for manager in self.managers:
+            self._heartbeat(
+                keys=[alive_key(self.namespace, manager)],
+                args=[self.daemon_id, self.heartbeat_ttl_ms],
+            )
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.heartbeat_interval):
             try:
                 self._announce()
                 self._claim_abandoned()
-            except (redis.RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 log.debug("heartbeat failed: %s", exc)
 
     def _claim_abandoned(self) -> None:
@@ -213,7 +226,7 @@ class RequestServer:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
-    def _read_loop(self) -> None:
+    def _read_loop(self, streams: list[str]) -> None:
         delay = 0.1
         while not self._stop.is_set():
             try:
@@ -225,11 +238,11 @@ class RequestServer:
                 batches = self._redis.xreadgroup(
                     GROUP,
                     self.daemon_id,
-                    dict.fromkeys(self.streams, ">"),
+                    dict.fromkeys(streams, ">"),
                     count=self.batch,
                     block=self.block_ms,
                 )
-            except (redis.RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 if self.connected:
                     log.warning("remote requests: Redis unavailable (%s); reconnecting", exc)
                 self.connected = False  # a NOGROUP after a Redis restart lands here too
@@ -325,18 +338,26 @@ class RequestServer:
 
     def _send_replies(self, items: Iterable[tuple[Any, ...]]) -> None:
         pipe = self._redis.pipeline(transaction=False)
+        replies: list[tuple[str, bytes]] = []
         for stream, entry_id, envelope, value, error in items:
             if envelope is not None and envelope.reply_to is not None:
                 data = self._encode_reply(_as_reply(value, error, envelope), envelope)
-                pipe.publish(f"{self.namespace}:{envelope.reply_to}", data)
+                replies.append((f"{self.namespace}:{envelope.reply_to}", data))
                 self.counts["served"] += 1
             pipe.xack(stream, GROUP, entry_id)
             pipe.xdel(stream, entry_id)
+        if not self._cluster:
+            for channel, data in replies:
+                pipe.publish(channel, data)
         for attempt in range(3):
             try:
+                if self._cluster:  # a cluster pipeline cannot carry a PUBLISH
+                    for channel, data in replies:
+                        self._redis.publish(channel, data)
+                    replies = []
                 pipe.execute()
                 return
-            except (redis.RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("could not send replies (attempt %d): %s", attempt + 1, exc)
                 time.sleep(0.2 * (attempt + 1))
         self.counts["errors"] += 1

@@ -42,10 +42,8 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import msgpack
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
+from corral._redis import REDIS_ERRORS, connect, disconnect
 from corral.bus import Bus, Delivery, Subscription, _wake, compile_glob
 from corral.errors import InvalidMessage
 from corral.messages.base import Message, lookup
@@ -117,11 +115,11 @@ class DurableSubscription(Subscription):
         self._batch = batch
         self._block_ms = int(block_seconds * 1000)
         self._stopping = threading.Event()
-        self._client = redis.Redis.from_url(
+        self._client = connect(
             url,
-            protocol=2,
-            retry=Retry(NoBackoff(), 0),
-            socket_connect_timeout=_CONNECT_TIMEOUT,
+            setting="durable subscription url",
+            retries=0,
+            connect_timeout=_CONNECT_TIMEOUT,
             socket_timeout=block_seconds + 5.0,
         )
         feed = _StreamFeed(queue_size=queue_size)
@@ -138,7 +136,7 @@ class DurableSubscription(Subscription):
 
     def _stop(self) -> None:
         self._stopping.set()
-        self._client.connection_pool.disconnect()  # wakes a blocked XREAD
+        disconnect(self._client)  # wakes a blocked XREAD
 
     # -- the reader thread ------------------------------------------------------------
 
@@ -160,7 +158,7 @@ class DurableSubscription(Subscription):
                 synced = self.healthy = False
                 if self._stopping.is_set():
                     break  # close() pulled the connection from under a blocked read
-                if not isinstance(exc, redis.RedisError | OSError):
+                if not isinstance(exc, REDIS_ERRORS):
                     raise
                 log.warning("durable subscription %s: Redis unavailable (%s)", self.stream, exc)
                 self._stopping.wait(random.uniform(delay / 2, delay))

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from tests.redis_server import RedisServer, RedisServerNotFound
+from tests.redis_server import ClusterGroup, RedisServer, RedisServerNotFound, SentinelGroup
 
 
 def _start_redis(*args: str) -> RedisServer:
@@ -41,3 +41,48 @@ def fresh_redis_server() -> Iterator[RedisServer]:
     """A redis-server of this test's own, free to stop, restart, kill or pause."""
     with _start_redis() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def _sentinel_group() -> Iterator[SentinelGroup]:
+    group = SentinelGroup()
+    yield group
+    group.close()
+
+
+@pytest.fixture
+def sentinel_group(_sentinel_group: SentinelGroup) -> SentinelGroup:
+    """The session's master + replica + 3 sentinels, emptied for this test. Tests that
+    fail the master over take ``fresh_sentinel_group``."""
+    _sentinel_group.flushall()
+    return _sentinel_group
+
+
+@pytest.fixture
+def fresh_sentinel_group() -> Iterator[SentinelGroup]:
+    group = SentinelGroup()
+    yield group
+    group.close()
+
+
+@pytest.fixture(scope="session")
+def _redis_cluster() -> Iterator[ClusterGroup]:
+    cluster = ClusterGroup()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def redis_cluster(_redis_cluster: ClusterGroup) -> ClusterGroup:
+    """The session's 3-master + 3-replica cluster, emptied for this test. Tests that
+    kill a node take ``fresh_redis_cluster``."""
+    _redis_cluster.wait_until_ok()
+    _redis_cluster.flushall()
+    return _redis_cluster
+
+
+@pytest.fixture
+def fresh_redis_cluster() -> Iterator[ClusterGroup]:
+    cluster = ClusterGroup()
+    yield cluster
+    cluster.close()

@@ -209,7 +209,7 @@ def test_redis_password_in_the_url() -> None:
             wrong = server.url.replace("redis://", "redis://:wrong@")
             with (
                 corral.connect(wrong, namespace="rt") as remote,
-                pytest.raises(BackendUnavailable, match="cannot reach Redis"),
+                pytest.raises(BackendUnavailable, match="Redis refused the credentials"),
             ):
                 remote.ask(Ping())
 

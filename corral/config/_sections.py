@@ -8,6 +8,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NoReturn
 
+from corral._redis import parse_url
 from corral.config._values import Mismatch, convert, hide, mask
 from corral.errors import ConfigError
 
@@ -51,6 +52,11 @@ class Section:
         value = getattr(self, f.name)
         if value is None:
             return
+        if value and (f.name == "redis_url" or f.metadata.get("redis_url")):
+            try:
+                parse_url(value, setting=self._key(f.name))
+            except ConfigError as exc:
+                self._fail(f.name, str(exc).partition(": ")[2])
         # Written as "not (ok)" so that NaN fails every bound.
         if "gt" in f.metadata and not value > f.metadata["gt"]:
             self._fail(f.name, f"must be > {f.metadata['gt']}, got {value}")
@@ -133,7 +139,7 @@ class BusSection(Section):
     prefix: ClassVar[str] = "bus"
 
     backend: Backend = "memory"
-    url: str = "redis://127.0.0.1:6379/0"
+    url: str = field(default="redis://127.0.0.1:6379/0", metadata={"redis_url": True})
     namespace: str = "corral"
     queue_size: int = field(default=10_000, metadata=_SIZE)
     reconnect_initial: float = field(default=0.1, metadata={"ge": 0, "le_field": "reconnect_max"})

@@ -30,8 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, cast
 
-import redis
-
+from corral._redis import REDIS_ERRORS, connect
 from corral.errors import BackendUnavailable
 
 __all__ = ["MemoryStore", "RedisStore", "Rotation", "Store"]
@@ -220,11 +219,12 @@ class RedisStore:
     def __init__(self, url: str, *, namespace: str, timeout: float) -> None:
         self.url = url
         self.prefix = f"{namespace}:auth"
-        self.client = redis.Redis.from_url(
+        self.client = connect(
             url,
+            setting="managers.auth.redis_url",
             decode_responses=True,
             socket_timeout=timeout,
-            socket_connect_timeout=timeout,
+            connect_timeout=timeout,
             health_check_interval=30,
         )
         self.rotate_script = self.client.register_script(_ROTATE)
@@ -316,7 +316,7 @@ class RedisStore:
     def _backend(self, doing: str) -> Iterator[None]:
         try:
             yield
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise BackendUnavailable(
                 f"auth could not {doing}: redis: {exc}", {"backend": "redis"}
             ) from None

@@ -25,9 +25,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal, Protocol, TypeVar
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
+from corral._redis import REDIS_ERRORS, connect, disconnect, subscriber, topology
 from corral.actors.cache._memory import MemoryStore
 from corral.actors.cache._options import BackendOptions
 from corral.errors import BackendUnavailable, InvalidMessage
@@ -243,18 +242,17 @@ class RedisBackend:
         self.breaker = Breaker(options.breaker_threshold, options.breaker_reset_timeout)
         self.last_error = ""
         self.listener: InvalidationListener | None = None
-        self.client = redis.Redis(
-            # Not BlockingConnectionPool: its queue costs ~30 us per command, and only
-            # the actor's thread uses this pool.
-            connection_pool=redis.ConnectionPool.from_url(
-                url,
-                max_connections=options.max_connections,
-                socket_timeout=options.socket_timeout,
-                socket_connect_timeout=options.socket_timeout,
-                retry=Retry(NoBackoff(), 0),  # the breaker decides; no hidden retries
-                protocol=2,
-            )
+        # Not a BlockingConnectionPool: its queue costs ~30 us per command, and only
+        # the actor's thread uses this pool. No hidden retries: the breaker decides.
+        self.client = connect(
+            url,
+            setting="managers.cache.redis_url",
+            max_connections=options.max_connections,
+            socket_timeout=options.socket_timeout,
+            connect_timeout=options.socket_timeout,
+            retries=0,
         )
+        self.cluster = topology(self.client) == "cluster"
         self.key_prefix = f"{namespace}:cache:{{"
         self.tag_prefix = f"{namespace}:cache-tag:{{"
         self.channel = f"{namespace}:cache.invalidated"
@@ -322,8 +320,7 @@ class RedisBackend:
                 pipe.set(self.redis_key(key), data, px=px)
             for tag in tags:
                 pipe.sadd(self.tag_key(tag), *items)
-            pipe.publish(self.channel, self._event(keys=list(items)))
-            pipe.execute()
+            self._execute_then_publish(pipe, self._event(keys=list(items)))
             if self.tiered:
                 self._local_set(items, ttl, tags)
 
@@ -334,8 +331,7 @@ class RedisBackend:
         def remote() -> bool:
             pipe = self.client.pipeline(transaction=False)
             pipe.unlink(self.redis_key(key))
-            pipe.publish(self.channel, self._event(keys=[key]))
-            removed: int = pipe.execute()[0]
+            removed: int = self._execute_then_publish(pipe, self._event(keys=[key]))[0]
             return removed > 0
 
         local_deleted = self.local.delete(key) if self.local is not None else False
@@ -390,13 +386,23 @@ class RedisBackend:
                 pipe.unlink(self.redis_key(key))
             for tag in tags:
                 pipe.unlink(self.tag_key(tag))
-            pipe.publish(self.channel, self._event(keys=keys))
-            removed: list[int] = pipe.execute()
+            removed = self._execute_then_publish(pipe, self._event(keys=keys))
             return sum(removed[: len(keys)])
 
         count = self._run(remote, lambda: local_count)
         self.counters.deletes += count
         return count
+
+    def _execute_then_publish(self, pipe: Any, event: bytes) -> list[Any]:
+        """Run ``pipe``, then PUBLISH ``event`` (in the same round trip but on a cluster,
+        whose pipelines cannot carry a PUBLISH)."""
+        if self.cluster:
+            replies: list[Any] = pipe.execute()
+            self.client.publish(self.channel, event)
+            return replies
+        pipe.publish(self.channel, event)
+        replies = pipe.execute()
+        return replies[:-1]
 
     # -- coherence ------------------------------------------------------------------------
 
@@ -442,7 +448,7 @@ class RedisBackend:
         if self.listener is not None:
             self.listener.close()
         self.client.close()
-        self.client.connection_pool.disconnect()
+        disconnect(self.client)
 
     # -- internals ------------------------------------------------------------------------
 
@@ -455,7 +461,7 @@ class RedisBackend:
                 self.counters.errors += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 self.breaker.failed()
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 self.counters.errors += 1
                 # Redis answered, with an error: it is reachable, so a half-open probe succeeded.
                 if self.breaker.succeeded():
@@ -591,14 +597,17 @@ class InvalidationListener:
         delay = 0.0
         reconnected = False
         while not self.stopping.wait(delay):
-            client = redis.Redis.from_url(
-                self.url,
-                socket_connect_timeout=self.timeout,
-                retry=Retry(NoBackoff(), 0),
-                protocol=2,
-            )
-            pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+            client: redis.Redis | None = None
+            pubsub: redis.client.PubSub | None = None
             try:
+                client = subscriber(
+                    self.url,
+                    setting="managers.cache.redis_url",
+                    connect_timeout=self.timeout,
+                    socket_timeout=None,
+                    retries=0,
+                )
+                pubsub = client.pubsub()  # type: ignore[no-untyped-call]
                 pubsub.subscribe(self.channel)
                 while not self.stopping.is_set():
                     msg = pubsub.get_message(timeout=0.2)
@@ -611,12 +620,14 @@ class InvalidationListener:
                             return
                     elif msg["type"] == "message" and not self._forward(msg["data"]):
                         return
-            except (redis.RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 log.debug("cache invalidations on %s cut: %s", self.channel, exc)
             finally:
                 self.connected.clear()
-                pubsub.close()
-                client.close()
+                if pubsub is not None:
+                    pubsub.close()
+                if client is not None:
+                    client.close()
             reconnected = True
             delay = min(self.reconnect_max, max(0.05, delay * 2))
 

@@ -47,7 +47,7 @@ class BackendOptions(Section):
     strategy: Strategy = "lru"
     max_size: int = field(default=10_000, metadata=_SIZE)
     default_ttl: float | None = field(default=None, metadata=_POSITIVE)
-    url: str = ""
+    url: str = field(default="", metadata={"redis_url": True})
     namespace: str = ""
     max_connections: int = field(default=16, metadata=_SIZE)
     socket_timeout: float = field(default=0.5, metadata=_POSITIVE)

@@ -33,10 +33,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import pykka
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
+from corral._redis import REDIS_ERRORS, connect, describe
 from corral.actors.base import Manager, handles
 from corral.actors.ratelimit._memory import (
     BanPolicy,
@@ -136,16 +134,17 @@ class RateLimiter(Manager):
         if backend == "redis":
             if not url:
                 raise ConfigError("managers.ratelimit: backend 'redis' needs redis_url or bus.url")
-            client = redis.Redis.from_url(
+            client = connect(
                 url,
+                setting="managers.ratelimit.redis_url",
                 socket_timeout=settings.redis_timeout,
-                socket_connect_timeout=settings.redis_timeout,
-                retry=Retry(NoBackoff(), 0),
+                connect_timeout=settings.redis_timeout,
+                retries=0,
             )
             self.redis = RedisLimiter(client, per_identity=settings.cluster)
             try:
                 self.redis.load()
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 self._backend_failed(exc)
 
     def on_stop(self) -> None:
@@ -226,7 +225,7 @@ class RateLimiter(Manager):
         try:
             self.redis.client.ping()
             self.down_until = 0.0
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             self._backend_failed(exc)
         if self.down_until:
             modes = sorted({r.on_backend_error for r in self.rules})
@@ -319,7 +318,7 @@ class RateLimiter(Manager):
             ]
             try:
                 decided = self.redis.decide_many(owed, consume=consume, policy=self.policy)
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 self._backend_failed(exc)
                 for call in owed:  # still owed to the next round trip
                     for key, count in call.pending_refusals.items():
@@ -342,7 +341,7 @@ class RateLimiter(Manager):
         refunded = [r for r in results if r.charged and r.rules]
         try:
             self.redis.refund(refunded, cost=cost)
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             self._backend_failed(exc)  # the call is refused anyway; its charge stays
 
     def _fallback(self, subjects: list[Subject], cost: int, consume: bool) -> list[SubjectResult]:
@@ -518,13 +517,13 @@ class RateLimiter(Manager):
         assert self.redis is not None
         try:
             return int(action(self.redis) or 0)
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             self._backend_failed(exc)
             raise BackendUnavailable(
-                f"redis is unreachable: {exc}", {"manager": self.context.name}
+                f"ratelimit: {describe(exc)}", {"manager": self.context.name}
             ) from None
 
-    def _backend_failed(self, exc: redis.RedisError) -> None:
+    def _backend_failed(self, exc: Exception) -> None:
         if not self.down_until:
             log.warning("ratelimit: redis failed (%s); rules decide by on_backend_error", exc)
         self.counts["backend_errors"] += 1

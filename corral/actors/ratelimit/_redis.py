@@ -8,7 +8,7 @@ subjects of a call and charges all or none of them. On Redis Cluster
 own script, all pipelined in the same round trip; when one subject refuses, the
 others' charges are given back by a second round trip (refused calls only)::
 
-    limiter = RedisLimiter(redis.Redis.from_url(url), per_identity=False)
+    limiter = RedisLimiter(corral._redis.connect(url))
     results = limiter.decide(subjects, cost=1, consume=True, policy=BanPolicy())
     limiter.refund(results, cost=1)        # a no-op unless a refused call was charged
 
@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
+from corral._redis import SyncRedis
 from corral.actors.ratelimit._memory import BanPolicy, RuleResult, Subject, SubjectResult
 from corral.actors.ratelimit._rules import Rule
 
@@ -197,14 +199,16 @@ return 1
 class RedisLimiter:
     """Decides with the scripts above; raises redis errors for the manager to handle.
 
-    ``per_identity`` (Redis Cluster): one script per subject, pipelined in one
-    round trip, and a second round trip to refund the subjects a refused call
-    charged. Otherwise one script decides every subject of a call atomically.
+    ``per_identity`` (always on a Redis Cluster): one script per subject, pipelined
+    in one round trip per node, and a second round trip to refund the subjects a
+    refused call charged. Otherwise one script decides every subject of a call
+    atomically.
     """
 
-    def __init__(self, client: redis.Redis, *, per_identity: bool = False) -> None:
+    def __init__(self, client: SyncRedis, *, per_identity: bool = False) -> None:
         self.client = client
-        self.per_identity = per_identity
+        self.cluster = isinstance(client, RedisCluster)
+        self.per_identity = per_identity or self.cluster
         self.check_sha = ""
         self.refund_sha = ""
 
@@ -249,7 +253,7 @@ class RedisLimiter:
                     args.append(_bulks(len(s.rules), call.pending_refusals.get(s.key, 0)))
                     args += [_rule_bulks(rule) for rule in s.rules]
                 count = len(keys) + 5 + sum(2 + 4 * len(s.rules) for s in group)
-                commands.append(_Command(len(keys), count, _bulks(*keys) + b"".join(args)))
+                commands.append(_Command(len(keys), count, _bulks(*keys) + b"".join(args), keys[0]))
                 groups.append((index, group))
         replies = self._run(self.check_sha, CHECK, commands) if commands else []
         results: list[list[SubjectResult]] = [[] for _ in calls]
@@ -269,7 +273,9 @@ class RedisLimiter:
                 kind = 2 if rule.algorithm == "token_bucket" else 1
                 args += [kind, verdict.marker, repr(rule.period * _MICRO / rule.limit)]
             keys = result.subject.rule_keys
-            commands.append(_Command(len(keys), len(keys) + len(args), _bulks(*keys, *args)))
+            commands.append(
+                _Command(len(keys), len(keys) + len(args), _bulks(*keys, *args), keys[0])
+            )
             result.charged = False
         if commands:
             self._run(self.refund_sha, REFUND, commands)
@@ -299,31 +305,47 @@ class RedisLimiter:
             return self._evalsha(self.check_sha if source is CHECK else self.refund_sha, commands)
 
     def _evalsha(self, sha: str, commands: list[_Command]) -> list[Any]:
-        # Packed here and sent straight on one connection: redis-py's packing and its
-        # Pipeline cost more Python than the Redis work, and this is every check's path.
-        evalsha = b"$7\r\nEVALSHA\r\n" + _bulks(sha)
-        packed = b"".join(
-            b"*%d\r\n%s%s%s" % (3 + c.count, evalsha, _bulks(c.keys), c.body) for c in commands
-        )
-        pool = self.client.connection_pool
-        connection = pool.get_connection()
-        try:
-            connection.send_packed_command([packed])  # type: ignore[no-untyped-call]
-            replies: list[Any] = []
-            failure: redis.ResponseError | None = None
-            for _ in commands:
-                try:
-                    replies.append(connection.read_response())
-                except redis.ResponseError as exc:  # read every reply before raising
-                    failure = failure or exc
-            if failure is not None:
-                raise failure
-            return replies
-        except (redis.ConnectionError, redis.TimeoutError):
-            connection.disconnect()  # type: ignore[no-untyped-call]  # replies may be in flight
-            raise
-        finally:
-            pool.release(connection)
+        if not isinstance(self.client, RedisCluster):
+            return _evalsha_on(self.client.connection_pool, sha, commands)
+        by_node: dict[str, tuple[Any, list[int]]] = {}
+        for index, command in enumerate(commands):
+            node = self.client.get_node_from_key(command.slot_key)  # type: ignore[no-untyped-call]
+            by_node.setdefault(node.name, (node, []))[1].append(index)
+        replies: list[Any] = [None] * len(commands)
+        for node, indexes in by_node.values():
+            pool = self.client.get_redis_connection(node).connection_pool
+            for index, reply in zip(
+                indexes, _evalsha_on(pool, sha, [commands[i] for i in indexes]), strict=True
+            ):
+                replies[index] = reply
+        return replies
+
+
+def _evalsha_on(pool: redis.ConnectionPool, sha: str, commands: list[_Command]) -> list[Any]:
+    # Packed here and sent straight on one connection: redis-py's packing and its
+    # Pipeline cost more Python than the Redis work, and this is every check's path.
+    evalsha = b"$7\r\nEVALSHA\r\n" + _bulks(sha)
+    packed = b"".join(
+        b"*%d\r\n%s%s%s" % (3 + c.count, evalsha, _bulks(c.keys), c.body) for c in commands
+    )
+    connection = pool.get_connection()
+    try:
+        connection.send_packed_command([packed])  # type: ignore[no-untyped-call]
+        replies: list[Any] = []
+        failure: redis.ResponseError | None = None
+        for _ in commands:
+            try:
+                replies.append(connection.read_response())
+            except redis.ResponseError as exc:  # read every reply before raising
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+        return replies
+    except (redis.ConnectionError, redis.TimeoutError):
+        connection.disconnect()  # type: ignore[no-untyped-call]  # replies may be in flight
+        raise
+    finally:
+        pool.release(connection)
 
 
 @dataclass(frozen=True)
@@ -337,11 +359,13 @@ class Call:
 
 @dataclass(frozen=True)
 class _Command:
-    """One EVALSHA: its number of keys, of arguments after that number, and those packed."""
+    """One EVALSHA: its number of keys, of arguments after that number, and those packed;
+    ``slot_key`` is one of its keys (they share a cluster slot)."""
 
     keys: int
     count: int
     body: bytes
+    slot_key: str
 
 
 def _bulks(*values: str | int) -> bytes:

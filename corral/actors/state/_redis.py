@@ -27,10 +27,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 import msgpack
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
+from corral._redis import REDIS_ERRORS, connect
 from corral.errors import BackendUnavailable, Conflict, NotFound
 from corral.messages.state import (
     KEEP,
@@ -228,14 +226,14 @@ class RedisBackend:
         stream = events_stream_key(namespace)
         self._fixed_keys = [stream + ":meta", stream, base + "expiry"]
         options: dict[str, Any] = {
-            "protocol": 2,
-            "socket_connect_timeout": _CONNECT_TIMEOUT,
+            "setting": "managers.state.redis_url",
+            "connect_timeout": _CONNECT_TIMEOUT,
             "socket_timeout": _SOCKET_TIMEOUT,
         }
         # A write is never retried: a reply lost after Redis applied it must not apply
         # twice. Reads are retried once, which replaces a connection Redis closed.
-        self._writer = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)
-        self._reader = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 1), **options)
+        self._writer = connect(url, retries=0, **options)
+        self._reader = connect(url, retries=1, **options)
         self._script = self._writer.register_script(_apply_script())
 
     def apply(
@@ -322,7 +320,7 @@ class RedisBackend:
     def _call(self, action: Callable[[], T], what: str) -> T:
         try:
             return action()
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise BackendUnavailable(
                 f"cannot {what}: Redis at {self.url.rpartition('@')[2]} is unavailable ({exc})",
                 {"backend": "redis"},

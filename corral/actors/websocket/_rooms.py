@@ -21,8 +21,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import redis
+from redis.cluster import RedisCluster
 
+from corral._redis import SyncRedis
 from corral.actors.websocket._signing import ChannelSigner
 
 __all__ = ["HistorySlice", "MemoryRooms", "RedisRooms", "Rooms", "frame_head"]
@@ -242,7 +243,7 @@ class RedisRooms:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: SyncRedis,
         *,
         namespace: str,
         history_size: int,
@@ -303,7 +304,10 @@ class RedisRooms:
     def publish_order(self, node: str, order: str) -> int:
         """An order about one of ``node``'s connections; how many daemons received it."""
         channel = self.node_channel(node)
-        return int(self.client.publish(channel, self.signer.seal(channel, order)))
+        sealed = self.signer.seal(channel, order)
+        if isinstance(self.client, RedisCluster):  # PUBLISH counts one node's receivers
+            return int(self.client.spublish(channel, sealed))
+        return int(self.client.publish(channel, sealed))
 
     def history(self, room: str, since: int, epoch: str | None) -> HistorySlice:
         offset, room_epoch, raw = self._history(

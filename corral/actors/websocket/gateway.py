@@ -29,10 +29,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-import redis.asyncio as aredis
 from aiohttp import WSMsgType, web
-from redis.exceptions import RedisError
 
+from corral._redis import REDIS_ERRORS, AsyncRedis, is_cluster_url, subscriber_async
 from corral.actors.websocket._signing import ChannelSigner
 from corral.errors import BackendUnavailable, CorralError, Unauthorized
 from corral.messages.auth import AuthValidate
@@ -133,7 +132,7 @@ class Gateway:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._redis: aredis.Redis | None = None
+        self._redis: AsyncRedis | None = None
         self._pubsub: Any = None
         self._room_prefix = f"{namespace}:ws.room."
         self.stopping = False
@@ -147,9 +146,17 @@ class Gateway:
     async def started(self, _app: web.Application | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         if self.redis_url:
-            self._redis = aredis.Redis.from_url(self.redis_url, protocol=2)
+            # On a cluster, orders to this node come by sharded pub/sub (SPUBLISH counts
+            # its receivers exactly): listen on the node that owns the channel's slot.
+            control = f"{self.namespace}:ws.node.{self.node}"
+            self._redis = subscriber_async(
+                self.redis_url, setting="websocket redis url", shard_channel=control
+            )
             self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-            await self._pubsub.subscribe(f"{self.namespace}:ws.node.{self.node}")
+            if is_cluster_url(self.redis_url):
+                await self._pubsub.ssubscribe(control)
+            else:
+                await self._pubsub.subscribe(control)
             self._spawn(self._read_channels())
         self._spawn(self._tick())
 
@@ -510,11 +517,11 @@ class Gateway:
         while True:
             try:
                 msg = await self._pubsub.get_message(timeout=1.0)
-            except (RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("websocket channels: %s; retrying", exc)
                 await asyncio.sleep(0.5)
                 continue
-            if msg is None or msg.get("type") != "message":
+            if msg is None or msg.get("type") not in ("message", "smessage"):
                 continue
             channel = msg["channel"].decode()
             body = self.signer.open(channel, msg["data"])

@@ -24,8 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import redis
-
+from corral._redis import REDIS_ERRORS, SyncRedis, connect
 from corral.actors.base import Manager, handles
 from corral.actors.websocket._rooms import MemoryRooms, RedisRooms, Rooms, frame_head
 from corral.actors.websocket._signing import ChannelSigner
@@ -111,12 +110,12 @@ class WebSocketManager(Manager):
         self.gateway: Gateway | None = gateway_for(self.router)
         self.node = self.gateway.node if self.gateway is not None else "embedded"
         url = self.opts.redis_url or self.context.redis_url
-        self.client: redis.Redis | None = None
+        self.client: SyncRedis | None = None
         self.signer = ChannelSigner(self.context.signing_keys)
         self.rooms: Rooms
         if self.opts.backend == "redis" or (self.opts.backend == "auto" and url):
-            self.client = redis.Redis.from_url(
-                url, socket_timeout=self.opts.redis_timeout, protocol=2
+            self.client = connect(
+                url, setting="managers.websocket.redis_url", socket_timeout=self.opts.redis_timeout
             )
             self.rooms = RedisRooms(
                 self.client,
@@ -164,7 +163,7 @@ class WebSocketManager(Manager):
     def _backend(self) -> Iterator[None]:
         try:
             yield
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise BackendUnavailable(f"websocket: redis: {exc}", {"backend": "redis"}) from None
 
     # -- the daemon's sockets -------------------------------------------------------------

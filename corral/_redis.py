@@ -1,0 +1,425 @@
+"""The one place corral builds Redis clients: URLs, topologies, errors.
+
+Every setting that names Redis takes one of these URLs::
+
+    redis://[user:pass@]host:port[/db]          a standalone server, or any node of a
+    rediss://...                                Cluster (found by asking the node; TLS)
+    unix:///run/redis.sock[?db=0]               a standalone server on a Unix socket
+    redis+sentinel://[user:pass@]host:port[,host:port...]/service[/db]
+    rediss+sentinel://...                       the master of ``service``, found through
+                                                the sentinels and followed across failovers
+
+Query parameters ``sentinel_username`` and ``sentinel_password`` authenticate to the
+sentinels when they need it (the user and password in the URL are the master's).
+
+::
+
+    client = connect("redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster/0")
+    client.set("k", "v")                 # redis.Redis, redis.cluster.RedisCluster...
+    topology(client)                     # "standalone" | "sentinel" | "cluster"
+
+A node that reports ``cluster_enabled:1`` gets a cluster client, so any node's URL
+works (as ``redis-cli -c`` does). :func:`describe` turns a Redis error into words
+that name the topology (``MOVED``, ``READONLY``, ``CLUSTERDOWN``, ``CROSSSLOT``, no
+master for a service) instead of "unavailable".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import threading
+import urllib.parse
+from typing import Any, Literal, cast
+
+import redis
+import redis.asyncio
+import redis.asyncio.cluster
+import redis.asyncio.sentinel
+import redis.cluster
+import redis.sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException
+from redis.retry import Retry
+
+from corral.errors import ConfigError
+
+__all__ = [
+    "REDIS_ERRORS",
+    "AsyncRedis",
+    "RedisURL",
+    "SyncRedis",
+    "Topology",
+    "check_writable",
+    "connect",
+    "connect_async",
+    "describe",
+    "disconnect",
+    "is_cluster_url",
+    "parse_url",
+    "redact",
+    "subscriber",
+    "subscriber_async",
+    "topology",
+]
+
+Topology = Literal["standalone", "sentinel", "cluster"]
+SyncRedis = redis.Redis | redis.cluster.RedisCluster
+AsyncRedis = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
+
+#: What a Redis call can raise when Redis, or the way to it, fails.
+REDIS_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterException, OSError)
+
+_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
+_CONNECT_TIMEOUT = 2.0
+_SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisURL:
+    """A parsed Redis URL; ``url`` is what was given."""
+
+    url: str
+    topology: Literal["standalone", "sentinel"]
+    tls: bool
+    hosts: tuple[tuple[str, int], ...]  # the server, or the sentinels
+    service: str | None
+    db: int
+    username: str | None
+    password: str | None
+    options: dict[str, str]
+
+    @property
+    def redacted(self) -> str:
+        return redact(self.url)
+
+
+def redact(url: str) -> str:
+    """The URL without its credentials and query, for messages and logs."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def parse_url(url: str, *, setting: str = "redis url") -> RedisURL:
+    """Check ``url`` against the grammar above; ConfigError naming ``setting`` if it is off."""
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"{setting}: {why} (got {redact(url)!r})", {"setting": setting})
+
+    if not isinstance(url, str) or "://" not in url:
+        raise bad("expected a URL such as redis://host:6379/0 or redis+sentinel://host:26379/name")
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in _SCHEMES:
+        raise bad(f"unsupported scheme {scheme!r}: use one of {', '.join(_SCHEMES)}")
+    options = dict(urllib.parse.parse_qsl(parts.query))
+    username = urllib.parse.unquote(parts.username) if parts.username else None
+    password = urllib.parse.unquote(parts.password) if parts.password is not None else None
+    if scheme == "unix":
+        if not parts.path:
+            raise bad("a unix:// URL needs the socket's path")
+        return RedisURL(url, "standalone", False, (), None, _db(options.get("db", "0"), bad),
+                        username, password, options)  # fmt: skip
+    hosts = _hosts(parts.netloc.rpartition("@")[2], bad)
+    if scheme.endswith("+sentinel"):
+        path = [p for p in parts.path.split("/") if p]
+        if not path:
+            raise bad("a sentinel URL names the service: redis+sentinel://host:26379/mymaster")
+        if len(path) > 2:
+            raise bad("expected /service or /service/db after the sentinels")
+        db = _db(path[1], bad) if len(path) == 2 else 0
+        return RedisURL(url, "sentinel", scheme.startswith("rediss"), hosts, path[0], db,
+                        username, password, options)  # fmt: skip
+    if len(hosts) != 1:
+        raise bad("a redis:// URL names one server (list sentinels with redis+sentinel://)")
+    db_path = parts.path.strip("/")
+    db = _db(db_path, bad) if db_path else _db(options.get("db", "0"), bad)
+    return RedisURL(url, "standalone", scheme == "rediss", hosts, None, db, username, password,
+                    options)  # fmt: skip
+
+
+def _hosts(netloc: str, bad: Any) -> tuple[tuple[str, int], ...]:
+    if not netloc:
+        raise bad("no host")
+    hosts = []
+    for item in netloc.split(","):
+        host, sep, port = item.rpartition(":") if not item.endswith("]") else (item, "", "")
+        if not sep:
+            host, port = item, "6379"
+        host = host.strip("[]")
+        if not host:
+            raise bad(f"no host in {item!r}")
+        try:
+            number = int(port)
+        except ValueError:
+            raise bad(f"port {port!r} is not a number") from None
+        if not 0 < number < 65536:
+            raise bad(f"port {number} is out of range")
+        hosts.append((host, number))
+    return tuple(hosts)
+
+
+def _db(text: str, bad: Any) -> int:
+    if not text.isdigit():
+        raise bad(f"database {text!r} is not a number")
+    return int(text)
+
+
+# -- building clients -----------------------------------------------------------------------
+
+_cluster_nodes: dict[str, bool] = {}
+_cluster_lock = threading.Lock()
+
+
+def _client_options(
+    socket_timeout: float | None,
+    connect_timeout: float,
+    retries: int,
+    health_check_interval: float,
+    retry_on_no_error: bool,
+) -> dict[str, Any]:
+    retry = (
+        Retry(NoBackoff(), 0, supported_errors=()) if retry_on_no_error else
+        Retry(NoBackoff(), retries)
+    )  # fmt: skip
+    return {
+        "protocol": 2,
+        "retry": retry,
+        "socket_connect_timeout": connect_timeout,
+        "socket_timeout": socket_timeout,
+        "health_check_interval": health_check_interval,
+    }
+
+
+def _is_cluster(url: str, target: RedisURL) -> bool:
+    """Whether the node at ``url`` runs in cluster mode (asked once per URL)."""
+    with _cluster_lock:
+        known = _cluster_nodes.get(url)
+    if known is not None:
+        return known
+    if target.topology != "standalone" or not target.hosts:
+        return False
+    try:
+        with redis.Redis.from_url(url, protocol=2, socket_connect_timeout=_CONNECT_TIMEOUT,
+                                  socket_timeout=_CONNECT_TIMEOUT) as probe:  # fmt: skip
+            info = cast("dict[str, Any]", probe.info("cluster"))
+    except REDIS_ERRORS:
+        return False  # not known yet: asked again by the next client built for it
+    enabled = bool(info.get("cluster_enabled"))
+    with _cluster_lock:
+        _cluster_nodes[url] = enabled
+    return enabled
+
+
+def _sentinel_kwargs(target: RedisURL, options: dict[str, Any]) -> dict[str, Any]:
+    kwargs = {
+        "socket_connect_timeout": options["socket_connect_timeout"],
+        "socket_timeout": options["socket_connect_timeout"],
+        "protocol": 2,
+    }
+    for name in _SENTINEL_OPTIONS:
+        if name in target.options:
+            kwargs[name.removeprefix("sentinel_")] = target.options[name]
+    if target.tls:
+        kwargs["ssl"] = True
+    return kwargs
+
+
+def connect(
+    url: str,
+    *,
+    setting: str = "redis url",
+    socket_timeout: float | None = 5.0,
+    connect_timeout: float = _CONNECT_TIMEOUT,
+    retries: int = 1,
+    health_check_interval: float = 0,
+    retry_on_no_error: bool = False,
+    node: bool = False,
+    **extra: Any,
+) -> SyncRedis:
+    """A client for ``url``: standalone, Sentinel-managed or cluster.
+
+    ``retries`` is how many times a command is sent again on a fresh connection after
+    a connection error (0 for commands that must not run twice); ``retry_on_no_error``
+    turns redis-py's own reconnect-and-resubscribe off for a pub/sub reader that owns
+    its reconnection. ``extra`` goes to redis-py as it is (``decode_responses``,
+    ``max_connections``...). ``node``: a client of that one node, even in a cluster.
+    """
+    target = parse_url(url, setting=setting)
+    options = _client_options(
+        socket_timeout, connect_timeout, retries, health_check_interval, retry_on_no_error
+    )
+    options.update(extra)
+    if target.topology == "sentinel":
+        return cast("redis.Redis", _master_for(target, redis.sentinel.Sentinel, options))
+    if not node and _is_cluster(url, target):
+        options.pop("health_check_interval")
+        options.pop("retry")
+        return redis.cluster.RedisCluster.from_url(url, **options)
+    return redis.Redis.from_url(url, **options)
+
+
+def _master_for(target: RedisURL, sentinel_class: Any, options: dict[str, Any]) -> Any:
+    sentinel = sentinel_class(
+        list(target.hosts), sentinel_kwargs=_sentinel_kwargs(target, options), **options
+    )
+    master_options: dict[str, Any] = {"db": target.db}
+    if target.username:
+        master_options["username"] = target.username
+    if target.password is not None:
+        master_options["password"] = target.password
+    if target.tls:
+        master_options["ssl"] = True
+    return sentinel.master_for(target.service, **master_options)
+
+
+def connect_async(
+    url: str,
+    *,
+    setting: str = "redis url",
+    socket_timeout: float | None = 5.0,
+    connect_timeout: float = _CONNECT_TIMEOUT,
+    retries: int = 1,
+    health_check_interval: float = 0,
+    node: bool = False,
+    **extra: Any,
+) -> AsyncRedis:
+    """The asyncio twin of :func:`connect` (the cluster check runs synchronously, once)."""
+    target = parse_url(url, setting=setting)
+    options = _client_options(socket_timeout, connect_timeout, retries, health_check_interval,
+                              False)  # fmt: skip
+    options["retry"] = redis.asyncio.retry.Retry(NoBackoff(), retries)
+    options.update(extra)
+    if target.topology == "sentinel":
+        return cast("AsyncRedis", _master_for(target, redis.asyncio.sentinel.Sentinel, options))
+    if not node and _is_cluster(url, target):
+        options.pop("health_check_interval")
+        options.pop("retry")
+        return redis.asyncio.cluster.RedisCluster.from_url(url, **options)
+    return redis.asyncio.Redis.from_url(url, **options)
+
+
+def subscriber(url: str, **kwargs: Any) -> redis.Redis:
+    """A client whose ``pubsub()`` receives every classic PUBLISH of the deployment.
+
+    On a cluster any node does (classic pub/sub is broadcast): a master is picked at
+    random, so a call after a failover finds a live one; with ``shard_channel``, the
+    master that owns that channel's slot, so that the connection may SSUBSCRIBE it too.
+    Takes :func:`connect`'s options.
+    """
+    target = parse_url(url, setting=kwargs.get("setting", "redis url"))
+    if target.topology == "standalone" and _is_cluster(url, target):
+        return cast("redis.Redis", connect(_node_url(url, kwargs), node=True, **kwargs))
+    kwargs.pop("shard_channel", None)
+    return cast("redis.Redis", connect(url, **kwargs))
+
+
+def _node_url(url: str, kwargs: dict[str, Any]) -> str:
+    """The URL of a master of the cluster ``url`` names: the one that owns the slot of
+    ``shard_channel`` when that is given (where SSUBSCRIBE must go), else one at random."""
+    options = {k: v for k, v in kwargs.items() if k in ("setting", "connect_timeout")}
+    shard_channel = kwargs.pop("shard_channel", None)
+    cluster = cast("redis.cluster.RedisCluster", connect(url, **options))
+    try:
+        if shard_channel is not None:
+            node = cluster.get_node_from_key(shard_channel)  # type: ignore[no-untyped-call]
+        else:
+            node = random.choice(cluster.get_primaries())  # type: ignore[no-untyped-call]
+    finally:
+        cluster.close()
+    parts = urllib.parse.urlsplit(url)
+    credentials = parts.netloc.rpartition("@")[0]
+    netloc = f"{credentials}@" if credentials else ""
+    node_url = urllib.parse.urlunsplit(
+        (parts.scheme, f"{netloc}{node.host}:{node.port}", "", parts.query, "")
+    )
+    return node_url
+
+
+def subscriber_async(url: str, **kwargs: Any) -> AsyncRedis:
+    """The asyncio twin of :func:`subscriber`."""
+    target = parse_url(url, setting=kwargs.get("setting", "redis url"))
+    if target.topology == "standalone" and _is_cluster(url, target):
+        return connect_async(_node_url(url, kwargs), node=True, **kwargs)
+    kwargs.pop("shard_channel", None)
+    return connect_async(url, **kwargs)
+
+
+def disconnect(client: SyncRedis) -> None:
+    """Drop every connection of ``client``: wakes a thread blocked in a read on one."""
+    if isinstance(client, redis.cluster.RedisCluster):
+        for node in client.get_nodes():  # type: ignore[no-untyped-call]
+            if node.redis_connection is not None:
+                node.redis_connection.connection_pool.disconnect()
+    else:
+        client.connection_pool.disconnect()
+
+
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` leads to a Redis Cluster (asks the node once)."""
+    target = parse_url(url)
+    return target.topology == "standalone" and _is_cluster(url, target)
+
+
+def topology(client: Any) -> Topology:
+    """What kind of deployment ``client`` (sync or asyncio) talks to."""
+    if isinstance(client, redis.cluster.RedisCluster | redis.asyncio.cluster.RedisCluster):
+        return "cluster"
+    pool = getattr(client, "connection_pool", None)
+    if isinstance(
+        pool, redis.sentinel.SentinelConnectionPool | redis.asyncio.sentinel.SentinelConnectionPool
+    ):
+        return "sentinel"
+    return "standalone"
+
+
+def check_writable(url: str, *, setting: str = "redis url") -> Topology | None:
+    """Connect once and make sure ``url`` does not lead to a replica.
+
+    A replica's URL is a ConfigError naming ``setting``. Returns the topology found,
+    or None when nothing answers (an outage at start-up is waited out, not refused).
+    """
+    target = parse_url(url, setting=setting)
+    client = connect(url, setting=setting, retries=0)
+    try:
+        found = topology(client)
+        if found == "cluster":
+            return found  # any node's URL serves: the client finds the masters
+        role = cast("list[Any]", client.execute_command("ROLE"))  # type: ignore[no-untyped-call]
+    except REDIS_ERRORS:
+        return None
+    finally:
+        client.close()
+    kind = role[0].decode() if isinstance(role[0], bytes) else str(role[0])
+    if kind != "master":
+        raise ConfigError(
+            f"{setting}: {target.redacted} is a {'replica' if kind == 'slave' else kind}, "
+            "not a master: corral writes, so name the master (or the sentinels with "
+            "redis+sentinel://, or any node of a cluster)",
+            {"setting": setting, "role": kind},
+        )
+    return found
+
+
+def describe(exc: BaseException, where: str = "") -> str:
+    """``exc`` in words that name what the topology did."""
+    text = str(exc)
+    head = text.split(" ", 1)[0].upper()
+    at = f" ({where})" if where else ""
+    if isinstance(exc, redis.sentinel.MasterNotFoundError):
+        return f"no master for the Sentinel service{at}: {text}"
+    if isinstance(exc, redis.exceptions.ReadOnlyError) or head == "READONLY":
+        return f"READONLY: the node is a replica now, a failover is under way{at}"
+    if isinstance(exc, redis.exceptions.AskError) or head in ("MOVED", "ASK"):
+        kind = "MOVED" if isinstance(exc, redis.exceptions.MovedError) or head == "MOVED" else "ASK"
+        return f"{kind}: the key's slot lives on another cluster node{at}: {text}"
+    if head == "CLUSTERDOWN" or isinstance(exc, redis.exceptions.ClusterDownError):
+        return f"CLUSTERDOWN: the cluster cannot serve this slot now{at}: {text}"
+    if head == "CROSSSLOT" or "CROSSSLOT" in text or "map to the same key slot" in text:
+        return f"CROSSSLOT: one command touched keys of several cluster slots{at}"
+    if isinstance(exc, redis.AuthenticationError | redis.exceptions.AuthorizationError):
+        return f"Redis refused the credentials{at}: {text}"
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError | OSError):
+        return f"Redis unreachable{at}: {text or type(exc).__name__}"
+    return f"{type(exc).__name__}{at}: {text}"

@@ -1,0 +1,287 @@
+"""corral on the Redis deployments people run: one URL grammar, Sentinel and Cluster.
+
+Every server here is real: a master + replica + 3 sentinels, and a 3-master +
+3-replica cluster, started by the session fixtures in conftest.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import redis.sentinel
+
+import corral
+from corral import _redis
+from corral.config import BusSection, Config, DaemonSection, ManagerSection
+from corral.daemon import Daemon
+from corral.errors import ConfigError
+from corral.messages.auth import AuthIssue, AuthRevoke, AuthValidate
+from corral.messages.cache import CacheGet, CacheSet
+from corral.messages.ratelimit import RatelimitCheck
+from corral.messages.state import StateGet, StateRegister, StateUpdate
+from corral.messages.system import Ping
+from corral.system import System
+from tests.redis_server import ClusterGroup, RedisServer, SentinelGroup
+from tests.support import corral_command, wait_until
+
+SECRET = "a-test-signing-key-of-at-least-32-bytes"
+
+
+def topology_config(url: str, namespace: str = "topo", **managers: ManagerSection) -> Config:
+    defaults = {
+        "state": ManagerSection(options={"backend": "redis"}),
+        "cache": ManagerSection(options={"backends": {"shared": {"type": "redis"}}}),
+        "ratelimit": ManagerSection(options={"rules": {"ip": "10/hour"}}),
+        "auth": ManagerSection(options={"signing_key": SECRET, "backend": "redis"}),
+    }
+    return Config().replace(
+        bus=BusSection(backend="redis", url=url, namespace=namespace, reconnect_max=0.5),
+        daemon=DaemonSection(port=0, heartbeat_interval=0.2, heartbeat_ttl=1.0, claim_idle=1.0),
+        managers={**defaults, **managers},
+    )
+
+
+@contextmanager
+def system_on(url: str, namespace: str = "topo") -> Iterator[System]:
+    with System(topology_config(url, namespace)) as system:
+        yield system
+
+
+def every_manager_works(system: Any, tag: str) -> None:
+    """The main flow of state, cache, rate limiter and auth, through ``system``."""
+    for n in range(30):  # keys that hash all over the slots
+        system.ask(CacheSet(key=f"{tag}:k{n}", value=n))
+    assert [system.ask(CacheGet(key=f"{tag}:k{n}")).value for n in range(30)] == list(range(30))
+    system.ask(StateRegister(state_id=f"{tag}-order", state_type="Order", data={"n": 0}))
+    updated = system.ask(StateUpdate(state_id=f"{tag}-order", data={"n": 1}))
+    assert updated.version == 2
+    assert system.ask(StateGet(state_id=f"{tag}-order")).data == {"n": 1}
+    decisions = [system.ask(RatelimitCheck(ip=f"10.0.0.{len(tag)}")).allowed for _ in range(12)]
+    assert decisions == [True] * 10 + [False] * 2
+    tokens = system.ask(AuthIssue(subject="user:1"))
+    assert system.ask(AuthValidate(token=tokens.access_token)).subject == "user:1"
+    system.ask(AuthRevoke(token=tokens.access_token))
+    with pytest.raises(corral.errors.Unauthorized):
+        system.ask(AuthValidate(token=tokens.access_token))
+
+
+# -- the URL grammar ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "topology", "hosts", "service", "db"),
+    [
+        ("redis://h:7000/2", "standalone", (("h", 7000),), None, 2),
+        ("rediss://u:p@h/0", "standalone", (("h", 6379),), None, 0),
+        ("unix:///run/redis.sock?db=3", "standalone", (), None, 3),
+        ("redis+sentinel://a:26379,b:26380/mymaster", "sentinel",
+         (("a", 26379), ("b", 26380)), "mymaster", 0),
+        ("rediss+sentinel://u:p@a:1/m/4", "sentinel", (("a", 1),), "m", 4),
+    ],
+)  # fmt: skip
+def test_the_url_grammar(
+    url: str, topology: str, hosts: tuple[Any, ...], service: str | None, db: int
+) -> None:
+    parsed = _redis.parse_url(url)
+    assert (parsed.topology, parsed.hosts, parsed.service, parsed.db) == (
+        topology, hosts, service, db)  # fmt: skip
+    assert "p@" not in parsed.redacted
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://h:1", "unsupported scheme 'http'"),
+        ("localhost:6379", "expected a URL"),
+        ("redis://h:notaport", "port 'notaport' is not a number"),
+        ("redis://h:99999", "port 99999 is out of range"),
+        ("redis://a:1,b:2/0", "a redis:// URL names one server"),
+        ("redis+sentinel://a:26379", "a sentinel URL names the service"),
+        ("redis+sentinel://a:26379/m/x", "database 'x' is not a number"),
+        ("redis://h:1/zero", "database 'zero' is not a number"),
+    ],
+)
+def test_a_bad_url_is_a_config_error_naming_the_setting(url: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^bus\.url: {problem}"):
+        _redis.parse_url(url, setting="bus.url")
+
+
+def _config_file(tmp_path: Path, url: str) -> str:
+    path = tmp_path / "corral.toml"
+    path.write_text(f'[bus]\nbackend = "redis"\nurl = "{url}"\n[daemon]\nport = 0\n')
+    return str(path)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:6379", "redis://127.0.0.1:6379,x:1/0"])
+def test_run_and_config_check_exit_2_on_a_bad_url(tmp_path: Path, url: str) -> None:
+    config = _config_file(tmp_path, url)
+    for command in (["run", "-c", config], ["config", "check", "-c", config]):
+        done = subprocess.run(corral_command(*command), capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, done.stderr
+        assert "bus.url" in done.stderr
+
+
+def test_run_exits_2_on_a_replica_url(tmp_path: Path, sentinel_group: SentinelGroup) -> None:
+    config = _config_file(tmp_path, sentinel_group.replica().url)
+    done = subprocess.run(
+        corral_command("run", "-c", config), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2, done.stderr
+    assert "bus.url" in done.stderr and "is a replica" in done.stderr
+
+
+def test_errors_name_what_the_topology_did(redis_cluster: ClusterGroup) -> None:
+    node = redis.Redis.from_url(redis_cluster.url, protocol=2)
+    wrong = next(f"k{n}" for n in range(100) if _moved(node, f"k{n}"))
+    with pytest.raises(redis.ResponseError) as moved:
+        node.set(wrong, 1)
+    assert _redis.describe(moved.value).startswith("MOVED: the key's slot lives on another")
+    cluster = _redis.connect(redis_cluster.url)
+    with pytest.raises(_redis.REDIS_ERRORS) as crossslot:
+        cluster.execute_command("MSET", "a", 1, "b", 2)  # type: ignore[no-untyped-call]
+    assert "CROSSSLOT" in _redis.describe(crossslot.value)
+    node.close()
+    cluster.close()
+
+
+def _moved(client: redis.Redis, key: str) -> bool:
+    try:
+        client.get(key)
+    except redis.exceptions.MovedError:
+        return True
+    return False
+
+
+# -- Sentinel -------------------------------------------------------------------------------
+
+
+def test_every_manager_on_sentinel(sentinel_group: SentinelGroup) -> None:
+    with system_on(sentinel_group.url) as system:
+        every_manager_works(system, "sentinel")
+        assert _redis.topology(_redis.connect(sentinel_group.url)) == "sentinel"
+
+
+def test_remote_requests_on_sentinel(sentinel_group: SentinelGroup) -> None:
+    with (
+        Daemon(topology_config(sentinel_group.url, "topo-remote")),
+        corral.connect(sentinel_group.url, namespace="topo-remote") as remote,
+    ):
+        assert remote.ask(Ping(payload=b"s")).payload == b"s"
+        every_manager_works(remote, "remote")
+
+
+class Writer(threading.Thread):
+    """Writes ``write(n)`` for n = 1, 2, ... until stopped; records what was acknowledged
+    and the longest stretch without an acknowledgement."""
+
+    def __init__(self, write: Any) -> None:
+        super().__init__(daemon=True)
+        self.write = write
+        self.acknowledged: list[int] = []
+        self.failures = 0
+        self.stop = threading.Event()
+        self.last_ok = time.monotonic()
+        self.longest_outage = 0.0
+
+    def run(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            try:
+                self.write(n)
+            except Exception:
+                self.failures += 1
+                self.stop.wait(0.01)
+                continue
+            now = time.monotonic()
+            self.longest_outage = max(self.longest_outage, now - self.last_ok)
+            self.last_ok = now
+            self.acknowledged.append(n)
+
+
+def test_a_sentinel_failover_is_followed(fresh_sentinel_group: SentinelGroup) -> None:
+    group = fresh_sentinel_group
+    old_master = group.master()
+    plain = redis.sentinel.Sentinel(
+        [("127.0.0.1", s.port) for s in group.sentinels], socket_timeout=0.5
+    ).master_for(group.SERVICE, socket_timeout=0.5, socket_connect_timeout=0.5)  # type: ignore[no-untyped-call]
+    with system_on(group.url, "failover") as system:
+        system.ask(StateRegister(state_id="counter", state_type="Counter", data={"n": 0}))
+        ours = Writer(lambda n: system.ask(StateUpdate(state_id="counter", data={"n": n})))
+        theirs = Writer(lambda n: plain.set("plain", n))
+        ours.start()
+        theirs.start()
+        wait_until(lambda: len(ours.acknowledged) > 50 and len(theirs.acknowledged) > 50)
+        old_master.kill()
+        wait_until(lambda: group.master() is not old_master, timeout=30)
+        before = len(ours.acknowledged), len(theirs.acknowledged)
+        wait_until(lambda: len(ours.acknowledged) > before[0] + 50, timeout=30)
+        wait_until(lambda: len(theirs.acknowledged) > before[1] + 50, timeout=30)
+        old_master.start()  # comes back as a master until Sentinel demotes it
+        after_restart = len(ours.acknowledged)
+        wait_until(lambda: len(ours.acknowledged) > after_restart + 100, timeout=30)
+        ours.stop.set()
+        theirs.stop.set()
+        ours.join(10)
+        theirs.join(10)
+        last = ours.acknowledged[-1]
+        assert system.ask(StateGet(state_id="counter")).data == {"n": last}
+    print(
+        f"\nsentinel failover outage: corral {ours.longest_outage:.2f}s, "
+        f"plain redis-py master_for {theirs.longest_outage:.2f}s"
+    )
+    # What corral acknowledged after the restart went to the new master, never the old one.
+    with redis.Redis(port=group.master().port, protocol=2) as master:
+        assert master.exists("failover:{state}:s:counter")
+    wait_until(lambda: _role(old_master.port) == "slave", timeout=30)
+
+
+def _role(port: int) -> str:
+    with redis.Redis(port=port, protocol=2) as client:
+        role = client.execute_command("ROLE")[0]
+    return role.decode() if isinstance(role, bytes) else str(role)
+
+
+# -- Cluster --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("node", [0, 4])
+def test_every_manager_on_a_cluster_from_any_node(redis_cluster: ClusterGroup, node: int) -> None:
+    url = redis_cluster.node_url(node)
+    assert _redis.topology(_redis.connect(url)) == "cluster"
+    with system_on(url, f"topo{node}") as system:
+        every_manager_works(system, f"cluster{node}")
+
+
+def test_remote_requests_on_a_cluster(redis_cluster: ClusterGroup) -> None:
+    with (
+        Daemon(topology_config(redis_cluster.url, "topo-remote")),
+        corral.connect(redis_cluster.node_url(2), namespace="topo-remote") as remote,
+    ):
+        assert remote.ask(Ping(payload=b"c")).payload == b"c"
+        every_manager_works(remote, "remote")
+
+
+def test_two_systems_on_one_cluster_never_exceed_a_limit(redis_cluster: ClusterGroup) -> None:
+    with system_on(redis_cluster.node_url(1)) as one, system_on(redis_cluster.node_url(3)) as two:
+        allowed = sum(
+            system.ask(RatelimitCheck(ip="9.9.9.9")).allowed
+            for _ in range(15)
+            for system in (one, two)
+        )
+    assert allowed == 10
+
+
+def test_the_test_cluster_is_what_it_says(redis_cluster: ClusterGroup) -> None:
+    assert len(redis_cluster.masters()) == 3
+    assert all(isinstance(server, RedisServer) for server in redis_cluster.servers)
+    assert os.path.exists(redis_cluster.servers[0].dir / "nodes.conf")
