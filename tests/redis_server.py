@@ -288,7 +288,7 @@ class ClusterGroup:
                 "--cluster-replica-validity-factor",
                 "0",
                 port=_free_cluster_port(),
-            )  # fmt: skip
+            )
             for _ in range(masters * 2)
         ]
         cli = shutil.which("redis-cli")
@@ -313,10 +313,12 @@ class ClusterGroup:
         for server in self.servers:
             if not server.running:
                 continue
-            with contextlib.suppress(redis.RedisError, OSError):
-                with redis.Redis(port=server.port, protocol=2) as client:
-                    if client.execute_command("ROLE")[0] in (b"master", "master"):
-                        found.append(server)
+            with (
+                contextlib.suppress(redis.RedisError, OSError),
+                redis.Redis(port=server.port, protocol=2) as client,
+            ):
+                if client.execute_command("ROLE")[0] in (b"master", "master"):
+                    found.append(server)
         return found
 
     def wait_until_ok(self, timeout: float = 30.0) -> None:

@@ -125,7 +125,9 @@ def _config_file(tmp_path: Path, url: str) -> str:
 def test_run_and_config_check_exit_2_on_a_bad_url(tmp_path: Path, url: str) -> None:
     config = _config_file(tmp_path, url)
     for command in (["run", "-c", config], ["config", "check", "-c", config]):
-        done = subprocess.run(corral_command(*command), capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            corral_command(*command), check=False, capture_output=True, text=True, timeout=60
+        )
         assert done.returncode == 2, done.stderr
         assert "bus.url" in done.stderr
 
@@ -133,7 +135,11 @@ def test_run_and_config_check_exit_2_on_a_bad_url(tmp_path: Path, url: str) -> N
 def test_run_exits_2_on_a_replica_url(tmp_path: Path, sentinel_group: SentinelGroup) -> None:
     config = _config_file(tmp_path, sentinel_group.replica().url)
     done = subprocess.run(
-        corral_command("run", "-c", config), capture_output=True, text=True, timeout=60
+        corral_command("run", "-c", config),
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 2, done.stderr
     assert "bus.url" in done.stderr and "is a replica" in done.stderr
