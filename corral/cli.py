@@ -393,7 +393,11 @@ def check(config_path: str | None) -> None:
 @config_option
 @import_option
 def messages(config_path: str | None, modules: tuple[str, ...]) -> None:
-    """List every registered message type with its fields."""
+    """List every registered message type with its fields and their bounds.
+
+    Every float is finite and every int fits in 64 bits; a field's own bounds
+    follow its type: ``ttl: float (> 0, <= 315360000 s)``.
+    """
     _register_messages(_load(config_path), modules)
     for name, cls in sorted(registered().items()):
         handler = f" -> {cls.manager}" if cls.manager else ""
@@ -401,6 +405,9 @@ def messages(config_path: str | None, modules: tuple[str, ...]) -> None:
         for field in cls.fields_info:
             optional = "" if field.required else " (optional)"
             click.echo(f"    {field.name}: {field.describe()}{optional}")
+    click.echo(
+        "\nEvery float is finite and every int within 64 bits; bounds in parentheses.", err=True
+    )
 
 
 if __name__ == "__main__":
