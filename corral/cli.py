@@ -27,7 +27,7 @@ from corral.client import Client, connect
 from corral.config import Config, load_config
 from corral.daemon import Daemon
 from corral.errors import ConfigError, CorralError, InvalidMessage
-from corral.messages.base import Event, Message, Request, lookup, registered
+from corral.messages.base import TIMEOUT, Event, Message, Request, lookup, registered
 
 log = logging.getLogger("corral")
 
@@ -207,6 +207,16 @@ def health(config_path: str | None, url: str | None, as_json: bool) -> None:
     sys.exit(HEALTH_EXIT.get(document.get("status", ""), EXIT_UNREACHABLE))
 
 
+def _check_timeout(_ctx: click.Context, _param: click.Parameter, value: float | None) -> Any:
+    """``--timeout``: seconds, 0 to a day (``nan`` and ``inf`` are refused)."""
+    if value is None:
+        return None
+    try:
+        return TIMEOUT.check(value, "timeout")
+    except InvalidMessage as exc:
+        raise click.BadParameter(exc.message) from None
+
+
 def _remote(config: Config, url: str | None) -> Client:
     if url is None:
         if config.bus.backend != "redis":
@@ -229,7 +239,13 @@ def _remote(config: Config, url: str | None) -> Client:
 @click.argument("fields", nargs=-1)
 @click.option("--url", default=None, help="Redis URL of the daemons (default: bus.url).")
 @click.option("--topic", default=None, help="For an event: the topic to publish it on.")
-@click.option("--timeout", type=float, default=None, help="Seconds to wait for the reply.")
+@click.option(
+    "--timeout",
+    type=float,
+    default=None,
+    callback=_check_timeout,
+    help="Seconds to wait for the reply (at most a day; default: system.ask_timeout).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON.")
 @import_option
 def send(

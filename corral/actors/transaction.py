@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from corral.actors.base import Manager, handles
 from corral.config import Section
 from corral.errors import InvalidMessage, NotFound
+from corral.messages.base import MAX_TIMEOUT
 from corral.messages.state import (
     StateCommit,
     StateGet,
@@ -61,7 +62,7 @@ _REMEMBERED_EXPIRED = 1_000
 class TransactionOptions(Section):
     """``[managers.transaction]``: see the module docstring."""
 
-    idle_timeout: float = field(default=30.0, metadata={"gt": 0})
+    idle_timeout: float = field(default=30.0, metadata={"gt": 0, "le": MAX_TIMEOUT})
     max_writes: int = field(default=1_000, metadata={"ge": 1})
     sweep_interval: float = field(default=1.0, metadata={"gt": 0})
 
