@@ -51,6 +51,7 @@ REASONS = (
     "missing_claim",  # one of exp, iat, sub, jti, type (and aud, iss when configured)
     "bad_claim",  # a registered claim of the wrong type
     "wrong_token_type",  # a refresh token where an access token is expected, or the reverse
+    "lifetime_exceeded",  # exp - iat is longer than the configured max_token_lifetime
     "revoked",  # the jti is on the denylist, or its token family was revoked
     "reused_refresh",  # a retired refresh token came back: its whole family is now revoked
     "insufficient_scope",  # the token or API key lacks a required scope
