@@ -31,6 +31,7 @@ from corral.messages import (
 )
 from corral.messages.base import (
     INT64_MAX,
+    MAX_NESTING,
     MAX_TTL,
     TIMEOUT,
     Count,
@@ -630,6 +631,18 @@ def test_every_float_field_of_the_builtin_messages_is_finite() -> None:
                     if "float" in f.describe():
                         with pytest.raises(InvalidMessage, match=f"^b\\.{f.name}: "):
                             f.from_wire(bad, f"b.{f.name}")
+
+
+def test_any_values_nest_at_most_max_nesting_levels() -> None:
+    value: Any = "leaf"
+    for _ in range(MAX_NESTING - 1):
+        value = [value]
+    validate(MsgBlob(data=value))  # 100 levels, the leaf included
+    MsgBlob._from_wire({"data": value}, "b")
+    with pytest.raises(InvalidMessage, match=r"^data: nested deeper than 100 levels$"):
+        validate(MsgBlob(data={"d": value}))
+    with pytest.raises(InvalidMessage, match=r"^b\.data: nested deeper than 100 levels$"):
+        MsgBlob._from_wire({"data": {"d": value}}, "b")
 
 
 def test_validate_checks_nested_any() -> None:

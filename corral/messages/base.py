@@ -47,6 +47,7 @@ __all__ = [
     "INT64_MAX",
     "INT64_MIN",
     "MAX_COST",
+    "MAX_NESTING",
     "MAX_OFFSET",
     "MAX_TIMEOUT",
     "MAX_TTL",
@@ -92,6 +93,11 @@ MAX_OFFSET = 2**53 - 1
 
 MAX_COST = 10**9
 """The largest cost one rate-limited call can charge."""
+
+MAX_NESTING = 100
+"""How deep lists and maps may nest in an ``Any`` field (the codec's ``max_depth``, 32 by
+default, bounds a whole message first): deep enough for any document, shallow enough
+for every recursive encoder (msgpack, json) a manager hands it to."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -621,7 +627,11 @@ _ANY_LEAVES = frozenset((*_PLAIN, int, float))
 def _check_any(value: Any, path: str) -> Any:
     """Check a msgpack value of any shape; walks it level by level without building paths."""
     level = [value]
+    depth = 0
     while level:
+        depth += 1
+        if depth > MAX_NESTING:
+            raise InvalidMessage(f"nested deeper than {MAX_NESTING} levels", path=path)
         below: list[Any] = []
         extend = below.extend
         for item in level:
