@@ -167,6 +167,11 @@ def test_issue_refuses_claims_that_corral_sets() -> None:
         assert refused.value.path == "claims.exp"
         with pytest.raises(InvalidMessage):
             system.ask(AuthIssue(subject=""))
+        for claims_ in ({"raw": b"x"}, {"n": float("inf")}, {"big": "x" * 8192}):
+            with pytest.raises(InvalidMessage) as unfit:
+                system.ask(AuthIssue(subject="u", claims=claims_))
+            assert unfit.value.path == "claims"
+        assert restarts(system) == 0
 
 
 # -- every way a token is refused, with its reason code ----------------------------------

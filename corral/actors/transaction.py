@@ -117,8 +117,10 @@ class TransactionManager(Manager):
     @handles(TransactionBegin)
     def begin(self, msg: TransactionBegin) -> TransactionInfo:
         timeout = self.settings.idle_timeout if msg.idle_timeout is None else msg.idle_timeout
-        if not timeout > 0:
-            raise InvalidMessage("idle_timeout must be > 0", path="idle_timeout")
+        if not 0 < timeout <= MAX_TIMEOUT:  # as the codec checks
+            raise InvalidMessage(
+                f"idle_timeout must be > 0 and <= {MAX_TIMEOUT} s", path="idle_timeout"
+            )
         transaction_id = uuid.uuid4().hex
         self.open[transaction_id] = _Transaction(timeout, time.monotonic())
         return TransactionInfo(transaction_id=transaction_id, writes=0)

@@ -262,6 +262,7 @@ class AuthManager(Manager):
         extra = dict(msg.claims)
         if msg.scopes:
             extra["scope"] = " ".join(msg.scopes)
+        self._check_claims(msg.subject, extra)
         self.counts["issued"] += 1
         if not msg.refresh:
             return AuthTokens(
@@ -269,6 +270,21 @@ class AuthManager(Manager):
                 expires_in=self.settings.access_ttl,
             )
         return self._pair(msg.subject, secrets.token_urlsafe(16), None, extra)
+
+    def _check_claims(self, subject: str, extra: dict[str, Any]) -> None:
+        """Refuse claims that make no JWT, or one longer than validation would accept."""
+        try:
+            size = len(json.dumps({**extra, "sub": subject}, allow_nan=False))
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise InvalidMessage(f"claims must be JSON values: {exc}", path="claims") from None
+        # Base64 makes 4 characters of 3 bytes; the header, other claims and signature
+        # come on top, so this only refuses what could never validate.
+        if size * 4 // 3 > self.settings.max_token_size:
+            raise InvalidMessage(
+                f"subject, scopes and claims would make a token longer than max_token_size "
+                f"({self.settings.max_token_size})",
+                path="claims",
+            )
 
     @handles(AuthValidate)
     def validate(self, msg: AuthValidate) -> AuthClaims:
@@ -430,8 +446,8 @@ class AuthManager(Manager):
 
     @handles(AuthApiKeyCreate)
     def create_api_key(self, msg: AuthApiKeyCreate) -> AuthApiKey:
-        if msg.ttl is not None and not msg.ttl > 0:
-            raise InvalidMessage("must be > 0", path="ttl")
+        if msg.ttl is not None and not 0 < msg.ttl <= MAX_TTL:  # as the codec checks
+            raise InvalidMessage(f"must be > 0 and <= {MAX_TTL} s", path="ttl")
         key_id = secrets.token_hex(8)
         secret = secrets.token_hex(32)
         created_at = time.time()
