@@ -16,9 +16,9 @@ marked *internal* travel between the daemon's HTTP loop and the manager.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Annotated, Any
 
-from corral.messages.base import CloseCode, Count, Offset, Reply, Request, message
+from corral.messages.base import CloseCode, Count, Offset, Range, Reply, Request, message
 
 __all__ = [
     "Disconnect",
@@ -67,11 +67,15 @@ class WsEmitToRoom(Request[WsEmitted]):
 
 @message("ws.room_joined")
 class WsRoomJoined(Reply):
-    """A connection is in the room; ``recovered`` is None when no offset was given."""
+    """A connection is in the room; ``recovered`` is None when no offset was given.
+
+    ``count`` is the room's members on this daemon, or -1 when the connection is
+    attached to another daemon, to which the join was forwarded.
+    """
 
     room: str
     connection_id: str
-    count: Count
+    count: Annotated[int, Range(ge=-1)]
     offset: Offset
     epoch: str
     recovered: bool | None = None
