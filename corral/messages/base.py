@@ -126,7 +126,7 @@ class Range:
             raise TypeError("Range bounds must be finite numbers")
 
     def describe(self) -> str:
-        """``> 0, <= 86400 s``; ``any float`` for ``finite=False``."""
+        """``> 0, <= 86400 s``; ``inf and nan allowed`` for ``finite=False``."""
         if not self.finite:
             return "inf and nan allowed"
         bounds = ((">=", self.ge), (">", self.gt), ("<=", self.le))
@@ -137,8 +137,7 @@ class Range:
     def check(self, value: Any, path: str) -> Any:
         """``value`` if it is a number (int or float, not bool) in range; else InvalidMessage.
 
-        For numbers that are not message fields: the timeouts of the API, the CLI
-        and the remote request server.
+        For numbers that are not message fields: the timeouts of the API and the CLI.
         """
         if type(value) is float:
             return _float_check(self)(value, path)
