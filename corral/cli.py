@@ -27,7 +27,7 @@ from corral.client import Client, connect
 from corral.config import Config, load_config
 from corral.daemon import Daemon
 from corral.errors import ConfigError, CorralError, InvalidMessage
-from corral.messages.base import Event, Message, Request, lookup, registered
+from corral.messages.base import TIMEOUT, Event, Message, Request, lookup, registered
 
 log = logging.getLogger("corral")
 
@@ -207,6 +207,16 @@ def health(config_path: str | None, url: str | None, as_json: bool) -> None:
     sys.exit(HEALTH_EXIT.get(document.get("status", ""), EXIT_UNREACHABLE))
 
 
+def _check_timeout(_ctx: click.Context, _param: click.Parameter, value: float | None) -> Any:
+    """``--timeout``: seconds, 0 to a day (``nan`` and ``inf`` are refused)."""
+    if value is None:
+        return None
+    try:
+        return TIMEOUT.check(value, "timeout")
+    except InvalidMessage as exc:
+        raise click.BadParameter(exc.message) from None
+
+
 def _remote(config: Config, url: str | None) -> Client:
     if url is None:
         if config.bus.backend != "redis":
@@ -229,7 +239,13 @@ def _remote(config: Config, url: str | None) -> Client:
 @click.argument("fields", nargs=-1)
 @click.option("--url", default=None, help="Redis URL of the daemons (default: bus.url).")
 @click.option("--topic", default=None, help="For an event: the topic to publish it on.")
-@click.option("--timeout", type=float, default=None, help="Seconds to wait for the reply.")
+@click.option(
+    "--timeout",
+    type=float,
+    default=None,
+    callback=_check_timeout,
+    help="Seconds to wait for the reply (at most a day; default: system.ask_timeout).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON.")
 @import_option
 def send(
@@ -393,7 +409,11 @@ def check(config_path: str | None) -> None:
 @config_option
 @import_option
 def messages(config_path: str | None, modules: tuple[str, ...]) -> None:
-    """List every registered message type with its fields."""
+    """List every registered message type with its fields and their bounds.
+
+    Every float is finite and every int fits in 64 bits; a field's own bounds
+    follow its type: ``ttl: float (> 0, <= 315360000 s)``.
+    """
     _register_messages(_load(config_path), modules)
     for name, cls in sorted(registered().items()):
         handler = f" -> {cls.manager}" if cls.manager else ""
@@ -401,6 +421,9 @@ def messages(config_path: str | None, modules: tuple[str, ...]) -> None:
         for field in cls.fields_info:
             optional = "" if field.required else " (optional)"
             click.echo(f"    {field.name}: {field.describe()}{optional}")
+    click.echo(
+        "\nEvery float is finite and every int within 64 bits; bounds in parentheses.", err=True
+    )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,16 @@ from corral._redis import REDIS_ERRORS, describe
 from corral._redis import connect as connect_redis
 from corral.bus import Delivery, RedisBus
 from corral.errors import BackendUnavailable, ManagerUnavailable, Timeout
-from corral.messages.base import Message, Reply, Request, unwrap, validate
+from corral.messages.base import (
+    MAX_TIMEOUT,
+    TIMEOUT,
+    Message,
+    Range,
+    Reply,
+    Request,
+    unwrap,
+    validate,
+)
 from corral.messages.codec import Codec, new_id
 from corral.messages.system import SystemHealth, SystemHealthCheck
 from corral.remote import SUBMIT_SCRIPT, alive_key, stream_key
@@ -45,6 +54,8 @@ R = TypeVar("R", bound=Reply)
 
 STREAM_CAP = 100_000
 """Approximate cap of a request stream: requests are deleted once served."""
+
+_ASK_TIMEOUT = Range(gt=0, le=MAX_TIMEOUT, unit="s")
 
 
 class _Waiter:
@@ -84,7 +95,7 @@ class Client(EventsMixin):
     ) -> None:
         self.url = url
         self.namespace = namespace
-        self.ask_timeout = ask_timeout
+        self.ask_timeout: float = _ASK_TIMEOUT.check(ask_timeout, "ask_timeout")
         self.validate = validate_messages
         self.codec = Codec(keys=[k.encode() for k in signing_keys])
         self.bus = RedisBus(url, namespace=namespace, codec=self.codec)
@@ -99,7 +110,7 @@ class Client(EventsMixin):
 
     def ask(self, message: Request[R], *, timeout: float | None = None) -> R:
         """Send a request to a daemon and return its reply (see :meth:`System.ask`)."""
-        timeout = self.ask_timeout if timeout is None else timeout
+        timeout = self._checked_timeout(timeout)
         waiter = _Waiter()
         request_id = self._send(message, timeout, waiter)
         try:
@@ -112,7 +123,7 @@ class Client(EventsMixin):
 
     async def ask_async(self, message: Request[R], *, timeout: float | None = None) -> R:
         """``ask`` for asyncio code: never blocks the event loop."""
-        timeout = self.ask_timeout if timeout is None else timeout
+        timeout = self._checked_timeout(timeout)
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop)
         assert waiter.future is not None
@@ -184,6 +195,13 @@ class Client(EventsMixin):
                 {"manager": manager, "url": self.where},
             )
         return request_id
+
+    def _checked_timeout(self, timeout: float | None) -> float:
+        """``timeout`` (seconds, 0 to a day; else InvalidMessage), or the default."""
+        if timeout is None:
+            return self.ask_timeout
+        checked: float = TIMEOUT.check(timeout, "timeout")
+        return checked
 
     def _on_reply(self, delivery: Delivery) -> None:
         if delivery.correlation is None:

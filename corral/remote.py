@@ -12,7 +12,9 @@ The reply goes back on the caller's own channel (the envelope's reply topic),
 correlated by the request id; then the entry is acknowledged and deleted. An
 entry left pending by a daemon that died is claimed (XAUTOCLAIM) by another
 after ``claim_idle`` seconds. Requests past their deadline are dropped unanswered:
-their caller has given up already.
+their caller has given up already. A deadline (unix ms) further ahead than a
+client can ask for (:data:`~corral.messages.base.MAX_TIMEOUT`, plus a minute of
+clock skew), or negative, is refused with ``InvalidMessage`` (path ``d``).
 
 ::
 
@@ -38,7 +40,7 @@ import redis
 from corral._redis import REDIS_ERRORS, connect, topology
 from corral.actors.base import CallbackFuture
 from corral.errors import CorralError, InvalidMessage, ManagerUnavailable
-from corral.messages.base import ErrorReply, Message, Reply
+from corral.messages.base import MAX_TIMEOUT, ErrorReply, Message, Reply, validate
 from corral.messages.codec import Codec, Envelope
 from corral.system import System
 
@@ -47,6 +49,9 @@ __all__ = ["GROUP", "SUBMIT_SCRIPT", "RequestServer", "alive_key", "stream_key"]
 log = logging.getLogger(__name__)
 
 GROUP = "daemons"
+
+CLOCK_SKEW = 60.0
+"""Seconds a client's clock may run ahead of a daemon's, for the deadline check."""
 
 SUBMIT_SCRIPT = """
 local now = redis.call('TIME')
@@ -271,7 +276,18 @@ class RequestServer:
             log.warning("rejected a remote request on %s: %s", stream, exc)
             self._replies.put((stream, entry_id, None, None, None))
             return
-        if deadline and time.time() * 1000 > deadline:
+        now = time.time()
+        if not 0 <= deadline <= (now + MAX_TIMEOUT + CLOCK_SKEW) * 1000:
+            self.counts["rejected"] += 1
+            log.warning("rejected a remote request on %s: deadline %.40s", stream, deadline)
+            problem = InvalidMessage(
+                f"the deadline must be 0 (none) or a unix time in ms at most "
+                f"{MAX_TIMEOUT} s ahead, got {str(deadline)[:40]}",
+                path="d",
+            )
+            self._replies.put((stream, entry_id, envelope, None, problem))
+            return
+        if deadline and now * 1000 > deadline:
             self.counts["expired"] += 1
             self._replies.put((stream, entry_id, None, None, None))
             return
@@ -280,7 +296,7 @@ class RequestServer:
         def answer(value: Any, error: BaseException | None) -> None:
             self._replies.put((stream, entry_id, envelope, value, error))
 
-        remaining = max(0.001, deadline / 1000 - time.time()) if deadline else None
+        remaining = min(MAX_TIMEOUT, max(0.001, deadline / 1000 - now)) if deadline else None
         if message.route() == "supervisor":
             self._blocking.submit(self._ask_blocking, message, remaining, answer)
             return
@@ -314,6 +330,7 @@ class RequestServer:
 
     def _encode_reply(self, reply: Message, envelope: Envelope) -> bytes:
         try:
+            validate(reply)  # the caller's decoder would drop a reply out of bounds
             return self.codec.encode(reply, correlation=envelope.id)
         except InvalidMessage as exc:  # too big, or a manager's reply with bad fields
             log.error("reply to %s not encodable: %s", envelope.message.type_name, exc)

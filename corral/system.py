@@ -35,7 +35,7 @@ from corral.actors.base import AsyncioFuture, Mailbox, Manager
 from corral.bus import Bus, MemoryBus, RedisBus
 from corral.config import Config, ManagerSection, parse_options
 from corral.errors import ConfigError, Timeout
-from corral.messages.base import Message, Reply, Request, unwrap, validate
+from corral.messages.base import TIMEOUT, Message, Reply, Request, unwrap, validate
 from corral.messages.codec import Codec
 from corral.messages.system import SystemHealth
 from corral.supervisor import ChildSpec, Supervisor, SupervisorPolicy
@@ -205,6 +205,8 @@ class System(EventsMixin):
 
         Raises the error the manager answered with (``NotFound``, ``Conflict``, ...),
         ``ManagerUnavailable`` when it is down, ``Timeout`` when no reply came in time.
+        ``timeout`` is seconds, 0 to a day (``InvalidMessage`` otherwise); None: the
+        config's ``system.ask_timeout``.
         """
         timeout = self._timeout(timeout)
         deadline = time.monotonic() + timeout
@@ -274,7 +276,10 @@ class System(EventsMixin):
         return isinstance(mailbox, Mailbox) and mailbox.try_put(envelope)
 
     def _timeout(self, timeout: float | None) -> float:
-        return self.ask_timeout if timeout is None else timeout
+        if timeout is None:
+            return self.ask_timeout
+        checked: float = TIMEOUT.check(timeout, "timeout")
+        return checked
 
     def _durable_source(self) -> tuple[str, str]:
         if self.config.bus.backend != "redis":
@@ -286,7 +291,7 @@ class System(EventsMixin):
 
     def health(self, *, timeout: float = 1.0) -> SystemHealth:
         """Every manager's Health and the supervisor's view, aggregated."""
-        return self.supervisor.health(timeout)
+        return self.supervisor.health(self._timeout(timeout))
 
     # -- routing internals ----------------------------------------------------------------
 

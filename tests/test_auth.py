@@ -167,6 +167,11 @@ def test_issue_refuses_claims_that_corral_sets() -> None:
         assert refused.value.path == "claims.exp"
         with pytest.raises(InvalidMessage):
             system.ask(AuthIssue(subject=""))
+        for claims_ in ({"raw": b"x"}, {"n": float("inf")}, {"big": "x" * 8192}):
+            with pytest.raises(InvalidMessage) as unfit:
+                system.ask(AuthIssue(subject="u", claims=claims_))
+            assert unfit.value.path == "claims"
+        assert restarts(system) == 0
 
 
 # -- every way a token is refused, with its reason code ----------------------------------
@@ -198,6 +203,14 @@ REJECTIONS: list[tuple[str, Any, str]] = [
     ("unknown kid", lambda: forge(claims(), OTHER_SECRET, kid="k9"), "unknown_kid"),
     ("known key, unknown kid", lambda: forge(claims(), kid="k9"), "unknown_kid"),
     ("no kid", lambda: jwt.encode(claims(), SECRET, algorithm="HS256"), "unknown_kid"),
+    ("exp 2**64", lambda: forge(claims(exp=2**64)), "lifetime_exceeded"),
+    ("exp 2**70", lambda: forge(claims(exp=2**70)), "lifetime_exceeded"),
+    ("exp 1e308", lambda: forge(claims(exp=10**308)), "lifetime_exceeded"),
+    ("31 days", lambda: forge(claims(exp=int(time.time()) + 31 * 86400)), "lifetime_exceeded"),
+    ("iat long ago", lambda: forge(claims(iat=-(2**63))), "lifetime_exceeded"),
+    ("no iat", lambda: forge(claims(iat=None, exp=2**64)), "missing_claim"),
+    ("iat a string", lambda: forge(claims(iat="0")), "bad_claim"),
+    ("iat true", lambda: forge(claims(iat=True)), "bad_claim"),
     ("kid not a string", lambda: unsigned({"alg": "HS256", "kid": 1}, claims()), "unknown_kid"),
     ("wrong secret", lambda: forge(claims(), OTHER_SECRET), "bad_signature"),
     ("no signature", lambda: forge(claims()).rpartition(".")[0] + ".", "bad_signature"),
@@ -221,6 +234,26 @@ def test_accepts_a_forged_token_only_when_everything_is_right(strict: System) ->
     assert strict.ask(AuthValidate(token=forge(claims(sub="ok")))).subject == "ok"
     leeway = int(time.time()) - 2  # expired 2 s ago, within the 5 s leeway
     assert strict.ask(AuthValidate(token=forge(claims(exp=leeway)))).subject == "user:1"
+
+
+def test_every_accepted_token_lives_at_most_max_token_lifetime(strict: System) -> None:
+    now = int(time.time())
+    longest = forge(claims(iat=now, exp=now + 30 * 86400))
+    assert strict.ask(AuthValidate(token=longest)).expires_at == now + 30 * 86400
+    revoked = strict.ask(AuthRevoke(token=longest))
+    assert 30 * 86400 - 5 <= revoked.ttl <= 30 * 86400 + 5
+    forever = forge(claims(exp=2**64))
+    assert reason(strict, AuthRevoke(token=forever)) == "lifetime_exceeded"
+    assert reason(strict, AuthRefresh(token=forge(claims(type="refresh", fam="f", exp=2**64)))) == (
+        "lifetime_exceeded"
+    )
+    with auth_system(max_token_lifetime=60, access_ttl=60, refresh_ttl=60) as short:
+        assert reason(
+            short, AuthValidate(token=forge(claims(exp=now + 61, aud=None, iss=None)))
+        ) == ("lifetime_exceeded")
+        tokens = short.ask(AuthIssue(subject="u"))  # its own tokens fit, by construction
+        assert short.ask(AuthValidate(token=tokens.access_token)).subject == "u"
+    assert restarts(strict) == 0
 
 
 def test_tampered_payload_and_signature_are_bad_signatures(strict: System) -> None:
@@ -570,6 +603,13 @@ def test_redis_down_is_backend_unavailable_and_degraded(fresh_redis_server: Redi
         ({"signing_key": "-----BEGIN PUBLIC KEY-----" + "x" * 40}, "not a PEM or SSH key"),
         ({"algorithm": "none"}, "algorithm: expected one of"),
         ({"access_ttl": 0}, "access_ttl: must be >= 1"),
+        ({"refresh_ttl": 2_592_001}, "refresh_ttl: must be <= max_token_lifetime .2592000."),
+        (
+            {"access_ttl": 600, "max_token_lifetime": 300, "refresh_ttl": 300},
+            "access_ttl: must be <= max_token_lifetime .300.",
+        ),
+        ({"max_token_lifetime": 2**40}, "max_token_lifetime: must be <= 315360000"),
+        ({"leeway": float("inf")}, "leeway: must be <= 86400"),
         ({"api_key_prefix": "a_b"}, "api_key_prefix: expected letters and digits"),
     ],
 )

@@ -180,6 +180,9 @@ def test_bad_input_is_invalid_message_with_a_reason() -> None:
             system.ask(CacheSet(key="k", value=1, ttl=0))
         with pytest.raises(InvalidMessage, match="keys\\[1\\]"):
             system.ask(CacheGetMany(keys=["ok", ""]))
+        with pytest.raises(InvalidMessage, match="at most 16 bytes, got 17") as pattern:
+            system.ask(CacheInvalidate(pattern="*" * 17))  # as long as a key, at most
+        assert pattern.value.path == "pattern"
         assert system.ask(CacheSet(key="k", value="fits")).count == 1
 
 

@@ -15,8 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from click.testing import CliRunner, Result
 
 import corral
+from corral.cli import main
 from corral.config import BusSection, Config, DaemonSection, ManagerSection
 from corral.daemon import Daemon
 from corral.remote import GROUP, stream_key
@@ -256,3 +258,34 @@ def _holder(url: str, stream: str) -> str | None:
         return None
     name = consumers[0]["name"]
     return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def test_timeouts_and_bounds_are_checked_before_anything_is_sent(tmp_path: Path) -> None:
+    runner = CliRunner()  # in process: every case below fails before any connection
+
+    def corral_(*args: str) -> Result:
+        return runner.invoke(main, list(args), catch_exceptions=False)
+
+    url = ["--url", "redis://127.0.0.1:1/0", "-c", os.devnull]
+    for value in ("nan", "inf", "-inf", "-1", "1e999", "86401"):
+        sent = corral_("send", "system.ping", "--timeout", value, *url)
+        assert sent.exit_code == 2, sent.output
+        assert "Invalid value for '--timeout': must be >= 0 and <= 86400 s" in sent.stderr
+    ban = ("ratelimit.ban", "level=ip", "identifier=1.2.3.4", "duration=1e999")
+    banned = corral_("send", *ban, *url)
+    assert banned.exit_code == 2
+    assert "ratelimit.ban.duration: must be >= 0 and <= 315360000 s, got inf" in banned.stderr
+    cost = corral_("send", "ratelimit.check", "ip=1.2.3.4", "cost=99999999999999999999999", *url)
+    assert cost.exit_code == 2
+    assert "ratelimit.check.cost: must be >= 0 and <= 1000000000" in cost.stderr
+    config = tmp_path / "corral.toml"
+    config.write_text("[system]\nask_timeout = inf\n")
+    checked = corral_("config", "check", "-c", str(config))
+    assert checked.exit_code == 2
+    assert f"{config}: system.ask_timeout: must be <= 86400, got inf" in checked.stderr
+    listed = corral_("messages", "-c", os.devnull)
+    assert listed.exit_code == 0, listed.output
+    assert "    ttl: float (> 0, <= 315360000 s) | None (optional)" in listed.stdout
+    assert "    duration: float (>= 0, <= 315360000 s) (optional)" in listed.stdout
+    assert "    cost: int (>= 0, <= 1000000000) (optional)" in listed.stdout
+    assert "Every float is finite" in listed.stderr

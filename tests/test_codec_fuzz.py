@@ -15,17 +15,29 @@ import dataclasses
 import enum
 import hashlib
 import hmac
+import math
 import random
 import types
 import typing
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgpack
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 from corral.errors import InvalidMessage
-from corral.messages import Codec, Event, Message, Reply, Request, lookup, message, registered
+from corral.messages import (
+    Codec,
+    Event,
+    Message,
+    Reply,
+    Request,
+    lookup,
+    message,
+    registered,
+    validate,
+)
+from corral.messages.base import Range
 
 KEY = b"fuzz-key"
 # Deep enough for every valid body built below, shallow enough for "too_deep" to pass it.
@@ -50,6 +62,9 @@ class Flavor(enum.Enum):
 class FuzzPart(Reply):
     name: str
     weight: float = 0.0
+    share: Annotated[float, Range(gt=0, le=1)] = 1.0
+    size: Annotated[int, Range(ge=0, le=2**53)] | None = None
+    wild: Annotated[float, Range(finite=False)] = 0.0
 
 
 @message("test.fuzz_order")
@@ -137,6 +152,20 @@ DAMAGES = [
     "version",
     "type_name",
     "body_junk",
+    "field_extreme",
+]
+EXTREMES: list[Any] = [
+    float("inf"),
+    float("-inf"),
+    float("nan"),
+    1e308,
+    -1e308,
+    2**63,
+    2**64 - 1,
+    -(2**63),
+    -1,
+    0,
+    0.0,
 ]
 ODD_VALUES: list[Any] = [
     msgpack.ExtType(1, b"x"),
@@ -154,12 +183,16 @@ def valid_value(annotation: Any, rng: random.Random, depth: int = 0) -> Any:
     """A random wire value that a field of this type accepts."""
     if annotation is Any:
         return junk(rng, depth, odd=False, str_keys=True)
+    if typing.get_origin(annotation) is Annotated:
+        base, *extras = typing.get_args(annotation)
+        bounds = [extra for extra in extras if isinstance(extra, Range)]
+        return valid_number(base, bounds[0], rng) if bounds else valid_value(base, rng, depth)
     if annotation is str:
         return rng.choice(["", "k", "ключ", "a.b", "x" * rng.randrange(40)])
     if annotation is int:
-        return rng.choice([0, 1, -1, 2**63 - 1, -(2**63), 2**64 - 1, rng.randrange(-1000, 1000)])
+        return rng.choice([0, 1, -1, 2**63 - 1, -(2**63), rng.randrange(-1000, 1000)])
     if annotation is float:
-        return rng.choice([0.0, -1.5, float("inf"), 1e300, rng.random(), rng.randrange(100)])
+        return rng.choice([0.0, -1.5, -1e308, 1e300, rng.random(), rng.randrange(100)])
     if annotation is bool:
         return rng.random() < 0.5
     if annotation is bytes:
@@ -180,6 +213,20 @@ def valid_value(annotation: Any, rng: random.Random, depth: int = 0) -> Any:
     if isinstance(annotation, type) and issubclass(annotation, Message):
         return valid_body(annotation, rng, depth + 1)
     raise AssertionError(f"no generator for {annotation!r}")
+
+
+def valid_number(kind: type, bounds: Range, rng: random.Random) -> float:
+    """A number within ``bounds`` (its ends included when they are)."""
+    if not bounds.finite:  # (nan too, but a message holding it is not equal to itself)
+        return rng.choice([float("inf"), float("-inf"), -1.5])
+    floor, ceiling = (-(2**63), 2**63 - 1) if kind is int else (-1e308, 1e308)
+    low: float = floor if bounds.ge is None and bounds.gt is None else bounds.ge or bounds.gt or 0
+    high: float = ceiling if bounds.le is None else bounds.le
+    if kind is int:
+        first = int(low) + (1 if bounds.gt is not None else 0)
+        return rng.choice([first, int(high), rng.randint(first, int(high))])
+    start = math.nextafter(low, high) if bounds.gt is not None else low
+    return rng.choice([start, float(high), low / 2 + high / 2])
 
 
 def valid_body(cls: type[Message], rng: random.Random, depth: int = 0) -> dict[str, Any]:
@@ -260,6 +307,15 @@ def damage(env: dict[Any, Any], kind: str, rng: random.Random) -> None:
         env["t"] = rng.choice([*(c.type_name for c in MESSAGE_CLASSES), "test.fuzz_none", ""])
     elif kind == "body_junk":
         env["b"] = junk(rng)
+    elif kind == "field_extreme":  # a number out of (or at the very end of) any bounds
+        targets = _containers(body)
+        target = rng.choice(targets)
+        if isinstance(target, dict) and target:
+            target[rng.choice(list(target))] = rng.choice(EXTREMES)
+        elif isinstance(target, list) and target:
+            target[rng.randrange(len(target))] = rng.choice(EXTREMES)
+        else:
+            body[rng.choice([f.name for f in cls.fields_info] or ["x"])] = rng.choice(EXTREMES)
 
 
 @st.composite
@@ -309,8 +365,8 @@ def real_messages() -> list[bytes]:
         either="e",
         mode=3,
         flavor=Flavor.ONE,
-        part=FuzzPart(name="p"),
-        parts=[FuzzPart(name="q", weight=1.0)],
+        part=FuzzPart(name="p", size=7),
+        parts=[FuzzPart(name="q", weight=1.0, share=0.5, wild=float("inf"))],
         maybe_part=None,
         extra={"n": [1, None]},
     )
@@ -349,6 +405,7 @@ def check_decode(data: bytes) -> int:
         msg = env.message
         assert isinstance(msg, Message)
         assert lookup(msg.type_name) is type(msg)
+        validate(msg)  # what decodes is within every bound a message built in process meets
         assert type(env.id) is bytes and len(env.id) == 16
         decoded += 1
     assert all(problems)  # every rejection says what is wrong

@@ -19,6 +19,7 @@ from corral.config import (
     DaemonSection,
     LogSection,
     ManagerSection,
+    Section,
     SupervisorSection,
     SystemSection,
     load_config,
@@ -358,6 +359,22 @@ def test_file_values(tmp_path: Path) -> None:
             "[supervisor]\nbackoff_initial = 10",
             "supervisor.backoff_initial: must be <= supervisor.backoff_max (5.0), got 10.0",
         ),
+        ("[system]\nask_timeout = inf", "system.ask_timeout: must be <= 86400, got inf"),
+        ("[system]\nask_timeout = nan", "system.ask_timeout: must be > 0, got nan"),
+        ("[system]\nask_timeout = 1e9", "system.ask_timeout: must be <= 86400, got 1000000000.0"),
+        (
+            "[system]\nmailbox_put_timeout = -inf",
+            "system.mailbox_put_timeout: must be >= 0, got -inf",
+        ),
+        (
+            "[supervisor]\nprobe_interval = inf",
+            "supervisor.probe_interval: must be <= 86400, got inf",
+        ),
+        ("[daemon]\nclaim_idle = inf", "daemon.claim_idle: must be <= 86400, got inf"),
+        (
+            "[managers.cache]\nshutdown_timeout = inf",
+            "managers.cache.shutdown_timeout: must be <= 86400, got inf",
+        ),
     ],
 )
 def test_bad_file_values_name_the_file_and_key(tmp_path: Path, text: str, problem: str) -> None:
@@ -474,6 +491,28 @@ def test_manager_options_from_a_source_merge_key_by_key(tmp_path: Path) -> None:
     }
     assert config.sources["managers.auth.ttl"] == "vault"
     assert config.sources["managers.auth.issuer"] == f"file {path}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Unbounded(Section):
+    ratio: float = 1.0
+    maybe: float | None = None
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_every_float_of_a_section_is_finite(value: float) -> None:
+    with pytest.raises(ConfigError, match=r"^ratio: must be a finite number, got -?(inf|nan)$"):
+        _Unbounded(ratio=value)
+    with pytest.raises(ConfigError, match=r"^maybe: must be a finite number"):
+        _Unbounded(maybe=value)
+    assert _Unbounded(ratio=1e308, maybe=None).ratio == 1e308
+
+
+def test_timeouts_from_the_environment_are_bounded(tmp_path: Path) -> None:
+    path = toml(tmp_path, "")
+    for text in ("inf", "nan", "-1", "1e999"):
+        message = error_of(path, env={"CORRAL_SYSTEM_ASK_TIMEOUT": text})
+        assert message.startswith("env CORRAL_SYSTEM_ASK_TIMEOUT: system.ask_timeout: must be")
 
 
 def test_sections_check_values_when_built_in_code() -> None:

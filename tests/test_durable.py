@@ -116,8 +116,14 @@ def test_a_lost_stream_is_a_gap_not_silence(daemon: Daemon) -> None:
 @pytest.mark.parametrize(
     ("write", "error"),
     [
-        (StateRegister(state_id="t", state_type="Session", ttl=float("inf")), "ttl must be > 0"),
-        (StateRegister(state_id="t", state_type="Session", ttl=1e12), "ttl must be > 0"),
+        (
+            StateRegister(state_id="t", state_type="Session", ttl=float("inf")),
+            "ttl: must be > 0 and <= 315360000 s",
+        ),
+        (
+            StateRegister(state_id="t", state_type="Session", ttl=1e12),
+            "ttl: must be > 0 and <= 315360000 s",
+        ),
         (StateRegister(state_id="t", state_type="Session", data={"n": 2**64}), "cannot be stored"),
     ],
 )

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import pickle
 import re
 import types
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pytest
 
@@ -28,7 +29,17 @@ from corral.messages import (
     registered,
     validate,
 )
-from corral.messages.base import FieldInfo
+from corral.messages.base import (
+    INT64_MAX,
+    MAX_NESTING,
+    MAX_TTL,
+    TIMEOUT,
+    Count,
+    FieldInfo,
+    Range,
+    TimeLimit,
+    Ttl,
+)
 
 
 class Shade(enum.Enum):
@@ -111,6 +122,22 @@ class MsgDerived(MsgBase):
     """A message that extends another: it keeps the base's fields."""
 
     b: str = ""
+
+
+@message("test.msg_bounded")
+class MsgBounded(Request[MsgItem]):
+    """Number fields with declared bounds, next to plain ones."""
+
+    manager = "sampler"
+    ttl: Ttl | None = None
+    wait: TimeLimit = 1.0
+    count: Count = 0
+    copies: Annotated[int, Range(ge=1, le=8)] = 1
+    ratio: Annotated[float, Range(gt=0, le=1)] = 0.5
+    anything: Annotated[float, Range(finite=False)] = 0.0
+    scores: list[Annotated[float, Range(ge=0)]] = dataclasses.field(default_factory=list)
+    plain: float = 0.0
+    whole: int = 0
 
 
 class MsgTeapot(errors.RequestError):
@@ -486,6 +513,136 @@ def test_validate_names_the_field(overrides: dict[str, Any], text: str) -> None:
     assert str(caught.value) == text
     assert caught.value.path == text.split(": ", 1)[0]
     assert caught.value.details["path"] == caught.value.path
+
+
+@pytest.mark.parametrize(
+    ("overrides", "text"),
+    [
+        ({"ttl": math.inf}, f"ttl: must be > 0 and <= {MAX_TTL} s, got inf"),
+        ({"ttl": math.nan}, f"ttl: must be > 0 and <= {MAX_TTL} s, got nan"),
+        ({"ttl": 1e308}, f"ttl: must be > 0 and <= {MAX_TTL} s, got 1e+308"),
+        ({"ttl": 0}, f"ttl: must be > 0 and <= {MAX_TTL} s, got 0.0"),
+        ({"ttl": -1.0}, f"ttl: must be > 0 and <= {MAX_TTL} s, got -1.0"),
+        ({"ttl": 10**400}, "ttl: expected float, got an int too large"),
+        ({"wait": 86400.5}, "wait: must be > 0 and <= 86400 s, got 86400.5"),
+        ({"count": -1}, f"count: must be >= 0 and <= {INT64_MAX}, got -1"),
+        ({"count": 2**63}, f"count: must be >= 0 and <= {INT64_MAX}, got {2**63}"),
+        ({"copies": 9}, "copies: must be >= 1 and <= 8, got 9"),
+        ({"ratio": 0.0}, "ratio: must be > 0 and <= 1, got 0.0"),
+        ({"scores": [1.0, -0.5]}, "scores[1]: must be >= 0, got -0.5"),
+        ({"scores": [math.inf]}, "scores[0]: must be >= 0, got inf"),
+        ({"plain": -math.inf}, "plain: must be a finite number, got -inf"),
+        (
+            {"whole": -(2**63) - 1},
+            f"whole: must be >= {-(2**63)} and <= {INT64_MAX}, got {-(2**63) - 1}",
+        ),
+        (
+            {"whole": 99999999999999999999999},
+            f"whole: must be >= {-(2**63)} and <= {INT64_MAX}, got 99999999999999999999999",
+        ),
+    ],
+)
+def test_validate_checks_bounds(overrides: dict[str, Any], text: str) -> None:
+    with pytest.raises(InvalidMessage) as caught:
+        validate(MsgBounded(**overrides))
+    assert str(caught.value) == text
+    assert caught.value.path == text.split(": ", 1)[0]
+    body = {k: v for k, v in MsgBounded(**overrides).to_wire().items() if k in overrides}
+    with pytest.raises(InvalidMessage) as decoded:
+        MsgBounded._from_wire(body, "b")
+    assert decoded.value.path == "b." + caught.value.path
+    assert decoded.value.message == caught.value.message
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"ttl": MAX_TTL, "wait": 86400, "count": INT64_MAX, "copies": 8, "ratio": 1},
+        {"ttl": 5e-324, "wait": 1e-9, "count": 0, "copies": 1, "ratio": 1e-300},
+        {"anything": math.inf},
+        {"anything": -math.inf},
+        {"anything": math.nan},
+        {"plain": 1e308, "whole": -(2**63)},
+    ],
+)
+def test_values_at_the_bounds_pass(overrides: dict[str, Any]) -> None:
+    validate(MsgBounded(**overrides))
+    MsgBounded._from_wire(MsgBounded(**overrides).to_wire(), "b")
+
+
+def test_bounds_are_described() -> None:
+    described = {f.name: f.describe() for f in MsgBounded.fields_info}
+    assert described == {
+        "ttl": f"float (> 0, <= {MAX_TTL} s) | None",
+        "wait": "float (> 0, <= 86400 s)",
+        "count": "int (>= 0)",
+        "copies": "int (>= 1, <= 8)",
+        "ratio": "float (> 0, <= 1)",
+        "anything": "float (inf and nan allowed)",
+        "scores": "list[float (>= 0)]",
+        "plain": "float",
+        "whole": "int",
+    }
+
+
+def test_a_range_checks_plain_numbers() -> None:
+    assert TIMEOUT.check(0, "timeout") == 0
+    assert TIMEOUT.check(2.5, "timeout") == 2.5
+    for bad, text in [
+        (math.inf, "timeout: must be >= 0 and <= 86400 s, got inf"),
+        (math.nan, "timeout: must be >= 0 and <= 86400 s, got nan"),
+        (-1, "timeout: must be >= 0 and <= 86400 s, got -1"),
+        (2**70, f"timeout: must be >= 0 and <= 86400 s, got {2**70}"),
+        (True, "timeout: expected a number, got bool"),
+        ("5", "timeout: expected a number, got str"),
+    ]:
+        with pytest.raises(InvalidMessage) as caught:
+            TIMEOUT.check(bad, "timeout")
+        assert str(caught.value) == text
+
+
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (lambda: Range(ge=0, gt=0), "ge or gt"),
+        (lambda: Range(le=math.inf), "finite"),
+        (lambda: Range(ge=math.nan), "finite"),
+        (lambda: Range(le=1, finite=False), "no bounds"),
+    ],
+)
+def test_a_range_is_declared_sensibly(make: Any, problem: str) -> None:
+    with pytest.raises(TypeError, match=problem):
+        make()
+
+
+def test_a_range_bounds_numbers_only() -> None:
+    with pytest.raises(TypeError, match="bounds an int or a float"):
+
+        @message("test.msg_bad_range")
+        class MsgBadRange(Event):
+            name: Annotated[str, Range(ge=1)] = "x"
+
+
+def test_every_float_field_of_the_builtin_messages_is_finite() -> None:
+    for name, cls in registered().items():
+        if not name.startswith(("test.", "bench.")):
+            for f in cls.fields_info:
+                for bad in (math.inf, math.nan):
+                    if "float" in f.describe():
+                        with pytest.raises(InvalidMessage, match=f"^b\\.{f.name}: "):
+                            f.from_wire(bad, f"b.{f.name}")
+
+
+def test_any_values_nest_at_most_max_nesting_levels() -> None:
+    value: Any = "leaf"
+    for _ in range(MAX_NESTING - 1):
+        value = [value]
+    validate(MsgBlob(data=value))  # 100 levels, the leaf included
+    MsgBlob._from_wire({"data": value}, "b")
+    with pytest.raises(InvalidMessage, match=r"^data: nested deeper than 100 levels$"):
+        validate(MsgBlob(data={"d": value}))
+    with pytest.raises(InvalidMessage, match=r"^b\.data: nested deeper than 100 levels$"):
+        MsgBlob._from_wire({"data": {"d": value}}, "b")
 
 
 def test_validate_checks_nested_any() -> None:

@@ -31,8 +31,10 @@ from corral.config import (
 )
 from corral.daemon import Daemon
 from corral.errors import BackendUnavailable, ManagerUnavailable, NotFound, Timeout
+from corral.messages.base import MAX_TIMEOUT, Count, ErrorReply
+from corral.messages.codec import Codec
 from corral.messages.system import Ping, Pong, SupervisorChildChanged
-from corral.remote import stream_key
+from corral.remote import GROUP, stream_key
 from tests.redis_server import RedisServer
 from tests.support import Work, next_event, wait_until
 
@@ -278,6 +280,64 @@ def test_a_malformed_request_entry_is_rejected_and_the_daemon_serves_on(
     assert daemon.remote is not None
     wait_until(lambda: daemon.remote is not None and daemon.remote.counts["rejected"] == 2)
     assert client.ask(Ping(payload=b"still here")).payload == b"still here"
+
+
+def test_a_deadline_out_of_range_is_refused_with_an_answer(
+    redis_server: RedisServer, daemon: Daemon, client: Client
+) -> None:
+    raw = redis.Redis.from_url(redis_server.url)
+    stream = stream_key("rt", "system")
+    replies = client.subscribe("reply.deadline-test")
+    data = Codec().encode(Ping(payload=b"far"), reply_to="reply.deadline-test")
+    far = int((time.time() + MAX_TIMEOUT + 3600) * 1000)
+    for deadline in (2**70, 2**64 + 1, far, -5):
+        raw.xadd(stream, {"d": str(deadline), "m": data})
+        _, error = next_event(replies, ErrorReply)
+        assert error.code == "invalid_message"
+        assert error.details["path"] == "d"
+        assert f"got {deadline}"[:40] in error.message
+    # The longest a client may wait is served.
+    raw.xadd(stream, {"d": str(int((time.time() + MAX_TIMEOUT) * 1000)), "m": data})
+    _, pong = next_event(replies, Pong)
+    assert pong.payload == b"far"
+    wait_until(lambda: raw.xlen(stream) == 0)  # every entry acknowledged and deleted
+    assert raw.xpending(stream, GROUP)["pending"] == 0
+    assert daemon.remote is not None and daemon.remote.counts["rejected"] == 4
+    assert daemon.system.health().managers["system"].restarts == 0
+    assert client.ask(Ping(payload=b"still here")).payload == b"still here"
+    replies.close()
+    raw.close()
+
+
+@corral.message("test.counted")
+class Counted(corral.Reply):
+    n: Count
+
+
+@corral.message("test.count_down")
+class CountDown(corral.Request[Counted]):
+    manager = "counter"
+    n: int
+
+
+class Counter(corral.Manager):
+    """Answers with ``n``, which may be out of its reply's bounds."""
+
+    name = "counter"
+
+    @corral.handles(CountDown)
+    def count(self, msg: CountDown) -> Counted:
+        return Counted(n=msg.n)
+
+
+def test_a_reply_out_of_its_bounds_is_an_error_not_silence(redis_server: RedisServer) -> None:
+    config = daemon_config(
+        redis_server.url, counter=ManagerSection(class_path="tests.test_remote:Counter")
+    )
+    with Daemon(config), corral.connect(redis_server.url, namespace="rt") as remote:
+        assert remote.ask(CountDown(n=3)) == Counted(n=3)
+        with pytest.raises(ManagerUnavailable, match=r"could not be sent: n: must be >= 0"):
+            remote.ask(CountDown(n=-1), timeout=5)
 
 
 def test_a_reply_too_big_to_send_is_an_error_not_silence(redis_server: RedisServer) -> None:

@@ -169,7 +169,7 @@ def _gone(system: System, state_id: str) -> bool:
         (StateGetHistory(state_id="nobody"), NotFound, "no history"),
         (StateUpdate(state_id="u1", transition="Bad Name"), InvalidMessage, "transition"),
         (StateUpdate(state_id="u1", data={"x": "y" * 70_000}), InvalidMessage, "over the limit"),
-        (StateUpdate(state_id="u1", ttl=-1.0), InvalidMessage, "ttl must be > 0"),
+        (StateUpdate(state_id="u1", ttl=-1.0), InvalidMessage, "ttl: must be > 0"),
         (StateUpdate(state_id="u*"), InvalidMessage, "state id"),
         (StateRegister(state_id="u2", state_type="a.b"), InvalidMessage, "state type"),
         (StateUpdate(state_id="u1", data={"x": object()}), InvalidMessage, "data.x"),

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from corral.actors.base import Manager, handles
 from corral.config import Section
 from corral.errors import InvalidMessage, NotFound
+from corral.messages.base import MAX_TIMEOUT
 from corral.messages.state import (
     StateCommit,
     StateGet,
@@ -61,7 +62,7 @@ _REMEMBERED_EXPIRED = 1_000
 class TransactionOptions(Section):
     """``[managers.transaction]``: see the module docstring."""
 
-    idle_timeout: float = field(default=30.0, metadata={"gt": 0})
+    idle_timeout: float = field(default=30.0, metadata={"gt": 0, "le": MAX_TIMEOUT})
     max_writes: int = field(default=1_000, metadata={"ge": 1})
     sweep_interval: float = field(default=1.0, metadata={"gt": 0})
 
@@ -116,8 +117,10 @@ class TransactionManager(Manager):
     @handles(TransactionBegin)
     def begin(self, msg: TransactionBegin) -> TransactionInfo:
         timeout = self.settings.idle_timeout if msg.idle_timeout is None else msg.idle_timeout
-        if not timeout > 0:
-            raise InvalidMessage("idle_timeout must be > 0", path="idle_timeout")
+        if not 0 < timeout <= MAX_TIMEOUT:  # as the codec checks
+            raise InvalidMessage(
+                f"idle_timeout must be > 0 and <= {MAX_TIMEOUT} s", path="idle_timeout"
+            )
         transaction_id = uuid.uuid4().hex
         self.open[transaction_id] = _Transaction(timeout, time.monotonic())
         return TransactionInfo(transaction_id=transaction_id, writes=0)

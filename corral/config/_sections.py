@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from typing import Any, ClassVar, Literal, NoReturn
 from corral._redis import parse_url
 from corral.config._values import Mismatch, convert, hide, mask
 from corral.errors import ConfigError
+from corral.messages.base import MAX_TIMEOUT
 
 Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
 Restart = Literal["permanent", "transient", "temporary"]
@@ -22,12 +24,16 @@ LogFormat = Literal["plain", "json"]
 _POSITIVE = {"gt": 0}
 _NON_NEGATIVE = {"ge": 0}
 _SIZE = {"ge": 1}
+_TIMEOUT = {"gt": 0, "le": MAX_TIMEOUT}
 _CLASS_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
 class Section:
     """Base of every section: checks field types and bounds when constructed.
+
+    Bounds come from field metadata (``gt``, ``ge``, ``le``, ``le_field``); a float
+    is also always finite (``inf`` and ``nan`` are refused).
 
     A bad value raises :class:`ConfigError` whose details carry ``field``,
     ``problem`` and ``related`` (other fields the problem involves), so that the
@@ -71,6 +77,8 @@ class Section:
                 self._fail(
                     f.name, f"must be <= {self._key(other)} ({limit}), got {value}", related=other
                 )
+        if isinstance(value, float) and not math.isfinite(value):
+            self._fail(f.name, f"must be a finite number, got {value}")
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}.{name}" if self.prefix else name
@@ -108,9 +116,9 @@ class SystemSection(Section):
     prefix: ClassVar[str] = "system"
 
     name: str = "corral"
-    ask_timeout: float = field(default=5.0, metadata=_POSITIVE)
+    ask_timeout: float = field(default=5.0, metadata=_TIMEOUT)
     mailbox_size: int = field(default=10_000, metadata=_SIZE)
-    mailbox_put_timeout: float = field(default=1.0, metadata=_NON_NEGATIVE)
+    mailbox_put_timeout: float = field(default=1.0, metadata={"ge": 0, "le": MAX_TIMEOUT})
     validate: bool = True
 
 
@@ -122,14 +130,14 @@ class SupervisorSection(Section):
 
     strategy: Strategy = "one_for_one"
     max_restarts: int = field(default=5, metadata=_NON_NEGATIVE)
-    period: float = field(default=30.0, metadata=_POSITIVE)
+    period: float = field(default=30.0, metadata=_TIMEOUT)
     backoff_initial: float = field(default=0.05, metadata={"ge": 0, "le_field": "backoff_max"})
-    backoff_max: float = field(default=5.0, metadata=_NON_NEGATIVE)
+    backoff_max: float = field(default=5.0, metadata={"ge": 0, "le": MAX_TIMEOUT})
     backoff_jitter: float = field(default=0.2, metadata={"ge": 0, "le": 1})
-    probe_interval: float = field(default=2.0, metadata=_POSITIVE)
-    probe_timeout: float = field(default=5.0, metadata=_POSITIVE)
-    shutdown_timeout: float = field(default=5.0, metadata=_POSITIVE)
-    start_timeout: float = field(default=10.0, metadata=_POSITIVE)
+    probe_interval: float = field(default=2.0, metadata=_TIMEOUT)
+    probe_timeout: float = field(default=5.0, metadata=_TIMEOUT)
+    shutdown_timeout: float = field(default=5.0, metadata=_TIMEOUT)
+    start_timeout: float = field(default=10.0, metadata=_TIMEOUT)
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
@@ -143,7 +151,7 @@ class BusSection(Section):
     namespace: str = "corral"
     queue_size: int = field(default=10_000, metadata=_SIZE)
     reconnect_initial: float = field(default=0.1, metadata={"ge": 0, "le_field": "reconnect_max"})
-    reconnect_max: float = field(default=5.0, metadata=_NON_NEGATIVE)
+    reconnect_max: float = field(default=5.0, metadata={"ge": 0, "le": MAX_TIMEOUT})
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
@@ -175,11 +183,11 @@ class DaemonSection(Section):
 
     host: str = "127.0.0.1"
     port: int = field(default=8650, metadata={"ge": 0, "le": 65535})
-    heartbeat_interval: float = field(default=1.0, metadata=_POSITIVE)
+    heartbeat_interval: float = field(default=1.0, metadata=_TIMEOUT)
     """How often a daemon renews its presence for remote clients (bus on Redis)."""
-    heartbeat_ttl: float = field(default=3.0, metadata=_POSITIVE)
+    heartbeat_ttl: float = field(default=3.0, metadata=_TIMEOUT)
     """How long a silent daemon still counts as serving."""
-    claim_idle: float = field(default=5.0, metadata=_POSITIVE)
+    claim_idle: float = field(default=5.0, metadata=_TIMEOUT)
     """After how long a request taken by a silent daemon is claimed by another."""
 
 
@@ -203,7 +211,7 @@ class VaultSection(Section):
     secret_id: str = field(default="", metadata={"secret": True})
     mount: str = "secret"
     config_path: str = ""
-    timeout: float = field(default=5.0, metadata=_POSITIVE)
+    timeout: float = field(default=5.0, metadata=_TIMEOUT)
     verify: bool = True
     ca_cert: str = ""
 
@@ -243,7 +251,7 @@ class ManagerSection(Section):
     critical: bool = False
     restart: Restart = "permanent"
     depends_on: list[str] = field(default_factory=list)
-    shutdown_timeout: float | None = field(default=None, metadata=_POSITIVE)
+    shutdown_timeout: float | None = field(default=None, metadata=_TIMEOUT)
     mailbox_size: int | None = field(default=None, metadata=_SIZE)
     options: dict[str, Any] = field(default_factory=dict)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from corral.messages.base import Reply, Request, message
+from corral.messages.base import Count, Reply, Request, Ttl, message
 
 __all__ = [
     "REASONS",
@@ -51,6 +51,7 @@ REASONS = (
     "missing_claim",  # one of exp, iat, sub, jti, type (and aud, iss when configured)
     "bad_claim",  # a registered claim of the wrong type
     "wrong_token_type",  # a refresh token where an access token is expected, or the reverse
+    "lifetime_exceeded",  # exp - iat is longer than the configured max_token_lifetime
     "revoked",  # the jti is on the denylist, or its token family was revoked
     "reused_refresh",  # a retired refresh token came back: its whole family is now revoked
     "insufficient_scope",  # the token or API key lacks a required scope
@@ -80,9 +81,9 @@ class AuthTokens(Reply):
     """A token pair (``refresh_token`` is None when none was asked for)."""
 
     access_token: str
-    expires_in: int
+    expires_in: Count
     refresh_token: str | None = None
-    refresh_expires_in: int | None = None
+    refresh_expires_in: Count | None = None
     token_type: str = "Bearer"
 
 
@@ -136,7 +137,7 @@ class AuthRevoke(Request["AuthRevoked"]):
 @message("auth.revoked")
 class AuthRevoked(Reply):
     jti: str
-    ttl: int
+    ttl: Count
     """Seconds the denylist entry lives; 0 when the token had expired already."""
     family_revoked: bool
 
@@ -170,13 +171,16 @@ class AuthApiKey(Reply):
 
 @message("auth.api_key_create")
 class AuthApiKeyCreate(Request[AuthApiKey]):
-    """Generate an API key for ``owner``; only its hash is stored, so show it once."""
+    """Generate an API key for ``owner``; only its hash is stored, so show it once.
+
+    ``ttl``: seconds until it expires (at most ten years); None: it never does.
+    """
 
     manager = "auth"
     owner: str
     scopes: list[str] = dataclasses.field(default_factory=list)
     name: str = ""
-    ttl: float | None = None
+    ttl: Ttl | None = None
 
 
 @message("auth.api_key_validate")

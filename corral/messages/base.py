@@ -14,28 +14,58 @@ on the way in (``from_wire``) and, for messages built in process, by
 Supported field types: ``str int float bool bytes None``, ``list[T]``,
 ``dict[str, T]``, unions such as ``T | None``, ``Literal[...]``, ``enum.Enum``,
 nested messages, and ``Any`` (any msgpack value).
+
+Numbers are bounded. A float is finite (no ``inf``, no ``nan``) and an int fits
+in a signed 64-bit integer, unless the field declares otherwise with a
+:class:`Range`; durations, TTLs, sizes, counts and offsets declare theirs, with
+the aliases below or their own ``Annotated[int, Range(...)]``::
+
+    @message("cache.set", version=1)
+    class CacheSet(Request["CacheStored"]):
+        manager = "cache"
+        key: str
+        ttl: Ttl | None = None                          # > 0, <= ten years
+        copies: Annotated[int, Range(ge=1, le=8)] = 1
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
+import math
 import re
 import sys
 import types
 import typing
 from collections.abc import Callable
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, TypeVar
 
 from corral.errors import CorralError, InvalidMessage, error_class
 
 __all__ = [
+    "INT64_MAX",
+    "INT64_MIN",
+    "MAX_COST",
+    "MAX_NESTING",
+    "MAX_OFFSET",
+    "MAX_TIMEOUT",
+    "MAX_TTL",
+    "TIMEOUT",
+    "CloseCode",
+    "Cost",
+    "Count",
+    "Duration",
     "ErrorReply",
     "Event",
     "FieldInfo",
     "Message",
+    "Offset",
+    "Range",
     "Reply",
     "Request",
+    "TimeLimit",
+    "Ttl",
     "lookup",
     "message",
     "registered",
@@ -47,6 +77,98 @@ _WIRE_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 
 Check = Callable[[Any, str], Any]
 """A compiled field check: takes a value and its path, returns the value or raises."""
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+"""The ints every field stays within, whatever its Range: what Redis and Lua take."""
+
+MAX_TTL = 10 * 365 * 24 * 3600
+"""The longest TTL or duration (seconds): ten years. Redis ``PX`` of it never overflows."""
+
+MAX_TIMEOUT = 24 * 3600
+"""The longest timeout or wait (seconds): one day, far below what a thread can wait."""
+
+MAX_OFFSET = 2**53 - 1
+"""The largest offset or version: exact in a double (Lua numbers, JavaScript)."""
+
+MAX_COST = 10**9
+"""The largest cost one rate-limited call can charge."""
+
+MAX_NESTING = 100
+"""How deep lists and maps may nest in an ``Any`` field (the codec's ``max_depth``, 32 by
+default, bounds a whole message first): deep enough for any document, shallow enough
+for every recursive encoder (msgpack, json) a manager hands it to."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Bounds of a number field, given as ``Annotated[float, Range(gt=0, le=60, unit="s")]``.
+
+    ``ge``/``gt`` bound it below (inclusive/exclusive), ``le`` above. A float
+    field is finite unless its Range says ``finite=False`` (then it has no
+    bounds: ``inf``, ``-inf`` and ``nan`` all pass). An int field stays within
+    64 bits whatever its bounds. ``unit`` is shown by ``corral messages``.
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    unit: str = ""
+    finite: bool = True
+
+    def __post_init__(self) -> None:
+        if self.ge is not None and self.gt is not None:
+            raise TypeError("a Range takes ge or gt, not both")
+        bounds = [b for b in (self.ge, self.gt, self.le) if b is not None]
+        if not self.finite and bounds:
+            raise TypeError("a Range with finite=False takes no bounds")
+        if not all(math.isfinite(b) for b in bounds):
+            raise TypeError("Range bounds must be finite numbers")
+
+    def describe(self) -> str:
+        """``> 0, <= 86400 s``; ``inf and nan allowed`` for ``finite=False``."""
+        if not self.finite:
+            return "inf and nan allowed"
+        bounds = ((">=", self.ge), (">", self.gt), ("<=", self.le))
+        parts = [f"{op} {_number(b)}" for op, b in bounds if b is not None]
+        text = ", ".join(parts)
+        return f"{text} {self.unit}" if self.unit and text else text
+
+    def check(self, value: Any, path: str) -> Any:
+        """``value`` if it is a number (int or float, not bool) in range; else InvalidMessage.
+
+        For numbers that are not message fields: the timeouts of the API and the CLI.
+        """
+        if type(value) is float:
+            return _float_check(self)(value, path)
+        if type(value) is int:
+            return _int_check(self)(value, path)
+        raise InvalidMessage(f"expected a number, got {_type_name(value)}", path=path)
+
+
+Ttl = Annotated[float, Range(gt=0, le=MAX_TTL, unit="s")]
+"""A lifetime in seconds: more than 0, at most :data:`MAX_TTL` (ten years)."""
+
+Duration = Annotated[float, Range(ge=0, le=MAX_TTL, unit="s")]
+"""Seconds from 0 (which a field may give a meaning, such as "no end") to ten years."""
+
+TimeLimit = Annotated[float, Range(gt=0, le=MAX_TIMEOUT, unit="s")]
+"""A timeout or wait in seconds: more than 0, at most :data:`MAX_TIMEOUT` (one day)."""
+
+Count = Annotated[int, Range(ge=0)]
+"""A count or size: 0 or more (and within 64 bits, as every int)."""
+
+Offset = Annotated[int, Range(ge=0, le=MAX_OFFSET)]
+"""A position in a stream, or a version: 0 to 2**53 - 1."""
+
+Cost = Annotated[int, Range(ge=0, le=MAX_COST)]
+"""What one rate-limited call charges: 0 to :data:`MAX_COST`."""
+
+CloseCode = Annotated[int, Range(ge=1000, le=4999)]
+"""A WebSocket close code (RFC 6455: 1000-4999)."""
+
+TIMEOUT = Range(ge=0, le=MAX_TIMEOUT, unit="s")
+"""The bounds of a timeout given to the API (``System.ask``, ``Client.ask``, ``corral send``)."""
 
 
 class Message:
@@ -175,7 +297,7 @@ def message(name: str, *, version: int = 1) -> Callable[[M], M]:
 
 
 def _compile(cls: type[Message]) -> None:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     infos: list[FieldInfo] = []
     for field in dataclasses.fields(cls):  # type: ignore[arg-type]
         annotation = hints[field.name]
@@ -236,10 +358,16 @@ def _generate_methods(cls: type[Message], infos: list[FieldInfo]) -> None:
         namespace[f"set_{i}"] = slot.__set__
         default, is_factory = f.default
         namespace[f"default_{i}"] = default
-        fast = _FAST_TYPES.get(f.annotation)
-        optional = _optional_fast_type(f.annotation)
-        if fast is not None or optional is not None:
-            namespace[f"type_{i}"] = fast or optional
+        fast = _fast_spec(f.annotation)
+        if fast is not None:
+            kind, span, optional = fast
+            namespace[f"type_{i}"] = kind
+            test = f"type(v) is not type_{i}"
+            if span is not None:  # a number: its bounds inline too (nan fails them)
+                namespace[f"lo_{i}"], namespace[f"hi_{i}"] = span.lo, span.hi
+                test += f" or not lo_{i} {'<' if span.lo_open else '<='} v <= hi_{i}"
+            if optional:  # ``T | None`` of a plain T
+                test = f"v is not None and ({test})"
         decode.append(f"    v = body.get({f.name!r}, MISSING)")
         decode.append("    if v is MISSING:")
         if f.required:
@@ -249,13 +377,9 @@ def _generate_methods(cls: type[Message], infos: list[FieldInfo]) -> None:
         else:
             decode.append(f"        v = default_{i}")
         if fast is not None:
-            decode.append(f"    elif type(v) is not type_{i}:")
-            check.append(f"    if type(msg.{f.name}) is not type_{i}:")
-            check.append(f"        check_{i}(msg.{f.name}, {f.name!r})")
-        elif optional is not None:  # ``T | None`` of a plain T: inline too
-            decode.append(f"    elif v is not None and type(v) is not type_{i}:")
+            decode.append(f"    elif {test}:")
             check.append(f"    v = msg.{f.name}")
-            check.append(f"    if v is not None and type(v) is not type_{i}:")
+            check.append(f"    if {test}:")
             check.append(f"        check_{i}(v, {f.name!r})")
         else:
             decode.append("    else:")
@@ -279,16 +403,27 @@ def _generate_methods(cls: type[Message], infos: list[FieldInfo]) -> None:
     cls.to_wire = namespace["to_wire"]  # type: ignore[method-assign]
 
 
-def _optional_fast_type(annotation: Any) -> type | None:
-    """``T`` when ``annotation`` is ``T | None`` of a plain type T (``int | None``)."""
-    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+def _fast_spec(annotation: Any) -> tuple[type, _Span | None, bool] | None:
+    """What to check inline for a field of a plain type T, or ``T | None``.
+
+    The type, the bounds when it is a number, and whether None is allowed; None
+    when the field is of another kind (containers, enums, messages...).
+    """
+    optional = False
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if len(args) != 2 or type(None) not in args:
+            return None
+        annotation = args[0] if args[1] is type(None) else args[1]
+        optional = True
+    rng = _NO_RANGE
+    if typing.get_origin(annotation) is Annotated:
+        rng = _range_of(annotation) or _NO_RANGE
+        annotation = typing.get_args(annotation)[0]
+    kind = _FAST_TYPES.get(annotation)
+    if kind is None or (optional and kind is type(None)):
         return None
-    args = typing.get_args(annotation)
-    if len(args) != 2 or type(None) not in args:
-        return None
-    other = args[0] if args[1] is type(None) else args[1]
-    fast = _FAST_TYPES.get(other)
-    return fast if fast is not None and fast is not type(None) else None
+    return kind, _span(kind, rng) if kind in (int, float) else None, optional
 
 
 def _unknown_field(cls: type[Message], body: dict[str, Any], path: str) -> None:
@@ -338,6 +473,11 @@ def _describe(annotation: Any) -> str:
     if annotation is Any:
         return "any"
     origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        base = _describe(typing.get_args(annotation)[0])
+        rng = _range_of(annotation)
+        shown = rng.describe() if rng is not None else ""
+        return f"{base} ({shown})" if shown else base
     if origin in (typing.Union, types.UnionType):
         return " | ".join(_describe(a) for a in typing.get_args(annotation))
     if origin is typing.Literal:
@@ -371,28 +511,113 @@ def _scalar(expected: type) -> tuple[Check, Check, Callable[[Any], Any]]:
     return check, check, _identity
 
 
-def _int() -> tuple[Check, Check, Callable[[Any], Any]]:
+_NO_RANGE = Range()
+_FLOAT_MAX = sys.float_info.max
+
+
+class _Span(typing.NamedTuple):
+    """The bounds a number field is checked against: its Range within its type's."""
+
+    lo: float
+    lo_open: bool
+    hi: float
+
+    def holds(self, value: float) -> bool:
+        # Written so that nan is never inside.
+        return (self.lo < value if self.lo_open else self.lo <= value) and value <= self.hi
+
+
+def _span(kind: type, rng: Range) -> _Span | None:
+    """The effective bounds of an int or float field with ``rng``; None: unbounded."""
+    if kind is float and not rng.finite:
+        return None
+    floor, ceiling = (INT64_MIN, INT64_MAX) if kind is int else (-_FLOAT_MAX, _FLOAT_MAX)
+    if rng.gt is not None:
+        lo, lo_open = max(rng.gt, floor), rng.gt >= floor
+    else:
+        lo, lo_open = floor if rng.ge is None else max(rng.ge, floor), False
+    hi = ceiling if rng.le is None else min(rng.le, ceiling)
+    return _Span(lo, lo_open, hi)
+
+
+def _number(value: float) -> str:
+    """A bound as people read it: 86400, not 86400.0 or 8.64e+04."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e18:
+        return str(int(value))
+    return repr(value)
+
+
+def _out_of_range(kind: type, rng: Range, span: _Span, value: Any, path: str) -> InvalidMessage:
+    """The error for a number of the right type outside its field's bounds.
+
+    Its details carry ``bounds``, which also tells a union that this candidate took
+    the value's type and refused its value.
+    """
+    declared = kind is int or span.lo != -_FLOAT_MAX or span.hi != _FLOAT_MAX
+    if not declared:  # a float of no declared bounds: inf, -inf or nan
+        return InvalidMessage(
+            f"must be a finite number, got {value!r}", {"bounds": "finite"}, path=path
+        )
+    parts = []
+    if kind is int or span.lo != -_FLOAT_MAX:
+        parts.append(f"{'>' if span.lo_open else '>='} {_number(span.lo)}")
+    if kind is int or span.hi != _FLOAT_MAX:
+        parts.append(f"<= {_number(span.hi)}")
+    bounds = " and ".join(parts) + (f" {rng.unit}" if rng.unit else "")
+    return InvalidMessage(f"must be {bounds}, got {value!r:.40}", {"bounds": bounds}, path=path)
+
+
+@functools.cache
+def _int_check(rng: Range) -> Check:
+    span = _span(int, rng)
+    assert span is not None
+
     def check(value: Any, path: str) -> Any:
-        if type(value) is int:
+        if type(value) is not int:
+            raise InvalidMessage(f"expected int, got {_type_name(value)}", path=path)
+        if span.holds(value):
             return value
-        raise InvalidMessage(f"expected int, got {_type_name(value)}", path=path)
+        raise _out_of_range(int, rng, span, value, path)
 
-    return check, check, _identity
+    return check
 
 
-def _float() -> tuple[Check, Check, Callable[[Any], Any]]:
+@functools.cache
+def _float_check(rng: Range) -> Check:
+    span = _span(float, rng)
+
     def check(value: Any, path: str) -> Any:
         kind = type(value)
-        if kind is float:
-            return value
         if kind is int:
             try:
-                return float(value)
+                value = float(value)
             except OverflowError:  # only in process: msgpack ints fit in a float
-                raise InvalidMessage("expected float, got an int too large", path=path) from None
-        raise InvalidMessage(f"expected float, got {_type_name(value)}", path=path)
+                raise InvalidMessage(
+                    "expected float, got an int too large", {"bounds": "finite"}, path=path
+                ) from None
+        elif kind is not float:
+            raise InvalidMessage(f"expected float, got {_type_name(value)}", path=path)
+        if span is None or span.holds(value):
+            return value
+        raise _out_of_range(float, rng, span, value, path)
 
+    return check
+
+
+def _bounded(kind: type, rng: Range) -> tuple[Check, Check, Callable[[Any], Any]]:
+    check = _int_check(rng) if kind is int else _float_check(rng)
     return check, check, _identity
+
+
+def _range_of(annotation: Any) -> Range | None:
+    """The Range of ``Annotated[int | float, Range(...)]``; None when it has none."""
+    ranges = [extra for extra in annotation.__metadata__ if isinstance(extra, Range)]
+    if not ranges:
+        return None
+    base = typing.get_args(annotation)[0]
+    if base not in (int, float) or len(ranges) > 1:
+        raise TypeError(f"one Range bounds an int or a float field, not {annotation!r}")
+    return ranges[0]
 
 
 _ANY_LEAVES = frozenset((*_PLAIN, int, float))
@@ -401,7 +626,11 @@ _ANY_LEAVES = frozenset((*_PLAIN, int, float))
 def _check_any(value: Any, path: str) -> Any:
     """Check a msgpack value of any shape; walks it level by level without building paths."""
     level = [value]
+    depth = 0
     while level:
+        depth += 1
+        if depth > MAX_NESTING:
+            raise InvalidMessage(f"nested deeper than {MAX_NESTING} levels", path=path)
         below: list[Any] = []
         extend = below.extend
         for item in level:
@@ -493,8 +722,9 @@ def _union(options: tuple[Any, ...]) -> tuple[Check, Check, Callable[[Any], Any]
                 try:
                     return candidate(value, path)
                 except InvalidMessage as exc:
-                    # A candidate that took the value's shape and failed inside names the path.
-                    if inner is None and exc.path != path:
+                    # A candidate that took the value's shape and failed inside names the
+                    # path; a number of the right type out of its bounds says so.
+                    if inner is None and (exc.path != path or "bounds" in exc.details):
                         inner = exc
             if inner is not None:
                 raise inner
@@ -572,16 +802,17 @@ def _nested(cls: type[Message]) -> tuple[Check, Check, Callable[[Any], Any]]:
 
 
 def _compile_type(annotation: Any) -> tuple[Check, Check, Callable[[Any], Any]]:
-    if annotation is int:
-        return _int()
-    if annotation is float:
-        return _float()
+    if annotation is int or annotation is float:
+        return _bounded(annotation, _NO_RANGE)
     if annotation in (str, bytes, bool) or annotation is None or annotation is type(None):
         return _scalar(type(None) if annotation is None else annotation)
     if annotation is Any:
         return _check_any, _check_any, _identity
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    if origin is Annotated:
+        rng = _range_of(annotation)
+        return _compile_type(args[0]) if rng is None else _bounded(args[0], rng)
     if origin is list:
         return _list(args[0])
     if origin is dict:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from corral.messages.base import Event, Reply, Request, message
+from corral.messages.base import Count, Event, Reply, Request, TimeLimit, Ttl, message
 
 __all__ = [
     "CacheClear",
@@ -69,14 +69,14 @@ class CacheValues(Reply):
 
 @message("cache.stored")
 class CacheStored(Reply):
-    count: int
+    count: Count
 
 
 @message("cache.deleted")
 class CacheDeleted(Reply):
     """How many keys a delete, clear or invalidation removed (on the backend asked)."""
 
-    count: int
+    count: Count
 
 
 @message("cache.presence")
@@ -127,7 +127,8 @@ class CacheGetMany(Request[CacheValues]):
 
 @message("cache.set")
 class CacheSet(Request[CacheStored]):
-    """Store ``value`` for ``ttl`` seconds (None: the backend's ``default_ttl``).
+    """Store ``value`` for ``ttl`` seconds (None: the backend's ``default_ttl``); a TTL is
+    more than 0 and at most ten years.
 
     ``lease``: the token from ``CacheGetOrLease``; setting the key answers its waiters
     either way, and the lease ends.
@@ -136,7 +137,7 @@ class CacheSet(Request[CacheStored]):
     manager = "cache"
     key: str
     value: Any
-    ttl: float | None = None
+    ttl: Ttl | None = None
     tags: list[str] = dataclasses.field(default_factory=list)
     backend: str = ""
     lease: str = ""
@@ -146,7 +147,7 @@ class CacheSet(Request[CacheStored]):
 class CacheSetMany(Request[CacheStored]):
     manager = "cache"
     values: dict[str, Any]
-    ttl: float | None = None
+    ttl: Ttl | None = None
     tags: list[str] = dataclasses.field(default_factory=list)
     backend: str = ""
 
@@ -205,13 +206,14 @@ class CacheGetOrLease(Request[CacheLease]):
 
     ``lease_ttl``: how long a granted lease lasts if its holder never sets the key.
     ``wait``: how long to wait for another holder's value before ``Timeout``.
+    Both are seconds, more than 0 and at most a day.
     """
 
     manager = "cache"
     key: str
     backend: str = ""
-    lease_ttl: float = 30.0
-    wait: float = 10.0
+    lease_ttl: TimeLimit = 30.0
+    wait: TimeLimit = 10.0
 
 
 @message("cache.release")

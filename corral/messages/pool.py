@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import json as _json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from corral.messages.base import Reply, Request, message
+from corral.messages.base import Count, Range, Reply, Request, TimeLimit, message
 
 __all__ = [
     "HttpMethod",
@@ -37,14 +37,17 @@ __all__ = [
 
 HttpMethod = Literal["GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE"]
 
+Seconds = Annotated[float, Range(ge=0, unit="s")]
+"""A measured time: 0 seconds or more."""
+
 
 @message("pool.http_request")
 class HttpRequest(Request["HttpResponse"]):
     """One HTTP call to ``service``: ``path`` (with its query in ``params``) joined to a base URL.
 
     Give ``json`` (any JSON value but null) or ``body`` (raw bytes), not both.
-    ``timeout`` bounds the whole call, retries included; None leaves the service's
-    own timeouts. Only idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE), or
+    ``timeout`` (seconds, at most a day) bounds the whole call, retries included; None
+    leaves the service's own timeouts. Only idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE), or
     requests with an ``idempotency_key`` (sent as the ``Idempotency-Key`` header),
     are retried.
     """
@@ -57,7 +60,7 @@ class HttpRequest(Request["HttpResponse"]):
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
     json: Any = None
     body: bytes | None = None
-    timeout: float | None = None
+    timeout: TimeLimit | None = None
     idempotency_key: str | None = None
 
 
@@ -71,8 +74,8 @@ class HttpResponse(Reply):
     status: int
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
     body: bytes = b""
-    elapsed: float = 0.0
-    attempts: int = 1
+    elapsed: Seconds = 0.0
+    attempts: Count = 1
     url: str = ""
 
     def json(self) -> Any:
@@ -95,15 +98,15 @@ class JsonRpcCall(Request["JsonRpcResult"]):
     method: str
     params: Any = None
     path: str = ""
-    timeout: float | None = None
+    timeout: TimeLimit | None = None
     idempotency_key: str | None = None
 
 
 @message("pool.json_rpc_result")
 class JsonRpcResult(Reply):
     result: Any = None
-    elapsed: float = 0.0
-    attempts: int = 1
+    elapsed: Seconds = 0.0
+    attempts: Count = 1
 
 
 @message("pool.stats")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from corral.messages.base import Reply, Request, message
+from corral.messages.base import Cost, Count, Duration, Reply, Request, message
 
 __all__ = [
     "RatelimitBan",
@@ -41,7 +41,7 @@ class RatelimitRuleState(Reply):
     rule: str
     level: str
     identifier: str
-    limit: int
+    limit: Count
     remaining: int
     reset: float
     retry_after: float = 0.0
@@ -89,7 +89,7 @@ class RatelimitCheck(Request[RatelimitDecision]):
 
     ``identifiers`` carries custom levels (``{"tenant": "acme"}``); ``endpoint`` names
     the route called, for rules limited to some endpoints or counted per endpoint.
-    A refused call charges no rule.
+    A refused call charges no rule. ``cost`` is at most a billion.
     """
 
     manager = "ratelimit"
@@ -98,7 +98,7 @@ class RatelimitCheck(Request[RatelimitDecision]):
     api_key: str | None = None
     endpoint: str = ""
     identifiers: dict[str, str] = dataclasses.field(default_factory=dict)
-    cost: int = 1
+    cost: Cost = 1
 
 
 @message("ratelimit.info")
@@ -111,14 +111,14 @@ class RatelimitInfo(Request[RatelimitDecision]):
     api_key: str | None = None
     endpoint: str = ""
     identifiers: dict[str, str] = dataclasses.field(default_factory=dict)
-    cost: int = 1
+    cost: Cost = 1
 
 
 @message("ratelimit.cleared")
 class RatelimitCleared(Reply):
     """How many stored counters or bans a reset or unban removed."""
 
-    removed: int
+    removed: Count
 
 
 @message("ratelimit.reset")
@@ -146,12 +146,13 @@ class RatelimitBanned(Reply):
 
 @message("ratelimit.ban")
 class RatelimitBan(Request[RatelimitBanned]):
-    """Ban ``identifier`` at ``level`` for ``duration`` seconds (0: until unbanned)."""
+    """Ban ``identifier`` at ``level`` for ``duration`` seconds (0: until unbanned; at most
+    ten years)."""
 
     manager = "ratelimit"
     level: str
     identifier: str
-    duration: float = 0.0
+    duration: Duration = 0.0
 
 
 @message("ratelimit.unban")

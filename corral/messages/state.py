@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+from typing import Annotated, Any
 
 from corral.errors import Conflict, InvalidMessage, NotFound
-from corral.messages.base import Event, Reply, Request, message
+from corral.messages.base import MAX_TTL, Event, Offset, Range, Reply, Request, Ttl, message
 
 __all__ = [
     "KEEP",
@@ -110,7 +110,7 @@ class StateInfo(Reply):
     state_type: str
     status: str
     data: dict[str, Any]
-    version: int
+    version: Offset
     allowed_transitions: list[str]
     created_at: int
     updated_at: int
@@ -131,8 +131,8 @@ class StateChanged(Event):
     transition: str
     old: dict[str, Any] | None
     new: dict[str, Any] | None
-    version: int
-    offset: int
+    version: Offset
+    offset: Offset
     epoch: str
     ts: int
     status: str = ""
@@ -141,15 +141,16 @@ class StateChanged(Event):
 @message("state.write")
 class StateWrite(Reply):
     """One change to apply: what StateRegister/Update/Delete ask for, and what a
-    transaction buffers and commits. ``data`` None keeps the data; ``ttl`` (seconds)
-    sets a new expiry; ``state_type`` and ``allowed_transitions`` count for ``create``."""
+    transaction buffers and commits. ``data`` None keeps the data; ``ttl`` (seconds, at
+    most ten years) sets a new expiry; ``state_type`` and ``allowed_transitions`` count
+    for ``create``."""
 
     state_id: str
     transition: str
     state_type: str = ""
     data: dict[str, Any] | None = None
-    expected_version: int | None = None
-    ttl: float | None = None
+    expected_version: Offset | None = None
+    ttl: Ttl | None = None
     allowed_transitions: list[str] | None = None
 
 
@@ -166,7 +167,7 @@ class StateRegister(Request[StateInfo]):
     state_type: str
     data: dict[str, Any] = dataclasses.field(default_factory=dict)
     allowed_transitions: list[str] | None = None
-    ttl: float | None = None
+    ttl: Ttl | None = None
 
 
 @message("state.get")
@@ -189,8 +190,8 @@ class StateUpdate(Request[StateInfo]):
     state_id: str
     transition: str = "update"
     data: dict[str, Any] | None = None
-    expected_version: int | None = None
-    ttl: float | None = None
+    expected_version: Offset | None = None
+    ttl: Ttl | None = None
 
 
 @message("state.delete")
@@ -199,7 +200,7 @@ class StateDelete(Request[StateInfo]):
 
     manager = "state"
     state_id: str
-    expected_version: int | None = None
+    expected_version: Offset | None = None
 
 
 @message("state.history")
@@ -216,7 +217,7 @@ class StateGetHistory(Request[StateHistory]):
 
     manager = "state"
     state_id: str
-    limit: int = 100
+    limit: Annotated[int, Range(ge=1)] = 100
 
 
 @message("state.committed")
@@ -250,10 +251,6 @@ class StateExpireDue(Request[StateExpired]):
     ``expiry_interval`` seconds; reads never see an expired state meanwhile."""
 
     manager = "state"
-
-
-MAX_TTL = 10 * 365 * 24 * 3600.0
-"""The longest TTL a state may have: ten years (and never infinite)."""
 
 
 def check_write(write: StateWrite) -> None:

@@ -11,9 +11,9 @@ delivery instead of staying silent::
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from corral.messages.base import Event, message
+from corral.messages.base import MAX_OFFSET, Event, Offset, Range, message
 
 __all__ = ["GAP_TOPIC", "StreamGap"]
 
@@ -33,7 +33,7 @@ class StreamGap(Event):
 
     stream: str
     reason: Literal["trimmed", "epoch_changed"]
-    first_missing: int
-    last_missing: int
+    first_missing: Offset
+    last_missing: Annotated[int, Range(ge=-1, le=MAX_OFFSET)]
     epoch: str
     previous_epoch: str = ""

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from corral.messages.base import Event, Reply, Request, message
+from corral.messages.base import Count, Event, Range, Reply, Request, message
 
 __all__ = [
     "ChildStatus",
@@ -65,10 +65,10 @@ class ChildStatus(Reply):
     state: Literal["starting", "running", "restarting", "stopped", "failed"]
     status: HealthStatus
     critical: bool
-    restarts: int
+    restarts: Count
     last_error: str | None
-    mailbox_depth: int
-    uptime_s: float
+    mailbox_depth: Count
+    uptime_s: Annotated[float, Range(ge=0, unit="s")]
     health: Health | None = None
 
 
@@ -95,7 +95,7 @@ class SupervisorChildChanged(Event):
     child: str
     change: Literal["started", "stopped", "failed", "restarted", "hung", "escalated"]
     reason: str = ""
-    restarts: int = 0
+    restarts: Count = 0
 
 
 @message("health.changed")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from corral.messages.base import Reply, Request, message
+from corral.messages.base import Count, Reply, Request, TimeLimit, message
 from corral.messages.state import StateInfo, StateWrite
 
 __all__ = [
@@ -43,7 +43,7 @@ class TransactionInfo(Reply):
     ``savepoint`` names the savepoint a TransactionSavepoint just made."""
 
     transaction_id: str
-    writes: int
+    writes: Count
     savepoints: list[str] = dataclasses.field(default_factory=list)
     savepoint: str = ""
 
@@ -51,10 +51,10 @@ class TransactionInfo(Reply):
 @message("transaction.begin")
 class TransactionBegin(Request[TransactionInfo]):
     """Open a transaction; rolled back after ``idle_timeout`` seconds without a request
-    (default: the manager's ``idle_timeout``)."""
+    (default: the manager's ``idle_timeout``; at most a day)."""
 
     manager = "transaction"
-    idle_timeout: float | None = None
+    idle_timeout: TimeLimit | None = None
 
 
 @message("transaction.write")

@@ -16,9 +16,9 @@ marked *internal* travel between the daemon's HTTP loop and the manager.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Annotated, Any
 
-from corral.messages.base import Reply, Request, message
+from corral.messages.base import CloseCode, Count, Offset, Range, Reply, Request, message
 
 __all__ = [
     "Disconnect",
@@ -51,7 +51,7 @@ class WsEmitted(Reply):
     """Where an emit landed in the room's sequence: clients resume from ``offset``."""
 
     room: str
-    offset: int
+    offset: Offset
     epoch: str
 
 
@@ -67,12 +67,16 @@ class WsEmitToRoom(Request[WsEmitted]):
 
 @message("ws.room_joined")
 class WsRoomJoined(Reply):
-    """A connection is in the room; ``recovered`` is None when no offset was given."""
+    """A connection is in the room; ``recovered`` is None when no offset was given.
+
+    ``count`` is the room's members on this daemon, or -1 when the connection is
+    attached to another daemon, to which the join was forwarded.
+    """
 
     room: str
     connection_id: str
-    count: int
-    offset: int
+    count: Annotated[int, Range(ge=-1)]
+    offset: Offset
     epoch: str
     recovered: bool | None = None
 
@@ -88,7 +92,7 @@ class WsJoinRoom(Request[WsRoomJoined]):
     manager = "websocket"
     room: str
     connection_id: str
-    since: int | None = None
+    since: Offset | None = None
     epoch: str | None = None
 
 
@@ -96,7 +100,7 @@ class WsJoinRoom(Request[WsRoomJoined]):
 class WsAck(Reply):
     """A plain acknowledgement; ``count`` says how many things it touched."""
 
-    count: int = 0
+    count: Count = 0
 
 
 @message("ws.leave_room")
@@ -114,8 +118,8 @@ class WsRoomMembers(Reply):
 
     room: str
     members: list[dict[str, Any]]
-    count: int
-    users: int
+    count: Count
+    users: Count
 
 
 @message("ws.room_info")
@@ -130,17 +134,20 @@ class WsRoomInfo(Request[WsRoomMembers]):
 class WsDisconnected(Reply):
     """How many connections were told to close (on this daemon or another)."""
 
-    count: int
+    count: Count
 
 
 @message("ws.disconnect")
 class WsDisconnect(Request[WsDisconnected]):
-    """Close one connection, or every connection of a user, wherever it is attached."""
+    """Close one connection, or every connection of a user, wherever it is attached.
+
+    ``code`` is a WebSocket close code, 1000-4999.
+    """
 
     manager = "websocket"
     connection_id: str | None = None
     user: str | None = None
-    code: int = 4000
+    code: CloseCode = 4000
     reason: str = "disconnected"
 
 
@@ -161,7 +168,7 @@ class WsHistoryPage(Reply):
 
     room: str
     messages: list[dict[str, Any]]
-    offset: int
+    offset: Offset
     epoch: str
     gap: bool
 
@@ -172,7 +179,7 @@ class WsHistory(Request[WsHistoryPage]):
 
     manager = "websocket"
     room: str
-    since: int = 0
+    since: Offset = 0
     epoch: str | None = None
 
 

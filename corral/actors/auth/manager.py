@@ -16,6 +16,10 @@ Every refused token raises :class:`~corral.errors.Unauthorized` with
 ``details={"reason": <code>}`` (codes in :data:`corral.messages.auth.REASONS`);
 a token, however broken, never crashes the actor.
 
+Every accepted token can be revoked: one whose lifetime (``exp - iat``) is longer
+than ``max_token_lifetime`` is refused (``lifetime_exceeded``), so that a denylist
+entry, which lives as long as the token, always has a bounded TTL.
+
 Refresh tokens rotate: each use retires the presented token and returns a new
 pair of the same *family*. A retired refresh token presented again revokes the
 whole family (access tokens too), except the one just retired within
@@ -59,6 +63,7 @@ from corral.messages.auth import (
     AuthValidate,
     TokenType,
 )
+from corral.messages.base import MAX_TIMEOUT, MAX_TTL
 from corral.messages.system import Health
 
 __all__ = ["AuthManager", "AuthOptions"]
@@ -98,6 +103,10 @@ class AuthOptions(Section):
     ``backend = "auto"`` keeps state in Redis when the system has one (``redis_url``
     or a Redis bus), else in memory. With HS* and no ``signing_key``, a random
     secret is made for this process: tokens die with it.
+
+    ``max_token_lifetime`` (seconds, default 30 days, at most ten years) bounds
+    ``exp - iat`` of every token accepted, ours or another issuer's with our key;
+    ``access_ttl`` and ``refresh_ttl`` must fit in it.
     """
 
     backend: Literal["auto", "memory", "redis"] = "auto"
@@ -112,10 +121,13 @@ class AuthOptions(Section):
     """Older keys still accepted, by kid (secrets, or public keys as PEM or paths)."""
     issuer: str = ""
     audience: str = ""
-    access_ttl: int = field(default=900, metadata={"ge": 1})
-    refresh_ttl: int = field(default=1_209_600, metadata={"ge": 1})
-    refresh_grace: float = field(default=10.0, metadata={"ge": 0})
-    leeway: float = field(default=5.0, metadata={"ge": 0})
+    access_ttl: int = field(default=900, metadata={"ge": 1, "le_field": "max_token_lifetime"})
+    refresh_ttl: int = field(
+        default=1_209_600, metadata={"ge": 1, "le_field": "max_token_lifetime"}
+    )
+    max_token_lifetime: int = field(default=30 * 86_400, metadata={"ge": 1, "le": MAX_TTL})
+    refresh_grace: float = field(default=10.0, metadata={"ge": 0, "le": MAX_TIMEOUT})
+    leeway: float = field(default=5.0, metadata={"ge": 0, "le": MAX_TIMEOUT})
     max_token_size: int = field(default=8192, metadata={"ge": 64})
     api_key_prefix: str = "ck"
 
@@ -250,6 +262,7 @@ class AuthManager(Manager):
         extra = dict(msg.claims)
         if msg.scopes:
             extra["scope"] = " ".join(msg.scopes)
+        self._check_claims(msg.subject, extra)
         self.counts["issued"] += 1
         if not msg.refresh:
             return AuthTokens(
@@ -257,6 +270,21 @@ class AuthManager(Manager):
                 expires_in=self.settings.access_ttl,
             )
         return self._pair(msg.subject, secrets.token_urlsafe(16), None, extra)
+
+    def _check_claims(self, subject: str, extra: dict[str, Any]) -> None:
+        """Refuse claims that make no JWT, or one longer than validation would accept."""
+        try:
+            size = len(json.dumps({**extra, "sub": subject}, allow_nan=False))
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise InvalidMessage(f"claims must be JSON values: {exc}", path="claims") from None
+        # Base64 makes 4 characters of 3 bytes; the header, other claims and signature
+        # come on top, so this only refuses what could never validate.
+        if size * 4 // 3 > self.settings.max_token_size:
+            raise InvalidMessage(
+                f"subject, scopes and claims would make a token longer than max_token_size "
+                f"({self.settings.max_token_size})",
+                path="claims",
+            )
 
     @handles(AuthValidate)
     def validate(self, msg: AuthValidate) -> AuthClaims:
@@ -395,6 +423,14 @@ class AuthManager(Manager):
             self._reject("missing_claim", "a refresh token needs its family (fam)")
         if not isinstance(payload.get("fam", ""), str) or not isinstance(payload["exp"], int):
             self._reject("bad_claim", "fam must be a string and exp an integer")
+        issued = payload["iat"]
+        if isinstance(issued, bool) or not isinstance(issued, int | float):
+            self._reject("bad_claim", "iat must be a number")
+        limit = self.settings.max_token_lifetime
+        if not payload["exp"] - issued <= limit:  # a nan iat fails this too
+            self._reject(
+                "lifetime_exceeded", f"the token lives longer than {limit} s (max_token_lifetime)"
+            )
         return payload
 
     @staticmethod
@@ -410,8 +446,8 @@ class AuthManager(Manager):
 
     @handles(AuthApiKeyCreate)
     def create_api_key(self, msg: AuthApiKeyCreate) -> AuthApiKey:
-        if msg.ttl is not None and not msg.ttl > 0:
-            raise InvalidMessage("must be > 0", path="ttl")
+        if msg.ttl is not None and not 0 < msg.ttl <= MAX_TTL:  # as the codec checks
+            raise InvalidMessage(f"must be > 0 and <= {MAX_TTL} s", path="ttl")
         key_id = secrets.token_hex(8)
         secret = secrets.token_hex(32)
         created_at = time.time()

@@ -47,7 +47,7 @@ from corral.errors import (
     ManagerUnavailable,
     Timeout,
 )
-from corral.messages.base import ErrorReply, Reply
+from corral.messages.base import MAX_TIMEOUT, MAX_TTL, ErrorReply, Reply
 from corral.messages.cache import (
     CacheClear,
     CacheDelete,
@@ -300,6 +300,7 @@ class CacheManager(Manager):
     def invalidate(self, msg: CacheInvalidate) -> CacheDeleted:
         if not msg.pattern:
             raise InvalidMessage("must not be empty", path="pattern")
+        self._key(msg.pattern, "pattern")  # a pattern is no longer than a key may be
         return CacheDeleted(count=self._backend(msg.backend).invalidate(msg.pattern))
 
     @handles(CacheInvalidateTags)
@@ -318,8 +319,8 @@ class CacheManager(Manager):
     def get_or_lease(self, msg: CacheGetOrLease) -> CacheLease | None:
         backend = self._backend(msg.backend)
         key = self._key(msg.key)
-        _check_ttl(msg.lease_ttl, "lease_ttl")
-        _check_ttl(msg.wait, "wait")
+        _check_ttl(msg.lease_ttl, "lease_ttl", MAX_TIMEOUT)
+        _check_ttl(msg.wait, "wait", MAX_TIMEOUT)
         data = backend.get(key)
         if data is not None:
             return CacheLease(key=msg.key, found=True, value=_decode(data))
@@ -483,9 +484,10 @@ def _decode(data: bytes) -> Any:
         raise BackendUnavailable(f"a stored value is not msgpack: {exc}") from None
 
 
-def _check_ttl(value: float | None, path: str) -> None:
-    if value is not None and not value > 0:
-        raise InvalidMessage(f"must be > 0 seconds, got {value}", path=path)
+def _check_ttl(value: float | None, path: str, limit: float = MAX_TTL) -> None:
+    """The codec checks these bounds already; this keeps them with ``validate = false``."""
+    if value is not None and not 0 < value <= limit:
+        raise InvalidMessage(f"must be > 0 and <= {limit} seconds, got {value}", path=path)
 
 
 def _timed_out(key: str) -> Timeout:

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from corral.config import Section
 from corral.errors import ConfigError
+from corral.messages.base import MAX_TTL
 
 __all__ = ["BackendOptions", "CacheOptions"]
 
@@ -29,6 +30,7 @@ Strategy = Literal["ttl", "lru", "lfu"]
 
 _POSITIVE = {"gt": 0}
 _SIZE = {"ge": 1}
+_TTL = {"gt": 0, "le": MAX_TTL}
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
@@ -46,7 +48,7 @@ class BackendOptions(Section):
     type: BackendType = "memory"
     strategy: Strategy = "lru"
     max_size: int = field(default=10_000, metadata=_SIZE)
-    default_ttl: float | None = field(default=None, metadata=_POSITIVE)
+    default_ttl: float | None = field(default=None, metadata=_TTL)
     url: str = field(default="", metadata={"redis_url": True})
     namespace: str = ""
     max_connections: int = field(default=16, metadata=_SIZE)
@@ -55,7 +57,7 @@ class BackendOptions(Section):
     breaker_threshold: int = field(default=3, metadata=_SIZE)
     breaker_reset_timeout: float = field(default=5.0, metadata=_POSITIVE)
     l1_max_size: int = field(default=1_000, metadata=_SIZE)
-    l1_ttl: float = field(default=60.0, metadata=_POSITIVE)
+    l1_ttl: float = field(default=60.0, metadata=_TTL)
     scan_batch: int = field(default=500, metadata=_SIZE)
 
 

@@ -54,7 +54,7 @@ from corral.errors import (
     RequestError,
     Unauthorized,
 )
-from corral.messages.base import Reply
+from corral.messages.base import MAX_TIMEOUT, Reply
 from corral.messages.pool import (
     HttpRequest,
     JsonRpcCall,
@@ -363,13 +363,13 @@ def _checked_headers(headers: dict[str, str]) -> dict[str, str]:
 
 
 def _checked_timeout(timeout: float | None) -> float | None:
-    if timeout is not None and not timeout > 0:
-        raise InvalidMessage(f"must be > 0, got {timeout}", path="timeout")
+    if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:  # as the codec checks
+        raise InvalidMessage(f"must be > 0 and <= {MAX_TIMEOUT} s, got {timeout}", path="timeout")
     return timeout
 
 
 def _json_bytes(value: Any, field: str) -> bytes:
     try:
         return json.dumps(value, allow_nan=False, separators=(",", ":")).encode()
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         raise InvalidMessage(f"not serializable as JSON: {exc}", path=field) from None

@@ -53,7 +53,7 @@ from corral.errors import (
     ManagerUnavailable,
     NotFound,
 )
-from corral.messages.base import ErrorReply
+from corral.messages.base import MAX_TTL, ErrorReply
 from corral.messages.ratelimit import (
     RatelimitBan,
     RatelimitBanned,
@@ -180,8 +180,10 @@ class RateLimiter(Manager):
     @handles(RatelimitBan)
     def ban(self, msg: RatelimitBan) -> RatelimitBanned:
         self._flush()
-        if not msg.duration >= 0:
-            raise InvalidMessage("must be >= 0 (0: until unbanned)", path="duration")
+        if not 0 <= msg.duration <= MAX_TTL:  # checked by the codec; kept for validate = false
+            raise InvalidMessage(
+                f"must be >= 0 (0: until unbanned) and <= {MAX_TTL} s", path="duration"
+            )
         subject = self._subject(msg.level, msg.identifier, "")
         until = time.time() + msg.duration if msg.duration > 0 else None
         self.local.ban(subject, until)  # honoured here even while Redis is away

@@ -19,6 +19,7 @@ from typing import Any, Literal, get_args
 
 from corral.config import Section
 from corral.errors import ConfigError
+from corral.messages.base import MAX_TTL
 
 __all__ = [
     "Algorithm",
@@ -166,8 +167,8 @@ class RateLimiterOptions(Section):
     redis_url: str = ""
     rules: dict[str, Any] = field(default_factory=dict)
     ban_after: int = field(default=0, metadata={"ge": 0})
-    ban_window: float = field(default=60.0, metadata={"gt": 0})
-    ban_duration: float = field(default=300.0, metadata={"ge": 0})
+    ban_window: float = field(default=60.0, metadata={"gt": 0, "le": MAX_TTL})
+    ban_duration: float = field(default=300.0, metadata={"ge": 0, "le": MAX_TTL})
     redis_timeout: float = field(default=0.5, metadata={"gt": 0})
     retry_interval: float = field(default=1.0, metadata={"gt": 0})
     local_cache: bool = True
