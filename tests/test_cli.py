@@ -209,6 +209,25 @@ def test_config_check_masks_secrets_and_names_sources(tmp_path: Path) -> None:
     assert "max_restarts = 5  # default" in result.stdout
 
 
+def test_empty_manager_tables_enable_the_managers(tmp_path: Path) -> None:
+    path = tmp_path / "corral.toml"
+    path.write_text("[managers.cache]\n[managers.state]\n[managers.pool]\nenabled = false\n")
+    check = run_corral("config", "check", "-c", str(path))
+    assert check.returncode == 0, check.stderr
+    assert "[managers.cache]\nenabled = true  # default\n" in check.stdout
+    assert "[managers.state]\nenabled = true  # default\n" in check.stdout
+    assert f"[managers.pool]\nenabled = false  # file {path}\n" in check.stdout
+    process = start_corral("run", "-c", str(path))
+    try:
+        log = read_until(process, "running 3 managers")
+        assert re.search(r"running 3 managers in \d+ ms: system, cache, state\n", log), log
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        process.wait()
+
+
 def test_a_daemon_killed_mid_request_hands_it_to_another(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:

@@ -463,6 +463,28 @@ def test_manager_tables_with_options(tmp_path: Path) -> None:
     }
 
 
+def test_an_empty_manager_table_enables_the_manager(tmp_path: Path) -> None:
+    path = toml(tmp_path, "[managers.cache]\n[managers.state]\n[managers.pool]\nenabled = false\n")
+    config = load_config(path, env={})
+    assert config.managers == {
+        "cache": ManagerSection(),
+        "state": ManagerSection(),
+        "pool": ManagerSection(enabled=False),
+    }
+    assert config.sources["managers.cache.enabled"] == "default"
+    assert config.sources["managers.pool.enabled"] == f"file {path}"
+    # The table sets nothing, so the environment's value stands.
+    disabled = load_config(path, env={"CORRAL_MANAGERS_STATE_ENABLED": "false"})
+    assert disabled.managers["state"] == ManagerSection(enabled=False)
+    assert disabled.sources["managers.state.enabled"] == "env CORRAL_MANAGERS_STATE_ENABLED"
+
+
+def test_an_empty_manager_table_from_a_source_enables_the_manager() -> None:
+    config = load_config(env={}, sources=[FakeVault(layer={"managers": {"cache": {}}})])
+    assert config.managers == {"cache": ManagerSection()}
+    assert config.secret_keys == frozenset()
+
+
 def test_manager_options_from_a_source_merge_key_by_key(tmp_path: Path) -> None:
     path = toml(tmp_path, "[managers.auth]\nissuer = 'corral'\nttl = 60\n")
     vault = FakeVault(layer={"managers": {"auth": {"jwt_secret": "s3cret", "ttl": 30}}})

@@ -174,6 +174,8 @@ def _read_document(
     for section, table in document.items():
         if section == "managers":
             for manager, spec in _table(table, (section,), origin).items():
+                # Naming a manager enables it, even with a table that sets nothing.
+                entries[(section, manager)] = _Entry(None, origin)
                 for name, value in _table(spec, (section, manager), origin).items():
                     key: Key = (section, manager, name)
                     entries[key] = _entry(key, _type_of(key), value, origin, text=text)
@@ -278,8 +280,10 @@ def _build(entries: Mapping[Key, _Entry]) -> Config:
     managers: dict[str, dict[str, Any]] = {}
     for key, entry in entries.items():
         if key[0] == "managers":
-            _, manager, name = key
-            table = managers.setdefault(manager, {"options": {}})
+            table = managers.setdefault(key[1], {"options": {}})
+            if len(key) == 2:  # the manager's table, named
+                continue
+            name = key[2]
             if name in MANAGER_FIELDS:
                 table[name] = entry.value
             else:
@@ -287,6 +291,7 @@ def _build(entries: Mapping[Key, _Entry]) -> Config:
         else:
             values[key[0]][key[1]] = entry.value
     origins = {key: entry.origin for key, entry in entries.items()}
+    settings = {key: entry for key, entry in entries.items() if not _is_manager_table(key)}
     sections = {
         name: _construct(cls, values[name], (name,), origins) for name, cls in SECTIONS.items()
     }
@@ -296,9 +301,13 @@ def _build(entries: Mapping[Key, _Entry]) -> Config:
             manager: _construct(ManagerSection, table, ("managers", manager), origins)
             for manager, table in managers.items()
         },
-        sources={_dotted(key): entry.origin.label for key, entry in entries.items()},
-        secret_keys=frozenset(_dotted(key) for key, e in entries.items() if e.origin.secret),
+        sources={_dotted(key): entry.origin.label for key, entry in settings.items()},
+        secret_keys=frozenset(_dotted(key) for key, e in settings.items() if e.origin.secret),
     )
+
+
+def _is_manager_table(key: Key) -> bool:
+    return key[0] == "managers" and len(key) == 2
 
 
 def _construct(
