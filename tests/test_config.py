@@ -330,6 +330,11 @@ def test_file_values(tmp_path: Path) -> None:
         ),
         ("bus = 'redis'", "bus: expected a table, got str"),
         ("[bus]\nurll = 'x'", "bus.urll: unknown key (did you mean bus.url?)"),
+        (
+            "[bus]\nurl = 'http://u:pw@db/0'",
+            "bus.url: expected a redis://, rediss:// or unix:// URL, got 'http://u:***@db/0'",
+        ),
+        ("[bus]\nbackend = 'redis'\nurl = ''", "bus.url: the redis backend needs a URL"),
         ("[buss]\nurl = 'x'", "buss: unknown section (did you mean bus?)"),
         ("[cache]\nttl = 1", "cache: unknown section"),
         ("managers = 1", "managers: expected a table, got int"),

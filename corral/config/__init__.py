@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 from corral.config._config import Config
 from corral.config._loader import ConfigSource, load_config
 from corral.config._sections import (
+    REDIS_URL,
     BusSection,
     CodecSection,
     DaemonSection,
@@ -83,6 +84,7 @@ def parse_options(cls: type[S], options: Mapping[str, Any], *, manager: str) -> 
 
 
 __all__ = [
+    "REDIS_URL",
     "BusSection",
     "CodecSection",
     "Config",

@@ -17,11 +17,15 @@ Backend = Literal["memory", "redis"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 LogFormat = Literal["plain", "json"]
 
-# Field metadata: bounds checked on construction, and secrecy for repr() and masked().
+# Field metadata: bounds and URLs checked on construction, secrecy for repr() and masked().
 _POSITIVE = {"gt": 0}
 _NON_NEGATIVE = {"ge": 0}
 _SIZE = {"ge": 1}
 _CLASS_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+REDIS_URL: dict[str, Any] = {"redis_url": True}
+"""Field metadata: the value is empty or a Redis URL (``redis://``, ``rediss://``, ``unix://``)."""
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
@@ -51,6 +55,10 @@ class Section:
         value = getattr(self, f.name)
         if value is None:
             return
+        if f.metadata.get("redis_url") and value and not value.startswith(_REDIS_SCHEMES):
+            self._fail(
+                f.name, f"expected a redis://, rediss:// or unix:// URL, got {mask(value)!r}"
+            )
         # Written as "not (ok)" so that NaN fails every bound.
         if "gt" in f.metadata and not value > f.metadata["gt"]:
             self._fail(f.name, f"must be > {f.metadata['gt']}, got {value}")
@@ -133,11 +141,16 @@ class BusSection(Section):
     prefix: ClassVar[str] = "bus"
 
     backend: Backend = "memory"
-    url: str = "redis://127.0.0.1:6379/0"
+    url: str = field(default="redis://127.0.0.1:6379/0", metadata=REDIS_URL)
     namespace: str = "corral"
     queue_size: int = field(default=10_000, metadata=_SIZE)
     reconnect_initial: float = field(default=0.1, metadata={"ge": 0, "le_field": "reconnect_max"})
     reconnect_max: float = field(default=5.0, metadata=_NON_NEGATIVE)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.backend == "redis" and not self.url:
+            self._fail("url", "the redis backend needs a URL", related="backend")
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
