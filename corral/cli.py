@@ -28,6 +28,7 @@ from corral.config import Config, load_config
 from corral.daemon import Daemon
 from corral.errors import ConfigError, CorralError, InvalidMessage
 from corral.messages.base import Event, Message, Request, lookup, registered
+from corral.system import plan
 
 log = logging.getLogger("corral")
 
@@ -376,8 +377,16 @@ def config_group() -> None:
 @config_group.command()
 @config_option
 def check(config_path: str | None) -> None:
-    """Print the merged config, secrets masked, with where each value came from."""
+    """Check the config as `corral run` does and print it, secrets masked, with sources.
+
+    Exit status: 0 when `corral run` would accept it, 2 when it would refuse it.
+    """
     config = _load(config_path)
+    try:
+        plan(config)  # the managers `corral run` would start: loaded, options checked
+    except ConfigError as exc:
+        click.echo(f"corral: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
     masked = config.masked()
     tables = [(name, values) for name, values in masked.items() if name != "managers"]
     tables += [(f"managers.{name}", values) for name, values in masked["managers"].items()]

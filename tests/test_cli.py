@@ -17,6 +17,7 @@ import pytest
 import redis
 
 import corral
+from corral.actors import BUILTIN
 from corral.config import BusSection, Config, DaemonSection, ManagerSection
 from corral.daemon import Daemon
 from corral.remote import GROUP, stream_key
@@ -207,6 +208,70 @@ def test_config_check_masks_secrets_and_names_sources(tmp_path: Path) -> None:
     assert f'url = "redis://u:***@db:6379/0"  # file {path}' in result.stdout
     assert "ask_timeout = 2.5  # env CORRAL_SYSTEM_ASK_TIMEOUT" in result.stdout
     assert "max_restarts = 5  # default" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (
+            "[managers.cache]\nnonsense = 1\n",
+            "managers.cache.nonsense: not an option of the cache manager",
+        ),
+        (
+            '[managers.ratelimit]\nrules = { ip = "100 per fortnight" }\n',
+            "managers.ratelimit.rules.ip.limit: expected a limit like '100/minute' "
+            "or '5/10 seconds', got '100 per fortnight'",
+        ),
+        (
+            '[managers.auth]\nsigning_key = "short"\n',
+            "managers.auth.signing_key: HS256 needs a secret of at least 32 bytes",
+        ),
+        ("[managers.state]\nhistory_limit = 0\n", "managers.state.history_limit: must be >= 1"),
+        ("[managers.nosuch]\n", "managers.nosuch: unknown manager"),
+        (
+            '[managers.worker]\nclass_path = "tests.nowhere:Worker"\n',
+            "managers.worker.class_path: cannot load 'tests.nowhere:Worker'",
+        ),
+        (
+            '[managers.cache]\ndepends_on = ["db"]\n',
+            "managers.cache.depends_on: no manager named 'db'",
+        ),
+        (
+            '[managers.cache.backends.main]\ntype = "redis"\nurl = "http://db:6379/0"\n',
+            "managers.cache.backends.main.url: expected a redis://, rediss:// or unix:// URL, "
+            "got 'http://db:6379/0'",
+        ),
+        (
+            '[managers.state]\nredis_url = "htp://u:pw@db:6379/0"\n',
+            "managers.state.redis_url: expected a redis://, rediss:// or unix:// URL, "
+            "got 'htp://u:***@db:6379/0'",
+        ),
+        (
+            '[bus]\nbackend = "redis"\nurl = "http://db:6379/0"\n',
+            "bus.url: expected a redis://, rediss:// or unix:// URL, got 'http://db:6379/0'",
+        ),
+    ],
+)
+def test_config_check_refuses_what_run_refuses(tmp_path: Path, text: str, problem: str) -> None:
+    path = tmp_path / "corral.toml"
+    path.write_text(text)
+    check = run_corral("config", "check", "-c", str(path))
+    assert check.returncode == 2, check.stdout
+    assert problem in check.stderr
+    assert "pw@" not in check.stderr
+    run = run_corral("run", "-c", str(path))
+    assert run.returncode == 2, run.stderr
+    assert problem in run.stderr
+    assert "pw@" not in run.stderr
+
+
+def test_config_check_passes_every_built_in_manager(tmp_path: Path) -> None:
+    path = tmp_path / "corral.toml"
+    path.write_text("".join(f"[managers.{name}]\n" for name in BUILTIN))
+    check = run_corral("config", "check", "-c", str(path))
+    assert check.returncode == 0, check.stderr
+    for name in BUILTIN:
+        assert f"[managers.{name}]\n" in check.stdout
 
 
 def test_empty_manager_tables_enable_the_managers(tmp_path: Path) -> None:
