@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from types import FrameType
 from typing import Any
 
@@ -24,7 +25,7 @@ import httpx
 
 from corral import __version__
 from corral.client import Client, connect
-from corral.config import Config, load_config
+from corral.config import Config, ConfigWarning, load_config
 from corral.daemon import Daemon
 from corral.errors import ConfigError, CorralError, InvalidMessage
 from corral.messages.base import Event, Message, Request, lookup, registered
@@ -90,12 +91,30 @@ import_option = click.option(
 )
 
 
-def _load(config_path: str | None) -> Config:
-    try:
-        return load_config(config_path)
-    except CorralError as exc:
-        click.echo(f"corral: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
+def _load(
+    config_path: str | None,
+    *,
+    flags: dict[str, tuple[str, Any]] | None = None,
+    notes: list[str] | None = None,
+) -> Config:
+    """The config, or exit 2 saying why; its warnings are appended to ``notes``, else printed."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConfigWarning)
+        try:
+            config = load_config(config_path, flags=flags)
+        except CorralError as exc:
+            click.echo(f"corral: {exc}", err=True)
+            sys.exit(EXIT_CONFIG)
+    for warning in caught:
+        if not issubclass(warning.category, ConfigWarning):
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
+        elif notes is not None:
+            notes.append(str(warning.message))
+        else:
+            click.echo(f"corral: warning: {warning.message}", err=True)
+    return config
 
 
 def _register_messages(config: Config, modules: tuple[str, ...]) -> None:
@@ -110,6 +129,10 @@ def _register_messages(config: Config, modules: tuple[str, ...]) -> None:
 
 @main.command()
 @config_option
+@click.option("--host", default=None, help="Address to serve HTTP on (overrides daemon.host).")
+@click.option(
+    "--port", type=int, default=None, help="Port to serve HTTP on (overrides daemon.port)."
+)
 @click.option(
     "--log-format",
     type=click.Choice(["plain", "json"]),
@@ -122,13 +145,33 @@ def _register_messages(config: Config, modules: tuple[str, ...]) -> None:
     default=None,
     help="Log level (overrides log.level).",
 )
-def run(config_path: str | None, log_format: str | None, log_level: str | None) -> None:
+def run(
+    config_path: str | None,
+    host: str | None,
+    port: int | None,
+    log_format: str | None,
+    log_level: str | None,
+) -> None:
     """Start the supervisor, its managers and the HTTP face; stop on SIGTERM or Ctrl-C.
 
+    Flags beat every other source: defaults < environment < file < Vault < flags.
     Exit status: 0 after a clean stop, 1 when the supervisor gave up, 2 for bad config.
     """
-    config = _load(config_path)
-    setup_logging(log_level or config.log.level, log_format or config.log.format)
+    given = {
+        "daemon.host": ("--host", host),
+        "daemon.port": ("--port", port),
+        "log.format": ("--log-format", log_format),
+        "log.level": ("--log-level", log_level),
+    }
+    notes: list[str] = []
+    config = _load(
+        config_path,
+        flags={key: flag for key, flag in given.items() if flag[1] is not None},
+        notes=notes,
+    )
+    setup_logging(config.log.level, config.log.format)
+    for note in notes:
+        log.warning("%s", note)
 
     escalated = threading.Event()
     stop = threading.Event()

@@ -274,6 +274,47 @@ def test_config_check_passes_every_built_in_manager(tmp_path: Path) -> None:
         assert f"[managers.{name}]\n" in check.stdout
 
 
+def test_run_flags_beat_the_file_and_unknown_corral_variables_are_warnings(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "corral.toml"
+    path.write_text(
+        '[daemon]\nhost = "192.0.2.1"\nport = 1\n[log]\nlevel = "ERROR"\nformat = "plain"\n'
+    )
+    # Kubernetes sets these in every pod of a namespace with a Service named "corral".
+    kubernetes = {"CORRAL_PORT": "tcp://10.0.0.7:8650", "CORRAL_SERVICE_HOST": "10.0.0.7"}
+    args = ["-c", str(path), "--host", "127.0.0.1", "--port", "0", "--log-level", "INFO"]
+    process = start_corral("run", *args, "--log-format", "json", env=kubernetes)
+    try:
+        lines = [
+            json.loads(line) for line in read_until(process, "running 1 managers").splitlines()
+        ]
+        warned = [line["message"] for line in lines if line["level"] == "warning"]
+        assert warned == [
+            "env CORRAL_PORT: not a corral setting, ignored",
+            "env CORRAL_SERVICE_HOST: not a corral setting, ignored",
+        ]
+        served = [line["message"] for line in lines if line["message"].startswith("serving ")]
+        url = served_url(served[0])
+        assert url.startswith("http://127.0.0.1:")
+        assert not url.endswith(":1")
+        assert httpx.get(f"{url}/health").json()["status"] == "healthy"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        process.wait()
+    check = run_corral("config", "check", "-c", str(path), env=kubernetes)
+    assert check.returncode == 0, check.stderr
+    assert check.stderr == (
+        "corral: warning: env CORRAL_PORT: not a corral setting, ignored\n"
+        "corral: warning: env CORRAL_SERVICE_HOST: not a corral setting, ignored\n"
+    )
+    bad_port = run_corral("run", *args[:4], "--port", "70000")
+    assert bad_port.returncode == 2
+    assert "flag --port: daemon.port: must be <= 65535, got 70000" in bad_port.stderr
+
+
 def test_empty_manager_tables_enable_the_managers(tmp_path: Path) -> None:
     path = tmp_path / "corral.toml"
     path.write_text("[managers.cache]\n[managers.state]\n[managers.pool]\nenabled = false\n")

@@ -40,7 +40,7 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from corral.config._config import Config
-from corral.config._loader import ConfigSource, load_config
+from corral.config._loader import ConfigSource, ConfigWarning, load_config
 from corral.config._sections import (
     REDIS_URL,
     BusSection,
@@ -89,6 +89,7 @@ __all__ = [
     "CodecSection",
     "Config",
     "ConfigSource",
+    "ConfigWarning",
     "DaemonSection",
     "LogSection",
     "ManagerSection",
