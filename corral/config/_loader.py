@@ -20,7 +20,7 @@ from corral.config._sections import (
     VaultSection,
     field_types,
 )
-from corral.config._values import Mismatch, convert, split_list
+from corral.config._values import Mismatch, Text, convert, split_list
 from corral.config._vault import VaultSource
 from corral.errors import ConfigError
 
@@ -254,6 +254,9 @@ def _has_reference(value: Any) -> bool:
 
 
 def _convert(key: Key, tp: Any, value: Any, origin: _Origin, *, text: bool) -> Any:
+    if text and tp is Any and isinstance(value, str):
+        # A manager's option: its type is known when the manager parses its options.
+        return Text(value, origin.label, secret=origin.secret)
     try:
         return convert(tp, value, text=text)
     except Mismatch as exc:

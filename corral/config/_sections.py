@@ -8,7 +8,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NoReturn
 
-from corral.config._values import Mismatch, convert, hide, mask
+from corral.config._values import Mismatch, Text, convert, hide, mask
 from corral.errors import ConfigError
 
 Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
@@ -43,10 +43,17 @@ class Section:
     def __post_init__(self) -> None:
         types = field_types(type(self))
         for f in dataclasses.fields(self):
+            given = getattr(self, f.name)
             try:
-                value = convert(types[f.name], getattr(self, f.name))
+                if isinstance(given, Text):  # parsed as the environment's values are
+                    value = convert(types[f.name], str(given), text=True)
+                else:
+                    value = convert(types[f.name], given)
             except Mismatch as exc:
-                self._fail(f.name, exc.problem, path=exc.path)
+                problem = exc.problem
+                if isinstance(given, Text) and given.secret:
+                    problem = f"expected {exc.expected}, got a value from {given.origin}"
+                self._fail(f.name, problem, path=exc.path)
             object.__setattr__(self, f.name, value)
         for f in dataclasses.fields(self):
             self._check_bounds(f)
