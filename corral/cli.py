@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import json
 import logging
@@ -318,9 +319,13 @@ def send(
 def build_message(name: str, pairs: tuple[str, ...]) -> Message:
     """A message of the registered type ``name`` from ``field=value`` pairs, validated."""
     cls = lookup(name)
-    if cls is None:
-        sendable = sorted(n for n, c in registered().items() if c.kind in ("request", "event"))
-        raise InvalidMessage(f"unknown message {name!r}; known: {', '.join(sendable)}")
+    if cls is None or cls.internal:
+        sendable = sorted(
+            n for n, c in registered().items() if c.kind in ("request", "event") and not c.internal
+        )
+        close = difflib.get_close_matches(name, sendable, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise InvalidMessage(f"unknown message {name!r}{hint}; known: {', '.join(sendable)}")
     fields = {f.name: f for f in cls.fields_info}
     values: dict[str, Any] = {}
     for pair in pairs:
@@ -445,9 +450,11 @@ def check(config_path: str | None) -> None:
 @config_option
 @import_option
 def messages(config_path: str | None, modules: tuple[str, ...]) -> None:
-    """List every registered message type with its fields."""
+    """List every registered message type with its fields (not those corral sends itself)."""
     _register_messages(_load(config_path), modules)
     for name, cls in sorted(registered().items()):
+        if cls.internal:
+            continue
         handler = f" -> {cls.manager}" if cls.manager else ""
         click.echo(f"{name} v{cls.wire_version} ({cls.kind}{handler})")
         for field in cls.fields_info:

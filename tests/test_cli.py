@@ -20,6 +20,9 @@ import corral
 from corral.actors import BUILTIN
 from corral.config import BusSection, Config, DaemonSection, ManagerSection
 from corral.daemon import Daemon
+from corral.messages.state import StateExpired, StateExpireDue
+from corral.messages.transaction import TransactionExpired, TransactionExpireIdle
+from corral.messages.websocket import WsAttach, WsAttached, WsDetach, WsJoinRoom, WsTick
 from corral.remote import GROUP, stream_key
 from tests.redis_server import RedisServer
 from tests.support import Done, Work, read_until, run_corral, start_corral, wait_until
@@ -156,13 +159,40 @@ def test_send_builds_validates_and_prints_the_reply(
     assert json.loads(done.stdout)["fields"]["name"] == "worker"
     unknown = run_corral("send", "cache.gett", *url, env=env)
     assert unknown.returncode == 2
-    assert "unknown message 'cache.gett'; known: " in unknown.stderr
+    assert "unknown message 'cache.gett' (did you mean cache.get?); known: " in unknown.stderr
     assert "system.ping" in unknown.stderr
+    internal = run_corral("send", "ws.tick", *url, env=env)
+    assert internal.returncode == 2
+    assert "unknown message 'ws.tick'; known: " in internal.stderr
+    assert "ws.tick" not in internal.stderr.partition("known: ")[2]
     bad = run_corral("send", "test.work", "seconds=soon", *url, env=env)
     assert bad.returncode == 2
     assert "test.work.seconds: expected float, got str" in bad.stderr
     no_field = run_corral("send", "system.ping", "colour=red", *url, env=env)
     assert "system.ping has no field 'colour'; fields: payload: bytes" in no_field.stderr
+
+
+INTERNAL = (
+    WsTick,
+    WsAttach,
+    WsAttached,
+    WsDetach,
+    StateExpireDue,
+    StateExpired,
+    TransactionExpireIdle,
+    TransactionExpired,
+)
+
+
+def test_messages_lists_the_public_wire_types_only() -> None:
+    imports = [f"--import=corral.messages.{area}" for area in ("websocket", "state", "transaction")]
+    result = run_corral("messages", "-c", os.devnull, *imports)
+    assert result.returncode == 0, result.stderr
+    listed = {line.split()[0] for line in result.stdout.splitlines() if not line.startswith(" ")}
+    assert {"ws.join_room", "state.get", "transaction.begin", "system.ping"} <= listed
+    assert listed.isdisjoint(cls.type_name for cls in INTERNAL)
+    assert all(cls.internal for cls in INTERNAL)
+    assert not WsJoinRoom.internal
 
 
 def test_events_prints_what_is_published(daemon: Daemon, redis_server: RedisServer) -> None:
