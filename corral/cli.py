@@ -67,7 +67,7 @@ def setup_logging(level: str, fmt: str) -> None:
     root.setLevel(level)
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="corral")
 def main() -> None:
     """corral: supervised actor managers for Python services."""

@@ -12,11 +12,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import httpx
 import pytest
 import redis
+from click.testing import CliRunner
 
 import corral
+from corral import cli
 from corral.actors import BUILTIN
 from corral.config import BusSection, Config, DaemonSection, ManagerSection
 from corral.daemon import Daemon
@@ -411,3 +414,22 @@ def _holder(url: str, stream: str) -> str | None:
         return None
     name = consumers[0]["name"]
     return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def _command_paths(group: click.Group, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    paths = [path]
+    for name, command in sorted(group.commands.items()):
+        if isinstance(command, click.Group):
+            paths += _command_paths(command, (*path, name))
+        else:
+            paths.append((*path, name))
+    return paths
+
+
+@pytest.mark.parametrize("path", _command_paths(cli.main), ids=" ".join)
+def test_h_is_help_on_every_command(path: tuple[str, ...]) -> None:
+    runner = CliRunner()
+    short = runner.invoke(cli.main, [*path, "-h"], prog_name="corral")
+    assert short.exit_code == 0, short.output
+    assert short.output.startswith(f"Usage: {' '.join(('corral', *path))} ")
+    assert short.output == runner.invoke(cli.main, [*path, "--help"], prog_name="corral").output
