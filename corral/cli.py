@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -128,48 +129,57 @@ def _register_messages(config: Config, modules: tuple[str, ...]) -> None:
             raise click.UsageError(f"cannot import {module}: {exc}") from None
 
 
+def daemon_flags(command: Callable[..., None]) -> Callable[..., None]:
+    """The flags of ``corral run`` that set config keys, beating every other source."""
+    for flag in reversed(
+        [
+            click.option("--host", help="Address to serve HTTP on (overrides daemon.host)."),
+            click.option("--port", type=int, help="Port to serve HTTP on (overrides daemon.port)."),
+            click.option(
+                "--log-level",
+                type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
+                help="Log level (overrides log.level).",
+            ),
+            click.option(
+                "--log-format",
+                type=click.Choice(["plain", "json"]),
+                help="Log line format on stderr (overrides log.format).",
+            ),
+        ]
+    ):
+        command = flag(command)
+    return command
+
+
+def _flags(
+    host: str | None, port: int | None, log_level: str | None, log_format: str | None
+) -> dict[str, tuple[str, Any]]:
+    given = {
+        "daemon.host": ("--host", host),
+        "daemon.port": ("--port", port),
+        "log.level": ("--log-level", log_level),
+        "log.format": ("--log-format", log_format),
+    }
+    return {key: flag for key, flag in given.items() if flag[1] is not None}
+
+
 @main.command()
 @config_option
-@click.option("--host", default=None, help="Address to serve HTTP on (overrides daemon.host).")
-@click.option(
-    "--port", type=int, default=None, help="Port to serve HTTP on (overrides daemon.port)."
-)
-@click.option(
-    "--log-format",
-    type=click.Choice(["plain", "json"]),
-    default=None,
-    help="Log line format on stderr (overrides log.format).",
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
-    default=None,
-    help="Log level (overrides log.level).",
-)
+@daemon_flags
 def run(
     config_path: str | None,
     host: str | None,
     port: int | None,
-    log_format: str | None,
     log_level: str | None,
+    log_format: str | None,
 ) -> None:
     """Start the supervisor, its managers and the HTTP face; stop on SIGTERM or Ctrl-C.
 
     Flags beat every other source: defaults < environment < file < Vault < flags.
     Exit status: 0 after a clean stop, 1 when the supervisor gave up, 2 for bad config.
     """
-    given = {
-        "daemon.host": ("--host", host),
-        "daemon.port": ("--port", port),
-        "log.format": ("--log-format", log_format),
-        "log.level": ("--log-level", log_level),
-    }
     notes: list[str] = []
-    config = _load(
-        config_path,
-        flags={key: flag for key, flag in given.items() if flag[1] is not None},
-        notes=notes,
-    )
+    config = _load(config_path, flags=_flags(host, port, log_level, log_format), notes=notes)
     setup_logging(config.log.level, config.log.format)
     for note in notes:
         log.warning("%s", note)
@@ -424,12 +434,20 @@ def config_group() -> None:
 
 @config_group.command()
 @config_option
-def check(config_path: str | None) -> None:
+@daemon_flags
+def check(
+    config_path: str | None,
+    host: str | None,
+    port: int | None,
+    log_level: str | None,
+    log_format: str | None,
+) -> None:
     """Check the config as `corral run` does and print it, secrets masked, with sources.
 
-    Exit status: 0 when `corral run` would accept it, 2 when it would refuse it.
+    It takes the flags of `corral run` too. Exit status: 0 when `corral run` would
+    accept the config, 2 when it would refuse it.
     """
-    config = _load(config_path)
+    config = _load(config_path, flags=_flags(host, port, log_level, log_format))
     try:
         plan(config)  # the managers `corral run` would start: loaded, options checked
     except ConfigError as exc:

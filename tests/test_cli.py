@@ -343,9 +343,14 @@ def test_run_flags_beat_the_file_and_unknown_corral_variables_are_warnings(
         "corral: warning: env CORRAL_PORT: not a corral setting, ignored\n"
         "corral: warning: env CORRAL_SERVICE_HOST: not a corral setting, ignored\n"
     )
-    bad_port = run_corral("run", *args[:4], "--port", "70000")
-    assert bad_port.returncode == 2
-    assert "flag --port: daemon.port: must be <= 65535, got 70000" in bad_port.stderr
+    flagged = run_corral("config", "check", "-c", str(path), "--port", "8651")
+    assert flagged.returncode == 0, flagged.stderr
+    assert "port = 8651  # flag --port\n" in flagged.stdout
+    assert f'host = "192.0.2.1"  # file {path}\n' in flagged.stdout
+    for command in (["run"], ["config", "check"]):
+        bad_port = run_corral(*command, *args[:4], "--port", "70000")
+        assert bad_port.returncode == 2
+        assert "flag --port: daemon.port: must be <= 65535, got 70000" in bad_port.stderr
 
 
 def test_empty_manager_tables_enable_the_managers(tmp_path: Path) -> None:

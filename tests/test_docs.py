@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import corral.config
 from corral.actors import BUILTIN
 from corral.config import BusSection, Config, DaemonSection, ManagerSection
 from corral.daemon import Daemon
@@ -51,6 +52,27 @@ def test_built_in_manager_settings_named_in_the_docs_exist(page: Path) -> None:
         if name in BUILTIN and key not in _manager_keys(name)
     ]
     assert unknown == []
+
+
+PRECEDENCE = re.compile(
+    r"defaults <.*environment.*<.*file.*<.*Vault.*<.*flags", re.DOTALL | re.IGNORECASE
+)
+
+
+@pytest.mark.parametrize(
+    ("page", "heading"),
+    [("README.md", "## Configuration"), ("docs/config.md", "## "), ("docs/vault.md", "## ")],
+)
+def test_config_docs_say_the_precedence_first(page: str, heading: str) -> None:
+    text = (ROOT / page).read_text()
+    section = text[text.index(heading) :].split("\n", 1)[1]
+    first_paragraph = section.strip().split("\n\n", 1)[0]
+    assert PRECEDENCE.search(first_paragraph), first_paragraph
+
+
+def test_config_package_says_the_precedence_first() -> None:
+    doc = corral.config.__doc__ or ""
+    assert PRECEDENCE.search(doc.split("\n\n")[1]), doc
 
 
 @dataclasses.dataclass(frozen=True)

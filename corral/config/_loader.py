@@ -1,4 +1,4 @@
-"""load_config: defaults < environment < TOML file < ConfigSources, merged key by key."""
+"""load_config: defaults < environment < TOML file < ConfigSources < flags, merged key by key."""
 
 from __future__ import annotations
 
