@@ -298,13 +298,22 @@ def test_config_check_refuses_what_run_refuses(tmp_path: Path, text: str, proble
     assert "pw@" not in run.stderr
 
 
-def test_config_check_passes_every_built_in_manager(tmp_path: Path) -> None:
+def test_every_built_in_manager_enabled_by_an_empty_table(tmp_path: Path) -> None:
     path = tmp_path / "corral.toml"
     path.write_text("".join(f"[managers.{name}]\n" for name in BUILTIN))
     check = run_corral("config", "check", "-c", str(path))
     assert check.returncode == 0, check.stderr
     for name in BUILTIN:
         assert f"[managers.{name}]\n" in check.stdout
+    process = start_corral("run", "-c", str(path))
+    try:
+        log = read_until(process, f"running {len(BUILTIN)} managers")
+        assert re.search(rf"running {len(BUILTIN)} managers in \d+ ms: {', '.join(BUILTIN)}\n", log)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        process.wait()
 
 
 def test_run_flags_beat_the_file_and_unknown_corral_variables_are_warnings(
