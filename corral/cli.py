@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import json
 import logging
@@ -16,6 +17,8 @@ import signal
 import sys
 import threading
 import time
+import warnings
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -24,10 +27,11 @@ import httpx
 
 from corral import __version__
 from corral.client import Client, connect
-from corral.config import Config, load_config
+from corral.config import Config, ConfigWarning, load_config
 from corral.daemon import Daemon
 from corral.errors import ConfigError, CorralError, InvalidMessage
 from corral.messages.base import TIMEOUT, Event, Message, Request, lookup, registered
+from corral.system import plan
 
 log = logging.getLogger("corral")
 
@@ -64,7 +68,7 @@ def setup_logging(level: str, fmt: str) -> None:
     root.setLevel(level)
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="corral")
 def main() -> None:
     """corral: supervised actor managers for Python services."""
@@ -89,12 +93,30 @@ import_option = click.option(
 )
 
 
-def _load(config_path: str | None) -> Config:
-    try:
-        return load_config(config_path)
-    except CorralError as exc:
-        click.echo(f"corral: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
+def _load(
+    config_path: str | None,
+    *,
+    flags: dict[str, tuple[str, Any]] | None = None,
+    notes: list[str] | None = None,
+) -> Config:
+    """The config, or exit 2 saying why; its warnings are appended to ``notes``, else printed."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConfigWarning)
+        try:
+            config = load_config(config_path, flags=flags)
+        except CorralError as exc:
+            click.echo(f"corral: {exc}", err=True)
+            sys.exit(EXIT_CONFIG)
+    for warning in caught:
+        if not issubclass(warning.category, ConfigWarning):
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
+        elif notes is not None:
+            notes.append(str(warning.message))
+        else:
+            click.echo(f"corral: warning: {warning.message}", err=True)
+    return config
 
 
 def _register_messages(config: Config, modules: tuple[str, ...]) -> None:
@@ -107,27 +129,60 @@ def _register_messages(config: Config, modules: tuple[str, ...]) -> None:
             raise click.UsageError(f"cannot import {module}: {exc}") from None
 
 
+def daemon_flags(command: Callable[..., None]) -> Callable[..., None]:
+    """The flags of ``corral run`` that set config keys, beating every other source."""
+    for flag in reversed(
+        [
+            click.option("--host", help="Address to serve HTTP on (overrides daemon.host)."),
+            click.option("--port", type=int, help="Port to serve HTTP on (overrides daemon.port)."),
+            click.option(
+                "--log-level",
+                type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
+                help="Log level (overrides log.level).",
+            ),
+            click.option(
+                "--log-format",
+                type=click.Choice(["plain", "json"]),
+                help="Log line format on stderr (overrides log.format).",
+            ),
+        ]
+    ):
+        command = flag(command)
+    return command
+
+
+def _flags(
+    host: str | None, port: int | None, log_level: str | None, log_format: str | None
+) -> dict[str, tuple[str, Any]]:
+    given = {
+        "daemon.host": ("--host", host),
+        "daemon.port": ("--port", port),
+        "log.level": ("--log-level", log_level),
+        "log.format": ("--log-format", log_format),
+    }
+    return {key: flag for key, flag in given.items() if flag[1] is not None}
+
+
 @main.command()
 @config_option
-@click.option(
-    "--log-format",
-    type=click.Choice(["plain", "json"]),
-    default=None,
-    help="Log line format on stderr (overrides log.format).",
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
-    default=None,
-    help="Log level (overrides log.level).",
-)
-def run(config_path: str | None, log_format: str | None, log_level: str | None) -> None:
+@daemon_flags
+def run(
+    config_path: str | None,
+    host: str | None,
+    port: int | None,
+    log_level: str | None,
+    log_format: str | None,
+) -> None:
     """Start the supervisor, its managers and the HTTP face; stop on SIGTERM or Ctrl-C.
 
+    Flags beat every other source: defaults < environment < file < Vault < flags.
     Exit status: 0 after a clean stop, 1 when the supervisor gave up, 2 for bad config.
     """
-    config = _load(config_path)
-    setup_logging(log_level or config.log.level, log_format or config.log.format)
+    notes: list[str] = []
+    config = _load(config_path, flags=_flags(host, port, log_level, log_format), notes=notes)
+    setup_logging(config.log.level, config.log.format)
+    for note in notes:
+        log.warning("%s", note)
 
     escalated = threading.Event()
     stop = threading.Event()
@@ -290,9 +345,13 @@ def send(
 def build_message(name: str, pairs: tuple[str, ...]) -> Message:
     """A message of the registered type ``name`` from ``field=value`` pairs, validated."""
     cls = lookup(name)
-    if cls is None:
-        sendable = sorted(n for n, c in registered().items() if c.kind in ("request", "event"))
-        raise InvalidMessage(f"unknown message {name!r}; known: {', '.join(sendable)}")
+    if cls is None or cls.internal:
+        sendable = sorted(
+            n for n, c in registered().items() if c.kind in ("request", "event") and not c.internal
+        )
+        close = difflib.get_close_matches(name, sendable, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise InvalidMessage(f"unknown message {name!r}{hint}; known: {', '.join(sendable)}")
     fields = {f.name: f for f in cls.fields_info}
     values: dict[str, Any] = {}
     for pair in pairs:
@@ -391,9 +450,25 @@ def config_group() -> None:
 
 @config_group.command()
 @config_option
-def check(config_path: str | None) -> None:
-    """Print the merged config, secrets masked, with where each value came from."""
-    config = _load(config_path)
+@daemon_flags
+def check(
+    config_path: str | None,
+    host: str | None,
+    port: int | None,
+    log_level: str | None,
+    log_format: str | None,
+) -> None:
+    """Check the config as `corral run` does and print it, secrets masked, with sources.
+
+    It takes the flags of `corral run` too. Exit status: 0 when `corral run` would
+    accept the config, 2 when it would refuse it.
+    """
+    config = _load(config_path, flags=_flags(host, port, log_level, log_format))
+    try:
+        plan(config)  # the managers `corral run` would start: loaded, options checked
+    except ConfigError as exc:
+        click.echo(f"corral: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
     masked = config.masked()
     tables = [(name, values) for name, values in masked.items() if name != "managers"]
     tables += [(f"managers.{name}", values) for name, values in masked["managers"].items()]
@@ -409,13 +484,16 @@ def check(config_path: str | None) -> None:
 @config_option
 @import_option
 def messages(config_path: str | None, modules: tuple[str, ...]) -> None:
-    """List every registered message type with its fields and their bounds.
+    """List every registered message type with its fields and their bounds (not the
+    messages corral sends itself).
 
     Every float is finite and every int fits in 64 bits; a field's own bounds
     follow its type: ``ttl: float (> 0, <= 315360000 s)``.
     """
     _register_messages(_load(config_path), modules)
     for name, cls in sorted(registered().items()):
+        if cls.internal:
+            continue
         handler = f" -> {cls.manager}" if cls.manager else ""
         click.echo(f"{name} v{cls.wire_version} ({cls.kind}{handler})")
         for field in cls.fields_info:

@@ -38,9 +38,9 @@ from corral.errors import ConfigError, Timeout
 from corral.messages.base import TIMEOUT, Message, Reply, Request, unwrap, validate
 from corral.messages.codec import Codec
 from corral.messages.system import SystemHealth
-from corral.supervisor import ChildSpec, Supervisor, SupervisorPolicy
+from corral.supervisor import ChildSpec, Supervisor, SupervisorPolicy, start_order
 
-__all__ = ["System"]
+__all__ = ["System", "plan"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class System(EventsMixin):
         on_escalate: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config or Config()
+        specs = plan(self.config, managers)  # before anything is built, which a bad config stops
         self.ask_timeout = self.config.system.ask_timeout
         self.validate = self.config.system.validate
         self.codec = Codec(
@@ -74,7 +75,7 @@ class System(EventsMixin):
         self._own_bus = bus is None
         self.bus = bus or self._make_bus()
         self.supervisor = Supervisor(
-            self._child_specs(managers),
+            specs,
             self,
             policy=self._policy(),
             publish=self.bus.publish,
@@ -101,77 +102,6 @@ class System(EventsMixin):
         section = self.config.supervisor
         names = (f.name for f in dataclasses.fields(SupervisorPolicy))
         return SupervisorPolicy(**{name: getattr(section, name) for name in names})
-
-    def _child_specs(self, extra: Iterable[type[Manager] | ChildSpec]) -> list[ChildSpec]:
-        given: dict[str, type[Manager] | ChildSpec] = {}
-        for item in extra:
-            name = item.name
-            if not name:
-                raise ConfigError(f"{item!r} has no manager name (set its class attribute `name`)")
-            given[name] = item
-        sections = dict(self.config.managers)
-        names = ["system", *[n for n in sections if n != "system"]]
-        names += [n for n in given if n not in names]
-        # What every manager gets from the system it runs in, given specs included.
-        redis_url = self.config.bus.url if self.config.bus.backend == "redis" else ""
-        namespace = self.config.bus.namespace
-        keys = self.codec.keys
-        specs = []
-        for name in names:
-            section = sections.get(name, ManagerSection())
-            if not section.enabled:
-                continue
-            given_item = given.get(name)
-            if isinstance(given_item, ChildSpec):
-                self._check_options(name, given_item.manager, given_item.options)
-                specs.append(
-                    dataclasses.replace(
-                        given_item,
-                        redis_url=redis_url
-                        if given_item.redis_url is None
-                        else given_item.redis_url,
-                        namespace=namespace
-                        if given_item.namespace is None
-                        else given_item.namespace,
-                        signing_keys=keys
-                        if given_item.signing_keys is None
-                        else given_item.signing_keys,
-                    )
-                )
-                continue
-            manager = given_item or _load_manager(name, section)
-            self._check_options(name, manager, section.options)
-            specs.append(
-                ChildSpec(
-                    name=name,
-                    manager=manager,
-                    options=section.options,
-                    restart=section.restart,
-                    depends_on=tuple(section.depends_on),
-                    critical=section.critical,
-                    shutdown_timeout=(
-                        section.shutdown_timeout
-                        if section.shutdown_timeout is not None
-                        else self.config.supervisor.shutdown_timeout
-                    ),
-                    mailbox_size=section.mailbox_size or self.config.system.mailbox_size,
-                    mailbox_put_timeout=self.config.system.mailbox_put_timeout,
-                    redis_url=redis_url,
-                    namespace=namespace,
-                    signing_keys=keys,
-                )
-            )
-        return specs
-
-    def _check_options(self, name: str, manager: type[Manager], options: Mapping[str, Any]) -> None:
-        """Fail at construction, naming key and file, rather than in a restart loop."""
-        if manager.Options is None:
-            return
-        try:
-            parse_options(manager.Options, options, manager=name)
-        except ConfigError as exc:
-            origin = self.config.sources.get(f"managers.{name}.{exc.details.get('field', '')}")
-            raise ConfigError(f"{origin}: {exc}" if origin else str(exc), exc.details) from None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -321,6 +251,84 @@ class System(EventsMixin):
                 return
             except pykka.ActorDeadError:
                 stale = ref  # it died between resolve and put: wait for its successor
+
+
+def plan(config: Config, managers: Iterable[type[Manager] | ChildSpec] = ()) -> list[ChildSpec]:
+    """The managers ``System(config, managers=managers)`` runs, as child specs in start order.
+
+    Loads each configured manager's class and checks its options and the dependencies
+    between managers, and starts nothing: ``System`` and ``corral config check`` both
+    run this. Raises :class:`ConfigError` naming the setting (and where its value came
+    from) rather than letting a manager fail in a restart loop.
+    """
+    given: dict[str, type[Manager] | ChildSpec] = {}
+    for item in managers:
+        name = item.name
+        if not name:
+            raise ConfigError(f"{item!r} has no manager name (set its class attribute `name`)")
+        given[name] = item
+    sections = dict(config.managers)
+    names = ["system", *[n for n in sections if n != "system"]]
+    names += [n for n in given if n not in names]
+    # What every manager gets from the system it runs in, given specs included.
+    redis_url = config.bus.url if config.bus.backend == "redis" else ""
+    namespace = config.bus.namespace
+    keys = tuple(k.encode() for k in config.codec.signing_keys)
+    specs = []
+    for name in names:
+        section = sections.get(name, ManagerSection())
+        if not section.enabled:
+            continue
+        given_item = given.get(name)
+        if isinstance(given_item, ChildSpec):
+            _check_options(config, name, given_item.manager, given_item.options)
+            specs.append(
+                dataclasses.replace(
+                    given_item,
+                    redis_url=redis_url if given_item.redis_url is None else given_item.redis_url,
+                    namespace=namespace if given_item.namespace is None else given_item.namespace,
+                    signing_keys=keys
+                    if given_item.signing_keys is None
+                    else given_item.signing_keys,
+                )
+            )
+            continue
+        manager = given_item or _load_manager(name, section)
+        _check_options(config, name, manager, section.options)
+        specs.append(
+            ChildSpec(
+                name=name,
+                manager=manager,
+                options=section.options,
+                restart=section.restart,
+                depends_on=tuple(section.depends_on),
+                critical=section.critical,
+                shutdown_timeout=(
+                    section.shutdown_timeout
+                    if section.shutdown_timeout is not None
+                    else config.supervisor.shutdown_timeout
+                ),
+                mailbox_size=section.mailbox_size or config.system.mailbox_size,
+                mailbox_put_timeout=config.system.mailbox_put_timeout,
+                redis_url=redis_url,
+                namespace=namespace,
+                signing_keys=keys,
+            )
+        )
+    return start_order(specs)
+
+
+def _check_options(
+    config: Config, name: str, manager: type[Manager], options: Mapping[str, Any]
+) -> None:
+    """The options parsed as the manager's Options, errors naming the key and its origin."""
+    if manager.Options is None:
+        return
+    try:
+        parse_options(manager.Options, options, manager=name)
+    except ConfigError as exc:
+        origin = config.sources.get(f"managers.{name}.{exc.details.get('field', '')}")
+        raise ConfigError(f"{origin}: {exc}" if origin else str(exc), exc.details) from None
 
 
 def _load_manager(name: str, section: ManagerSection) -> type[Manager]:

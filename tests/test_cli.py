@@ -12,15 +12,21 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import httpx
 import pytest
 import redis
 from click.testing import CliRunner, Result
 
 import corral
+from corral import cli
+from corral.actors import BUILTIN
 from corral.cli import main
 from corral.config import BusSection, Config, DaemonSection, ManagerSection
 from corral.daemon import Daemon
+from corral.messages.state import StateExpired, StateExpireDue
+from corral.messages.transaction import TransactionExpired, TransactionExpireIdle
+from corral.messages.websocket import WsAttach, WsAttached, WsDetach, WsJoinRoom, WsTick
 from corral.remote import GROUP, stream_key
 from tests.redis_server import RedisServer
 from tests.support import Done, Work, read_until, run_corral, start_corral, wait_until
@@ -157,13 +163,40 @@ def test_send_builds_validates_and_prints_the_reply(
     assert json.loads(done.stdout)["fields"]["name"] == "worker"
     unknown = run_corral("send", "cache.gett", *url, env=env)
     assert unknown.returncode == 2
-    assert "unknown message 'cache.gett'; known: " in unknown.stderr
+    assert "unknown message 'cache.gett' (did you mean cache.get?); known: " in unknown.stderr
     assert "system.ping" in unknown.stderr
+    internal = run_corral("send", "ws.tick", *url, env=env)
+    assert internal.returncode == 2
+    assert "unknown message 'ws.tick'; known: " in internal.stderr
+    assert "ws.tick" not in internal.stderr.partition("known: ")[2]
     bad = run_corral("send", "test.work", "seconds=soon", *url, env=env)
     assert bad.returncode == 2
     assert "test.work.seconds: expected float, got str" in bad.stderr
     no_field = run_corral("send", "system.ping", "colour=red", *url, env=env)
     assert "system.ping has no field 'colour'; fields: payload: bytes" in no_field.stderr
+
+
+INTERNAL = (
+    WsTick,
+    WsAttach,
+    WsAttached,
+    WsDetach,
+    StateExpireDue,
+    StateExpired,
+    TransactionExpireIdle,
+    TransactionExpired,
+)
+
+
+def test_messages_lists_the_public_wire_types_only() -> None:
+    imports = [f"--import=corral.messages.{area}" for area in ("websocket", "state", "transaction")]
+    result = run_corral("messages", "-c", os.devnull, *imports)
+    assert result.returncode == 0, result.stderr
+    listed = {line.split()[0] for line in result.stdout.splitlines() if not line.startswith(" ")}
+    assert {"ws.join_room", "state.get", "transaction.begin", "system.ping"} <= listed
+    assert listed.isdisjoint(cls.type_name for cls in INTERNAL)
+    assert all(cls.internal for cls in INTERNAL)
+    assert not WsJoinRoom.internal
 
 
 def test_events_prints_what_is_published(daemon: Daemon, redis_server: RedisServer) -> None:
@@ -209,6 +242,144 @@ def test_config_check_masks_secrets_and_names_sources(tmp_path: Path) -> None:
     assert f'url = "redis://u:***@db:6379/0"  # file {path}' in result.stdout
     assert "ask_timeout = 2.5  # env CORRAL_SYSTEM_ASK_TIMEOUT" in result.stdout
     assert "max_restarts = 5  # default" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (
+            "[managers.cache]\nnonsense = 1\n",
+            "managers.cache.nonsense: not an option of the cache manager",
+        ),
+        (
+            '[managers.ratelimit]\nrules = { ip = "100 per fortnight" }\n',
+            "managers.ratelimit.rules.ip.limit: expected a limit like '100/minute' "
+            "or '5/10 seconds', got '100 per fortnight'",
+        ),
+        (
+            '[managers.auth]\nsigning_key = "short"\n',
+            "managers.auth.signing_key: HS256 needs a secret of at least 32 bytes",
+        ),
+        ("[managers.state]\nhistory_limit = 0\n", "managers.state.history_limit: must be >= 1"),
+        ("[managers.nosuch]\n", "managers.nosuch: unknown manager"),
+        (
+            '[managers.worker]\nclass_path = "tests.nowhere:Worker"\n',
+            "managers.worker.class_path: cannot load 'tests.nowhere:Worker'",
+        ),
+        (
+            '[managers.cache]\ndepends_on = ["db"]\n',
+            "managers.cache.depends_on: no manager named 'db'",
+        ),
+        (
+            '[managers.cache.backends.main]\ntype = "redis"\nurl = "http://db:6379/0"\n',
+            "managers.cache.backends.main.url: expected a redis://, rediss:// or unix:// URL, "
+            "got 'http://db:6379/0'",
+        ),
+        (
+            '[managers.state]\nredis_url = "htp://u:pw@db:6379/0"\n',
+            "managers.state.redis_url: expected a redis://, rediss:// or unix:// URL, "
+            "got 'htp://u:***@db:6379/0'",
+        ),
+        (
+            '[bus]\nbackend = "redis"\nurl = "http://db:6379/0"\n',
+            "bus.url: expected a redis://, rediss:// or unix:// URL, got 'http://db:6379/0'",
+        ),
+    ],
+)
+def test_config_check_refuses_what_run_refuses(tmp_path: Path, text: str, problem: str) -> None:
+    path = tmp_path / "corral.toml"
+    path.write_text(text)
+    check = run_corral("config", "check", "-c", str(path))
+    assert check.returncode == 2, check.stdout
+    assert problem in check.stderr
+    assert "pw@" not in check.stderr
+    run = run_corral("run", "-c", str(path))
+    assert run.returncode == 2, run.stderr
+    assert problem in run.stderr
+    assert "pw@" not in run.stderr
+
+
+def test_every_built_in_manager_enabled_by_an_empty_table(tmp_path: Path) -> None:
+    path = tmp_path / "corral.toml"
+    path.write_text("".join(f"[managers.{name}]\n" for name in BUILTIN))
+    check = run_corral("config", "check", "-c", str(path))
+    assert check.returncode == 0, check.stderr
+    for name in BUILTIN:
+        assert f"[managers.{name}]\n" in check.stdout
+    process = start_corral("run", "-c", str(path))
+    try:
+        log = read_until(process, f"running {len(BUILTIN)} managers")
+        assert re.search(rf"running {len(BUILTIN)} managers in \d+ ms: {', '.join(BUILTIN)}\n", log)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_run_flags_beat_the_file_and_unknown_corral_variables_are_warnings(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "corral.toml"
+    path.write_text(
+        '[daemon]\nhost = "192.0.2.1"\nport = 1\n[log]\nlevel = "ERROR"\nformat = "plain"\n'
+    )
+    # Kubernetes sets these in every pod of a namespace with a Service named "corral".
+    kubernetes = {"CORRAL_PORT": "tcp://10.0.0.7:8650", "CORRAL_SERVICE_HOST": "10.0.0.7"}
+    args = ["-c", str(path), "--host", "127.0.0.1", "--port", "0", "--log-level", "INFO"]
+    process = start_corral("run", *args, "--log-format", "json", env=kubernetes)
+    try:
+        lines = [
+            json.loads(line) for line in read_until(process, "running 1 managers").splitlines()
+        ]
+        warned = [line["message"] for line in lines if line["level"] == "warning"]
+        assert warned == [
+            "env CORRAL_PORT: not a corral setting, ignored",
+            "env CORRAL_SERVICE_HOST: not a corral setting, ignored",
+        ]
+        served = [line["message"] for line in lines if line["message"].startswith("serving ")]
+        url = served_url(served[0])
+        assert url.startswith("http://127.0.0.1:")
+        assert not url.endswith(":1")
+        assert httpx.get(f"{url}/health").json()["status"] == "healthy"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        process.wait()
+    check = run_corral("config", "check", "-c", str(path), env=kubernetes)
+    assert check.returncode == 0, check.stderr
+    assert check.stderr == (
+        "corral: warning: env CORRAL_PORT: not a corral setting, ignored\n"
+        "corral: warning: env CORRAL_SERVICE_HOST: not a corral setting, ignored\n"
+    )
+    flagged = run_corral("config", "check", "-c", str(path), "--port", "8651")
+    assert flagged.returncode == 0, flagged.stderr
+    assert "port = 8651  # flag --port\n" in flagged.stdout
+    assert f'host = "192.0.2.1"  # file {path}\n' in flagged.stdout
+    for command in (["run"], ["config", "check"]):
+        bad_port = run_corral(*command, *args[:4], "--port", "70000")
+        assert bad_port.returncode == 2
+        assert "flag --port: daemon.port: must be <= 65535, got 70000" in bad_port.stderr
+
+
+def test_empty_manager_tables_enable_the_managers(tmp_path: Path) -> None:
+    path = tmp_path / "corral.toml"
+    path.write_text("[managers.cache]\n[managers.state]\n[managers.pool]\nenabled = false\n")
+    check = run_corral("config", "check", "-c", str(path))
+    assert check.returncode == 0, check.stderr
+    assert "[managers.cache]\nenabled = true  # default\n" in check.stdout
+    assert "[managers.state]\nenabled = true  # default\n" in check.stdout
+    assert f"[managers.pool]\nenabled = false  # file {path}\n" in check.stdout
+    process = start_corral("run", "-c", str(path))
+    try:
+        log = read_until(process, "running 3 managers")
+        assert re.search(r"running 3 managers in \d+ ms: system, cache, state\n", log), log
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        process.wait()
 
 
 def test_a_daemon_killed_mid_request_hands_it_to_another(
@@ -289,3 +460,22 @@ def test_timeouts_and_bounds_are_checked_before_anything_is_sent(tmp_path: Path)
     assert "    duration: float (>= 0, <= 315360000 s) (optional)" in listed.stdout
     assert "    cost: int (>= 0, <= 1000000000) (optional)" in listed.stdout
     assert "Every float is finite" in listed.stderr
+
+
+def _command_paths(group: click.Group, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    paths = [path]
+    for name, command in sorted(group.commands.items()):
+        if isinstance(command, click.Group):
+            paths += _command_paths(command, (*path, name))
+        else:
+            paths.append((*path, name))
+    return paths
+
+
+@pytest.mark.parametrize("path", _command_paths(cli.main), ids=" ".join)
+def test_h_is_help_on_every_command(path: tuple[str, ...]) -> None:
+    runner = CliRunner()
+    short = runner.invoke(cli.main, [*path, "-h"], prog_name="corral")
+    assert short.exit_code == 0, short.output
+    assert short.output.startswith(f"Usage: {' '.join(('corral', *path))} ")
+    assert short.output == runner.invoke(cli.main, [*path, "--help"], prog_name="corral").output

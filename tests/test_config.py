@@ -16,6 +16,7 @@ from corral.config import (
     CodecSection,
     Config,
     ConfigSource,
+    ConfigWarning,
     DaemonSection,
     LogSection,
     ManagerSection,
@@ -126,6 +127,34 @@ def test_each_layer_beats_the_one_below(tmp_path: Path) -> None:
     assert config.sources["supervisor.period"] == f"file {path}"
     assert config.sources["supervisor.probe_interval"] == "env CORRAL_SUPERVISOR_PROBE_INTERVAL"
     assert config.sources["supervisor.probe_timeout"] == "default"
+
+
+def test_flags_beat_every_source(tmp_path: Path) -> None:
+    path = toml(tmp_path, '[daemon]\nport = 9000\nhost = "0.0.0.0"\n[log]\nlevel = "DEBUG"\n')
+    env = {"CORRAL_DAEMON_PORT": "9100", "CORRAL_LOG_FORMAT": "json"}
+    vault = FakeVault(layer={"daemon": {"port": "9200"}})
+    flags = {"daemon.port": ("--port", 9300), "log.level": ("--log-level", "ERROR")}
+
+    config = load_config(path, env=env, sources=[vault], flags=flags)
+
+    assert (config.daemon.host, config.daemon.port) == ("0.0.0.0", 9300)
+    assert (config.log.level, config.log.format) == ("ERROR", "json")
+    assert config.sources["daemon.port"] == "flag --port"
+    assert config.sources["log.level"] == "flag --log-level"
+    assert config.sources["daemon.host"] == f"file {path}"
+    assert config.masked()["daemon"]["port"] == 9300  # a flag is no secret
+
+
+def test_flags_are_checked_like_every_value() -> None:
+    assert error_of(flags={"daemon.port": ("--port", 70000)}) == (
+        "flag --port: daemon.port: must be <= 65535, got 70000"
+    )
+    assert error_of(flags={"log.level": ("--log-level", "LOUD")}) == (
+        "flag --log-level: log.level: expected one of 'DEBUG', 'INFO', 'WARNING', 'ERROR', "
+        "got 'LOUD'"
+    )
+    with pytest.raises(ValueError, match=r"^not a setting: 'daemon\.porth'$"):
+        load_config(env={}, flags={"daemon.porth": ("--port", 1)})
 
 
 def test_later_sources_beat_earlier_ones() -> None:
@@ -247,10 +276,10 @@ def test_bad_env_values(var: str, text: str, message: str) -> None:
             "env CORRAL_BUS_URLL: not a corral setting (did you mean CORRAL_BUS_URL?)",
         ),
         (
-            "CORRAL_REDIS_URL",
-            "env CORRAL_REDIS_URL: not a corral setting (did you mean CORRAL_BUS_URL?)",
+            "CORRAL_DAEMON_SERVICE_HOST",
+            "env CORRAL_DAEMON_SERVICE_HOST: not a corral setting "
+            "(did you mean CORRAL_DAEMON_HOST?)",
         ),
-        ("CORRAL_NOTHING", "env CORRAL_NOTHING: not a corral setting"),
         (
             "CORRAL_MANAGERS_CACHE_MAX_ENTRIES",
             "env CORRAL_MANAGERS_CACHE_MAX_ENTRIES: not a corral setting (CORRAL_MANAGERS_<NAME>"
@@ -258,8 +287,32 @@ def test_bad_env_values(var: str, text: str, message: str) -> None:
         ),
     ],
 )
-def test_unknown_env_variable(var: str, message: str) -> None:
+def test_unknown_key_of_a_known_section_in_the_environment(var: str, message: str) -> None:
     assert error_of(env={var: "x"}) == message
+
+
+@pytest.mark.parametrize(
+    ("var", "message"),
+    [
+        (
+            "CORRAL_REDIS_URL",
+            "env CORRAL_REDIS_URL: not a corral setting, ignored (did you mean CORRAL_BUS_URL?)",
+        ),
+        ("CORRAL_NOTHING", "env CORRAL_NOTHING: not a corral setting, ignored"),
+        # What Kubernetes sets in every pod of a namespace with a Service named corral.
+        ("CORRAL_PORT", "env CORRAL_PORT: not a corral setting, ignored"),
+        ("CORRAL_SERVICE_HOST", "env CORRAL_SERVICE_HOST: not a corral setting, ignored"),
+        (
+            "CORRAL_PORT_8650_TCP_ADDR",
+            "env CORRAL_PORT_8650_TCP_ADDR: not a corral setting, ignored",
+        ),
+    ],
+)
+def test_other_corral_variables_are_a_warning(var: str, message: str) -> None:
+    with pytest.warns(ConfigWarning) as caught:
+        config = load_config(env={var: "tcp://10.0.0.7:8650", "CORRAL_BUS_NAMESPACE": "k8s"})
+    assert [str(warning.message) for warning in caught] == [message]
+    assert config == Config().replace(bus=BusSection(namespace="k8s"))
 
 
 def test_other_env_variables_are_ignored() -> None:
@@ -331,6 +384,11 @@ def test_file_values(tmp_path: Path) -> None:
         ),
         ("bus = 'redis'", "bus: expected a table, got str"),
         ("[bus]\nurll = 'x'", "bus.urll: unknown key (did you mean bus.url?)"),
+        (
+            "[bus]\nurl = 'http://u:pw@db/0'",
+            "bus.url: expected a redis://, rediss:// or unix:// URL, got 'http://u:***@db/0'",
+        ),
+        ("[bus]\nbackend = 'redis'\nurl = ''", "bus.url: the redis backend needs a URL"),
         ("[buss]\nurl = 'x'", "buss: unknown section (did you mean bus?)"),
         ("[cache]\nttl = 1", "cache: unknown section"),
         ("managers = 1", "managers: expected a table, got int"),
@@ -478,6 +536,28 @@ def test_manager_tables_with_options(tmp_path: Path) -> None:
         "max_entries": 1000,
         "redis": {"db": 2},
     }
+
+
+def test_an_empty_manager_table_enables_the_manager(tmp_path: Path) -> None:
+    path = toml(tmp_path, "[managers.cache]\n[managers.state]\n[managers.pool]\nenabled = false\n")
+    config = load_config(path, env={})
+    assert config.managers == {
+        "cache": ManagerSection(),
+        "state": ManagerSection(),
+        "pool": ManagerSection(enabled=False),
+    }
+    assert config.sources["managers.cache.enabled"] == "default"
+    assert config.sources["managers.pool.enabled"] == f"file {path}"
+    # The table sets nothing, so the environment's value stands.
+    disabled = load_config(path, env={"CORRAL_MANAGERS_STATE_ENABLED": "false"})
+    assert disabled.managers["state"] == ManagerSection(enabled=False)
+    assert disabled.sources["managers.state.enabled"] == "env CORRAL_MANAGERS_STATE_ENABLED"
+
+
+def test_an_empty_manager_table_from_a_source_enables_the_manager() -> None:
+    config = load_config(env={}, sources=[FakeVault(layer={"managers": {"cache": {}}})])
+    assert config.managers == {"cache": ManagerSection()}
+    assert config.secret_keys == frozenset()
 
 
 def test_manager_options_from_a_source_merge_key_by_key(tmp_path: Path) -> None:

@@ -12,8 +12,11 @@ from typing import Any
 
 import pytest
 
-from corral.config import VaultSection, VaultSource, load_config
+from corral.actors.auth.manager import AuthOptions
+from corral.actors.state import StateOptions
+from corral.config import VaultSection, VaultSource, load_config, parse_options
 from corral.errors import ConfigError
+from corral.system import System, plan
 from tests.vault_server import VaultServer
 
 KV = "/v1/secret/data/corral"
@@ -514,3 +517,43 @@ def test_vault_credentials_and_values_are_masked(vault: VaultServer) -> None:
     assert approle.masked()["vault"]["secret_id"] == "***"
     assert approle.masked()["vault"]["role_id"] == "corral-role"
     assert "s3cret-id" not in repr(approle)
+
+
+def test_manager_options_from_vault_are_converted_to_their_types(
+    vault: VaultServer, tmp_path: Path
+) -> None:
+    vault.put("secret/corral", {"signing_key": "s" * 32, "history_limit": "7"})
+    vault.put(
+        "secret/corral-config", {"managers.auth.access_ttl": "120", "managers.auth.leeway": "2.5"}
+    )
+    path = toml(
+        tmp_path,
+        f"""
+        [vault]
+        url = "{vault.url}"
+        config_path = "secret/corral-config"
+
+        [managers.auth]
+        signing_key = "vault:secret/corral#signing_key"
+        access_ttl = 60
+
+        [managers.state]
+        history_limit = "vault:secret/corral#history_limit"
+        """,
+    )
+    config = load_config(path, env={"CORRAL_VAULT_TOKEN": vault.add_token()})
+    specs = {spec.name: spec for spec in plan(config)}
+    auth = parse_options(AuthOptions, specs["auth"].options, manager="auth")
+    assert (auth.access_ttl, auth.leeway, auth.signing_key) == (120, 2.5, "s" * 32)
+    state = parse_options(StateOptions, specs["state"].options, manager="state")
+    assert state.history_limit == 7
+    with System(config) as system:
+        assert system.health().status == "healthy"
+
+    vault.put("secret/corral-config", {"managers.auth.access_ttl": "two minutes"})
+    config = load_config(path, env={"CORRAL_VAULT_TOKEN": vault.add_token()})
+    with pytest.raises(ConfigError) as info:
+        plan(config)
+    assert info.value.message == (
+        "vault: managers.auth.access_ttl: expected int, got a value from vault"
+    )

@@ -1,6 +1,7 @@
 """corral's configuration: one typed, frozen object merged from layers, key by key.
 
-Layers, lowest precedence first:
+Precedence, lowest to highest: built-in defaults < environment < TOML file < Vault
+(and other sources) < flags of ``corral run``.
 
 1. built-in defaults: ``Config()``, enough for ``corral run`` with no file;
 2. environment variables ``CORRAL_<SECTION>_<KEY>`` (``CORRAL_BUS_URL``,
@@ -9,20 +10,25 @@ Layers, lowest precedence first:
 3. the TOML file (``load_config(path)``, else ``$CORRAL_CONFIG``, else none);
 4. :class:`ConfigSource` objects such as Vault, later ones beating earlier ones;
    by default, the :class:`VaultSource` that ``[vault]`` describes when ``vault.url``
-   is set in the environment or the file (see ``corral/config/_vault.py``).
+   is set in the environment or the file (see ``corral/config/_vault.py``);
+5. ``flags``: what the command line set (``load_config(flags={"daemon.port":
+   ("--port", 9000)})``).
 
 The file beats the environment, unlike the usual twelve-factor order: that is
 what the project's design specifies, so an environment variable only fills in
-what the file leaves out. A string value such as ``"vault:secret/corral#jwt_secret"``
-is a reference, resolved by the source that claims its scheme; a ``vault:``
-reference that no source resolves is an error.
+what the file leaves out, and a flag is how one file serves two daemons. A string
+value such as ``"vault:secret/corral#jwt_secret"`` is a reference, resolved by the
+source that claims its scheme; a ``vault:`` reference that no source resolves is
+an error.
 
 The file's top-level tables are the sections (``[system]``, ``[supervisor]``,
 ``[bus]``, ``[codec]``, ``[log]``, ``[daemon]``, ``[vault]``) and ``[managers.<name>]`` tables,
-whose keys besides :class:`ManagerSection`'s fields are the manager's options.
-Unknown sections, keys and variables, wrong types and out-of-range values raise
-:class:`~corral.errors.ConfigError` naming the key and where the value came
-from, e.g. ``corral.toml: supervisor.max_restarts: expected int, got str``.
+whose keys besides :class:`ManagerSection`'s fields are the manager's options; naming
+a manager enables it, even with an empty table. Unknown sections and keys, wrong types
+and out-of-range values raise :class:`~corral.errors.ConfigError` naming the key and
+where the value came from, e.g. ``corral.toml: supervisor.max_restarts: expected int,
+got str``. A ``CORRAL_*`` variable that names no section is a :class:`ConfigWarning`
+and is ignored; one that names a section but no key of it is an error.
 
 Example::
 
@@ -40,8 +46,9 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from corral.config._config import Config
-from corral.config._loader import ConfigSource, load_config
+from corral.config._loader import ConfigSource, ConfigWarning, load_config
 from corral.config._sections import (
+    REDIS_URL,
     BusSection,
     CodecSection,
     DaemonSection,
@@ -83,10 +90,12 @@ def parse_options(cls: type[S], options: Mapping[str, Any], *, manager: str) -> 
 
 
 __all__ = [
+    "REDIS_URL",
     "BusSection",
     "CodecSection",
     "Config",
     "ConfigSource",
+    "ConfigWarning",
     "DaemonSection",
     "LogSection",
     "ManagerSection",

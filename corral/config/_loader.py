@@ -1,4 +1,4 @@
-"""load_config: defaults < environment < TOML file < ConfigSources, merged key by key."""
+"""load_config: defaults < environment < TOML file < ConfigSources < flags, merged key by key."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import difflib
 import os
 import re
 import tomllib
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, get_origin
@@ -19,7 +20,7 @@ from corral.config._sections import (
     VaultSection,
     field_types,
 )
-from corral.config._values import Mismatch, convert, split_list
+from corral.config._values import Mismatch, Text, convert, split_list
 from corral.config._vault import VaultSource
 from corral.errors import ConfigError
 
@@ -33,9 +34,15 @@ _REFERENCE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 _ENV_KEYS = [
     f"{section}_{name}".upper() for section, cls in SECTIONS.items() for name in field_types(cls)
 ]
+_ENV_SECTIONS = tuple(f"{section.upper()}_" for section in [*SECTIONS, "managers"])
 _MANAGERS_HINT = (
     " (CORRAL_MANAGERS_<NAME>_<FIELD> sets a field of a manager; its options are set in the file)"
 )
+
+
+class ConfigWarning(UserWarning):
+    """Something in the config that corral ignores, such as a ``CORRAL_*`` variable it does
+    not know (Kubernetes sets ``<SERVICE>_PORT`` variables for every Service)."""
 
 
 class ConfigSource(Protocol):
@@ -80,14 +87,18 @@ def load_config(
     *,
     env: Mapping[str, str] | None = None,
     sources: Sequence[ConfigSource] | None = None,
+    flags: Mapping[str, tuple[str, Any]] | None = None,
 ) -> Config:
-    """Build the Config from the environment, the TOML file at ``path`` and ``sources``.
+    """Build the Config from the environment, the TOML file at ``path``, ``sources`` and ``flags``.
 
     ``env`` defaults to ``os.environ``; ``path`` defaults to ``$CORRAL_CONFIG``,
     and with neither there is no file. ``sources`` defaults to the Vault that the
     ``[vault]`` section read so far describes (none while ``vault.url`` is empty);
-    ``sources=[]`` reads no source. Raises :class:`ConfigError` naming the key and
-    where its value came from.
+    ``sources=[]`` reads no source. ``flags`` are the top layer, beating every
+    source: dotted key -> (flag, value), such as ``{"daemon.port": ("--port", 9000)}``,
+    whose source is then ``flag --port``. Raises :class:`ConfigError` naming the key
+    and where its value came from; a ``CORRAL_*`` variable that names no section is
+    ignored with a :class:`ConfigWarning`.
     """
     environ = os.environ if env is None else env
     entries = _read_env(environ)
@@ -95,14 +106,17 @@ def load_config(
         path = environ.get(CONFIG_VAR) or None
     if path is not None:
         entries.update(_read_file(os.fspath(path)))
+    flagged = _read_flags(flags or {})
     with contextlib.ExitStack() as stack:
         if sources is None:
             # Built here, so closed here once read: its secrets are in the Config by then.
-            sources = [stack.enter_context(contextlib.closing(v)) for v in _vault_sources(entries)]
+            lower = {**entries, **flagged}
+            sources = [stack.enter_context(contextlib.closing(v)) for v in _vault_sources(lower)]
         for source in sources:
             origin = _Origin(source.name, f"source {source.name}", secret=True)
             # Secret stores hold text, so a source's strings are parsed like environment values.
             entries.update(_read_document(source.values(), origin, text=True))
+        entries.update(flagged)
         return _build({key: _finish(key, entry, sources) for key, entry in entries.items()})
 
 
@@ -129,12 +143,30 @@ def _read_env(environ: Mapping[str, str]) -> dict[Key, _Entry]:
                 if rest.startswith("MANAGERS_")
                 else _suggest(rest, _ENV_KEYS, prefix=_ENV_PREFIX)
             )
-            raise ConfigError(f"env {var}: not a corral setting{hint}", {"variable": var})
+            if rest.startswith(_ENV_SECTIONS):
+                raise ConfigError(f"env {var}: not a corral setting{hint}", {"variable": var})
+            # Not corral's to judge: Kubernetes, say, sets CORRAL_PORT for a Service "corral".
+            warnings.warn(f"env {var}: not a corral setting, ignored{hint}", ConfigWarning, 3)
+            continue
         text = environ[var]
         tp = _type_of(key)
         # Split before resolving, so that each item of a list may be a reference.
         value = split_list(text) if get_origin(tp) is list else text
         entries[key] = _entry(key, tp, value, origin, text=True)
+    return entries
+
+
+def _read_flags(flags: Mapping[str, tuple[str, Any]]) -> dict[Key, _Entry]:
+    entries: dict[Key, _Entry] = {}
+    for dotted, (flag, value) in flags.items():
+        parts = dotted.split(".")
+        if len(parts) == 2 and parts[0] in SECTIONS and parts[1] in field_types(SECTIONS[parts[0]]):
+            document: dict[str, Any] = {parts[0]: {parts[1]: value}}
+        elif len(parts) == 3 and parts[0] == "managers":
+            document = {"managers": {parts[1]: {parts[2]: value}}}
+        else:
+            raise ValueError(f"not a setting: {dotted!r}")
+        entries.update(_read_document(document, _Origin(f"flag {flag}", f"flag {flag}")))
     return entries
 
 
@@ -174,6 +206,8 @@ def _read_document(
     for section, table in document.items():
         if section == "managers":
             for manager, spec in _table(table, (section,), origin).items():
+                # Naming a manager enables it, even with a table that sets nothing.
+                entries[(section, manager)] = _Entry(None, origin)
                 for name, value in _table(spec, (section, manager), origin).items():
                     key: Key = (section, manager, name)
                     entries[key] = _entry(key, _type_of(key), value, origin, text=text)
@@ -220,6 +254,9 @@ def _has_reference(value: Any) -> bool:
 
 
 def _convert(key: Key, tp: Any, value: Any, origin: _Origin, *, text: bool) -> Any:
+    if text and tp is Any and isinstance(value, str):
+        # A manager's option: its type is known when the manager parses its options.
+        return Text(value, origin.label, secret=origin.secret)
     try:
         return convert(tp, value, text=text)
     except Mismatch as exc:
@@ -278,8 +315,10 @@ def _build(entries: Mapping[Key, _Entry]) -> Config:
     managers: dict[str, dict[str, Any]] = {}
     for key, entry in entries.items():
         if key[0] == "managers":
-            _, manager, name = key
-            table = managers.setdefault(manager, {"options": {}})
+            table = managers.setdefault(key[1], {"options": {}})
+            if len(key) == 2:  # the manager's table, named
+                continue
+            name = key[2]
             if name in MANAGER_FIELDS:
                 table[name] = entry.value
             else:
@@ -287,6 +326,7 @@ def _build(entries: Mapping[Key, _Entry]) -> Config:
         else:
             values[key[0]][key[1]] = entry.value
     origins = {key: entry.origin for key, entry in entries.items()}
+    settings = {key: entry for key, entry in entries.items() if not _is_manager_table(key)}
     sections = {
         name: _construct(cls, values[name], (name,), origins) for name, cls in SECTIONS.items()
     }
@@ -296,9 +336,13 @@ def _build(entries: Mapping[Key, _Entry]) -> Config:
             manager: _construct(ManagerSection, table, ("managers", manager), origins)
             for manager, table in managers.items()
         },
-        sources={_dotted(key): entry.origin.label for key, entry in entries.items()},
-        secret_keys=frozenset(_dotted(key) for key, e in entries.items() if e.origin.secret),
+        sources={_dotted(key): entry.origin.label for key, entry in settings.items()},
+        secret_keys=frozenset(_dotted(key) for key, e in settings.items() if e.origin.secret),
     )
+
+
+def _is_manager_table(key: Key) -> bool:
+    return key[0] == "managers" and len(key) == 2
 
 
 def _construct(

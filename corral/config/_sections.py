@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NoReturn
 
 from corral._redis import parse_url
-from corral.config._values import Mismatch, convert, hide, mask
+from corral.config._values import Mismatch, Text, convert, hide, mask
 from corral.errors import ConfigError
 from corral.messages.base import MAX_TIMEOUT
 
@@ -20,12 +20,15 @@ Backend = Literal["memory", "redis"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 LogFormat = Literal["plain", "json"]
 
-# Field metadata: bounds checked on construction, and secrecy for repr() and masked().
+# Field metadata: bounds and URLs checked on construction, secrecy for repr() and masked().
 _POSITIVE = {"gt": 0}
 _NON_NEGATIVE = {"ge": 0}
 _SIZE = {"ge": 1}
 _TIMEOUT = {"gt": 0, "le": MAX_TIMEOUT}
 _CLASS_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+REDIS_URL: dict[str, Any] = {"redis_url": True}
+"""Field metadata: the value is empty or a Redis URL (see ``corral._redis``)."""
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
@@ -46,10 +49,17 @@ class Section:
     def __post_init__(self) -> None:
         types = field_types(type(self))
         for f in dataclasses.fields(self):
+            given = getattr(self, f.name)
             try:
-                value = convert(types[f.name], getattr(self, f.name))
+                if isinstance(given, Text):  # parsed as the environment's values are
+                    value = convert(types[f.name], str(given), text=True)
+                else:
+                    value = convert(types[f.name], given)
             except Mismatch as exc:
-                self._fail(f.name, exc.problem, path=exc.path)
+                problem = exc.problem
+                if isinstance(given, Text) and given.secret:
+                    problem = f"expected {exc.expected}, got a value from {given.origin}"
+                self._fail(f.name, problem, path=exc.path)
             object.__setattr__(self, f.name, value)
         for f in dataclasses.fields(self):
             self._check_bounds(f)
@@ -147,11 +157,16 @@ class BusSection(Section):
     prefix: ClassVar[str] = "bus"
 
     backend: Backend = "memory"
-    url: str = field(default="redis://127.0.0.1:6379/0", metadata={"redis_url": True})
+    url: str = field(default="redis://127.0.0.1:6379/0", metadata=REDIS_URL)
     namespace: str = "corral"
     queue_size: int = field(default=10_000, metadata=_SIZE)
     reconnect_initial: float = field(default=0.1, metadata={"ge": 0, "le_field": "reconnect_max"})
     reconnect_max: float = field(default=5.0, metadata={"ge": 0, "le": MAX_TIMEOUT})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.backend == "redis" and not self.url:
+            self._fail("url", "the redis backend needs a URL", related="backend")
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)

@@ -16,6 +16,24 @@ _FALSE = frozenset({"false", "no", "0"})
 _SECRET_NAME = re.compile(r"secret|password|passwd|token|(^|_)keys?$", re.IGNORECASE)
 
 
+class Text(str):
+    """Text from the environment or a secret store where any value may go: a manager's option.
+
+    The manager's ``Options`` parse it as the option's declared type, the way environment
+    values are parsed for the sections (``"120"`` for an int is 120). ``origin`` says where
+    it came from (``vault``); a ``secret`` one is not repeated in error messages.
+    """
+
+    origin: str
+    secret: bool
+
+    def __new__(cls, value: str, origin: str = "", *, secret: bool = False) -> Text:
+        text = super().__new__(cls, value)
+        text.origin = origin
+        text.secret = secret
+        return text
+
+
 class Mismatch(Exception):
     """A value does not fit a type; ``path`` locates the culprit inside the value (``[1]``)."""
 

@@ -179,6 +179,8 @@ class Message:
     type_name: ClassVar[str]
     wire_version: ClassVar[int]
     """The version this class reads and writes (``@message(name, version=N)``)."""
+    internal: ClassVar[bool] = False
+    """Sent by corral to itself, not a public wire type (``@message(name, internal=True)``)."""
     kind: ClassVar[str] = "message"
     manager: ClassVar[str | None] = None
     fields_info: ClassVar[tuple[FieldInfo, ...]]
@@ -270,8 +272,12 @@ M = TypeVar("M", bound=type[Message])
 
 
 @typing.dataclass_transform(kw_only_default=True, frozen_default=True)
-def message(name: str, *, version: int = 1) -> Callable[[M], M]:
-    """Register a message class under a wire name and version, and make it a dataclass."""
+def message(name: str, *, version: int = 1, internal: bool = False) -> Callable[[M], M]:
+    """Register a message class under a wire name and version, and make it a dataclass.
+
+    ``internal``: a message corral sends to itself, left out of ``corral messages`` and
+    ``corral send``.
+    """
     if not _WIRE_NAME.fullmatch(name):
         raise ValueError(f"wire name {name!r} must look like 'area.name' in snake case")
     if version < 1:
@@ -289,6 +295,7 @@ def message(name: str, *, version: int = 1) -> Callable[[M], M]:
         made = typing.cast(M, dataclasses.dataclass(frozen=True, slots=True, kw_only=True)(cls))
         made.type_name = name
         made.wire_version = version
+        made.internal = internal
         _compile(made)
         _REGISTRY[name] = made
         return made

@@ -238,14 +238,14 @@ class StateCommit(Request[StateCommitted]):
     transaction_id: str = ""
 
 
-@message("state.expired")
+@message("state.expired", internal=True)
 class StateExpired(Reply):
     """The states an expiry sweep removed (each also emitted ``expire``)."""
 
     state_ids: list[str]
 
 
-@message("state.expire_due")
+@message("state.expire_due", internal=True)
 class StateExpireDue(Request[StateExpired]):
     """Expire the states whose TTL has passed, now. The manager sends itself this every
     ``expiry_interval`` seconds; reads never see an expired state meanwhile."""

@@ -129,14 +129,14 @@ class TransactionRollback(Request[TransactionInfo]):
     transaction_id: str
 
 
-@message("transaction.expired")
+@message("transaction.expired", internal=True)
 class TransactionExpired(Reply):
     """The transactions an idle sweep rolled back."""
 
     transaction_ids: list[str]
 
 
-@message("transaction.expire_idle")
+@message("transaction.expire_idle", internal=True)
 class TransactionExpireIdle(Request[TransactionExpired]):
     """Roll back the transactions idle past their timeout, now (the manager sends itself
     this every ``sweep_interval`` seconds)."""

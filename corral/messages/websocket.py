@@ -183,12 +183,12 @@ class WsHistory(Request[WsHistoryPage]):
     epoch: str | None = None
 
 
-@message("ws.attached")
+@message("ws.attached", internal=True)
 class WsAttached(Reply):
     connection_id: str
 
 
-@message("ws.attach")
+@message("ws.attach", internal=True)
 class WsAttach(Request[WsAttached]):
     """Internal: an authenticated socket (or a refreshed token) on this daemon."""
 
@@ -199,7 +199,7 @@ class WsAttach(Request[WsAttached]):
     scopes: list[str] = dataclasses.field(default_factory=list)
 
 
-@message("ws.detach")
+@message("ws.detach", internal=True)
 class WsDetach(Request[WsAck]):
     """Internal: a socket of this daemon closed; it leaves all its rooms."""
 
@@ -207,7 +207,7 @@ class WsDetach(Request[WsAck]):
     connection_id: str
 
 
-@message("ws.tick")
+@message("ws.tick", internal=True)
 class WsTick(Request[WsAck]):
     """Internal: the periodic beat that refreshes presence and enforces token expiry."""
 

@@ -45,7 +45,7 @@ import jwt
 from corral.actors.auth.keys import KeyProblem, KeyRing, load_keyring
 from corral.actors.auth.store import MemoryStore, RedisStore, Store
 from corral.actors.base import Manager, handles
-from corral.config import Section
+from corral.config import REDIS_URL, Section
 from corral.errors import BackendUnavailable, ConfigError, InvalidMessage, NotFound, Unauthorized
 from corral.messages.auth import (
     AuthApiKey,
@@ -110,7 +110,7 @@ class AuthOptions(Section):
     """
 
     backend: Literal["auto", "memory", "redis"] = "auto"
-    redis_url: str = ""
+    redis_url: str = field(default="", metadata=REDIS_URL)
     redis_timeout: float = field(default=1.0, metadata={"gt": 0})
     algorithm: Algorithm = "HS256"
     signing_key: str = field(default="", metadata={"secret": True})

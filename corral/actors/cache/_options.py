@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from corral.config import Section
+from corral.config import REDIS_URL, Section
 from corral.errors import ConfigError
 from corral.messages.base import MAX_TTL
 
@@ -49,7 +49,7 @@ class BackendOptions(Section):
     strategy: Strategy = "lru"
     max_size: int = field(default=10_000, metadata=_SIZE)
     default_ttl: float | None = field(default=None, metadata=_TTL)
-    url: str = field(default="", metadata={"redis_url": True})
+    url: str = field(default="", metadata=REDIS_URL)
     namespace: str = ""
     max_connections: int = field(default=16, metadata=_SIZE)
     socket_timeout: float = field(default=0.5, metadata=_POSITIVE)

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from corral.config import Section
+from corral.config import REDIS_URL, Section
 from corral.errors import ConfigError
 from corral.messages.base import MAX_TTL
 
@@ -164,7 +164,7 @@ class RateLimiterOptions(Section):
     """
 
     backend: Literal["auto", "memory", "redis"] = "auto"
-    redis_url: str = ""
+    redis_url: str = field(default="", metadata=REDIS_URL)
     rules: dict[str, Any] = field(default_factory=dict)
     ban_after: int = field(default=0, metadata={"ge": 0})
     ban_window: float = field(default=60.0, metadata={"gt": 0, "le": MAX_TTL})

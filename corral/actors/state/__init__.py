@@ -35,7 +35,7 @@ import msgpack
 from corral.actors.base import Manager, handles
 from corral.actors.state._memory import Backend, MemoryBackend
 from corral.actors.state._redis import RedisBackend
-from corral.config import Section
+from corral.config import REDIS_URL, Section
 from corral.errors import BackendUnavailable, ConfigError, CorralError, InvalidMessage
 from corral.messages.state import (
     StateChanged,
@@ -70,7 +70,7 @@ class StateOptions(Section):
     """``[managers.state]``: see the module docstring."""
 
     backend: Literal["auto", "memory", "redis"] = "auto"
-    redis_url: str = ""
+    redis_url: str = field(default="", metadata=REDIS_URL)
     history_limit: int = field(default=100, metadata={"ge": 1})
     stream_max_len: int = field(default=100_000, metadata={"ge": 1})
     max_data_bytes: int = field(default=65_536, metadata={"ge": 1})

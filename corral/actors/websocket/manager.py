@@ -29,7 +29,7 @@ from corral.actors.base import Manager, handles
 from corral.actors.websocket._rooms import MemoryRooms, RedisRooms, Rooms, frame_head
 from corral.actors.websocket._signing import ChannelSigner
 from corral.actors.websocket.gateway import CLOSE_UNAUTHORIZED, Gateway, gateway_for
-from corral.config import Section
+from corral.config import REDIS_URL, Section
 from corral.errors import BackendUnavailable, Conflict, InvalidMessage, NotFound, Unauthorized
 from corral.messages.system import Health
 from corral.messages.websocket import (
@@ -65,7 +65,7 @@ class WebSocketOptions(Section):
     """``[managers.websocket]``: see docs/websocket.md."""
 
     backend: Literal["auto", "memory", "redis"] = "auto"
-    redis_url: str = ""
+    redis_url: str = field(default="", metadata=REDIS_URL)
     redis_timeout: float = field(default=1.0, metadata=_POSITIVE)
     history_size: int = field(default=100, metadata=_NON_NEGATIVE)
     history_ttl: int = field(default=300, metadata=_SIZE)

@@ -1,0 +1,86 @@
+"""What setup.cfg declares: every third-party import, the licence, the Python versions."""
+
+from __future__ import annotations
+
+import ast
+import configparser
+import importlib.metadata
+import sys
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parent.parent
+SETUP = configparser.ConfigParser()
+SETUP.read(ROOT / "setup.cfg")
+# Modules of corral that only an extra makes importable, with that extra.
+EXTRAS = {"corral/ext/flask.py": "flask"}
+
+
+def _requirements(text: str) -> list[Requirement]:
+    lines = (line.partition("#")[0].strip() for line in text.splitlines())
+    return [Requirement(line) for line in lines if line]
+
+
+def _names(requirements: list[Requirement]) -> set[str]:
+    return {canonicalize_name(r.name) for r in requirements}
+
+
+def _imported(path: Path) -> set[str]:
+    """The top-level modules a file imports, wherever in the file."""
+    modules: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name.partition(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            modules.add(node.module.partition(".")[0])
+    return modules
+
+
+def test_every_third_party_import_is_declared() -> None:
+    install = _names(_requirements(SETUP["options"]["install_requires"]))
+    extras = SETUP["options.extras_require"]
+    distributions = importlib.metadata.packages_distributions()
+    missing = []
+    for path in sorted((ROOT / "corral").rglob("*.py")):
+        where = path.relative_to(ROOT).as_posix()
+        declared = install
+        if where in EXTRAS:
+            declared = install | _names(_requirements(extras[EXTRAS[where]]))
+        for module in sorted(_imported(path)):
+            if module in sys.stdlib_module_names or module in ("corral", "__future__"):
+                continue
+            providers = {canonicalize_name(d) for d in distributions.get(module, [module])}
+            if not providers & declared:
+                missing.append(f"{where}: {module} ({', '.join(sorted(providers))})")
+    assert missing == []
+
+
+def test_installed_versions_are_the_declared_ones() -> None:
+    requirements = _requirements(SETUP["options"]["install_requires"])
+    outside = [
+        f"{r.name} {importlib.metadata.version(r.name)} not in {r.specifier}"
+        for r in requirements
+        if not r.specifier.contains(importlib.metadata.version(r.name), prereleases=True)
+    ]
+    assert outside == []
+
+
+def test_licence_file_is_shipped() -> None:
+    assert SETUP["metadata"]["license"] == "MIT"
+    assert SETUP["metadata"]["license_files"].split() == ["LICENSE"]
+    text = (ROOT / "LICENSE").read_text()
+    assert text.startswith("MIT License\n\nCopyright (c) 2026 the corral authors\n")
+    assert 'THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND' in text
+
+
+def test_classifiers_name_every_supported_python() -> None:
+    classifiers = SETUP["metadata"]["classifiers"].split("\n")
+    versions = [
+        c.rpartition(" :: ")[2]
+        for c in classifiers
+        if c.startswith("Programming Language :: Python :: 3.")
+    ]
+    assert versions == ["3.11", "3.12", "3.13"]
+    assert SETUP["options"]["python_requires"] == ">=3.11"
