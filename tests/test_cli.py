@@ -272,17 +272,18 @@ def test_config_check_masks_secrets_and_names_sources(tmp_path: Path) -> None:
         ),
         (
             '[managers.cache.backends.main]\ntype = "redis"\nurl = "http://db:6379/0"\n',
-            "managers.cache.backends.main.url: expected a redis://, rediss:// or unix:// URL, "
-            "got 'http://db:6379/0'",
+            "managers.cache.backends.main.url: unsupported scheme 'http': use one of redis, "
+            "rediss, unix, redis+sentinel, rediss+sentinel (got 'http://db:6379/0')",
         ),
         (
             '[managers.state]\nredis_url = "htp://u:pw@db:6379/0"\n',
-            "managers.state.redis_url: expected a redis://, rediss:// or unix:// URL, "
-            "got 'htp://u:***@db:6379/0'",
+            "managers.state.redis_url: unsupported scheme 'htp': use one of redis, rediss, "
+            "unix, redis+sentinel, rediss+sentinel (got 'htp://db:6379/0')",
         ),
         (
             '[bus]\nbackend = "redis"\nurl = "http://db:6379/0"\n',
-            "bus.url: expected a redis://, rediss:// or unix:// URL, got 'http://db:6379/0'",
+            "bus.url: unsupported scheme 'http': use one of redis, rediss, unix, "
+            "redis+sentinel, rediss+sentinel (got 'http://db:6379/0')",
         ),
     ],
 )

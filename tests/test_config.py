@@ -386,7 +386,8 @@ def test_file_values(tmp_path: Path) -> None:
         ("[bus]\nurll = 'x'", "bus.urll: unknown key (did you mean bus.url?)"),
         (
             "[bus]\nurl = 'http://u:pw@db/0'",
-            "bus.url: expected a redis://, rediss:// or unix:// URL, got 'http://u:***@db/0'",
+            "bus.url: unsupported scheme 'http': use one of redis, rediss, unix, "
+            "redis+sentinel, rediss+sentinel (got 'http://db/0')",
         ),
         ("[bus]\nbackend = 'redis'\nurl = ''", "bus.url: the redis backend needs a URL"),
         ("[buss]\nurl = 'x'", "buss: unknown section (did you mean bus?)"),

@@ -158,9 +158,9 @@ class RateLimiterOptions(Section):
     ``retry_interval`` seconds before Redis is tried again. ``local_cache`` keeps
     identifiers known to be over a limit (or banned) in memory for at most
     ``local_cache_ttl`` seconds, so their refused calls cost no round trip.
-    ``cluster``: Redis Cluster, where a script may touch one hash slot only; each
-    identifier is then decided by its own script (all in one round trip) and a
-    refused call gives back what the others charged, instead of one atomic script.
+    ``cluster``: decide each identifier by its own script (all in one round trip)
+    and give back what the others charged when one refuses, instead of one atomic
+    script. Always so on a Redis Cluster, where a script may touch one slot only.
     """
 
     backend: Literal["auto", "memory", "redis"] = "auto"

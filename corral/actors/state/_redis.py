@@ -6,7 +6,7 @@ bumps the versions, and appends each event to the capped event stream under
 the next offset. Atomic, one round trip, no WATCH retries.
 
 Keys (all under the hash tag ``{state}``, so one script may touch several states
-and the one ordered event stream, also on Redis Cluster)::
+and the one ordered event stream; on Redis Cluster they all live on one master)::
 
     <ns>:{state}:s:<id>     hash: type status data version allowed created updated [expires]
     <ns>:{state}:h:<id>     list: the state's latest events (msgpack StateChanged bodies)
