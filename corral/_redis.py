@@ -30,6 +30,7 @@ import dataclasses
 import random
 import threading
 import urllib.parse
+from collections.abc import Sequence
 from typing import Any, Literal, cast
 
 import redis
@@ -55,6 +56,7 @@ __all__ = [
     "connect_async",
     "describe",
     "disconnect",
+    "execute_then_publish",
     "is_cluster_url",
     "parse_url",
     "redact",
@@ -246,18 +248,10 @@ def connect(
     its reconnection. ``extra`` goes to redis-py as it is (``decode_responses``,
     ``max_connections``...). ``node``: a client of that one node, even in a cluster.
     """
-    target = parse_url(url, setting=setting)
     options = _client_options(
         socket_timeout, connect_timeout, retries, health_check_interval, retry_on_no_error
     )
-    options.update(extra)
-    if target.topology == "sentinel":
-        return cast("redis.Redis", _master_for(target, redis.sentinel.Sentinel, options))
-    if not node and _is_cluster(url, target):
-        options.pop("health_check_interval")
-        options.pop("retry")
-        return redis.cluster.RedisCluster.from_url(url, **options)
-    return redis.Redis.from_url(url, **options)
+    return cast("SyncRedis", _build(url, setting, node, options, extra, _SYNC))
 
 
 def _master_for(target: RedisURL, sentinel_class: Any, options: dict[str, Any]) -> Any:
@@ -286,18 +280,35 @@ def connect_async(
     **extra: Any,
 ) -> AsyncRedis:
     """The asyncio twin of :func:`connect` (the cluster check runs synchronously, once)."""
-    target = parse_url(url, setting=setting)
     options = _client_options(socket_timeout, connect_timeout, retries, health_check_interval,
                               False)  # fmt: skip
     options["retry"] = redis.asyncio.retry.Retry(NoBackoff(), retries)
+    return cast("AsyncRedis", _build(url, setting, node, options, extra, _ASYNC))
+
+
+def _build(
+    url: str,
+    setting: str,
+    node: bool,
+    options: dict[str, Any],
+    extra: dict[str, Any],
+    classes: tuple[Any, Any, Any],
+) -> Any:
+    """A client of ``classes`` (Sentinel, cluster, plain) for ``url``."""
+    sentinel_class, cluster_class, plain_class = classes
+    target = parse_url(url, setting=setting)
     options.update(extra)
     if target.topology == "sentinel":
-        return cast("AsyncRedis", _master_for(target, redis.asyncio.sentinel.Sentinel, options))
+        return _master_for(target, sentinel_class, options)
     if not node and _is_cluster(url, target):
         options.pop("health_check_interval")
-        options.pop("retry")
-        return redis.asyncio.cluster.RedisCluster.from_url(url, **options)
-    return redis.asyncio.Redis.from_url(url, **options)
+        options.pop("retry")  # a cluster client retries by its own policy
+        return cluster_class.from_url(url, **options)
+    return plain_class.from_url(url, **options)
+
+
+_SYNC = (redis.sentinel.Sentinel, redis.cluster.RedisCluster, redis.Redis)
+_ASYNC = (redis.asyncio.sentinel.Sentinel, redis.asyncio.cluster.RedisCluster, redis.asyncio.Redis)
 
 
 def subscriber(url: str, **kwargs: Any) -> redis.Redis:
@@ -308,18 +319,24 @@ def subscriber(url: str, **kwargs: Any) -> redis.Redis:
     master that owns that channel's slot, so that the connection may SSUBSCRIBE it too.
     Takes :func:`connect`'s options.
     """
+    target, node = _subscriber_target(url, kwargs)
+    return cast("redis.Redis", connect(target, node=node, **kwargs))
+
+
+def _subscriber_target(url: str, kwargs: dict[str, Any]) -> tuple[str, bool]:
+    """The URL a subscriber connects to, and whether it names one node of a cluster;
+    takes ``shard_channel`` out of ``kwargs``."""
+    shard_channel = kwargs.pop("shard_channel", None)
     target = parse_url(url, setting=kwargs.get("setting", "redis url"))
     if target.topology == "standalone" and _is_cluster(url, target):
-        return cast("redis.Redis", connect(_node_url(url, kwargs), node=True, **kwargs))
-    kwargs.pop("shard_channel", None)
-    return cast("redis.Redis", connect(url, **kwargs))
+        return _node_url(url, shard_channel, kwargs), True
+    return url, False
 
 
-def _node_url(url: str, kwargs: dict[str, Any]) -> str:
+def _node_url(url: str, shard_channel: str | None, kwargs: dict[str, Any]) -> str:
     """The URL of a master of the cluster ``url`` names: the one that owns the slot of
     ``shard_channel`` when that is given (where SSUBSCRIBE must go), else one at random."""
     options = {k: v for k, v in kwargs.items() if k in ("setting", "connect_timeout")}
-    shard_channel = kwargs.pop("shard_channel", None)
     cluster = cast("redis.cluster.RedisCluster", connect(url, **options))
     try:
         if shard_channel is not None:
@@ -339,11 +356,8 @@ def _node_url(url: str, kwargs: dict[str, Any]) -> str:
 
 def subscriber_async(url: str, **kwargs: Any) -> AsyncRedis:
     """The asyncio twin of :func:`subscriber`."""
-    target = parse_url(url, setting=kwargs.get("setting", "redis url"))
-    if target.topology == "standalone" and _is_cluster(url, target):
-        return connect_async(_node_url(url, kwargs), node=True, **kwargs)
-    kwargs.pop("shard_channel", None)
-    return connect_async(url, **kwargs)
+    target, node = _subscriber_target(url, kwargs)
+    return connect_async(target, node=node, **kwargs)
 
 
 def disconnect(client: SyncRedis) -> None:
@@ -354,6 +368,24 @@ def disconnect(client: SyncRedis) -> None:
                 node.redis_connection.connection_pool.disconnect()
     else:
         client.connection_pool.disconnect()
+
+
+def execute_then_publish(
+    client: SyncRedis, pipe: Any, messages: Sequence[tuple[str, bytes]]
+) -> list[Any]:
+    """Run the non-transactional ``pipe`` and PUBLISH ``messages`` (channel, data) after
+    its commands, in the same round trip but on a cluster, whose pipelines cannot carry a
+    PUBLISH. Returns the replies of the pipe's own commands."""
+    if isinstance(client, redis.cluster.RedisCluster):
+        replies: list[Any] = pipe.execute()
+        for channel, data in messages:
+            client.publish(channel, data)
+        return replies
+    queued = len(pipe)
+    for channel, data in messages:
+        pipe.publish(channel, data)
+    replies = pipe.execute()
+    return replies[:queued]
 
 
 def is_cluster_url(url: str) -> bool:

@@ -37,7 +37,7 @@ from typing import Any, cast
 
 import redis
 
-from corral._redis import REDIS_ERRORS, connect, topology
+from corral._redis import REDIS_ERRORS, connect, execute_then_publish, topology
 from corral.actors.base import CallbackFuture
 from corral.errors import CorralError, InvalidMessage, ManagerUnavailable
 from corral.messages.base import MAX_TIMEOUT, ErrorReply, Message, Reply, validate
@@ -111,8 +111,7 @@ class RequestServer:
         self.streams = {stream_key(namespace, m): m for m in self.managers}
         self._redis = connect(url, setting="remote url", socket_timeout=block + 5)
         # One command may only touch one cluster slot: a reader per manager there.
-        self._cluster = topology(self._redis) == "cluster"
-        if self._cluster:
+        if topology(self._redis) == "cluster":
             self._read_groups = [[stream] for stream in self.streams]
         else:
             self._read_groups = [list(self.streams)]
@@ -354,25 +353,21 @@ class RequestServer:
             self._send_replies(items)
 
     def _send_replies(self, items: Iterable[tuple[Any, ...]]) -> None:
-        pipe = self._redis.pipeline(transaction=False)
+        items = list(items)
         replies: list[tuple[str, bytes]] = []
-        for stream, entry_id, envelope, value, error in items:
+        for _, _, envelope, value, error in items:
             if envelope is not None and envelope.reply_to is not None:
                 data = self._encode_reply(_as_reply(value, error, envelope), envelope)
                 replies.append((f"{self.namespace}:{envelope.reply_to}", data))
                 self.counts["served"] += 1
-            pipe.xack(stream, GROUP, entry_id)
-            pipe.xdel(stream, entry_id)
-        if not self._cluster:
-            for channel, data in replies:
-                pipe.publish(channel, data)
         for attempt in range(3):
+            # A pipeline is emptied by execute(), failed or not: each attempt fills its own.
+            pipe = self._redis.pipeline(transaction=False)
+            for stream, entry_id, *_ in items:
+                pipe.xack(stream, GROUP, entry_id)
+                pipe.xdel(stream, entry_id)
             try:
-                if self._cluster:  # a cluster pipeline cannot carry a PUBLISH
-                    for channel, data in replies:
-                        self._redis.publish(channel, data)
-                    replies = []
-                pipe.execute()
+                execute_then_publish(self._redis, pipe, replies)
                 return
             except REDIS_ERRORS as exc:
                 log.warning("could not send replies (attempt %d): %s", attempt + 1, exc)

@@ -26,7 +26,7 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import redis
 
-from corral._redis import REDIS_ERRORS, connect, disconnect, subscriber, topology
+from corral._redis import REDIS_ERRORS, connect, disconnect, execute_then_publish, subscriber
 from corral.actors.cache._memory import MemoryStore
 from corral.actors.cache._options import BackendOptions
 from corral.errors import BackendUnavailable, InvalidMessage
@@ -252,7 +252,6 @@ class RedisBackend:
             connect_timeout=options.socket_timeout,
             retries=0,
         )
-        self.cluster = topology(self.client) == "cluster"
         self.key_prefix = f"{namespace}:cache:{{"
         self.tag_prefix = f"{namespace}:cache-tag:{{"
         self.channel = f"{namespace}:cache.invalidated"
@@ -394,15 +393,7 @@ class RedisBackend:
         return count
 
     def _execute_then_publish(self, pipe: Any, event: bytes) -> list[Any]:
-        """Run ``pipe``, then PUBLISH ``event`` (in the same round trip but on a cluster,
-        whose pipelines cannot carry a PUBLISH)."""
-        if self.cluster:
-            replies: list[Any] = pipe.execute()
-            self.client.publish(self.channel, event)
-            return replies
-        pipe.publish(self.channel, event)
-        replies = pipe.execute()
-        return replies[:-1]
+        return execute_then_publish(self.client, pipe, [(self.channel, event)])
 
     # -- coherence ------------------------------------------------------------------------
 
