@@ -322,7 +322,8 @@ class ClusterGroup:
         return found
 
     def wait_until_ok(self, timeout: float = 30.0) -> None:
-        """Until every running node sees the cluster ok with every slot served."""
+        """Until every running node sees the cluster ok with every slot served, and every
+        replica is in sync with its master."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -334,6 +335,9 @@ class ClusterGroup:
                         info = client.cluster("info")
                         ok &= info["cluster_state"] == "ok"
                         ok &= int(info["cluster_slots_ok"]) == 16384
+                        replication = client.info("replication")
+                        if replication["role"] == "slave":  # synced, so it can take over
+                            ok &= replication["master_link_status"] == "up"
                 if ok:
                     return
             except (redis.RedisError, OSError):

@@ -2,7 +2,7 @@
 
     python -m tests.repeat 5                 # what `make test-repeat N=5` runs
     python -m tests.repeat 5 --hog           # with every core kept busy meanwhile
-    python -m tests.repeat 3 -- tests/test_pool.py -k stop
+    python -m tests.repeat 3 --hog -- tests/test_pool.py -k stop   # pytest's arguments after --
 
 Exits 1 when any test failed in any run, 0 otherwise.
 """
@@ -40,8 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=int, help="how many times to run the suite")
     parser.add_argument("--hog", action="store_true", help="keep every core busy meanwhile")
-    parser.add_argument("pytest_args", nargs="*", help="passed to pytest (after --)")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    ours, pytest_args = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if (
+        "--" in argv) else (argv, [])  # fmt: skip
+    args = parser.parse_args(ours)
+    args.pytest_args = pytest_args
     if args.runs < 1:
         parser.error("runs must be at least 1")
 

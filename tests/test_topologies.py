@@ -37,6 +37,7 @@ SECRET = "a-test-signing-key-of-at-least-32-bytes"
 
 
 def topology_config(url: str, namespace: str = "topo", **managers: ManagerSection) -> Config:
+    """Every manager whose state lives in Redis, on ``url``; ``managers`` replace them."""
     defaults = {
         "state": ManagerSection(options={"backend": "redis"}),
         "cache": ManagerSection(options={"backends": {"shared": {"type": "redis"}}}),
@@ -51,8 +52,8 @@ def topology_config(url: str, namespace: str = "topo", **managers: ManagerSectio
 
 
 @contextmanager
-def system_on(url: str, namespace: str = "topo") -> Iterator[System]:
-    with System(topology_config(url, namespace)) as system:
+def system_on(url: str, namespace: str = "topo", **managers: ManagerSection) -> Iterator[System]:
+    with System(topology_config(url, namespace, **managers)) as system:
         yield system
 
 
@@ -251,6 +252,49 @@ def test_a_sentinel_failover_is_followed(fresh_sentinel_group: SentinelGroup) ->
     wait_until(lambda: _role(old_master.port) == "slave", timeout=30)
 
 
+def test_with_wait_replicas_an_acknowledged_write_survives_a_failover(
+    fresh_sentinel_group: SentinelGroup,
+) -> None:
+    group = fresh_sentinel_group
+    old_master = group.master()
+    durable = ManagerSection(options={"backend": "redis", "wait_replicas": 1, "wait_timeout": 0.5})
+    with system_on(group.url, "durable", state=durable) as system:
+        refused: list[str] = []
+
+        def register(n: int) -> None:
+            try:
+                system.ask(StateRegister(state_id=f"w{n}", state_type="Write"))
+            except corral.errors.BackendUnavailable as exc:
+                refused.append(str(exc))
+                raise
+
+        writer = Writer(register)
+        writer.start()
+        wait_until(lambda: len(writer.acknowledged) > 50)
+        old_master.kill()
+        wait_until(lambda: group.master() is not old_master, timeout=30)
+        # Alone, the new master has no replica to acknowledge: writes are refused...
+        wait_until(lambda: any("replicas acknowledged" in r for r in refused), timeout=30)
+        old_master.start()  # ...until the old master comes back as its replica.
+        after = len(writer.acknowledged)
+        wait_until(lambda: len(writer.acknowledged) > after + 50, timeout=60)
+        writer.stop.set()
+        writer.join(10)
+    with redis.Redis(port=group.master().port, protocol=2) as master:
+        keys = [f"durable:{{state}}:s:w{n}" for n in writer.acknowledged]
+        present = sum(master.exists(*keys[i : i + 500]) for i in range(0, len(keys), 500))
+    assert present == len(writer.acknowledged)  # not one acknowledged write was lost
+    assert "it may not survive a failover" in refused[-1]
+
+
+def test_wait_replicas_refuses_when_no_replica_acknowledges(redis_server: RedisServer) -> None:
+    durable = ManagerSection(options={"backend": "redis", "wait_replicas": 1, "wait_timeout": 0.1})
+    with system_on(redis_server.url, "alone", state=durable) as system:
+        with pytest.raises(corral.errors.BackendUnavailable, match="only 0 of 1 replicas"):
+            system.ask(StateRegister(state_id="s", state_type="T"))
+        assert system.ask(StateGet(state_id="s")).version == 1  # applied, as it says
+
+
 def _role(port: int) -> str:
     with redis.Redis(port=port, protocol=2) as client:
         role = client.execute_command("ROLE")[0]
@@ -285,6 +329,34 @@ def test_two_systems_on_one_cluster_never_exceed_a_limit(redis_cluster: ClusterG
             for system in (one, two)
         )
     assert allowed == 10
+
+
+def test_a_cluster_failover_is_followed(fresh_redis_cluster: ClusterGroup) -> None:
+    cluster = fresh_redis_cluster
+    plain = redis.cluster.RedisCluster.from_url(cluster.url, socket_timeout=0.5)
+    with system_on(cluster.url, "cfail") as system:
+        system.ask(StateRegister(state_id="counter", state_type="Counter", data={"n": 0}))
+        ours = Writer(lambda n: system.ask(StateUpdate(state_id="counter", data={"n": n})))
+        theirs = Writer(lambda n: plain.set("plain{state}", n))
+        ours.start()
+        theirs.start()
+        wait_until(lambda: len(ours.acknowledged) > 50 and len(theirs.acknowledged) > 50)
+        owner = plain.get_node_from_key("cfail:{state}:s:counter")  # type: ignore[no-untyped-call]
+        victim = next(s for s in cluster.servers if s.port == owner.port)
+        victim.kill()
+        before = len(ours.acknowledged), len(theirs.acknowledged)
+        wait_until(lambda: len(ours.acknowledged) > before[0] + 50, timeout=40)
+        wait_until(lambda: len(theirs.acknowledged) > before[1] + 50, timeout=40)
+        ours.stop.set()
+        theirs.stop.set()
+        ours.join(10)
+        theirs.join(10)
+        assert system.ask(StateGet(state_id="counter")).data == {"n": ours.acknowledged[-1]}
+    plain.close()
+    print(
+        f"\ncluster failover outage: corral {ours.longest_outage:.2f}s, "
+        f"plain RedisCluster {theirs.longest_outage:.2f}s"
+    )
 
 
 def test_the_test_cluster_is_what_it_says(redis_cluster: ClusterGroup) -> None:

@@ -9,6 +9,8 @@ with every event also in a capped Redis Stream for durable subscribers). Config:
     stream_max_len = 100000      # events kept in the durable stream
     max_data_bytes = 65536       # a state's data, msgpack-encoded
     expiry_interval = 1.0        # seconds between TTL sweeps
+    wait_replicas = 0            # a write is acknowledged once this many replicas have it
+    wait_timeout = 1.0           # ...or refused as BackendUnavailable after this long
 
 Use::
 
@@ -76,6 +78,8 @@ class StateOptions(Section):
     max_data_bytes: int = field(default=65_536, metadata={"ge": 1})
     max_writes: int = field(default=1_000, metadata={"ge": 1})
     expiry_interval: float = field(default=1.0, metadata={"gt": 0})
+    wait_replicas: int = field(default=0, metadata={"ge": 0, "le": 100})
+    wait_timeout: float = field(default=1.0, metadata={"gt": 0, "le": 60})
 
 
 def _now_ms() -> int:
@@ -106,6 +110,8 @@ class StateManager(Manager):
                 namespace=self.context.namespace,
                 history_limit=settings.history_limit,
                 stream_max_len=settings.stream_max_len,
+                wait_replicas=settings.wait_replicas,
+                wait_timeout=settings.wait_timeout,
             )
         else:
             self.backend = MemoryBackend(history_limit=settings.history_limit)

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 import msgpack
+from redis.cluster import RedisCluster
 
 from corral._redis import REDIS_ERRORS, connect
 from corral.errors import BackendUnavailable, Conflict, NotFound
@@ -216,10 +217,14 @@ class RedisBackend:
         namespace: str,
         history_limit: int,
         stream_max_len: int,
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
     ) -> None:
         self.url = url
         self.history_limit = history_limit
         self.stream_max_len = stream_max_len
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = max(1, round(wait_timeout * 1000))
         base = f"{namespace}:{{state}}:"
         self._state_prefix = base + "s:"
         self._history_prefix = base + "h:"
@@ -255,7 +260,13 @@ class RedisBackend:
                     write.allowed_transitions
                 ),
             ]  # fmt: skip
-        answer = self._call(lambda: self._script(keys, args), "apply a state change")
+        acknowledged = 0
+        if self.wait_replicas:
+            answer, acknowledged = self._call(
+                lambda: self._apply_and_wait(keys, args), "apply a state change"
+            )
+        else:
+            answer = self._call(lambda: self._script(keys, args), "apply a state change")
         if answer[0] == 0:
             _, code, index, a, b = answer
             raise _refusal(code.decode(), writes[index - 1], a.decode(), b.decode())
@@ -270,7 +281,28 @@ class RedisBackend:
             raise BackendUnavailable(
                 f"the change was applied but its answer could not be read: {exc!r}"
             ) from None
+        if self.wait_replicas and events and acknowledged < self.wait_replicas:
+            raise BackendUnavailable(
+                f"the change was applied on the master, but only {acknowledged} of "
+                f"{self.wait_replicas} replicas acknowledged it within "
+                f"{self.wait_timeout_ms} ms: it may not survive a failover",
+                {"applied": True, "replicas": acknowledged, "wait_replicas": self.wait_replicas},
+            )
         return events, states
+
+    def _apply_and_wait(self, keys: list[str], args: list[Any]) -> tuple[Any, int]:
+        """The script, then WAIT, on one connection: WAIT counts the replicas that have
+        the writes of the connection it is sent on. On a cluster, that of the master
+        owning the state slot."""
+        client: Any = self._writer
+        if isinstance(client, RedisCluster):
+            node = client.get_node_from_key(keys[0])  # type: ignore[no-untyped-call]
+            client = client.get_redis_connection(node)
+        with client.pipeline(transaction=False) as pipe:
+            self._script(keys, args, client=pipe)
+            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+            answer, acknowledged = pipe.execute()
+        return answer, int(acknowledged)
 
     def get(self, state_id: str, now_ms: int) -> StateInfo:
         fields = self._call(
