@@ -26,6 +26,7 @@ import click
 import httpx
 
 from corral import __version__
+from corral._redis import check_writable, redact
 from corral.client import Client, connect
 from corral.config import Config, ConfigWarning, load_config
 from corral.daemon import Daemon
@@ -451,21 +452,27 @@ def config_group() -> None:
 @config_group.command()
 @config_option
 @daemon_flags
+@click.option("--connect", "reach", is_flag=True, help="Also reach every Redis the config names.")
 def check(
     config_path: str | None,
     host: str | None,
     port: int | None,
     log_level: str | None,
     log_format: str | None,
+    reach: bool,
 ) -> None:
     """Check the config as `corral run` does and print it, secrets masked, with sources.
 
-    It takes the flags of `corral run` too. Exit status: 0 when `corral run` would
-    accept the config, 2 when it would refuse it.
+    It takes the flags of `corral run` too. With --connect it also connects to every
+    Redis URL of the config, as `corral run` does at start. Exit status: 0 when
+    `corral run` would accept the config, 2 when it would refuse it (with --connect,
+    also when a Redis cannot be reached).
     """
     config = _load(config_path, flags=_flags(host, port, log_level, log_format))
     try:
         plan(config)  # the managers `corral run` would start: loaded, options checked
+        if reach:
+            _reach_redis(config)
     except ConfigError as exc:
         click.echo(f"corral: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
@@ -478,6 +485,19 @@ def check(
             source = config.sources.get(f"{table}.{key}", "default")
             click.echo(f"{key} = {json.dumps(value, default=str)}  # {source}")
         click.echo()
+
+
+def _reach_redis(config: Config) -> None:
+    """ConfigError for a Redis URL of ``config`` that no server answers or that names a
+    replica."""
+    urls = {"bus.url": config.bus.url} if config.bus.backend == "redis" else {}
+    for name, section in config.managers.items():
+        url = section.options.get("redis_url")
+        if isinstance(url, str) and url:
+            urls[f"managers.{name}.redis_url"] = url
+    for setting, url in urls.items():
+        if check_writable(url, setting=setting) is None:
+            raise ConfigError(f"{setting}: no Redis answers at {redact(url)}")
 
 
 @main.command()

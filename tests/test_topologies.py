@@ -133,10 +133,13 @@ def test_run_and_config_check_exit_2_on_a_bad_url(tmp_path: Path, url: str) -> N
         assert "bus.url" in done.stderr
 
 
-def test_run_exits_2_on_a_replica_url(tmp_path: Path, sentinel_group: SentinelGroup) -> None:
+@pytest.mark.parametrize("command", [("run",), ("config", "check", "--connect")])
+def test_a_replica_url_exits_2(
+    tmp_path: Path, sentinel_group: SentinelGroup, command: tuple[str, ...]
+) -> None:
     config = _config_file(tmp_path, sentinel_group.replica().url)
     done = subprocess.run(
-        corral_command("run", "-c", config),
+        corral_command(*command, "-c", config),
         check=False,
         capture_output=True,
         text=True,
@@ -144,6 +147,23 @@ def test_run_exits_2_on_a_replica_url(tmp_path: Path, sentinel_group: SentinelGr
     )
     assert done.returncode == 2, done.stderr
     assert "bus.url" in done.stderr and "is a replica" in done.stderr
+
+
+def test_config_check_connect_refuses_a_url_no_redis_answers(tmp_path: Path) -> None:
+    with RedisServer() as server:
+        url = server.url
+    config = _config_file(tmp_path, url)  # that server is gone now
+    done = subprocess.run(
+        corral_command("config", "check", "--connect", "-c", config),
+        check=False, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"bus.url: no Redis answers at {url}" in done.stderr
+    offline = subprocess.run(
+        corral_command("config", "check", "-c", config),
+        check=False, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert offline.returncode == 0, offline.stderr
 
 
 def test_errors_name_what_the_topology_did(redis_cluster: ClusterGroup) -> None:
