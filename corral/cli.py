@@ -425,14 +425,18 @@ def events(
     from_offset: int | None,
     epoch: str | None,
 ) -> None:
-    """Print events whose topic matches PATTERN (Redis glob) until Ctrl-C."""
+    """Print events whose topic matches PATTERN (Redis glob) until Ctrl-C or SIGTERM."""
     config = _load(config_path)
     with (
         _remote(config, url) as client,
         client.subscribe(pattern, from_offset=from_offset, epoch=epoch) as subscription,
     ):
-        click.echo(f"following {pattern!r} at {client.where} (Ctrl-C stops)", err=True)
         try:
+            # Explicit handlers: a process started in the background inherits SIGINT
+            # ignored, and a supervisor stops it with SIGTERM; both end it cleanly.
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, _interrupt)
+            click.echo(f"following {pattern!r} at {client.where} (Ctrl-C stops)", err=True)
             for delivery in subscription:
                 click.echo(render(delivery.message, as_json, topic=delivery.topic))
         except KeyboardInterrupt:
@@ -442,6 +446,10 @@ def events(
             )
             if offset is not None:  # durable: say where to resume from
                 click.echo(f"resume with --from-offset {offset} --epoch {resume_epoch}", err=True)
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 @main.group(name="config")

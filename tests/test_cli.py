@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -29,7 +30,15 @@ from corral.messages.transaction import TransactionExpired, TransactionExpireIdl
 from corral.messages.websocket import WsAttach, WsAttached, WsDetach, WsJoinRoom, WsTick
 from corral.remote import GROUP, stream_key
 from tests.redis_server import RedisServer
-from tests.support import Done, Work, read_until, run_corral, start_corral, wait_until
+from tests.support import (
+    Done,
+    Work,
+    corral_command,
+    read_until,
+    run_corral,
+    start_corral,
+    wait_until,
+)
 
 
 def write_config(tmp_path: Path, redis_url: str, extra: str = "") -> Path:
@@ -228,6 +237,30 @@ def test_events_prints_what_is_published(daemon: Daemon, redis_server: RedisServ
     finally:
         process.kill()
         process.wait()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_events_stops_cleanly_on_sigint_and_sigterm_even_started_in_the_background(
+    redis_server: RedisServer, signum: int
+) -> None:
+    # A shell starts background jobs with SIGINT ignored, and Python then raises no
+    # KeyboardInterrupt: ``corral events`` must stop all the same.
+    ignoring_sigint = (
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    )
+    command = corral_command("events", "x.*", "--url", redis_server.url, "-c", os.devnull)
+    process = subprocess.Popen(
+        [sys.executable, "-c", ignoring_sigint, *command[1:]],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        read_until(process, "following 'x.*'")
+        process.send_signal(signum)
+        assert process.wait(timeout=20) == 0
+    finally:
+        process.kill()
+        process.communicate()
 
 
 def test_config_check_masks_secrets_and_names_sources(tmp_path: Path) -> None:
