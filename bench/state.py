@@ -28,11 +28,13 @@ from _report import Row, report, timed
 from corral.actors.state import StateManager
 from corral.config import BusSection, Config
 from corral.messages.state import (
+    DEFAULT_PARTITIONS,
     StateCommit,
     StateRegister,
     StateUpdate,
     StateWrite,
     events_stream_key,
+    partition_of,
 )
 from corral.streams import DurableSubscription
 from corral.supervisor import ChildSpec
@@ -42,6 +44,7 @@ from tests.redis_server import RedisServer
 TRANSITIONS = 3_000
 THREADS = 4
 EVENTS = 30_000
+STREAM = partition_of("e", DEFAULT_PARTITIONS)  # the partition of the state "e" below
 BATCH = 500
 
 
@@ -138,7 +141,7 @@ def durable_delivery(server: RedisServer) -> float:
             system.ask(StateCommit(writes=writes), timeout=30)
     started = time.perf_counter()
     with DurableSubscription(
-        server.url, stream=events_stream_key("bench"), pattern="state.changed.*"
+        server.url, stream=events_stream_key("bench", STREAM), pattern="state.changed.*"
     ) as sub:
         for _ in range(EVENTS + 1):
             assert sub.get(timeout=10) is not None
@@ -148,7 +151,7 @@ def durable_delivery(server: RedisServer) -> float:
 def raw_subscriber(server: RedisServer) -> float:
     client = redis.Redis.from_url(server.url, protocol=2)
     entries = cast("list[tuple[bytes, dict[bytes, bytes]]]",
-                   client.xrange(events_stream_key("bench"), count=1))  # fmt: skip
+                   client.xrange(events_stream_key("bench", STREAM), count=1))  # fmt: skip
     body = entries[0][1][b"body"]
     pubsub = client.pubsub()  # type: ignore[no-untyped-call]
     pubsub.subscribe("raw")

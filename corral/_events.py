@@ -31,15 +31,18 @@ class EventsMixin:
         *,
         callback: Callable[[Delivery], None] | None = None,
         queue_size: int | None = None,
-        from_offset: int | None = None,
+        from_offset: int | str | None = None,
         epoch: str | None = None,
     ) -> Subscription:
         """Follow events whose topic matches ``pattern`` (Redis glob rules).
 
-        With ``from_offset``, follow the durable state-change stream instead: every
-        ``state.changed.*`` event after that offset, in order, then live ones; a
-        ``StreamGap`` event says plainly when the offset was trimmed away or the
-        ``epoch`` changed. That stream lives in Redis.
+        With ``from_offset``, follow the durable state-change streams instead (one per
+        partition of the states, in Redis): every ``state.changed.*`` event after that
+        position, in order within a partition, then live ones; a ``StreamGap`` event
+        says plainly when events were trimmed away or a stream's epoch changed.
+        ``from_offset=0`` starts from everything kept; to resume, pass the ``position``
+        of an earlier subscription (a printable cursor). An int offset with ``epoch``
+        works when the states have one partition.
         """
         if from_offset is None:
             return self.bus.subscribe(pattern, callback=callback, queue_size=queue_size)

@@ -408,44 +408,47 @@ def _json_default(value: Any) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per event.")
 @click.option(
     "--from-offset",
-    type=click.IntRange(min=0),
     default=None,
-    help="Replay state changes after this offset first (durable stream), then follow live.",
+    help="Replay state changes after this position first (0: all kept; or the cursor an "
+    "earlier run printed), then follow live.",
 )
 @click.option(
     "--epoch",
     default=None,
-    help="The epoch --from-offset belongs to: a different one gets a stream.gap event.",
+    help="The epoch a numeric --from-offset belongs to (states in one partition only).",
 )
 def events(
     config_path: str | None,
     pattern: str,
     url: str | None,
     as_json: bool,
-    from_offset: int | None,
+    from_offset: str | None,
     epoch: str | None,
 ) -> None:
     """Print events whose topic matches PATTERN (Redis glob) until Ctrl-C or SIGTERM."""
     config = _load(config_path)
-    with (
-        _remote(config, url) as client,
-        client.subscribe(pattern, from_offset=from_offset, epoch=epoch) as subscription,
-    ):
+    start: int | str | None = from_offset
+    if from_offset is not None and from_offset.isdigit():
+        start = int(from_offset)
+    with _remote(config, url) as client:
         try:
-            # Explicit handlers: a process started in the background inherits SIGINT
-            # ignored, and a supervisor stops it with SIGTERM; both end it cleanly.
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(signum, _interrupt)
-            click.echo(f"following {pattern!r} at {client.where} (Ctrl-C stops)", err=True)
-            for delivery in subscription:
-                click.echo(render(delivery.message, as_json, topic=delivery.topic))
-        except KeyboardInterrupt:
-            offset, resume_epoch = (
-                getattr(subscription, "offset", None),
-                getattr(subscription, "epoch", None),
-            )
-            if offset is not None:  # durable: say where to resume from
-                click.echo(f"resume with --from-offset {offset} --epoch {resume_epoch}", err=True)
+            subscription = client.subscribe(pattern, from_offset=start, epoch=epoch)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--from-offset'") from None
+        with subscription:
+            try:
+                # Explicit handlers: a process started in the background inherits
+                # SIGINT ignored, and a supervisor stops it with SIGTERM; both end it
+                # cleanly.
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(signum, _interrupt)
+                click.echo(f"following {pattern!r} at {client.where} (Ctrl-C stops)", err=True)
+                for delivery in subscription:
+                    click.echo(render(delivery.message, as_json, topic=delivery.topic))
+            except KeyboardInterrupt:
+                position = getattr(subscription, "position", None)
+                if position is not None:  # durable: say where to resume from
+                    click.echo(f"resume with --from-offset {position}", err=True)
 
 
 def _interrupt(_signum: int, _frame: object) -> None:

@@ -38,16 +38,16 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import msgpack
 
-from corral._redis import REDIS_ERRORS, connect, disconnect
+from corral._redis import REDIS_ERRORS, connect, disconnect, topology
 from corral.bus import Bus, Delivery, Subscription, _wake, compile_glob
 from corral.errors import InvalidMessage
 from corral.messages.base import Message, lookup
-from corral.messages.state import events_stream_key
+from corral.messages.state import DEFAULT_PARTITIONS, events_stream_key, partitions_key
 from corral.messages.stream import GAP_TOPIC, StreamGap
 
 __all__ = ["DurableSubscription", "meta_key"]
@@ -80,36 +80,50 @@ class _StreamFeed(Bus):
         sub._stop()
 
 
+class _Cursor:
+    """Where a reader stands in one stream: the last offset delivered, in ``epoch``."""
+
+    __slots__ = ("epoch", "offset")
+
+    def __init__(self, offset: int, epoch: str | None) -> None:
+        self.offset = offset
+        self.epoch = epoch
+
+
 class DurableSubscription(Subscription):
-    """Events of ``stream`` after ``from_offset`` whose topic matches ``pattern``.
+    """Events of ``stream`` (or of every one of ``streams``) after ``from_offset`` whose
+    topic matches ``pattern``.
 
     ``epoch``: the epoch ``from_offset`` belongs to, if known; when the stream's
     epoch differs, a StreamGap (``epoch_changed``) comes first and delivery starts
     over from the new epoch's first event. ``offset`` and ``epoch`` are where the
-    reader stands (pass them to resume later). Redis outages are waited out, with
-    backoff, and ``healthy`` is False meanwhile.
+    reader stands in a single stream (pass them to resume later); ``position`` is
+    where it stands in all of them, a printable cursor that ``from_offset`` takes
+    back. Events of one stream come in order; events of different streams in the
+    order they are read. Redis outages are waited out, with backoff, and ``healthy``
+    is False meanwhile.
     """
 
     def __init__(
         self,
         url: str,
         *,
-        stream: str,
+        stream: str | None = None,
+        streams: Sequence[str] = (),
         pattern: str = "*",
-        from_offset: int = 0,
+        from_offset: int | str = 0,
         epoch: str | None = None,
         callback: Callable[[Delivery], None] | None = None,
         queue_size: int = 10_000,
         batch: int = 500,
         block_seconds: float = 1.0,
     ) -> None:
-        if from_offset < 0:
-            raise ValueError("from_offset must be >= 0")
+        self.streams = [stream] if stream is not None else list(streams)
+        if not self.streams or (stream is not None and streams):
+            raise ValueError("give one stream, or streams")
+        self._cursors = _cursors(self.streams, from_offset, epoch)
         if batch < 1 or not block_seconds > 0:
             raise ValueError("batch must be >= 1 and block_seconds > 0")
-        self.stream = stream
-        self.offset = from_offset
-        self.epoch = epoch
         self.healthy = False
         self._matches = compile_glob(pattern).match
         self._batch = batch
@@ -124,13 +138,44 @@ class DurableSubscription(Subscription):
         )
         feed = _StreamFeed(queue_size=queue_size)
         super().__init__(feed, pattern, queue_size=queue_size, callback=callback)
-        self._reader = threading.Thread(
-            target=self._run, name=f"corral-durable:{stream}", daemon=True
-        )
-        self._reader.start()
+        # One XREAD may only name streams of one cluster slot: a reader per stream there.
+        if topology(self._client) == "cluster":
+            groups = [[name] for name in self.streams]
+        else:
+            groups = [self.streams]
+        self._readers = [
+            threading.Thread(
+                target=self._run, args=(group,), name=f"corral-durable:{group[0]}", daemon=True
+            )
+            for group in groups
+        ]
+        for reader in self._readers:
+            reader.start()
 
     def __repr__(self) -> str:
-        return f"<DurableSubscription {self.stream} {self.pattern!r} at {self.offset}>"
+        return f"<DurableSubscription {','.join(self.streams)} {self.pattern!r} at {self.position}>"
+
+    @property
+    def stream(self) -> str:
+        return self.streams[0]
+
+    @property
+    def offset(self) -> int:
+        """The last offset delivered (of the first stream, when there are several)."""
+        return self._cursors[self.streams[0]].offset
+
+    @property
+    def epoch(self) -> str | None:
+        return self._cursors[self.streams[0]].epoch
+
+    @property
+    def position(self) -> str:
+        """Where the reader stands in every stream: ``offset:epoch`` per stream, in the
+        order of ``streams``, joined by commas (``12:3fa2c1,0:,40:9b0e77``)."""
+        return ",".join(
+            f"{cursor.offset}:{cursor.epoch or ''}"
+            for cursor in (self._cursors[name] for name in self.streams)
+        )
 
     # -- delivery ---------------------------------------------------------------------
 
@@ -138,94 +183,113 @@ class DurableSubscription(Subscription):
         self._stopping.set()
         disconnect(self._client)  # wakes a blocked XREAD
 
-    # -- the reader thread ------------------------------------------------------------
+    # -- the reader threads -----------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, group: list[str]) -> None:
         delay = 0.05
-        synced = False
+        unsynced = set(group)
         while not self._stopping.is_set():
             try:
-                if not synced:
-                    synced = self._sync()
+                if unsynced:
+                    waiting = [name for name in sorted(unsynced) if not self._sync(name)]
                     self.healthy = True
                     delay = 0.05
-                    if not synced:  # entries of a lost epoch: wait for the next one
+                    unsynced = set(waiting)
+                    if unsynced == set(group):  # entries of lost epochs: wait for new ones
                         self._stopping.wait(_ORPHAN_POLL)
                         continue
-                # The epoch is checked again whenever the stream stays quiet for a block.
-                synced = self._read()
+                readable = [name for name in group if name not in unsynced]
+                # An epoch is checked again whenever its stream stays quiet for a block.
+                unsynced |= self._read(readable)
+                if unsynced:
+                    continue
             except Exception as exc:
-                synced = self.healthy = False
+                unsynced = set(group)
+                self.healthy = False
                 if self._stopping.is_set():
                     break  # close() pulled the connection from under a blocked read
                 if not isinstance(exc, REDIS_ERRORS):
                     raise
-                log.warning("durable subscription %s: Redis unavailable (%s)", self.stream, exc)
+                log.warning("durable subscription %s: Redis unavailable (%s)", group[0], exc)
                 self._stopping.wait(random.uniform(delay / 2, delay))
                 delay = min(delay * 2, _RECONNECT_MAX)
-        self._client.close()
+        if all(not reader.is_alive() or reader is threading.current_thread()
+               for reader in self._readers):  # fmt: skip
+            self._client.close()
 
-    def _sync(self) -> bool:
-        """Check the stream's epoch and last offset against where the reader stands.
+    def _sync(self, stream: str) -> bool:
+        """Check a stream's epoch and last offset against where the reader stands.
 
         False while the stream holds entries of a lost epoch (its meta hash is
         gone): those must not be read, since the next epoch reuses their offsets.
         """
+        cursor = self._cursors[stream]
         with self._client.pipeline(transaction=True) as pipe:
-            pipe.hmget(meta_key(self.stream), ["epoch", "offset"])
-            pipe.xlen(self.stream)
+            pipe.hmget(meta_key(stream), ["epoch", "offset"])
+            pipe.xlen(stream)
             (epoch, last), length = cast("tuple[list[bytes | None], int]", pipe.execute())
         if epoch is None:
-            if self.epoch is not None:  # the stream was lost (Redis restarted empty, say)
-                self._gap("epoch_changed", self.offset + 1, -1, "", previous=self.epoch)
-                self.epoch = None
-                self.offset = 0
+            if cursor.epoch is not None:  # the stream was lost (Redis restarted empty, say)
+                self._gap(stream, "epoch_changed", cursor.offset + 1, -1, "",
+                          previous=cursor.epoch)  # fmt: skip
+                cursor.epoch = None
+                cursor.offset = 0
             return length == 0  # nothing written yet in this life of the stream
         current = epoch.decode()
-        if self.epoch is None:
-            self.epoch = current
-        elif current != self.epoch:
-            self._gap("epoch_changed", self.offset + 1, -1, current, previous=self.epoch)
-            self.epoch = current
-            self.offset = 0
+        if cursor.epoch is None:
+            cursor.epoch = current
+        elif current != cursor.epoch:
+            self._gap(stream, "epoch_changed", cursor.offset + 1, -1, current,
+                      previous=cursor.epoch)  # fmt: skip
+            cursor.epoch = current
+            cursor.offset = 0
             return True
-        last_offset = int(last or 0)
         # Ahead of the stream in its own epoch: those offsets were never written,
         # so the events that get them must not be skipped.
-        self.offset = min(self.offset, last_offset)
+        cursor.offset = min(cursor.offset, int(last or 0))
         return True
 
-    def _read(self) -> bool:
-        """Read one batch (waiting up to a block for it).
-
-        False when nothing came, or when an entry of another epoch did: the stream
-        was lost and started again under the reader, which must sync first.
-        """
+    def _read(self, streams: list[str]) -> set[str]:
+        """Read one batch of ``streams`` (waiting up to a block for it); the streams to
+        sync again: all of them when nothing came (their epochs are checked while it is
+        quiet), and any whose entries turned out to be of another epoch (the stream
+        was lost and started again under the reader)."""
         answer = cast(
             "list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None",
             self._client.xread(
-                {self.stream: f"{self.offset}-0"}, count=self._batch, block=self._block_ms
+                {name: f"{self._cursors[name].offset}-0" for name in streams},
+                count=self._batch,
+                block=self._block_ms,
             ),
         )
         if not answer:
-            return False
+            return set(streams)
+        resync: set[str] = set()
+        for key, entries in answer:
+            stream = key.decode()
+            if not self._read_entries(stream, entries):
+                resync.add(stream)
+        return resync
+
+    def _read_entries(self, stream: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> bool:
+        cursor = self._cursors[stream]
         batch: list[Delivery] = []
-        for entry_id, fields in answer[0][1]:
+        for entry_id, fields in entries:
             epoch = fields.get(b"epoch", b"").decode("utf-8", "replace")
-            if self.epoch is None:
-                self.epoch = epoch  # read only once no entry of a lost epoch is left
-            elif epoch != self.epoch:
+            if cursor.epoch is None:
+                cursor.epoch = epoch  # read only once no entry of a lost epoch is left
+            elif epoch != cursor.epoch:
                 self._deliver(batch)
                 return False
             offset = int(entry_id.split(b"-", 1)[0])
-            if offset > self.offset + 1:
+            if offset > cursor.offset + 1:
                 self._deliver(batch)
                 batch = []
-                self._gap("trimmed", self.offset + 1, offset - 1, self.epoch)
-            self.offset = offset
+                self._gap(stream, "trimmed", cursor.offset + 1, offset - 1, cursor.epoch)
+            cursor.offset = offset
             topic = fields[b"topic"].decode("utf-8", "replace")
             if self._matches(topic):
-                message = self._decode(fields, offset)
+                message = self._decode(stream, fields, offset)
                 if message is not None:
                     batch.append(Delivery(topic, message))
         self._deliver(batch)
@@ -246,7 +310,7 @@ class DurableSubscription(Subscription):
             _wake(waiters)
             deliveries = deliveries[room:]
 
-    def _decode(self, fields: dict[bytes, Any], offset: int) -> Message | None:
+    def _decode(self, stream: str, fields: dict[bytes, Any], offset: int) -> Message | None:
         try:
             name = fields[b"type"].decode()
             cls = lookup(name)
@@ -262,12 +326,14 @@ class DurableSubscription(Subscription):
             return cls._from_wire(body, "body")
         except (InvalidMessage, ValueError, KeyError, msgpack.UnpackException) as exc:
             self._bus._count("rejected")
-            log.warning("durable subscription %s: entry %d rejected: %s", self.stream, offset, exc)
+            log.warning("durable subscription %s: entry %d rejected: %s", stream, offset, exc)
             return None
 
-    def _gap(self, reason: str, first: int, last: int, epoch: str, *, previous: str = "") -> None:
+    def _gap(
+        self, stream: str, reason: str, first: int, last: int, epoch: str, *, previous: str = ""
+    ) -> None:
         gap = StreamGap(
-            stream=self.stream,
+            stream=stream,
             reason="trimmed" if reason == "trimmed" else "epoch_changed",
             first_missing=first,
             last_missing=last,
@@ -277,23 +343,56 @@ class DurableSubscription(Subscription):
         self._deliver([Delivery(GAP_TOPIC, gap)])
 
 
+def _cursors(streams: list[str], from_offset: int | str, epoch: str | None) -> dict[str, _Cursor]:
+    """Where to start in each stream: an offset (in ``epoch``) for a single stream, 0
+    for all of them, or a ``position`` cursor."""
+    if isinstance(from_offset, str):
+        if epoch is not None:
+            raise ValueError("a position names its epochs: give no epoch with it")
+        parts = from_offset.split(",")
+        if len(parts) != len(streams):
+            raise ValueError(
+                f"position {from_offset!r} has {len(parts)} entries, for {len(streams)} streams"
+            )
+        cursors = {}
+        for name, part in zip(streams, parts, strict=True):
+            offset, sep, cursor_epoch = part.partition(":")
+            if not sep or not offset.isdigit():
+                raise ValueError(f"position entry {part!r} is not offset:epoch")
+            cursors[name] = _Cursor(int(offset), cursor_epoch or None)
+        return cursors
+    if isinstance(from_offset, bool) or from_offset < 0:
+        raise ValueError("from_offset must be >= 0")
+    if len(streams) > 1 and (from_offset or epoch is not None):
+        raise ValueError(
+            "the events are in several streams: resume from a subscription's position "
+            "(a cursor string), or give from_offset=0 for everything kept"
+        )
+    return {name: _Cursor(from_offset, epoch) for name in streams}
+
+
 def follow_state_changes(
     url: str,
     namespace: str,
     pattern: str,
     *,
-    from_offset: int,
+    from_offset: int | str,
     epoch: str | None = None,
     callback: Callable[[Delivery], None] | None = None,
     queue_size: int = 10_000,
 ) -> DurableSubscription:
-    """A durable subscription to the state-change stream of ``namespace``.
+    """A durable subscription to the state-change streams of ``namespace``: one per
+    partition, as many as the state manager recorded in Redis (the default until one
+    has).
 
-    What ``System.subscribe(pattern, from_offset=N)`` and the remote client return.
+    What ``System.subscribe(pattern, from_offset=…)`` and the remote client return.
     """
+    with connect(url, setting="durable subscription url", retries=1) as client:
+        recorded = client.get(partitions_key(namespace))
+    partitions = int(recorded) if recorded is not None else DEFAULT_PARTITIONS
     return DurableSubscription(
         url,
-        stream=events_stream_key(namespace),
+        streams=[events_stream_key(namespace, p) for p in range(partitions)],
         pattern=pattern,
         from_offset=from_offset,
         epoch=epoch,

@@ -188,7 +188,7 @@ class SentinelServer(RedisServer):
             config.write_text(
                 f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\nlogfile redis.log\n"
                 f"sentinel monitor {self.service} 127.0.0.1 {self.master_port} {self.quorum}\n"
-                f"sentinel down-after-milliseconds {self.service} 1000\n"
+                f"sentinel down-after-milliseconds {self.service} 2000\n"
                 f"sentinel failover-timeout {self.service} 10000\n"
             )
         return [self.executable, str(config), "--sentinel"]

@@ -29,7 +29,8 @@ def config(url: str) -> Config:
     return Config().replace(
         bus=BusSection(backend="redis", url=url, namespace="dur"),
         daemon=DaemonSection(port=0, heartbeat_interval=0.2),
-        managers={"state": ManagerSection()},
+        # One partition: these tests resume from a plain offset and epoch.
+        managers={"state": ManagerSection(options={"partitions": 1})},
     )
 
 
@@ -141,7 +142,7 @@ def test_a_lost_epoch_starts_a_new_stream(daemon: Daemon, redis_server: RedisSer
     system = daemon.system
     first = system.ask(StateRegister(state_id="m1", state_type="User"))
     with redis.Redis.from_url(redis_server.url) as raw:
-        stream = events_stream_key("dur")
+        stream = events_stream_key("dur", 0)
         old_epoch = raw.hget(f"{stream}:meta", "epoch")
         raw.delete(f"{stream}:meta")  # evicted, say, while the stream stayed
         with system.subscribe("state.changed.*", from_offset=0) as sub:

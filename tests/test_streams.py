@@ -18,12 +18,13 @@ from corral.supervisor import ChildSpec
 from corral.system import System
 from tests.redis_server import RedisServer
 
-STREAM = events_stream_key("corral")
+STREAM = events_stream_key("corral", 0)
 
 
 def state_system(url: str, **options: object) -> System:
-    spec = ChildSpec(name="state", manager=StateManager, options={"backend": "redis", **options},
-                     redis_url=url)  # fmt: skip
+    # One partition, so one stream: these tests are about reading it.
+    options = {"backend": "redis", "partitions": 1, **options}
+    spec = ChildSpec(name="state", manager=StateManager, options=options, redis_url=url)
     return System(Config(), managers=[spec]).start()
 
 

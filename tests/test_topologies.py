@@ -27,11 +27,21 @@ from corral.errors import ConfigError
 from corral.messages.auth import AuthIssue, AuthRevoke, AuthValidate
 from corral.messages.cache import CacheGet, CacheSet
 from corral.messages.ratelimit import RatelimitCheck
-from corral.messages.state import StateGet, StateRegister, StateUpdate
+from corral.messages.state import (
+    DEFAULT_PARTITIONS,
+    StateChanged,
+    StateCommit,
+    StateGet,
+    StateRegister,
+    StateUpdate,
+    StateWrite,
+    partition_of,
+    partition_prefix,
+)
 from corral.messages.system import Ping
 from corral.system import System
 from tests.redis_server import ClusterGroup, RedisServer, SentinelGroup
-from tests.support import corral_command, wait_until
+from tests.support import corral_command, next_event, wait_until
 
 SECRET = "a-test-signing-key-of-at-least-32-bytes"
 
@@ -49,6 +59,11 @@ def topology_config(url: str, namespace: str = "topo", **managers: ManagerSectio
         daemon=DaemonSection(port=0, heartbeat_interval=0.2, heartbeat_ttl=1.0, claim_idle=1.0),
         managers={**defaults, **managers},
     )
+
+
+def state_key(namespace: str, state_id: str) -> str:
+    """The Redis hash of a state, with the default partitions."""
+    return partition_prefix(namespace, partition_of(state_id, DEFAULT_PARTITIONS)) + "s:" + state_id
 
 
 @contextmanager
@@ -266,10 +281,12 @@ def test_a_sentinel_failover_is_followed(fresh_sentinel_group: SentinelGroup) ->
         f"\nsentinel failover outage: corral {ours.longest_outage:.2f}s, "
         f"plain redis-py master_for {theirs.longest_outage:.2f}s"
     )
-    # What corral acknowledged after the restart went to the new master, never the old one.
-    with redis.Redis(port=group.master().port, protocol=2) as master:
-        assert master.exists("failover:{state}:s:counter")
+    # Sentinel demotes the restarted ex-master; the state corral wrote is on the new one.
     wait_until(lambda: _role(old_master.port) == "slave", timeout=30)
+    new_master = next(server for server in group.servers if server is not old_master)
+    assert _role(new_master.port) == "master"
+    with redis.Redis(port=new_master.port, protocol=2) as master:
+        assert master.exists(state_key("failover", "counter"))
 
 
 def test_with_wait_replicas_an_acknowledged_write_survives_a_failover(
@@ -300,8 +317,11 @@ def test_with_wait_replicas_an_acknowledged_write_survives_a_failover(
         wait_until(lambda: len(writer.acknowledged) > after + 50, timeout=60)
         writer.stop.set()
         writer.join(10)
-    with redis.Redis(port=group.master().port, protocol=2) as master:
-        keys = [f"durable:{{state}}:s:w{n}" for n in writer.acknowledged]
+    wait_until(lambda: _role(old_master.port) == "slave", timeout=30)
+    new_master = next(server for server in group.servers if server is not old_master)
+    assert _role(new_master.port) == "master"
+    with redis.Redis(port=new_master.port, protocol=2) as master:
+        keys = [state_key("durable", f"w{n}") for n in writer.acknowledged]
         present = sum(master.exists(*keys[i : i + 500]) for i in range(0, len(keys), 500))
     assert present == len(writer.acknowledged)  # not one acknowledged write was lost
     assert "it may not survive a failover" in refused[-1]
@@ -357,11 +377,12 @@ def test_a_cluster_failover_is_followed(fresh_redis_cluster: ClusterGroup) -> No
     with system_on(cluster.url, "cfail") as system:
         system.ask(StateRegister(state_id="counter", state_type="Counter", data={"n": 0}))
         ours = Writer(lambda n: system.ask(StateUpdate(state_id="counter", data={"n": n})))
-        theirs = Writer(lambda n: plain.set("plain{state}", n))
+        counter = state_key("cfail", "counter")
+        theirs = Writer(lambda n: plain.set(counter + ":plain", n))  # the same slot
         ours.start()
         theirs.start()
         wait_until(lambda: len(ours.acknowledged) > 50 and len(theirs.acknowledged) > 50)
-        owner = plain.get_node_from_key("cfail:{state}:s:counter")  # type: ignore[no-untyped-call]
+        owner = plain.get_node_from_key(counter)  # type: ignore[no-untyped-call]
         victim = next(s for s in cluster.servers if s.port == owner.port)
         victim.kill()
         before = len(ours.acknowledged), len(theirs.acknowledged)
@@ -377,6 +398,86 @@ def test_a_cluster_failover_is_followed(fresh_redis_cluster: ClusterGroup) -> No
         f"\ncluster failover outage: corral {ours.longest_outage:.2f}s, "
         f"plain RedisCluster {theirs.longest_outage:.2f}s"
     )
+
+
+# -- state partitions -----------------------------------------------------------------------
+
+
+def test_10000_states_spread_over_the_masters(redis_cluster: ClusterGroup) -> None:
+    with system_on(redis_cluster.url, "spread") as system:
+
+        def write(start: int) -> None:
+            for n in range(start, 10_000, 4):
+                system.ask(StateRegister(state_id=f"s{n}", state_type="T"))
+
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    counts = []
+    for master in redis_cluster.masters():
+        with redis.Redis(port=master.port, protocol=2) as client:
+            counts.append(sum(1 for _ in client.scan_iter(match="spread:*:s:*", count=1000)))
+    assert sum(counts) == 10_000
+    assert max(counts) <= 5_000, counts
+
+
+def test_a_commit_spans_one_partition_and_hash_tags_share_one(redis_cluster: ClusterGroup) -> None:
+    with system_on(redis_cluster.url, "tags") as system:
+        together = [
+            StateWrite(state_id=f"order:{{42}}:{part}", transition="create", state_type="Order")
+            for part in ("items", "total", "shipping")
+        ]
+        committed = system.ask(StateCommit(writes=together))
+        assert [state.version for state in committed.states] == [1, 1, 1]
+        first, second = "alpha", next(
+            f"omega{n}" for n in range(100) if partition_of(f"omega{n}", 16) != partition_of(
+                "alpha", 16)
+        )  # fmt: skip
+        apart = [
+            StateWrite(state_id=state_id, transition="create", state_type="T")
+            for state_id in (first, second)
+        ]
+        with pytest.raises(corral.errors.InvalidMessage) as refused:
+            system.ask(StateCommit(writes=apart))
+        message = str(refused.value)
+        assert f"'{first}' (partition " in message and f"'{second}' (partition " in message
+        assert "same hash tag" in message
+        with pytest.raises(corral.errors.NotFound):
+            system.ask(StateGet(state_id="alpha"))  # nothing of it applied
+
+
+def test_a_durable_subscription_follows_every_partition_and_resumes_from_its_position(
+    redis_cluster: ClusterGroup,
+) -> None:
+    with system_on(redis_cluster.url, "follow") as system:
+        for n in range(40):
+            system.ask(StateRegister(state_id=f"u{n}", state_type="User"))
+        with system.subscribe("state.changed.*", from_offset=0) as sub:
+            seen = {next_event(sub, StateChanged)[1].state_id for _ in range(40)}
+            position = sub.position  # type: ignore[attr-defined]
+        assert seen == {f"u{n}" for n in range(40)}
+        assert len(position.split(",")) == 16
+        for n in range(40, 50):
+            system.ask(StateRegister(state_id=f"u{n}", state_type="User"))
+        with system.subscribe("state.changed.*", from_offset=position) as sub:
+            later = {next_event(sub, StateChanged)[1].state_id for _ in range(10)}
+            assert sub.get(timeout=0.3) is None  # nothing seen before comes again
+        assert later == {f"u{n}" for n in range(40, 50)}
+        with pytest.raises(ValueError, match="several streams"):
+            system.subscribe("state.changed.*", from_offset=12)
+
+
+def test_two_systems_must_agree_on_the_partitions(redis_server: RedisServer) -> None:
+    with system_on(redis_server.url, "agree") as first:
+        first.ask(StateRegister(state_id="a", state_type="T"))
+        other = ManagerSection(options={"backend": "redis", "partitions": 4})
+        with (
+            pytest.raises(corral.errors.ManagerUnavailable, match="in 16 partitions already"),
+            system_on(redis_server.url, "agree", state=other),
+        ):
+            pass
 
 
 def test_the_test_cluster_is_what_it_says(redis_cluster: ClusterGroup) -> None:

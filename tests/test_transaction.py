@@ -30,7 +30,9 @@ from tests.support import next_event, wait_until
 @pytest.fixture(params=["memory", "redis"])
 def system(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[System]:
     specs = [
-        ChildSpec(name="state", manager=StateManager, options={"backend": request.param},
+        # Transactions below change several states at once: one partition holds them all.
+        ChildSpec(name="state", manager=StateManager,
+                  options={"backend": request.param, "partitions": 1},
                   redis_url=redis_server.url),
         ChildSpec(name="transaction", manager=TransactionManager,
                   options={"sweep_interval": 0.05}, depends_on=("state",)),

@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import zlib
 from typing import Annotated, Any
 
 from corral.errors import Conflict, InvalidMessage, NotFound
 from corral.messages.base import MAX_TTL, Event, Offset, Range, Reply, Request, Ttl, message
 
 __all__ = [
+    "DEFAULT_PARTITIONS",
     "KEEP",
+    "MAX_PARTITIONS",
     "REMOVE",
     "STANDARD_TRANSITIONS",
     "STATE_TYPES",
@@ -50,6 +53,9 @@ __all__ = [
     "changed_topic",
     "check_write",
     "events_stream_key",
+    "partition_of",
+    "partition_prefix",
+    "partitions_key",
 ]
 
 STATE_TYPES = ("System", "User", "Session", "Resource", "Feature", "Subscription")
@@ -90,10 +96,42 @@ _TRANSITION = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _STATE_ID = re.compile(r"[^\s*?\[\]]{1,200}")
 
 
-def events_stream_key(namespace: str = "corral") -> str:
-    """The Redis Stream that holds every state change of a namespace, by offset
-    (what a durable subscription to ``state.changed.*`` reads)."""
-    return f"{namespace}:{{state}}:events"
+MAX_PARTITIONS = 1024
+"""The most partitions the states of a namespace can be spread over."""
+DEFAULT_PARTITIONS = 16
+"""How many partitions, unless ``[managers.state] partitions`` says otherwise."""
+
+Partition = Annotated[int, Range(ge=0, le=MAX_PARTITIONS - 1)]
+
+
+def partition_of(state_id: str, partitions: int) -> int:
+    """The partition a state lives in: by the hash of its Redis hash tag (the text
+    between the first ``{`` and the next ``}``, when not empty), else of its whole id,
+    so states that share a tag share a partition (and may change in one commit)."""
+    if partitions <= 1:
+        return 0
+    start = state_id.find("{")
+    if start >= 0:
+        end = state_id.find("}", start + 1)
+        if end > start + 1:
+            state_id = state_id[start + 1 : end]
+    return zlib.crc32(state_id.encode()) % partitions
+
+
+def partition_prefix(namespace: str, partition: int) -> str:
+    """The start of every Redis key of one partition: one hash tag, so one cluster slot."""
+    return f"{namespace}:{{state:{partition}}}:"
+
+
+def events_stream_key(namespace: str = "corral", partition: int = 0) -> str:
+    """The Redis Stream that holds every state change of one partition of a namespace,
+    by offset (what a durable subscription to ``state.changed.*`` reads)."""
+    return partition_prefix(namespace, partition) + "events"
+
+
+def partitions_key(namespace: str = "corral") -> str:
+    """Where the state manager records how many partitions its namespace has."""
+    return f"{namespace}:state:partitions"
 
 
 def changed_topic(state_type: str = "*", state_id: str = "*") -> str:
@@ -122,8 +160,8 @@ class StateChanged(Event):
     """One change of one state: published on ``state.changed.<state_type>.<state_id>``.
 
     ``old``/``new`` are the data before and after (None before ``create`` and after a
-    removal); ``offset`` and ``epoch`` place the event in the durable event stream
-    (resume a subscription from ``offset``); ``ts`` is unix milliseconds.
+    removal); ``offset`` and ``epoch`` place the event in the durable event stream of
+    its ``partition`` (resume a subscription from there); ``ts`` is unix milliseconds.
     """
 
     state_id: str
@@ -136,6 +174,7 @@ class StateChanged(Event):
     epoch: str
     ts: int
     status: str = ""
+    partition: Partition = 0
 
 
 @message("state.write")

@@ -9,6 +9,7 @@ with every event also in a capped Redis Stream for durable subscribers). Config:
     stream_max_len = 100000      # events kept in the durable stream
     max_data_bytes = 65536       # a state's data, msgpack-encoded
     expiry_interval = 1.0        # seconds between TTL sweeps
+    partitions = 16              # Redis: states spread over this many streams and slots
     wait_replicas = 0            # a write is acknowledged once this many replicas have it
     wait_timeout = 1.0           # ...or refused as BackendUnavailable after this long
 
@@ -40,6 +41,8 @@ from corral.actors.state._redis import RedisBackend
 from corral.config import REDIS_URL, Section
 from corral.errors import BackendUnavailable, ConfigError, CorralError, InvalidMessage
 from corral.messages.state import (
+    DEFAULT_PARTITIONS,
+    MAX_PARTITIONS,
     StateChanged,
     StateCommit,
     StateCommitted,
@@ -78,6 +81,7 @@ class StateOptions(Section):
     max_data_bytes: int = field(default=65_536, metadata={"ge": 1})
     max_writes: int = field(default=1_000, metadata={"ge": 1})
     expiry_interval: float = field(default=1.0, metadata={"gt": 0})
+    partitions: int = field(default=DEFAULT_PARTITIONS, metadata={"ge": 1, "le": MAX_PARTITIONS})
     wait_replicas: int = field(default=0, metadata={"ge": 0, "le": 100})
     wait_timeout: float = field(default=1.0, metadata={"gt": 0, "le": 60})
 
@@ -110,9 +114,14 @@ class StateManager(Manager):
                 namespace=self.context.namespace,
                 history_limit=settings.history_limit,
                 stream_max_len=settings.stream_max_len,
+                partitions=settings.partitions,
                 wait_replicas=settings.wait_replicas,
                 wait_timeout=settings.wait_timeout,
             )
+            try:
+                self.backend.record_partitions()
+            except BackendUnavailable as exc:  # Redis away: recorded with the first write
+                log.warning("state: %s", exc)
         else:
             self.backend = MemoryBackend(history_limit=settings.history_limit)
         self.published = 0

@@ -5,23 +5,26 @@ applies them all: writes the state hashes, appends to each capped history,
 bumps the versions, and appends each event to the capped event stream under
 the next offset. Atomic, one round trip, no WATCH retries.
 
-Keys (all under the hash tag ``{state}``, so one script may touch several states
-and the one ordered event stream; on Redis Cluster they all live on one master)::
+States are spread over ``partitions`` partitions (``partition_of``: by the hash of
+the id's hash tag, else of the id). The keys of partition ``p`` share the hash tag
+``{state:p}``, so one script may touch several states of a partition and its ordered
+event stream, and on Redis Cluster the partitions spread over the masters::
 
-    <ns>:{state}:s:<id>     hash: type status data version allowed created updated [expires]
-    <ns>:{state}:h:<id>     list: the state's latest events (msgpack StateChanged bodies)
-    <ns>:{state}:events     a durable stream (corral.streams) with every change, by offset
-    <ns>:{state}:events:meta  hash: offset (the last one given), epoch
-    <ns>:{state}:expiry     sorted set: state id by expiry time (unix ms)
+    <ns>:{state:p}:s:<id>     hash: type status data version allowed created updated [expires]
+    <ns>:{state:p}:h:<id>     list: the state's latest events (msgpack StateChanged bodies)
+    <ns>:{state:p}:events     a durable stream (corral.streams) with the partition's changes
+    <ns>:{state:p}:events:meta  hash: offset (the last one given), epoch
+    <ns>:{state:p}:expiry     sorted set: state id by expiry time (unix ms)
 
 ::
 
     backend = RedisBackend("redis://localhost:6379/0", namespace="corral",
-                           history_limit=100, stream_max_len=100_000)
+                           history_limit=100, stream_max_len=100_000, partitions=16)
 """
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -30,7 +33,7 @@ import msgpack
 from redis.cluster import RedisCluster
 
 from corral._redis import REDIS_ERRORS, connect
-from corral.errors import BackendUnavailable, Conflict, NotFound
+from corral.errors import BackendUnavailable, ConfigError, Conflict, InvalidMessage, NotFound
 from corral.messages.state import (
     KEEP,
     REMOVE,
@@ -39,7 +42,11 @@ from corral.messages.state import (
     StateInfo,
     StateWrite,
     events_stream_key,
+    partition_of,
+    partition_prefix,
+    partitions_key,
 )
+from corral.streams import meta_key
 
 __all__ = ["RedisBackend", "decode_event"]
 
@@ -59,7 +66,7 @@ def _lua_rules() -> str:
     return "{" + ", ".join(entries) + "}"
 
 
-# ARGV: now_ms, epoch_candidate, history_limit, stream_max_len, n, then 7 per write:
+# ARGV: now_ms, epoch_candidate, history_limit, stream_max_len, n, partition, then 7 per write:
 # state_id, transition, state_type, data, expected_version, ttl_ms, allowed (or "~").
 # A write whose transition is "" only expires its state if due (the TTL sweep).
 # KEYS: meta, stream, expiry, then per write: state hash, history list.
@@ -96,7 +103,7 @@ local function load(id, k)
 end
 
 for i = 1, n do
-  local a = 5 + (i - 1) * 7
+  local a = 6 + (i - 1) * 7
   local id, tr, stype, data = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   local expected, ttl, allowed = ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
   local k = 3 + 2 * i - 1
@@ -159,10 +166,10 @@ for c = 1, #changes do
   local offset = redis.call("HINCRBY", KEYS[1], "offset", 1)
   local new = after.removed and "\\192" or after.data
   local old = before and before.data or "\\192"
-  local body = "\\138" .. cmsgpack.pack("state_id", id, "state_type", after.type,
+  local body = "\\139" .. cmsgpack.pack("state_id", id, "state_type", after.type,
       "transition", tr, "old") .. old .. cmsgpack.pack("new") .. new ..
       cmsgpack.pack("version", after.version, "offset", offset, "epoch", epoch, "ts", now,
-                    "status", after.status)
+                    "status", after.status, "partition", tonumber(ARGV[6]))
   events[c] = body
   local topic = "state.changed." .. after.type .. "." .. id
   redis.call("XADD", KEYS[2], "MAXLEN", maxlen, offset .. "-0",
@@ -217,6 +224,7 @@ class RedisBackend:
         namespace: str,
         history_limit: int,
         stream_max_len: int,
+        partitions: int = 1,
         wait_replicas: int = 0,
         wait_timeout: float = 1.0,
     ) -> None:
@@ -225,11 +233,9 @@ class RedisBackend:
         self.stream_max_len = stream_max_len
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = max(1, round(wait_timeout * 1000))
-        base = f"{namespace}:{{state}}:"
-        self._state_prefix = base + "s:"
-        self._history_prefix = base + "h:"
-        stream = events_stream_key(namespace)
-        self._fixed_keys = [stream + ":meta", stream, base + "expiry"]
+        self.namespace = namespace
+        self.partitions = partitions
+        self._recorded = False
         options: dict[str, Any] = {
             "setting": "managers.state.redis_url",
             "connect_timeout": _CONNECT_TIMEOUT,
@@ -241,14 +247,38 @@ class RedisBackend:
         self._reader = connect(url, retries=1, **options)
         self._script = self._writer.register_script(_apply_script())
 
+    def _key(self, kind: str, state_id: str) -> str:
+        return partition_prefix(self.namespace, self._partition(state_id)) + kind + state_id
+
+    def _partition(self, state_id: str) -> int:
+        return partition_of(state_id, self.partitions)
+
+    def _fixed_keys(self, partition: int) -> list[str]:
+        stream = events_stream_key(self.namespace, partition)
+        return [meta_key(stream), stream, partition_prefix(self.namespace, partition) + "expiry"]
+
     def apply(
         self, writes: list[StateWrite], now_ms: int
     ) -> tuple[list[StateChanged], list[StateInfo]]:
-        keys = list(self._fixed_keys)
+        partition = self._partition(writes[0].state_id)
+        for write in writes[1:]:
+            if self._partition(write.state_id) != partition:
+                raise InvalidMessage(
+                    f"states {writes[0].state_id!r} (partition {partition}) and "
+                    f"{write.state_id!r} (partition {self._partition(write.state_id)}) "
+                    "cannot change in one commit: a commit spans one partition; give "
+                    "states that change together the same hash tag, e.g. "
+                    "'order:{42}:items' and 'order:{42}:total'",
+                    {"partitions": [partition, self._partition(write.state_id)]},
+                    path="writes",
+                )
+        if not self._recorded:
+            self.record_partitions()
+        keys = self._fixed_keys(partition)
         args: list[Any] = [now_ms, uuid.uuid4().hex[:12], self.history_limit]
-        args += [self.stream_max_len, len(writes)]
+        args += [self.stream_max_len, len(writes), partition]
         for write in writes:
-            keys += [self._state_prefix + write.state_id, self._history_prefix + write.state_id]
+            keys += [self._key("s:", write.state_id), self._key("h:", write.state_id)]
             args += [
                 write.state_id,
                 write.transition,
@@ -305,9 +335,7 @@ class RedisBackend:
         return answer, int(acknowledged)
 
     def get(self, state_id: str, now_ms: int) -> StateInfo:
-        fields = self._call(
-            lambda: self._reader.hgetall(self._state_prefix + state_id), "read a state"
-        )
+        fields = self._call(lambda: self._reader.hgetall(self._key("s:", state_id)), "read a state")
         expires = fields.get(b"expires")
         if not fields or (expires is not None and int(expires) <= now_ms):
             raise NotFound(f"no state {state_id!r}", {"state_id": state_id})
@@ -321,7 +349,7 @@ class RedisBackend:
         bodies: list[bytes] = self._call(
             lambda: cast(
                 "list[bytes]",
-                self._reader.lrange(self._history_prefix + state_id, -limit, -1),
+                self._reader.lrange(self._key("h:", state_id), -limit, -1),
             ),
             "read a state's history",
         )
@@ -330,20 +358,38 @@ class RedisBackend:
         return [decode_event(body) for body in bodies]
 
     def expire_due(self, now_ms: int) -> list[StateChanged]:
-        due: list[bytes] = self._call(
-            lambda: cast(
-                "list[bytes]",
-                self._reader.zrangebyscore(
-                    self._fixed_keys[2], "-inf", now_ms, start=0, num=_EXPIRE_BATCH
-                ),
-            ),
-            "find expired states",
-        )
-        if not due:
-            return []
-        sweeps = [StateWrite(state_id=state_id.decode(), transition="") for state_id in due]
-        events, _ = self.apply(sweeps, now_ms)
+        events: list[StateChanged] = []
+        for partition in range(self.partitions):
+            due = self._call(
+                functools.partial(self._due, self._fixed_keys(partition)[2], now_ms),
+                "find expired states",
+            )
+            if due:
+                sweeps = [StateWrite(state_id=item.decode(), transition="") for item in due]
+                events += self.apply(sweeps, now_ms)[0]
         return events
+
+    def _due(self, expiry: str, now_ms: int) -> list[bytes]:
+        return cast(
+            "list[bytes]",
+            self._reader.zrangebyscore(expiry, "-inf", now_ms, start=0, num=_EXPIRE_BATCH),
+        )
+
+    def record_partitions(self) -> None:
+        """Record the partition count for subscribers; ConfigError if another one is."""
+        key = partitions_key(self.namespace)
+        recorded = self._call(
+            lambda: self._writer.set(key, self.partitions, nx=True, get=True),
+            "record the partition count",
+        )
+        if recorded is not None and int(recorded) != self.partitions:
+            raise ConfigError(
+                f"managers.state.partitions: {self.partitions}, but the states of namespace "
+                f"{self.namespace!r} are in {int(recorded)} partitions already (a state "
+                "would be looked for in the wrong one): use that count",
+                {"recorded": int(recorded)},
+            )
+        self._recorded = True
 
     def close(self) -> None:
         self._writer.close()
