@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -97,6 +98,40 @@ def test_events_command_from_an_offset(daemon: Daemon, redis_server: RedisServer
     finally:
         process.kill()
         process.wait()
+
+
+def test_events_command_resumes_every_partition_from_the_cursor_it_printed(
+    redis_server: RedisServer,
+) -> None:
+    partitioned = config(redis_server.url).replace(managers={"state": ManagerSection()})
+    command = ("events", "state.changed.*", "--json", "--url", redis_server.url,
+               "-c", os.devnull)  # fmt: skip
+    env = {"CORRAL_BUS_NAMESPACE": "dur"}
+
+    def follow(start: str, count: int) -> tuple[set[str], str]:
+        process = start_corral(*command, "--from-offset", start, env=env)
+        try:
+            assert process.stdout is not None and process.stderr is not None
+            seen = {
+                json.loads(process.stdout.readline())["fields"]["state_id"] for _ in range(count)
+            }
+            process.send_signal(signal.SIGTERM)
+            _, err = process.communicate(timeout=20)
+        finally:
+            process.kill()
+        assert process.returncode == 0, err
+        return seen, err.rpartition("resume with --from-offset ")[2].strip()
+
+    with Daemon(partitioned) as daemon:
+        for n in range(20):
+            daemon.system.ask(StateRegister(state_id=f"p{n}", state_type="Part"))
+        first, cursor = follow("0", 20)
+        assert first == {f"p{n}" for n in range(20)}
+        assert len(cursor.split(",")) == 16
+        for n in range(20, 25):
+            daemon.system.ask(StateRegister(state_id=f"p{n}", state_type="Part"))
+        later, _ = follow(cursor, 5)
+    assert later == {f"p{n}" for n in range(20, 25)}
 
 
 def test_a_lost_stream_is_a_gap_not_silence(daemon: Daemon) -> None:
