@@ -24,6 +24,7 @@ from corral import _redis
 from corral.config import BusSection, Config, DaemonSection, ManagerSection
 from corral.daemon import Daemon
 from corral.errors import ConfigError
+from corral.ext.transaction import transaction
 from corral.messages.auth import AuthIssue, AuthRevoke, AuthValidate
 from corral.messages.cache import CacheGet, CacheSet
 from corral.messages.ratelimit import RatelimitCheck
@@ -446,6 +447,29 @@ def test_a_commit_spans_one_partition_and_hash_tags_share_one(redis_cluster: Clu
         assert "same hash tag" in message
         with pytest.raises(corral.errors.NotFound):
             system.ask(StateGet(state_id="alpha"))  # nothing of it applied
+
+
+def test_transactions_on_a_cluster_with_hash_tags(redis_cluster: ClusterGroup) -> None:
+    tx_manager = ManagerSection(depends_on=["state"])
+    with system_on(redis_cluster.node_url(3), "tx", transaction=tx_manager) as system:
+        system.ask(StateRegister(state_id="cart:{7}:items", state_type="Cart", data={"n": 0}))
+        with transaction(system) as tx:
+            tx.update("cart:{7}:items", data={"n": 1})
+            tx.register("cart:{7}:total", "Cart", data={"sum": 10})
+            mark = tx.savepoint()
+            tx.update("cart:{7}:total", data={"sum": 99})
+            tx.rollback_to_savepoint(mark)
+        assert system.ask(StateGet(state_id="cart:{7}:items")).data == {"n": 1}
+        assert system.ask(StateGet(state_id="cart:{7}:total")).data == {"sum": 10}
+        with pytest.raises(RuntimeError, match="rolled back"):
+            _update_then_fail(system, "cart:{7}:items")
+        assert system.ask(StateGet(state_id="cart:{7}:items")).data == {"n": 1}
+
+
+def _update_then_fail(system: System, state_id: str) -> None:
+    with transaction(system) as tx:
+        tx.update(state_id, data={"n": 2})
+        raise RuntimeError("rolled back")
 
 
 def test_a_durable_subscription_follows_every_partition_and_resumes_from_its_position(

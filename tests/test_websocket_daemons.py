@@ -17,7 +17,7 @@ from websockets.asyncio.client import ClientConnection
 import corral
 from corral.messages.auth import AuthIssue
 from corral.messages.websocket import EmitToRoom, RoomInfo
-from tests.redis_server import RedisServer
+from tests.redis_server import ClusterGroup, RedisServer
 from tests.support import read_until, start_corral
 
 SECRET = "websocket-daemons-signing-secret-32"
@@ -60,10 +60,21 @@ async def room_count(remote: corral.Client, count: int, timeout: float = 10.0) -
 def test_fan_out_and_presence_across_two_corral_run_processes(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    config = write_config(tmp_path, redis_server.url)
+    fan_out_across_two_daemons(redis_server.url, tmp_path)
+
+
+def test_fan_out_and_presence_across_two_daemons_on_a_cluster(
+    redis_cluster: ClusterGroup, tmp_path: Path
+) -> None:
+    fan_out_across_two_daemons(redis_cluster.node_url(1), tmp_path)
+
+
+def fan_out_across_two_daemons(url: str, tmp_path: Path) -> None:
+    """An emit reaches both daemons' clients; a SIGKILLed daemon's member leaves presence."""
+    config = write_config(tmp_path, url)
     (survivor, here), (victim, there) = start_daemon(config), start_daemon(config)
     try:
-        with corral.connect(redis_server.url, namespace="wsd") as remote:
+        with corral.connect(url, namespace="wsd") as remote:
             tokens = [
                 remote.ask(AuthIssue(subject=f"user:{n}", refresh=False)).access_token
                 for n in range(2)
