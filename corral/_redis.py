@@ -58,7 +58,9 @@ __all__ = [
     "disconnect",
     "execute_then_publish",
     "is_cluster_url",
+    "masters",
     "parse_url",
+    "publish_own",
     "redact",
     "subscriber",
     "subscriber_async",
@@ -370,16 +372,37 @@ def disconnect(client: SyncRedis) -> None:
         client.connection_pool.disconnect()
 
 
+def masters(client: SyncRedis) -> list[redis.Redis]:
+    """A client per master: ``client`` itself, or one per master node of a cluster (for
+    what runs node by node, such as SCAN)."""
+    if isinstance(client, redis.cluster.RedisCluster):
+        return [
+            client.get_redis_connection(node)
+            for node in client.get_primaries()  # type: ignore[no-untyped-call]
+        ]
+    return [client]
+
+
+def publish_own(client: SyncRedis, channel: str, data: bytes) -> int:
+    """PUBLISH on one of corral's own exact channels; on a cluster SPUBLISH, which keeps
+    the message on the channel's shard (its subscribers SSUBSCRIBE there, see
+    :func:`subscriber`) and counts its receivers exactly. Returns that count."""
+    if isinstance(client, redis.cluster.RedisCluster):
+        return int(client.spublish(channel, data))
+    return int(client.publish(channel, data))
+
+
 def execute_then_publish(
     client: SyncRedis, pipe: Any, messages: Sequence[tuple[str, bytes]]
 ) -> list[Any]:
     """Run the non-transactional ``pipe`` and PUBLISH ``messages`` (channel, data) after
     its commands, in the same round trip but on a cluster, whose pipelines cannot carry a
-    PUBLISH. Returns the replies of the pipe's own commands."""
+    PUBLISH (there they go by :func:`publish_own`). Returns the replies of the pipe's own
+    commands."""
     if isinstance(client, redis.cluster.RedisCluster):
         replies: list[Any] = pipe.execute()
         for channel, data in messages:
-            client.publish(channel, data)
+            publish_own(client, channel, data)
         return replies
     queued = len(pipe)
     for channel, data in messages:

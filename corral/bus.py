@@ -41,7 +41,7 @@ from typing import Any, Literal, NamedTuple, Self
 import redis
 from redis.client import PubSub
 
-from corral._redis import REDIS_ERRORS, connect, redact, subscriber
+from corral._redis import REDIS_ERRORS, connect, is_cluster_url, redact, subscriber
 from corral.errors import BackendUnavailable, InvalidMessage
 from corral.messages.base import Message
 from corral.messages.codec import Codec
@@ -497,6 +497,7 @@ class RedisBus(Bus):
         reconnect_initial: float = 0.1,
         reconnect_max: float = 5.0,
         health_check_interval: float = 5.0,
+        own_topic: str | None = None,
     ) -> None:
         if not namespace or is_pattern(namespace):
             raise ValueError(f"namespace must be non-empty and free of * ? [, got {namespace!r}")
@@ -534,6 +535,14 @@ class RedisBus(Bus):
         # listened to may be the one that died).
         self._url = url
         self._sub_client: redis.Redis | None = None
+        # ``own_topic``: an exact topic only corral publishes on (a client's replies).
+        # On a cluster it goes by sharded pub/sub, which keeps each message on one
+        # shard: the reader then listens on that topic's shard, where SSUBSCRIBE works.
+        self._own_channel = (
+            self._prefix + own_topic.encode()
+            if own_topic is not None and is_cluster_url(url)
+            else None
+        )
         self._table_lock = threading.Lock()
         self._channels: dict[bytes, _Subs] = {}
         self._patterns: dict[bytes, _Subs] = {}
@@ -595,7 +604,7 @@ class RedisBus(Bus):
                     waiter = threading.Event()
                     pending.append(waiter)
                     try:
-                        (pubsub.psubscribe if pattern else pubsub.subscribe)(name)
+                        self._subscribe(pubsub, pattern, name)
                     except REDIS_ERRORS:
                         # The reader sees the broken connection and resubscribes all.
                         pending.pop()
@@ -620,8 +629,18 @@ class RedisBus(Bus):
             with contextlib.suppress(*REDIS_ERRORS):
                 if pattern:
                     pubsub.punsubscribe(name)  # type: ignore[no-untyped-call]
+                elif name == self._own_channel:
+                    pubsub.sunsubscribe(name)  # type: ignore[no-untyped-call]
                 else:
                     pubsub.unsubscribe(name)  # type: ignore[no-untyped-call]
+
+    def _subscribe(self, pubsub: PubSub, pattern: bool, name: bytes) -> None:
+        if pattern:
+            pubsub.psubscribe(name)
+        elif name == self._own_channel:
+            pubsub.ssubscribe(name)
+        else:
+            pubsub.subscribe(name)
 
     def _shutdown(self) -> None:
         self._closing.set()
@@ -680,6 +699,7 @@ class RedisBus(Bus):
             connect_timeout=_CONNECT_TIMEOUT,
             socket_timeout=_SOCKET_TIMEOUT,
             health_check_interval=self._health_check_interval,
+            shard_channel=self._own_channel.decode() if self._own_channel else None,
         )
         pubsub: PubSub = self._sub_client.pubsub()  # type: ignore[no-untyped-call]
         return pubsub
@@ -687,8 +707,11 @@ class RedisBus(Bus):
     def _subscribe_all(self, pubsub: PubSub) -> None:
         pubsub.subscribe(self._control)  # connects, with a PING round trip
         with self._table_lock:
-            if self._channels:
-                pubsub.subscribe(*self._channels)
+            channels = [name for name in self._channels if name != self._own_channel]
+            if channels:
+                pubsub.subscribe(*channels)
+            if self._own_channel in self._channels:
+                pubsub.ssubscribe(self._own_channel)
             if self._patterns:
                 pubsub.psubscribe(*self._patterns)
             self._pubsub = pubsub
@@ -747,7 +770,7 @@ class RedisBus(Bus):
 
     def _handle(self, msg: dict[str, Any]) -> None:
         kind = msg["type"]
-        if kind == "message":
+        if kind in ("message", "smessage"):
             subs = self._channels.get(msg["channel"])
             if subs:
                 self._dispatch(subs, msg["channel"], msg["data"])
@@ -755,7 +778,7 @@ class RedisBus(Bus):
             subs = self._patterns.get(msg["pattern"])
             if subs:
                 self._dispatch(subs, msg["channel"], msg["data"])
-        elif kind in ("subscribe", "psubscribe"):
+        elif kind in ("subscribe", "psubscribe", "ssubscribe"):
             key = (kind == "psubscribe", msg["channel"])
             with self._table_lock:
                 waiters = self._pending.get(key)

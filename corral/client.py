@@ -98,12 +98,12 @@ class Client(EventsMixin):
         self.ask_timeout: float = _ASK_TIMEOUT.check(ask_timeout, "ask_timeout")
         self.validate = validate_messages
         self.codec = Codec(keys=[k.encode() for k in signing_keys])
-        self.bus = RedisBus(url, namespace=namespace, codec=self.codec)
+        self.reply_topic = f"reply.{uuid.uuid4().hex}"
+        self.bus = RedisBus(url, namespace=namespace, codec=self.codec, own_topic=self.reply_topic)
         self.where = self.bus.where
         self._redis = connect_redis(url, setting="url")
         self._submit = self._redis.register_script(SUBMIT_SCRIPT)
         self._pending: dict[bytes, _Waiter] = {}
-        self.reply_topic = f"reply.{uuid.uuid4().hex}"
         self._replies = self.bus.subscribe(self.reply_topic, callback=self._on_reply)
 
     # -- the System interface -------------------------------------------------------------

@@ -24,7 +24,7 @@ from corral.messages.cache import (
     CacheStats,
 )
 from corral.system import System
-from tests.redis_server import RedisServer
+from tests.redis_server import ClusterGroup, RedisServer
 from tests.support import wait_until
 
 
@@ -61,7 +61,16 @@ def cache_status(system: System) -> str:
 
 
 def test_l1_invalidation_across_two_systems(redis_server: RedisServer) -> None:
-    with tiered_system(redis_server.url) as one, tiered_system(redis_server.url) as two:
+    l1_invalidation_across_two_systems(redis_server.url)
+
+
+def test_l1_invalidation_across_two_systems_on_a_cluster(redis_cluster: ClusterGroup) -> None:
+    l1_invalidation_across_two_systems(redis_cluster.node_url(0))
+
+
+def l1_invalidation_across_two_systems(url: str) -> None:
+    """Every way of changing a key through one system removes it from the other's L1."""
+    with tiered_system(url) as one, tiered_system(url) as two:
         one.ask(CacheSet(key="k", value=1, tags=["group"]))
         read_from_l1(two, "k", 1)
 

@@ -362,6 +362,31 @@ def test_remote_requests_on_a_cluster(redis_cluster: ClusterGroup) -> None:
         every_manager_works(remote, "remote")
 
 
+def test_on_a_cluster_corrals_own_channels_are_sharded(redis_cluster: ClusterGroup) -> None:
+    # Sharded pub/sub keeps a message on its shard and out of every PSUBSCRIBE: replies
+    # and cache invalidations must not be seen by a pattern subscriber on any master.
+    listeners = []
+    for master in redis_cluster.masters():
+        pubsub = redis.Redis(port=master.port, protocol=2).pubsub()  # type: ignore[no-untyped-call]
+        pubsub.psubscribe("shard:*")
+        listeners.append(pubsub)
+    tiered = ManagerSection(options={"backends": {"shared": {"type": "tiered"}}})
+    with (
+        Daemon(topology_config(redis_cluster.url, "shard", cache=tiered)),
+        corral.connect(redis_cluster.url, namespace="shard") as remote,
+    ):
+        assert remote.ask(Ping(payload=b"p")).payload == b"p"
+        remote.ask(CacheSet(key="k", value=1))
+        seen = []
+        for pubsub in listeners:
+            while (message := pubsub.get_message(timeout=0.2)) is not None:
+                if message["type"] == "pmessage":
+                    seen.append(message["channel"])
+            pubsub.close()
+    assert any(b"supervisor.child.started" in c for c in seen)  # events stay classic
+    assert not [c for c in seen if b"reply." in c or b"cache.invalidated" in c], seen
+
+
 def test_two_systems_on_one_cluster_never_exceed_a_limit(redis_cluster: ClusterGroup) -> None:
     with system_on(redis_cluster.node_url(1)) as one, system_on(redis_cluster.node_url(3)) as two:
         allowed = sum(

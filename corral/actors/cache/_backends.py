@@ -26,7 +26,16 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import redis
 
-from corral._redis import REDIS_ERRORS, connect, disconnect, execute_then_publish, subscriber
+from corral._redis import (
+    REDIS_ERRORS,
+    connect,
+    disconnect,
+    execute_then_publish,
+    is_cluster_url,
+    masters,
+    publish_own,
+    subscriber,
+)
 from corral.actors.cache._memory import MemoryStore
 from corral.actors.cache._options import BackendOptions
 from corral.errors import BackendUnavailable, InvalidMessage
@@ -353,7 +362,7 @@ class RedisBackend:
         def remote() -> int:
             count = self._unlink_matching(f"{_escape(self.key_prefix)}*")
             self._unlink_matching(f"{_escape(self.tag_prefix)}*")
-            self.client.publish(self.channel, self._event(patterns=["*"]))
+            publish_own(self.client, self.channel, self._event(patterns=["*"]))
             return count
 
         count = self._run(remote, lambda: local_count)
@@ -365,7 +374,7 @@ class RedisBackend:
 
         def remote() -> int:
             count = self._unlink_matching(f"{_escape(self.key_prefix)}{pattern}}}")
-            self.client.publish(self.channel, self._event(patterns=[pattern]))
+            publish_own(self.client, self.channel, self._event(patterns=[pattern]))
             return count
 
         count = self._run(remote, lambda: local_count)
@@ -521,13 +530,14 @@ class RedisBackend:
         return count
 
     def _scan(self, match: str) -> Iterator[list[bytes]]:
-        cursor = 0
-        while True:
-            cursor, keys = self.client.scan(cursor, match=match, count=self.options.scan_batch)
-            if keys:
-                yield typing.cast(list[bytes], keys)
-            if cursor == 0:
-                return
+        for client in masters(self.client):  # on a cluster, each master holds its share
+            cursor = 0
+            while True:
+                cursor, keys = client.scan(cursor, match=match, count=self.options.scan_batch)
+                if keys:
+                    yield typing.cast(list[bytes], keys)
+                if cursor == 0:
+                    break
 
     def _event(self, *, keys: list[str] | None = None, patterns: list[str] | None = None) -> bytes:
         return self.codec.encode(
@@ -597,19 +607,23 @@ class InvalidationListener:
                     connect_timeout=self.timeout,
                     socket_timeout=None,
                     retries=0,
+                    shard_channel=self.channel,
                 )
                 pubsub = client.pubsub()  # type: ignore[no-untyped-call]
-                pubsub.subscribe(self.channel)
+                if is_cluster_url(self.url):  # invalidations go by SPUBLISH there
+                    pubsub.ssubscribe(self.channel)
+                else:
+                    pubsub.subscribe(self.channel)
                 while not self.stopping.is_set():
                     msg = pubsub.get_message(timeout=0.2)
                     if msg is None:
                         continue
-                    if msg["type"] == "subscribe":
+                    if msg["type"] in ("subscribe", "ssubscribe"):
                         self.connected.set()
                         delay = 0.0
                         if reconnected and not self.deliver(Resync(self.backend_name)):
                             return
-                    elif msg["type"] == "message" and not self._forward(msg["data"]):
+                    elif msg["type"] in ("message", "smessage") and not self._forward(msg["data"]):
                         return
             except REDIS_ERRORS as exc:
                 log.debug("cache invalidations on %s cut: %s", self.channel, exc)

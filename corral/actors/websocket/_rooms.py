@@ -21,9 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from redis.cluster import RedisCluster
-
-from corral._redis import SyncRedis
+from corral._redis import SyncRedis, publish_own
 from corral.actors.websocket._signing import ChannelSigner
 
 __all__ = ["HistorySlice", "MemoryRooms", "RedisRooms", "Rooms", "frame_head"]
@@ -304,10 +302,7 @@ class RedisRooms:
     def publish_order(self, node: str, order: str) -> int:
         """An order about one of ``node``'s connections; how many daemons received it."""
         channel = self.node_channel(node)
-        sealed = self.signer.seal(channel, order)
-        if isinstance(self.client, RedisCluster):  # PUBLISH counts one node's receivers
-            return int(self.client.spublish(channel, sealed))
-        return int(self.client.publish(channel, sealed))
+        return publish_own(self.client, channel, self.signer.seal(channel, order))
 
     def history(self, room: str, since: int, epoch: str | None) -> HistorySlice:
         offset, room_epoch, raw = self._history(
