@@ -257,30 +257,40 @@ def test_a_sentinel_failover_is_followed(fresh_sentinel_group: SentinelGroup) ->
     plain = redis.sentinel.Sentinel(
         [("127.0.0.1", s.port) for s in group.sentinels], socket_timeout=0.5
     ).master_for(group.SERVICE, socket_timeout=0.5, socket_connect_timeout=0.5)  # type: ignore[no-untyped-call]
-    with system_on(group.url, "failover") as system:
+    with (
+        Daemon(topology_config(group.url, "failover")) as daemon,
+        corral.connect(group.url, namespace="failover") as remote,
+    ):
+        system = daemon.system
         system.ask(StateRegister(state_id="counter", state_type="Counter", data={"n": 0}))
+        system.ask(StateRegister(state_id="remote", state_type="Counter", data={"n": 0}))
         ours = Writer(lambda n: system.ask(StateUpdate(state_id="counter", data={"n": n})))
+        remotely = Writer(
+            lambda n: remote.ask(StateUpdate(state_id="remote", data={"n": n}), timeout=5)
+        )
         theirs = Writer(lambda n: plain.set("plain", n))
-        ours.start()
-        theirs.start()
-        wait_until(lambda: len(ours.acknowledged) > 50 and len(theirs.acknowledged) > 50)
+        writers = (ours, remotely, theirs)
+        for writer in writers:
+            writer.start()
+        wait_until(lambda: all(len(w.acknowledged) > 50 for w in writers))
         old_master.kill()
         wait_until(lambda: group.master() is not old_master, timeout=30)
-        before = len(ours.acknowledged), len(theirs.acknowledged)
-        wait_until(lambda: len(ours.acknowledged) > before[0] + 50, timeout=30)
-        wait_until(lambda: len(theirs.acknowledged) > before[1] + 50, timeout=30)
+        before = [len(w.acknowledged) for w in writers]
+        wait_until(
+            lambda: all(len(w.acknowledged) > b + 50 for w, b in zip(writers, before, strict=True)),
+            timeout=30,
+        )
         old_master.start()  # comes back as a master until Sentinel demotes it
         after_restart = len(ours.acknowledged)
         wait_until(lambda: len(ours.acknowledged) > after_restart + 100, timeout=30)
-        ours.stop.set()
-        theirs.stop.set()
-        ours.join(10)
-        theirs.join(10)
-        last = ours.acknowledged[-1]
-        assert system.ask(StateGet(state_id="counter")).data == {"n": last}
+        for writer in writers:
+            writer.stop.set()
+            writer.join(10)
+        assert system.ask(StateGet(state_id="counter")).data == {"n": ours.acknowledged[-1]}
+        assert remote.ask(StateGet(state_id="remote")).data == {"n": remotely.acknowledged[-1]}
     print(
-        f"\nsentinel failover outage: corral {ours.longest_outage:.2f}s, "
-        f"plain redis-py master_for {theirs.longest_outage:.2f}s"
+        f"\nsentinel failover outage: System {ours.longest_outage:.2f}s, corral.connect "
+        f"{remotely.longest_outage:.2f}s, plain redis-py master_for {theirs.longest_outage:.2f}s"
     )
     # Sentinel demotes the restarted ex-master; the state corral wrote is on the new one.
     wait_until(lambda: _role(old_master.port) == "slave", timeout=30)
