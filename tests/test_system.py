@@ -7,6 +7,7 @@ import json
 import signal
 import time
 from dataclasses import dataclass, field
+from dataclasses import replace as dataclasses_replace
 from pathlib import Path
 
 import pytest
@@ -298,3 +299,15 @@ def test_messages_command_lists_the_registry() -> None:
 def test_config_from_the_environment_reaches_the_system() -> None:
     system = corral.System(load_config(env={"CORRAL_SYSTEM_ASK_TIMEOUT": "0.25"}))
     assert system.ask_timeout == 0.25
+
+
+def test_a_childs_health_reads_in_the_design_documents_shape() -> None:
+    with corral.System(Config()) as system:
+        system.ask(Ping(payload=b"x"))
+        child = system.health().managers["system"]
+        assert child.health is not None
+        assert child.metrics == child.health.metrics and child.metrics["handled"] >= 1
+        assert child.details == child.health.details
+        assert child.dependencies == child.health.dependencies
+        unprobed = dataclasses_replace(child, health=None)
+        assert (unprobed.metrics, unprobed.details, unprobed.dependencies) == ({}, {}, {})

@@ -71,6 +71,21 @@ class ChildStatus(Reply):
     uptime_s: Annotated[float, Range(ge=0, unit="s")]
     health: Health | None = None
 
+    @property
+    def details(self) -> dict[str, Any]:
+        """The child's own health details (empty while it has not answered a probe)."""
+        return self.health.details if self.health is not None else {}
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """The child's own counters: ``managers["cache"].metrics["hits"]``."""
+        return self.health.metrics if self.health is not None else {}
+
+    @property
+    def dependencies(self) -> dict[str, str]:
+        """The child's dependencies and their states (``{"redis": "up"}``)."""
+        return self.health.dependencies if self.health is not None else {}
+
 
 @message("system.health")
 class SystemHealth(Reply):
