@@ -149,6 +149,8 @@ class DurableSubscription(Subscription):
             )
             for group in groups
         ]
+        self._running_lock = threading.Lock()
+        self._running = len(self._readers)  # the last reader out closes the client
         for reader in self._readers:
             reader.start()
 
@@ -213,8 +215,10 @@ class DurableSubscription(Subscription):
                 log.warning("durable subscription %s: Redis unavailable (%s)", group[0], exc)
                 self._stopping.wait(random.uniform(delay / 2, delay))
                 delay = min(delay * 2, _RECONNECT_MAX)
-        if all(not reader.is_alive() or reader is threading.current_thread()
-               for reader in self._readers):  # fmt: skip
+        with self._running_lock:
+            self._running -= 1
+            last = self._running == 0
+        if last:
             self._client.close()
 
     def _sync(self, stream: str) -> bool:
