@@ -19,16 +19,16 @@ sentinels when they need it (the user and password in the URL are the master's).
     topology(client)                     # "standalone" | "sentinel" | "cluster"
 
 A node that reports ``cluster_enabled:1`` gets a cluster client, so any node's URL
-works (as ``redis-cli -c`` does). :func:`describe` turns a Redis error into words
-that name the topology (``MOVED``, ``READONLY``, ``CLUSTERDOWN``, ``CROSSSLOT``, no
-master for a service) instead of "unavailable".
+works (as ``redis-cli -c`` does); the node is asked each time a client is built.
+:func:`describe` turns a Redis error into words that name the topology (``MOVED``,
+``READONLY``, ``CLUSTERDOWN``, ``CROSSSLOT``, no master for a service) instead of
+"unavailable".
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
-import threading
 import urllib.parse
 from collections.abc import Sequence
 from typing import Any, Literal, cast
@@ -172,9 +172,6 @@ def _db(text: str, bad: Any) -> int:
 
 # -- building clients -----------------------------------------------------------------------
 
-_cluster_nodes: dict[str, bool] = {}
-_cluster_lock = threading.Lock()
-
 
 def _client_options(
     socket_timeout: float | None,
@@ -197,11 +194,9 @@ def _client_options(
 
 
 def _is_cluster(url: str, target: RedisURL) -> bool:
-    """Whether the node at ``url`` runs in cluster mode (asked once per URL)."""
-    with _cluster_lock:
-        known = _cluster_nodes.get(url)
-    if known is not None:
-        return known
+    """Whether the node at ``url`` runs in cluster mode. Asked each time a client is
+    built (at start and on reconnects, never per command): the server behind an address
+    may change. A node that does not answer counts as standalone."""
     if target.topology != "standalone" or not target.hosts:
         return False
     try:
@@ -209,11 +204,8 @@ def _is_cluster(url: str, target: RedisURL) -> bool:
                                   socket_timeout=_CONNECT_TIMEOUT) as probe:  # fmt: skip
             info = cast("dict[str, Any]", probe.info("cluster"))
     except REDIS_ERRORS:
-        return False  # not known yet: asked again by the next client built for it
-    enabled = bool(info.get("cluster_enabled"))
-    with _cluster_lock:
-        _cluster_nodes[url] = enabled
-    return enabled
+        return False
+    return bool(info.get("cluster_enabled"))
 
 
 def _sentinel_kwargs(target: RedisURL, options: dict[str, Any]) -> dict[str, Any]:
