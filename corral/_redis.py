@@ -57,7 +57,6 @@ __all__ = [
     "describe",
     "disconnect",
     "execute_then_publish",
-    "is_cluster_url",
     "masters",
     "parse_url",
     "publish_own",
@@ -376,21 +375,20 @@ def masters(client: SyncRedis) -> list[redis.Redis]:
 
 
 def publish_own(client: SyncRedis, channel: str, data: bytes) -> int:
-    """PUBLISH on one of corral's own exact channels; on a cluster SPUBLISH, which keeps
-    the message on the channel's shard (its subscribers SSUBSCRIBE there, see
-    :func:`subscriber`) and counts its receivers exactly. Returns that count."""
-    if isinstance(client, redis.cluster.RedisCluster):
-        return int(client.spublish(channel, data))
-    return int(client.publish(channel, data))
+    """Publish on one of corral's own exact channels (replies, cache invalidations,
+    orders between daemons) by sharded pub/sub, SPUBLISH: never seen by a pattern
+    subscriber, and on a cluster kept on the channel's shard, where its subscribers
+    SSUBSCRIBE (see :func:`subscriber`). Returns how many received it."""
+    return int(client.spublish(channel, data))
 
 
 def execute_then_publish(
     client: SyncRedis, pipe: Any, messages: Sequence[tuple[str, bytes]]
 ) -> list[Any]:
-    """Run the non-transactional ``pipe`` and PUBLISH ``messages`` (channel, data) after
+    """Run the non-transactional ``pipe`` and publish ``messages`` (channel, data) after
     its commands, in the same round trip but on a cluster, whose pipelines cannot carry a
-    PUBLISH (there they go by :func:`publish_own`). Returns the replies of the pipe's own
-    commands."""
+    PUBLISH. The messages go by :func:`publish_own`. Returns the replies of the pipe's
+    own commands."""
     if isinstance(client, redis.cluster.RedisCluster):
         replies: list[Any] = pipe.execute()
         for channel, data in messages:
@@ -398,15 +396,9 @@ def execute_then_publish(
         return replies
     queued = len(pipe)
     for channel, data in messages:
-        pipe.publish(channel, data)
+        pipe.spublish(channel, data)
     replies = pipe.execute()
     return replies[:queued]
-
-
-def is_cluster_url(url: str) -> bool:
-    """Whether ``url`` leads to a Redis Cluster (asks the node once)."""
-    target = parse_url(url)
-    return target.topology == "standalone" and _is_cluster(url, target)
 
 
 def topology(client: Any) -> Topology:

@@ -41,7 +41,7 @@ from typing import Any, Literal, NamedTuple, Self
 import redis
 from redis.client import PubSub
 
-from corral._redis import REDIS_ERRORS, connect, is_cluster_url, redact, subscriber
+from corral._redis import REDIS_ERRORS, connect, redact, subscriber
 from corral.errors import BackendUnavailable, InvalidMessage
 from corral.messages.base import Message
 from corral.messages.codec import Codec
@@ -535,14 +535,10 @@ class RedisBus(Bus):
         # listened to may be the one that died).
         self._url = url
         self._sub_client: redis.Redis | None = None
-        # ``own_topic``: an exact topic only corral publishes on (a client's replies).
-        # On a cluster it goes by sharded pub/sub, which keeps each message on one
-        # shard: the reader then listens on that topic's shard, where SSUBSCRIBE works.
-        self._own_channel = (
-            self._prefix + own_topic.encode()
-            if own_topic is not None and is_cluster_url(url)
-            else None
-        )
+        # ``own_topic``: an exact topic only corral publishes on (a client's replies),
+        # by sharded pub/sub: no pattern subscriber sees it, and on a cluster it stays on
+        # one shard, so the reader listens on that topic's shard, where SSUBSCRIBE works.
+        self._own_channel = self._prefix + own_topic.encode() if own_topic else None
         self._table_lock = threading.Lock()
         self._channels: dict[bytes, _Subs] = {}
         self._patterns: dict[bytes, _Subs] = {}

@@ -26,6 +26,7 @@ from corral.cli import main
 from corral.config import BusSection, Config, DaemonSection, ManagerSection
 from corral.daemon import Daemon
 from corral.messages.state import StateExpired, StateExpireDue
+from corral.messages.system import Ping
 from corral.messages.transaction import TransactionExpired, TransactionExpireIdle
 from corral.messages.websocket import WsAttach, WsAttached, WsDetach, WsJoinRoom, WsTick
 from corral.remote import GROUP, stream_key
@@ -234,6 +235,27 @@ def test_events_prints_what_is_published(daemon: Daemon, redis_server: RedisServ
             assert event["fields"]["child"] == "worker"
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=20) == 0
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_events_never_prints_a_reply(daemon: Daemon, redis_server: RedisServer) -> None:
+    process = start_corral(
+        "events", "*", "--json", "--url", redis_server.url, "-c", os.devnull,
+        env={"CORRAL_BUS_NAMESPACE": "cli"},
+    )  # fmt: skip
+    try:
+        read_until(process, "following '*'")
+        assert process.stdout is not None
+        with corral.connect(redis_server.url, namespace="cli") as remote:
+            for n in range(5):
+                assert remote.ask(Ping(payload=b"%d" % n)).payload == b"%d" % n
+            remote.tell(Work(action="crash"))  # an event, published after the replies
+            topics: list[str] = []
+            while not topics or topics[-1] != "supervisor.child.failed":
+                topics.append(json.loads(process.stdout.readline())["topic"])
+        assert not [topic for topic in topics if topic.startswith("reply.")], topics
     finally:
         process.kill()
         process.wait()

@@ -31,7 +31,7 @@ from corral.config import (
 )
 from corral.daemon import Daemon
 from corral.errors import BackendUnavailable, ManagerUnavailable, NotFound, Timeout
-from corral.messages.base import MAX_TIMEOUT, Count, ErrorReply
+from corral.messages.base import MAX_TIMEOUT, Count, ErrorReply, Message
 from corral.messages.codec import Codec
 from corral.messages.system import Ping, Pong, SupervisorChildChanged
 from corral.remote import GROUP, stream_key
@@ -287,19 +287,28 @@ def test_a_deadline_out_of_range_is_refused_with_an_answer(
 ) -> None:
     raw = redis.Redis.from_url(redis_server.url)
     stream = stream_key("rt", "system")
-    replies = client.subscribe("reply.deadline-test")
+    replies = raw.pubsub()  # type: ignore[no-untyped-call]
+    replies.ssubscribe("rt:reply.deadline-test")  # replies go by sharded pub/sub
+    assert replies.get_message(timeout=5)["type"] == "ssubscribe"
     data = Codec().encode(Ping(payload=b"far"), reply_to="reply.deadline-test")
+
+    def next_reply() -> Message:
+        message = replies.get_message(timeout=5)
+        assert message is not None and message["type"] == "smessage", message
+        return Codec().decode(message["data"]).message
+
     far = int((time.time() + MAX_TIMEOUT + 3600) * 1000)
     for deadline in (2**70, 2**64 + 1, far, -5):
         raw.xadd(stream, {"d": str(deadline), "m": data})
-        _, error = next_event(replies, ErrorReply)
+        error = next_reply()
+        assert isinstance(error, ErrorReply)
         assert error.code == "invalid_message"
         assert error.details["path"] == "d"
         assert f"got {deadline}"[:40] in error.message
     # The longest a client may wait is served.
     raw.xadd(stream, {"d": str(int((time.time() + MAX_TIMEOUT) * 1000)), "m": data})
-    _, pong = next_event(replies, Pong)
-    assert pong.payload == b"far"
+    pong = next_reply()
+    assert isinstance(pong, Pong) and pong.payload == b"far"
     wait_until(lambda: raw.xlen(stream) == 0)  # every entry acknowledged and deleted
     assert raw.xpending(stream, GROUP)["pending"] == 0
     assert daemon.remote is not None and daemon.remote.counts["rejected"] == 4

@@ -31,7 +31,6 @@ from corral._redis import (
     connect,
     disconnect,
     execute_then_publish,
-    is_cluster_url,
     masters,
     publish_own,
     subscriber,
@@ -610,20 +609,17 @@ class InvalidationListener:
                     shard_channel=self.channel,
                 )
                 pubsub = client.pubsub()  # type: ignore[no-untyped-call]
-                if is_cluster_url(self.url):  # invalidations go by SPUBLISH there
-                    pubsub.ssubscribe(self.channel)
-                else:
-                    pubsub.subscribe(self.channel)
+                pubsub.ssubscribe(self.channel)  # invalidations go by SPUBLISH
                 while not self.stopping.is_set():
                     msg = pubsub.get_message(timeout=0.2)
                     if msg is None:
                         continue
-                    if msg["type"] in ("subscribe", "ssubscribe"):
+                    if msg["type"] == "ssubscribe":
                         self.connected.set()
                         delay = 0.0
                         if reconnected and not self.deliver(Resync(self.backend_name)):
                             return
-                    elif msg["type"] in ("message", "smessage") and not self._forward(msg["data"]):
+                    elif msg["type"] == "smessage" and not self._forward(msg["data"]):
                         return
             except REDIS_ERRORS as exc:
                 log.debug("cache invalidations on %s cut: %s", self.channel, exc)

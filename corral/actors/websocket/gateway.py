@@ -31,7 +31,7 @@ from typing import Any, Protocol, TypeVar
 
 from aiohttp import WSMsgType, web
 
-from corral._redis import REDIS_ERRORS, AsyncRedis, is_cluster_url, subscriber_async
+from corral._redis import REDIS_ERRORS, AsyncRedis, subscriber_async
 from corral.actors.websocket._signing import ChannelSigner
 from corral.errors import BackendUnavailable, CorralError, Unauthorized
 from corral.messages.auth import AuthValidate
@@ -153,10 +153,7 @@ class Gateway:
                 self.redis_url, setting="websocket redis url", shard_channel=control
             )
             self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-            if is_cluster_url(self.redis_url):
-                await self._pubsub.ssubscribe(control)
-            else:
-                await self._pubsub.subscribe(control)
+            await self._pubsub.ssubscribe(control)
             self._spawn(self._read_channels())
         self._spawn(self._tick())
 
