@@ -60,7 +60,8 @@ class DaemonProcess:
         with self._changed:
             while not any(needle in line for line in self.lines):
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or (self.process.poll() is not None and not self._reader.is_alive()):
+                ended = self.process.poll() is not None and not self._reader.is_alive()
+                if remaining <= 0 or ended:
                     raise AssertionError(f"{needle!r} not logged; got:\n{''.join(self.lines)}")
                 self._changed.wait(min(remaining, 0.2))
             return "".join(self.lines)
@@ -134,5 +135,3 @@ def redis_daemons_config(url: str, namespace: str, managers: str = "", extra: st
         f'[bus]\nbackend = "redis"\nurl = "{url}"\nnamespace = "{namespace}"\n'
         f"[daemon]\nport = 0\n{extra}\n{managers}\n"
     )
-
-
