@@ -221,7 +221,7 @@ def run(
     )
     while not stop.wait(0.5):
         pass
-    daemon.stop()
+    daemon.stop(drain=not escalated.is_set())
     if escalated.is_set():
         log.critical("stopped: the supervisor gave up")
         sys.exit(EXIT_ESCALATED)

@@ -3,7 +3,8 @@
 On one host:port (default 127.0.0.1:8650) it serves:
 
 - ``GET /health``: ``{"status", "managers": {name: {...}}, "bus", "remote", ...}``,
-  200 when healthy or degraded, 503 when unhealthy;
+  200 when healthy or degraded, 503 when unhealthy or draining (stopping: load
+  balancers should send nothing more);
 - ``GET /metrics``: Prometheus text format (messages handled, errors, handler
   latency histogram, mailbox depth, restarts, bus counters, per manager, and every
   numeric metric a manager reports in its Health);
@@ -68,9 +69,11 @@ class Daemon:
         if self.config.bus.backend == "redis":
             check_writable(self.config.bus.url, setting="bus.url")
         self.started_at = time.monotonic()
-        self.system = System(self.config, on_escalate=on_escalate)
+        on_redis = self.config.bus.backend == "redis"
+        self.system = System(self.config, on_escalate=on_escalate, singletons_by_lease=on_redis)
         self.remote: RequestServer | None = None
-        if self.config.bus.backend == "redis":
+        self.draining = False
+        if on_redis:
             daemon = self.config.daemon
             self.remote = RequestServer(
                 self.system,
@@ -80,6 +83,7 @@ class Daemon:
                 heartbeat_interval=daemon.heartbeat_interval,
                 heartbeat_ttl=daemon.heartbeat_ttl,
                 claim_idle=daemon.claim_idle,
+                lease_ttl=daemon.lease_ttl,
             )
         self.registry = CollectorRegistry()
         self.registry.register(_SystemCollector(self))
@@ -109,7 +113,25 @@ class Daemon:
                 f"daemon: cannot listen on {daemon.host}:{daemon.port}: {exc}"
             ) from exc
         if self.remote is not None:
+            self._explain_placement()
             self.remote.start()
+
+    def _explain_placement(self) -> None:
+        for spec in self.system.supervisor.specs:
+            if spec.manager.__module__.startswith("corral."):
+                continue  # built-in managers keep their shared state in Redis
+            if spec.placement == "singleton":
+                log.info(
+                    "manager %s is a singleton: one daemon of namespace %r runs it at a time",
+                    spec.name,
+                    self.config.bus.namespace,
+                )
+            else:
+                log.info(
+                    'manager %s runs on every daemon (placement = "any"): what it keeps in '
+                    'memory is per daemon; set placement = "singleton" for one instance',
+                    spec.name,
+                )
 
     def _listen(self) -> None:
         runner = web.AppRunner(self.app, access_log=None)
@@ -126,11 +148,19 @@ class Daemon:
         self._thread.start()
         log.info("serving %s (/health, /metrics)", self.url)
 
-    def stop(self) -> None:
-        """Stop taking remote requests, stop the managers in reverse order, stop serving."""
+    def stop(self, *, drain: bool = True) -> None:
+        """Drain, stop the managers in reverse order, stop serving.
+
+        Draining (``daemon.drain_timeout`` at most): stop taking remote requests, so that
+        the other daemons take them, and answer those already taken. ``/health`` says
+        ``draining`` meanwhile.
+        """
+        self.draining = True
+        if self.remote is not None:
+            self.remote.drain(self.config.daemon.drain_timeout if drain else 0)
+        self.system.stop()
         if self.remote is not None:
             self.remote.stop()
-        self.system.stop()
         if self._runner is not None and self._thread is not None:
             future = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
             future.result(timeout=10)
@@ -152,6 +182,8 @@ class Daemon:
         remote_ok = self.remote is None or self.remote.connected
         if document["status"] == "healthy" and not (bus_ok and remote_ok):
             document["status"] = "degraded"
+        if self.draining:
+            document["status"] = "draining"
         document["bus"] = {
             "backend": self.config.bus.backend,
             "healthy": bus_ok,
@@ -161,11 +193,14 @@ class Daemon:
             document["remote"] = {
                 "daemon_id": self.remote.daemon_id,
                 "connected": self.remote.connected,
+                "draining": self.remote.draining,
+                "in_flight": self.remote.in_flight,
+                "singletons_held": sorted(self.remote.held),
                 **self.remote.counts,
             }
         document["version"] = __version__
         document["uptime_s"] = round(time.monotonic() - self.started_at, 3)
-        return document, 503 if document["status"] == "unhealthy" else 200
+        return document, 503 if document["status"] in ("unhealthy", "draining") else 200
 
     async def _health(self, _request: web.Request) -> web.Response:
         document, status = await asyncio.get_running_loop().run_in_executor(None, self.health)

@@ -9,12 +9,32 @@ waiting for a timeout. Both keys share a hash tag, so each command touches one c
 heartbeats and reads go manager by manager on a cluster.
 
 The reply goes back on the caller's own channel (the envelope's reply topic),
-correlated by the request id; then the entry is acknowledged and deleted. An
-entry left pending by a daemon that died is claimed (XAUTOCLAIM) by another
-after ``claim_idle`` seconds. Requests past their deadline are dropped unanswered:
-their caller has given up already. A deadline (unix ms) further ahead than a
-client can ask for (:data:`~corral.messages.base.MAX_TIMEOUT`, plus a minute of
-clock skew), or negative, is refused with ``InvalidMessage`` (path ``d``).
+correlated by the request id; then the entry is acknowledged and deleted.
+
+Handoff without loss or double execution:
+
+- **Deadlines travel with the request.** A request is never started after its
+  deadline (checked when its handler is about to run, not only when it is read);
+  it is dropped unanswered, its caller having given up. A deadline (unix ms) further
+  ahead than a client can ask for (:data:`~corral.messages.base.MAX_TIMEOUT`, plus a
+  minute of clock skew), or negative, is refused with ``InvalidMessage`` (path ``d``).
+- **A dead daemon is noticed within ``heartbeat_ttl``** (2 s by default): every live
+  daemon claims, at each heartbeat, the requests left pending by daemons missing from
+  the alive set. A live daemon's requests are never claimed, however long they take.
+- **At most once.** Right before the handler of a request that is not idempotent
+  runs, the daemon records in Redis that it started it (``SET NX`` on
+  ``<ns>:{req:m}:ran:<request id>``); with the reply it records that it finished,
+  and the reply itself. A daemon that takes over such a request answers from that
+  record when it finished, and refuses it with ``ManagerUnavailable`` (details
+  ``outcome = "unknown"``) when it had started: it may have been applied, so it is
+  not applied again. Idempotent requests (reads, ``@message(idempotent=True)``) are
+  simply run again. The same record refuses a request id sent twice.
+- **Drain.** :meth:`RequestServer.drain` stops reading (other daemons take new
+  requests), finishes what it took, replies, and hands its singletons over.
+- **Singletons.** A manager placed ``singleton`` runs on the one daemon holding its
+  lease (``<ns>:{req:m}:lease``, renewed every quarter of ``lease_ttl``); only that
+  daemon reads its requests, which wait in the stream meanwhile. A holder that cannot
+  renew for half the TTL stops the manager before anyone else may take the lease.
 
 ::
 
@@ -33,18 +53,28 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
 
-from corral._redis import REDIS_ERRORS, connect, execute_then_publish, topology
+from corral._redis import REDIS_ERRORS, connect, describe, execute_then_publish, topology
 from corral.actors.base import CallbackFuture
 from corral.errors import CorralError, InvalidMessage, ManagerUnavailable
 from corral.messages.base import MAX_TIMEOUT, ErrorReply, Message, Reply, validate
 from corral.messages.codec import Codec, Envelope
 from corral.system import System
 
-__all__ = ["GROUP", "SUBMIT_SCRIPT", "RequestServer", "alive_key", "stream_key"]
+__all__ = [
+    "GROUP",
+    "SUBMIT_SCRIPT",
+    "RequestServer",
+    "alive_key",
+    "lease_key",
+    "record_key",
+    "stream_key",
+]
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +104,75 @@ return expires
 """KEYS: one alive set. ARGV: daemon id, TTL (ms). Uses Redis time, so clocks may differ."""
 
 
+RENEW_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+"""KEYS: a lease. ARGV: holder, TTL (ms). 1 = renewed, 0 = not held by ARGV[1]."""
+
+RELEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+"""KEYS: a lease. ARGV: holder. Deletes the lease only if ARGV[1] holds it."""
+
+STARTED = b"S"
+FINISHED = b"F"
+"""The first byte of a run record: started by the daemon named after it, or finished
+with the encoded reply after it."""
+
+RECORD_MARGIN_MS = 60_000
+"""How long a run record outlives its request's deadline."""
+
+UNDATED_RECORD_MS = 3_600_000
+"""How long the run record of a request without a deadline is kept."""
+
+
 def stream_key(namespace: str, manager: str) -> str:
     return f"{namespace}:{{req:{manager}}}:stream"
 
 
 def alive_key(namespace: str, manager: str) -> str:
     return f"{namespace}:{{req:{manager}}}:alive"
+
+
+def lease_key(namespace: str, manager: str) -> str:
+    """The lease of a manager placed ``singleton``: the id of the daemon running it."""
+    return f"{namespace}:{{req:{manager}}}:lease"
+
+
+def record_key(namespace: str, manager: str, request_id: bytes) -> str:
+    """Whether a request that is not idempotent has started or finished, and its reply."""
+    return f"{namespace}:{{req:{manager}}}:ran:{request_id.hex()}"
+
+
+@dataclass(eq=False, slots=True)
+class _Entry:
+    """One request entry taken from a stream, on its way to an answer."""
+
+    stream: str
+    entry_id: bytes
+    manager: str
+    envelope: Envelope | None = None
+    deadline_ms: int = 0
+    record: str = ""
+    """Its run record's key, for a request that is not idempotent."""
+    started: bool = False
+    """This daemon recorded that it started it: its finish is recorded too."""
+
+
+@dataclass(eq=False, slots=True)
+class _Outcome:
+    """What to do with a taken entry: reply (unless None), record, acknowledge."""
+
+    entry: _Entry
+    reply: Message | None = None
+    recorded: bytes | None = None
+    """The encoded reply found in the run record: sent as is."""
 
 
 class RequestServer:
@@ -92,9 +185,10 @@ class RequestServer:
         *,
         codec: Codec,
         namespace: str = "corral",
-        heartbeat_interval: float = 1.0,
-        heartbeat_ttl: float = 3.0,
-        claim_idle: float = 5.0,
+        heartbeat_interval: float = 0.5,
+        heartbeat_ttl: float = 2.0,
+        claim_idle: float = 1.0,
+        lease_ttl: float = 3.0,
         block: float = 0.5,
         batch: int = 64,
     ) -> None:
@@ -105,10 +199,17 @@ class RequestServer:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_ttl_ms = int(heartbeat_ttl * 1000)
         self.claim_idle_ms = int(claim_idle * 1000)
+        self.lease_ttl_ms = int(lease_ttl * 1000)
         self.block_ms = int(block * 1000)
         self.batch = batch
         self.managers = [*system.supervisor.names, "supervisor"]
         self.streams = {stream_key(namespace, m): m for m in self.managers}
+        self.singletons = [
+            spec.name for spec in system.supervisor.specs if spec.placement == "singleton"
+        ]
+        self.held: set[str] = set()
+        """The singletons whose lease this daemon holds (it runs them and reads their requests)."""
+        self._renewed_at: dict[str, float] = {}
         self._redis = connect(url, setting="remote url", socket_timeout=block + 5)
         # One command may only touch one cluster slot: a reader per manager there.
         if topology(self._redis) == "cluster":
@@ -116,16 +217,29 @@ class RequestServer:
         else:
             self._read_groups = [list(self.streams)]
         self._heartbeat = self._redis.register_script(HEARTBEAT_SCRIPT)
-        self._replies: queue.Queue[Any] = queue.Queue()
+        self._renew = self._redis.register_script(RENEW_SCRIPT)
+        self._release = self._redis.register_script(RELEASE_SCRIPT)
+        self._outcomes: queue.Queue[_Outcome | None] = queue.Queue()
         # For what must wait (a full mailbox, a restart, the supervisor's health), so that
         # the reader never does.
         self._blocking = ThreadPoolExecutor(8, thread_name_prefix="corral-remote-wait")
+        self._reading = threading.Event()
         self._stop = threading.Event()
         self._threads: dict[str, threading.Thread] = {}
+        self._idle = threading.Condition()
+        self._in_flight = 0
+        self._admitting = True
+        self.draining = False
         self.connected = False
         self.counts = {
             "served": 0, "expired": 0, "rejected": 0, "claimed": 0, "dropped": 0, "errors": 0,
+            "unknown_outcome": 0, "answered_from_record": 0,
         }  # fmt: skip
+
+    @property
+    def in_flight(self) -> int:
+        """Requests taken and not yet answered."""
+        return self._in_flight
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -140,10 +254,13 @@ class RequestServer:
             )
         except REDIS_ERRORS as exc:
             log.warning("remote requests: Redis unavailable at start (%s); retrying", exc)
+        self._reading.set()
         loops: list[tuple[str, Callable[[], None]]] = [
             ("replier", self._reply_loop),
             ("heartbeat", self._heartbeat_loop),
         ]
+        if self.singletons:
+            loops.append(("leases", self._lease_loop))
         for index, streams in enumerate(self._read_groups):
             loops.append((f"reader-{index}", functools.partial(self._read_loop, streams)))
         for name, target in loops:
@@ -151,15 +268,53 @@ class RequestServer:
             thread.start()
             self._threads[name] = thread
 
-    def stop(self) -> None:
-        """Stop taking requests, finish replying, and leave the alive sets at once."""
-        self._stop.set()
+    def drain(self, timeout: float) -> int:
+        """Stop taking requests, finish those taken, hand the singletons over, and leave.
+
+        Other daemons take new requests from the moment this is called. Returns how
+        many requests were still running after ``timeout`` seconds; those are left to
+        the other daemons (one that had started is refused there, not run twice).
+        """
+        if self.draining:
+            return self._in_flight
+        self.draining = True
+        self._reading.clear()
         for name, thread in self._threads.items():
-            if name != "replier":
+            if name.startswith("reader"):
                 thread.join(self.block_ms / 1000 + 5)
-        self._replies.put(None)  # the replier sends what is left, then ends
-        self._threads["replier"].join(5)
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._in_flight and (remaining := deadline - time.monotonic()) > 0:
+                self._idle.wait(remaining)
+            left = self._in_flight
+            self._admitting = False
+        if left:
+            log.warning(
+                "drain: %d requests still running after %gs; other daemons take them",
+                left,
+                timeout,
+            )
+        self._stop.set()
+        for name in ("heartbeat", "leases"):
+            loop = self._threads.get(name)
+            if loop is not None:
+                loop.join(self.heartbeat_interval + 5)
+        for name in sorted(self.held):
+            self._hand_over(name, "this daemon is stopping")
+        self._leave()
+        return left
+
+    def stop(self) -> None:
+        """Drain at once if not drained, send the replies left, close the connection."""
+        self.drain(0)
+        self._outcomes.put(None)  # the replier sends what is left, then ends
+        replier = self._threads.get("replier")
+        if replier is not None:
+            replier.join(5)
         self._blocking.shutdown(wait=False)
+        self._redis.close()
+
+    def _leave(self) -> None:
         try:
             pipe = self._redis.pipeline(transaction=False)
             for manager in self.managers:
@@ -167,9 +322,8 @@ class RequestServer:
             pipe.execute()
         except REDIS_ERRORS:
             pass  # the heartbeat expires by itself
-        self._redis.close()
 
-    # -- the loops ------------------------------------------------------------------------
+    # -- presence and claims --------------------------------------------------------------
 
     def _announce(self) -> None:
         for manager in self.managers:
@@ -182,7 +336,8 @@ class RequestServer:
         while not self._stop.wait(self.heartbeat_interval):
             try:
                 self._announce()
-                self._claim_abandoned()
+                if not self.draining:
+                    self._claim_abandoned()
             except REDIS_ERRORS as exc:
                 log.debug("heartbeat failed: %s", exc)
 
@@ -195,6 +350,8 @@ class RequestServer:
         seconds, microseconds = self._redis.time()
         now_ms = seconds * 1000 + microseconds // 1000
         for stream, manager in self.streams.items():
+            if not self._serves(manager):
+                continue
             try:
                 pending = cast(
                     list[dict[str, Any]],
@@ -212,6 +369,8 @@ class RequestServer:
             orphans: list[Any] = [p["message_id"] for p in pending if p["consumer"] not in alive]
             if not orphans:
                 continue
+            # The minimum idle time makes the claim exclusive: a second claimer finds the
+            # entries freshly claimed and gets nothing.
             claimed = cast(
                 list[tuple[bytes, dict[bytes, bytes]]],
                 self._redis.xclaim(stream, GROUP, self.daemon_id, self.claim_idle_ms, orphans),
@@ -230,9 +389,58 @@ class RequestServer:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
+    # -- singletons -----------------------------------------------------------------------
+
+    def _serves(self, manager: str) -> bool:
+        return manager not in self.singletons or manager in self.held
+
+    def _lease_loop(self) -> None:
+        tick = min(0.25, self.lease_ttl_ms / 4000)
+        while not self._stop.wait(tick):
+            for name in self.singletons:
+                try:
+                    self._keep_lease(name)
+                except REDIS_ERRORS as exc:
+                    renewed_at = self._renewed_at.get(name)
+                    late = renewed_at is not None and (
+                        time.monotonic() - renewed_at > self.lease_ttl_ms / 2000
+                    )
+                    if name in self.held and late:
+                        self._hand_over(name, f"its lease could not be renewed: {describe(exc)}")
+
+    def _keep_lease(self, name: str) -> None:
+        key = lease_key(self.namespace, name)
+        asked_at = time.monotonic()
+        if name in self.held:
+            if self._renew(keys=[key], args=[self.daemon_id, self.lease_ttl_ms]):
+                self._renewed_at[name] = asked_at
+            else:
+                self._hand_over(name, "another daemon holds its lease")
+        elif not self.draining and self._redis.set(
+            key, self.daemon_id, nx=True, px=self.lease_ttl_ms
+        ):
+            self._renewed_at[name] = asked_at
+            self.held.add(name)
+            log.info("daemon %s holds the lease of singleton %s", self.daemon_id, name)
+            self.system.supervisor.activate(name)
+
+    def _hand_over(self, name: str, reason: str) -> None:
+        """Stop a singleton this daemon ran, then give its lease up."""
+        self.held.discard(name)
+        self.system.supervisor.deactivate(name, reason)
+        with suppress(*REDIS_ERRORS):  # else it expires by itself
+            self._release(keys=[lease_key(self.namespace, name)], args=[self.daemon_id])
+        self._renewed_at.pop(name, None)
+
+    # -- taking requests ------------------------------------------------------------------
+
     def _read_loop(self, streams: list[str]) -> None:
         delay = 0.1
-        while not self._stop.is_set():
+        while self._reading.is_set():
+            serving = [stream for stream in streams if self._serves(self.streams[stream])]
+            if not serving:
+                self._stop.wait(self.block_ms / 1000)
+                continue
             try:
                 if not self.connected:
                     self._ensure_groups()
@@ -242,7 +450,7 @@ class RequestServer:
                 batches = self._redis.xreadgroup(
                     GROUP,
                     self.daemon_id,
-                    dict.fromkeys(streams, ">"),
+                    dict.fromkeys(serving, ">"),
                     count=self.batch,
                     block=self.block_ms,
                 )
@@ -259,73 +467,150 @@ class RequestServer:
 
     def _handle(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         """Take one request entry. Never raises: a bad entry is acknowledged and counted."""
+        entry = _Entry(stream, entry_id, self.streams.get(stream, ""))
+        with self._idle:
+            self._in_flight += 1
         try:
-            self._take(stream, entry_id, fields)
+            self._take(entry, fields)
         except Exception:
             self.counts["rejected"] += 1
             log.exception("could not take request %s on %s", entry_id, stream)
-            self._replies.put((stream, entry_id, None, None, None))
+            self._finish(_Outcome(entry))
 
-    def _take(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+    def _take(self, entry: _Entry, fields: dict[bytes, bytes]) -> None:
         try:
             deadline = int(fields.get(b"d", b"0") or 0)
             envelope = self.codec.decode(fields.get(b"m", b""))
         except (ValueError, InvalidMessage) as exc:
             self.counts["rejected"] += 1
-            log.warning("rejected a remote request on %s: %s", stream, exc)
-            self._replies.put((stream, entry_id, None, None, None))
+            log.warning("rejected a remote request on %s: %s", entry.stream, exc)
+            self._finish(_Outcome(entry))
             return
+        entry.envelope = envelope
         now = time.time()
         if not 0 <= deadline <= (now + MAX_TIMEOUT + CLOCK_SKEW) * 1000:
             self.counts["rejected"] += 1
-            log.warning("rejected a remote request on %s: deadline %.40s", stream, deadline)
+            log.warning("rejected a remote request on %s: deadline %.40s", entry.stream, deadline)
             problem = InvalidMessage(
                 f"the deadline must be 0 (none) or a unix time in ms at most "
                 f"{MAX_TIMEOUT} s ahead, got {str(deadline)[:40]}",
                 path="d",
             )
-            self._replies.put((stream, entry_id, envelope, None, problem))
+            self._answer(entry, None, problem)
             return
-        if deadline and now * 1000 > deadline:
-            self.counts["expired"] += 1
-            self._replies.put((stream, entry_id, None, None, None))
+        entry.deadline_ms = deadline
+        if self._expired(entry, now):
             return
         message = envelope.message
-
-        def answer(value: Any, error: BaseException | None) -> None:
-            self._replies.put((stream, entry_id, envelope, value, error))
-
+        if not message.idempotent:
+            entry.record = record_key(self.namespace, entry.manager, envelope.id)
         remaining = min(MAX_TIMEOUT, max(0.001, deadline / 1000 - now)) if deadline else None
         if message.route() == "supervisor":
-            self._blocking.submit(self._ask_blocking, message, remaining, answer)
+            self._blocking.submit(self._ask_blocking, entry, message, remaining)
             return
-        callback = CallbackFuture(answer) if envelope.reply_to is not None else None
+        callback = CallbackFuture(
+            functools.partial(self._answer, entry), admit=functools.partial(self._admit, entry)
+        )
         if self.system.try_dispatch(message, callback):
-            if callback is None:
-                answer(None, None)  # a tell, now in the mailbox: acknowledge it
             return
         # A full mailbox or a manager restarting: wait for it off the reader thread.
-        self._blocking.submit(self._dispatch_blocking, message, callback, remaining, answer)
+        self._blocking.submit(self._dispatch_blocking, entry, message, callback, remaining)
+
+    def _expired(self, entry: _Entry, now: float) -> bool:
+        """Past its deadline: acknowledged unanswered, as its caller has given up."""
+        if entry.deadline_ms and now * 1000 > entry.deadline_ms:
+            self.counts["expired"] += 1
+            self._finish(_Outcome(entry))
+            return True
+        return False
+
+    def _admit(self, entry: _Entry) -> bool:
+        """Asked on the manager's thread right before the handler runs; see the module doc."""
+        if not self._admitting:
+            return False  # drained: left pending for another daemon
+        if self._expired(entry, time.time()):
+            return False
+        if not entry.record:
+            return True
+        try:
+            previous: bytes | None = self._redis.set(  # type: ignore[assignment]
+                entry.record,
+                STARTED + self.daemon_id.encode(),
+                nx=True,
+                px=self._record_ttl_ms(entry),
+                get=True,
+            )
+        except REDIS_ERRORS as exc:
+            self._answer(
+                entry,
+                None,
+                ManagerUnavailable(
+                    f"not started: its start could not be recorded ({describe(exc)})",
+                    {"manager": entry.manager},
+                ),
+            )
+            return False
+        if previous is None:
+            entry.started = True
+            return True
+        if previous.startswith(FINISHED):
+            self.counts["answered_from_record"] += 1
+            self._finish(_Outcome(entry, recorded=previous[1:]))
+            return False
+        self.counts["unknown_outcome"] += 1
+        log.warning(
+            "request %s on %s was started by daemon %s, which stopped before answering; "
+            "not running it again",
+            entry.entry_id,
+            entry.stream,
+            previous[1:].decode(errors="replace"),
+        )
+        self._answer(
+            entry,
+            None,
+            ManagerUnavailable(
+                "the daemon that started this request stopped before answering: it may "
+                "have been applied, so it is not run again",
+                {"manager": entry.manager, "outcome": "unknown"},
+            ),
+        )
+        return False
+
+    def _record_ttl_ms(self, entry: _Entry) -> int:
+        if not entry.deadline_ms:
+            return UNDATED_RECORD_MS
+        return max(0, entry.deadline_ms - int(time.time() * 1000)) + RECORD_MARGIN_MS
 
     def _dispatch_blocking(
-        self, message: Any, callback: CallbackFuture | None, timeout: float | None, answer: Any
+        self, entry: _Entry, message: Message, callback: CallbackFuture, timeout: float | None
     ) -> None:
         try:
             self.system.dispatch(message, callback, timeout=timeout)
         except CorralError as exc:
-            if callback is not None:
-                answer(None, exc)
-                return
-            self.counts["dropped"] += 1
-            log.warning("dropped a remote tell of %s: %s", message.type_name, exc)
-        if callback is None:
-            answer(None, None)
+            self._answer(entry, None, exc)
 
-    def _ask_blocking(self, message: Any, timeout: float | None, answer: Any) -> None:
+    def _ask_blocking(self, entry: _Entry, message: Any, timeout: float | None) -> None:
         try:
-            answer(self.system.ask(message, timeout=timeout), None)
+            self._answer(entry, self.system.ask(message, timeout=timeout), None)
         except CorralError as exc:
-            answer(None, exc)
+            self._answer(entry, None, exc)
+
+    def _answer(self, entry: _Entry, value: Any, error: BaseException | None) -> None:
+        """The reply to a taken request (or the end of a tell): hand it to the replier."""
+        envelope = entry.envelope
+        assert envelope is not None
+        if envelope.reply_to is not None:
+            self._finish(_Outcome(entry, _as_reply(value, error, envelope)))
+            return
+        if error is not None:
+            self.counts["dropped"] += 1
+            log.warning("dropped a remote tell of %s: %s", envelope.message.type_name, error)
+        self._finish(_Outcome(entry))
+
+    def _finish(self, outcome: _Outcome) -> None:
+        self._outcomes.put(outcome)
+
+    # -- replying -------------------------------------------------------------------------
 
     def _encode_reply(self, reply: Message, envelope: Envelope) -> bytes:
         try:
@@ -337,35 +622,48 @@ class RequestServer:
 
     def _reply_loop(self) -> None:
         while True:
-            first = self._replies.get()
+            first = self._outcomes.get()
             if first is None:
                 return
             items = [first]
             while len(items) < self.batch:
                 try:
-                    item = self._replies.get_nowait()
+                    item = self._outcomes.get_nowait()
                 except queue.Empty:
                     break
                 if item is None:
-                    self._replies.put(None)
+                    self._outcomes.put(None)
                     break
                 items.append(item)
-            self._send_replies(items)
+            try:
+                self._send_replies(items)
+            finally:
+                with self._idle:
+                    self._in_flight -= len(items)
+                    self._idle.notify_all()
 
-    def _send_replies(self, items: Iterable[tuple[Any, ...]]) -> None:
-        items = list(items)
+    def _send_replies(self, outcomes: Iterable[_Outcome]) -> None:
+        outcomes = list(outcomes)
         replies: list[tuple[str, bytes]] = []
-        for _, _, envelope, value, error in items:
-            if envelope is not None and envelope.reply_to is not None:
-                data = self._encode_reply(_as_reply(value, error, envelope), envelope)
+        records: list[tuple[str, bytes, int]] = []
+        for outcome in outcomes:
+            entry, envelope = outcome.entry, outcome.entry.envelope
+            data = outcome.recorded
+            if data is None and outcome.reply is not None and envelope is not None:
+                data = self._encode_reply(outcome.reply, envelope)
+            if data is not None and envelope is not None and envelope.reply_to is not None:
                 replies.append((f"{self.namespace}:{envelope.reply_to}", data))
                 self.counts["served"] += 1
+            if entry.started:
+                records.append((entry.record, FINISHED + (data or b""), self._record_ttl_ms(entry)))
         for attempt in range(3):
             # A pipeline is emptied by execute(), failed or not: each attempt fills its own.
             pipe = self._redis.pipeline(transaction=False)
-            for stream, entry_id, *_ in items:
-                pipe.xack(stream, GROUP, entry_id)
-                pipe.xdel(stream, entry_id)
+            for key, value, ttl_ms in records:  # before the acknowledgement: see the module doc
+                pipe.set(key, value, px=max(ttl_ms, 1))
+            for outcome in outcomes:
+                pipe.xack(outcome.entry.stream, GROUP, outcome.entry.entry_id)
+                pipe.xdel(outcome.entry.stream, outcome.entry.entry_id)
             try:
                 execute_then_publish(self._redis, pipe, replies)
                 return

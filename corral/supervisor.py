@@ -34,7 +34,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import pykka
@@ -67,7 +67,8 @@ log = logging.getLogger(__name__)
 
 RestartPolicy = Literal["permanent", "transient", "temporary"]
 Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
-ChildState = Literal["starting", "running", "restarting", "stopped", "failed"]
+ChildState = Literal["starting", "running", "restarting", "stopped", "failed", "standby"]
+Placement = Literal["any", "singleton"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -94,6 +95,9 @@ class ChildSpec:
     """Prefix of the manager's Redis keys and channels; None: the system's."""
     signing_keys: tuple[bytes, ...] | None = None
     """HMAC keys for what the manager signs itself; None: the system's codec keys."""
+    placement: Placement = "any"
+    """``any``: every daemon runs the manager. ``singleton``: one daemon of the namespace
+    at a time, the one holding its lease (see :mod:`corral.remote`)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -180,6 +184,7 @@ class Supervisor:
         policy: SupervisorPolicy | None = None,
         publish: Callable[[str, Event], None] | None = None,
         on_escalate: Callable[[str], None] | None = None,
+        standby: Collection[str] = (),
     ) -> None:
         self.policy = policy or SupervisorPolicy()
         self.router = router
@@ -187,6 +192,11 @@ class Supervisor:
         self._on_escalate = on_escalate
         self._children = {spec.name: _Child(spec, i) for i, spec in enumerate(start_order(specs))}
         self._order = list(self._children.values())
+        unknown = set(standby) - set(self._children)
+        if unknown:
+            raise ConfigError(f"standby: no manager named {sorted(unknown)[0]!r}")
+        for name in standby:
+            self._children[name].state = "standby"
         self._cond = threading.Condition()
         self._events: queue.Queue[Any] = queue.Queue()
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
@@ -206,6 +216,11 @@ class Supervisor:
     def names(self) -> list[str]:
         return [c.spec.name for c in self._order]
 
+    @property
+    def specs(self) -> list[ChildSpec]:
+        """The children's specs, in start order."""
+        return [c.spec for c in self._order]
+
     def start(self) -> None:
         """Start every child in dependency order; return when all run (or raise)."""
         if self._thread is not None:
@@ -213,6 +228,8 @@ class Supervisor:
         self._thread = threading.Thread(target=self._run, name="corral-supervisor", daemon=True)
         self._thread.start()
         for child in self._order:
+            if child.state == "standby":
+                continue  # started by activate(), when this process holds its lease
             done = threading.Event()
             self._events.put(("call", lambda c=child, d=done: self._initial_start(c, d)))
             done.wait()
@@ -234,6 +251,37 @@ class Supervisor:
             if state != "running":
                 log.warning("manager %s did not start: %s", child.spec.name, child.last_error)
         self._events.put(("call", self._started))
+
+    def activate(self, name: str) -> None:
+        """Start a child waiting in standby (a singleton whose lease this process now holds).
+
+        Returns at once; the child starts (and restarts) as any other.
+        """
+        child = self._children[name]
+        self._events.put(("call", lambda: self._activate(child)))
+
+    def deactivate(self, name: str, reason: str) -> None:
+        """Stop a child and put it back in standby (its lease is lost or handed over).
+
+        Returns once it has stopped, so that no other process can start it meanwhile.
+        """
+        child = self._children[name]
+        done = threading.Event()
+
+        def stop() -> None:
+            try:
+                if child.state not in ("standby", "stopped", "failed"):
+                    self._stop_child(child, then="standby")
+                    self._lifecycle(child, "standby", reason)
+            finally:
+                done.set()
+
+        self._events.put(("call", stop))
+        done.wait()
+
+    def _activate(self, child: _Child) -> None:
+        if child.state == "standby" and not self._stopping and self.escalated is None:
+            self._launch(child, change="started")
 
     def _started(self) -> None:
         self._running = True
@@ -278,6 +326,12 @@ class Supervisor:
         ref = child.live_ref
         if ref is not None and ref is not stale:
             return ref
+        if child.state == "standby":
+            raise ManagerUnavailable(
+                f"manager {name!r} is a singleton that another daemon runs now; "
+                "reach it through corral.connect()",
+                {"manager": name, "state": "standby"},
+            )
         with self._cond:
             while True:
                 ref = child.live_ref
@@ -344,7 +398,7 @@ class Supervisor:
                 status: HealthStatus = "unhealthy"
                 if running and health is not None:
                     status = health.status
-                elif running and assume_healthy:
+                elif (running and assume_healthy) or child.state == "standby":
                     status = "healthy"
                 if status != "healthy":
                     worst = max(worst, 2 if child.spec.critical and status == "unhealthy" else 1)

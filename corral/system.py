@@ -53,6 +53,10 @@ class System(EventsMixin):
     ``managers``: extra Manager classes (or full ChildSpecs) of the embedding
     service, run under the same supervisor as the configured ones. Their
     ``[managers.<name>]`` config section, if any, applies to them too.
+
+    ``singletons_by_lease``: managers placed ``singleton`` wait in standby until
+    this process holds their lease (the daemon's remote server takes it); without
+    it, as in an embedding service, this system runs its own instance of them.
     """
 
     def __init__(
@@ -62,9 +66,17 @@ class System(EventsMixin):
         managers: Iterable[type[Manager] | ChildSpec] = (),
         bus: Bus | None = None,
         on_escalate: Callable[[str], None] | None = None,
+        singletons_by_lease: bool = False,
     ) -> None:
         self.config = config or Config()
         specs = plan(self.config, managers)  # before anything is built, which a bad config stops
+        singletons = [spec.name for spec in specs if spec.placement == "singleton"]
+        if singletons and not singletons_by_lease and self.config.bus.backend == "redis":
+            log.warning(
+                "%s placed singleton: only corral run daemons take turns running it; "
+                "this process runs an instance of its own",
+                ", ".join(singletons),
+            )
         self.ask_timeout = self.config.system.ask_timeout
         self.validate = self.config.system.validate
         self.codec = Codec(
@@ -80,6 +92,7 @@ class System(EventsMixin):
             policy=self._policy(),
             publish=self.bus.publish,
             on_escalate=on_escalate,
+            standby=singletons if singletons_by_lease else (),
         )
         self._started = False
 
@@ -313,6 +326,7 @@ def plan(config: Config, managers: Iterable[type[Manager] | ChildSpec] = ()) -> 
                 redis_url=redis_url,
                 namespace=namespace,
                 signing_keys=keys,
+                placement=section.placement or manager.placement,
             )
         )
     return start_order(specs)

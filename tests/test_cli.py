@@ -438,7 +438,7 @@ def test_empty_manager_tables_enable_the_managers(tmp_path: Path) -> None:
         process.wait()
 
 
-def test_a_daemon_killed_mid_request_hands_it_to_another(
+def test_a_request_a_killed_daemon_had_started_is_refused_by_another_not_run_again(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
     config = str(write_config(tmp_path, redis_server.url))
@@ -468,8 +468,10 @@ def test_a_daemon_killed_mid_request_hands_it_to_another(
             caller.join(20)
             assert not caller.is_alive()  # never hangs
             (reply,) = outcome
-            assert isinstance(reply, Done), reply  # the other daemon claimed and completed it
-            assert reply.name == "worker"
+            # The other daemon claimed it, found it started, and said so rather than
+            # running it a second time.
+            assert isinstance(reply, corral.errors.ManagerUnavailable), reply
+            assert reply.details["outcome"] == "unknown"
     finally:
         for process in daemons.values():
             process.kill()

@@ -635,9 +635,11 @@ def test_masked_hides_secrets(tmp_path: Path) -> None:
     assert shown["daemon"] == {
         "host": "127.0.0.1",
         "port": 8650,
-        "heartbeat_interval": 1.0,
-        "heartbeat_ttl": 3.0,
-        "claim_idle": 5.0,
+        "heartbeat_interval": 0.5,
+        "heartbeat_ttl": 2.0,
+        "claim_idle": 1.0,
+        "drain_timeout": 20.0,
+        "lease_ttl": 3.0,
     }
     assert config.codec.signing_keys == ["k1", "k2"]  # masking is only for display
     for secret in ("p%40ss", "k1", "hunter2", "t0ken"):
@@ -668,9 +670,11 @@ def test_masked_hides_every_value_from_a_source() -> None:
     assert config.masked()["daemon"] == {
         "host": "***",
         "port": 8650,
-        "heartbeat_interval": 1.0,
-        "heartbeat_ttl": 3.0,
-        "claim_idle": 5.0,
+        "heartbeat_interval": 0.5,
+        "heartbeat_ttl": 2.0,
+        "claim_idle": 1.0,
+        "drain_timeout": 20.0,
+        "lease_ttl": 3.0,
     }
 
 

@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
 import pykka
 from pykka import ActorDeadError, ActorRegistry
@@ -248,11 +248,24 @@ class CallbackFuture(pykka.Future[Any]):
 
     The callback runs on the replying actor's thread: it must only hand over
     (put in a queue), never wait on the network.
+
+    ``admit``, when given, is asked on the actor's thread right before the handler
+    runs; False skips the request (``admit`` has then answered it, or left it to
+    someone else). The remote server uses it to refuse a request past its deadline
+    and to record that a request has started::
+
+        future = CallbackFuture(on_reply, admit=lambda: time.time() < deadline)
     """
 
-    def __init__(self, callback: Callable[[Any, BaseException | None], None]) -> None:
+    def __init__(
+        self,
+        callback: Callable[[Any, BaseException | None], None],
+        *,
+        admit: Callable[[], bool] | None = None,
+    ) -> None:
         super().__init__()
         self.callback = callback
+        self.admit = admit
 
     def get(self, *, timeout: float | None = None) -> Any:  # pragma: no cover - never called
         raise NotImplementedError("CallbackFuture delivers through its callback")
@@ -284,6 +297,13 @@ LATENCY_BUCKETS = (
 """Upper bounds (seconds) of the handler latency histogram kept by every manager."""
 
 
+def _admitted(envelope: Envelope[Any]) -> bool:
+    reply_to = envelope.reply_to
+    if not isinstance(reply_to, CallbackFuture) or reply_to.admit is None:
+        return True
+    return reply_to.admit()
+
+
 def handles(*message_types: type[Message]) -> Callable[[F], F]:
     """Mark a Manager method as the handler of one or more message types."""
 
@@ -300,6 +320,10 @@ class Manager(pykka.ThreadingActor):
     name: ClassVar[str] = ""
     Options: ClassVar[type[Section] | None] = None
     """The typed options of ``[managers.<name>]``; None takes any options, unchecked."""
+    placement: ClassVar[Literal["any", "singleton"]] = "any"
+    """``any``: every daemon runs this manager, so it must keep no state of its own in
+    memory. ``singleton``: one daemon of the namespace runs it at a time (a lease in
+    Redis). ``[managers.<name>] placement`` overrides it."""
     use_daemon_thread = True  # a hung manager must not keep the process alive
     _handlers: ClassVar[dict[type[Message], Callable[[Any, Any], Any]]] = {}
 
@@ -384,7 +408,7 @@ class Manager(pykka.ThreadingActor):
                 for queued, future in self.take_queued(CacheGet, 100):
                     ...
         """
-        taken = self.mailbox.take_head(message_type, limit)
+        taken = [e for e in self.mailbox.take_head(message_type, limit) if _admitted(e)]
         self.handled += len(taken)
         return [(envelope.message, envelope.reply_to) for envelope in taken]
 
@@ -460,6 +484,8 @@ class Manager(pykka.ThreadingActor):
         bucket = functools.partial(bisect.bisect_left, LATENCY_BUCKETS)
         while not stopped.is_set():
             envelope = inbox.get()
+            if not _admitted(envelope):
+                continue
             self.current_envelope = envelope
             message = envelope.message
             try:

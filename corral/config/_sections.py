@@ -17,6 +17,7 @@ from corral.messages.base import MAX_TIMEOUT
 Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
 Restart = Literal["permanent", "transient", "temporary"]
 Backend = Literal["memory", "redis"]
+Placement = Literal["any", "singleton"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 LogFormat = Literal["plain", "json"]
 
@@ -198,12 +199,27 @@ class DaemonSection(Section):
 
     host: str = "127.0.0.1"
     port: int = field(default=8650, metadata={"ge": 0, "le": 65535})
-    heartbeat_interval: float = field(default=1.0, metadata=_TIMEOUT)
+    heartbeat_interval: float = field(default=0.5, metadata=_TIMEOUT)
     """How often a daemon renews its presence for remote clients (bus on Redis)."""
-    heartbeat_ttl: float = field(default=3.0, metadata=_TIMEOUT)
-    """How long a silent daemon still counts as serving."""
-    claim_idle: float = field(default=5.0, metadata=_TIMEOUT)
-    """After how long a request taken by a silent daemon is claimed by another."""
+    heartbeat_ttl: float = field(default=2.0, metadata=_TIMEOUT)
+    """How long a silent daemon still counts as serving; then its requests are claimed."""
+    claim_idle: float = field(default=1.0, metadata=_TIMEOUT)
+    """How long a dead daemon's request must have been idle before another claims it
+    (so that two daemons never claim the same one)."""
+    drain_timeout: float = field(default=20.0, metadata=_TIMEOUT)
+    """On SIGTERM, how long to finish the requests taken before stopping the managers."""
+    lease_ttl: float = field(default=3.0, metadata=_TIMEOUT)
+    """How long a singleton manager's lease lasts unless renewed: the longest a singleton
+    is out of service when its daemon dies."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.heartbeat_interval >= self.heartbeat_ttl:
+            self._fail(
+                "heartbeat_interval",
+                "must be shorter than daemon.heartbeat_ttl, or live daemons look dead",
+                related="heartbeat_ttl",
+            )
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
@@ -265,6 +281,8 @@ class ManagerSection(Section):
     class_path: str = ""
     critical: bool = False
     restart: Restart = "permanent"
+    placement: Placement | None = None
+    """``any`` or ``singleton`` (see ``ChildSpec.placement``); None: the class's own."""
     depends_on: list[str] = field(default_factory=list)
     shutdown_timeout: float | None = field(default=None, metadata=_TIMEOUT)
     mailbox_size: int | None = field(default=None, metadata=_SIZE)

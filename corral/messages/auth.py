@@ -87,7 +87,7 @@ class AuthTokens(Reply):
     token_type: str = "Bearer"
 
 
-@message("auth.validate")
+@message("auth.validate", idempotent=True)
 class AuthValidate(Request["AuthClaims"]):
     """Check a token completely (signature, claims, denylist); ``scopes`` are required."""
 
@@ -142,7 +142,7 @@ class AuthRevoked(Reply):
     family_revoked: bool
 
 
-@message("auth.is_revoked")
+@message("auth.is_revoked", idempotent=True)
 class AuthIsRevoked(Request["AuthRevocation"]):
     """Whether a jti is on the denylist (the seeds' ``is_token_blacklisted``)."""
 
@@ -183,7 +183,7 @@ class AuthApiKeyCreate(Request[AuthApiKey]):
     ttl: Ttl | None = None
 
 
-@message("auth.api_key_validate")
+@message("auth.api_key_validate", idempotent=True)
 class AuthApiKeyValidate(Request[AuthApiKey]):
     """Check an API key and that it has every scope in ``scopes``."""
 

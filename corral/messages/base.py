@@ -181,6 +181,9 @@ class Message:
     """The version this class reads and writes (``@message(name, version=N)``)."""
     internal: ClassVar[bool] = False
     """Sent by corral to itself, not a public wire type (``@message(name, internal=True)``)."""
+    idempotent: ClassVar[bool] = False
+    """Running it twice has the effect of running it once (``@message(name, idempotent=True)``):
+    a request a dead daemon may have started is run again instead of refused."""
     kind: ClassVar[str] = "message"
     manager: ClassVar[str | None] = None
     fields_info: ClassVar[tuple[FieldInfo, ...]]
@@ -272,11 +275,16 @@ M = TypeVar("M", bound=type[Message])
 
 
 @typing.dataclass_transform(kw_only_default=True, frozen_default=True)
-def message(name: str, *, version: int = 1, internal: bool = False) -> Callable[[M], M]:
+def message(
+    name: str, *, version: int = 1, internal: bool = False, idempotent: bool = False
+) -> Callable[[M], M]:
     """Register a message class under a wire name and version, and make it a dataclass.
 
     ``internal``: a message corral sends to itself, left out of ``corral messages`` and
-    ``corral send``.
+    ``corral send``. ``idempotent``: a request that changes nothing, or nothing more when
+    run again (a read): a daemon that takes it over from a dead one runs it again, where a
+    request that is not idempotent and was already started is refused rather than applied
+    twice (see :mod:`corral.remote`).
     """
     if not _WIRE_NAME.fullmatch(name):
         raise ValueError(f"wire name {name!r} must look like 'area.name' in snake case")
@@ -296,6 +304,7 @@ def message(name: str, *, version: int = 1, internal: bool = False) -> Callable[
         made.type_name = name
         made.wire_version = version
         made.internal = internal
+        made.idempotent = idempotent
         _compile(made)
         _REGISTRY[name] = made
         return made

@@ -111,14 +111,14 @@ class CacheReleased(Reply):
 # -- requests ---------------------------------------------------------------------------
 
 
-@message("cache.get")
+@message("cache.get", idempotent=True)
 class CacheGet(Request[CacheValue]):
     manager = "cache"
     key: str
     backend: str = ""
 
 
-@message("cache.get_many")
+@message("cache.get_many", idempotent=True)
 class CacheGetMany(Request[CacheValues]):
     manager = "cache"
     keys: list[str]
@@ -159,7 +159,7 @@ class CacheDelete(Request[CacheDeleted]):
     backend: str = ""
 
 
-@message("cache.exists")
+@message("cache.exists", idempotent=True)
 class CacheExists(Request[CachePresence]):
     manager = "cache"
     key: str
@@ -192,7 +192,7 @@ class CacheInvalidateTags(Request[CacheDeleted]):
     backend: str = ""
 
 
-@message("cache.stats")
+@message("cache.stats", idempotent=True)
 class CacheStats(Request[CacheStatistics]):
     """Statistics of one backend, or of all of them when ``backend`` is empty."""
 

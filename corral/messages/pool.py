@@ -109,7 +109,7 @@ class JsonRpcResult(Reply):
     attempts: Count = 1
 
 
-@message("pool.stats")
+@message("pool.stats", idempotent=True)
 class PoolStats(Request["PoolStatistics"]):
     """The statistics of one service, or of every service when ``service`` is empty."""
 

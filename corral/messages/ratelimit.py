@@ -101,7 +101,7 @@ class RatelimitCheck(Request[RatelimitDecision]):
     cost: Cost = 1
 
 
-@message("ratelimit.info")
+@message("ratelimit.info", idempotent=True)
 class RatelimitInfo(Request[RatelimitDecision]):
     """The seeds' ``get_rate_limit_info``: where every rule stands, charging nothing."""
 

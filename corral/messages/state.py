@@ -209,7 +209,7 @@ class StateRegister(Request[StateInfo]):
     ttl: Ttl | None = None
 
 
-@message("state.get")
+@message("state.get", idempotent=True)
 class StateGet(Request[StateInfo]):
     """The current state; NotFound if there is none (or it has expired)."""
 
@@ -250,7 +250,7 @@ class StateHistory(Reply):
     entries: list[StateChanged]
 
 
-@message("state.get_history")
+@message("state.get_history", idempotent=True)
 class StateGetHistory(Request[StateHistory]):
     """The latest ``limit`` changes of a state; NotFound when it has no history."""
 

@@ -33,7 +33,7 @@ class Health(Reply):
     dependencies: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-@message("health.check")
+@message("health.check", idempotent=True)
 class HealthCheck(Request[Health]):
     """Ask the manager named ``target`` for its Health; every manager answers it."""
 
@@ -44,7 +44,7 @@ class HealthCheck(Request[Health]):
         return self.target
 
 
-@message("system.ping")
+@message("system.ping", idempotent=True)
 class Ping(Request["Pong"]):
     """Answered by the built-in ``system`` manager: a round trip through an actor."""
 
@@ -62,7 +62,7 @@ class ChildStatus(Reply):
     """The supervisor's view of one child, with the child's own Health when it answered."""
 
     name: str
-    state: Literal["starting", "running", "restarting", "stopped", "failed"]
+    state: Literal["starting", "running", "restarting", "stopped", "failed", "standby"]
     status: HealthStatus
     critical: bool
     restarts: Count
@@ -96,7 +96,7 @@ class SystemHealth(Reply):
     escalated: bool = False
 
 
-@message("system.health_check")
+@message("system.health_check", idempotent=True)
 class SystemHealthCheck(Request[SystemHealth]):
     """Ask for the health of the whole system (answered by the supervisor)."""
 
@@ -108,7 +108,7 @@ class SupervisorChildChanged(Event):
     """Published on ``supervisor.child.<change>`` for every lifecycle change of a child."""
 
     child: str
-    change: Literal["started", "stopped", "failed", "restarted", "hung", "escalated"]
+    change: Literal["started", "stopped", "failed", "restarted", "hung", "escalated", "standby"]
     reason: str = ""
     restarts: Count = 0
 

@@ -67,7 +67,7 @@ class TransactionWrite(Request[StateInfo]):
     write: StateWrite
 
 
-@message("transaction.get")
+@message("transaction.get", idempotent=True)
 class TransactionGet(Request[StateInfo]):
     """A state as the transaction sees it: stored, with its buffered writes on top."""
 

@@ -122,7 +122,7 @@ class WsRoomMembers(Reply):
     users: Count
 
 
-@message("ws.room_info")
+@message("ws.room_info", idempotent=True)
 class WsRoomInfo(Request[WsRoomMembers]):
     """Who is in a room, cluster-wide (presence expires with its TTL)."""
 
@@ -173,7 +173,7 @@ class WsHistoryPage(Reply):
     gap: bool
 
 
-@message("ws.history")
+@message("ws.history", idempotent=True)
 class WsHistory(Request[WsHistoryPage]):
     """The room's messages after offset ``since`` (within the same ``epoch``)."""
 
