@@ -530,6 +530,7 @@ def test_manager_tables_with_options(tmp_path: Path) -> None:
         "class_path": "",
         "critical": True,
         "restart": "permanent",
+        "placement": None,
         "depends_on": ["pool"],
         "shutdown_timeout": None,
         "mailbox_size": 500,
