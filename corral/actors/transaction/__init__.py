@@ -1,0 +1,3 @@
+from corral.actors.transaction._manager import TransactionManager, TransactionOptions
+
+__all__ = ["TransactionManager", "TransactionOptions"]
