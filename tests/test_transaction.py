@@ -33,8 +33,8 @@ from tests.support import next_event, wait_until
 
 
 def start_system(backend: str, redis_url: str) -> System:
-    """State and transaction managers, both on ``backend``, sharing ``redis_url``'s data
-    with any other system started so (as daemons of one namespace do)."""
+    """State and transaction managers, both on ``backend``; on Redis, sharing ``redis_url``'s
+    data with any other system started so (as daemons of one namespace do)."""
     specs = [
         # Transactions below change several states at once: one partition holds them all.
         ChildSpec(name="state", manager=StateManager,
@@ -48,7 +48,7 @@ def start_system(backend: str, redis_url: str) -> System:
 
 @pytest.fixture(params=["memory", "redis"])
 def system(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[System]:
-    system = start_system(request.param, redis_server.url)
+    system = start_system(request.param, redis_server.url if request.param == "redis" else "")
     assert system.ask(HealthCheck(target="transaction")).details["backend"] == request.param
     with system.subscribe("state.changed.*") as sub:
         for state_id in ("a", "b"):
@@ -204,6 +204,13 @@ def test_an_idle_transaction_is_rolled_back(system: System) -> None:
     with pytest.raises(NotFound) as unknown:
         system.ask(TransactionGet(transaction_id="never-begun", state_id="a"))
     assert "idle timeout" not in str(unknown.value)
+
+
+def test_memory_transactions_on_a_redis_system_are_a_warning(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    start_system("memory", redis_server.url).stop()
+    assert "backend = memory on a Redis bus" in caplog.text
 
 
 # -- on Redis, served by several systems at once (as by several daemons) ---------------------

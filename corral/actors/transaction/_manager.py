@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import threading
 import time
 import uuid
@@ -65,6 +66,8 @@ from corral.messages.transaction import (
 )
 
 __all__ = ["TransactionManager"]
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -114,6 +117,12 @@ class TransactionManager(Manager):
         if backend == "auto":
             backend = "redis" if url else "memory"
         if backend == "memory":
+            if self.context.redis_url:
+                log.warning(
+                    "%s: backend = memory on a Redis bus: a transaction is served only by "
+                    "the daemon that began it, so corral.connect() clients cannot use it",
+                    self.context.name,
+                )
             return MemoryStore()
         setting = f"managers.{self.context.name}.redis_url"
         if not url:
