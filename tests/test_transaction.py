@@ -1,15 +1,20 @@
-"""The transaction manager over the state manager (both backends): read-your-writes,
-nested savepoints, all-or-nothing commits, concurrent conflicts, idle rollback."""
+"""The transaction manager over the state manager, both in memory and both on Redis:
+read-your-writes, nested savepoints, all-or-nothing commits, concurrent conflicts, idle
+rollback; and, on Redis, two systems (as two daemons) serving one transaction."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
+import redis
 
 from corral.actors.state import StateManager
 from corral.actors.transaction import TransactionManager
+from corral.actors.transaction._redis import RedisStore
+from corral.actors.transaction._store import TransactionRecord
 from corral.config import Config
 from corral.errors import Conflict, NotFound
 from corral.ext.transaction import Transaction, transaction
@@ -27,17 +32,24 @@ from tests.redis_server import RedisServer
 from tests.support import next_event, wait_until
 
 
-@pytest.fixture(params=["memory", "redis"])
-def system(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[System]:
+def start_system(backend: str, redis_url: str) -> System:
+    """State and transaction managers, both on ``backend``; on Redis, sharing ``redis_url``'s
+    data with any other system started so (as daemons of one namespace do)."""
     specs = [
         # Transactions below change several states at once: one partition holds them all.
         ChildSpec(name="state", manager=StateManager,
-                  options={"backend": request.param, "partitions": 1},
-                  redis_url=redis_server.url),
+                  options={"backend": backend, "partitions": 1}, redis_url=redis_url),
         ChildSpec(name="transaction", manager=TransactionManager,
-                  options={"sweep_interval": 0.05}, depends_on=("state",)),
+                  options={"backend": backend, "sweep_interval": 0.05}, redis_url=redis_url,
+                  depends_on=("state",)),
     ]  # fmt: skip
-    system = System(Config(), managers=specs).start()
+    return System(Config(), managers=specs).start()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def system(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[System]:
+    system = start_system(request.param, redis_server.url if request.param == "redis" else "")
+    assert system.ask(HealthCheck(target="transaction")).details["backend"] == request.param
     with system.subscribe("state.changed.*") as sub:
         for state_id in ("a", "b"):
             system.ask(StateRegister(state_id=state_id, state_type="User", data={"n": 0}))
@@ -180,9 +192,138 @@ def test_an_idle_transaction_is_rolled_back(system: System) -> None:
     write = StateWrite(state_id="a", transition="update", data={"n": 1})
     system.ask(TransactionWrite(transaction_id=tid, write=write))
 
-    wait_until(lambda: system.ask(HealthCheck(target="transaction")).metrics["open"] == 0)
+    time.sleep(0.2)  # asking meanwhile would keep it open
+    if system.ask(HealthCheck(target="transaction")).details["backend"] == "memory":
+        # Swept by the manager, not only refused when asked for.
+        wait_until(lambda: system.ask(HealthCheck(target="transaction")).metrics["open"] == 0)
     with pytest.raises(NotFound, match="rolled back after its idle timeout"):
         system.ask(TransactionGet(transaction_id=tid, state_id="a"))
     with pytest.raises(NotFound):
         system.ask(TransactionCommit(transaction_id=tid))
     assert data(system, "a") == {"n": 0}
+    with pytest.raises(NotFound) as unknown:
+        system.ask(TransactionGet(transaction_id="never-begun", state_id="a"))
+    assert "idle timeout" not in str(unknown.value)
+
+
+def test_memory_transactions_on_a_redis_system_are_a_warning(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    start_system("memory", redis_server.url).stop()
+    assert "backend = memory on a Redis bus" in caplog.text
+
+
+# -- on Redis, served by several systems at once (as by several daemons) ---------------------
+
+
+@pytest.fixture
+def two_systems(redis_server: RedisServer) -> Iterator[tuple[System, System]]:
+    first, second = (start_system("redis", redis_server.url) for _ in range(2))
+    first.ask(StateRegister(state_id="a", state_type="User", data={"n": 0}))
+    yield first, second
+    first.stop()
+    second.stop()
+
+
+def metric(system: System, name: str) -> int:
+    value = system.ask(HealthCheck(target="transaction")).metrics[name]
+    assert isinstance(value, int)
+    return value
+
+
+def test_a_stored_transaction_changes_only_at_the_version_it_was_read(
+    redis_server: RedisServer,
+) -> None:
+    first, second = (RedisStore(redis_server.url, namespace="cas") for _ in range(2))
+    first.begin("t1", TransactionRecord(idle_timeout=30.0))
+    (mine, version), (theirs, same) = first.load("t1"), second.load("t1")
+    mine.writes.append(StateWrite(state_id="a", transition="update", data={"n": 1}))
+    theirs.savepoints.append(("sp", 0))
+    assert first.save("t1", mine, version)
+    assert not second.save("t1", theirs, same)  # lost the race: nothing of it stored
+    reread, newer = second.load("t1")
+    assert (reread.writes, reread.savepoints, newer) == (mine.writes, [], version + 1)
+    with redis.Redis.from_url(redis_server.url) as client:
+        assert sorted(client.keys("cas:*")) == [b"cas:{tx:t1}", b"cas:{tx:t1}:idle"]
+        assert 0 < client.pttl("cas:{tx:t1}") <= 30_000
+    assert second.take("t1").writes == mine.writes
+    with pytest.raises(NotFound):
+        first.take("t1")
+    first.close()
+    second.close()
+
+
+def test_concurrent_writers_on_two_systems_lose_no_write(
+    two_systems: tuple[System, System],
+) -> None:
+    first, second = two_systems
+    tid = first.ask(TransactionBegin()).transaction_id
+    per_thread = 25
+
+    def write_many(system: System, tag: int) -> None:
+        for n in range(per_thread):
+            write = StateWrite(state_id="a", transition="update", data={"by": tag, "n": n})
+            system.ask(TransactionWrite(transaction_id=tid, write=write))
+
+    threads = [
+        threading.Thread(target=write_many, args=(system, tag))
+        for tag, system in enumerate([first, second, first, second])
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    committed = second.ask(TransactionCommit(transaction_id=tid)).states
+    assert len(committed) == 4 * per_thread
+    assert first.ask(StateGet(state_id="a")).version == 1 + 4 * per_thread
+    print("compare-and-set retries:", metric(first, "retried") + metric(second, "retried"))
+
+
+def test_an_idle_transaction_is_rolled_back_for_every_system(
+    two_systems: tuple[System, System],
+) -> None:
+    first, second = two_systems
+    tid = first.ask(TransactionBegin(idle_timeout=0.2)).transaction_id
+    write = StateWrite(state_id="a", transition="update", data={"n": 1})
+    second.ask(TransactionWrite(transaction_id=tid, write=write))  # restarts the timeout
+    time.sleep(0.1)
+    first.ask(TransactionGet(transaction_id=tid, state_id="a"))  # so does a read
+    time.sleep(0.1)
+    assert second.ask(TransactionGet(transaction_id=tid, state_id="a")).data == {"n": 1}
+    time.sleep(0.3)
+    for system in two_systems:
+        with pytest.raises(NotFound, match="rolled back after its idle timeout"):
+            system.ask(TransactionWrite(transaction_id=tid, write=write))
+    with pytest.raises(NotFound, match="rolled back after its idle timeout"):
+        second.ask(TransactionCommit(transaction_id=tid))
+    assert first.ask(StateGet(state_id="a")).version == 1
+
+
+def test_two_concurrent_commits_of_one_transaction_apply_it_once(
+    two_systems: tuple[System, System],
+) -> None:
+    first, second = two_systems
+    tid = first.ask(TransactionBegin()).transaction_id
+    write = StateWrite(state_id="a", transition="update", data={"n": 1})
+    first.ask(TransactionWrite(transaction_id=tid, write=write))
+    barrier = threading.Barrier(2)
+    outcomes: list[str] = []
+
+    def commit(system: System) -> None:
+        barrier.wait(5)
+        try:
+            system.ask(TransactionCommit(transaction_id=tid))
+        except NotFound as exc:
+            outcomes.append(f"not found: {exc}")
+        else:
+            outcomes.append("committed")
+
+    threads = [threading.Thread(target=commit, args=(s,)) for s in two_systems]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(outcomes)[0] == "committed", outcomes
+    assert sorted(outcomes)[1].startswith("not found: no open transaction"), outcomes
+    assert first.ask(StateGet(state_id="a")).version == 2
+    assert metric(first, "committed") + metric(second, "committed") == 1
