@@ -32,7 +32,6 @@ from corral.messages.websocket import WsAttach, WsAttached, WsDetach, WsJoinRoom
 from corral.remote import GROUP, stream_key
 from tests.redis_server import RedisServer
 from tests.support import (
-    Done,
     Work,
     corral_command,
     read_until,
