@@ -18,12 +18,16 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
+
+import httpx
 
 from tests.support import start_corral
 
 __all__ = ["DaemonGroup", "DaemonProcess", "redis_daemons_config"]
 
 _SERVING = re.compile(r"serving (http://[\d.]+:\d+)")
+_DAEMON_ID = re.compile(r"daemon (\w+) serves remote requests")
 
 
 class DaemonProcess:
@@ -33,6 +37,8 @@ class DaemonProcess:
         self.process = start_corral("run", "--config", str(config), env=env)
         self.lines: list[str] = []
         self.http_url = ""
+        self.daemon_id = ""
+        """Its id among the daemons (the consumer name on the request streams)."""
         self._changed = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -45,6 +51,9 @@ class DaemonProcess:
                 found = _SERVING.search(line)
                 if found:
                     self.http_url = found.group(1)
+                named = _DAEMON_ID.search(line)
+                if named:
+                    self.daemon_id = named.group(1)
                 self._changed.notify_all()
         with self._changed:
             self._changed.notify_all()
@@ -68,6 +77,11 @@ class DaemonProcess:
 
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """``GET /health``: the HTTP status and the document."""
+        response = httpx.get(f"{self.http_url}/health", timeout=10)
+        return response.status_code, response.json()
 
     def wait(self, timeout: float = 30.0) -> int:
         code = self.process.wait(timeout)
@@ -99,6 +113,8 @@ class DaemonGroup:
         self.daemons.append(daemon)
         try:
             daemon.wait_for(" managers in ")
+            if 'backend = "redis"' in self.config.read_text():
+                daemon.wait_for("serves remote requests")
         except AssertionError:
             self.close()
             raise
@@ -112,6 +128,9 @@ class DaemonGroup:
 
     def wait(self, index: int, timeout: float = 30.0) -> int:
         return self.daemons[index].wait(timeout)
+
+    def by_id(self, daemon_id: str) -> DaemonProcess:
+        return next(d for d in self.daemons if d.daemon_id == daemon_id)
 
     def close(self) -> None:
         for daemon in self.daemons:
