@@ -301,7 +301,7 @@ def test_lease_expires_when_its_holder_never_comes_back() -> None:
             target=lambda: waiter.append(system.ask(CacheGetOrLease(key="k", wait=5)))
         )
         thread.start()
-        wait_until(lambda: _lease_waiters(system) == 1)
+        wait_until(lambda: lease_waiters(system) == 1)
         system.ask(CacheSet(key="k", value="computed", lease=second.lease))
         thread.join()
         assert waiter[0].found and waiter[0].value == "computed"
@@ -317,7 +317,7 @@ def test_waiter_times_out_cleanly() -> None:
         assert system.ask(CacheGet(key="k")).found is False
 
 
-def _lease_waiters(system: System) -> int:
+def lease_waiters(system: System) -> int:
     health = system.health().managers["cache"].health
     assert health is not None
     waiters: int = health.metrics["lease_waiters"]
