@@ -1,7 +1,7 @@
 """The cache manager served by three real ``corral run`` daemons on one Redis (standalone
 and a cluster): one computation for a key however many daemons take its callers, values
-shared by default, a released lease passed to a waiter on another daemon, and the
-start-up warning for a per-process backend on a Redis bus."""
+shared by default, a released lease passed to a waiter on another daemon, tiered L1s
+kept coherent, and the start-up warning for a per-process backend on a Redis bus."""
 
 from __future__ import annotations
 
@@ -136,3 +136,19 @@ def test_a_memory_backend_on_a_redis_bus_is_warned_of_once(
             log = daemon.wait_for("cache backend local: memory, in this process")
             assert log.count("cache backend local: memory") == 1
             assert "each daemon has its own values" in log
+
+
+def test_tiered_l1s_of_three_daemons_follow_a_change(
+    tmp_path: Any, redis_url: str, namespace: str
+) -> None:
+    managers = '[managers.cache.backends.main]\ntype = "tiered"\n'
+    config = redis_daemons_config(redis_url, namespace, managers)
+    with (
+        DaemonGroup(tmp_path, config, count=3),
+        corral.connect(redis_url, namespace=namespace) as remote,
+    ):
+        remote.ask(CacheSet(key="price", value=1))
+        for _ in range(30):  # the reads fill the L1 of every daemon that serves one
+            assert remote.ask(CacheGet(key="price")).value == 1
+        remote.ask(CacheSet(key="price", value=2))
+        wait_until(lambda: all(remote.ask(CacheGet(key="price")).value == 2 for _ in range(30)))
