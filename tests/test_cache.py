@@ -259,65 +259,62 @@ def test_async_callers_compute_once(redis_server: RedisServer) -> None:
         assert system.ask(CacheGet(key="profile:ada", backend="r")).value == {"name": "Ada"}
 
 
-def test_failed_compute_hands_the_lease_to_a_waiter() -> None:
-    with cache_system() as system:
-        attempts = []
-        started = threading.Event()
+def test_failed_compute_hands_the_lease_to_a_waiter(system: System) -> None:
+    attempts = []
+    started = threading.Event()
 
-        @cached(system, key=lambda: "flaky")
-        def flaky() -> str:
-            attempts.append(1)
-            if len(attempts) == 1:
-                started.set()
-                time.sleep(0.1)
-                raise RuntimeError("first compute fails")
-            return "ok"
+    @cached(system, key=lambda: "flaky")
+    def flaky() -> str:
+        attempts.append(1)
+        if len(attempts) == 1:
+            started.set()
+            time.sleep(0.1)
+            raise RuntimeError("first compute fails")
+        return "ok"
 
-        outcome: list[Any] = []
+    outcome: list[Any] = []
 
-        def first() -> None:
-            try:
-                flaky()
-            except RuntimeError as exc:
-                outcome.append(exc)
+    def first() -> None:
+        try:
+            flaky()
+        except RuntimeError as exc:
+            outcome.append(exc)
 
-        holder = threading.Thread(target=first)
-        holder.start()
-        started.wait(5)
-        assert flaky() == "ok"  # waited, got the lease when the holder released it
-        holder.join()
-        assert len(attempts) == 2 and isinstance(outcome[0], RuntimeError)
-
-
-def test_lease_expires_when_its_holder_never_comes_back() -> None:
-    with cache_system() as system:
-        first = system.ask(CacheGetOrLease(key="k", lease_ttl=0.1))
-        assert not first.found and first.lease
-        second = system.ask(CacheGetOrLease(key="k", lease_ttl=5, wait=5))  # waits ~0.1 s
-        assert not second.found and second.lease and second.lease != first.lease
-        assert system.ask(CacheRelease(key="k", lease=first.lease)).released is False
-        waiter: list[Any] = []
-        thread = threading.Thread(
-            target=lambda: waiter.append(system.ask(CacheGetOrLease(key="k", wait=5)))
-        )
-        thread.start()
-        wait_until(lambda: _lease_waiters(system) == 1)
-        system.ask(CacheSet(key="k", value="computed", lease=second.lease))
-        thread.join()
-        assert waiter[0].found and waiter[0].value == "computed"
+    holder = threading.Thread(target=first)
+    holder.start()
+    started.wait(5)
+    assert flaky() == "ok"  # waited, got the lease when the holder released it
+    holder.join()
+    assert len(attempts) == 2 and isinstance(outcome[0], RuntimeError)
 
 
-def test_waiter_times_out_cleanly() -> None:
-    with cache_system() as system:
-        assert system.ask(CacheGetOrLease(key="k", lease_ttl=30)).lease
-        started = time.monotonic()
-        with pytest.raises(Timeout, match="no value for 'k'"):
-            system.ask(CacheGetOrLease(key="k", wait=0.1))
-        assert time.monotonic() - started < 5  # answered by the manager, not the ask timeout
-        assert system.ask(CacheGet(key="k")).found is False
+def test_lease_expires_when_its_holder_never_comes_back(system: System) -> None:
+    first = system.ask(CacheGetOrLease(key="k", lease_ttl=0.1))
+    assert not first.found and first.lease
+    second = system.ask(CacheGetOrLease(key="k", lease_ttl=5, wait=5))  # waits ~0.1 s
+    assert not second.found and second.lease and second.lease != first.lease
+    assert system.ask(CacheRelease(key="k", lease=first.lease)).released is False
+    waiter: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: waiter.append(system.ask(CacheGetOrLease(key="k", wait=5)))
+    )
+    thread.start()
+    wait_until(lambda: lease_waiters(system) == 1)
+    system.ask(CacheSet(key="k", value="computed", lease=second.lease))
+    thread.join()
+    assert waiter[0].found and waiter[0].value == "computed"
 
 
-def _lease_waiters(system: System) -> int:
+def test_waiter_times_out_cleanly(system: System) -> None:
+    assert system.ask(CacheGetOrLease(key="k", lease_ttl=30)).lease
+    started = time.monotonic()
+    with pytest.raises(Timeout, match="no value for 'k'"):
+        system.ask(CacheGetOrLease(key="k", wait=0.1))
+    assert time.monotonic() - started < 5  # answered by the manager, not the ask timeout
+    assert system.ask(CacheGet(key="k")).found is False
+
+
+def lease_waiters(system: System) -> int:
     health = system.health().managers["cache"].health
     assert health is not None
     waiters: int = health.metrics["lease_waiters"]

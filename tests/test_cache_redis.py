@@ -1,31 +1,39 @@
-"""Cache manager on a real Redis: L1 coherence across two Systems, and Redis going away
-and coming back (circuit breaker, fallback, degraded health, recovery)."""
+"""Cache manager on a real Redis: L1 coherence and single-flight leases across two Systems,
+the default backend on a Redis bus, and Redis going away and coming back (circuit
+breaker, fallback, degraded health, recovery)."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import redis
 
 import corral
+from corral._redis import connect
 from corral.actors.cache import CacheManager
-from corral.config import Config, ManagerSection
+from corral.config import BusSection, Config, ManagerSection
 from corral.errors import BackendUnavailable, InvalidMessage
 from corral.messages.cache import (
     CacheClear,
     CacheDelete,
     CacheGet,
+    CacheGetOrLease,
     CacheInvalidate,
     CacheInvalidateTags,
+    CacheLease,
+    CacheRelease,
     CacheSet,
     CacheStats,
 )
 from corral.system import System
 from tests.redis_server import ClusterGroup, RedisServer
 from tests.support import wait_until
+from tests.test_cache import lease_waiters
 
 
 def tiered_system(url: str, **backend: Any) -> System:
@@ -262,3 +270,90 @@ def test_a_probe_answered_with_an_error_still_closes_the_breaker(
         system.ask(CacheSet(key="after", value=1))
         assert system.ask(CacheGet(key="after")).value == 1
         assert cache_status(system) == "healthy"
+
+
+# -- single-flight leases in Redis --------------------------------------------------------
+
+
+@pytest.fixture(params=["redis_server", "redis_cluster"])
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """The URL of a standalone Redis, then of one node of a 3-master cluster."""
+    topology: Any = request.getfixturevalue(request.param)
+    url: str = topology.url
+    return url
+
+
+def wait_in_thread(system: System, request: CacheGetOrLease) -> Callable[[], CacheLease]:
+    """Ask ``request`` in a thread once it waits on ``system``; call the result for the reply."""
+    answers: list[CacheLease] = []
+    thread = threading.Thread(target=lambda: answers.append(system.ask(request, timeout=10)))
+    thread.start()
+    wait_until(lambda: lease_waiters(system) == 1)
+
+    def answer() -> CacheLease:
+        thread.join(10)
+        (reply,) = answers
+        return reply
+
+    return answer
+
+
+def test_a_lease_in_redis_holds_across_systems_until_the_value_is_set(redis_url: str) -> None:
+    with (
+        connect(redis_url) as raw,
+        redis_system(redis_url) as one,
+        tiered_system(redis_url) as two,
+    ):
+        holder = one.ask(CacheGetOrLease(key="k", lease_ttl=30))
+        assert not holder.found and holder.lease
+        assert raw.get("corral:cache-lease:{k}") == holder.lease.encode()
+        assert 0 < raw.pttl("corral:cache-lease:{k}") <= 30_000
+
+        answer = wait_in_thread(two, CacheGetOrLease(key="k", wait=10))
+        one.ask(CacheSet(key="k", value={"rows": 3}, lease=holder.lease))
+        assert (answer().found, answer().value) == (True, {"rows": 3})
+        assert raw.exists("corral:cache-lease:{k}") == 0  # the set ended the lease
+        assert lease_waiters(two) == 0
+
+
+def test_a_released_or_expired_lease_passes_to_a_waiter_of_another_system(
+    redis_url: str,
+) -> None:
+    with redis_system(redis_url) as one, redis_system(redis_url) as two:
+        # The holder never comes back: the waiter's timer at the lease's expiry finds it gone.
+        first = one.ask(CacheGetOrLease(key="k", lease_ttl=0.2))
+        second = wait_in_thread(two, CacheGetOrLease(key="k", lease_ttl=30, wait=10))()
+        assert not second.found and second.lease and second.lease != first.lease
+        assert one.ask(CacheRelease(key="k", lease=first.lease)).released is False
+
+        # The holder gives it back: the waiter on the other system hears of it at once.
+        answer = wait_in_thread(one, CacheGetOrLease(key="k", lease_ttl=30, wait=10))
+        assert two.ask(CacheRelease(key="k", lease=second.lease)).released is True
+        third = answer()
+        assert not third.found and third.lease not in ("", first.lease, second.lease)
+        with connect(redis_url) as raw:
+            assert raw.get("corral:cache-lease:{k}") == third.lease.encode()
+
+
+def test_the_default_backend_is_redis_on_a_redis_bus(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    bus = BusSection(backend="redis", url=redis_server.url, namespace="shared")
+    config = Config().replace(bus=bus, managers={"cache": ManagerSection()})
+    with caplog.at_level(logging.WARNING), System(config, managers=[CacheManager]) as system:
+        system.ask(CacheSet(key="k", value=1))
+        assert system.ask(CacheStats()).backends["redis"]["type"] == "redis"
+        with redis.Redis.from_url(redis_server.url) as raw:
+            assert raw.exists("shared:cache:{k}") == 1
+    assert "memory, in this process" not in caplog.text
+
+    memory = ManagerSection(options={"backends": {"local": {}, "small": {"max_size": 10}}})
+    config = config.replace(managers={"cache": memory})
+    with caplog.at_level(logging.WARNING), System(config, managers=[CacheManager]):
+        pass
+    warnings = [r.getMessage() for r in caplog.records if "in this process" in r.getMessage()]
+    assert warnings == [
+        "cache backends local, small: memory, in this process, although the bus is on Redis: "
+        "with several daemons each daemon has its own values, and invalidations and "
+        'single-flight leases are per daemon (type = "redis" or "tiered" shares them)'
+    ]

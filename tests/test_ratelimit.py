@@ -281,6 +281,32 @@ def test_refusals_served_from_the_local_cache_count_towards_auto_ban(
         assert system.ask(RatelimitCheck(ip="bot")).banned == ["ip"]
 
 
+@pytest.mark.parametrize("layout", ["", "#cluster"])
+def test_the_local_cache_only_refuses_so_processes_sharing_redis_never_over_admit(
+    redis_server: RedisServer, layout: str
+) -> None:
+    """Each System stands for a daemon with its own local cache, on one Redis: the cache
+    holds refusals only (a rule used up, a ban), so however the calls are spread, no more
+    are allowed than the limit."""
+    rules = {"ip": "5/hour", "user": {"limit": "4/hour", "algorithm": "token_bucket"}}
+    options = {"rules": rules, "ban_after": 100, "local_cache_ttl": 60.0}
+    url = redis_server.url + layout
+    with (
+        limiter(options, url) as one,
+        limiter(options, url) as two,
+        limiter(options, url) as three,
+    ):
+        systems = [one, two, three]
+        allowed = {"ip": 0, "user": 0}
+        for n in range(30):
+            system = systems[n % 3]
+            allowed["ip"] += system.ask(RatelimitCheck(ip="shared")).allowed
+            allowed["user"] += system.ask(RatelimitCheck(user="shared")).allowed
+        assert allowed == {"ip": 5, "user": 4}
+        for system in systems:
+            assert system.ask(HealthCheck(target="ratelimit")).metrics["cached_refusals"] > 0
+
+
 # -- headers -------------------------------------------------------------------------------
 
 

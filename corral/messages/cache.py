@@ -35,6 +35,7 @@ __all__ = [
     "CacheInvalidateTags",
     "CacheInvalidated",
     "CacheLease",
+    "CacheLeaseEnded",
     "CachePresence",
     "CacheRelease",
     "CacheReleased",
@@ -240,3 +241,19 @@ class CacheInvalidated(Event):
     origin: str
     keys: list[str] = dataclasses.field(default_factory=list)
     patterns: list[str] = dataclasses.field(default_factory=list)
+
+
+@message("cache.lease_ended")
+class CacheLeaseEnded(Event):
+    """Published on ``<namespace>:cache.invalidated`` when a lease held in Redis was given
+    back without a value (``CacheRelease``).
+
+    Managers on other nodes with callers waiting for ``key`` look again: one of them
+    takes the next lease. ``origin`` names the publishing manager, which ignores its
+    own events::
+
+        CacheLeaseEnded(origin="5f0c...", key="report:2024")
+    """
+
+    origin: str
+    key: str

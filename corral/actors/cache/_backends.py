@@ -8,10 +8,12 @@ forwards other nodes' invalidations to the actor through ``deliver``::
     backend.set_many({"k": b"\\xa1v"}, ttl=None, tags=())
     backend.get("k")           # b"\\xa1v"
 
-Redis keys, under the backend's namespace ``ns``: ``ns:cache:{<key>}`` for values
-and ``ns:cache-tag:{<tag>}`` for the set of keys stored with a tag (the hash tag
-keeps a future lease key ``ns:cache-lease:{<key>}`` in its value's slot). Changes
-are published on ``ns:cache.invalidated`` as a :class:`CacheInvalidated` envelope.
+Redis keys, under the backend's namespace ``ns``: ``ns:cache:{<key>}`` for values,
+``ns:cache-tag:{<tag>}`` for the set of keys stored with a tag, and
+``ns:cache-lease:{<key>}`` for a single-flight lease (its token, with the lease's
+expiry; the hash tag keeps it in its value's slot). Changes are published on
+``ns:cache.invalidated`` as a :class:`CacheInvalidated` envelope, and a lease given
+back without a value as a :class:`CacheLeaseEnded` one.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import threading
 import time
 import typing
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
 import redis
@@ -38,13 +41,14 @@ from corral._redis import (
 from corral.actors.cache._memory import MemoryStore
 from corral.actors.cache._options import BackendOptions
 from corral.errors import BackendUnavailable, InvalidMessage
-from corral.messages.cache import CacheInvalidated
+from corral.messages.cache import CacheInvalidated, CacheLeaseEnded
 from corral.messages.codec import Codec
 
 __all__ = [
     "Backend",
     "Breaker",
     "InvalidationListener",
+    "LeaseState",
     "MemoryBackend",
     "RedisBackend",
     "Resync",
@@ -56,6 +60,35 @@ T = TypeVar("T")
 Status = Literal["healthy", "degraded", "unhealthy"]
 _GLOB_SPECIALS = frozenset("*?[]\\")
 _CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+_TAKE_LEASE = """
+local value = redis.call('GET', KEYS[1])
+if value then return {1, value} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, 0} end
+return {3, redis.call('PTTL', KEYS[2])}
+"""
+"""KEYS: the value, its lease (one slot); ARGV: the token, the lease's milliseconds.
+{1, value}: the value is there; {2, 0}: the lease is the caller's; {3, ms}: another
+caller holds the lease for ``ms`` more milliseconds."""
+
+_RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+"""KEYS: the lease; ARGV: the token. 1 when that token held it and it is gone now."""
+
+
+@dataclass(frozen=True)
+class LeaseState:
+    """What :meth:`RedisBackend.take_lease` found: the value, the lease, or how long the
+    lease of another caller lasts::
+
+        LeaseState(data=None, granted=False, held_for=12.5)   # wait for that holder
+    """
+
+    data: bytes | None = None
+    granted: bool = False
+    held_for: float = 0.0
 
 
 class Counters:
@@ -262,7 +295,10 @@ class RedisBackend:
         )
         self.key_prefix = f"{namespace}:cache:{{"
         self.tag_prefix = f"{namespace}:cache-tag:{{"
+        self.lease_prefix = f"{namespace}:cache-lease:{{"
         self.channel = f"{namespace}:cache.invalidated"
+        self.take_lease_script = self.client.register_script(_TAKE_LEASE)
+        self.release_lease_script = self.client.register_script(_RELEASE_LEASE)
 
     # -- keys -----------------------------------------------------------------------------
 
@@ -271,6 +307,9 @@ class RedisBackend:
 
     def tag_key(self, tag: str) -> str:
         return f"{self.tag_prefix}{tag}}}"
+
+    def lease_key(self, key: str) -> str:
+        return f"{self.lease_prefix}{key}}}"
 
     def user_key(self, redis_key: bytes) -> str:
         return redis_key.decode()[len(self.key_prefix) : -1]
@@ -325,6 +364,7 @@ class RedisBackend:
             px = None if lifetime is None else max(1, math.ceil(lifetime * 1000))
             for key, data in items.items():
                 pipe.set(self.redis_key(key), data, px=px)
+                pipe.unlink(self.lease_key(key))  # the value is there: its lease ends
             for tag in tags:
                 pipe.sadd(self.tag_key(tag), *items)
             self._execute_then_publish(pipe, self._event(keys=list(items)))
@@ -399,6 +439,40 @@ class RedisBackend:
         count = self._run(remote, lambda: local_count)
         self.counters.deletes += count
         return count
+
+    # -- single-flight leases -------------------------------------------------------------
+
+    def take_lease(self, key: str, token: str, lease_ttl: float) -> LeaseState | None:
+        """The value of ``key``, or the lease to compute it (as ``token``, for ``lease_ttl``
+        seconds), or how long another caller's lease lasts: one atomic round trip. None
+        while Redis is unavailable and the fallback serves: the caller leases in memory.
+        """
+
+        def remote() -> LeaseState | None:
+            ms = max(1, math.ceil(lease_ttl * 1000))
+            keys = [self.redis_key(key), self.lease_key(key)]
+            outcome, detail = self.take_lease_script(keys=keys, args=[token, ms])
+            if outcome == 1:
+                return LeaseState(data=detail)
+            if outcome == 2:
+                return LeaseState(granted=True)
+            return LeaseState(held_for=max(detail, 1) / 1000)
+
+        return self._run(remote, lambda: None)
+
+    def release_lease(self, key: str, token: str) -> bool | None:
+        """Give back the lease ``token`` holds on ``key`` and tell the other nodes; False
+        when it is not held by that token (expired, or taken over). None while Redis is
+        unavailable and the fallback serves."""
+
+        def remote() -> bool | None:
+            released = bool(self.release_lease_script(keys=[self.lease_key(key)], args=[token]))
+            if released:
+                event = self.codec.encode(CacheLeaseEnded(origin=self.origin, key=key))
+                publish_own(self.client, self.channel, event)
+            return released
+
+        return self._run(remote, lambda: None)
 
     def _execute_then_publish(self, pipe: Any, event: bytes) -> list[Any]:
         return execute_then_publish(self.client, pipe, [(self.channel, event)])
@@ -559,10 +633,11 @@ class Resync:
 
 
 class InvalidationListener:
-    """A thread on one exact channel (SUBSCRIBE, never a pattern) that hands each
-    :class:`CacheInvalidated` to ``deliver`` — which tells the actor, so the L1 is only
-    touched on the actor's thread. It reconnects with backoff; after a reconnect it
-    delivers :class:`Resync`. ``deliver`` returning False stops it (the actor is gone).
+    """A thread on one exact channel (SSUBSCRIBE, never a pattern) that hands each
+    :class:`CacheInvalidated` and :class:`CacheLeaseEnded` to ``deliver`` — which tells
+    the actor, so the L1 and the lease waiters are only touched on the actor's thread. It
+    reconnects with backoff; after a reconnect it delivers :class:`Resync`. ``deliver``
+    returning False stops it (the actor is gone).
     """
 
     def __init__(
@@ -638,6 +713,6 @@ class InvalidationListener:
         except InvalidMessage as exc:
             log.warning("cache invalidation on %s rejected: %s", self.channel, exc)
             return True
-        if not isinstance(event, CacheInvalidated):
+        if not isinstance(event, CacheInvalidated | CacheLeaseEnded):
             return True
         return self.deliver((self.backend_name, event))

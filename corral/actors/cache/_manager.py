@@ -14,6 +14,11 @@ not answered at once; the actor keeps the caller's reply future and answers it
 when the value is set, when the lease passes to it (the holder released it or
 never came back), or with ``Timeout`` after the caller's ``wait``. The mailbox
 keeps flowing meanwhile: waiting costs a list entry, not a thread.
+
+On a Redis or tiered backend the lease is a Redis key, so one caller computes
+however many daemons serve: a set or a release on any node is published, and the
+nodes with waiters look again (a timer at the lease's expiry stands in for a lost
+message). A memory backend (or a Redis backend on its fallback) keeps leases here.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import math
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +39,7 @@ from corral.actors.base import Manager, handles
 from corral.actors.cache._backends import (
     Backend,
     InvalidationListener,
+    LeaseState,
     MemoryBackend,
     RedisBackend,
     Resync,
@@ -60,6 +67,7 @@ from corral.messages.cache import (
     CacheInvalidated,
     CacheInvalidateTags,
     CacheLease,
+    CacheLeaseEnded,
     CachePresence,
     CacheRelease,
     CacheReleased,
@@ -98,11 +106,18 @@ _SWEEP = _Sweep()
 class _Waiter:
     future: pykka.Future[Any]
     deadline: float
+    lease_ttl: float
 
 
 @dataclass
 class _Flight:
-    """A key being computed: the lease holder's token and the callers waiting for it."""
+    """A key being computed, and the callers here waiting for its value.
+
+    ``token`` is the lease holder's when this manager keeps the lease (a memory
+    backend, or Redis out of reach), and it ends at ``expires_at``. "" when the lease
+    is in Redis, held by a caller of any node: ``expires_at`` is then when to look at
+    Redis again.
+    """
 
     token: str
     expires_at: float
@@ -125,20 +140,40 @@ class CacheManager(Manager):
         self.codec = Codec()
         self.max_key_length = settings.max_key_length
         self.max_value_size = settings.max_value_size
-        self.default_backend = settings.default
         self.flights: dict[tuple[str, str], _Flight] = {}
         self.timer: threading.Timer | None = None
         self.timer_due = math.inf
         self.backends: dict[str, Backend] = {}
         try:
-            for name, options in settings.backend_options().items():
+            for name, options in settings.backend_options(self.context.redis_url).items():
                 self.backends[name] = self._build(name, options)
         except BaseException:
             self._close_backends()
             raise
+        self.default_backend = settings.default_backend or next(iter(self.backends))
+        if self.default_backend not in self.backends:
+            self._close_backends()
+            raise ConfigError(
+                f"managers.{self.context.name}.default_backend: no backend named "
+                f"{self.default_backend!r} (backends: {', '.join(self.backends)})"
+            )
         for backend in self.backends.values():
             if isinstance(backend, RedisBackend) and backend.listener is not None:
                 backend.listener.connected.wait(_LISTENER_READY_TIMEOUT)
+        self._warn_of_per_process_backends()
+
+    def _warn_of_per_process_backends(self) -> None:
+        """One warning when the bus is on Redis (several daemons may serve) and a backend
+        keeps its values in this process."""
+        local = [name for name, b in self.backends.items() if isinstance(b, MemoryBackend)]
+        if self.context.redis_url and local:
+            log.warning(
+                "cache backend%s %s: memory, in this process, although the bus is on Redis: "
+                "with several daemons each daemon has its own values, and invalidations and "
+                'single-flight leases are per daemon (type = "redis" or "tiered" shares them)',
+                "s" if len(local) > 1 else "",
+                ", ".join(local),
+            )
 
     def on_stop(self) -> None:
         if self.timer is not None:
@@ -168,9 +203,8 @@ class CacheManager(Manager):
             origin=self.origin,
             codec=self.codec,
         )
-        if backend.tiered:
-            backend.listener = InvalidationListener(backend, self._deliver)
-            backend.listener.start()
+        backend.listener = InvalidationListener(backend, self._deliver)
+        backend.listener.start()
         return backend
 
     def _close_backends(self) -> None:
@@ -324,32 +358,64 @@ class CacheManager(Manager):
         data = backend.get(key)
         if data is not None:
             return CacheLease(key=msg.key, found=True, value=_decode(data))
+        token = uuid.uuid4().hex
+        if isinstance(backend, RedisBackend):
+            shared = backend.take_lease(key, token, msg.lease_ttl)
+            if shared is not None:  # None: Redis is out of reach, the lease is kept here
+                return self._shared_lease(backend.name, msg, token, shared)
         now = time.monotonic()
         flight = self.flights.get((backend.name, key))
         if flight is None or flight.expires_at <= now:
-            token = uuid.uuid4().hex
             waiters = flight.waiters if flight is not None else []
             self.flights[backend.name, key] = _Flight(
                 token, now + msg.lease_ttl, msg.lease_ttl, waiters
             )
             self._wake_at(now + msg.lease_ttl)
             return CacheLease(key=msg.key, found=False, lease=token)
+        self._wait(backend.name, msg)
+        return None  # answered later, by _settle, _hand_over, _look_again or _sweep
+
+    def _shared_lease(
+        self, backend: str, msg: CacheGetOrLease, token: str, shared: LeaseState
+    ) -> CacheLease | None:
+        """The answer to ``msg`` from what Redis holds: the value, the lease, or a wait."""
+        if shared.data is not None:
+            return CacheLease(key=msg.key, found=True, value=_decode(shared.data))
+        if shared.granted:
+            return CacheLease(key=msg.key, found=False, lease=token)
+        self._wait(backend, msg, shared.held_for)
+        return None
+
+    def _wait(self, backend: str, msg: CacheGetOrLease, held_for: float | None = None) -> None:
+        """Keep the caller's reply until the value is set, the lease passes to it, or its
+        ``wait`` is over. ``held_for``: how long the lease in Redis lasts (None: the lease
+        is kept here)."""
         future = self.defer_reply()
         if future is None:  # a tell: nobody waits for the answer
-            return None
-        flight.waiters.append(_Waiter(future, now + msg.wait))
-        self._wake_at(now + msg.wait)
-        return None  # answered later, by _settle, _hand_over or _sweep
+            return
+        now = time.monotonic()
+        flight = self.flights.get((backend, msg.key))
+        if flight is None:
+            flight = self.flights[backend, msg.key] = _Flight("", now, msg.lease_ttl)
+        if held_for is not None and not flight.token:
+            flight.expires_at = now + held_for
+        flight.waiters.append(_Waiter(future, now + msg.wait, msg.lease_ttl))
+        self._wake_at(min(flight.expires_at, now + msg.wait))
 
     @handles(CacheRelease)
     def release(self, msg: CacheRelease) -> CacheReleased:
         backend = self._backend(msg.backend)
         key = self._key(msg.key)
+        released = False
+        if isinstance(backend, RedisBackend):
+            released = bool(backend.release_lease(key, msg.lease))
         flight = self.flights.get((backend.name, key))
-        if flight is None or flight.token != msg.lease:
-            return CacheReleased(released=False)
-        self._hand_over(backend.name, key, flight, time.monotonic())
-        return CacheReleased(released=True)
+        if flight is not None and flight.token and flight.token == msg.lease:
+            self._hand_over(backend.name, key, flight, time.monotonic())
+            released = True
+        elif released and flight is not None and not flight.token:
+            self._look_again(backend.name, key, flight)
+        return CacheReleased(released=released)
 
     def _settle(self, backend: str, key: str, value: Any) -> None:
         """The key was set: answer everyone waiting for it; its lease ends."""
@@ -360,7 +426,8 @@ class CacheManager(Manager):
                 waiter.future.set(reply)
 
     def _hand_over(self, backend: str, key: str, flight: _Flight, now: float) -> None:
-        """The holder let go: the first waiter still waiting gets a new lease."""
+        """The holder of a lease kept here let go: the first waiter still waiting gets a
+        new lease."""
         while flight.waiters:
             waiter = flight.waiters.pop(0)
             if waiter.deadline > now:
@@ -372,19 +439,61 @@ class CacheManager(Manager):
             waiter.future.set(ErrorReply.of(_timed_out(key)))
         del self.flights[backend, key]
 
+    def _look_again(self, backend_name: str, key: str, flight: _Flight) -> None:
+        """The lease in Redis on ``key`` may have ended: answer the waiters here with the
+        value, or give the first of them the next lease, or wait for its new holder."""
+        now = time.monotonic()
+        _time_out_waiters(key, flight, now)
+        if not flight.waiters:
+            del self.flights[backend_name, key]
+            return
+        backend = self.backends[backend_name]
+        first = flight.waiters[0]
+        token = uuid.uuid4().hex
+        try:
+            assert isinstance(backend, RedisBackend)
+            shared = backend.take_lease(key, token, first.lease_ttl)
+            value = _decode(shared.data) if shared is not None and shared.data is not None else None
+        except CorralError as exc:
+            del self.flights[backend_name, key]
+            for waiter in flight.waiters:
+                waiter.future.set(ErrorReply.of(exc))
+            return
+        if shared is None:  # Redis is out of reach: the lease is kept here from now on
+            flight.lease_ttl = first.lease_ttl
+            self._hand_over(backend_name, key, flight, now)
+        elif shared.data is not None:
+            self._settle(backend_name, key, value)
+        elif shared.granted:
+            flight.waiters.pop(0)
+            first.future.set(CacheLease(key=key, found=False, lease=token))
+            flight.expires_at = now + first.lease_ttl
+            if flight.waiters:
+                self._wake_at(flight.expires_at)
+            else:
+                del self.flights[backend_name, key]
+        else:
+            flight.expires_at = now + shared.held_for
+            self._wake_at(flight.expires_at)
+
+    def _lease_news(self, backend: str, keys: Iterable[str]) -> None:
+        """Another node set, deleted or released ``keys``: their waiters here look again."""
+        for key in keys:
+            flight = self.flights.get((backend, key))
+            if flight is not None and not flight.token:
+                self._look_again(backend, key, flight)
+
     def _sweep(self) -> None:
         now = time.monotonic()
         self.timer, self.timer_due = None, math.inf
         for (backend, key), flight in list(self.flights.items()):
-            waiting = []
-            for waiter in flight.waiters:
-                if waiter.deadline <= now:
-                    waiter.future.set(ErrorReply.of(_timed_out(key)))
-                else:
-                    waiting.append(waiter)
-            flight.waiters = waiting
-            if flight.expires_at <= now:
+            _time_out_waiters(key, flight, now)
+            if not flight.token and not flight.waiters:
+                del self.flights[backend, key]  # nobody here waits for the lease in Redis
+            elif flight.expires_at <= now and flight.token:
                 self._hand_over(backend, key, flight, now)
+            elif flight.expires_at <= now:
+                self._look_again(backend, key, flight)
         wakes = [f.expires_at for f in self.flights.values()]
         wakes += [w.deadline for f in self.flights.values() for w in f.waiters]
         if wakes:
@@ -409,12 +518,19 @@ class CacheManager(Manager):
         elif isinstance(message, Resync):
             backend = self.backends.get(message.backend)
             if isinstance(backend, RedisBackend):
-                backend.resync()
+                backend.resync()  # messages may have been lost: every waiter looks again
+                self._lease_news(backend.name, [k for b, k in self.flights if b == backend.name])
         elif isinstance(message, tuple):
             name, event = message
             backend = self.backends.get(name)
-            if isinstance(backend, RedisBackend) and isinstance(event, CacheInvalidated):
+            if not isinstance(backend, RedisBackend):
+                return None
+            if isinstance(event, CacheInvalidated):
                 backend.invalidated(event)
+                if event.origin != self.origin:
+                    self._lease_news(name, event.keys)
+            elif isinstance(event, CacheLeaseEnded) and event.origin != self.origin:
+                self._lease_news(name, [event.key])
         else:
             return super().on_receive(message)
         return None
@@ -488,6 +604,17 @@ def _check_ttl(value: float | None, path: str, limit: float = MAX_TTL) -> None:
     """The codec checks these bounds already; this keeps them with ``validate = false``."""
     if value is not None and not 0 < value <= limit:
         raise InvalidMessage(f"must be > 0 and <= {limit} seconds, got {value}", path=path)
+
+
+def _time_out_waiters(key: str, flight: _Flight, now: float) -> None:
+    """Answer the waiters whose ``wait`` is over with Timeout; keep the others."""
+    waiting = []
+    for waiter in flight.waiters:
+        if waiter.deadline <= now:
+            waiter.future.set(ErrorReply.of(_timed_out(key)))
+        else:
+            waiting.append(waiter)
+    flight.waiters = waiting
 
 
 def _timed_out(key: str) -> Timeout:

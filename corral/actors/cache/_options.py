@@ -62,13 +62,17 @@ class BackendOptions(Section):
 
 
 _BACKEND_FIELDS = frozenset(f.name for f in dataclasses.fields(BackendOptions))
+_DEFAULT_BACKENDS: dict[str, dict[str, Any]] = {"memory": {}, "redis": {"type": "redis"}}
+"""The backend when none is configured: ``redis`` when the system has Redis, else ``memory``."""
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
 class CacheOptions(Section):
     """``[managers.cache]``: the backends by name, the default one, and input limits."""
 
-    backends: dict[str, dict[str, Any]] = field(default_factory=lambda: {"memory": {}})
+    backends: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """The backends by name. None configured: one ``redis`` backend (named ``redis``) when
+    the system has Redis (the bus is on Redis), else one ``memory`` backend (``memory``)."""
     default_backend: str = ""
     """The backend of requests that name none; "" means the first one."""
     max_key_length: int = field(default=1024, metadata=_SIZE)
@@ -78,24 +82,26 @@ class CacheOptions(Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.backends:
-            self._fail("backends", "configure at least one backend")
-        parsed = self.backend_options()
-        if self.default_backend and self.default_backend not in parsed:
+        names = list(self.backend_options()) if self.backends else list(_DEFAULT_BACKENDS)
+        if self.default_backend and self.default_backend not in names:
             self._fail(
                 "default_backend",
-                f"no backend named {self.default_backend!r} (backends: {', '.join(parsed)})",
+                f"no backend named {self.default_backend!r} (backends: {', '.join(names)})",
                 related="backends",
             )
 
-    @property
-    def default(self) -> str:
-        return self.default_backend or next(iter(self.backends))
+    def backend_options(self, redis_url: str = "") -> dict[str, BackendOptions]:
+        """Each backend's table, checked: errors name ``backends.<name>.<key>``.
 
-    def backend_options(self) -> dict[str, BackendOptions]:
-        """Each backend's table, checked: errors name ``backends.<name>.<key>``."""
+        With no backends configured, the default one for a system whose Redis is
+        ``redis_url`` ("" for none)::
+
+            CacheOptions().backend_options("redis://127.0.0.1:6379/0")["redis"].type  # 'redis'
+        """
+        default = "redis" if redis_url else "memory"
+        tables = self.backends or {default: _DEFAULT_BACKENDS[default]}
         parsed: dict[str, BackendOptions] = {}
-        for name, table in self.backends.items():
+        for name, table in tables.items():
             unknown = sorted(set(table) - _BACKEND_FIELDS)
             if unknown:
                 self._fail(
