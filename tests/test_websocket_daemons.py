@@ -30,6 +30,7 @@ def write_config(tmp_path: Path, redis_url: str) -> Path:
         "[daemon]\nport = 0\nheartbeat_interval = 0.2\nheartbeat_ttl = 1.0\n"
         f'[managers.auth]\nsigning_key = "{SECRET}"\n'
         '[managers.websocket]\ndepends_on = ["auth"]\npresence_ttl = 1.0\n'
+        'room_policies = { "user:{sub}" = "clients", "news" = "clients", "vip:*" = "server" }\n'
     )
     return path
 
