@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -20,9 +21,17 @@ from websockets.protocol import State
 from websockets.uri import parse_uri
 
 import corral
-from corral.config import BusSection, CodecSection, Config, DaemonSection, ManagerSection
+from corral.actors.websocket import WebSocketOptions
+from corral.config import (
+    BusSection,
+    CodecSection,
+    Config,
+    DaemonSection,
+    ManagerSection,
+    parse_options,
+)
 from corral.daemon import Daemon
-from corral.errors import NotFound
+from corral.errors import ConfigError, NotFound
 from corral.messages.auth import AuthIssue, AuthIssueSubscription
 from corral.messages.system import Health
 from corral.messages.websocket import (
@@ -586,6 +595,22 @@ def test_by_default_only_the_personal_room_is_open(running: Running) -> None:
         assert await refusal(star, type="join", room="user:42") == "no_policy"
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("policies", "problem"),
+    [
+        ({"user:{sub}": "everyone"}, "expected 'clients' or 'server', got 'everyone'"),
+        ({"user:{id}": "clients"}, "unknown placeholder {id}"),
+        ({"": "server"}, "a pattern must not be empty"),
+    ],
+)
+def test_a_bad_room_policy_is_a_config_error_naming_it(
+    policies: dict[str, str], problem: str
+) -> None:
+    naming = r"^managers\.websocket\.room_policies: .*" + re.escape(problem)
+    with pytest.raises(ConfigError, match=naming):
+        parse_options(WebSocketOptions, {"room_policies": policies}, manager="websocket")
 
 
 def subscription_token(daemon: Daemon, user: str, room: str, ttl: float | None = None) -> str:

@@ -487,7 +487,11 @@ class Gateway:
         if not isinstance(room, str):
             self._error(conn, request_id, "invalid_message", f"a {kind} frame needs a room name")
             return
-        refusal = await self._refusal(conn, str(kind), room, frame.get("token"))
+        try:
+            refusal = await self._refusal(conn, str(kind), room, frame.get("token"))
+        except CorralError as exc:  # the auth manager could not check a token
+            self._error(conn, request_id, exc.code, str(exc))
+            return
         if refusal is not None:
             self.counts["forbidden"] += 1
             message = f"not allowed to {kind} room {room!r}: {refusal}"
