@@ -94,6 +94,7 @@ def serve_corral(redis_url: str, *, signed: bool) -> None:
     options: dict[str, Any] = {"backend": "memory"}
     if redis_url:
         options = {"backend": "redis", "redis_url": redis_url}
+    options["room_policies"] = {ROOM: "clients"}  # the clients join it themselves
     config = Config().replace(
         daemon=DaemonSection(port=0),
         codec=CodecSection(signing_keys=[SECRET] if signed else []),

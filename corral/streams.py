@@ -19,7 +19,10 @@ waits on it for new entries (XREAD BLOCK), so history and live events come
 through one ordered path: no duplicates, no gap. When events cannot be delivered
 (trimmed from the capped stream before being read, or the epoch changed) it
 delivers a :class:`~corral.messages.stream.StreamGap` saying which, then goes on
-with the first event still there (the Centrifugo model)::
+with the first event still there (the Centrifugo model). An offset past the
+stream's end is a gap too (``offset_out_of_range``, as Kafka's OffsetOutOfRange):
+the stream was reset under a reader that gave no epoch, or lost its latest
+entries; it never makes the reader skip the events that next take those offsets::
 
     sub = DurableSubscription(url, stream="corral:{state}:events",
                               pattern="state.changed.User.*", from_offset=1200)
@@ -48,7 +51,7 @@ from corral.bus import Bus, Delivery, Subscription, _wake, compile_glob
 from corral.errors import InvalidMessage
 from corral.messages.base import Message, lookup
 from corral.messages.state import DEFAULT_PARTITIONS, events_stream_key, partitions_key
-from corral.messages.stream import GAP_TOPIC, StreamGap
+from corral.messages.stream import GAP_TOPIC, GapReason, StreamGap
 
 __all__ = ["DurableSubscription", "meta_key"]
 
@@ -94,14 +97,17 @@ class DurableSubscription(Subscription):
     """Events of ``stream`` (or of every one of ``streams``) after ``from_offset`` whose
     topic matches ``pattern``.
 
-    ``epoch``: the epoch ``from_offset`` belongs to, if known; when the stream's
-    epoch differs, a StreamGap (``epoch_changed``) comes first and delivery starts
-    over from the new epoch's first event. ``offset`` and ``epoch`` are where the
-    reader stands in a single stream (pass them to resume later); ``position`` is
-    where it stands in all of them, a printable cursor that ``from_offset`` takes
-    back. Events of one stream come in order; events of different streams in the
-    order they are read. Redis outages are waited out, with backoff, and ``healthy``
-    is False meanwhile.
+    ``epoch``: the epoch ``from_offset`` belongs to, if known; when the stream's epoch
+    differs, a StreamGap (``epoch_changed``) comes first and delivery starts over from
+    the new epoch's first event. When ``from_offset`` is past the end of the stream, a
+    StreamGap (``offset_out_of_range``) comes first, then every event the reader cannot
+    have seen: with ``epoch``, those after the end; without, the whole epoch (the stream
+    may have been reset since the offset was taken). ``offset`` and ``epoch`` are where
+    the reader stands in a single stream (pass them to resume later); ``position`` is
+    where it stands in all of them, a printable cursor that ``from_offset`` takes back.
+    Events of one stream come in order; events of different streams in the order they
+    are read. Redis outages are waited out, with backoff, and ``healthy`` is False
+    meanwhile.
     """
 
     def __init__(
@@ -232,25 +238,34 @@ class DurableSubscription(Subscription):
             pipe.hmget(meta_key(stream), ["epoch", "offset"])
             pipe.xlen(stream)
             (epoch, last), length = cast("tuple[list[bytes | None], int]", pipe.execute())
+        end = int(last or 0)
         if epoch is None:
             if cursor.epoch is not None:  # the stream was lost (Redis restarted empty, say)
                 self._gap(stream, "epoch_changed", cursor.offset + 1, -1, "",
                           previous=cursor.epoch)  # fmt: skip
                 cursor.epoch = None
                 cursor.offset = 0
+            elif cursor.offset > 0:  # resumed without epoch, and the stream has no life yet
+                self._gap(stream, "offset_out_of_range", cursor.offset + 1, -1, "")
+                cursor.offset = 0
             return length == 0  # nothing written yet in this life of the stream
         current = epoch.decode()
         if cursor.epoch is None:
             cursor.epoch = current
+            if cursor.offset > end:  # an offset of a lost life of the stream, most likely
+                self._gap(stream, "offset_out_of_range", cursor.offset + 1, -1, current)
+                cursor.offset = 0
         elif current != cursor.epoch:
             self._gap(stream, "epoch_changed", cursor.offset + 1, -1, current,
                       previous=cursor.epoch)  # fmt: skip
             cursor.epoch = current
             cursor.offset = 0
-            return True
-        # Ahead of the stream in its own epoch: those offsets were never written,
-        # so the events that get them must not be skipped.
-        cursor.offset = min(cursor.offset, int(last or 0))
+        elif cursor.offset > end:
+            # Ahead of the stream in its own epoch (it lost its latest entries, to a
+            # failover say): the events that next get those offsets must not be skipped.
+            self._gap(stream, "offset_out_of_range", cursor.offset + 1, -1, current,
+                      previous=current)  # fmt: skip
+            cursor.offset = end
         return True
 
     def _read(self, streams: list[str]) -> set[str]:
@@ -334,11 +349,18 @@ class DurableSubscription(Subscription):
             return None
 
     def _gap(
-        self, stream: str, reason: str, first: int, last: int, epoch: str, *, previous: str = ""
+        self,
+        stream: str,
+        reason: GapReason,
+        first: int,
+        last: int,
+        epoch: str,
+        *,
+        previous: str = "",
     ) -> None:
         gap = StreamGap(
             stream=stream,
-            reason="trimmed" if reason == "trimmed" else "epoch_changed",
+            reason=reason,
             first_missing=first,
             last_missing=last,
             epoch=epoch,

@@ -35,6 +35,7 @@ from corral.messages.auth import (
     AuthApiKeyValidate,
     AuthIsRevoked,
     AuthIssue,
+    AuthIssueSubscription,
     AuthRefresh,
     AuthRevoke,
     AuthValidate,
@@ -281,6 +282,27 @@ def test_missing_scope_is_refused(strict: System) -> None:
     assert reason(strict, AuthValidate(token=refresh)) == "wrong_token_type"
     access = strict.ask(AuthIssue(subject="u")).access_token
     assert reason(strict, AuthRefresh(token=access)) == "wrong_token_type"
+
+
+def test_a_subscription_token_is_its_own_type_and_names_its_room(strict: System) -> None:
+    issued = strict.ask(AuthIssueSubscription(subject="u", room="game:7", ttl=30))
+    found = strict.ask(AuthValidate(token=issued.access_token, token_type="subscription"))
+    assert (found.subject, found.claims["room"], issued.expires_in) == ("u", "game:7", 30)
+    assert found.expires_at - found.claims["iat"] == 30
+    assert reason(strict, AuthValidate(token=issued.access_token)) == "wrong_token_type"
+    access = strict.ask(AuthIssue(subject="u")).access_token
+    assert reason(strict, AuthValidate(token=access, token_type="subscription")) == (
+        "wrong_token_type"
+    )
+    roomless = forge(claims(type="subscription"))
+    assert reason(strict, AuthValidate(token=roomless, token_type="subscription")) == (
+        "missing_claim"
+    )
+    with pytest.raises(InvalidMessage, match="ttl: must be <= max_token_lifetime"):
+        strict.ask(AuthIssueSubscription(subject="u", room="r", ttl=31 * 86400))
+    with pytest.raises(InvalidMessage, match="room"):
+        strict.ask(AuthIssueSubscription(subject="u", room=""))
+    assert restarts(strict) == 0
 
 
 # -- algorithms, key files, key confusion and rotation ------------------------------------

@@ -149,6 +149,17 @@ def test_a_lost_stream_is_a_gap_not_silence(daemon: Daemon) -> None:
         assert offsets == [1, 2, 3]  # every event of the new epoch, once each
 
 
+def test_a_lost_stream_resumed_without_epoch_is_a_gap_not_silence(daemon: Daemon) -> None:
+    # The subscriber kept only its offset; Redis came back empty.
+    with daemon.system.subscribe("state.changed.*", from_offset=100) as sub:
+        topic, gap = next_event(sub, StreamGap)
+        assert (topic, gap.reason, gap.first_missing) == ("stream.gap", "offset_out_of_range", 101)
+        for n in range(3):
+            daemon.system.ask(StateRegister(state_id=f"n{n}", state_type="User"))
+        offsets = [next_event(sub, StateChanged)[1].offset for _ in range(3)]
+        assert offsets == [1, 2, 3]
+
+
 @pytest.mark.parametrize(
     ("write", "error"),
     [

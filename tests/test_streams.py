@@ -3,7 +3,7 @@ gap notices for trimmed history and a changed epoch, topic filtering."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -16,7 +16,7 @@ from corral.messages.stream import StreamGap
 from corral.streams import DurableSubscription
 from corral.supervisor import ChildSpec
 from corral.system import System
-from tests.redis_server import RedisServer
+from tests.redis_server import ClusterGroup, RedisServer
 
 STREAM = events_stream_key("corral", 0)
 
@@ -164,3 +164,79 @@ def test_the_subscription_waits_out_a_redis_restart(fresh_redis_server: RedisSer
     finally:
         system.stop()
     assert isinstance(event, StateChanged) and event.offset == 3
+
+
+# -- an offset past the end: a gap, never silence (Kafka's OffsetOutOfRange) ---------------
+
+
+class Topology:
+    """A real Redis, standalone or cluster, that a test can empty as a lost Redis would be."""
+
+    def __init__(self, url: str, flushall: Callable[[], object]) -> None:
+        self.url = url
+        self.flushall = flushall
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def topology(request: pytest.FixtureRequest) -> Topology:
+    if request.param == "cluster":
+        cluster: ClusterGroup = request.getfixturevalue("redis_cluster")
+        return Topology(cluster.node_url(1), cluster.flushall)
+    server: RedisServer = request.getfixturevalue("redis_server")
+
+    def flushall() -> None:
+        with redis.Redis.from_url(server.url) as client:
+            client.flushall()
+
+    return Topology(server.url, flushall)
+
+
+@pytest.mark.parametrize("written_since", [0, 3])
+def test_resuming_without_epoch_after_a_reset_yields_a_gap_then_all_new_events(
+    topology: Topology, written_since: int
+) -> None:
+    system = state_system(topology.url)
+    try:
+        changes(system, "u1", 5)
+        with DurableSubscription(topology.url, stream=STREAM) as sub:
+            take(sub, 5)
+        resume_at = sub.offset  # and no epoch: the shape most code keeps
+        topology.flushall()  # Redis lost everything
+        if written_since:
+            changes(system, "u2", written_since)
+        with DurableSubscription(topology.url, stream=STREAM, from_offset=resume_at) as sub:
+            gap, *before = take(sub, 1 + written_since)
+            changes(system, "u3", 100)
+            after = take(sub, 100)
+            assert sub.get(timeout=0.2) is None
+    finally:
+        system.stop()
+    assert isinstance(gap, StreamGap)
+    assert (gap.reason, gap.first_missing, gap.last_missing) == ("offset_out_of_range", 6, -1)
+    assert [e.offset for e in [*before, *after]] == list(range(1, 101 + written_since))
+    assert {e.state_id for e in after} == {"u3"}
+
+
+def test_an_offset_past_the_end_of_its_epoch_yields_a_gap_then_every_new_event(
+    topology: Topology,
+) -> None:
+    system = state_system(topology.url)
+    try:
+        changes(system, "u1", 3)
+        with DurableSubscription(topology.url, stream=STREAM) as sub:
+            take(sub, 3)
+        epoch = sub.epoch
+        # Ahead of the stream: it lost its latest entries (a failover to a lagging
+        # replica), or the offset was never right. The next writes take offsets 4 and 5.
+        with DurableSubscription(topology.url, stream=STREAM, from_offset=10, epoch=epoch) as sub:
+            (gap,) = take(sub, 1)
+            changes(system, "u2", 2)
+            new = take(sub, 2)
+            assert sub.get(timeout=0.2) is None
+    finally:
+        system.stop()
+    assert isinstance(gap, StreamGap)
+    assert (gap.reason, gap.first_missing, gap.epoch, gap.previous_epoch) == (
+        "offset_out_of_range", 11, epoch, epoch,
+    )  # fmt: skip
+    assert [(e.state_id, e.offset) for e in new] == [("u2", 4), ("u2", 5)]

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import socket
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import jwt
 import pytest
 import redis
 import websockets
@@ -19,10 +21,18 @@ from websockets.protocol import State
 from websockets.uri import parse_uri
 
 import corral
-from corral.config import BusSection, CodecSection, Config, DaemonSection, ManagerSection
+from corral.actors.websocket import WebSocketOptions
+from corral.config import (
+    BusSection,
+    CodecSection,
+    Config,
+    DaemonSection,
+    ManagerSection,
+    parse_options,
+)
 from corral.daemon import Daemon
-from corral.errors import NotFound
-from corral.messages.auth import AuthIssue
+from corral.errors import ConfigError, NotFound
+from corral.messages.auth import AuthIssue, AuthIssueSubscription
 from corral.messages.system import Health
 from corral.messages.websocket import (
     Disconnect,
@@ -34,6 +44,8 @@ from corral.messages.websocket import (
 from tests.redis_server import RedisServer
 
 SECRET = "websocket-tests-signing-secret-32b"
+OPEN_ROOMS = {"*": "clients"}
+"""The policies of tests about something else than authorization: every room is open."""
 
 
 def config(
@@ -41,8 +53,12 @@ def config(
     *,
     auth: dict[str, Any] | None = None,
     signing_keys: list[str] | None = None,
+    room_policies: dict[str, str] | None = OPEN_ROOMS,
     **options: Any,
 ) -> Config:
+    """Auth and websocket managers; ``room_policies=None`` keeps the manager's default."""
+    if room_policies is not None:
+        options["room_policies"] = room_policies
     bus = BusSection(backend="redis", url=redis_url, namespace="wst") if redis_url else BusSection()
     return Config().replace(
         bus=bus,
@@ -513,5 +529,157 @@ def test_without_keys_the_channels_carry_bare_frames_as_before(
         assert (await frame(ws))["offset"] == emitted.offset
         page = await ask(daemon, WsHistory(room="news", since=0, epoch=emitted.epoch))
         assert [m["event"] for m in page.messages] == ["posted"]
+
+    asyncio.run(scenario())
+
+
+# -- who may join which room --------------------------------------------------------------
+
+PERSONAL_AND_PUBLIC = {"user:{sub}": "clients", "public:admin": "server", "public:*": "clients"}
+
+
+async def refusal(ws: ClientConnection, **fields: Any) -> str:
+    """The reason of the ``forbidden`` error frame that answers ``fields``."""
+    refused = await request(ws, **fields)
+    assert (refused["type"], refused["code"], refused["room"]) == (
+        "error", "forbidden", fields["room"],
+    ), refused  # fmt: skip
+    reason: str = refused["reason"]
+    return reason
+
+
+def test_a_user_joins_their_own_room_and_public_ones_never_another_users(
+    running: Running,
+) -> None:
+    daemon = running.start(config(room_policies=PERSONAL_AND_PUBLIC))
+
+    async def scenario() -> None:
+        owner = await connect(daemon, "42")
+        mallory = await connect(daemon, "mallory")
+        assert await refusal(mallory, type="join", room="user:42") == "no_policy"
+        assert (await request(owner, type="join", room="user:42"))["type"] == "joined"
+        assert (await request(mallory, type="join", room="user:mallory"))["type"] == "joined"
+        for ws in (owner, mallory):
+            assert (await request(ws, type="join", room="public:lobby"))["type"] == "joined"
+        assert await refusal(mallory, type="join", room="public:admin") == "server_only"
+        assert await refusal(mallory, type="join", room="private:x") == "no_policy"
+        # What the room says is not for her: neither its messages, nor its history or presence.
+        await ask(daemon, EmitToRoom(room="user:42", event="password_reset", data="s3cret"))
+        assert (await frame(owner))["data"] == "s3cret"
+        assert await refusal(mallory, type="history", room="user:42", since=0) == "not_a_member"
+        assert await refusal(mallory, type="presence", room="user:42") == "not_a_member"
+        assert (await request(mallory, type="ping"))["type"] == "pong"  # refused, not closed
+        assert (await request(owner, type="history", room="user:42"))["type"] == "history"
+        # Only the service puts people in server rooms: JoinRoom is never refused.
+        members = (await request(mallory, type="presence", room="public:lobby"))["members"]
+        mine = next(m["connection_id"] for m in members if m["user"] == "mallory")
+        await ask(daemon, JoinRoom(room="public:admin", connection_id=mine))
+        assert (await frame(mallory))["type"] == "joined"
+        assert manager_health(daemon).metrics["forbidden"] == 5
+        with pytest.raises(NotFound):
+            await ask(daemon, JoinRoom(room="public:admin", connection_id="nobody.1"))
+
+    asyncio.run(scenario())
+
+
+def test_by_default_only_the_personal_room_is_open(running: Running) -> None:
+    daemon = running.start(config(room_policies=None))
+
+    async def scenario() -> None:
+        ws = await connect(daemon, "42")
+        assert (await request(ws, type="join", room="user:42"))["type"] == "joined"
+        for room in ("user:43", "news", "public:lobby"):
+            assert await refusal(ws, type="join", room=room) == "no_policy"
+        # A subject with glob characters is taken literally, never as a pattern.
+        star = await connect(daemon, "*")
+        assert await refusal(star, type="join", room="user:42") == "no_policy"
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("policies", "problem"),
+    [
+        ({"user:{sub}": "everyone"}, "expected 'clients' or 'server', got 'everyone'"),
+        ({"user:{id}": "clients"}, "unknown placeholder {id}"),
+        ({"": "server"}, "a pattern must not be empty"),
+    ],
+)
+def test_a_bad_room_policy_is_a_config_error_naming_it(
+    policies: dict[str, str], problem: str
+) -> None:
+    naming = r"^managers\.websocket\.room_policies: .*" + re.escape(problem)
+    with pytest.raises(ConfigError, match=naming):
+        parse_options(WebSocketOptions, {"room_policies": policies}, manager="websocket")
+
+
+def subscription_token(daemon: Daemon, user: str, room: str, ttl: float | None = None) -> str:
+    issued = daemon.system.ask(AuthIssueSubscription(subject=user, room=room, ttl=ttl))
+    return str(issued.access_token)
+
+
+def test_a_subscription_token_admits_exactly_its_room_its_user_and_until_its_exp(
+    running: Running,
+) -> None:
+    daemon = running.start(config(room_policies=None, auth={"leeway": 0.0}))
+
+    async def scenario() -> None:
+        ws = await connect(daemon, "mallory")
+        game7 = subscription_token(daemon, "mallory", "game:7")
+        assert await refusal(ws, type="join", room="game:7") == "no_policy"  # no token
+        assert await refusal(ws, type="join", room="game:8", token=game7) == (
+            "token_for_another_room"
+        )
+        others = subscription_token(daemon, "42", "game:7")
+        assert await refusal(ws, type="join", room="game:7", token=others) == (
+            "token_of_another_user"
+        )
+        genuine = jwt.get_unverified_header(game7)
+        claims = jwt.decode(game7, options={"verify_signature": False})
+        forged = jwt.encode(claims, "x" * 32, algorithm="HS256", headers={"kid": genuine["kid"]})
+        assert await refusal(ws, type="join", room="game:7", token=forged) == "bad_signature"
+        access = token(daemon, "mallory")  # an access token is no subscription token
+        assert await refusal(ws, type="join", room="game:7", token=access) == "wrong_token_type"
+        soon = subscription_token(daemon, "mallory", "game:9", ttl=1)
+        assert await refusal(ws, type="join", room="game:7", token=12) == "malformed"
+        joined = await request(ws, type="join", room="game:7", token=game7)
+        assert (joined["type"], joined["room"]) == ("joined", "game:7")
+        assert (await request(ws, type="presence", room="game:7"))["count"] == 1
+        await asyncio.sleep(1.2)
+        assert await refusal(ws, type="join", room="game:9", token=soon) == "expired"
+        # A subscription token opens no connection.
+        async with websockets.connect(ws_url(daemon, f"?token={game7}")) as bearer:
+            assert await close_code(bearer) == (4401, "wrong_token_type")
+
+    asyncio.run(scenario())
+
+
+def test_join_room_finds_connections_on_any_daemon_or_says_not_found(
+    redis_server: RedisServer, running: Running
+) -> None:
+    first = running.start(config(redis_server.url, room_policies=None))
+    second = running.start(config(redis_server.url, room_policies=None))
+
+    async def scenario() -> None:
+        ws = await connect(second, "42")
+        assert (await request(ws, type="join", room="user:42"))["type"] == "joined"
+        presence = await request(ws, type="presence", room="user:42")
+        cid = presence["members"][0]["connection_id"]
+        node = cid.rpartition(".")[0]
+        joined = await ask(first, JoinRoom(room="vip", connection_id=cid))  # forwarded
+        assert joined.count == -1
+        assert (await frame(ws))["room"] == "vip"
+        for unknown in (f"{node}.999", "deadbeef.1", "nobody"):
+            with pytest.raises(NotFound):
+                await ask(first, JoinRoom(room="vip", connection_id=unknown))
+        await ws.close()
+        deadline = time.monotonic() + 5
+        while True:  # the socket's close reaches its daemon's manager
+            try:
+                await ask(first, JoinRoom(room="vip", connection_id=cid))
+            except NotFound:
+                break
+            assert time.monotonic() < deadline, "a closed connection was still found"
+            await asyncio.sleep(0.05)
 
     asyncio.run(scenario())

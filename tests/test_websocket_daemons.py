@@ -11,12 +11,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
 import corral
-from corral.messages.auth import AuthIssue
-from corral.messages.websocket import EmitToRoom, RoomInfo
+from corral.errors import NotFound
+from corral.messages.auth import AuthIssue, AuthIssueSubscription
+from corral.messages.websocket import EmitToRoom, JoinRoom, RoomInfo
 from tests.redis_server import ClusterGroup, RedisServer
 from tests.support import read_until, start_corral
 
@@ -30,6 +32,7 @@ def write_config(tmp_path: Path, redis_url: str) -> Path:
         "[daemon]\nport = 0\nheartbeat_interval = 0.2\nheartbeat_ttl = 1.0\n"
         f'[managers.auth]\nsigning_key = "{SECRET}"\n'
         '[managers.websocket]\ndepends_on = ["auth"]\npresence_ttl = 1.0\n'
+        'room_policies = { "user:{sub}" = "clients", "news" = "clients", "vip:*" = "server" }\n'
     )
     return path
 
@@ -102,5 +105,63 @@ def fan_out_across_two_daemons(url: str, tmp_path: Path) -> None:
             asyncio.run(scenario())
     finally:
         for process in (survivor, victim):
+            process.kill()
+            process.wait()
+
+
+def test_room_policies_and_joins_across_two_corral_run_processes(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    policies_across_two_daemons(redis_server.url, tmp_path)
+
+
+def test_room_policies_and_joins_across_two_daemons_on_a_cluster(
+    redis_cluster: ClusterGroup, tmp_path: Path
+) -> None:
+    policies_across_two_daemons(redis_cluster.node_url(2), tmp_path)
+
+
+def policies_across_two_daemons(url: str, tmp_path: Path) -> None:
+    """Each daemon refuses what the policies refuse; the service reaches either daemon's
+    sockets through any daemon, and an unknown connection is NotFound wherever it is asked."""
+    config = write_config(tmp_path, url)
+    (first, _), (second, there) = start_daemon(config), start_daemon(config)
+    try:
+        with corral.connect(url, namespace="wsd") as remote:
+            access = remote.ask(AuthIssue(subject="42", refresh=False)).access_token
+            ticket = remote.ask(AuthIssueSubscription(subject="42", room="game:7")).access_token
+
+            async def request(ws: ClientConnection, **fields: Any) -> dict[str, Any]:
+                await ws.send(json.dumps(fields))
+                answer: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 5))
+                return answer
+
+            async def scenario() -> None:
+                ws = await websockets.connect(f"ws://{there}/ws?token={access}")
+                cid = json.loads(await ws.recv())["connection_id"]
+                refused = await request(ws, type="join", room="user:43")
+                assert (refused["code"], refused["reason"]) == ("forbidden", "no_policy")
+                refused = await request(ws, type="join", room="vip:1")
+                assert (refused["code"], refused["reason"]) == ("forbidden", "server_only")
+                assert (await request(ws, type="join", room="user:42"))["type"] == "joined"
+                joined = await request(ws, type="join", room="game:7", token=ticket)
+                assert joined["type"] == "joined"
+                # The service's JoinRoom, taken by either daemon, reaches the socket.
+                for n in range(4):
+                    await asyncio.to_thread(
+                        remote.ask, JoinRoom(room=f"vip:{n}", connection_id=cid)
+                    )
+                    got = json.loads(await asyncio.wait_for(ws.recv(), 5))
+                    assert (got["type"], got["room"]) == ("joined", f"vip:{n}")
+                for unknown in (f"{cid}0", "deadbeef.1"):
+                    with pytest.raises(NotFound):
+                        await asyncio.to_thread(
+                            remote.ask, JoinRoom(room="vip:1", connection_id=unknown)
+                        )
+                await ws.close()
+
+            asyncio.run(scenario())
+    finally:
+        for process in (first, second):
             process.kill()
             process.wait()

@@ -7,6 +7,7 @@
     claims.subject                                          # 'user:42'
     tokens = system.ask(AuthRefresh(token=tokens.refresh_token))   # a new pair
     system.ask(AuthRevoke(token=tokens.access_token))
+    ticket = system.ask(AuthIssueSubscription(subject="user:42", room="game:7"))
 
 A refused token raises :class:`corral.errors.Unauthorized` whose
 ``details["reason"]`` is one of :data:`REASONS`.
@@ -28,6 +29,7 @@ __all__ = [
     "AuthClaims",
     "AuthIsRevoked",
     "AuthIssue",
+    "AuthIssueSubscription",
     "AuthRefresh",
     "AuthRevocation",
     "AuthRevoke",
@@ -37,7 +39,8 @@ __all__ = [
     "TokenType",
 ]
 
-TokenType = Literal["access", "refresh"]
+TokenType = Literal["access", "refresh", "subscription"]
+"""``subscription``: a token that admits its subject to one WebSocket room (claim ``room``)."""
 
 REASONS = (
     "malformed",  # not a JWT, or a part of it does not decode
@@ -50,7 +53,7 @@ REASONS = (
     "bad_issuer",
     "missing_claim",  # one of exp, iat, sub, jti, type (and aud, iss when configured)
     "bad_claim",  # a registered claim of the wrong type
-    "wrong_token_type",  # a refresh token where an access token is expected, or the reverse
+    "wrong_token_type",  # a refresh token where an access token is expected, or the like
     "lifetime_exceeded",  # exp - iat is longer than the configured max_token_lifetime
     "revoked",  # the jti is on the denylist, or its token family was revoked
     "reused_refresh",  # a retired refresh token came back: its whole family is now revoked
@@ -74,6 +77,24 @@ class AuthIssue(Request["AuthTokens"]):
     scopes: list[str] = dataclasses.field(default_factory=list)
     claims: dict[str, Any] = dataclasses.field(default_factory=dict)
     refresh: bool = True
+
+
+@message("auth.issue_subscription")
+class AuthIssueSubscription(Request["AuthTokens"]):
+    """Issue a subscription token: it admits ``subject``'s WebSocket connections to ``room``.
+
+    The token (type ``subscription``, claim ``room``) is no access token, and an
+    access token is no subscription token. ``ttl``: seconds it is valid, by
+    default the access token lifetime, at most ``max_token_lifetime``::
+
+        ticket = system.ask(AuthIssueSubscription(subject="user:42", room="game:7"))
+        # the browser sends {"type": "join", "room": "game:7", "token": ticket.access_token}
+    """
+
+    manager = "auth"
+    subject: str
+    room: str
+    ttl: Ttl | None = None
 
 
 @message("auth.tokens")

@@ -70,7 +70,8 @@ class WsRoomJoined(Reply):
     """A connection is in the room; ``recovered`` is None when no offset was given.
 
     ``count`` is the room's members on this daemon, or -1 when the connection is
-    attached to another daemon, to which the join was forwarded.
+    attached to another daemon, to which the join was forwarded (the join lands
+    there moments later).
     """
 
     room: str
@@ -83,10 +84,11 @@ class WsRoomJoined(Reply):
 
 @message("ws.join_room")
 class WsJoinRoom(Request[WsRoomJoined]):
-    """Put a connection (attached to any daemon) in a room.
+    """Put a connection (attached to any daemon) in a room, whatever the room policies say.
 
-    With ``since`` (the last offset the client saw) and ``epoch``, the client
-    first receives what it missed from the room's history, or a ``gap`` frame.
+    ``NotFound`` when no daemon has the connection. With ``since`` (the last offset the
+    client saw) and ``epoch``, the client first receives what it missed from the room's
+    history, or a ``gap`` frame.
     """
 
     manager = "websocket"

@@ -37,6 +37,7 @@ import math
 import secrets
 import threading
 import time
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NoReturn
 
@@ -55,6 +56,7 @@ from corral.messages.auth import (
     AuthClaims,
     AuthIsRevoked,
     AuthIssue,
+    AuthIssueSubscription,
     AuthRefresh,
     AuthRevocation,
     AuthRevoke,
@@ -80,6 +82,8 @@ RESERVED_CLAIMS = frozenset(
     {"exp", "iat", "nbf", "sub", "jti", "aud", "iss", "type", "fam", "scope"}
 )
 """Claims corral sets itself; ``AuthIssue.claims`` may not name them."""
+
+_TOKEN_TYPES = typing.get_args(TokenType)
 
 # pyjwt's errors by the reason code they answer with; subclasses before their bases.
 _REASONS: tuple[tuple[type[Exception], str], ...] = (
@@ -286,6 +290,25 @@ class AuthManager(Manager):
                 path="claims",
             )
 
+    @handles(AuthIssueSubscription)
+    def issue_subscription(self, msg: AuthIssueSubscription) -> AuthTokens:
+        if not msg.subject:
+            raise InvalidMessage("must not be empty", path="subject")
+        if not msg.room:
+            raise InvalidMessage("must not be empty", path="room")
+        ttl = self.settings.access_ttl if msg.ttl is None else math.ceil(msg.ttl)
+        if ttl > self.settings.max_token_lifetime:
+            raise InvalidMessage(
+                f"must be <= max_token_lifetime ({self.settings.max_token_lifetime} s)", path="ttl"
+            )
+        extra = {"room": msg.room}
+        self._check_claims(msg.subject, extra)
+        self.counts["issued"] += 1
+        return AuthTokens(
+            access_token=self._sign(msg.subject, "subscription", None, extra, ttl=ttl),
+            expires_in=ttl,
+        )
+
     @handles(AuthValidate)
     def validate(self, msg: AuthValidate) -> AuthClaims:
         payload = self._verified(msg.token, msg.token_type)
@@ -368,9 +391,12 @@ class AuthManager(Manager):
         family: str | None,
         extra: dict[str, Any],
         jti: str | None = None,
+        *,
+        ttl: int | None = None,
     ) -> str:
         now = int(time.time())
-        ttl = self.settings.access_ttl if token_type == "access" else self.settings.refresh_ttl
+        if ttl is None:
+            ttl = self.settings.refresh_ttl if token_type == "refresh" else self.settings.access_ttl
         jti = jti or secrets.token_urlsafe(16)
         payload = {**extra, "sub": subject, "iat": now, "exp": now + ttl, "jti": jti}
         payload["type"] = token_type
@@ -417,10 +443,12 @@ class AuthManager(Manager):
             reason = next((r for kind, r in _REASONS if isinstance(exc, kind)), "malformed")
             self._reject(reason, f"{type(exc).__name__}: {exc}")
         kind = payload["type"]
-        if kind not in ("access", "refresh") or (token_type is not None and kind != token_type):
+        if kind not in _TOKEN_TYPES or (token_type is not None and kind != token_type):
             self._reject("wrong_token_type", f"expected an {token_type} token, got {kind!r:.20}")
         if kind == "refresh" and not isinstance(payload.get("fam"), str):
             self._reject("missing_claim", "a refresh token needs its family (fam)")
+        if kind == "subscription" and not isinstance(payload.get("room"), str):
+            self._reject("missing_claim", "a subscription token needs its room")
         if not isinstance(payload.get("fam", ""), str) or not isinstance(payload["exp"], int):
             self._reject("bad_claim", "fam must be a string and exp an integer")
         issued = payload["iat"]

@@ -8,6 +8,9 @@ Configure it, and the daemon serves ``/ws`` on its port::
 
 Browsers speak the JSON protocol of docs/websocket-protocol.md; embedding
 services send :mod:`corral.messages.websocket` messages (``EmitToRoom`` ...).
+Rooms are closed to clients unless ``room_policies`` open them (by default only
+each user's ``user:{sub}``) or a subscription token names them; ``JoinRoom``
+from the service is never refused.
 """
 
 from __future__ import annotations

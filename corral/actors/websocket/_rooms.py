@@ -84,11 +84,17 @@ class Rooms(Protocol):
 
     def members(self, room: str) -> list[dict[str, Any]]: ...
 
-    def refresh(self, rooms: dict[str, list[str]], users: dict[str, dict[str, str]]) -> None: ...
+    def refresh(
+        self, node: str, rooms: dict[str, list[str]], connections: dict[str, str]
+    ) -> None: ...
 
     def user_connections(self, user: str) -> dict[str, str]: ...
 
-    def forget_user(self, user: str, connection_id: str) -> None: ...
+    def add_connection(self, node: str, connection_id: str, user: str) -> None: ...
+
+    def has_connection(self, node: str, connection_id: str) -> bool: ...
+
+    def forget_connection(self, node: str, user: str, connection_id: str) -> None: ...
 
 
 @dataclass
@@ -145,13 +151,19 @@ class MemoryRooms:
         state = self.rooms.get(room)
         return list(state.members.values()) if state is not None else []
 
-    def refresh(self, rooms: dict[str, list[str]], users: dict[str, dict[str, str]]) -> None:
-        self.users = {user: dict(conns) for user, conns in users.items()}
+    def refresh(self, node: str, rooms: dict[str, list[str]], connections: dict[str, str]) -> None:
+        self.users = _by_user(node, connections)
 
     def user_connections(self, user: str) -> dict[str, str]:
         return dict(self.users.get(user, {}))
 
-    def forget_user(self, user: str, connection_id: str) -> None:
+    def add_connection(self, node: str, connection_id: str, user: str) -> None:
+        self.users.setdefault(user, {})[connection_id] = node
+
+    def has_connection(self, node: str, connection_id: str) -> bool:
+        return any(connection_id in conns for conns in self.users.values())
+
+    def forget_connection(self, node: str, user: str, connection_id: str) -> None:
         self.users.get(user, {}).pop(connection_id, None)
 
 
@@ -273,6 +285,9 @@ class RedisRooms:
     def _user_key(self, user: str) -> str:
         return f"{self.namespace}:{{ws:user:{user}}}:connections"
 
+    def _node_key(self, node: str) -> str:
+        return f"{self.namespace}:{{ws:node:{node}}}:connections"
+
     def touch(self, room: str) -> tuple[int, str]:
         offset, epoch = self._touch(
             keys=self._keys(room, "offset", "epoch"), args=[_new_epoch(), self.ttl]
@@ -346,8 +361,11 @@ class RedisRooms:
         found: list[dict[str, Any]] = [json.loads(item) for item in raw]
         return sorted(found, key=lambda m: str(m["connection_id"]))
 
-    def refresh(self, rooms: dict[str, list[str]], users: dict[str, dict[str, str]]) -> None:
-        """Push this daemon's presence entries TTL forward (one pipelined round trip)."""
+    def refresh(self, node: str, rooms: dict[str, list[str]], connections: dict[str, str]) -> None:
+        """Push this daemon's presence entries TTL forward (one pipelined round trip).
+
+        ``connections``: this daemon's connection ids and their users.
+        """
         expiry = _now_ms() + self.presence_ttl_ms
         with self.client.pipeline(transaction=False) as pipe:
             for room, connection_ids in rooms.items():
@@ -359,18 +377,34 @@ class RedisRooms:
                     pipe.pexpire(key, self.presence_ttl_ms * 2)
                 for key in (offset, epoch, history):
                     pipe.expire(key, self.ttl)
-            for user, connections in users.items():
-                if connections:
-                    pipe.hset(self._user_key(user), mapping=dict(connections.items()))
-                    pipe.pexpire(self._user_key(user), self.presence_ttl_ms * 2)
+            for user, nodes in _by_user(node, connections).items():
+                pipe.hset(self._user_key(user), mapping=dict(nodes.items()))
+                pipe.pexpire(self._user_key(user), self.presence_ttl_ms * 2)
+            if connections:
+                pipe.hset(self._node_key(node), mapping=dict(connections.items()))
+                pipe.pexpire(self._node_key(node), self.presence_ttl_ms * 2)
             pipe.execute()
 
     def user_connections(self, user: str) -> dict[str, str]:
         raw = self.client.hgetall(self._user_key(user))
         return {_text(k): _text(v) for k, v in raw.items()}
 
-    def forget_user(self, user: str, connection_id: str) -> None:
-        self.client.hdel(self._user_key(user), connection_id)
+    def add_connection(self, node: str, connection_id: str, user: str) -> None:
+        """Record a connection of ``node`` at once, so that any daemon can find it."""
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.hset(self._node_key(node), connection_id, user)
+            pipe.pexpire(self._node_key(node), self.presence_ttl_ms * 2)
+            pipe.execute()
+
+    def has_connection(self, node: str, connection_id: str) -> bool:
+        """Whether ``node`` holds the connection (and has refreshed it within the presence TTL)."""
+        return bool(self.client.hexists(self._node_key(node), connection_id))
+
+    def forget_connection(self, node: str, user: str, connection_id: str) -> None:
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.hdel(self._user_key(user), connection_id)
+            pipe.hdel(self._node_key(node), connection_id)
+            pipe.execute()
 
 
 def _entry_payload(fields: list[bytes], *, signed: bool) -> bytes:
@@ -379,6 +413,14 @@ def _entry_payload(fields: list[bytes], *, signed: bool) -> bytes:
     if signed and len(fields) == 4 and fields[2] == b"m":
         return fields[3] + frame
     return frame
+
+
+def _by_user(node: str, connections: dict[str, str]) -> dict[str, dict[str, str]]:
+    """``{connection id: user}`` of ``node`` as ``{user: {connection id: node}}``."""
+    users: dict[str, dict[str, str]] = {}
+    for connection_id, user in connections.items():
+        users.setdefault(user, {})[connection_id] = node
+    return users
 
 
 def _now_ms() -> int:

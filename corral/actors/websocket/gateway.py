@@ -5,7 +5,10 @@ socket (through the auth manager), then hands everything that needs a decision
 (join, leave, publish, presence, history) to the ``websocket`` actor with
 ``ask_async``. The actor hands frames back with ``loop.call_soon_threadsafe``
 (:meth:`Gateway.call`); the gateway writes them to each connection's bounded
-queue, so no send ever blocks the actor or another client. With ``signing_keys``
+queue, so no send ever blocks the actor or another client. A client's own ``join`` is
+admitted by the room policies or a subscription token, here, before the actor sees
+it; ``presence`` and ``history`` are answered only about rooms the client is in
+(see :mod:`._policies`). With ``signing_keys``
 (the codec's) it takes from the Redis channels only payloads signed with one of them::
 
     gateway = Gateway(system, options, redis_url="redis://...", namespace="corral")
@@ -25,13 +28,14 @@ import logging
 import secrets
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from aiohttp import WSMsgType, web
 
 from corral._redis import REDIS_ERRORS, AsyncRedis, subscriber_async
+from corral.actors.websocket._policies import RoomPolicies
 from corral.actors.websocket._signing import ChannelSigner
 from corral.errors import BackendUnavailable, CorralError, Unauthorized
 from corral.messages.auth import AuthValidate
@@ -47,7 +51,9 @@ from corral.messages.websocket import (
     WsTick,
 )
 
-__all__ = ["CLOSE_FLOODING", "CLOSE_SLOW", "CLOSE_UNAUTHORIZED", "Gateway", "gateway_for"]
+__all__ = [
+    "CLOSE_FLOODING", "CLOSE_SLOW", "CLOSE_UNAUTHORIZED", "FORBIDDEN", "Gateway", "gateway_for",
+]  # fmt: skip
 
 log = logging.getLogger("corral.websocket")
 
@@ -57,6 +63,8 @@ CLOSE_UNAUTHORIZED = 4401
 CLOSE_SLOW = 4008
 CLOSE_FLOODING = 4029
 CLOSE_GOING_AWAY = 1001
+FORBIDDEN = "forbidden"
+"""The ``code`` of the error frame that refuses a join, presence or history request."""
 
 _GATEWAYS: weakref.WeakKeyDictionary[object, Gateway] = weakref.WeakKeyDictionary()
 
@@ -83,6 +91,8 @@ class GatewayOptions(Protocol):
     def inbound_burst(self) -> int: ...
     @property
     def close_timeout(self) -> float: ...
+    @property
+    def room_policies(self) -> Mapping[str, str]: ...
 
 
 @dataclass(eq=False)
@@ -127,6 +137,7 @@ class Gateway:
         self.redis_url = redis_url
         self.tick_interval = tick_interval
         self.signer = ChannelSigner(signing_keys)
+        self.policies = RoomPolicies(options.room_policies)
         self.connections: dict[str, Connection] = {}
         self.rooms: dict[str, set[Connection]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -138,6 +149,7 @@ class Gateway:
         self.stopping = False
         self.counts = {
             "sent": 0, "slow": 0, "flooding": 0, "refused": 0, "accepted": 0, "forged": 0,
+            "forbidden": 0,
         }  # fmt: skip
         _GATEWAYS[system] = self
 
@@ -471,6 +483,20 @@ class Gateway:
         if build is None:
             self._error(conn, request_id, "unknown_type", f"unknown frame type {kind!r}")
             return
+        room = frame.get("room")
+        if not isinstance(room, str):
+            self._error(conn, request_id, "invalid_message", f"a {kind} frame needs a room name")
+            return
+        try:
+            refusal = await self._refusal(conn, str(kind), room, frame.get("token"))
+        except CorralError as exc:  # the auth manager could not check a token
+            self._error(conn, request_id, exc.code, str(exc))
+            return
+        if refusal is not None:
+            self.counts["forbidden"] += 1
+            message = f"not allowed to {kind} room {room!r}: {refusal}"
+            self._error(conn, request_id, FORBIDDEN, message, room=room, reason=refusal)
+            return
         try:
             request = build(conn.id, frame)
             reply = await self.system.ask_async(request)
@@ -483,6 +509,32 @@ class Gateway:
         answer = _ANSWERS.get(str(kind))
         if answer is not None:
             self._push(conn, _dumps({**answer(reply), "id": request_id}))
+
+    async def _refusal(self, conn: Connection, kind: str, room: str, token: Any) -> str | None:
+        """Why ``conn`` may not do ``kind`` in ``room``; None when it may.
+
+        A join needs a policy that admits the room, or a subscription token for
+        exactly this room and this user; presence and history need membership.
+        """
+        if kind in ("presence", "history"):
+            return None if room in conn.rooms else "not_a_member"
+        if kind != "join":
+            return None  # publish and leave: the actor checks membership
+        if token is None:
+            return self.policies.refusal(room, subject=conn.user)
+        if not isinstance(token, str):
+            return "malformed"
+        try:
+            claims = await self.system.ask_async(
+                AuthValidate(token=token, token_type="subscription")
+            )
+        except Unauthorized as exc:
+            return str(exc.details.get("reason", "unauthorized"))
+        if claims.claims.get("room") != room:
+            return "token_for_another_room"
+        if claims.subject != conn.user:
+            return "token_of_another_user"
+        return None
 
     async def _refresh(self, conn: Connection, token: Any, request_id: Any) -> None:
         if not isinstance(token, str):
@@ -502,10 +554,11 @@ class Gateway:
             conn, _dumps({"type": "refreshed", "expires_at": conn.expires_at, "id": request_id})
         )
 
-    def _error(self, conn: Connection, request_id: Any, code: str, message: str) -> None:
-        self._push(
-            conn, _dumps({"type": "error", "code": code, "message": message, "id": request_id})
-        )
+    def _error(
+        self, conn: Connection, request_id: Any, code: str, message: str, **details: str
+    ) -> None:
+        frame = {"type": "error", "code": code, "message": message, **details, "id": request_id}
+        self._push(conn, _dumps(frame))
 
     # -- the rooms' Redis channels, and this node's control channel -----------------------
 

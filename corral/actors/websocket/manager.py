@@ -10,6 +10,7 @@ ever waiting on a socket::
     class_path = "corral.actors.websocket:WebSocketManager"
     history_size = 100
     presence_ttl = 30.0
+    room_policies = { "user:{sub}" = "clients", "public:*" = "clients" }
 
     system.ask(EmitToRoom(room="orders", event="created", data={"id": 7}))
 """
@@ -26,6 +27,7 @@ from typing import Any, Literal
 
 from corral._redis import REDIS_ERRORS, SyncRedis, connect
 from corral.actors.base import Manager, handles
+from corral.actors.websocket._policies import RoomPolicies
 from corral.actors.websocket._rooms import MemoryRooms, RedisRooms, Rooms, frame_head
 from corral.actors.websocket._signing import ChannelSigner
 from corral.actors.websocket.gateway import CLOSE_UNAUTHORIZED, Gateway, gateway_for
@@ -80,6 +82,15 @@ class WebSocketOptions(Section):
     inbound_burst: int = field(default=100, metadata=_SIZE)
     max_rooms: int = field(default=100, metadata=_SIZE)
     close_timeout: float = field(default=1.0, metadata=_POSITIVE)
+    room_policies: dict[str, str] = field(default_factory=lambda: {"user:{sub}": "clients"})
+    """Room pattern -> who may join: ``clients`` or ``server`` (see ``_policies``)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            RoomPolicies(self.room_policies)
+        except ValueError as exc:
+            self._fail("room_policies", str(exc))
 
     @property
     def tick_interval(self) -> float:
@@ -173,6 +184,8 @@ class WebSocketManager(Manager):
         conn = self.conns.get(msg.connection_id)
         if conn is None:
             self.conns[msg.connection_id] = _Conn(user=msg.user, expires_at=msg.expires_at)
+            with self._backend():
+                self.rooms.add_connection(self.node, msg.connection_id, msg.user)
         else:  # a refreshed token
             conn.expires_at, conn.warned = msg.expires_at, False
         return WsAttached(connection_id=msg.connection_id)
@@ -185,7 +198,7 @@ class WebSocketManager(Manager):
         with self._backend():
             for room in list(conn.rooms):
                 self._leave(room, msg.connection_id, conn, tell_gateway=False)
-            self.rooms.forget_user(conn.user, msg.connection_id)
+            self.rooms.forget_connection(self.node, conn.user, msg.connection_id)
         return WsAck(count=1)
 
     @handles(WsTick)
@@ -201,11 +214,12 @@ class WebSocketManager(Manager):
                 deadline = conn.expires_at + self.opts.refresh_window
                 frame = {"type": "refresh_required", "deadline": deadline}
                 self._hand("send", cid, [_dumps(frame)])
-        users: dict[str, dict[str, str]] = {}
-        for cid, conn in self.conns.items():
-            users.setdefault(conn.user, {})[cid] = self.node
         with self._backend():
-            self.rooms.refresh({room: sorted(cids) for room, cids in self.local.items()}, users)
+            self.rooms.refresh(
+                self.node,
+                {room: sorted(cids) for room, cids in self.local.items()},
+                {cid: conn.user for cid, conn in self.conns.items()},
+            )
         return WsAck(count=len(self.conns))
 
     # -- rooms ----------------------------------------------------------------------------
@@ -216,7 +230,7 @@ class WebSocketManager(Manager):
         conn = self.conns.get(msg.connection_id)
         with self._backend():
             if conn is None:
-                self._forward("join", msg.connection_id, room=msg.room)
+                self._forward_known("join", msg.connection_id, room=msg.room)
                 offset, epoch = self.rooms.touch(msg.room)
                 return WsRoomJoined(
                     room=msg.room, connection_id=msg.connection_id, count=-1, offset=offset,
@@ -359,6 +373,17 @@ class WebSocketManager(Manager):
         """Queue a gateway call on the daemon's loop (nothing here waits on a socket)."""
         if self.gateway is not None:
             self.gateway.call(getattr(self.gateway, method), *args)
+
+    def _forward_known(self, op: str, connection_id: str, **fields: Any) -> None:
+        """Forward an order about a connection that must exist on another daemon, or NotFound."""
+        node = _node_of(connection_id)
+        if node == self.node or not self.rooms.has_connection(node, connection_id):
+            raise NotFound(f"no connection {connection_id!r}", {"connection_id": connection_id})
+        if not self._forward(op, connection_id, **fields):
+            raise NotFound(
+                f"connection {connection_id!r}: its daemon does not answer",
+                {"connection_id": connection_id},
+            )
 
     def _forward(self, op: str, connection_id: str, **fields: Any) -> int:
         """Send an order about another daemon's connection to that daemon's own channel."""
