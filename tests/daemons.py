@@ -4,7 +4,7 @@ read their logs, signal them, and wait for them to exit.
 ::
 
     with DaemonGroup(tmp_path, config_toml, count=3) as group:
-        client = corral.connect(group.url)
+        client = corral.connect(redis_url, namespace="ns")
         group.signal(0, signal.SIGTERM)
         assert group.wait(0) == 0
         assert "stopped cleanly" in group.log(0)

@@ -12,8 +12,7 @@ import os
 import time
 from typing import Any
 
-import redis
-
+from corral._redis import connect
 from corral.actors.base import Manager, handles
 from corral.messages.base import Reply, Request, message
 
@@ -33,17 +32,17 @@ class EffectDone(Reply):
     pid: int
 
 
-def _client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url)
+def _client(url: str) -> Any:
+    return connect(url)
 
 
 def effect_counts(url: str, namespace: str) -> dict[str, int]:
-    raw: dict[bytes, bytes] = _client(url).hgetall(f"{namespace}:test:effects")  # type: ignore[assignment]
+    raw: dict[bytes, bytes] = _client(url).hgetall(f"{namespace}:test:effects")
     return {k.decode(): int(v) for k, v in raw.items()}
 
 
 def effect_starts(url: str, namespace: str) -> dict[str, float]:
-    raw: dict[bytes, bytes] = _client(url).hgetall(f"{namespace}:test:started")  # type: ignore[assignment]
+    raw: dict[bytes, bytes] = _client(url).hgetall(f"{namespace}:test:started")
     return {k.decode(): float(v) for k, v in raw.items()}
 
 
@@ -59,7 +58,7 @@ class Effects(Manager):
 
     @handles(Effect)
     def effect(self, msg: Effect) -> EffectDone:
-        pipe = self.redis.pipeline()
+        pipe = self.redis.pipeline(transaction=False)
         pipe.hincrby(f"{self.prefix}:effects", msg.token, 1)
         pipe.hset(f"{self.prefix}:started", msg.token, repr(time.time()))
         pipe.execute()
@@ -81,13 +80,13 @@ class Tallied(Reply):
 
 def overlaps(url: str, namespace: str) -> list[str]:
     """Every time a Tally instance saw another live one: "<pid> saw <pids>"."""
-    raw: list[bytes] = _client(url).lrange(f"{namespace}:test:overlaps", 0, -1)  # type: ignore[assignment]
+    raw: list[bytes] = _client(url).lrange(f"{namespace}:test:overlaps", 0, -1)
     return [item.decode() for item in raw]
 
 
 def tally_starts(url: str, namespace: str) -> list[int]:
     """The pid of every Tally start, in order."""
-    raw: list[bytes] = _client(url).lrange(f"{namespace}:test:tally_starts", 0, -1)  # type: ignore[assignment]
+    raw: list[bytes] = _client(url).lrange(f"{namespace}:test:tally_starts", 0, -1)
     return [int(item) for item in raw]
 
 
