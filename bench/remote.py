@@ -9,12 +9,16 @@ server side in a process of its own:
   of the reply to a per-request list, the client ``LPUSH`` + ``BLPOP`` — the
   smallest request/reply one would write by hand with redis-py and msgpack.
 
-Figures: sequential round trip p50/p99, and throughput with 8 calling threads.
+Figures: sequential round trip p50/p99, and throughput with 8 calling threads; the
+cost of the run record a request that is not idempotent pays (``cache.set`` against
+``cache.get``); then the same throughput with 1 and with 3 daemons on the one Redis,
+with the daemons' CPU seconds per 1,000 requests (from ``/proc``).
 Run: ``python bench/remote.py``.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -29,7 +33,9 @@ import redis
 from _report import Row, percentiles, report
 
 import corral
+from corral.messages.cache import CacheGet, CacheSet
 from corral.messages.system import Ping
+from corral.remote import alive_key
 from tests.redis_server import RedisServer
 
 ROUND_TRIPS = 1_000
@@ -50,13 +56,25 @@ while True:
 
 def start_daemon(url: str, workdir: Path) -> subprocess.Popen[str]:
     config = workdir / "corral.toml"
-    config.write_text(f'[bus]\nbackend = "redis"\nurl = "{url}"\n[daemon]\nport = 0\n')
+    config.write_text(
+        f'[bus]\nbackend = "redis"\nurl = "{url}"\n[daemon]\nport = 0\n[managers.cache]\n'
+    )
     process = subprocess.Popen(
         [sys.executable, "-m", "corral.cli", "run", "-c", str(config), "--log-level", "WARNING"],
         stderr=subprocess.PIPE,
         text=True,
     )
     return process
+
+
+def wait_for_daemons(url: str, count: int) -> None:
+    """Until ``count`` daemons are in the alive set of system.ping's manager."""
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 30
+    while client.zcard(alive_key("corral", "system")) < count:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{count} daemons did not come up")
+        time.sleep(0.1)
 
 
 def wait_for_daemon(client: corral.Client) -> None:
@@ -68,6 +86,27 @@ def wait_for_daemon(client: corral.Client) -> None:
         except corral.errors.CorralError:
             time.sleep(0.1)
     raise SystemExit("the daemon did not come up")
+
+
+def cpu_seconds(processes: list[subprocess.Popen[str]]) -> float:
+    """User + system CPU seconds the processes have used so far."""
+    ticks = 0
+    for process in processes:
+        fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def throughput(
+    call: Callable[[], object], daemons: list[subprocess.Popen[str]]
+) -> tuple[float, float]:
+    """Asks per second with THREADS callers, and daemon CPU seconds per 1,000 asks."""
+    cpu_before = cpu_seconds(daemons)
+    with ThreadPoolExecutor(THREADS) as pool:
+        started = time.perf_counter()
+        list(pool.map(lambda _: call(), range(CONCURRENT)))
+        rate = CONCURRENT / (time.perf_counter() - started)
+    return rate, (cpu_seconds(daemons) - cpu_before) / CONCURRENT * 1000
 
 
 def measure(call: Callable[[], object]) -> tuple[float, float, float]:
@@ -86,7 +125,7 @@ def measure(call: Callable[[], object]) -> tuple[float, float, float]:
 
 def main() -> None:
     with RedisServer() as server, tempfile.TemporaryDirectory() as workdir:
-        daemon = start_daemon(server.url, Path(workdir))
+        daemons = [start_daemon(server.url, Path(workdir))]
         responder = subprocess.Popen([sys.executable, "-c", RESPONDER, server.url])
         plain = redis.Redis.from_url(server.url)
         try:
@@ -96,6 +135,12 @@ def main() -> None:
 
                 def corral_call() -> object:
                     return client.ask(Ping(payload=payload))
+
+                def cache_get() -> object:
+                    return client.ask(CacheGet(key="bench"))
+
+                def cache_set() -> object:
+                    return client.ask(CacheSet(key="bench", value="v"))
 
                 def plain_call() -> object:
                     reply_key = f"bench:reply:{uuid.uuid4().hex}"
@@ -109,11 +154,21 @@ def main() -> None:
                 for name, call in (("corral", corral_call), ("redis-py", plain_call)):
                     call()
                     results[name] = measure(call)
+                cache_set()
+                record = {
+                    name: measure(call) for name, call in (("get", cache_get), ("set", cache_set))
+                }
+                one = throughput(corral_call, daemons)
+                daemons += [start_daemon(server.url, Path(workdir)) for _ in range(2)]
+                wait_for_daemons(server.url, 3)
+                three = throughput(corral_call, daemons)
         finally:
             plain.lpush("bench:requests", msgpack.packb({"payload": b"stop", "reply": ""}))
             responder.wait(10)
-            daemon.terminate()
-            daemon.wait(30)
+            for daemon in daemons:
+                daemon.terminate()
+            for daemon in daemons:
+                daemon.wait(30)
     corral_p50, corral_p99, corral_rate = results["corral"]
     plain_p50, plain_p99, plain_rate = results["redis-py"]
     report(
@@ -125,6 +180,22 @@ def main() -> None:
         ],
         note="latency: lower is better. corral adds the daemon liveness check, a consumer "
         "group, validation and signing-ready envelopes.",
+    )
+    report(
+        "remote: the run record of a request that is not idempotent (cache.set vs cache.get)",
+        [
+            Row("round trip p50 (us)", record["set"][0] * 1e6, record["get"][0] * 1e6, "us"),
+            Row(f"throughput, {THREADS} threads", record["set"][2], record["get"][2], "asks/s"),
+        ],
+        note="cache.set records its start (one SET NX) before it runs, and its reply after.",
+    )
+    report(
+        "remote: 3 daemons on one Redis vs 1 (system.ping)",
+        [
+            Row(f"throughput, {THREADS} threads", three[0], one[0], "asks/s"),
+            Row("daemon CPU s per 1,000 asks", three[1], one[1], "s"),
+        ],
+        note=f"{os.cpu_count()} cores shared by Redis, the callers and the daemons.",
     )
 
 

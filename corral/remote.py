@@ -28,7 +28,8 @@ Handoff without loss or double execution:
   record when it finished, and refuses it with ``ManagerUnavailable`` (details
   ``outcome = "unknown"``) when it had started: it may have been applied, so it is
   not applied again. Idempotent requests (reads, ``@message(idempotent=True)``) are
-  simply run again. The same record refuses a request id sent twice.
+  simply run again. The same record answers a request id sent twice: from the record
+  once it finished, with ``Conflict`` (details ``duplicate``) while it runs.
 - **Drain.** :meth:`RequestServer.drain` stops reading (other daemons take new
   requests), finishes what it took, replies, and hands its singletons over.
 - **Singletons.** A manager placed ``singleton`` runs on the one daemon holding its
@@ -61,7 +62,7 @@ import redis
 
 from corral._redis import REDIS_ERRORS, connect, describe, execute_then_publish, topology
 from corral.actors.base import CallbackFuture
-from corral.errors import CorralError, InvalidMessage, ManagerUnavailable
+from corral.errors import Conflict, CorralError, InvalidMessage, ManagerUnavailable
 from corral.messages.base import MAX_TIMEOUT, ErrorReply, Message, Reply, validate
 from corral.messages.codec import Codec, Envelope
 from corral.system import System
@@ -557,13 +558,26 @@ class RequestServer:
             self.counts["answered_from_record"] += 1
             self._finish(_Outcome(entry, recorded=previous[1:]))
             return False
+        starter = previous[1:].decode(errors="replace")
+        if self._is_alive(starter, entry.manager):
+            # The same request id again while its first run goes on: a resubmission,
+            # or a replay. Its first run answers.
+            self._answer(
+                entry,
+                None,
+                Conflict(
+                    "a request with this id is already running; it is answered once",
+                    {"manager": entry.manager, "duplicate": True},
+                ),
+            )
+            return False
         self.counts["unknown_outcome"] += 1
         log.warning(
             "request %s on %s was started by daemon %s, which stopped before answering; "
             "not running it again",
             entry.entry_id,
             entry.stream,
-            previous[1:].decode(errors="replace"),
+            starter,
         )
         self._answer(
             entry,
@@ -575,6 +589,17 @@ class RequestServer:
             ),
         )
         return False
+
+    def _is_alive(self, daemon_id: str, manager: str) -> bool:
+        """Whether a daemon's heartbeat is current (on Redis time); True if Redis fails."""
+        if daemon_id == self.daemon_id:
+            return True
+        try:
+            seconds, microseconds = self._redis.time()
+            expires = self._redis.zscore(alive_key(self.namespace, manager), daemon_id)
+        except REDIS_ERRORS:
+            return True
+        return expires is not None and expires >= seconds * 1000 + microseconds // 1000
 
     def _record_ttl_ms(self, entry: _Entry) -> int:
         if not entry.deadline_ms:

@@ -36,7 +36,7 @@ from corral.messages.codec import Codec
 from corral.messages.system import Ping, Pong, SupervisorChildChanged
 from corral.remote import GROUP, stream_key
 from tests.redis_server import RedisServer
-from tests.support import Work, next_event, wait_until
+from tests.support import Done, Work, next_event, wait_until
 
 
 def daemon_config(url: str, **managers: ManagerSection) -> Config:
@@ -388,3 +388,72 @@ def test_a_full_mailbox_does_not_hold_up_other_managers(redis_server: RedisServe
             remote.tell(Work())  # ... and these wait for room in its mailbox
         assert remote.ask(Ping(payload=b"p"), timeout=2).payload == b"p"
         gate.set()
+
+
+def test_a_request_sent_twice_runs_once_and_is_answered_from_its_record(
+    daemon: Daemon, client: Client, redis_server: RedisServer
+) -> None:
+    raw = redis.Redis.from_url(redis_server.url)
+    replies = raw.pubsub()  # type: ignore[no-untyped-call]
+    replies.ssubscribe("rt:reply.twice")
+    data = Codec().encode(Work(), reply_to="reply.twice")
+    deadline = int((time.time() + 10) * 1000)
+
+    def next_reply() -> bytes:
+        while True:
+            item = replies.get_message(timeout=5)
+            assert item is not None
+            if item["type"] == "smessage":
+                return bytes(item["data"])
+
+    # The same request id twice, as a replay or a resubmission would send it.
+    raw.xadd(stream_key("rt", "worker"), {"m": data, "d": deadline})
+    first = next_reply()
+    raw.xadd(stream_key("rt", "worker"), {"m": data, "d": deadline})
+    assert next_reply() == first  # the second is answered from the record
+    reply = Codec().decode(first).message
+    assert isinstance(reply, Done) and reply.handled == 1
+    assert client.ask(Work()).handled == 2  # the worker ran the first one only
+    assert daemon.remote is not None
+    assert daemon.remote.counts["answered_from_record"] == 1
+    replies.close()
+
+
+def test_a_request_sent_again_while_it_runs_runs_once(
+    daemon: Daemon, redis_server: RedisServer
+) -> None:
+    raw = redis.Redis.from_url(redis_server.url)
+    replies = raw.pubsub()  # type: ignore[no-untyped-call]
+    replies.ssubscribe("rt:reply.again")
+    data = Codec().encode(Work(action="sleep", seconds=0.5), reply_to="reply.again")
+    deadline = int((time.time() + 10) * 1000)
+    for _ in range(2):
+        raw.xadd(stream_key("rt", "worker"), {"m": data, "d": deadline})
+    answers: list[Message] = []
+    while len(answers) < 2:
+        item = replies.get_message(timeout=5)
+        assert item is not None, answers
+        if item["type"] == "smessage":
+            answers.append(Codec().decode(item["data"]).message)
+    done = [a for a in answers if isinstance(a, Done)]
+    assert done and all(d.handled == 1 for d in done)  # one run, whoever answers
+    # The second is answered from the record if the first had finished when it came
+    # up, else refused as a duplicate of a request still running.
+    others = [a for a in answers if not isinstance(a, Done)]
+    for other in others:
+        assert isinstance(other, ErrorReply) and other.code == "conflict", other
+        assert other.details["duplicate"] is True
+    replies.close()
+
+
+def test_an_idempotent_request_sent_twice_runs_twice(
+    daemon: Daemon, redis_server: RedisServer
+) -> None:
+    raw = redis.Redis.from_url(redis_server.url)
+    data = Codec().encode(Ping(payload=b"p"))
+    for _ in range(2):
+        raw.xadd(stream_key("rt", "system"), {"m": data, "d": 0})
+    wait_until(lambda: raw.xlen(stream_key("rt", "system")) == 0)
+    assert daemon.remote is not None
+    assert daemon.remote.counts["answered_from_record"] == 0
+    assert not raw.keys("rt:{req:system}:ran:*")  # reads leave no run record
