@@ -26,12 +26,15 @@ import click
 import httpx
 
 from corral import __version__
-from corral._redis import check_writable, redact
+from corral._redis import REDIS_ERRORS, check_writable, describe, redact
+from corral._redis import connect as connect_redis
 from corral.client import Client, connect
 from corral.config import Config, ConfigWarning, load_config
 from corral.daemon import Daemon
 from corral.errors import ConfigError, CorralError, InvalidMessage
 from corral.messages.base import TIMEOUT, Event, Message, Request, lookup, registered
+from corral.messages.codec import Codec
+from corral.messages.system import DEAD_LETTERS_CAP, dead_letters_key
 from corral.system import plan
 
 log = logging.getLogger("corral")
@@ -453,6 +456,42 @@ def events(
 
 def _interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
+
+
+@main.command(name="dead-letters")
+@config_option
+@click.option("--url", default=None, help="Redis URL of the daemons (default: bus.url).")
+@click.option("--limit", type=click.IntRange(1, DEAD_LETTERS_CAP), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per dead letter.")
+def dead_letters(config_path: str | None, url: str | None, limit: int, as_json: bool) -> None:
+    """List the latest requests from outside that crashed a manager (newest last).
+
+    Each is refused without running when sent again to the daemon it crashed.
+    """
+    config = _load(config_path)
+    if url is None and config.bus.backend != "redis":
+        raise click.UsageError(
+            "dead letters are kept in Redis: pass --url redis://HOST:PORT/DB "
+            'or set bus.backend = "redis" and bus.url in the config'
+        )
+    client = connect_redis(url or config.bus.url, setting="--url")
+    codec = Codec(keys=[k.encode() for k in config.codec.signing_keys])
+    key = dead_letters_key(config.bus.namespace)
+    try:
+        entries: Any = client.xrevrange(key, count=limit)
+    except REDIS_ERRORS as exc:
+        raise click.ClickException(describe(exc, redact(url or config.bus.url))) from None
+    finally:
+        client.close()
+    if not entries:
+        click.echo(f"no dead letters in {key}", err=True)
+    for _, fields in reversed(entries):
+        try:
+            letter = codec.decode(fields.get(b"m", b"")).message
+        except InvalidMessage as exc:
+            click.echo(f"(an entry that does not decode: {exc})", err=True)
+            continue
+        click.echo(render(letter, as_json))
 
 
 @main.group(name="config")

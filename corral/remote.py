@@ -234,7 +234,7 @@ class RequestServer:
         self.connected = False
         self.counts = {
             "served": 0, "expired": 0, "rejected": 0, "claimed": 0, "dropped": 0, "errors": 0,
-            "unknown_outcome": 0, "answered_from_record": 0,
+            "unknown_outcome": 0, "answered_from_record": 0, "quarantined": 0,
         }  # fmt: skip
 
     @property
@@ -503,6 +503,19 @@ class RequestServer:
         if self._expired(entry, now):
             return
         message = envelope.message
+        poison = self.system.supervisor.quarantined(message)
+        if poison is not None:
+            self.counts["quarantined"] += 1
+            self._answer(
+                entry,
+                None,
+                InvalidMessage(
+                    f"this {message.type_name} crashed manager {entry.manager!r} before: "
+                    "refused without running it (see corral dead-letters)",
+                    details={"fingerprint": poison},
+                ),
+            )
+            return
         if not message.idempotent:
             entry.record = record_key(self.namespace, entry.manager, envelope.id)
         remaining = min(MAX_TIMEOUT, max(0.001, deadline / 1000 - now)) if deadline else None
@@ -510,7 +523,9 @@ class RequestServer:
             self._blocking.submit(self._ask_blocking, entry, message, remaining)
             return
         callback = CallbackFuture(
-            functools.partial(self._answer, entry), admit=functools.partial(self._admit, entry)
+            functools.partial(self._answer, entry),
+            admit=functools.partial(self._admit, entry),
+            sender=f"{envelope.reply_to or 'a tell'} through daemon {self.daemon_id}",
         )
         if self.system.try_dispatch(message, callback):
             return

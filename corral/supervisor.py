@@ -19,6 +19,16 @@ not answer the liveness probe within ``probe_timeout`` (replaced, and its
 thread reported). A restarted child takes over its predecessor's mailbox, so a
 restart is invisible to callers except for the request that was in flight.
 
+Requests from outside the process are untrusted input, not the process's own
+bugs. OTP would count a crash they cause like any other, and a client repeating a
+poison message would make the supervisor give up on a manager that serves everyone
+else (and, once the intensity is exceeded, stop the daemon). Here a crash on a
+request whose future names a ``sender`` (:class:`~corral.actors.base.CallbackFuture`)
+is a dead letter: published as :class:`~corral.messages.system.DeadLetter` and kept
+by ``on_dead_letter``; the same request sent again is refused without reaching the
+manager (:meth:`Supervisor.quarantined`); and the crash does not count towards the
+restart intensity. The manager still restarts, as its state may be corrupt.
+
 All lifecycle work happens on one control thread; callers only read state.
 """
 
@@ -26,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import heapq
 import itertools
 import logging
@@ -33,7 +44,7 @@ import queue
 import random
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -42,11 +53,12 @@ from pykka import ActorRef, ActorRegistry
 from pykka._envelope import Envelope
 from pykka.messages import _ActorStop
 
-from corral.actors.base import PROBE, Manager, ManagerContext, Router
+from corral.actors.base import PROBE, CallbackFuture, Manager, ManagerContext, Router
 from corral.errors import ConfigError, ManagerUnavailable
-from corral.messages.base import Event
+from corral.messages.base import Event, Message
 from corral.messages.system import (
     ChildStatus,
+    DeadLetter,
     Health,
     HealthChanged,
     HealthStatus,
@@ -185,11 +197,14 @@ class Supervisor:
         publish: Callable[[str, Event], None] | None = None,
         on_escalate: Callable[[str], None] | None = None,
         standby: Collection[str] = (),
+        on_dead_letter: Callable[[DeadLetter], None] | None = None,
     ) -> None:
         self.policy = policy or SupervisorPolicy()
         self.router = router
         self._publish = publish
         self._on_escalate = on_escalate
+        self._on_dead_letter = on_dead_letter
+        self._quarantine: OrderedDict[str, None] = OrderedDict()
         self._children = {spec.name: _Child(spec, i) for i, spec in enumerate(start_order(specs))}
         self._order = list(self._children.values())
         unknown = set(standby) - set(self._children)
@@ -305,6 +320,49 @@ class Supervisor:
             return True
         thread.join(timeout)
         return not thread.is_alive()
+
+    # -- dead letters -------------------------------------------------------------------
+
+    def quarantined(self, message: Message) -> str | None:
+        """The fingerprint of ``message`` if the same request crashed its manager before."""
+        if not self._quarantine:
+            return None
+        found = fingerprint(message)
+        return found if found in self._quarantine else None
+
+    def _dead_letter(self, child: _Child, actor: Manager, failure: BaseException) -> bool:
+        """Quarantine and report the request from outside that crashed ``actor``, if any."""
+        envelope = actor.current_envelope
+        future = envelope.reply_to if envelope is not None else None
+        if envelope is None or not isinstance(future, CallbackFuture) or not future.sender:
+            return False
+        message = envelope.message
+        mark = fingerprint(message)
+        self._quarantine[mark] = None
+        while len(self._quarantine) > QUARANTINE_SIZE:
+            self._quarantine.popitem(last=False)
+        letter = DeadLetter(
+            child=child.spec.name,
+            message_type=getattr(message, "type_name", type(message).__name__),
+            message=repr(message)[:DEAD_LETTER_TEXT],
+            error=_describe(failure)[:DEAD_LETTER_TEXT],
+            sender=future.sender,
+            fingerprint=mark,
+            at=time.time(),
+        )
+        log.warning(
+            "manager %s crashed on %s from %s: dead-lettered, and refused if sent again",
+            child.spec.name,
+            letter.message_type,
+            future.sender,
+        )
+        self._emit("supervisor.dead_letter", letter)
+        if self._on_dead_letter is not None:
+            try:
+                self._on_dead_letter(letter)
+            except Exception:
+                log.warning("could not keep a dead letter", exc_info=True)
+        return True
 
     # -- routing --------------------------------------------------------------------------
 
@@ -587,6 +645,7 @@ class Supervisor:
                 _describe(failure) if failure else "stopped",
                 abnormal=failure is not None,
                 leftovers=leftovers,
+                counted=failure is None or not self._dead_letter(child, actor, failure),
             )
 
     def _rehome(self, child: _Child, leftovers: list[Envelope[Any]]) -> None:
@@ -626,8 +685,16 @@ class Supervisor:
         ActorRegistry.unregister(actor.actor_ref)
 
     def _child_down(
-        self, child: _Child, reason: str, *, abnormal: bool, leftovers: list[Envelope[Any]]
+        self,
+        child: _Child,
+        reason: str,
+        *,
+        abnormal: bool,
+        leftovers: list[Envelope[Any]],
+        counted: bool = True,
     ) -> None:
+        """A child is down: restart it (or not) per its policy. ``counted``: the crash
+        counts towards the restart intensity (a dead letter's does not)."""
         child.last_error = reason if abnormal else child.last_error
         child.pending.extend(leftovers)
         restart = child.spec.restart == "permanent" or (
@@ -643,23 +710,24 @@ class Supervisor:
         if abnormal:
             self._lifecycle(child, "failed", reason)
         now = time.monotonic()
-        self._restart_times.append(now)
-        while self._restart_times and self._restart_times[0] < now - self.policy.period:
-            self._restart_times.popleft()
-        if len(self._restart_times) > self.policy.max_restarts:
-            self._escalate(
-                f"{len(self._restart_times)} restarts within {self.policy.period:g}s "
-                f"(max {self.policy.max_restarts}); last: {child.spec.name}: {reason}"
-            )
-            return
-        child.restart_times.append(now)
+        if counted:
+            self._restart_times.append(now)
+            while self._restart_times and self._restart_times[0] < now - self.policy.period:
+                self._restart_times.popleft()
+            if len(self._restart_times) > self.policy.max_restarts:
+                self._escalate(
+                    f"{len(self._restart_times)} restarts within {self.policy.period:g}s "
+                    f"(max {self.policy.max_restarts}); last: {child.spec.name}: {reason}"
+                )
+                return
+            child.restart_times.append(now)
         while child.restart_times and child.restart_times[0] < now - self.policy.period:
             child.restart_times.popleft()
         group = self._restart_group(child)
         for other in reversed(group):
             if other is not child:
                 self._stop_child(other, then="restarting")
-        delay = self._backoff(len(child.restart_times))
+        delay = self._backoff(len(child.restart_times)) if counted else 0.0
         log.info("restarting %s in %.3fs", ", ".join(c.spec.name for c in group), delay)
         self._schedule(delay, lambda: self._restart(group))
 
@@ -771,6 +839,18 @@ class Supervisor:
         self._abandon(actor)
         self._lifecycle(child, "hung", reason)
         self._child_down(child, reason, abnormal=True, leftovers=actor.mailbox.drain())
+
+
+QUARANTINE_SIZE = 10_000
+"""How many poison requests a supervisor remembers (the oldest are forgotten first)."""
+
+DEAD_LETTER_TEXT = 4096
+"""How much of a dead letter's request and error is kept."""
+
+
+def fingerprint(message: Message) -> str:
+    """Identifies a request by its type and fields (not its id): the same one sent again."""
+    return hashlib.blake2b(repr(message).encode(), digest_size=16).hexdigest()
 
 
 def _describe(exc: BaseException) -> str:

@@ -21,7 +21,10 @@ import asyncio
 import dataclasses
 import importlib
 import logging
+import os
+import socket
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
@@ -30,6 +33,7 @@ import pykka
 from pykka._envelope import Envelope
 
 from corral._events import EventsMixin
+from corral._redis import REDIS_ERRORS, connect
 from corral.actors import BUILTIN
 from corral.actors.base import AsyncioFuture, Mailbox, Manager
 from corral.bus import Bus, MemoryBus, RedisBus
@@ -37,7 +41,12 @@ from corral.config import Config, ManagerSection, parse_options
 from corral.errors import ConfigError, Timeout
 from corral.messages.base import TIMEOUT, Message, Reply, Request, unwrap, validate
 from corral.messages.codec import Codec
-from corral.messages.system import SystemHealth
+from corral.messages.system import (
+    DEAD_LETTERS_CAP,
+    DeadLetter,
+    SystemHealth,
+    dead_letters_key,
+)
 from corral.supervisor import ChildSpec, Supervisor, SupervisorPolicy, start_order
 
 __all__ = ["System", "plan"]
@@ -45,6 +54,9 @@ __all__ = ["System", "plan"]
 log = logging.getLogger(__name__)
 
 R = TypeVar("R", bound=Reply)
+
+DEAD_LETTERS_KEPT = 1_000
+"""How many dead letters a System keeps in memory."""
 
 
 class System(EventsMixin):
@@ -93,7 +105,9 @@ class System(EventsMixin):
             publish=self.bus.publish,
             on_escalate=on_escalate,
             standby=singletons if singletons_by_lease else (),
+            on_dead_letter=self._keep_dead_letter,
         )
+        self._dead_letters: deque[DeadLetter] = deque(maxlen=DEAD_LETTERS_KEPT)
         self._started = False
 
     # -- building -------------------------------------------------------------------------
@@ -235,6 +249,31 @@ class System(EventsMixin):
     def health(self, *, timeout: float = 1.0) -> SystemHealth:
         """Every manager's Health and the supervisor's view, aggregated."""
         return self.supervisor.health(self._timeout(timeout))
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """The requests from outside that crashed a manager here, oldest first (the last
+        thousand; with the bus on Redis, every daemon's are in the stream that
+        ``corral dead-letters`` lists)."""
+        return list(self._dead_letters)
+
+    def _keep_dead_letter(self, letter: DeadLetter) -> None:
+        letter = dataclasses.replace(letter, daemon=f"{socket.gethostname()}:{os.getpid()}")
+        self._dead_letters.append(letter)
+        section = self.config.bus
+        if section.backend != "redis":
+            return
+        client = connect(section.url, setting="bus.url")
+        try:
+            client.xadd(
+                dead_letters_key(section.namespace),
+                {"m": self.codec.encode(letter)},
+                maxlen=DEAD_LETTERS_CAP,
+                approximate=True,
+            )
+        except REDIS_ERRORS as exc:
+            log.warning("could not write a dead letter to Redis: %s", exc)
+        finally:
+            client.close()
 
     # -- routing internals ----------------------------------------------------------------
 

@@ -461,6 +461,9 @@ def test_a_request_a_killed_daemon_had_started_is_refused_by_another_not_run_aga
             caller = threading.Thread(target=slow_request)
             caller.start()
             holder = wait_until(lambda: _holder(redis_server.url, stream_key("cli", "worker")))
+            # Its handler has begun: the daemon recorded the start.
+            raw = redis.Redis.from_url(redis_server.url)
+            wait_until(lambda: raw.keys("cli:{req:worker}:ran:*"))
             victim = daemons[holder]
             victim.kill()
             assert victim.wait(timeout=10) == -signal.SIGKILL

@@ -252,7 +252,9 @@ class CallbackFuture(pykka.Future[Any]):
     ``admit``, when given, is asked on the actor's thread right before the handler
     runs; False skips the request (``admit`` has then answered it, or left it to
     someone else). The remote server uses it to refuse a request past its deadline
-    and to record that a request has started::
+    and to record that a request has started. ``sender`` names who sent a request
+    from outside the process: one that crashes its manager is a dead letter, not a
+    bug of the process (see :mod:`corral.supervisor`)::
 
         future = CallbackFuture(on_reply, admit=lambda: time.time() < deadline)
     """
@@ -262,10 +264,12 @@ class CallbackFuture(pykka.Future[Any]):
         callback: Callable[[Any, BaseException | None], None],
         *,
         admit: Callable[[], bool] | None = None,
+        sender: str = "",
     ) -> None:
         super().__init__()
         self.callback = callback
         self.admit = admit
+        self.sender = sender
 
     def get(self, *, timeout: float | None = None) -> Any:  # pragma: no cover - never called
         raise NotImplementedError("CallbackFuture delivers through its callback")

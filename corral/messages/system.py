@@ -113,6 +113,37 @@ class SupervisorChildChanged(Event):
     restarts: Count = 0
 
 
+DEAD_LETTERS_CAP = 10_000
+"""How many dead letters the Redis stream keeps (the oldest are trimmed)."""
+
+
+def dead_letters_key(namespace: str) -> str:
+    """The Redis Stream of dead letters (field ``m``: an encoded :class:`DeadLetter`)."""
+    return f"{namespace}:dead-letters"
+
+
+@message("supervisor.dead_letter")
+class DeadLetter(Event):
+    """A request from outside the process that crashed its manager: published on
+    ``supervisor.dead_letter`` and kept in the dead-letter stream (``corral dead-letters``).
+
+    ``message`` is the request's fields as the manager got them, cut to the first 4 KiB
+    of their repr; ``fingerprint`` identifies the same request sent again, which is
+    refused without reaching the manager.
+    """
+
+    child: str
+    """The manager that crashed."""
+    message_type: str
+    message: str
+    error: str
+    sender: str
+    fingerprint: str
+    daemon: str = ""
+    at: float = 0.0
+    """Unix time of the crash."""
+
+
 @message("health.changed")
 class HealthChanged(Event):
     """Published on ``health.changed`` when the system's status changes."""
