@@ -485,6 +485,13 @@ class RequestServer:
         except (ValueError, InvalidMessage) as exc:
             self.counts["rejected"] += 1
             log.warning("rejected a remote request on %s: %s", entry.stream, exc)
+            reply_to = getattr(exc, "reply_to", None)
+            if isinstance(exc, InvalidMessage) and reply_to is not None:
+                # Its envelope is sound: tell the caller what is wrong with the message.
+                refusal = ErrorReply.of(exc)
+                entry.envelope = Envelope(refusal, exc.request_id, reply_to=reply_to)  # type: ignore[attr-defined]
+                self._finish(_Outcome(entry, refusal))
+                return
             self._finish(_Outcome(entry))
             return
         entry.envelope = envelope

@@ -18,7 +18,9 @@ import redis
 
 import corral
 from corral.actors import BUILTIN
-from corral.config import Config, ManagerSection, SystemSection
+from corral.client import Client
+from corral.config import BusSection, Config, DaemonSection, ManagerSection, SystemSection
+from corral.daemon import Daemon
 from corral.errors import (
     BackendUnavailable,
     Conflict,
@@ -237,7 +239,7 @@ def everything() -> Iterator[System]:
 _fresh = itertools.count()
 
 
-def _prepare(system: System, cls: type[Message], fields: dict[str, Any]) -> None:
+def _prepare(system: System | Client, cls: type[Message], fields: dict[str, Any]) -> None:
     """Put in place what the good values name: a state, a transaction, a connection, a token."""
     if cls is StateRegister and fields["state_id"] == "s1":  # a state of its own: no Conflict
         fields["state_id"] = f"new-{next(_fresh)}"
@@ -258,7 +260,7 @@ def _prepare(system: System, cls: type[Message], fields: dict[str, Any]) -> None
         fields["token"] = tokens.refresh_token if cls is AuthRefresh else tokens.access_token
 
 
-def _outcome(system: System, message: Any) -> tuple[str, str]:
+def _outcome(system: System | Client, message: Any) -> tuple[str, str]:
     """``ok``, or the code and text of the documented error the request was refused with."""
     try:
         system.ask(message, timeout=10)
@@ -279,6 +281,48 @@ def test_extreme_values_never_crash_a_manager(everything: System, cls: type[Mess
             assert cls is HealthCheck and text.startswith("no manager named"), note
         restarts = {n: c.restarts for n, c in everything.health().managers.items() if c.restarts}
         assert not restarts, f"{note} restarted {restarts}"
+    assert seen, cls.type_name
+
+
+@pytest.fixture(scope="module")
+def daemon_and_client(_shared_redis_server: RedisServer) -> Iterator[tuple[Daemon, Client]]:
+    """A daemon with every built-in manager on Redis, and a client that does not validate:
+    the daemon's own checks are all that stand between the input and the managers."""
+    url = _shared_redis_server.url.rsplit("/", 1)[0] + "/7"  # apart from per-test flushes
+    config = Config().replace(
+        managers=ALL_MANAGERS,
+        bus=BusSection(backend="redis", url=url, namespace="bounds"),
+        daemon=DaemonSection(port=0),
+    )
+    with (
+        Daemon(config) as daemon,
+        corral.connect(url, namespace="bounds", validate_messages=False) as client,
+    ):
+        yield daemon, client
+
+
+@pytest.mark.parametrize("cls", REQUESTS, ids=lambda cls: cls.type_name)
+def test_extreme_values_through_a_daemon_never_crash_a_manager(
+    daemon_and_client: tuple[Daemon, Client], cls: type[Message]
+) -> None:
+    daemon, client = daemon_and_client
+    seen: dict[str, int] = {}
+    for case, fields in variants(cls):
+        _prepare(client, cls, fields)
+        try:
+            message = cls(**fields)
+            client.codec.encode(message)
+        except (InvalidMessage, ValueError, TypeError, OverflowError):
+            continue  # msgpack cannot carry it: no daemon ever sees it
+        code, text = _outcome(client, message)
+        seen[code] = seen.get(code, 0) + 1
+        note = f"{cls.type_name} {case}: {code} {text[:200]}"
+        assert code != "manager_unavailable" or (  # a health check of no such manager
+            cls is HealthCheck and text.startswith(("no manager named", "no corral daemon"))
+        ), note
+        restarts = {n: c.restarts for n, c in daemon.system.health().managers.items() if c.restarts}
+        assert not restarts, f"{note} restarted {restarts}"
+    assert daemon.system.dead_letters() == []
     assert seen, cls.type_name
 
 

@@ -457,3 +457,14 @@ def test_an_idempotent_request_sent_twice_runs_twice(
     assert daemon.remote is not None
     assert daemon.remote.counts["answered_from_record"] == 0
     assert not raw.keys("rt:{req:system}:ran:*")  # reads leave no run record
+
+
+def test_a_request_with_a_bad_field_is_answered_with_why(
+    daemon: Daemon, redis_server: RedisServer
+) -> None:
+    with corral.connect(redis_server.url, namespace="rt", validate_messages=False) as remote:
+        started = time.monotonic()
+        with pytest.raises(corral.errors.InvalidMessage) as refused:
+            remote.ask(Work(seconds=float("inf")), timeout=10)
+        assert refused.value.path == "b.seconds"
+        assert time.monotonic() - started < 5  # an answer, not a timeout

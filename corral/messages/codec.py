@@ -204,16 +204,21 @@ class Codec:
             raise _fail("r", f"expected str or nil, got {type(reply_to).__name__}")
         if type(ts) is not int:
             raise _fail("ts", f"expected int, got {type(ts).__name__}")
-        if type(body) is not dict:
-            raise _fail("b", f"expected map, got {type(body).__name__}")
-        if cls.open_values:
-            # Typed fields bound the depth themselves; only ``Any`` values can nest freely.
-            self._check_depth(body)
-        if version < cls.wire_version:
-            body = cls.upgrade(body, version)
-        return _new_envelope(
-            Envelope, (cls._from_wire(body, "b"), msg_id, correlation, reply_to, ts, version)
-        )
+        try:
+            if type(body) is not dict:
+                raise _fail("b", f"expected map, got {type(body).__name__}")
+            if cls.open_values:
+                # Typed fields bound the depth themselves; only ``Any`` values can nest freely.
+                self._check_depth(body)
+            if version < cls.wire_version:
+                body = cls.upgrade(body, version)
+            message = cls._from_wire(body, "b")
+        except InvalidMessage as exc:
+            # A sound envelope around a bad message: whoever answers requests can tell
+            # the sender why.
+            exc.request_id, exc.reply_to = msg_id, reply_to  # type: ignore[attr-defined]
+            raise
+        return _new_envelope(Envelope, (message, msg_id, correlation, reply_to, ts, version))
 
     def _check_depth(self, body: dict[str, Any]) -> None:
         limit = self.max_depth
