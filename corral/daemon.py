@@ -41,6 +41,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from corral import __version__, dashboard
+from corral._junk import REJECTED
 from corral._redis import check_writable
 from corral.actors import websocket
 from corral.actors.base import LATENCY_BUCKETS
@@ -298,6 +299,14 @@ class _SystemCollector(Collector):
         stats = self.daemon.system.bus.stats()
         for key in ("published", "delivered", "dropped", "rejected", "reconnects"):
             yield CounterMetricFamily(f"corral_bus_{key}", f"Bus messages {key}", value=stats[key])
+        rejected = CounterMetricFamily(
+            "corral_rejected",
+            "Input from outside refused as junk, by where it came and what was wrong",
+            labels=["source", "kind"],
+        )
+        for (source, kind), count in sorted(REJECTED.counts().items()):
+            rejected.add_metric([source, kind], count)
+        yield rejected
         yield GaugeMetricFamily(
             "corral_bus_healthy",
             "1 when the bus is connected",

@@ -60,6 +60,7 @@ from typing import Any, cast
 
 import redis
 
+from corral._junk import REJECTED
 from corral._redis import REDIS_ERRORS, connect, describe, execute_then_publish, topology
 from corral.actors.base import CallbackFuture
 from corral.errors import Conflict, CorralError, InvalidMessage, ManagerUnavailable
@@ -473,9 +474,9 @@ class RequestServer:
             self._in_flight += 1
         try:
             self._take(entry, fields)
-        except Exception:
+        except Exception as exc:
             self.counts["rejected"] += 1
-            log.exception("could not take request %s on %s", entry_id, stream)
+            REJECTED.reject("remote", "untakeable", f"{entry_id!r} on {stream}: {exc!r:.200}", log)
             self._finish(_Outcome(entry))
 
     def _take(self, entry: _Entry, fields: dict[bytes, bytes]) -> None:
@@ -484,7 +485,7 @@ class RequestServer:
             envelope = self.codec.decode(fields.get(b"m", b""))
         except (ValueError, InvalidMessage) as exc:
             self.counts["rejected"] += 1
-            log.warning("rejected a remote request on %s: %s", entry.stream, exc)
+            REJECTED.reject("remote", _junk_kind(exc), f"on {entry.stream}: {exc}", log)
             reply_to = getattr(exc, "reply_to", None)
             if isinstance(exc, InvalidMessage) and reply_to is not None:
                 # Its envelope is sound: tell the caller what is wrong with the message.
@@ -498,7 +499,12 @@ class RequestServer:
         now = time.time()
         if not 0 <= deadline <= (now + MAX_TIMEOUT + CLOCK_SKEW) * 1000:
             self.counts["rejected"] += 1
-            log.warning("rejected a remote request on %s: deadline %.40s", entry.stream, deadline)
+            REJECTED.reject(
+                "remote", "bad_deadline", f"on {entry.stream}: {str(deadline)[:40]}", log
+            )
+            if envelope.reply_to is None:
+                self._finish(_Outcome(entry))
+                return
             problem = InvalidMessage(
                 f"the deadline must be 0 (none) or a unix time in ms at most "
                 f"{MAX_TIMEOUT} s ahead, got {str(deadline)[:40]}",
@@ -651,7 +657,7 @@ class RequestServer:
             return
         if error is not None:
             self.counts["dropped"] += 1
-            log.warning("dropped a remote tell of %s: %s", envelope.message.type_name, error)
+            REJECTED.reject("remote", "dropped_tell", f"{envelope.message.type_name}: {error}", log)
         self._finish(_Outcome(entry))
 
     def _finish(self, outcome: _Outcome) -> None:
@@ -718,6 +724,20 @@ class RequestServer:
                 log.warning("could not send replies (attempt %d): %s", attempt + 1, exc)
                 time.sleep(0.2 * (attempt + 1))
         self.counts["errors"] += 1
+
+
+def _junk_kind(exc: Exception) -> str:
+    """What kind of junk a request entry that does not decode is, for the counts."""
+    if not isinstance(exc, InvalidMessage):
+        return "bad_deadline"  # the one int() of the entry
+    path = exc.path
+    if path == "s":
+        return "bad_signature"
+    if path == "t":
+        return "unknown_type"
+    if path == "b" or path.startswith("b."):
+        return "invalid_message"
+    return "undecodable" if not path else "bad_envelope"
 
 
 def _unencodable(exc: InvalidMessage) -> ErrorReply:

@@ -1,0 +1,90 @@
+"""Junk from outside: refused, counted by kind, logged a few times, never fatal."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import msgpack
+import redis
+
+import corral
+from corral.messages.codec import Codec
+from corral.messages.system import Ping
+from corral.remote import GROUP, stream_key
+from tests.daemons import DaemonGroup, redis_daemons_config
+from tests.redis_server import RedisServer
+from tests.support import Work, wait_until
+
+MANAGERS = '[managers.worker]\nclass_path = "tests.support:Worker"\n[managers.cache]\n'
+PER_STREAM = 5_000
+
+
+def _junk(index: int) -> dict[str, bytes | int | str]:
+    """One junk request entry of a dozen kinds."""
+    codec = Codec()
+    kind = index % 8
+    if kind == 0:
+        return {"m": os.urandom(random.randint(0, 64)), "d": 0}
+    if kind == 1:
+        return {"x": b"no message field"}
+    if kind == 2:
+        return {"m": codec.encode(Ping()), "d": "soon"}
+    if kind == 3:
+        return {"m": codec.encode(Ping()), "d": 2**70}
+    if kind == 4:
+        return {"m": msgpack.packb([1, 2, 3]), "d": 0}
+    if kind == 5:
+        return {"m": msgpack.packb({"t": "no.such_type", "v": 1, "id": b"0" * 16, "b": {}}), "d": 0}
+    if kind == 6:  # a sound envelope, a bad field, a reply topic nobody reads
+        body = {"t": "test.work", "v": 1, "id": os.urandom(16), "r": "reply.void",
+                "b": {"seconds": "long"}}  # fmt: skip
+        return {"m": msgpack.packb(body), "d": 0}
+    return {"m": b"\xc1" * 10, "d": -1}
+
+
+def test_junk_in_every_request_stream_leaves_nothing_pending_and_few_log_lines(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    namespace = f"junk{uuid.uuid4().hex[:8]}"
+    config = redis_daemons_config(redis_server.url, namespace, MANAGERS)
+    raw = redis.Redis.from_url(redis_server.url)
+    managers = ["system", "worker", "cache", "supervisor"]
+    with DaemonGroup(tmp_path, config, count=1) as group:
+        started = time.monotonic()
+        for manager in managers:
+            pipe = raw.pipeline(transaction=False)
+            for index in range(PER_STREAM):
+                pipe.xadd(stream_key(namespace, manager), _junk(index))  # type: ignore[arg-type]
+            pipe.execute()
+
+        def drained() -> bool:
+            return all(raw.xlen(stream_key(namespace, m)) == 0 for m in managers)
+
+        wait_until(drained, timeout=120, interval=0.2)
+        elapsed = time.monotonic() - started
+        for manager in managers:
+            pending: dict[str, int] = raw.xpending(stream_key(namespace, manager), GROUP)
+            assert pending["pending"] == 0
+        with corral.connect(redis_server.url, namespace=namespace) as remote:
+            assert remote.ask(Ping(payload=b"still here")).payload == b"still here"
+            assert remote.ask(Work()).name == "worker"
+        log = group[0].log
+        assert "Traceback" not in log
+        junk_lines = [line for line in log.splitlines() if "rejected remote input" in line]
+        kinds = {re.search(r"\((\w+)\)", line).group(1) for line in junk_lines}  # type: ignore[union-attr]
+        # At most one line per kind per 10 s interval, and a last one per kind.
+        assert len(junk_lines) <= len(kinds) * (2 + elapsed / 10), junk_lines
+        metrics = httpx.get(f"{group[0].http_url}/metrics", timeout=10).text
+        counted = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("corral_rejected_total{") and 'source="remote"' in line
+        )
+        assert counted == len(managers) * PER_STREAM  # every entry, each counted once
+        assert group[0].process.poll() is None
