@@ -2,9 +2,14 @@
 
 On one host:port (default 127.0.0.1:8650) it serves:
 
-- ``GET /health``: ``{"status", "managers": {name: {...}}, "bus", "remote", ...}``,
-  200 when healthy or degraded, 503 when unhealthy or draining (stopping: load
-  balancers should send nothing more);
+- ``GET /livez``: 200 while the process and its event loop run (never waits on an
+  actor): Kubernetes' liveness probe;
+- ``GET /readyz``: 200 when started, its Redis reachable and not draining, else 503
+  with the reasons: the readiness probe;
+- ``GET /health``: ``{"status", "managers": {name: {"status", "details", "metrics",
+  "dependencies", ...}}, "bus", "remote", ...}`` from the supervisor's latest probes,
+  in milliseconds (``?fresh=1`` asks every actor now); 200 when healthy or degraded,
+  503 when unhealthy or draining (stopping: load balancers should send nothing more);
 - ``GET /metrics``: Prometheus text format (messages handled, errors, handler
   latency histogram, mailbox depth, restarts, bus counters, per manager, and every
   numeric metric a manager reports in its Health);
@@ -23,6 +28,7 @@ When the bus is on Redis it also serves remote requests from ``corral.connect()`
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import threading
@@ -74,6 +80,7 @@ class Daemon:
         self.system = System(self.config, on_escalate=on_escalate, singletons_by_lease=on_redis)
         self.remote: RequestServer | None = None
         self.draining = False
+        self.stopped = False
         if on_redis:
             daemon = self.config.daemon
             self.remote = RequestServer(
@@ -89,6 +96,8 @@ class Daemon:
         self.registry = CollectorRegistry()
         self.registry.register(_SystemCollector(self))
         self.app = web.Application()
+        self.app.router.add_get("/livez", self._livez)
+        self.app.router.add_get("/readyz", self._readyz)
         self.app.router.add_get("/health", self._health)
         self.app.router.add_get("/metrics", self._metrics)
         dashboard.mount(self)
@@ -154,8 +163,11 @@ class Daemon:
 
         Draining (``daemon.drain_timeout`` at most): stop taking remote requests, so that
         the other daemons take them, and answer those already taken. ``/health`` says
-        ``draining`` meanwhile.
+        ``draining`` meanwhile. Stopping again does nothing.
         """
+        if self.stopped:
+            return
+        self.stopped = True
         self.draining = True
         if self.remote is not None:
             self.remote.drain(self.config.daemon.drain_timeout if drain else 0)
@@ -175,9 +187,14 @@ class Daemon:
     def __exit__(self, *_exc_info: object) -> None:
         self.stop()
 
-    def health(self) -> tuple[dict[str, Any], int]:
-        """The /health document and its HTTP status."""
-        health = self.system.health(timeout=1.0)
+    def health(self, *, fresh: bool = False) -> tuple[dict[str, Any], int]:
+        """The /health document and its HTTP status.
+
+        From the supervisor's latest probes (``supervisor.probe_interval`` old at most),
+        so that it answers at once whatever the actors are doing; ``fresh`` asks every
+        actor now instead, waiting up to a second for a busy one.
+        """
+        health = self.system.health(timeout=1.0) if fresh else self.system.supervisor.snapshot()
         document = health_document(health)
         bus_ok = self.system.bus.healthy
         remote_ok = self.remote is None or self.remote.connected
@@ -203,17 +220,48 @@ class Daemon:
         document["uptime_s"] = round(time.monotonic() - self.started_at, 3)
         return document, 503 if document["status"] in ("unhealthy", "draining") else 200
 
-    async def _health(self, _request: web.Request) -> web.Response:
-        document, status = await asyncio.get_running_loop().run_in_executor(None, self.health)
-        return web.Response(
-            text=json.dumps(document, default=str), status=status, content_type="application/json"
-        )
+    async def _health(self, request: web.Request) -> web.Response:
+        fresh = request.query.get("fresh", "") not in ("", "0", "false")
+        if fresh:
+            document, status = await asyncio.get_running_loop().run_in_executor(
+                None, functools.partial(self.health, fresh=True)
+            )
+        else:
+            document, status = self.health()
+        return _json(document, status)
+
+    def ready(self) -> tuple[bool, list[str]]:
+        """Whether this daemon should get traffic, and why not."""
+        reasons = []
+        if self.draining:
+            reasons.append("draining")
+        if not self.system.supervisor.running:
+            reasons.append("starting" if self.system.supervisor.escalated is None else "escalated")
+        if not self.system.bus.healthy:
+            reasons.append("bus: Redis unreachable")
+        if self.remote is not None and not self.remote.connected:
+            reasons.append("remote requests: Redis unreachable")
+        return not reasons, reasons
+
+    async def _livez(self, _request: web.Request) -> web.Response:
+        return _json({"status": "alive"}, 200)
+
+    async def _readyz(self, _request: web.Request) -> web.Response:
+        ready, reasons = self.ready()
+        return _json({"status": "ready" if ready else "not ready", "reasons": reasons},
+                     200 if ready else 503)  # fmt: skip
 
     async def _metrics(self, _request: web.Request) -> web.Response:
         body = await asyncio.get_running_loop().run_in_executor(
             None, generate_latest, self.registry
         )
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _json(document: dict[str, Any], status: int) -> web.Response:
+    return web.Response(
+        text=json.dumps(document, default=str), status=status, content_type="application/json"
+    )
 
 
 def health_document(health: SystemHealth) -> dict[str, Any]:
@@ -235,12 +283,14 @@ def _child_document(child: ChildStatus) -> dict[str, Any]:
         "mailbox_depth": child.mailbox_depth,
         "uptime_s": round(child.uptime_s, 3),
     }
-    if child.health is not None:
-        document["details"] = child.health.details
-        document["metrics"] = {
-            k: v for k, v in child.health.metrics.items() if k != "latency_counts"
-        }
-        document["dependencies"] = child.health.dependencies
+    health = child.health
+    document["details"] = health.details if health is not None else {}
+    document["metrics"] = (
+        {k: v for k, v in health.metrics.items() if k != "latency_counts"}
+        if health is not None
+        else {}
+    )
+    document["dependencies"] = health.dependencies if health is not None else {}
     return document
 
 
@@ -251,7 +301,7 @@ class _SystemCollector(Collector):
         self.daemon = daemon
 
     def collect(self) -> Iterator[Metric]:
-        health = self.daemon.system.health(timeout=1.0)
+        health = self.daemon.system.supervisor.snapshot()
         up = GaugeMetricFamily(
             "corral_manager_up", "1 when the manager is running", labels=["manager"]
         )

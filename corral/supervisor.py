@@ -232,6 +232,11 @@ class Supervisor:
         return [c.spec.name for c in self._order]
 
     @property
+    def running(self) -> bool:
+        """Started (every child launched) and neither stopping nor given up."""
+        return self._running and not self._stopping and self.escalated is None
+
+    @property
     def specs(self) -> list[ChildSpec]:
         """The children's specs, in start order."""
         return [c.spec for c in self._order]

@@ -79,8 +79,8 @@ class DaemonProcess:
         self.process.send_signal(signum)
 
     def health(self) -> tuple[int, dict[str, Any]]:
-        """``GET /health``: the HTTP status and the document."""
-        response = httpx.get(f"{self.http_url}/health", timeout=10)
+        """``GET /health?fresh=1``: the HTTP status and the document, asked of every actor."""
+        response = httpx.get(f"{self.http_url}/health?fresh=1", timeout=10)
         return response.status_code, response.json()
 
     def wait(self, timeout: float = 30.0) -> int:

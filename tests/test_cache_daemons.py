@@ -55,7 +55,7 @@ def client(daemons: DaemonGroup, redis_url: str, namespace: str) -> Iterator[Cli
 
 def lease_waiters(daemon: DaemonProcess) -> int:
     """How many callers wait for a lease on ``daemon``, from its /health."""
-    with urllib.request.urlopen(f"{daemon.http_url}/health", timeout=5) as response:
+    with urllib.request.urlopen(f"{daemon.http_url}/health?fresh=1", timeout=5) as response:
         document = json.load(response)
     waiters: int = document["managers"]["cache"]["metrics"]["lease_waiters"]
     return waiters

@@ -149,7 +149,7 @@ def test_two_daemons_handle_each_request_exactly_once(
 
 def test_health_and_metrics_over_http(daemon: Daemon, client: Client) -> None:
     client.ask(Work())
-    response = httpx.get(f"{daemon.url}/health")
+    response = httpx.get(f"{daemon.url}/health?fresh=1")
     assert response.status_code == 200
     document = response.json()
     assert document["status"] == "healthy"
@@ -157,6 +157,13 @@ def test_health_and_metrics_over_http(daemon: Daemon, client: Client) -> None:
     assert document["managers"]["worker"]["metrics"]["handled"] == 1
     assert document["bus"]["backend"] == "redis"
     assert document["remote"]["connected"] is True
+    # Without ?fresh: the supervisor's latest probe, at most probe_interval old.
+    wait_until(
+        lambda: (
+            httpx.get(f"{daemon.url}/health").json()["managers"]["worker"]["metrics"].get("handled")
+            == 1
+        )
+    )
     metrics = httpx.get(f"{daemon.url}/metrics").text
     assert 'corral_messages_handled_total{manager="worker"} 1.0' in metrics
     assert 'corral_handler_seconds_bucket{le="+Inf",manager="worker"} 1.0' in metrics

@@ -91,7 +91,9 @@ def test_transactions_spread_over_three_daemons_all_succeed(
                     {"sum": order * 10}, 2, "active")  # fmt: skip
 
         served = [
-            httpx.get(f"{daemon.http_url}/health", timeout=5).json()["managers"]["transaction"]
+            httpx.get(f"{daemon.http_url}/health?fresh=1", timeout=5).json()["managers"][
+                "transaction"
+            ]
             for daemon in group.daemons
         ]
     handled = [document["metrics"]["handled"] for document in served]
