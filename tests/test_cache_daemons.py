@@ -122,7 +122,7 @@ def test_a_released_lease_passes_to_a_waiter_on_another_daemon(
     assert not answer.found and answer.lease and answer.lease != holder.lease
     raw = connect(redis_url)
     try:
-        assert raw.get(f"{namespace}:cache-lease:{{k}}") == answer.lease.encode()
+        assert raw.get(f"{namespace}:cache:redis:lease:{{k}}") == answer.lease.encode()
     finally:
         raw.close()
 

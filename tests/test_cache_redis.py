@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 import redis
+from redis.crc import key_slot
 
 import corral
-from corral._redis import connect
+from corral._redis import connect, masters
 from corral.actors.cache import CacheManager
 from corral.config import BusSection, Config, ManagerSection
 from corral.errors import BackendUnavailable, InvalidMessage
@@ -28,6 +29,7 @@ from corral.messages.cache import (
     CacheLease,
     CacheRelease,
     CacheSet,
+    CacheSetMany,
     CacheStats,
 )
 from corral.system import System
@@ -109,7 +111,7 @@ def test_namespaces_keep_caches_apart(redis_server: RedisServer) -> None:
         assert one.ask(CacheClear()).count == 1
         assert two.ask(CacheGet(key="k")).value == "b"
         with redis.Redis.from_url(redis_server.url) as client:
-            assert client.keys("*") == [b"b:cache:{k}"]
+            assert client.keys("*") == [b"b:cache:main:{k}"]
 
 
 def test_redis_stopped_and_restarted(fresh_redis_server: RedisServer) -> None:
@@ -125,8 +127,9 @@ def test_redis_stopped_and_restarted(fresh_redis_server: RedisServer) -> None:
             system.ask(CacheSet(key=f"during:{n}", value=n))
         assert system.ask(CacheGet(key="during:4")).value == 4
         assert system.ask(CacheGet(key="missing")).found is False
-        assert system.ask(CacheDelete(key="during:0")).count == 1
-        system.ask(CacheInvalidate(pattern="during:1*"))
+        with pytest.raises(BackendUnavailable, match="nothing was deleted there"):
+            system.ask(CacheDelete(key="during:0"))
+        assert system.ask(CacheGet(key="during:0")).found is False  # gone here, at least
         assert cache_status(system) == "degraded"
         stats = system.ask(CacheStats()).backends["main"]
         assert stats["breaker"] == "open" and stats["fallbacks"] > 0 and stats["errors"] >= 2
@@ -145,7 +148,7 @@ def test_redis_stopped_and_restarted(fresh_redis_server: RedisServer) -> None:
         assert system.ask(CacheGet(key="during:4")).found is False
         system.ask(CacheSet(key="after", value="ok"))
         with redis.Redis.from_url(server.url) as client:
-            assert client.exists("corral:cache:{after}") == 1
+            assert client.exists("corral:cache:main:{after}") == 1
         assert system.ask(CacheStats()).backends["main"]["breaker_opens"] == 1
 
 
@@ -226,7 +229,7 @@ def test_a_value_that_does_not_decode_fails_only_its_own_get_in_a_batch(
     with redis_system(redis_server.url) as system, redis.Redis.from_url(redis_server.url) as raw:
         for n in range(4):
             system.ask(CacheSet(key=f"good{n}", value=n))
-        raw.set("corral:cache:{bad}", b"\xc1")  # not msgpack
+        raw.set("corral:cache:main:{bad}", b"\xc1")  # not msgpack
         raw.execute_command("CLIENT", "PAUSE", "300", "ALL")  # so the gets pile up behind one
         outcomes: dict[str, Any] = {}
 
@@ -257,7 +260,7 @@ def test_a_probe_answered_with_an_error_still_closes_the_breaker(
         assert system.ask(CacheStats()).backends["main"]["breaker"] == "open"
         server.start()
         with redis.Redis.from_url(server.url) as raw:
-            raw.rpush("corral:cache:{listed}", "a")  # a GET on it is a WRONGTYPE error
+            raw.rpush("corral:cache:main:{listed}", "a")  # a GET on it is a WRONGTYPE error
 
         def probed_with_an_error() -> bool:
             with contextlib.suppress(corral.errors.BackendUnavailable):
@@ -306,13 +309,13 @@ def test_a_lease_in_redis_holds_across_systems_until_the_value_is_set(redis_url:
     ):
         holder = one.ask(CacheGetOrLease(key="k", lease_ttl=30))
         assert not holder.found and holder.lease
-        assert raw.get("corral:cache-lease:{k}") == holder.lease.encode()
-        assert 0 < raw.pttl("corral:cache-lease:{k}") <= 30_000
+        assert raw.get("corral:cache:main:lease:{k}") == holder.lease.encode()
+        assert 0 < raw.pttl("corral:cache:main:lease:{k}") <= 30_000
 
         answer = wait_in_thread(two, CacheGetOrLease(key="k", wait=10))
         one.ask(CacheSet(key="k", value={"rows": 3}, lease=holder.lease))
         assert (answer().found, answer().value) == (True, {"rows": 3})
-        assert raw.exists("corral:cache-lease:{k}") == 0  # the set ended the lease
+        assert raw.exists("corral:cache:main:lease:{k}") == 0  # the set ended the lease
         assert lease_waiters(two) == 0
 
 
@@ -332,7 +335,7 @@ def test_a_released_or_expired_lease_passes_to_a_waiter_of_another_system(
         third = answer()
         assert not third.found and third.lease not in ("", first.lease, second.lease)
         with connect(redis_url) as raw:
-            assert raw.get("corral:cache-lease:{k}") == third.lease.encode()
+            assert raw.get("corral:cache:main:lease:{k}") == third.lease.encode()
 
 
 def test_the_default_backend_is_redis_on_a_redis_bus(
@@ -344,7 +347,7 @@ def test_the_default_backend_is_redis_on_a_redis_bus(
         system.ask(CacheSet(key="k", value=1))
         assert system.ask(CacheStats()).backends["redis"]["type"] == "redis"
         with redis.Redis.from_url(redis_server.url) as raw:
-            assert raw.exists("shared:cache:{k}") == 1
+            assert raw.exists("shared:cache:redis:{k}") == 1
     assert "memory, in this process" not in caplog.text
 
     memory = ManagerSection(options={"backends": {"local": {}, "small": {"max_size": 10}}})
@@ -357,3 +360,118 @@ def test_the_default_backend_is_redis_on_a_redis_bus(
         "with several daemons each daemon has its own values, and invalidations and "
         'single-flight leases are per daemon (type = "redis" or "tiered" shares them)'
     ]
+
+
+# -- what Redis holds: changes refused while it is away, tag sets, one keyspace per backend
+
+
+def recovered(system: System) -> bool:
+    """True once a request (the half-open probe) found Redis back."""
+    system.ask(CacheGet(key="probe"))
+    return cache_status(system) == "healthy"
+
+
+def test_changes_that_cannot_reach_redis_are_refused_not_acknowledged() -> None:
+    breaker = {"breaker_threshold": 1, "breaker_reset_timeout": 0.2, "socket_timeout": 0.3}
+    with (
+        RedisServer("--appendonly", "yes", "--appendfsync", "always") as server,
+        redis_system(server.url, **breaker) as system,
+    ):
+        for key in ("k", "tagged", "user:1"):
+            system.ask(CacheSet(key=key, value="old", tags=["group"]))
+        server.stop()
+        changes = [
+            CacheDelete(key="k"),
+            CacheInvalidateTags(tags=["group"]),
+            CacheInvalidate(pattern="user:*"),
+            CacheClear(),
+        ]
+        for change in changes:
+            with pytest.raises(BackendUnavailable, match="try again once it is") as refused:
+                system.ask(change)
+            assert refused.value.details == {"backend": "main", "breaker": "open"}
+        system.ask(CacheSet(key="during", value=1))  # a set still falls back to memory
+        assert system.ask(CacheGet(key="during")).value == 1
+
+        server.start()
+        wait_until(lambda: recovered(system))
+        # Nothing was acknowledged that was not done: Redis has what it had.
+        assert [system.ask(CacheGet(key=k)).value for k in ("k", "tagged", "user:1")] == ["old"] * 3
+        assert system.ask(CacheDelete(key="k")).count == 1
+        assert system.ask(CacheInvalidateTags(tags=["group"])).count == 2
+        assert [system.ask(CacheGet(key=k)).found for k in ("k", "tagged", "user:1")] == [False] * 3
+
+
+def test_tag_sets_expire_with_their_keys_and_drop_dead_ones(redis_url: str) -> None:
+    with redis_system(redis_url) as system, connect(redis_url) as raw:
+        brief = "corral:cache:main:tag:{brief}"
+        system.ask(CacheSetMany(values={f"b{n}": n for n in range(50)}, ttl=0.2, tags=["brief"]))
+        assert raw.zcard(brief) == 50 and 0 < raw.pttl(brief) <= 200
+        wait_until(lambda: raw.exists(brief) == 0)  # gone with its keys
+
+        group = "corral:cache:main:tag:{group}"
+        system.ask(CacheSet(key="long", value=1, ttl=60, tags=["group"]))
+        values = {f"short:{n}": n for n in range(200)}
+        system.ask(CacheSetMany(values=values, ttl=0.1, tags=["group"]))
+        assert raw.zcard(group) == 201 and 59_000 < raw.pttl(group) <= 60_000
+
+        def pruned_by_a_write() -> bool:
+            system.ask(CacheSet(key="other", value=1, ttl=30, tags=["group"]))
+            return bool(raw.zrange(group, 0, -1) == [b"other", b"long"])
+
+        wait_until(pruned_by_a_write)
+
+        system.ask(CacheSet(key="forever", value=1, tags=["group"]))
+        assert raw.pttl(group) == -1  # a key without TTL: the tag lives as long
+        system.ask(CacheSet(key="brief", value=1, ttl=1, tags=["group"]))
+        assert raw.pttl(group) == -1
+
+        assert system.ask(CacheInvalidateTags(tags=["group"])).count == 4
+        assert raw.exists(group) == 0
+        assert not system.ask(CacheGet(key="forever")).found
+
+
+def test_tag_sets_stay_bounded_under_a_stream_of_short_lived_keys(
+    redis_server: RedisServer,
+) -> None:
+    with redis_system(redis_server.url) as system, connect(redis_server.url) as raw:
+
+        def gone(key: str) -> Callable[[], bool]:
+            return lambda: raw.exists(key) == 0
+
+        for batch in range(6):
+            values = {f"k{batch}:{n}": n for n in range(1000)}
+            system.ask(CacheSetMany(values=values, ttl=0.05, tags=["hot"]))
+            wait_until(gone(f"corral:cache:main:{{k{batch}:999}}"))
+
+        def pruned_by_a_write() -> bool:
+            system.ask(CacheSet(key="last", value=1, ttl=0.05, tags=["hot"]))
+            return bool(raw.zcard("corral:cache:main:tag:{hot}") == 1)  # not 6,001
+
+        wait_until(pruned_by_a_write)
+        wait_until(gone("corral:cache:main:tag:{hot}"))
+
+
+def test_two_redis_backends_keep_their_keys_apart(redis_url: str) -> None:
+    backends = {name: {"type": "redis", "url": redis_url} for name in ("a", "b")}
+    config = Config().replace(managers={"cache": ManagerSection(options={"backends": backends})})
+    with System(config, managers=[CacheManager]) as system, connect(redis_url) as raw:
+        for name in ("a", "b"):
+            system.ask(CacheSet(key="k", value=name, tags=["t"], backend=name))
+            system.ask(CacheSet(key="user:1", value=name, backend=name))
+        assert system.ask(CacheClear(backend="a")).count == 2
+        assert system.ask(CacheInvalidateTags(tags=["t"], backend="a")).count == 0
+        assert system.ask(CacheInvalidate(pattern="user:*", backend="a")).count == 0
+        assert system.ask(CacheGet(key="k", backend="b")).value == "b"
+        assert system.ask(CacheGet(key="user:1", backend="b")).value == "b"
+        assert system.ask(CacheGet(key="k", backend="a")).found is False
+        assert sorted(key for node in masters(raw) for key in node.keys("*")) == [
+            b"corral:cache:b:tag:{t}",
+            b"corral:cache:b:{k}",
+            b"corral:cache:b:{user:1}",
+        ]
+        # A lease is in its value's slot, even for a key with braces of its own.
+        holder = system.ask(CacheGetOrLease(key="order:{7}:items", backend="b"))
+        lease_key = "corral:cache:b:lease:{order:{7}:items}"
+        assert raw.get(lease_key) == holder.lease.encode()
+        assert key_slot(lease_key.encode()) == key_slot(b"corral:cache:b:{order:{7}:items}")

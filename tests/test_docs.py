@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import os
 import re
 import subprocess
@@ -15,9 +16,12 @@ from pathlib import Path
 import pytest
 
 import corral.config
+from corral._events import EventsMixin
 from corral.actors import BUILTIN
 from corral.config import BusSection, Config, DaemonSection, ManagerSection
 from corral.daemon import Daemon
+from corral.ext.cache import cached
+from corral.ext.transaction import Transaction
 from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,6 +77,33 @@ def test_config_docs_say_the_precedence_first(page: str, heading: str) -> None:
 def test_config_package_says_the_precedence_first() -> None:
     doc = corral.config.__doc__ or ""
     assert PRECEDENCE.search(doc.split("\n\n")[1]), doc
+
+
+def test_the_docs_name_every_argument_and_method_of_the_helpers() -> None:
+    """``cached``'s arguments and additions, a transaction's methods and ``subscribe``'s
+    keywords are each named in the page that teaches them."""
+    cache_page = (ROOT / "docs" / "cache.md").read_text()
+    state_page = (ROOT / "docs" / "state.md").read_text()
+    events = (ROOT / "README.md").read_text() + state_page
+    unnamed = [
+        f"cached({name}=)"
+        for name in inspect.signature(cached).parameters
+        if name != "system" and f"`{name}`" not in cache_page
+    ]
+    unnamed += [
+        f"cached.{name}" for name in ("invalidate", "stats") if f"`{name}(" not in cache_page
+    ]
+    unnamed += [
+        f"Transaction.{name}"
+        for name, _ in inspect.getmembers(Transaction, inspect.isfunction)
+        if not name.startswith("_") and f"tx.{name}(" not in state_page
+    ]
+    unnamed += [
+        f"subscribe({name}=)"
+        for name, parameter in inspect.signature(EventsMixin.subscribe).parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY and f"{name}=" not in events
+    ]
+    assert unnamed == []
 
 
 @dataclasses.dataclass(frozen=True)

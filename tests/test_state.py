@@ -11,8 +11,15 @@ import pytest
 import redis
 
 from corral.actors.state import StateManager
+from corral.actors.state._memory import MemoryBackend
 from corral.config import Config
-from corral.errors import BackendUnavailable, Conflict, InvalidMessage, NotFound
+from corral.errors import (
+    BackendUnavailable,
+    Conflict,
+    InvalidMessage,
+    ManagerUnavailable,
+    NotFound,
+)
 from corral.messages.state import (
     STANDARD_TRANSITIONS,
     TRANSITION_RULES,
@@ -133,6 +140,54 @@ def test_history_keeps_the_latest_changes_and_events_carry_offsets(system: Syste
     assert events[0].old is None and events[0].new == {"n": 0}
     assert (events[3].old, events[3].new) == ({"n": 2}, {"n": 3})
     assert system.ask(StateGetHistory(state_id="u1", limit=2)).entries == events[-2:]
+
+
+def test_a_removed_state_takes_its_history_with_it(system: System) -> None:
+    """The same on both backends: NotFound after a delete or an expiry, and a state
+    created again under the id starts a new history."""
+    register(system, data={"n": 0})
+    system.ask(StateUpdate(state_id="u1", data={"n": 1}))
+    system.ask(StateDelete(state_id="u1"))
+    with pytest.raises(NotFound, match="no history of state 'u1'"):
+        system.ask(StateGetHistory(state_id="u1"))
+    register(system, data={"n": 2})
+    history = system.ask(StateGetHistory(state_id="u1")).entries
+    assert [(e.transition, e.version, e.new) for e in history] == [("create", 1, {"n": 2})]
+
+    register(system, "s1", state_type="Session", ttl=0.05)
+    wait_until(lambda: _gone(system, "s1"))
+    system.ask(StateExpireDue())
+    with pytest.raises(NotFound, match="no history of state 's1'"):
+        system.ask(StateGetHistory(state_id="s1"))
+
+
+def test_memory_states_outlive_a_crash_of_their_actor(monkeypatch: pytest.MonkeyPatch) -> None:
+    with make_system("memory") as system:
+        register(system, data={"n": 0})
+        system.ask(StateUpdate(state_id="u1", data={"n": 1}))
+        crashes = [RuntimeError("a bug in a handler")]
+
+        def get_once_crashing(self: MemoryBackend, state_id: str, now_ms: int) -> StateInfo:
+            if crashes:
+                raise crashes.pop()
+            return original_get(self, state_id, now_ms)
+
+        original_get = MemoryBackend.get
+        monkeypatch.setattr(MemoryBackend, "get", get_once_crashing)
+        with pytest.raises(ManagerUnavailable):
+            system.ask(StateGet(state_id="u1"))
+        wait_until(lambda: system.health().managers["state"].restarts == 1)
+
+        assert system.ask(StateGet(state_id="u1")).data == {"n": 1}
+        history = system.ask(StateGetHistory(state_id="u1")).entries
+        assert [e.version for e in history] == [1, 2]
+        after = system.ask(StateUpdate(state_id="u1", data={"n": 2}))
+        assert after.version == 3
+        (event,) = system.ask(StateGetHistory(state_id="u1", limit=1)).entries
+        assert (event.offset, event.epoch) == (3, history[0].epoch)  # one stream, not a new one
+
+    with make_system("memory") as other, pytest.raises(NotFound):  # states of its own
+        other.ask(StateGet(state_id="u1"))
 
 
 def test_ttl_expiry_emits_expire_and_hides_the_state(system: System) -> None:

@@ -66,6 +66,7 @@ class Transaction:
         return f"<Transaction {self.transaction_id}>"
 
     def get(self, state_id: str) -> StateInfo:
+        """The state as this transaction sees it: stored, with its buffered writes on top."""
         return self.system.ask(
             TransactionGet(transaction_id=self.transaction_id, state_id=state_id)
         )
@@ -86,22 +87,31 @@ class Transaction:
         return self.write(StateWrite(state_id=state_id, transition=transition, **fields))
 
     def delete(self, state_id: str, *, expected_version: int | None = None) -> StateInfo:
+        """Delete a state (at ``expected_version``, when given)."""
         return self.write(
             StateWrite(state_id=state_id, transition="delete", expected_version=expected_version)
         )
 
     def savepoint(self, name: str = "") -> str:
+        """Mark the writes so far; returns the savepoint's name (generated for "")::
+
+        mark = tx.savepoint()          # "sp1"
+        tx.delete("u1")
+        tx.rollback_to_savepoint(mark) # the delete is undone
+        """
         info = self.system.ask(
             TransactionSavepoint(transaction_id=self.transaction_id, savepoint=name)
         )
         return info.savepoint
 
     def rollback_to_savepoint(self, name: str) -> None:
+        """Drop the writes made since ``name`` and the savepoints after it; ``name`` stays."""
         self.system.ask(
             TransactionRollbackToSavepoint(transaction_id=self.transaction_id, savepoint=name)
         )
 
     def release_savepoint(self, name: str) -> None:
+        """Forget ``name`` and the savepoints after it, keeping their writes."""
         self.system.ask(
             TransactionReleaseSavepoint(transaction_id=self.transaction_id, savepoint=name)
         )

@@ -232,7 +232,8 @@ class CacheRelease(Request[CacheReleased]):
 
 @message("cache.invalidated")
 class CacheInvalidated(Event):
-    """Published on ``<namespace>:cache.invalidated`` by a Redis-backed cache that changed keys.
+    """Published on ``<namespace>:cache:<backend>:invalidated`` by a Redis-backed cache
+    backend that changed keys.
 
     Other nodes drop ``keys`` and the keys matching ``patterns`` from their L1 caches;
     ``origin`` names the publishing manager, which ignores its own events.
@@ -245,8 +246,8 @@ class CacheInvalidated(Event):
 
 @message("cache.lease_ended")
 class CacheLeaseEnded(Event):
-    """Published on ``<namespace>:cache.invalidated`` when a lease held in Redis was given
-    back without a value (``CacheRelease``).
+    """Published on ``<namespace>:cache:<backend>:invalidated`` when a lease held in Redis
+    was given back without a value (``CacheRelease``).
 
     Managers on other nodes with callers waiting for ``key`` look again: one of them
     takes the next lease. ``origin`` names the publishing manager, which ignores its

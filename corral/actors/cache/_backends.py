@@ -8,12 +8,19 @@ forwards other nodes' invalidations to the actor through ``deliver``::
     backend.set_many({"k": b"\\xa1v"}, ttl=None, tags=())
     backend.get("k")           # b"\\xa1v"
 
-Redis keys, under the backend's namespace ``ns``: ``ns:cache:{<key>}`` for values,
-``ns:cache-tag:{<tag>}`` for the set of keys stored with a tag, and
-``ns:cache-lease:{<key>}`` for a single-flight lease (its token, with the lease's
-expiry; the hash tag keeps it in its value's slot). Changes are published on
-``ns:cache.invalidated`` as a :class:`CacheInvalidated` envelope, and a lease given
-back without a value as a :class:`CacheLeaseEnded` one.
+Redis names start with the backend's prefix ``P``, ``<namespace>:cache:<backend name>``,
+so that two backends never share a key: ``P:{<key>}`` for values, ``P:lease:{<key>}``
+for a single-flight lease (its token, with the lease's expiry; the hash tag keeps it in
+its value's slot), and ``P:tag:{<tag>}`` for the keys stored with a tag: a sorted set
+scored with each key's expiry (unix ms; ``inf`` for none), which drops the keys past
+it on every write and expires with its longest-lived key. Changes are published on
+``P:invalidated`` as a :class:`CacheInvalidated` envelope, and a lease given back
+without a value as a :class:`CacheLeaseEnded` one.
+
+While Redis is out of reach (the breaker is open), reads and sets may use the local
+fallback store, but a delete, an invalidation or a clear is refused with
+BackendUnavailable: acknowledged, it would be undone when Redis comes back with the
+old values.
 """
 
 from __future__ import annotations
@@ -37,10 +44,11 @@ from corral._redis import (
     masters,
     publish_own,
     subscriber,
+    topology,
 )
 from corral.actors.cache._memory import MemoryStore
 from corral.actors.cache._options import BackendOptions
-from corral.errors import BackendUnavailable, InvalidMessage
+from corral.errors import BackendUnavailable, ConfigError, InvalidMessage
 from corral.messages.cache import CacheInvalidated, CacheLeaseEnded
 from corral.messages.codec import Codec
 
@@ -70,6 +78,27 @@ return {3, redis.call('PTTL', KEYS[2])}
 """KEYS: the value, its lease (one slot); ARGV: the token, the lease's milliseconds.
 {1, value}: the value is there; {2, 0}: the lease is the caller's; {3, ms}: another
 caller holds the lease for ``ms`` more milliseconds."""
+
+_TAG_KEYS = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+local expiry = '+inf'
+if ttl > 0 then expiry = string.format('%.0f', now + ttl) end
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], expiry, ARGV[i]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%.0f', now))
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')[2]
+if last == 'inf' then
+  redis.call('PERSIST', KEYS[1])
+else
+  redis.call('PEXPIREAT', KEYS[1], string.format('%.0f', tonumber(last)))
+end
+"""
+"""KEYS: a tag's sorted set; ARGV: the keys' TTL in ms (0: none), then the keys. Run
+after the keys are set: scores each key with its expiry (by the clock of the tag's
+node, read after the key's node set it, so never before the key's own expiry), drops
+the keys past theirs, and gives the set the expiry of its longest-lived key (none if
+one has none)."""
 
 _RELEASE_LEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -283,6 +312,12 @@ class RedisBackend:
         self.breaker = Breaker(options.breaker_threshold, options.breaker_reset_timeout)
         self.last_error = ""
         self.listener: InvalidationListener | None = None
+        prefix = f"{namespace}:cache:{name}"
+        if "{" in prefix or "}" in prefix:
+            raise ConfigError(
+                f"managers.cache.backends.{name}: the Redis prefix {prefix!r} has a brace, "
+                "which would put every key of the backend in one hash slot"
+            )
         # Not a BlockingConnectionPool: its queue costs ~30 us per command, and only
         # the actor's thread uses this pool. No hidden retries: the breaker decides.
         self.client = connect(
@@ -293,10 +328,10 @@ class RedisBackend:
             connect_timeout=options.socket_timeout,
             retries=0,
         )
-        self.key_prefix = f"{namespace}:cache:{{"
-        self.tag_prefix = f"{namespace}:cache-tag:{{"
-        self.lease_prefix = f"{namespace}:cache-lease:{{"
-        self.channel = f"{namespace}:cache.invalidated"
+        self.key_prefix = f"{prefix}:{{"
+        self.tag_prefix = f"{prefix}:tag:{{"
+        self.lease_prefix = f"{prefix}:lease:{{"
+        self.channel = f"{prefix}:invalidated"
         self.take_lease_script = self.client.register_script(_TAKE_LEASE)
         self.release_lease_script = self.client.register_script(_RELEASE_LEASE)
 
@@ -310,9 +345,6 @@ class RedisBackend:
 
     def lease_key(self, key: str) -> str:
         return f"{self.lease_prefix}{key}}}"
-
-    def user_key(self, redis_key: bytes) -> str:
-        return redis_key.decode()[len(self.key_prefix) : -1]
 
     # -- operations -----------------------------------------------------------------------
 
@@ -365,9 +397,15 @@ class RedisBackend:
             for key, data in items.items():
                 pipe.set(self.redis_key(key), data, px=px)
                 pipe.unlink(self.lease_key(key))  # the value is there: its lease ends
-            for tag in tags:
-                pipe.sadd(self.tag_key(tag), *items)
+            tagged: list[str | int] = [px or 0, *items]
+            on_cluster = topology(self.client) == "cluster"
+            if not on_cluster:
+                for tag in tags:
+                    pipe.eval(_TAG_KEYS, 1, self.tag_key(tag), *tagged)
             self._execute_then_publish(pipe, self._event(keys=list(items)))
+            if on_cluster:  # a cluster pipeline runs no script: one call per tag, after it
+                for tag in tags:
+                    self.client.eval(_TAG_KEYS, 1, self.tag_key(tag), *tagged)
             if self.tiered:
                 self._local_set(items, ttl, tags)
 
@@ -381,8 +419,9 @@ class RedisBackend:
             removed: int = self._execute_then_publish(pipe, self._event(keys=[key]))[0]
             return removed > 0
 
-        local_deleted = self.local.delete(key) if self.local is not None else False
-        deleted = self._run(remote, lambda: local_deleted)
+        if self.local is not None:
+            self.local.delete(key)
+        deleted = self._run(remote, None)
         self.counters.deletes += deleted
         return deleted
 
@@ -396,7 +435,8 @@ class RedisBackend:
         )
 
     def clear(self) -> int:
-        local_count = self.local.clear() if self.local is not None else 0
+        if self.local is not None:
+            self.local.clear()
 
         def remote() -> int:
             count = self._unlink_matching(f"{_escape(self.key_prefix)}*")
@@ -404,29 +444,31 @@ class RedisBackend:
             publish_own(self.client, self.channel, self._event(patterns=["*"]))
             return count
 
-        count = self._run(remote, lambda: local_count)
+        count = self._run(remote, None)
         self.counters.deletes += count
         return count
 
     def invalidate(self, pattern: str) -> int:
-        local_count = self.local.invalidate(pattern) if self.local is not None else 0
+        if self.local is not None:
+            self.local.invalidate(pattern)
 
         def remote() -> int:
             count = self._unlink_matching(f"{_escape(self.key_prefix)}{pattern}}}")
             publish_own(self.client, self.channel, self._event(patterns=[pattern]))
             return count
 
-        count = self._run(remote, lambda: local_count)
+        count = self._run(remote, None)
         self.counters.deletes += count
         return count
 
     def invalidate_tags(self, tags: list[str]) -> int:
-        local_count = self.local.invalidate_tags(tags) if self.local is not None else 0
+        if self.local is not None:
+            self.local.invalidate_tags(tags)
 
         def remote() -> int:
             pipe = self.client.pipeline(transaction=False)
             for tag in tags:
-                pipe.smembers(self.tag_key(tag))
+                pipe.zrange(self.tag_key(tag), 0, -1)
             keys = sorted({member.decode() for members in pipe.execute() for member in members})
             pipe = self.client.pipeline(transaction=False)
             for key in keys:
@@ -436,7 +478,7 @@ class RedisBackend:
             removed = self._execute_then_publish(pipe, self._event(keys=keys))
             return sum(removed[: len(keys)])
 
-        count = self._run(remote, lambda: local_count)
+        count = self._run(remote, None)
         self.counters.deletes += count
         return count
 
@@ -525,8 +567,10 @@ class RedisBackend:
 
     # -- internals ------------------------------------------------------------------------
 
-    def _run(self, remote: Callable[[], T], fallback: Callable[[], T]) -> T:
-        """``remote()`` through the breaker; ``fallback()`` while Redis is unavailable."""
+    def _run(self, remote: Callable[[], T], fallback: Callable[[], T] | None) -> T:
+        """``remote()`` through the breaker; ``fallback()`` while Redis is unavailable, if
+        there is a local store. ``fallback`` None: a change that must reach Redis, refused
+        with BackendUnavailable while it cannot."""
         if self.breaker.allow():
             try:
                 result = remote()
@@ -550,10 +594,17 @@ class RedisBackend:
                     self.last_error = ""
                     self.resync()
                 return result
+        details = {"backend": self.name, "breaker": self.breaker.state}
         if self.local is None:
             raise BackendUnavailable(
-                f"cache backend {self.name!r}: Redis is unavailable ({self.last_error})",
-                {"backend": self.name, "breaker": self.breaker.state},
+                f"cache backend {self.name!r}: Redis is unavailable ({self.last_error})", details
+            )
+        if fallback is None:
+            raise BackendUnavailable(
+                f"cache backend {self.name!r}: Redis is unavailable ({self.last_error}): "
+                "nothing was deleted there, so the old values would be back with it; "
+                "try again once it is",
+                details,
             )
         self.counters.fallbacks += 1
         return fallback()

@@ -594,8 +594,10 @@ class CacheManager(Manager):
 
 
 def _decode(data: bytes) -> Any:
+    """A stored value; maps keep the keys they were stored with (a system that does not
+    validate may store keys that are not strings)."""
     try:
-        return msgpack.unpackb(data, raw=False)
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises a handful of unrelated types
         raise BackendUnavailable(f"a stored value is not msgpack: {exc}") from None
 

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -38,9 +39,10 @@ class BackendOptions(Section):
     """One ``[managers.cache.backends.<name>]`` table.
 
     ``memory``: a cachetools store with ``strategy``, ``max_size``, ``default_ttl``.
-    ``redis``: Redis at ``url`` ("" = the system's Redis) under ``namespace``
-    ("" = the system's), with a circuit breaker; with ``fallback``, an in-memory
-    store of ``l1_max_size`` serves while the breaker is open.
+    ``redis``: Redis at ``url`` ("" = the system's Redis), its keys under
+    ``<namespace>:cache:<backend name>`` (``namespace`` "" = the system's), with a
+    circuit breaker; with ``fallback``, an in-memory store of ``l1_max_size`` serves
+    reads and sets while the breaker is open.
     ``tiered``: ``redis`` plus an L1 memory store (``l1_max_size`` entries, each kept
     at most ``l1_ttl`` seconds) kept coherent across nodes through Redis pub/sub.
     """
@@ -61,6 +63,9 @@ class BackendOptions(Section):
     scan_batch: int = field(default=500, metadata=_SIZE)
 
 
+_BACKEND_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+"""A backend's name is in its Redis prefix, ``<namespace>:cache:<name>``: nothing that
+would read as a hash tag or a glob."""
 _BACKEND_FIELDS = frozenset(f.name for f in dataclasses.fields(BackendOptions))
 _DEFAULT_BACKENDS: dict[str, dict[str, Any]] = {"memory": {}, "redis": {"type": "redis"}}
 """The backend when none is configured: ``redis`` when the system has Redis, else ``memory``."""
@@ -102,6 +107,12 @@ class CacheOptions(Section):
         tables = self.backends or {default: _DEFAULT_BACKENDS[default]}
         parsed: dict[str, BackendOptions] = {}
         for name, table in tables.items():
+            if not _BACKEND_NAME.fullmatch(name):
+                self._fail(
+                    "backends",
+                    "a backend name is letters, digits, '_', '-' and '.'",
+                    path=f".{name}",
+                )
             unknown = sorted(set(table) - _BACKEND_FIELDS)
             if unknown:
                 self._fail(

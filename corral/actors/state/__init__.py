@@ -36,7 +36,7 @@ from typing import Literal, TypeVar
 import msgpack
 
 from corral.actors.base import Manager, handles
-from corral.actors.state._memory import Backend, MemoryBackend
+from corral.actors.state._memory import Backend, memory_backend_for
 from corral.actors.state._redis import RedisBackend
 from corral.config import REDIS_URL, Section
 from corral.errors import BackendUnavailable, ConfigError, CorralError, InvalidMessage
@@ -122,8 +122,10 @@ class StateManager(Manager):
                 self.backend.record_partitions()
             except BackendUnavailable as exc:  # Redis away: recorded with the first write
                 log.warning("state: %s", exc)
-        else:
-            self.backend = MemoryBackend(history_limit=settings.history_limit)
+        else:  # the system's: a restarted actor finds its states again
+            self.backend = memory_backend_for(
+                self.router, self.context.name, history_limit=settings.history_limit
+            )
         self.published = 0
         self.publish_errors = 0
         # Publishing waits on the bus (a Redis round trip): a thread of its own does it,

@@ -5,12 +5,17 @@
     backend = MemoryBackend(history_limit=100)
     events, states = backend.apply([StateWrite(state_id="a", transition="create",
                                                state_type="User")], now_ms=now())
+
+A state manager's memory backend belongs to its system, not to its actor: a restarted
+actor gets the states back from :func:`memory_backend_for`.
 """
 
 from __future__ import annotations
 
 import collections
+import threading
 import uuid
+import weakref
 from typing import Protocol
 
 from corral.errors import NotFound
@@ -21,7 +26,7 @@ from corral.messages.state import (
     apply_transition,
 )
 
-__all__ = ["Backend", "MemoryBackend", "new_epoch"]
+__all__ = ["Backend", "MemoryBackend", "memory_backend_for", "new_epoch"]
 
 
 def new_epoch() -> str:
@@ -52,8 +57,32 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+_BACKENDS: weakref.WeakKeyDictionary[object, dict[str, MemoryBackend]] = weakref.WeakKeyDictionary()
+_BACKENDS_LOCK = threading.Lock()
+
+
+def memory_backend_for(system: object, manager: str, *, history_limit: int) -> MemoryBackend:
+    """The memory backend of the state manager named ``manager`` in ``system`` (its
+    router): made by the first actor, found again by each one restarted after it, gone
+    with the system::
+
+        backend = memory_backend_for(self.router, self.context.name, history_limit=100)
+    """
+    with _BACKENDS_LOCK:
+        backends = _BACKENDS.setdefault(system, {})
+        backend = backends.get(manager)
+        if backend is None:
+            backend = backends[manager] = MemoryBackend(history_limit=history_limit)
+        return backend
+
+
 class MemoryBackend:
-    """States in a dict of this process; events get offsets of a per-process epoch."""
+    """States in a dict of this process; events get offsets of a per-process epoch.
+
+    A deleted or expired state takes its history with it, as on Redis: a state created
+    again under the same id starts a new history at version 1. Each call holds a lock:
+    an actor replaced while it hung may still be in one when its successor starts.
+    """
 
     name = "memory"
 
@@ -63,8 +92,15 @@ class MemoryBackend:
         self.histories: dict[str, collections.deque[StateChanged]] = {}
         self.epoch = new_epoch()
         self.offset = 0
+        self.lock = threading.Lock()
 
     def apply(
+        self, writes: list[StateWrite], now_ms: int
+    ) -> tuple[list[StateChanged], list[StateInfo]]:
+        with self.lock:
+            return self._apply(writes, now_ms)
+
+    def _apply(
         self, writes: list[StateWrite], now_ms: int
     ) -> tuple[list[StateChanged], list[StateInfo]]:
         events = self._expire([w.state_id for w in writes], now_ms)
@@ -81,22 +117,25 @@ class MemoryBackend:
         return events, [after for _, _, after in changes]
 
     def get(self, state_id: str, now_ms: int) -> StateInfo:
-        state = self.states.get(state_id)
+        with self.lock:
+            state = self.states.get(state_id)
         if state is None or (state.expires_at is not None and state.expires_at <= now_ms):
             raise NotFound(f"no state {state_id!r}", {"state_id": state_id})
         return state
 
     def history(self, state_id: str, limit: int) -> list[StateChanged]:
-        entries = self.histories.get(state_id)
+        with self.lock:
+            entries = list(self.histories.get(state_id, ()))
         if not entries:
             raise NotFound(f"no history of state {state_id!r}", {"state_id": state_id})
-        return list(entries)[-limit:]
+        return entries[-limit:]
 
     def expire_due(self, now_ms: int) -> list[StateChanged]:
-        return self._expire(list(self.states), now_ms)
+        with self.lock:
+            return self._expire(list(self.states), now_ms)
 
     def close(self) -> None:
-        self.states.clear()
+        """Nothing to release: the states outlive the actor, and go with the system."""
 
     def _expire(self, state_ids: list[str], now_ms: int) -> list[StateChanged]:
         events = []
@@ -115,6 +154,7 @@ class MemoryBackend:
         removed = after.status in ("deleted", "expired")
         if removed:
             self.states.pop(after.state_id, None)
+            self.histories.pop(after.state_id, None)
         else:
             self.states[after.state_id] = after
         self.offset += 1
@@ -130,8 +170,11 @@ class MemoryBackend:
             ts=now_ms,
             status=after.status,
         )
-        history = self.histories.get(after.state_id)
-        if history is None:
-            history = self.histories[after.state_id] = collections.deque(maxlen=self.history_limit)
-        history.append(event)
+        if not removed:
+            history = self.histories.get(after.state_id)
+            if history is None:
+                history = self.histories[after.state_id] = collections.deque(
+                    maxlen=self.history_limit
+                )
+            history.append(event)
         return event
