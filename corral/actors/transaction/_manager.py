@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import random
 import threading
 import time
 import uuid
@@ -74,6 +75,9 @@ T = TypeVar("T")
 CHANGE_ATTEMPTS = 20
 """How many times a request re-reads its transaction after losing a compare-and-set to
 another request of the same transaction, before it gives up with Conflict."""
+
+CHANGE_BACKOFF_MAX = 0.05
+"""The longest pause, in seconds, between two attempts of one change."""
 
 
 def _now_ms() -> int:
@@ -251,7 +255,7 @@ class TransactionManager(Manager):
         """Apply ``change`` to the transaction's record and store it; again, on the record
         as it is then, if another request of the transaction stored first. A change that
         raises still keeps what it read and restarts the idle timeout."""
-        for _ in range(CHANGE_ATTEMPTS):
+        for attempt in range(CHANGE_ATTEMPTS):
             tx, version = self._stored_call(self.store.load, transaction_id)
             try:
                 result = change(tx)
@@ -262,6 +266,8 @@ class TransactionManager(Manager):
             if self._stored_call(self.store.save, transaction_id, tx, version):
                 return result
             self.retried += 1
+            # Back off a little, at random, so that racing writers stop colliding.
+            time.sleep(random.uniform(0, min(CHANGE_BACKOFF_MAX, 0.001 * 2**attempt)))
         raise Conflict(
             f"transaction {transaction_id!r} was changed by {CHANGE_ATTEMPTS} other requests "
             "while this one ran; try again",
