@@ -13,7 +13,8 @@ Redis keys, under the backend's namespace ``ns``: ``ns:cache:{<key>}`` for value
 ``ns:cache-lease:{<key>}`` for a single-flight lease (its token, with the lease's
 expiry; the hash tag keeps it in its value's slot). Changes are published on
 ``ns:cache.invalidated`` as a :class:`CacheInvalidated` envelope, and a lease given
-back without a value as a :class:`CacheLeaseEnded` one.
+back without a value as a :class:`CacheLeaseEnded` one; with signing keys, signed for
+that channel, and refused by the listeners when forged or replayed.
 """
 
 from __future__ import annotations
@@ -468,7 +469,7 @@ class RedisBackend:
         def remote() -> bool | None:
             released = bool(self.release_lease_script(keys=[self.lease_key(key)], args=[token]))
             if released:
-                event = self.codec.encode(CacheLeaseEnded(origin=self.origin, key=key))
+                event = self._encode(CacheLeaseEnded(origin=self.origin, key=key))
                 publish_own(self.client, self.channel, event)
             return released
 
@@ -613,9 +614,12 @@ class RedisBackend:
                     break
 
     def _event(self, *, keys: list[str] | None = None, patterns: list[str] | None = None) -> bytes:
-        return self.codec.encode(
+        return self._encode(
             CacheInvalidated(origin=self.origin, keys=keys or [], patterns=patterns or [])
         )
+
+    def _encode(self, event: CacheInvalidated | CacheLeaseEnded) -> bytes:
+        return self.codec.encode(event, channel=self.channel)
 
 
 def _escape(text: str) -> str:
@@ -651,6 +655,7 @@ class InvalidationListener:
         self.url = backend.url
         self.channel = backend.channel
         self.codec = backend.codec
+        self.replays = backend.codec.replay_guard()
         self.timeout = backend.options.socket_timeout
         self.deliver = deliver
         self.reconnect_max = reconnect_max
@@ -709,7 +714,7 @@ class InvalidationListener:
 
     def _forward(self, data: bytes) -> bool:
         try:
-            event = self.codec.decode(data).message
+            event = self.codec.decode(data, channel=self.channel, guard=self.replays).message
         except InvalidMessage as exc:
             log.warning("cache invalidation on %s rejected: %s", self.channel, exc)
             return True
