@@ -661,12 +661,13 @@ class RequestServer:
     # -- replying -------------------------------------------------------------------------
 
     def _encode_reply(self, reply: Message, envelope: Envelope) -> bytes:
+        channel = f"{self.namespace}:{envelope.reply_to}"
         try:
             validate(reply)  # the caller's decoder would drop a reply out of bounds
-            return self.codec.encode(reply, correlation=envelope.id)
+            return self.codec.encode(reply, correlation=envelope.id, channel=channel)
         except InvalidMessage as exc:  # too big, or a manager's reply with bad fields
             log.error("reply to %s not encodable: %s", envelope.message.type_name, exc)
-            return self.codec.encode(_unencodable(exc), correlation=envelope.id)
+            return self.codec.encode(_unencodable(exc), correlation=envelope.id, channel=channel)
 
     def _reply_loop(self) -> None:
         while True:

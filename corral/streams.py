@@ -104,13 +104,24 @@ class _StreamFeed(Bus):
 
 
 class _Cursor:
-    """Where a reader stands in one stream: the last offset delivered, in ``epoch``."""
+    """Where a reader stands in one stream: the last offset delivered, in ``epoch``, and
+    the last offset of a forged entry skipped after it (read past, delivered never)."""
 
-    __slots__ = ("epoch", "offset")
+    __slots__ = ("epoch", "forged", "offset")
 
     def __init__(self, offset: int, epoch: str | None) -> None:
         self.offset = offset
         self.epoch = epoch
+        self.forged = 0
+
+    @property
+    def read_from(self) -> int:
+        return max(self.offset, self.forged)
+
+    def restart(self, offset: int) -> None:
+        """Stand at ``offset`` of a stream that changed under the reader."""
+        self.offset = offset
+        self.forged = 0
 
 
 class DurableSubscription(Subscription):
@@ -267,28 +278,28 @@ class DurableSubscription(Subscription):
                 self._gap(stream, "epoch_changed", cursor.offset + 1, -1, "",
                           previous=cursor.epoch)  # fmt: skip
                 cursor.epoch = None
-                cursor.offset = 0
+                cursor.restart(0)
             elif cursor.offset > 0:  # resumed without epoch, and the stream has no life yet
                 self._gap(stream, "offset_out_of_range", cursor.offset + 1, -1, "")
-                cursor.offset = 0
+                cursor.restart(0)
             return length == 0  # nothing written yet in this life of the stream
         current = epoch.decode()
         if cursor.epoch is None:
             cursor.epoch = current
             if cursor.offset > end:  # an offset of a lost life of the stream, most likely
                 self._gap(stream, "offset_out_of_range", cursor.offset + 1, -1, current)
-                cursor.offset = 0
+                cursor.restart(0)
         elif current != cursor.epoch:
             self._gap(stream, "epoch_changed", cursor.offset + 1, -1, current,
                       previous=cursor.epoch)  # fmt: skip
             cursor.epoch = current
-            cursor.offset = 0
+            cursor.restart(0)
         elif cursor.offset > end:
             # Ahead of the stream in its own epoch (it lost its latest entries, to a
             # failover say): the events that next get those offsets must not be skipped.
             self._gap(stream, "offset_out_of_range", cursor.offset + 1, -1, current,
                       previous=current)  # fmt: skip
-            cursor.offset = end
+            cursor.restart(end)
         return True
 
     def _read(self, streams: list[str]) -> set[str]:
@@ -299,7 +310,7 @@ class DurableSubscription(Subscription):
         answer = cast(
             "list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None",
             self._client.xread(
-                {name: f"{self._cursors[name].offset}-0" for name in streams},
+                {name: f"{self._cursors[name].read_from}-0" for name in streams},
                 count=self._batch,
                 block=self._block_ms,
             ),
@@ -319,7 +330,7 @@ class DurableSubscription(Subscription):
         for entry_id, fields in entries:
             offset = int(entry_id.split(b"-", 1)[0])
             if self._signer.signing and not self._genuine(stream, offset, fields):
-                cursor.offset = max(cursor.offset, offset)
+                cursor.forged = offset
                 continue
             epoch = fields.get(b"epoch", b"").decode("utf-8", "replace")
             if cursor.epoch is None:

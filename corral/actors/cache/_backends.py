@@ -515,6 +515,7 @@ class RedisBackend:
             l1_hits=self.counters.l1_hits,
             breaker=self.breaker.state,
             breaker_opens=self.breaker.opens,
+            invalidations_rejected=self.listener.rejected if self.listener is not None else 0,
         )
         return stats
 
@@ -641,7 +642,8 @@ class InvalidationListener:
     :class:`CacheInvalidated` and :class:`CacheLeaseEnded` to ``deliver`` — which tells
     the actor, so the L1 and the lease waiters are only touched on the actor's thread. It
     reconnects with backoff; after a reconnect it delivers :class:`Resync`. ``deliver``
-    returning False stops it (the actor is gone).
+    returning False stops it (the actor is gone). What fails to decode, verify or pass
+    the replay guard is dropped and counted (``rejected``).
     """
 
     def __init__(
@@ -656,6 +658,7 @@ class InvalidationListener:
         self.channel = backend.channel
         self.codec = backend.codec
         self.replays = backend.codec.replay_guard()
+        self.rejected = 0
         self.timeout = backend.options.socket_timeout
         self.deliver = deliver
         self.reconnect_max = reconnect_max
@@ -716,6 +719,7 @@ class InvalidationListener:
         try:
             event = self.codec.decode(data, channel=self.channel, guard=self.replays).message
         except InvalidMessage as exc:
+            self.rejected += 1
             log.warning("cache invalidation on %s rejected: %s", self.channel, exc)
             return True
         if not isinstance(event, CacheInvalidated | CacheLeaseEnded):
