@@ -55,6 +55,7 @@ _ENVELOPE_KEYS = frozenset({"t", "v", "id", "c", "r", "ts", "d", "b", "s"})
 # "s" and a 32-byte bin8 signature, which gives the map one entry longer that packing
 # it with "s" last would give.
 _FIXMAP = 0x80
+_BYTE = tuple(bytes((i,)) for i in range(256))
 _SIGNATURE_ENTRY = b"\xa1s\xc4\x20"
 _SIGNATURE_TAIL = len(_SIGNATURE_ENTRY) + 32
 
@@ -167,10 +168,10 @@ class Codec:
             "c": correlation,
             "r": reply_to,
             "ts": int(time.time() * 1000),
+            "b": message.to_wire(),
         }
         if deadline:
-            envelope["d"] = deadline
-        envelope["b"] = message.to_wire()
+            envelope = {**envelope, "d": deadline}
         try:
             data: bytes = _packer.pack(envelope)
         except (TypeError, ValueError, OverflowError) as exc:  # validate() was skipped
@@ -181,7 +182,7 @@ class Codec:
                 signature = signer.sign(data)
             else:
                 signature = signer.sign(_channel_bytes(channel), data)
-            data = bytes((data[0] + 1,)) + data[1:] + _SIGNATURE_ENTRY + signature
+            data = _BYTE[data[0] + 1] + data[1:] + _SIGNATURE_ENTRY + signature
         if len(data) > self.max_size:
             raise _fail("", f"message is {len(data)} bytes, over the {self.max_size}-byte limit")
         return data
@@ -215,7 +216,8 @@ class Codec:
         if not _ENVELOPE_KEYS.issuperset(raw):
             unknown = sorted(str(k) for k in raw if k not in _ENVELOPE_KEYS)
             raise _fail(unknown[0], "unknown envelope key")
-        if self.signer.signing:
+        signing = self.signer.signing
+        if signing:
             self._verify(raw, data, None if channel is None else _channel_bytes(channel))
         get = raw.get
         type_name, version, msg_id, body = get("t"), get("v"), get("id"), get("b")
@@ -241,7 +243,7 @@ class Codec:
             raise _fail("ts", f"expected int, got {type(ts).__name__}")
         if type(deadline) is not int:
             raise _fail("d", f"expected int, got {type(deadline).__name__}")
-        if guard is not None and self.signer.signing:
+        if guard is not None and signing:
             guard.check(msg_id, ts, valid_until=deadline)
         if type(body) is not dict:
             raise _fail("b", f"expected map, got {type(body).__name__}")
@@ -279,17 +281,16 @@ class Codec:
         if type(signature) is not bytes:
             raise _fail("s", "expected bytes")
         bound = () if channel is None else (channel,)
-        verify = self.signer.verify
         if data[0] == _FIXMAP | (len(raw) + 1) and data[-_SIGNATURE_TAIL:-32] == _SIGNATURE_ENTRY:
             # As encode() writes it: the signed bytes are the message without its tail,
             # under the header of a map one entry shorter.
-            unsigned = bytes((data[0] - 1,)) + data[1:-_SIGNATURE_TAIL]
-            if verify(signature, *bound, unsigned):
+            unsigned = _BYTE[data[0] - 1] + data[1:-_SIGNATURE_TAIL]
+            if self.signer.verify(signature, *bound, unsigned):
                 return
         # Any other layout (another encoder): the map without "s", packed again.
         try:
             unsigned = _packb(raw, use_bin_type=True)
         except (TypeError, ValueError, OverflowError):  # nested deeper than msgpack packs
             raise _fail("s", "signature does not match") from None
-        if not verify(signature, *bound, unsigned):
+        if not self.signer.verify(signature, *bound, unsigned):
             raise _fail("s", "signature does not match")

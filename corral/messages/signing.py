@@ -55,10 +55,8 @@ class Signer:
         self._keys = tuple(keys)
         # HMAC states that have absorbed their key; each signature works on a copy.
         self._macs = tuple(hmac.new(key, digestmod=hashlib.sha256) for key in self._keys)
-
-    @property
-    def signing(self) -> bool:
-        return bool(self._macs)
+        self.signing = bool(self._macs)
+        """Whether there are keys (read-only: set ``keys``)."""
 
     def sign(self, *parts: bytes) -> bytes:
         """The signature of ``parts`` with the first key (there must be one)."""
@@ -72,9 +70,9 @@ class Signer:
 
 def _digest(mac: hmac.HMAC, parts: tuple[bytes, ...]) -> bytes:
     mac = mac.copy()
-    for part in parts[:-1]:
-        mac.update(len(part).to_bytes(4, "big"))
-        mac.update(part)
+    if len(parts) > 1:
+        for part in parts[:-1]:
+            mac.update(len(part).to_bytes(4, "big") + part)
     mac.update(parts[-1])
     return mac.digest()
 
