@@ -202,6 +202,11 @@ class DurableSubscription(Subscription):
         return self.streams[0]
 
     @property
+    def rejected(self) -> int:
+        """Entries skipped: undecodable, or (with keys) not signed with one of them."""
+        return self._bus.stats()["rejected"]
+
+    @property
     def offset(self) -> int:
         """The last offset delivered (of the first stream, when there are several)."""
         return self._cursors[self.streams[0]].offset

@@ -489,6 +489,7 @@ def test_durable_subscribers_take_only_genuine_entries(redis_server: RedisServer
         for index, fields in enumerate(forgeries, offset + 1):
             raw.xadd(stream, fields, id=f"{index}-0")
         assert sub.get(1.5) is None  # none of them delivered
+        assert sub.rejected == len(forgeries)
         system.ask(StateUpdate(state_id=genuine[-1].state_id, data={"n": 9}))
         gap, event = take(sub, 2)
         assert gap.message.reason == "epoch_changed"
