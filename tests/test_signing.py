@@ -28,6 +28,7 @@ import redis
 import websockets
 
 import corral
+from corral._redis import SyncRedis, connect
 from corral.actors.cache import CacheManager
 from corral.actors.websocket._signing import ChannelSigner
 from corral.bus import RedisBus
@@ -452,8 +453,13 @@ async def websocket_scenario(emitter: Daemon, receiver: Daemon, raw: redis.Redis
 # -- durable stream entries ---------------------------------------------------------------------
 
 
-def test_durable_subscribers_take_only_genuine_entries(redis_server: RedisServer) -> None:
-    url = redis_server.url
+@pytest.mark.parametrize("topology", ["redis_server", "redis_cluster"])
+def test_durable_subscribers_take_only_genuine_entries(
+    topology: str, request: pytest.FixtureRequest
+) -> None:
+    """On a cluster too: the signed change takes two calls of the state script, in the
+    partition's slot."""
+    url = request.getfixturevalue(topology).url
     config = Config().replace(
         bus=BusSection(backend="redis", url=url, namespace="sig"),
         codec=CodecSection(signing_keys=[KEY, OLD_KEY]),
@@ -468,7 +474,7 @@ def test_durable_subscribers_take_only_genuine_entries(redis_server: RedisServer
         sub = DurableSubscription(
             url, stream=stream, from_offset=0, signing_keys=[KEY.encode(), OLD_KEY.encode()]
         )
-        raw = redis.Redis.from_url(url)
+        raw = connect(url, setting="the attacker's client")
         entries = stream_entries(raw, stream)
         genuine = [delivery.message for delivery in take(sub, len(entries))]
         assert [e.offset for e in genuine] == list(range(1, len(entries) + 1))
@@ -498,7 +504,7 @@ def test_durable_subscribers_take_only_genuine_entries(redis_server: RedisServer
         raw.close()
 
 
-def stream_entries(raw: redis.Redis, stream: str) -> list[dict[bytes, bytes]]:
+def stream_entries(raw: SyncRedis, stream: str) -> list[dict[bytes, bytes]]:
     """The fields of every entry of ``stream``, in order."""
     entries = cast("list[tuple[bytes, dict[bytes, bytes]]]", raw.xrange(stream))
     return [fields for _, fields in entries]
