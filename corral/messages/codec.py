@@ -13,9 +13,9 @@ replay window. Any failure is :class:`InvalidMessage` naming the field path, and
 nothing else::
 
     codec = Codec(keys=[b"secret"])
-    data = codec.encode(CacheGet(key="a"), channel="corral:cache.invalidated")
+    data = codec.encode(CacheGet(key="a"), channel="corral:{req:cache}:stream")
     guard = codec.replay_guard()
-    envelope = codec.decode(data, channel="corral:cache.invalidated", guard=guard)
+    envelope = codec.decode(data, channel="corral:{req:cache}:stream", guard=guard)
     assert envelope.message == CacheGet(key="a")
 
 The signature covers the envelope's bytes without its ``"s"`` entry, preceded by the
