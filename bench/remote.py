@@ -11,8 +11,11 @@ server side in a process of its own:
 
 Figures: sequential round trip p50/p99, and throughput with 8 calling threads; the
 cost of the run record a request that is not idempotent pays (``cache.set`` against
-``cache.get``); then the same throughput with 1 and with 3 daemons on the one Redis,
-with the daemons' CPU seconds per 1,000 requests (from ``/proc``).
+``cache.get``); the cost of signing (``codec.signing_keys``) with the replay check:
+every envelope signed and verified, each reply through the client's replay guard, and
+every request, reads included, recorded in Redis once (a daemon of its own namespace
+against the unsigned one); then the same throughput with 1 and with 3 daemons on the
+one Redis, with the daemons' CPU seconds per 1,000 requests (from ``/proc``).
 Run: ``python bench/remote.py``.
 """
 
@@ -41,10 +44,13 @@ from tests.redis_server import RedisServer
 ROUND_TRIPS = 1_000
 CONCURRENT = 2_000
 THREADS = 8
+SIGNED = "signed"
+"""The namespace of the daemon with signing keys."""
+KEY = "bench-signing-key"
 
 RESPONDER = """
 import sys, msgpack, redis
-client = redis.Redis.from_url(sys.argv[1])
+client = redis.Redis.from_url(sys.argv[1], socket_timeout=None)  # BLPOP waits while idle
 while True:
     _, raw = client.blpop("bench:requests")
     request = msgpack.unpackb(raw)
@@ -54,10 +60,13 @@ while True:
 """
 
 
-def start_daemon(url: str, workdir: Path) -> subprocess.Popen[str]:
-    config = workdir / "corral.toml"
+def start_daemon(url: str, workdir: Path, namespace: str = "corral") -> subprocess.Popen[str]:
+    """A ``corral run`` serving cache; with signing keys in the namespace SIGNED."""
+    config = workdir / f"{namespace}.toml"
+    codec = f'[codec]\nsigning_keys = ["{KEY}"]\n' if namespace == SIGNED else ""
     config.write_text(
-        f'[bus]\nbackend = "redis"\nurl = "{url}"\n[daemon]\nport = 0\n[managers.cache]\n'
+        f'[bus]\nbackend = "redis"\nurl = "{url}"\nnamespace = "{namespace}"\n'
+        f"[daemon]\nport = 0\n[managers.cache]\n{codec}"
     )
     process = subprocess.Popen(
         [sys.executable, "-m", "corral.cli", "run", "-c", str(config), "--log-level", "WARNING"],
@@ -123,6 +132,30 @@ def measure(call: Callable[[], object]) -> tuple[float, float, float]:
     return p50, p99, rate
 
 
+def signed_costs(
+    url: str, workdir: Path, ping: Callable[[], object], cache_get: Callable[[], object]
+) -> dict[str, tuple[float, float]]:
+    """p50 (us) and throughput of ping and cache.get, signed then unsigned, by name."""
+    daemon = start_daemon(url, workdir, SIGNED)
+    try:
+        with corral.connect(url, namespace=SIGNED, signing_keys=[KEY]) as client:
+            wait_for_daemon(client)
+            payload = b"x" * 64
+            signed = {
+                "ping": measure(lambda: client.ask(Ping(payload=payload))),
+                "get": measure(lambda: client.ask(CacheGet(key="bench"))),
+            }
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+    unsigned = {"ping": measure(ping), "get": measure(cache_get)}
+    costs = {}
+    for name in ("ping", "get"):
+        costs[f"{name} p50"] = (signed[name][0] * 1e6, unsigned[name][0] * 1e6)
+        costs[f"{name} rate"] = (signed[name][2], unsigned[name][2])
+    return costs
+
+
 def main() -> None:
     with RedisServer() as server, tempfile.TemporaryDirectory() as workdir:
         daemons = [start_daemon(server.url, Path(workdir))]
@@ -158,6 +191,7 @@ def main() -> None:
                 record = {
                     name: measure(call) for name, call in (("get", cache_get), ("set", cache_set))
                 }
+                signing = signed_costs(server.url, Path(workdir), corral_call, cache_get)
                 one = throughput(corral_call, daemons)
                 daemons += [start_daemon(server.url, Path(workdir)) for _ in range(2)]
                 wait_for_daemons(server.url, 3)
@@ -188,6 +222,16 @@ def main() -> None:
             Row(f"throughput, {THREADS} threads", record["set"][2], record["get"][2], "asks/s"),
         ],
         note="cache.set records its start (one SET NX) before it runs, and its reply after.",
+    )
+    report(
+        "remote: signed, with the replay check, vs unsigned",
+        [
+            Row("system.ping round trip p50 (us)", *signing["ping p50"], "us"),
+            Row(f"system.ping throughput, {THREADS} threads", *signing["ping rate"], "asks/s"),
+            Row("cache.get round trip p50 (us)", *signing["get p50"], "us"),
+            Row(f"cache.get throughput, {THREADS} threads", *signing["get rate"], "asks/s"),
+        ],
+        note="figure: signed; reference: unsigned, measured in turn in the same run.",
     )
     report(
         "remote: 3 daemons on one Redis vs 1 (system.ping)",

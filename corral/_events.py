@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from corral.bus import Bus, Delivery, Subscription
 from corral.messages.base import Event, validate
+from corral.messages.codec import Codec
 from corral.streams import follow_state_changes
 
 
@@ -13,6 +14,7 @@ class EventsMixin:
     """``publish`` and ``subscribe`` over ``self.bus``; durable replay from Redis."""
 
     bus: Bus
+    codec: Codec
     validate: bool
 
     def _durable_source(self) -> tuple[str, str]:
@@ -55,4 +57,5 @@ class EventsMixin:
             epoch=epoch,
             callback=callback,
             queue_size=queue_size or self.bus.queue_size,
+            signing_keys=self.codec.keys,
         )

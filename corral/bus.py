@@ -475,13 +475,15 @@ class MemoryBus(Bus):
 class RedisBus(Bus):
     """A bus over Redis pub/sub, shared by every process that uses the same namespace.
 
-    Messages travel as :class:`~corral.messages.codec.Codec` envelopes, signed and
-    verified when the codec has keys; what fails to decode or verify is counted as
-    ``rejected`` and dropped. One reader thread drains the pub/sub connection into
-    the subscriptions' queues. When the connection is lost (or answers no health
-    check for ``2 * health_check_interval`` seconds) the reader reconnects with
-    jittered exponential backoff, resubscribes everything and counts a reconnect;
-    ``healthy`` is False meanwhile. Messages published during the outage are lost.
+    Messages travel as :class:`~corral.messages.codec.Codec` envelopes, signed for their
+    channel and verified when the codec has keys, and then also refused when replayed
+    (a timestamp outside the codec's replay window, or an id this bus took within it);
+    what fails to decode or verify is counted as ``rejected`` and dropped. One reader
+    thread drains the pub/sub connection into the subscriptions' queues. When the
+    connection is lost (or answers no health check for ``2 * health_check_interval``
+    seconds) the reader reconnects with jittered exponential backoff, resubscribes
+    everything and counts a reconnect; ``healthy`` is False meanwhile. Messages
+    published during the outage are lost.
 
     ``subscribe`` returns once Redis has confirmed the subscription; while Redis is
     unreachable it returns at once, and the subscription starts with the connection.
@@ -508,6 +510,7 @@ class RedisBus(Bus):
         super().__init__(queue_size=queue_size)
         self.namespace = namespace
         self.codec = codec or Codec()
+        self._replays = self.codec.replay_guard()
         self.where = redact(url)
         self._reconnect_initial = reconnect_initial
         self._reconnect_max = reconnect_max
@@ -568,9 +571,10 @@ class RedisBus(Bus):
         """Encode and PUBLISH; raises BackendUnavailable when Redis cannot be reached."""
         _check_topic(topic)
         self._check_open()
-        data = self.codec.encode(message, correlation=correlation)
+        channel = self._prefix + topic.encode()
+        data = self.codec.encode(message, correlation=correlation, channel=channel)
         try:
-            self._client.publish(self._prefix + topic.encode(), data)
+            self._client.publish(channel, data)
         except REDIS_ERRORS as exc:
             raise BackendUnavailable(
                 f"cannot publish {topic!r}: Redis at {self.where} is unavailable ({exc})",
@@ -785,7 +789,7 @@ class RedisBus(Bus):
 
     def _dispatch(self, subs: _Subs, channel: bytes, data: bytes) -> None:
         try:
-            envelope = self.codec.decode(data)
+            envelope = self.codec.decode(data, channel=channel, guard=self._replays)
         except InvalidMessage as exc:
             self._reject(channel, exc)
             return

@@ -288,6 +288,7 @@ def _remote(config: Config, url: str | None) -> Client:
         url,
         namespace=config.bus.namespace,
         signing_keys=config.codec.signing_keys,
+        replay_window=config.codec.replay_window,
         ask_timeout=config.system.ask_timeout,
     )
 

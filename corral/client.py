@@ -45,6 +45,7 @@ from corral.messages.base import (
     validate,
 )
 from corral.messages.codec import Codec, new_id
+from corral.messages.signing import DEFAULT_REPLAY_WINDOW
 from corral.messages.system import SystemHealth, SystemHealthCheck
 from corral.remote import SUBMIT_SCRIPT, alive_key, stream_key
 
@@ -90,6 +91,7 @@ class Client(EventsMixin):
         *,
         namespace: str = "corral",
         signing_keys: tuple[str, ...] | list[str] = (),
+        replay_window: float = DEFAULT_REPLAY_WINDOW,
         ask_timeout: float = 5.0,
         validate_messages: bool = True,
     ) -> None:
@@ -97,7 +99,7 @@ class Client(EventsMixin):
         self.namespace = namespace
         self.ask_timeout: float = _ASK_TIMEOUT.check(ask_timeout, "ask_timeout")
         self.validate = validate_messages
-        self.codec = Codec(keys=[k.encode() for k in signing_keys])
+        self.codec = Codec(keys=[k.encode() for k in signing_keys], replay_window=replay_window)
         self.reply_topic = f"reply.{uuid.uuid4().hex}"
         self.bus = RedisBus(url, namespace=namespace, codec=self.codec, own_topic=self.reply_topic)
         self.where = self.bus.where
@@ -174,14 +176,16 @@ class Client(EventsMixin):
             raise ManagerUnavailable(f"{message.type_name} names no manager to handle it")
         request_id = new_id()
         reply_to = self.reply_topic if waiter is not None else None
-        data = self.codec.encode(message, id=request_id, reply_to=reply_to)
+        stream = stream_key(self.namespace, manager)
+        deadline_ms = int((time.time() + timeout) * 1000)
+        data = self.codec.encode(
+            message, id=request_id, reply_to=reply_to, deadline=deadline_ms, channel=stream
+        )
         if waiter is not None:
             self._pending[request_id] = waiter
-        deadline_ms = int((time.time() + timeout) * 1000)
         try:
             queued = self._submit(
-                keys=[stream_key(self.namespace, manager), alive_key(self.namespace, manager)],
-                args=[data, deadline_ms, STREAM_CAP],
+                keys=[stream, alive_key(self.namespace, manager)], args=[data, STREAM_CAP]
             )
         except REDIS_ERRORS as exc:
             self._pending.pop(request_id, None)

@@ -13,9 +13,11 @@ correlated by the request id; then the entry is acknowledged and deleted.
 
 Handoff without loss or double execution:
 
-- **Deadlines travel with the request.** A request is never started after its
-  deadline (checked when its handler is about to run, not only when it is read);
-  it is dropped unanswered, its caller having given up. A deadline (unix ms) further
+- **Deadlines travel with the request**, inside its signed envelope (``d``). A
+  request is never started after its deadline (checked when its handler is about to
+  run, not only when it is read); it is dropped unanswered, its caller having given
+  up. With signing keys, a request must also be signed for its stream, and one without
+  a deadline must have a timestamp within the replay window. A deadline (unix ms) further
   ahead than a client can ask for (:data:`~corral.messages.base.MAX_TIMEOUT`, plus a
   minute of clock skew), or negative, is refused with ``InvalidMessage`` (path ``d``).
 - **A dead daemon is noticed within ``heartbeat_ttl``** (2 s by default): every live
@@ -29,7 +31,10 @@ Handoff without loss or double execution:
   ``outcome = "unknown"``) when it had started: it may have been applied, so it is
   not applied again. Idempotent requests (reads, ``@message(idempotent=True)``) are
   simply run again. The same record answers a request id sent twice: from the record
-  once it finished, with ``Conflict`` (details ``duplicate``) while it runs.
+  once it finished, with ``Conflict`` (details ``duplicate``) while it runs. With
+  signing keys every request gets a run record, so that a replayed one never runs
+  again: an idempotent request's keeps no reply, and its duplicate is refused with
+  ``Conflict`` (details ``duplicate``) once it finished.
 - **Drain.** :meth:`RequestServer.drain` stops reading (other daemons take new
   requests), finishes what it took, replies, and hands its singletons over.
 - **Singletons.** A manager placed ``singleton`` runs on the one daemon holding its
@@ -92,10 +97,10 @@ redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now_ms)
 if redis.call('ZCARD', KEYS[2]) == 0 then
   return 0
 end
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'm', ARGV[1], 'd', ARGV[2])
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'm', ARGV[1])
 return 1
 """
-"""KEYS: stream, alive set. ARGV: envelope, deadline (unix ms), stream cap. 1 = queued."""
+"""KEYS: stream, alive set. ARGV: envelope, stream cap. 1 = queued."""
 
 HEARTBEAT_SCRIPT = """
 local now = redis.call('TIME')
@@ -196,6 +201,8 @@ class RequestServer:
     ) -> None:
         self.system = system
         self.codec = codec
+        # Requests are deduplicated by their run records: the guard checks timestamps only.
+        self._window = codec.replay_guard(remember=False)
         self.namespace = namespace
         self.daemon_id = f"{uuid.uuid4().hex[:12]}"
         self.heartbeat_interval = heartbeat_interval
@@ -481,9 +488,10 @@ class RequestServer:
 
     def _take(self, entry: _Entry, fields: dict[bytes, bytes]) -> None:
         try:
-            deadline = int(fields.get(b"d", b"0") or 0)
-            envelope = self.codec.decode(fields.get(b"m", b""))
-        except (ValueError, InvalidMessage) as exc:
+            envelope = self.codec.decode(
+                fields.get(b"m", b""), channel=entry.stream, guard=self._window
+            )
+        except InvalidMessage as exc:
             self.counts["rejected"] += 1
             REJECTED.reject("remote", _junk_kind(exc), f"on {entry.stream}: {exc}", log)
             reply_to = getattr(exc, "reply_to", None)
@@ -496,6 +504,7 @@ class RequestServer:
             self._finish(_Outcome(entry))
             return
         entry.envelope = envelope
+        deadline = envelope.deadline
         now = time.time()
         if not 0 <= deadline <= (now + MAX_TIMEOUT + CLOCK_SKEW) * 1000:
             self.counts["rejected"] += 1
@@ -529,7 +538,7 @@ class RequestServer:
                 ),
             )
             return
-        if not message.idempotent:
+        if not message.idempotent or self.codec.signing:
             entry.record = record_key(self.namespace, entry.manager, envelope.id)
         remaining = min(MAX_TIMEOUT, max(0.001, deadline / 1000 - now)) if deadline else None
         if message.route() == "supervisor":
@@ -582,7 +591,11 @@ class RequestServer:
         if previous is None:
             entry.started = True
             return True
+        idempotent = entry.envelope is not None and entry.envelope.message.idempotent
         if previous.startswith(FINISHED):
+            if idempotent:  # its record keeps no reply: a replay, or a resubmission
+                self._refuse_duplicate(entry, "was answered already")
+                return False
             self.counts["answered_from_record"] += 1
             self._finish(_Outcome(entry, recorded=previous[1:]))
             return False
@@ -590,15 +603,15 @@ class RequestServer:
         if self._is_alive(starter, entry.manager):
             # The same request id again while its first run goes on: a resubmission,
             # or a replay. Its first run answers.
-            self._answer(
-                entry,
-                None,
-                Conflict(
-                    "a request with this id is already running; it is answered once",
-                    {"manager": entry.manager, "duplicate": True},
-                ),
-            )
+            self._refuse_duplicate(entry, "is already running; it is answered once")
             return False
+        if idempotent:  # its daemon stopped while running it: run again, as ever
+            with suppress(*REDIS_ERRORS):  # else the record expires by itself
+                self._redis.set(
+                    entry.record, STARTED + self.daemon_id.encode(), px=self._record_ttl_ms(entry)
+                )
+            entry.started = True
+            return True
         self.counts["unknown_outcome"] += 1
         log.warning(
             "request %s on %s was started by daemon %s, which stopped before answering; "
@@ -617,6 +630,16 @@ class RequestServer:
             ),
         )
         return False
+
+    def _refuse_duplicate(self, entry: _Entry, why: str) -> None:
+        self._answer(
+            entry,
+            None,
+            Conflict(
+                f"a request with this id {why}",
+                {"manager": entry.manager, "duplicate": True},
+            ),
+        )
 
     def _is_alive(self, daemon_id: str, manager: str) -> bool:
         """Whether a daemon's heartbeat is current (on Redis time); True if Redis fails."""
@@ -666,12 +689,13 @@ class RequestServer:
     # -- replying -------------------------------------------------------------------------
 
     def _encode_reply(self, reply: Message, envelope: Envelope) -> bytes:
+        channel = f"{self.namespace}:{envelope.reply_to}"
         try:
             validate(reply)  # the caller's decoder would drop a reply out of bounds
-            return self.codec.encode(reply, correlation=envelope.id)
+            return self.codec.encode(reply, correlation=envelope.id, channel=channel)
         except InvalidMessage as exc:  # too big, or a manager's reply with bad fields
             log.error("reply to %s not encodable: %s", envelope.message.type_name, exc)
-            return self.codec.encode(_unencodable(exc), correlation=envelope.id)
+            return self.codec.encode(_unencodable(exc), correlation=envelope.id, channel=channel)
 
     def _reply_loop(self) -> None:
         while True:
@@ -708,7 +732,8 @@ class RequestServer:
                 replies.append((f"{self.namespace}:{envelope.reply_to}", data))
                 self.counts["served"] += 1
             if entry.started:
-                records.append((entry.record, FINISHED + (data or b""), self._record_ttl_ms(entry)))
+                kept = b"" if envelope is None or envelope.message.idempotent else data or b""
+                records.append((entry.record, FINISHED + kept, self._record_ttl_ms(entry)))
         for attempt in range(3):
             # A pipeline is emptied by execute(), failed or not: each attempt fills its own.
             pipe = self._redis.pipeline(transaction=False)

@@ -9,10 +9,16 @@ the same Lua script that applies a change):
   event's topic), ``type`` and ``v`` (its message wire name and version),
   ``epoch`` (the life of the stream it was written in) and ``body`` (its fields
   as a msgpack map);
+- with signing keys, an entry also has the field ``s``: the HMAC-SHA256 of its
+  stream key, offset (decimal), ``epoch``, ``topic``, ``type``, ``v`` and ``body``
+  (see :func:`signed_parts`). A reader given the keys skips and counts an entry
+  without a valid one, so an entry copied to another offset or stream is refused too;
 - the hash ``K:meta`` holds ``epoch``, a name for this life of the stream: when the
   stream is lost and starts again (offsets restart at 1), the epoch changes.
   Entries left in ``K`` while ``K:meta`` is gone belong to no live epoch: a
-  reader never delivers them, and the producer's next write replaces them.
+  reader never delivers them, and the producer's next write replaces them. An
+  entry at or past the producer's next offset was not written by it: the producer
+  starts a new epoch rather than stop.
 
 A :class:`DurableSubscription` reads the stream from ``from_offset`` and then
 waits on it for new entries (XREAD BLOCK), so history and live events come
@@ -41,7 +47,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import msgpack
@@ -50,10 +56,11 @@ from corral._redis import REDIS_ERRORS, connect, disconnect, topology
 from corral.bus import Bus, Delivery, Subscription, _wake, compile_glob
 from corral.errors import InvalidMessage
 from corral.messages.base import Message, lookup
+from corral.messages.signing import Signer
 from corral.messages.state import DEFAULT_PARTITIONS, events_stream_key, partitions_key
 from corral.messages.stream import GAP_TOPIC, GapReason, StreamGap
 
-__all__ = ["DurableSubscription", "meta_key"]
+__all__ = ["DurableSubscription", "meta_key", "signed_parts"]
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +70,22 @@ _RECONNECT_MAX = 2.0
 _ORPHAN_POLL = 0.05
 
 
+_SIGNED_FIELDS = (b"epoch", b"topic", b"type", b"v", b"body")
+
+
 def meta_key(stream: str) -> str:
     """The hash that holds a durable stream's ``epoch`` (and its producer's ``offset``)."""
     return stream + ":meta"
+
+
+def signed_parts(stream: str, offset: int, fields: Mapping[bytes, bytes]) -> tuple[bytes, ...]:
+    """What the signature ``s`` of the entry at ``offset`` of ``stream`` covers.
+
+    ::
+
+        signature = signer.sign(*signed_parts("corral:{state:0}:events", 7, fields))
+    """
+    return (stream.encode(), str(offset).encode(), *(fields.get(f, b"") for f in _SIGNED_FIELDS))
 
 
 class _StreamFeed(Bus):
@@ -84,13 +104,24 @@ class _StreamFeed(Bus):
 
 
 class _Cursor:
-    """Where a reader stands in one stream: the last offset delivered, in ``epoch``."""
+    """Where a reader stands in one stream: the last offset delivered, in ``epoch``, and
+    the last offset of a forged entry skipped after it (read past, delivered never)."""
 
-    __slots__ = ("epoch", "offset")
+    __slots__ = ("epoch", "forged", "offset")
 
     def __init__(self, offset: int, epoch: str | None) -> None:
         self.offset = offset
         self.epoch = epoch
+        self.forged = 0
+
+    @property
+    def read_from(self) -> int:
+        return max(self.offset, self.forged)
+
+    def restart(self, offset: int) -> None:
+        """Stand at ``offset`` of a stream that changed under the reader."""
+        self.offset = offset
+        self.forged = 0
 
 
 class DurableSubscription(Subscription):
@@ -107,7 +138,8 @@ class DurableSubscription(Subscription):
     where it stands in all of them, a printable cursor that ``from_offset`` takes back.
     Events of one stream come in order; events of different streams in the order they
     are read. Redis outages are waited out, with backoff, and ``healthy`` is False
-    meanwhile.
+    meanwhile. With ``signing_keys``, an entry without a valid signature is skipped
+    and counted (``rejected``).
     """
 
     def __init__(
@@ -123,8 +155,10 @@ class DurableSubscription(Subscription):
         queue_size: int = 10_000,
         batch: int = 500,
         block_seconds: float = 1.0,
+        signing_keys: Sequence[bytes] = (),
     ) -> None:
         self.streams = [stream] if stream is not None else list(streams)
+        self._signer = Signer(signing_keys)
         if not self.streams or (stream is not None and streams):
             raise ValueError("give one stream, or streams")
         self._cursors = _cursors(self.streams, from_offset, epoch)
@@ -166,6 +200,11 @@ class DurableSubscription(Subscription):
     @property
     def stream(self) -> str:
         return self.streams[0]
+
+    @property
+    def rejected(self) -> int:
+        """Entries skipped: undecodable, or (with keys) not signed with one of them."""
+        return self._bus.stats()["rejected"]
 
     @property
     def offset(self) -> int:
@@ -244,28 +283,28 @@ class DurableSubscription(Subscription):
                 self._gap(stream, "epoch_changed", cursor.offset + 1, -1, "",
                           previous=cursor.epoch)  # fmt: skip
                 cursor.epoch = None
-                cursor.offset = 0
+                cursor.restart(0)
             elif cursor.offset > 0:  # resumed without epoch, and the stream has no life yet
                 self._gap(stream, "offset_out_of_range", cursor.offset + 1, -1, "")
-                cursor.offset = 0
+                cursor.restart(0)
             return length == 0  # nothing written yet in this life of the stream
         current = epoch.decode()
         if cursor.epoch is None:
             cursor.epoch = current
             if cursor.offset > end:  # an offset of a lost life of the stream, most likely
                 self._gap(stream, "offset_out_of_range", cursor.offset + 1, -1, current)
-                cursor.offset = 0
+                cursor.restart(0)
         elif current != cursor.epoch:
             self._gap(stream, "epoch_changed", cursor.offset + 1, -1, current,
                       previous=cursor.epoch)  # fmt: skip
             cursor.epoch = current
-            cursor.offset = 0
+            cursor.restart(0)
         elif cursor.offset > end:
             # Ahead of the stream in its own epoch (it lost its latest entries, to a
             # failover say): the events that next get those offsets must not be skipped.
             self._gap(stream, "offset_out_of_range", cursor.offset + 1, -1, current,
                       previous=current)  # fmt: skip
-            cursor.offset = end
+            cursor.restart(end)
         return True
 
     def _read(self, streams: list[str]) -> set[str]:
@@ -276,7 +315,7 @@ class DurableSubscription(Subscription):
         answer = cast(
             "list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None",
             self._client.xread(
-                {name: f"{self._cursors[name].offset}-0" for name in streams},
+                {name: f"{self._cursors[name].read_from}-0" for name in streams},
                 count=self._batch,
                 block=self._block_ms,
             ),
@@ -294,13 +333,16 @@ class DurableSubscription(Subscription):
         cursor = self._cursors[stream]
         batch: list[Delivery] = []
         for entry_id, fields in entries:
+            offset = int(entry_id.split(b"-", 1)[0])
+            if self._signer.signing and not self._genuine(stream, offset, fields):
+                cursor.forged = offset
+                continue
             epoch = fields.get(b"epoch", b"").decode("utf-8", "replace")
             if cursor.epoch is None:
                 cursor.epoch = epoch  # read only once no entry of a lost epoch is left
             elif epoch != cursor.epoch:
                 self._deliver(batch)
                 return False
-            offset = int(entry_id.split(b"-", 1)[0])
             if offset > cursor.offset + 1:
                 self._deliver(batch)
                 batch = []
@@ -328,6 +370,16 @@ class DurableSubscription(Subscription):
                 waiters, self._async_waiters = self._async_waiters, []
             _wake(waiters)
             deliveries = deliveries[room:]
+
+    def _genuine(self, stream: str, offset: int, fields: dict[bytes, bytes]) -> bool:
+        """Whether an entry is signed with one of the keys, for its stream and offset."""
+        signature = fields.get(b"s", b"")
+        if self._signer.verify(signature, *signed_parts(stream, offset, fields)):
+            return True
+        self._bus._count("rejected")
+        why = "a bad signature" if signature else "no signature"
+        log.warning("durable subscription %s: entry %d rejected: %s", stream, offset, why)
+        return False
 
     def _decode(self, stream: str, fields: dict[bytes, Any], offset: int) -> Message | None:
         try:
@@ -406,6 +458,7 @@ def follow_state_changes(
     epoch: str | None = None,
     callback: Callable[[Delivery], None] | None = None,
     queue_size: int = 10_000,
+    signing_keys: Sequence[bytes] = (),
 ) -> DurableSubscription:
     """A durable subscription to the state-change streams of ``namespace``: one per
     partition, as many as the state manager recorded in Redis (the default until one
@@ -424,4 +477,5 @@ def follow_state_changes(
         epoch=epoch,
         callback=callback,
         queue_size=queue_size,
+        signing_keys=signing_keys,
     )

@@ -95,6 +95,7 @@ class System(EventsMixin):
             keys=[k.encode() for k in self.config.codec.signing_keys],
             max_size=self.config.codec.max_size,
             max_depth=self.config.codec.max_depth,
+            replay_window=self.config.codec.replay_window,
         )
         self._own_bus = bus is None
         self.bus = bus or self._make_bus()

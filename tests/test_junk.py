@@ -14,7 +14,6 @@ import msgpack
 import redis
 
 import corral
-from corral.messages.codec import Codec
 from corral.messages.system import Ping
 from corral.remote import GROUP, stream_key
 from tests.daemons import DaemonGroup, redis_daemons_config
@@ -26,17 +25,18 @@ PER_STREAM = 5_000
 
 
 def _junk(index: int) -> dict[str, bytes | int | str]:
-    """One junk request entry of a dozen kinds."""
-    codec = Codec()
+    """One junk request entry of eight kinds."""
     kind = index % 8
     if kind == 0:
         return {"m": os.urandom(random.randint(0, 64)), "d": 0}
     if kind == 1:
         return {"x": b"no message field"}
-    if kind == 2:
-        return {"m": codec.encode(Ping()), "d": "soon"}
-    if kind == 3:
-        return {"m": codec.encode(Ping()), "d": 2**70}
+    if kind == 2:  # a deadline that is not a number
+        envelope = {"t": "system.ping", "v": 1, "id": os.urandom(16), "d": "soon", "b": {}}
+        return {"m": msgpack.packb(envelope)}
+    if kind == 3:  # a deadline past anything a client may ask for
+        envelope = {"t": "system.ping", "v": 1, "id": os.urandom(16), "d": 2**63, "b": {}}
+        return {"m": msgpack.packb(envelope)}
     if kind == 4:
         return {"m": msgpack.packb([1, 2, 3]), "d": 0}
     if kind == 5:

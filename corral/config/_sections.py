@@ -13,6 +13,7 @@ from corral._redis import parse_url
 from corral.config._values import Mismatch, Text, convert, hide, mask
 from corral.errors import ConfigError
 from corral.messages.base import MAX_TIMEOUT
+from corral.messages.signing import DEFAULT_REPLAY_WINDOW
 
 Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
 Restart = Literal["permanent", "transient", "temporary"]
@@ -172,13 +173,16 @@ class BusSection(Section):
 
 @dataclass(frozen=True, kw_only=True, repr=False)
 class CodecSection(Section):
-    """``[codec]``: message size and depth limits, HMAC signing keys (secret)."""
+    """``[codec]``: message size and depth limits, HMAC signing keys (secret), and the
+    replay window: with keys, receivers refuse a signed timestamp further than
+    ``replay_window`` seconds from their clock, and an id they took within it."""
 
     prefix: ClassVar[str] = "codec"
 
     max_size: int = field(default=1_048_576, metadata=_SIZE)
     max_depth: int = field(default=32, metadata=_SIZE)
     signing_keys: list[str] = field(default_factory=list, metadata={"secret": True})
+    replay_window: float = field(default=DEFAULT_REPLAY_WINDOW, metadata=_TIMEOUT)
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)

@@ -3,22 +3,29 @@
 One msgpack map per message, with compact keys::
 
     {"t": "cache.get", "v": 1, "id": <16 bytes>, "c": <correlation id or nil>,
-     "r": <reply topic or nil>, "ts": <unix ms>, "b": {<fields>}, "s": <HMAC-SHA256>}
+     "r": <reply topic or nil>, "ts": <unix ms>, "d": <deadline, unix ms; requests only>,
+     "b": {<fields>}, "s": <HMAC-SHA256>}
 
 :meth:`Codec.decode` checks everything before a manager sees the message: size,
 nesting depth, envelope shape, known type and version, every field's type and,
-when keys are configured, the signature. Any failure is :class:`InvalidMessage`
-naming the field path, and nothing else::
+when keys are configured, the signature and (given a :class:`ReplayGuard`) the
+replay window. Any failure is :class:`InvalidMessage` naming the field path, and
+nothing else::
 
     codec = Codec(keys=[b"secret"])
-    data = codec.encode(CacheGet(key="a"))
-    assert codec.decode(data).message == CacheGet(key="a")
+    data = codec.encode(CacheGet(key="a"), channel="corral:{req:cache}:stream")
+    guard = codec.replay_guard()
+    envelope = codec.decode(data, channel="corral:{req:cache}:stream", guard=guard)
+    assert envelope.message == CacheGet(key="a")
+
+The signature covers the envelope's bytes without its ``"s"`` entry, preceded by the
+channel (or stream) it was written to when one is given (see
+:class:`~corral.messages.signing.Signer` and docs/wire.md): a message signed for one
+channel is refused on any other.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import itertools
 import os
 import threading
@@ -30,6 +37,7 @@ import msgpack
 
 from corral.errors import InvalidMessage
 from corral.messages.base import Message, lookup
+from corral.messages.signing import DEFAULT_REPLAY_WINDOW, ReplayGuard, Signer
 
 _packb = msgpack.packb
 _unpackb = msgpack.unpackb
@@ -41,13 +49,13 @@ __all__ = ["DEFAULT_MAX_DEPTH", "DEFAULT_MAX_SIZE", "Codec", "Envelope", "new_id
 DEFAULT_MAX_SIZE = 1 << 20
 DEFAULT_MAX_DEPTH = 32
 
-_ENVELOPE_KEYS = frozenset({"t", "v", "id", "c", "r", "ts", "b", "s"})
+_ENVELOPE_KEYS = frozenset({"t", "v", "id", "c", "r", "ts", "d", "b", "s"})
 
-# ``encode`` packs a 7-entry envelope (header: fixmap 0x87) and appends "s" and a
-# 32-byte bin8 signature, which gives the 8-entry map (0x88) that packing it with
-# "s" last would give.
-_UNSIGNED_HEADER = b"\x87"
-_SIGNED_HEADER = b"\x88"
+# ``encode`` packs a 7- or 8-entry envelope (header: fixmap 0x87 or 0x88) and appends
+# "s" and a 32-byte bin8 signature, which gives the map one entry longer that packing
+# it with "s" last would give.
+_FIXMAP = 0x80
+_BYTE = tuple(bytes((i,)) for i in range(256))
 _SIGNATURE_ENTRY = b"\xa1s\xc4\x20"
 _SIGNATURE_TAIL = len(_SIGNATURE_ENTRY) + 32
 
@@ -81,7 +89,8 @@ _packer = _Packer()
 
 
 class Envelope(NamedTuple):
-    """A decoded message with its envelope: id, correlation id, reply topic, timestamp."""
+    """A decoded message with its envelope: id, correlation id, reply topic, timestamp,
+    and a request's deadline (unix ms; 0: none)."""
 
     message: Message
     id: bytes
@@ -89,10 +98,15 @@ class Envelope(NamedTuple):
     reply_to: str | None = None
     ts: int = 0
     version: int = 1
+    deadline: int = 0
 
 
 def _fail(path: str, problem: str) -> InvalidMessage:
     return InvalidMessage(problem, path=path)
+
+
+def _channel_bytes(channel: str | bytes) -> bytes:
+    return channel.encode() if isinstance(channel, str) else channel
 
 
 class Codec:
@@ -100,6 +114,8 @@ class Codec:
 
     ``keys``: HMAC keys. The first signs; any of them verifies, so keys can be
     rotated. With keys set, an unsigned or badly signed message is rejected.
+    ``replay_window``: seconds the guards of :meth:`replay_guard` accept a signed
+    timestamp for (``codec.replay_window``).
     """
 
     def __init__(
@@ -108,29 +124,28 @@ class Codec:
         keys: Sequence[bytes] = (),
         max_size: int = DEFAULT_MAX_SIZE,
         max_depth: int = DEFAULT_MAX_DEPTH,
+        replay_window: float = DEFAULT_REPLAY_WINDOW,
     ) -> None:
-        self.keys = tuple(keys)
+        self.signer = Signer(keys)
         self.max_size = max_size
         self.max_depth = max_depth
+        self.replay_window = replay_window
 
     @property
     def keys(self) -> tuple[bytes, ...]:
-        return self._keys
+        return self.signer.keys
 
     @keys.setter
     def keys(self, keys: Sequence[bytes]) -> None:
-        self._keys = tuple(keys)
-        # HMAC states that have absorbed their key; each signature works on a copy.
-        self._macs = tuple(hmac.new(key, digestmod=hashlib.sha256) for key in self._keys)
-
-    def _sign(self, mac: hmac.HMAC, data: bytes) -> bytes:
-        mac = mac.copy()
-        mac.update(data)
-        return mac.digest()
+        self.signer.keys = keys
 
     @property
     def signing(self) -> bool:
-        return bool(self.keys)
+        return self.signer.signing
+
+    def replay_guard(self, *, remember: bool = True) -> ReplayGuard:
+        """A guard for one receiver's :meth:`decode` calls, over this codec's window."""
+        return ReplayGuard(self.replay_window, remember=remember)
 
     def encode(
         self,
@@ -139,7 +154,13 @@ class Codec:
         id: bytes | None = None,
         correlation: bytes | None = None,
         reply_to: str | None = None,
+        deadline: int = 0,
+        channel: str | bytes | None = None,
     ) -> bytes:
+        """The envelope of ``message``, signed (for ``channel``, when given) if there are keys.
+
+        ``deadline`` (unix ms, 0: none): a request's, inside the signature.
+        """
         envelope: dict[str, Any] = {
             "t": message.type_name,
             "v": message.wire_version,
@@ -149,22 +170,37 @@ class Codec:
             "ts": int(time.time() * 1000),
             "b": message.to_wire(),
         }
+        if deadline:
+            envelope = {**envelope, "d": deadline}
         try:
             data: bytes = _packer.pack(envelope)
         except (TypeError, ValueError, OverflowError) as exc:  # validate() was skipped
             raise _fail("", f"cannot encode {message.type_name}: {exc}") from None
-        if self._macs:
-            signature = self._sign(self._macs[0], data)
-            if data[:1] == _UNSIGNED_HEADER:
-                data = _SIGNED_HEADER + data[1:] + _SIGNATURE_ENTRY + signature
-            else:  # not reached: the envelope above has 7 entries
-                envelope["s"] = signature
-                data = _packb(envelope, use_bin_type=True)
+        signer = self.signer
+        if signer.signing:
+            if channel is None:
+                signature = signer.sign(data)
+            else:
+                signature = signer.sign(_channel_bytes(channel), data)
+            data = _BYTE[data[0] + 1] + data[1:] + _SIGNATURE_ENTRY + signature
         if len(data) > self.max_size:
             raise _fail("", f"message is {len(data)} bytes, over the {self.max_size}-byte limit")
         return data
 
-    def decode(self, data: bytes | bytearray | memoryview) -> Envelope:
+    def decode(
+        self,
+        data: bytes | bytearray | memoryview,
+        *,
+        channel: str | bytes | None = None,
+        guard: ReplayGuard | None = None,
+    ) -> Envelope:
+        """The checked envelope of ``data`` (see the module docstring).
+
+        With keys, the signature must be that for ``channel`` (the channel or stream the
+        message was read from; None: one signed for no channel), and ``guard`` (when
+        given) must take the message's timestamp and id, a request's deadline extending
+        its window.
+        """
         if type(data) is not bytes:
             if not isinstance(data, bytearray | memoryview):
                 raise _fail("", f"expected bytes, got {type(data).__name__}")
@@ -180,11 +216,12 @@ class Codec:
         if not _ENVELOPE_KEYS.issuperset(raw):
             unknown = sorted(str(k) for k in raw if k not in _ENVELOPE_KEYS)
             raise _fail(unknown[0], "unknown envelope key")
-        if self._macs:
-            self._verify(raw, data)
+        signing = self.signer.signing
+        if signing:
+            self._verify(raw, data, None if channel is None else _channel_bytes(channel))
         get = raw.get
         type_name, version, msg_id, body = get("t"), get("v"), get("id"), get("b")
-        correlation, reply_to, ts = get("c"), get("r"), get("ts", 0)
+        correlation, reply_to, ts, deadline = get("c"), get("r"), get("ts", 0), get("d", 0)
         if type(type_name) is not str:
             raise _fail("t", f"expected str, got {type(type_name).__name__}")
         cls = _lookup(type_name)
@@ -204,6 +241,10 @@ class Codec:
             raise _fail("r", f"expected str or nil, got {type(reply_to).__name__}")
         if type(ts) is not int:
             raise _fail("ts", f"expected int, got {type(ts).__name__}")
+        if type(deadline) is not int:
+            raise _fail("d", f"expected int, got {type(deadline).__name__}")
+        if guard is not None and signing:
+            guard.check(msg_id, ts, valid_until=deadline)
         try:
             if type(body) is not dict:
                 raise _fail("b", f"expected map, got {type(body).__name__}")
@@ -214,11 +255,13 @@ class Codec:
                 body = cls.upgrade(body, version)
             message = cls._from_wire(body, "b")
         except InvalidMessage as exc:
-            # A sound envelope around a bad message: whoever answers requests can tell
-            # the sender why.
+            # A sound (and, with keys, verified) envelope around a bad message: whoever
+            # answers requests can tell the sender why.
             exc.request_id, exc.reply_to = msg_id, reply_to  # type: ignore[attr-defined]
             raise
-        return _new_envelope(Envelope, (message, msg_id, correlation, reply_to, ts, version))
+        return _new_envelope(
+            Envelope, (message, msg_id, correlation, reply_to, ts, version, deadline)
+        )
 
     def _check_depth(self, body: dict[str, Any]) -> None:
         limit = self.max_depth
@@ -237,29 +280,23 @@ class Codec:
             level = below
             depth += 1
 
-    def _verify(self, raw: dict[str, Any], data: bytes) -> None:
+    def _verify(self, raw: dict[str, Any], data: bytes, channel: bytes | None) -> None:
         signature = raw.pop("s", None)
         if signature is None:
             raise _fail("s", "signature missing (this receiver requires signed messages)")
         if type(signature) is not bytes:
             raise _fail("s", "expected bytes")
-        compare = hmac.compare_digest
-        if (
-            data[:1] == _SIGNED_HEADER
-            and data[-_SIGNATURE_TAIL:-32] == _SIGNATURE_ENTRY
-            and len(raw) == 7
-        ):
-            # As encode() writes it: the signed bytes are the message without its tail.
-            unsigned = _UNSIGNED_HEADER + data[1:-_SIGNATURE_TAIL]
-            for mac in self._macs:
-                if compare(self._sign(mac, unsigned), signature):
-                    return
+        bound = () if channel is None else (channel,)
+        if data[0] == _FIXMAP | (len(raw) + 1) and data[-_SIGNATURE_TAIL:-32] == _SIGNATURE_ENTRY:
+            # As encode() writes it: the signed bytes are the message without its tail,
+            # under the header of a map one entry shorter.
+            unsigned = _BYTE[data[0] - 1] + data[1:-_SIGNATURE_TAIL]
+            if self.signer.verify(signature, *bound, unsigned):
+                return
         # Any other layout (another encoder): the map without "s", packed again.
         try:
             unsigned = _packb(raw, use_bin_type=True)
         except (TypeError, ValueError, OverflowError):  # nested deeper than msgpack packs
             raise _fail("s", "signature does not match") from None
-        for mac in self._macs:
-            if compare(self._sign(mac, unsigned), signature):
-                return
-        raise _fail("s", "signature does not match")
+        if not self.signer.verify(signature, *bound, unsigned):
+            raise _fail("s", "signature does not match")

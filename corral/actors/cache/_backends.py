@@ -15,7 +15,8 @@ its value's slot), and ``P:tag:{<tag>}`` for the keys stored with a tag: a sorte
 scored with each key's expiry (unix ms; ``inf`` for none), which drops the keys past
 it on every write and expires with its longest-lived key. Changes are published on
 ``P:invalidated`` as a :class:`CacheInvalidated` envelope, and a lease given back
-without a value as a :class:`CacheLeaseEnded` one.
+without a value as a :class:`CacheLeaseEnded` one; with signing keys, signed for that
+channel, and refused by the listeners when forged or replayed.
 
 While Redis is out of reach (the breaker is open), reads and sets may use the local
 fallback store, but a delete, an invalidation or a clear is refused with
@@ -510,7 +511,7 @@ class RedisBackend:
         def remote() -> bool | None:
             released = bool(self.release_lease_script(keys=[self.lease_key(key)], args=[token]))
             if released:
-                event = self.codec.encode(CacheLeaseEnded(origin=self.origin, key=key))
+                event = self._encode(CacheLeaseEnded(origin=self.origin, key=key))
                 publish_own(self.client, self.channel, event)
             return released
 
@@ -556,6 +557,7 @@ class RedisBackend:
             l1_hits=self.counters.l1_hits,
             breaker=self.breaker.state,
             breaker_opens=self.breaker.opens,
+            invalidations_rejected=self.listener.rejected if self.listener is not None else 0,
         )
         return stats
 
@@ -664,9 +666,12 @@ class RedisBackend:
                     break
 
     def _event(self, *, keys: list[str] | None = None, patterns: list[str] | None = None) -> bytes:
-        return self.codec.encode(
+        return self._encode(
             CacheInvalidated(origin=self.origin, keys=keys or [], patterns=patterns or [])
         )
+
+    def _encode(self, event: CacheInvalidated | CacheLeaseEnded) -> bytes:
+        return self.codec.encode(event, channel=self.channel)
 
 
 def _escape(text: str) -> str:
@@ -688,7 +693,8 @@ class InvalidationListener:
     :class:`CacheInvalidated` and :class:`CacheLeaseEnded` to ``deliver`` — which tells
     the actor, so the L1 and the lease waiters are only touched on the actor's thread. It
     reconnects with backoff; after a reconnect it delivers :class:`Resync`. ``deliver``
-    returning False stops it (the actor is gone).
+    returning False stops it (the actor is gone). What fails to decode, verify or pass
+    the replay guard is dropped and counted (``rejected``).
     """
 
     def __init__(
@@ -702,6 +708,8 @@ class InvalidationListener:
         self.url = backend.url
         self.channel = backend.channel
         self.codec = backend.codec
+        self.replays = backend.codec.replay_guard()
+        self.rejected = 0
         self.timeout = backend.options.socket_timeout
         self.deliver = deliver
         self.reconnect_max = reconnect_max
@@ -760,8 +768,9 @@ class InvalidationListener:
 
     def _forward(self, data: bytes) -> bool:
         try:
-            event = self.codec.decode(data).message
+            event = self.codec.decode(data, channel=self.channel, guard=self.replays).message
         except InvalidMessage as exc:
+            self.rejected += 1
             log.warning("cache invalidation on %s rejected: %s", self.channel, exc)
             return True
         if not isinstance(event, CacheInvalidated | CacheLeaseEnded):

@@ -137,7 +137,7 @@ class CacheManager(Manager):
         settings: CacheOptions = self.settings
         self.origin = uuid.uuid4().hex
         self.batched_gets = 0
-        self.codec = Codec()
+        self.codec = Codec(keys=self.context.signing_keys)
         self.max_key_length = settings.max_key_length
         self.max_value_size = settings.max_value_size
         self.flights: dict[tuple[str, str], _Flight] = {}

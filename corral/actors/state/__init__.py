@@ -117,6 +117,7 @@ class StateManager(Manager):
                 partitions=settings.partitions,
                 wait_replicas=settings.wait_replicas,
                 wait_timeout=settings.wait_timeout,
+                signing_keys=self.context.signing_keys,
             )
             try:
                 self.backend.record_partitions()

@@ -16,15 +16,22 @@ event stream, and on Redis Cluster the partitions spread over the masters::
     <ns>:{state:p}:events:meta  hash: offset (the last one given), epoch
     <ns>:{state:p}:expiry     sorted set: state id by expiry time (unix ms)
 
-::
+With signing keys, every stream entry carries its signature (see :mod:`corral.streams`).
+Redis cannot sign (the key never goes to Redis), so a change takes two script calls:
+the first checks the writes and answers the events it would append, the second
+applies them with their signatures if they are still those events, else answers the
+new ones to sign (another write of the partition came between)::
 
     backend = RedisBackend("redis://localhost:6379/0", namespace="corral",
-                           history_limit=100, stream_max_len=100_000, partitions=16)
+                           history_limit=100, stream_max_len=100_000, partitions=16,
+                           signing_keys=[b"secret"])
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import logging
 import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -34,6 +41,7 @@ from redis.cluster import RedisCluster
 
 from corral._redis import REDIS_ERRORS, connect
 from corral.errors import BackendUnavailable, ConfigError, Conflict, InvalidMessage, NotFound
+from corral.messages.signing import Signer
 from corral.messages.state import (
     KEEP,
     REMOVE,
@@ -46,9 +54,11 @@ from corral.messages.state import (
     partition_prefix,
     partitions_key,
 )
-from corral.streams import meta_key
+from corral.streams import meta_key, signed_parts
 
 __all__ = ["RedisBackend", "decode_event"]
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -56,6 +66,8 @@ _CONNECT_TIMEOUT = 2.0
 _SOCKET_TIMEOUT = 5.0
 _EXPIRE_BATCH = 100
 _NONE = "~"  # "not given" in the script's arguments (every given value is non-empty or "\x80")
+_APPLIED, _TO_SIGN = 1, 2  # the script's answers besides a refusal (0)
+_SIGN_ATTEMPTS = 10  # commits of a signed change, each after another write came between
 
 
 def _lua_rules() -> str:
@@ -67,10 +79,16 @@ def _lua_rules() -> str:
 
 
 # ARGV: now_ms, epoch_candidate, history_limit, stream_max_len, n, partition, then 7 per write:
-# state_id, transition, state_type, data, expected_version, ttl_ms, allowed (or "~").
+# state_id, transition, state_type, data, expected_version, ttl_ms, allowed (or "~"), then the
+# mode: "" (apply), "prepare" (apply nothing: answer the events' bodies, topics, first offset
+# and epoch, for signing) or "commit" followed by a SHA-1 (hex) and a signature per event
+# (apply, the signatures in the stream entries, if the events are still those; else answer
+# as "prepare" does).
 # A write whose transition is "" only expires its state if due (the TTL sweep).
 # KEYS: meta, stream, expiry, then per write: state hash, history list.
-# Answers {0, code, write index, a, b} for a refusal, {1, events, states} when applied.
+# Answers {0, code, write index, a, b} for a refusal, {1, events, states, reset} when applied
+# (reset = 1: the stream held an entry at or past the next offset, which this script did not
+# write, and a new epoch began), {2, events, topics, offset before the first, epoch} to sign.
 _APPLY = """
 local RULES = __RULES__
 local KEEP, REMOVE = "__KEEP__", "__REMOVE__"
@@ -151,29 +169,58 @@ for i = 1, n do
   end
 end
 
-if #changes == 0 then return {1, {}, results} end
+if #changes == 0 then return {1, {}, results, 0} end
 local epoch = redis.call("HGET", KEYS[1], "epoch")
-if not epoch then
+local base = tonumber(redis.call("HGET", KEYS[1], "offset") or "0")
+local reset = 0
+if epoch then
+  local top = redis.call("XREVRANGE", KEYS[2], "+", "-", "COUNT", 1)[1]
+  if top and tonumber(string.match(top[1], "^%d+")) > base then reset = 1 end
+end
+local renew = (not epoch) or reset == 1
+if renew then
   -- A new epoch: offsets start again at 1, so a stream left from the old one goes.
   epoch = ARGV[2]
+  base = 0
+end
+local events, topics = {}, {}
+for c = 1, #changes do
+  local id, k, tr, before, after = unpack(changes[c])
+  local new = after.removed and "\\192" or after.data
+  local old = before and before.data or "\\192"
+  events[c] = "\\139" .. cmsgpack.pack("state_id", id, "state_type", after.type,
+      "transition", tr, "old") .. old .. cmsgpack.pack("new") .. new ..
+      cmsgpack.pack("version", after.version, "offset", base + c, "epoch", epoch, "ts", now,
+                    "status", after.status, "partition", tonumber(ARGV[6]))
+  topics[c] = "state.changed." .. after.type .. "." .. id
+end
+local mode = ARGV[7 + 7 * n] or ""
+local proofs = 8 + 7 * n
+if mode == "prepare" then return {2, events, topics, base, epoch} end
+if mode == "commit" then
+  for c = 1, #changes do
+    if redis.sha1hex(events[c]) ~= ARGV[proofs + 2 * (c - 1)] then
+      return {2, events, topics, base, epoch}
+    end
+  end
+end
+if renew then
   redis.call("DEL", KEYS[2])
   redis.call("HSET", KEYS[1], "epoch", epoch)
 end
+redis.call("HSET", KEYS[1], "offset", base + #changes)
 local limit, maxlen = tonumber(ARGV[3]), ARGV[4]
-local events = {}
 for c = 1, #changes do
   local id, k, tr, before, after = unpack(changes[c])
-  local offset = redis.call("HINCRBY", KEYS[1], "offset", 1)
-  local new = after.removed and "\\192" or after.data
-  local old = before and before.data or "\\192"
-  local body = "\\139" .. cmsgpack.pack("state_id", id, "state_type", after.type,
-      "transition", tr, "old") .. old .. cmsgpack.pack("new") .. new ..
-      cmsgpack.pack("version", after.version, "offset", offset, "epoch", epoch, "ts", now,
-                    "status", after.status, "partition", tonumber(ARGV[6]))
-  events[c] = body
-  local topic = "state.changed." .. after.type .. "." .. id
-  redis.call("XADD", KEYS[2], "MAXLEN", maxlen, offset .. "-0",
-             "topic", topic, "type", "state.changed", "v", "1", "epoch", epoch, "body", body)
+  local body = events[c]
+  if mode == "commit" then
+    redis.call("XADD", KEYS[2], "MAXLEN", maxlen, (base + c) .. "-0", "topic", topics[c],
+               "type", "state.changed", "v", "1", "epoch", epoch, "body", body,
+               "s", ARGV[proofs + 2 * c - 1])
+  else
+    redis.call("XADD", KEYS[2], "MAXLEN", maxlen, (base + c) .. "-0", "topic", topics[c],
+               "type", "state.changed", "v", "1", "epoch", epoch, "body", body)
+  end
   if after.removed then
     redis.call("DEL", KEYS[k], KEYS[k + 1])
     redis.call("ZREM", KEYS[3], id)
@@ -189,7 +236,7 @@ for c = 1, #changes do
     end
   end
 end
-return {1, events, results}
+return {1, events, results, reset}
 """
 
 
@@ -227,8 +274,10 @@ class RedisBackend:
         partitions: int = 1,
         wait_replicas: int = 0,
         wait_timeout: float = 1.0,
+        signing_keys: tuple[bytes, ...] = (),
     ) -> None:
         self.url = url
+        self.signer = Signer(signing_keys)
         self.history_limit = history_limit
         self.stream_max_len = stream_max_len
         self.wait_replicas = wait_replicas
@@ -290,18 +339,18 @@ class RedisBackend:
                     write.allowed_transitions
                 ),
             ]  # fmt: skip
-        acknowledged = 0
-        if self.wait_replicas:
-            answer, acknowledged = self._call(
-                lambda: self._apply_and_wait(keys, args), "apply a state change"
-            )
-        else:
-            answer = self._call(lambda: self._script(keys, args), "apply a state change")
+        answer, acknowledged = self._call(lambda: self._run(keys, args), "apply a state change")
         if answer[0] == 0:
             _, code, index, a, b = answer
             raise _refusal(code.decode(), writes[index - 1], a.decode(), b.decode())
+        if answer[3]:
+            log.warning(
+                "state partition %d: its event stream held an entry at or past the next "
+                "offset that corral did not write; its events start again in a new epoch",
+                partition,
+            )
         try:
-            _, bodies, results = answer
+            _, bodies, results, _reset = answer
             events = [decode_event(body) for body in bodies]
             states = [
                 _state_info(write.state_id, result)
@@ -319,6 +368,43 @@ class RedisBackend:
                 {"applied": True, "replicas": acknowledged, "wait_replicas": self.wait_replicas},
             )
         return events, states
+
+    def _run(self, keys: list[str], args: list[Any]) -> tuple[Any, int]:
+        """The script's answer to a change, and how many replicas have it (when waited
+        for). Signed in two calls or more when there are keys: see the module docstring."""
+        if not self.signer.signing:
+            return self._commit(keys, args)
+        answer, acknowledged = self._script(keys, [*args, "prepare"]), 0
+        attempts = 0
+        while answer[0] == _TO_SIGN:
+            if attempts == _SIGN_ATTEMPTS:
+                raise BackendUnavailable(
+                    f"other writes to the partition came between each of {attempts} "
+                    "attempts to sign this change's events: not applied",
+                    {"backend": "redis", "stream": keys[1]},
+                )
+            attempts += 1
+            proofs = self._proofs(keys[1], answer)
+            answer, acknowledged = self._commit(keys, [*args, "commit", *proofs])
+        return answer, acknowledged
+
+    def _commit(self, keys: list[str], args: list[Any]) -> tuple[Any, int]:
+        if self.wait_replicas:
+            return self._apply_and_wait(keys, args)
+        return self._script(keys, args), 0
+
+    def _proofs(self, stream: str, prepared: list[Any]) -> list[Any]:
+        """A SHA-1 (hex) and a signature for each event of a prepared change."""
+        _, bodies, topics, base, epoch = prepared
+        proofs: list[Any] = []
+        for offset, (body, topic) in enumerate(zip(bodies, topics, strict=True), base + 1):
+            fields = {
+                b"epoch": epoch, b"topic": topic, b"type": b"state.changed", b"v": b"1",
+                b"body": body,
+            }  # fmt: skip
+            signature = self.signer.sign(*signed_parts(stream, offset, fields))
+            proofs += [hashlib.sha1(body, usedforsecurity=False).hexdigest(), signature]
+        return proofs
 
     def _apply_and_wait(self, keys: list[str], args: list[Any]) -> tuple[Any, int]:
         """The script, then WAIT, on one connection: WAIT counts the replicas that have

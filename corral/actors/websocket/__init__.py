@@ -50,6 +50,7 @@ def mount(daemon: Daemon) -> Gateway | None:
         namespace=config.bus.namespace,
         tick_interval=options.tick_interval,
         signing_keys=daemon.system.codec.keys,
+        replay_window=daemon.system.codec.replay_window,
     )
     daemon.app.router.add_get("/ws", gateway.handle)
     daemon.app.on_startup.append(gateway.started)

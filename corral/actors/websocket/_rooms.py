@@ -325,9 +325,10 @@ class RedisRooms:
         )
         channel, offset, room_epoch = self.channel(room), int(offset), _text(room_epoch)
         entries = []
+        seen: set[bytes] = set()
         for entry_id, fields in raw:
             payload = _entry_payload(fields, signed=self.signer.signing)
-            frame = self.signer.open(channel, payload)
+            frame = self.signer.open(channel, payload, seen=seen)
             if frame is None:  # not written by a holder of the key: never a partial recovery
                 return HistorySlice([], offset, room_epoch, gap=True)
             entries.append((int(_text(entry_id).split("-")[1]), frame))

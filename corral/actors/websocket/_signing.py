@@ -2,16 +2,20 @@
 
 With the codec's keys configured (``codec.signing_keys``), every payload on
 ``<ns>:ws.room.<room>`` and ``<ns>:ws.node.<node>`` is ``MAC (32 bytes) + kind (1 byte)
-+ body``, the MAC taken over ``channel + NUL + kind + signed part``, so a payload
-signed for one room or node is refused on any other:
++ ts (8 bytes: unix ms, big-endian) + id (16 bytes) + body``, the MAC that of a
+:class:`~corral.messages.signing.Signer` over the channel and ``kind + ts + id + signed
+part``, so a payload signed for one room or node is refused on any other:
 
 - kind ``f`` (a full frame: presence events, orders to a node): the signed part is the body;
 - kind ``m`` (a room message): the manager signs the frame head (room, event, data) before
   the emit script runs; the script appends ``<offset>,"epoch":"<epoch>"}``, which no one
   holding the key sees, so the receiver checks that tail's exact shape instead of a MAC.
 
-The first key signs; any key verifies (key rotation, as the codec does). Without keys
-payloads are the bare body, as before::
+A payload read from a channel must also be fresh: its ``ts`` within the replay window
+of this node's clock, and its ``id`` not taken before within it. One read back from a
+room's history may be old, but an id read twice in one history is a replay. The first
+key signs; any key verifies (key rotation, as the codec does). Without keys payloads are
+the bare body, as before::
 
     signer = ChannelSigner([b"secret"])
     payload = signer.seal("corral:ws.node.ab12cd34", '{"op":"disconnect",...}')
@@ -20,12 +24,14 @@ payloads are the bare body, as before::
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import re
 import time
 from collections.abc import Sequence
+
+from corral.errors import InvalidMessage
+from corral.messages.codec import new_id
+from corral.messages.signing import DEFAULT_REPLAY_WINDOW, ReplayGuard, Signer
 
 __all__ = ["FULL", "MESSAGE", "ChannelSigner"]
 
@@ -34,45 +40,56 @@ log = logging.getLogger("corral.websocket")
 FULL = b"f"
 MESSAGE = b"m"
 _MAC_SIZE = 32
+_STAMP_SIZE = 8 + 16  # ts, id
+_HEAD_SIZE = _MAC_SIZE + 1 + _STAMP_SIZE
 _OFFSET = b',"offset":'
 _TAIL = re.compile(rb'[0-9]{1,19},"epoch":"[0-9a-f]{1,32}"\}')
 _LOG_EVERY = 10.0  # seconds between two warnings about refused payloads
 
 
 class ChannelSigner:
-    """Signs what this node publishes and checks what it receives; counts what it refused."""
+    """Signs what this node publishes and checks what it receives; counts what it refused.
 
-    def __init__(self, keys: Sequence[bytes]) -> None:
-        self._macs = tuple(hmac.new(key, digestmod=hashlib.sha256) for key in keys)
+    ``replay_window``: seconds a payload read from a channel stays acceptable.
+    """
+
+    def __init__(
+        self, keys: Sequence[bytes], *, replay_window: float = DEFAULT_REPLAY_WINDOW
+    ) -> None:
+        self.signer = Signer(keys)
+        self.replays = ReplayGuard(replay_window)
         self.refused = 0
         self._logged_refused = 0
         self._logged_at = 0.0
 
     @property
     def signing(self) -> bool:
-        return bool(self._macs)
+        return self.signer.signing
 
-    def _mac(self, mac: hmac.HMAC, channel: str, kind: bytes, signed: bytes) -> bytes:
-        mac = mac.copy()
-        mac.update(channel.encode() + b"\0" + kind + signed)
-        return mac.digest()
+    def _prefix(self, channel: str, kind: bytes, signed: bytes) -> bytes:
+        stamp = int(time.time() * 1000).to_bytes(8, "big") + new_id()
+        return self.signer.sign(channel.encode(), kind + stamp + signed) + kind + stamp
 
     def seal(self, channel: str, body: str) -> bytes:
         """A whole payload for ``channel``: signed when there are keys, else the bare body."""
         data = body.encode()
-        if not self._macs:
+        if not self.signing:
             return data
-        return self._mac(self._macs[0], channel, FULL, data) + FULL + data
+        return self._prefix(channel, FULL, data) + data
 
     def message_prefix(self, channel: str, head: str) -> bytes:
         """What goes before a room message whose ``head`` the emit script completes."""
-        if not self._macs:
+        if not self.signing:
             return b""
-        return self._mac(self._macs[0], channel, MESSAGE, head.encode()) + MESSAGE
+        return self._prefix(channel, MESSAGE, head.encode())
 
-    def open(self, channel: str, payload: bytes) -> str | None:
-        """The body of a genuine payload; None (counted, logged now and then) otherwise."""
-        body, why = self._check(channel, payload)
+    def open(self, channel: str, payload: bytes, *, seen: set[bytes] | None = None) -> str | None:
+        """The body of a genuine payload; None (counted, logged now and then) otherwise.
+
+        ``seen``: the ids read so far from a room's history, when reading one (its
+        payloads may be old); without it the payload was read from a channel just now.
+        """
+        body, why = self._check(channel, payload, seen)
         if why is None:
             try:
                 return body.decode()
@@ -81,12 +98,14 @@ class ChannelSigner:
         self._refuse(channel, why)
         return None
 
-    def _check(self, channel: str, payload: bytes) -> tuple[bytes, str | None]:
+    def _check(
+        self, channel: str, payload: bytes, seen: set[bytes] | None
+    ) -> tuple[bytes, str | None]:
         """The body, and why it must be dropped (None: it must not)."""
-        if not self._macs:
+        if not self.signing:
             return payload, None
-        mac, rest = payload[:_MAC_SIZE], payload[_MAC_SIZE:]
-        kind, body = rest[:1], rest[1:]
+        mac, kind = payload[:_MAC_SIZE], payload[_MAC_SIZE : _MAC_SIZE + 1]
+        stamp, body = payload[_MAC_SIZE + 1 : _HEAD_SIZE], payload[_HEAD_SIZE:]
         signed = body
         if kind == MESSAGE:
             cut = body.rfind(_OFFSET) + len(_OFFSET)
@@ -95,10 +114,19 @@ class ChannelSigner:
             signed = body[:cut]
         elif kind != FULL:
             return body, "unsigned"
-        for key in self._macs:
-            if hmac.compare_digest(self._mac(key, channel, kind, signed), mac):
-                return body, None
-        return body, "a bad signature"
+        if not self.signer.verify(mac, channel.encode(), kind + stamp + signed):
+            return body, "a bad signature"
+        message_id = stamp[8:]
+        if seen is not None:
+            if message_id in seen:
+                return body, "replayed (an id read twice in one history)"
+            seen.add(message_id)
+            return body, None
+        try:
+            self.replays.check(message_id, int.from_bytes(stamp[:8], "big"))
+        except InvalidMessage as exc:
+            return body, f"replayed ({exc.message})"
+        return body, None
 
     def _refuse(self, channel: str, why: str) -> None:
         self.refused += 1

@@ -9,7 +9,8 @@ queue, so no send ever blocks the actor or another client. A client's own ``join
 admitted by the room policies or a subscription token, here, before the actor sees
 it; ``presence`` and ``history`` are answered only about rooms the client is in
 (see :mod:`._policies`). With ``signing_keys``
-(the codec's) it takes from the Redis channels only payloads signed with one of them::
+(the codec's) it takes from the Redis channels only payloads signed with one of them,
+and fresh (``replay_window``)::
 
     gateway = Gateway(system, options, redis_url="redis://...", namespace="corral")
     app.router.add_get("/ws", gateway.handle)
@@ -40,6 +41,7 @@ from corral.actors.websocket._signing import ChannelSigner
 from corral.errors import BackendUnavailable, CorralError, Unauthorized
 from corral.messages.auth import AuthValidate
 from corral.messages.base import Reply, Request
+from corral.messages.signing import DEFAULT_REPLAY_WINDOW
 from corral.messages.websocket import (
     WsAttach,
     WsDetach,
@@ -129,6 +131,7 @@ class Gateway:
         namespace: str = "corral",
         tick_interval: float = 1.0,
         signing_keys: Sequence[bytes] = (),
+        replay_window: float = DEFAULT_REPLAY_WINDOW,
     ) -> None:
         self.system = system
         self.options = options
@@ -136,7 +139,7 @@ class Gateway:
         self.namespace = namespace
         self.redis_url = redis_url
         self.tick_interval = tick_interval
-        self.signer = ChannelSigner(signing_keys)
+        self.signer = ChannelSigner(signing_keys, replay_window=replay_window)
         self.policies = RoomPolicies(options.room_policies)
         self.connections: dict[str, Connection] = {}
         self.rooms: dict[str, set[Connection]] = {}
