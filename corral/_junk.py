@@ -17,7 +17,9 @@ import threading
 import time
 from collections.abc import Callable
 
-__all__ = ["REJECTED", "Rejections"]
+from corral.errors import InvalidMessage
+
+__all__ = ["REJECTED", "Rejections", "junk_kind"]
 
 LOG_INTERVAL = 10.0
 """Seconds between two log lines about the same kind of junk."""
@@ -60,6 +62,20 @@ class Rejections:
         """Every count so far, by ``(source, kind)``."""
         with self._lock:
             return dict(self._counts)
+
+
+def junk_kind(exc: InvalidMessage) -> str:
+    """What kind of junk a message that does not decode is, for the counts."""
+    path = exc.path
+    if path == "s":
+        return "bad_signature"
+    if path == "t":
+        return "unknown_type"
+    if path == "d":
+        return "bad_deadline"
+    if path in ("b", "body") or path.startswith(("b.", "body.")):
+        return "invalid_message"
+    return "undecodable" if not path else "bad_envelope"
 
 
 REJECTED = Rejections()

@@ -41,6 +41,7 @@ from typing import Any, Literal, NamedTuple, Self
 import redis
 from redis.client import PubSub
 
+from corral._junk import REJECTED, junk_kind
 from corral._redis import REDIS_ERRORS, connect, redact, subscriber
 from corral.errors import BackendUnavailable, InvalidMessage
 from corral.messages.base import Message
@@ -61,7 +62,6 @@ logger = logging.getLogger(__name__)
 _GLOB_CHARS = frozenset("*?[")
 _CONNECT_TIMEOUT = 2.0
 _SOCKET_TIMEOUT = 5.0
-_REJECT_LOG_INTERVAL = 1.0
 _CALLBACK_JOIN_TIMEOUT = 5.0
 
 
@@ -551,8 +551,6 @@ class RedisBus(Bus):
         self._closing = threading.Event()
         self._first_attempt = threading.Event()
         self._outage_logged = False
-        self._next_reject_log = 0.0
-        self._unlogged_rejects = 0
         self._reader = threading.Thread(
             target=self._run, name=f"corral-bus-reader:{namespace}", daemon=True
         )
@@ -798,15 +796,6 @@ class RedisBus(Bus):
 
     def _reject(self, channel: bytes, exc: InvalidMessage) -> None:
         self._count("rejected")
-        now = time.monotonic()
-        if now < self._next_reject_log:
-            self._unlogged_rejects += 1
-            return
-        self._next_reject_log = now + _REJECT_LOG_INTERVAL
-        more, self._unlogged_rejects = self._unlogged_rejects, 0
-        logger.warning(
-            "bus rejected a message on %s: %s%s",
-            channel.decode("utf-8", "replace"),
-            exc,
-            f" (and {more} more since the last report)" if more else "",
+        REJECTED.reject(
+            "bus", junk_kind(exc), f"on {channel.decode('utf-8', 'replace')}: {exc}", logger
         )

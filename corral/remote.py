@@ -65,7 +65,7 @@ from typing import Any, cast
 
 import redis
 
-from corral._junk import REJECTED
+from corral._junk import REJECTED, junk_kind
 from corral._redis import REDIS_ERRORS, connect, describe, execute_then_publish, topology
 from corral.actors.base import CallbackFuture
 from corral.errors import Conflict, CorralError, InvalidMessage, ManagerUnavailable
@@ -493,7 +493,7 @@ class RequestServer:
             )
         except InvalidMessage as exc:
             self.counts["rejected"] += 1
-            REJECTED.reject("remote", _junk_kind(exc), f"on {entry.stream}: {exc}", log)
+            REJECTED.reject("remote", junk_kind(exc), f"on {entry.stream}: {exc}", log)
             reply_to = getattr(exc, "reply_to", None)
             if isinstance(exc, InvalidMessage) and reply_to is not None:
                 # Its envelope is sound: tell the caller what is wrong with the message.
@@ -749,20 +749,6 @@ class RequestServer:
                 log.warning("could not send replies (attempt %d): %s", attempt + 1, exc)
                 time.sleep(0.2 * (attempt + 1))
         self.counts["errors"] += 1
-
-
-def _junk_kind(exc: Exception) -> str:
-    """What kind of junk a request entry that does not decode is, for the counts."""
-    if not isinstance(exc, InvalidMessage):
-        return "bad_deadline"  # the one int() of the entry
-    path = exc.path
-    if path == "s":
-        return "bad_signature"
-    if path == "t":
-        return "unknown_type"
-    if path == "b" or path.startswith("b."):
-        return "invalid_message"
-    return "undecodable" if not path else "bad_envelope"
 
 
 def _unencodable(exc: InvalidMessage) -> ErrorReply:

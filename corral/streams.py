@@ -52,6 +52,7 @@ from typing import Any, cast
 
 import msgpack
 
+from corral._junk import REJECTED, junk_kind
 from corral._redis import REDIS_ERRORS, connect, disconnect, topology
 from corral.bus import Bus, Delivery, Subscription, _wake, compile_glob
 from corral.errors import InvalidMessage
@@ -378,7 +379,7 @@ class DurableSubscription(Subscription):
             return True
         self._bus._count("rejected")
         why = "a bad signature" if signature else "no signature"
-        log.warning("durable subscription %s: entry %d rejected: %s", stream, offset, why)
+        REJECTED.reject("durable", "bad_signature", f"{stream} entry {offset}: {why}", log)
         return False
 
     def _decode(self, stream: str, fields: dict[bytes, Any], offset: int) -> Message | None:
@@ -397,7 +398,8 @@ class DurableSubscription(Subscription):
             return cls._from_wire(body, "body")
         except (InvalidMessage, ValueError, KeyError, msgpack.UnpackException) as exc:
             self._bus._count("rejected")
-            log.warning("durable subscription %s: entry %d rejected: %s", stream, offset, exc)
+            kind = junk_kind(exc) if isinstance(exc, InvalidMessage) else "undecodable"
+            REJECTED.reject("durable", kind, f"{stream} entry {offset}: {exc}", log)
             return None
 
     def _gap(

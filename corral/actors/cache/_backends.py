@@ -37,6 +37,7 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import redis
 
+from corral._junk import REJECTED, junk_kind
 from corral._redis import (
     REDIS_ERRORS,
     connect,
@@ -771,7 +772,7 @@ class InvalidationListener:
             event = self.codec.decode(data, channel=self.channel, guard=self.replays).message
         except InvalidMessage as exc:
             self.rejected += 1
-            log.warning("cache invalidation on %s rejected: %s", self.channel, exc)
+            REJECTED.reject("cache", junk_kind(exc), f"invalidation on {self.channel}: {exc}", log)
             return True
         if not isinstance(event, CacheInvalidated | CacheLeaseEnded):
             return True

@@ -29,6 +29,7 @@ import re
 import time
 from collections.abc import Sequence
 
+from corral._junk import REJECTED
 from corral.errors import InvalidMessage
 from corral.messages.codec import new_id
 from corral.messages.signing import DEFAULT_REPLAY_WINDOW, ReplayGuard, Signer
@@ -44,7 +45,6 @@ _STAMP_SIZE = 8 + 16  # ts, id
 _HEAD_SIZE = _MAC_SIZE + 1 + _STAMP_SIZE
 _OFFSET = b',"offset":'
 _TAIL = re.compile(rb'[0-9]{1,19},"epoch":"[0-9a-f]{1,32}"\}')
-_LOG_EVERY = 10.0  # seconds between two warnings about refused payloads
 
 
 class ChannelSigner:
@@ -59,8 +59,6 @@ class ChannelSigner:
         self.signer = Signer(keys)
         self.replays = ReplayGuard(replay_window)
         self.refused = 0
-        self._logged_refused = 0
-        self._logged_at = 0.0
 
     @property
     def signing(self) -> bool:
@@ -130,12 +128,17 @@ class ChannelSigner:
 
     def _refuse(self, channel: str, why: str) -> None:
         self.refused += 1
-        now = time.monotonic()
-        if now - self._logged_at >= _LOG_EVERY:
-            log.warning(
-                "websocket: dropped a payload on %s (%s); %d dropped since the last warning",
-                channel,
-                why,
-                self.refused - self._logged_refused,
-            )
-            self._logged_at, self._logged_refused = now, self.refused
+        REJECTED.reject("websocket", _kind_of(why), f"payload on {channel}: {why}", log)
+
+
+def _kind_of(why: str) -> str:
+    """The counted kind of a refused payload, from the reason given for it."""
+    for start, kind in (
+        ("not UTF-8", "not_utf8"),
+        ("unsigned", "unsigned"),
+        ("a bad signature", "bad_signature"),
+        ("replayed", "replayed"),
+    ):
+        if why.startswith(start):
+            return kind
+    return "bad_frame"

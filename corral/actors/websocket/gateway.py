@@ -35,6 +35,7 @@ from typing import Any, Protocol, TypeVar
 
 from aiohttp import WSMsgType, web
 
+from corral._junk import REJECTED
 from corral._redis import REDIS_ERRORS, AsyncRedis, subscriber_async
 from corral.actors.websocket._policies import RoomPolicies
 from corral.actors.websocket._signing import ChannelSigner
@@ -581,25 +582,37 @@ class Gateway:
             self.counts["forged"] = self.signer.refused
             if body is None:
                 continue
-            if channel.startswith(self._room_prefix):
+            frame = _parse(body)
+            if frame is None:  # browsers only ever get JSON objects; orders are ones too
+                REJECTED.reject("websocket", "not_json", f"payload on {channel}", log)
+            elif channel.startswith(self._room_prefix):
                 self.deliver(channel[len(self._room_prefix) :], body)
-            elif channel == control and (order := _parse(body)) is not None:
-                self._spawn(self._control(order))
+            elif channel == control:
+                self._spawn(self._control(frame))
 
     async def _control(self, order: dict[str, Any]) -> None:
         """A request about one of this node's connections, forwarded by another daemon."""
         op = order.get("op")
-        with contextlib.suppress(CorralError):
-            if op == "disconnect":
-                self.disconnect(order["connection_id"], order["code"], order["reason"])
-            elif op == "join":
-                await self.system.ask_async(
-                    WsJoinRoom(room=order["room"], connection_id=order["connection_id"])
-                )
-            elif op == "leave":
-                await self.system.ask_async(
-                    WsLeaveRoom(room=order["room"], connection_id=order["connection_id"])
-                )
+        try:
+            await self._obey(op, order)
+        except CorralError:
+            pass
+        except (KeyError, TypeError, ValueError) as exc:
+            REJECTED.reject("websocket", "bad_order", f"{op!r:.40}: {exc!r:.100}", log)
+
+    async def _obey(self, op: Any, order: dict[str, Any]) -> None:
+        if op == "disconnect":
+            self.disconnect(order["connection_id"], order["code"], order["reason"])
+        elif op == "join":
+            await self.system.ask_async(
+                WsJoinRoom(room=order["room"], connection_id=order["connection_id"])
+            )
+        elif op == "leave":
+            await self.system.ask_async(
+                WsLeaveRoom(room=order["room"], connection_id=order["connection_id"])
+            )
+        else:
+            raise ValueError("unknown op")
 
     async def _tick(self) -> None:
         while True:
