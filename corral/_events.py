@@ -6,7 +6,6 @@ from collections.abc import Callable
 
 from corral.bus import Bus, Delivery, Subscription
 from corral.messages.base import Event, validate
-from corral.streams import follow_state_changes
 
 
 class EventsMixin:
@@ -46,6 +45,8 @@ class EventsMixin:
         """
         if from_offset is None:
             return self.bus.subscribe(pattern, callback=callback, queue_size=queue_size)
+        from corral.streams import follow_state_changes  # noqa: PLC0415 - loads the state messages
+
         url, namespace = self._durable_source()
         return follow_state_changes(
             url,
