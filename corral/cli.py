@@ -58,7 +58,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+QUIET_LOGGERS = ("httpx", "httpcore")
+"""Libraries that log every request at INFO (the pool's calls and probes): kept to
+WARNING and above, whatever ``--log-level`` says, so they do not drown corral's lines."""
+
+
 def setup_logging(level: str, fmt: str) -> None:
+    """Log to stderr at ``level``, plain or one JSON object per line (``fmt``)."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
