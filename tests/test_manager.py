@@ -78,12 +78,12 @@ class CounterOptions(Section):
     step: int = 1
 
 
-@corral.message("test.count")
+@corral.message("test.step_count")
 class Count(corral.Request["Counted"]):
     manager = "counter"
 
 
-@corral.message("test.counted")
+@corral.message("test.step_counted")
 class Counted(corral.Reply):
     total: int
 
