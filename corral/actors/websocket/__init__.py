@@ -3,7 +3,6 @@
 Configure it, and the daemon serves ``/ws`` on its port::
 
     [managers.websocket]
-    class_path = "corral.actors.websocket:WebSocketManager"
     depends_on = ["auth"]
 
 Browsers speak the JSON protocol of docs/websocket-protocol.md; embedding

@@ -7,7 +7,6 @@ for offsets, history and presence, and hands frames to the gateway without
 ever waiting on a socket::
 
     [managers.websocket]
-    class_path = "corral.actors.websocket:WebSocketManager"
     history_size = 100
     presence_ttl = 30.0
     room_policies = { "user:{sub}" = "clients", "public:*" = "clients" }
