@@ -35,7 +35,7 @@ from corral.messages.state import StateExpired, StateExpireDue
 from corral.messages.system import Ping
 from corral.messages.transaction import TransactionExpired, TransactionExpireIdle
 from corral.messages.websocket import WsAttach, WsAttached, WsDetach, WsJoinRoom, WsTick
-from corral.remote import GROUP, stream_key
+from corral.remote import GROUP, record_key, stream_key
 from tests.redis_server import RedisServer
 from tests.support import (
     Done,
@@ -468,6 +468,8 @@ def test_a_request_a_killed_daemon_had_started_is_refused_by_another_not_run_aga
             caller = threading.Thread(target=slow_request)
             caller.start()
             holder = wait_until(lambda: _holder(redis_server.url, stream_key("cli", "worker")))
+            # Taken is not started: the holder records the start right before the handler.
+            wait_until(lambda: _started(redis_server.url, "cli", "worker"))
             victim = daemons[holder]
             victim.kill()
             assert victim.wait(timeout=10) == -signal.SIGKILL
@@ -493,6 +495,13 @@ def _holder(url: str, stream: str) -> str | None:
         return None
     name = consumers[0]["name"]
     return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def _started(url: str, namespace: str, manager: str) -> bool:
+    """Whether a daemon has recorded the start of a request to ``manager``."""
+    pattern = record_key(namespace, manager, b"") + "*"  # any request id
+    with redis.Redis.from_url(url) as client:
+        return any(True for _ in client.scan_iter(match=pattern))
 
 
 def test_timeouts_and_bounds_are_checked_before_anything_is_sent(tmp_path: Path) -> None:
