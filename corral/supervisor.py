@@ -544,13 +544,11 @@ class Supervisor:
         )
         self._set_state(child, "starting")
         try:
-            ref = spec.manager.start(context)
+            actor = spec.manager.corral_start(context)
         except Exception as exc:  # the manager's __init__ failed
             log.error("manager %s could not be created", spec.name, exc_info=exc)
             self._child_down(child, _describe(exc), abnormal=True, leftovers=[])
             return
-        actor: Manager[Any] | None = ref._actor_weakref()
-        assert actor is not None
         self._set_state(child, "starting", actor)
         if not actor.corral_settled.wait(self.policy.start_timeout):
             self._abandon(actor)
@@ -561,7 +559,7 @@ class Supervisor:
                 leftovers=actor.corral_mailbox.drain(),
             )
             return
-        if actor.corral_failure is not None or not ref.is_alive():
+        if actor.corral_failure is not None or not actor.actor_ref.is_alive():
             return  # its exit event follows and is handled as a crash
         if child.pending and actor.corral_mailbox.requeue(child.pending):
             child.pending = []  # else it died at once: they wait for the next successor

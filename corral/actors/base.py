@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, Self, TypeVar, cast
 
 import pykka
 from pykka import ActorDeadError, ActorRegistry
@@ -389,6 +389,15 @@ class Manager(pykka.ThreadingActor, Generic[OptionsT]):
         self.corral_thread: threading.Thread | None = None
         self.corral_current_envelope: Envelope[Any] | None = None
 
+    @classmethod
+    def corral_start(cls, context: ManagerContext) -> Self:
+        """Create the actor and start its thread, as ``pykka.Actor.start`` does, and return
+        the actor itself: its supervisor watches its thread, mailbox and failure."""
+        actor = cls(context)
+        ActorRegistry.register(actor.actor_ref)
+        actor._start_actor_loop()
+        return actor
+
     def _create_actor_inbox(self) -> Mailbox:  # type: ignore[override]
         context = self.corral_context
         return Mailbox(context.mailbox_size, context.mailbox_put_timeout, context.name)
@@ -487,7 +496,8 @@ class Manager(pykka.ThreadingActor, Generic[OptionsT]):
 
     # -- pykka's loop, with corral's failure semantics ------------------------------------
     #
-    # These override private pykka methods; setup.cfg pins pykka to the tested minor version.
+    # These override private pykka methods: setup.cfg bounds pykka to the releases tested
+    # (the lowest by `make test-lower-bounds`, the newest by `make test`).
 
     def _actor_loop(self) -> None:
         self.corral_thread = threading.current_thread()
