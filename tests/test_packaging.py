@@ -12,7 +12,10 @@ import tarfile
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
+
+from tests.lower_bounds import lowest
 
 ROOT = Path(__file__).resolve().parent.parent
 SETUP = configparser.ConfigParser()
@@ -119,3 +122,34 @@ def test_the_sdist_carries_tests_that_collect(tmp_path: Path) -> None:
     )  # fmt: skip
     assert collected.returncode == 0, collected.stdout[-3000:] + collected.stderr
     assert " error" not in collected.stdout.splitlines()[-1]
+
+
+OLDER_RELEASES = {
+    "pykka": "4.4.2",
+    "redis": "7.4.1",
+    "msgpack": "1.2.0",
+    "click": "8.2.1",
+    "prometheus-client": "0.22.1",
+    "httpx": "0.27.2",
+    "pyjwt": "2.12.1",
+    "hvac": "2.3.0",
+    "aiohttp": "3.11.18",
+    "cachetools": "6.2.6",
+}
+"""A release older than the newest, of each runtime dependency, that users may well hold."""
+
+
+def test_older_releases_of_the_dependencies_are_allowed() -> None:
+    specifiers: dict[str, SpecifierSet] = {
+        canonicalize_name(r.name): r.specifier
+        for r in _requirements(SETUP["options"]["install_requires"])
+    }
+    assert set(specifiers) == set(OLDER_RELEASES)
+    refused = [f"{n} {v}" for n, v in OLDER_RELEASES.items() if not specifiers[n].contains(v)]
+    assert refused == []
+
+
+def test_each_requirement_names_the_lower_bound_make_test_lower_bounds_installs() -> None:
+    pins = [lowest(r) for r in _requirements(SETUP["options"]["install_requires"])]
+    assert "redis==6.0" in [str(pin) for pin in pins]
+    assert all(len(pin.specifier) == 1 for pin in pins)
