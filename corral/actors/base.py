@@ -406,6 +406,7 @@ class Manager(pykka.ThreadingActor, Generic[OptionsT]):
 
     @property
     def router(self) -> Router:
+        """Other managers, by name, and the bus: ``self.router.ask(CacheGet(key="k"))``."""
         return self.corral_context.router
 
     def defer_reply(self) -> pykka.Future[Any] | None:
