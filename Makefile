@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LINTED := corral tests bench $(wildcard examples)
 
-.PHONY: run test test-repeat lint bench redis-server chromium clean
+.PHONY: run test test-repeat test-lower-bounds lint bench redis-server chromium clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ test: $(STAMP) redis-server chromium lint
 N ?= 5
 test-repeat: $(STAMP) redis-server chromium
 	$(BIN)/python -m tests.repeat $(N) $(if $(HOG),--hog)
+
+# `make test-lower-bounds`: a fast subset of the tests in a fresh venv holding the lowest
+# version of each dependency that setup.cfg allows (see tests/lower_bounds.py).
+test-lower-bounds: $(STAMP) redis-server
+	$(BIN)/python -m tests.lower_bounds
 
 bench: $(STAMP) redis-server
 	@for b in $(filter-out bench/_%,$(wildcard bench/*.py)); do echo "== $$b"; $(BIN)/python $$b || exit 1; done

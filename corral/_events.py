@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from corral.bus import Bus, Delivery, Subscription
 from corral.messages.base import Event, validate
-from corral.messages.codec import Codec
-from corral.streams import follow_state_changes
+
+if TYPE_CHECKING:
+    from corral.messages.codec import Codec
 
 
 class EventsMixin:
@@ -48,6 +50,8 @@ class EventsMixin:
         """
         if from_offset is None:
             return self.bus.subscribe(pattern, callback=callback, queue_size=queue_size)
+        from corral.streams import follow_state_changes  # noqa: PLC0415 - loads the state messages
+
         url, namespace = self._durable_source()
         return follow_state_changes(
             url,

@@ -347,6 +347,10 @@ def _node_url(url: str, shard_channel: str | None, kwargs: dict[str, Any]) -> st
     return node_url
 
 
+ASYNC_SHARDED_PUBSUB = hasattr(redis.asyncio.client.PubSub, "ssubscribe")
+"""Whether redis-py's asyncio client speaks sharded pub/sub (SSUBSCRIBE): from 8.0 on."""
+
+
 def subscriber_async(url: str, **kwargs: Any) -> AsyncRedis:
     """The asyncio twin of :func:`subscriber`."""
     target, node = _subscriber_target(url, kwargs)

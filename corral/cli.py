@@ -9,30 +9,40 @@
 from __future__ import annotations
 
 import difflib
+import enum
 import importlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
 import time
+import types
+import typing
 import warnings
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import click
-import httpx
 
 from corral import __version__
 from corral._redis import REDIS_ERRORS, check_writable, describe, redact
 from corral._redis import connect as connect_redis
 from corral.client import Client, connect
 from corral.config import Config, ConfigWarning, load_config
-from corral.daemon import Daemon
 from corral.errors import ConfigError, CorralError, InvalidMessage
-from corral.messages.base import TIMEOUT, Event, Message, Request, lookup, registered
+from corral.messages.base import (
+    TIMEOUT,
+    Event,
+    FieldInfo,
+    Message,
+    Request,
+    lookup,
+    registered,
+)
 from corral.messages.codec import Codec
 from corral.messages.system import DEAD_LETTERS_CAP, dead_letters_key
 from corral.system import plan
@@ -61,7 +71,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+QUIET_LOGGERS = ("httpx", "httpcore")
+"""Libraries that log every request at INFO (the pool's calls and probes): kept to
+WARNING and above, whatever ``--log-level`` says, so they do not drown corral's lines."""
+
+
 def setup_logging(level: str, fmt: str) -> None:
+    """Log to stderr at ``level``, plain or one JSON object per line (``fmt``)."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -205,6 +223,8 @@ def run(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     started = time.monotonic()
+    from corral.daemon import Daemon  # noqa: PLC0415 - the HTTP server loads for `run` only
+
     try:
         daemon = Daemon(config, on_escalate=on_escalate)
         daemon.start()
@@ -247,6 +267,8 @@ def health(config_path: str | None, url: str | None, as_json: bool) -> None:
     if url is None:
         daemon = _load(config_path).daemon
         url = f"http://{daemon.host}:{daemon.port}"
+    import httpx  # noqa: PLC0415 - the HTTP client loads for `health` only
+
     try:
         response = httpx.get(f"{url.rstrip('/')}/health", timeout=5.0)
         document = response.json()
@@ -276,7 +298,22 @@ def _check_timeout(_ctx: click.Context, _param: click.Parameter, value: float | 
         raise click.BadParameter(exc.message) from None
 
 
-def _remote(config: Config, url: str | None) -> Client:
+remote_options = [
+    click.option("--url", default=None, help="Redis URL of the daemons (default: bus.url)."),
+    click.option(
+        "--namespace", default=None, help="The daemons' namespace (default: bus.namespace)."
+    ),
+]
+
+
+def remote_flags(command: Callable[..., None]) -> Callable[..., None]:
+    """``--url`` and ``--namespace``: where the daemons a command talks to are."""
+    for flag in reversed(remote_options):
+        command = flag(command)
+    return command
+
+
+def _remote(config: Config, url: str | None, namespace: str | None) -> Client:
     if url is None:
         if config.bus.backend != "redis":
             raise click.UsageError(
@@ -286,7 +323,7 @@ def _remote(config: Config, url: str | None) -> Client:
         url = config.bus.url
     return connect(
         url,
-        namespace=config.bus.namespace,
+        namespace=config.bus.namespace if namespace is None else namespace,
         signing_keys=config.codec.signing_keys,
         replay_window=config.codec.replay_window,
         ask_timeout=config.system.ask_timeout,
@@ -297,7 +334,7 @@ def _remote(config: Config, url: str | None) -> Client:
 @config_option
 @click.argument("name")
 @click.argument("fields", nargs=-1)
-@click.option("--url", default=None, help="Redis URL of the daemons (default: bus.url).")
+@remote_flags
 @click.option("--topic", default=None, help="For an event: the topic to publish it on.")
 @click.option(
     "--timeout",
@@ -313,15 +350,26 @@ def send(
     name: str,
     fields: tuple[str, ...],
     url: str | None,
+    namespace: str | None,
     topic: str | None,
     timeout: float | None,
     as_json: bool,
     modules: tuple[str, ...],
 ) -> None:
-    """Send the message NAME built from FIELD=VALUE pairs and print the reply.
+    """Send the message NAME built from FIELD=VALUE pairs, or one JSON object, and print
+    the reply.
 
-    Values are JSON (numbers, true/false, lists, maps); text fields take the text as is.
-    Example: corral send system.ping payload=hello
+    \b
+    Each VALUE is read as its field's declared type: text for str and for fields that
+    take any value, a number for int and float (01234 is 1234), true or false, null for
+    an optional field, JSON for lists, maps and nested messages. FIELD:=JSON gives a
+    field a JSON value instead: value:=1234 is a number, value=1234 the text "1234".
+
+    \b
+    Examples:
+      corral send system.ping payload=hello
+      corral send cache.set key=k value:=1234 ttl=60
+      corral send cache.set '{"key": "k", "value": "01234"}'
     """
     config = _load(config_path)
     _register_messages(config, modules)
@@ -329,7 +377,7 @@ def send(
         message = build_message(name, fields)
     except CorralError as exc:
         raise click.UsageError(str(exc)) from None
-    with _remote(config, url) as client:
+    with _remote(config, url, namespace) as client:
         try:
             if isinstance(message, Request):
                 reply = client.ask(message, timeout=timeout)
@@ -347,43 +395,142 @@ def send(
             sys.exit(1)
 
 
-def build_message(name: str, pairs: tuple[str, ...]) -> Message:
-    """A message of the registered type ``name`` from ``field=value`` pairs, validated."""
+def build_message(name: str, arguments: tuple[str, ...]) -> Message:
+    """A message of the registered type ``name``, validated, from ``FIELD=VALUE`` and
+    ``FIELD:=JSON`` arguments or from one JSON object (see ``corral send --help``)::
+
+        build_message("cache.set", ("key=k", "value=01234"))      # value "01234"
+        build_message("cache.set", ("key=k", "value:=1234"))      # value 1234
+        build_message("cache.set", ('{"key": "k", "value": 1}',))
+    """
     cls = lookup(name)
     if cls is None or cls.internal:
         sendable = sorted(
             n for n, c in registered().items() if c.kind in ("request", "event") and not c.internal
         )
-        close = difflib.get_close_matches(name, sendable, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise InvalidMessage(f"unknown message {name!r}{hint}; known: {', '.join(sendable)}")
+        raise InvalidMessage(
+            f"unknown message {name!r}{_did_you_mean(name, sendable)}; known: {', '.join(sendable)}"
+        )
     fields = {f.name: f for f in cls.fields_info}
-    values: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep:
-            raise InvalidMessage(f"{pair!r} is not FIELD=VALUE")
-        field = fields.get(key)
-        if field is None:
-            known = ", ".join(f"{f.name}: {f.describe()}" for f in cls.fields_info) or "none"
-            raise InvalidMessage(f"{name} has no field {key!r}; fields: {known}")
-        values[key] = _parse_value(field.annotation, text)
+    if any(argument.startswith("{") for argument in arguments):
+        values = _fields_of_object(name, arguments, fields)
+    else:
+        values = _fields_of_pairs(name, arguments, fields)
     missing = [f.name for f in cls.fields_info if f.required and f.name not in values]
     if missing:
         raise InvalidMessage(f"{name} needs {', '.join(missing)}")
     return cls._from_wire(values, name)  # checks every field, naming it
 
 
-def _parse_value(annotation: Any, text: str) -> Any:
-    if annotation is str:
-        return text
-    if annotation is bytes:
-        return text.encode()
+def _fields_of_pairs(
+    name: str, pairs: tuple[str, ...], fields: dict[str, FieldInfo]
+) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep:
+            raise InvalidMessage(f"{pair!r} is not FIELD=VALUE or FIELD:=JSON")
+        raw = key.endswith(":")
+        field = _field(name, key.removesuffix(":"), fields)
+        if raw:
+            try:
+                values[field.name] = json.loads(text)
+            except ValueError as exc:
+                raise InvalidMessage(f"{pair}: not JSON ({exc})") from None
+        else:
+            values[field.name] = read_value(field.annotation, text)
+    return values
+
+
+def _fields_of_object(
+    name: str, arguments: tuple[str, ...], fields: dict[str, FieldInfo]
+) -> dict[str, Any]:
+    if len(arguments) != 1:
+        raise InvalidMessage("give either one JSON object or FIELD=VALUE pairs, not both")
     try:
-        value = json.loads(text)
+        document = json.loads(arguments[0])
+    except ValueError as exc:
+        raise InvalidMessage(f"the message is not JSON ({exc})") from None
+    if not isinstance(document, dict):
+        raise InvalidMessage(f"the message is not a JSON object: {arguments[0]}")
+    values: dict[str, Any] = {}
+    for key, value in document.items():
+        field = _field(name, key, fields)
+        takes_bytes = bytes in _options_of(_unannotated(field.annotation))
+        values[key] = value.encode() if takes_bytes and isinstance(value, str) else value
+    return values
+
+
+def _field(name: str, key: str, fields: dict[str, FieldInfo]) -> FieldInfo:
+    field = fields.get(key)
+    if field is None:
+        known = ", ".join(f"{f.name}: {f.describe()}" for f in fields.values()) or "none"
+        hint = _did_you_mean(key, list(fields))
+        raise InvalidMessage(f"{name} has no field {key!r}{hint}; fields: {known}")
+    return field
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def read_value(annotation: Any, text: str) -> Any:
+    """``text`` from the command line as a value of the declared type ``annotation``.
+
+    Text for ``str`` and ``Any``, UTF-8 for ``bytes``, the number for ``int`` and
+    ``float`` (``"01234"`` is 1234), ``true``/``false`` for ``bool``, ``null`` for the
+    None of an optional field, the member for a ``Literal`` or an enum (by value), JSON
+    for lists, maps and nested messages. A text that does not read as the type is
+    returned as it is, for validation to say what was expected::
+
+        read_value(int | None, "01234")     # 1234
+        read_value(Any, "01234")            # "01234"
+    """
+    tp = _unannotated(annotation)
+    options = _options_of(tp)
+    if len(options) > 1:
+        if text == "null" and type(None) in options:
+            return None
+        rest = [option for option in options if option is not type(None)]
+        return read_value(rest[0], text) if len(rest) == 1 else _json_or_text(text)
+    if tp is str or tp is Any:
+        return text
+    if tp is bytes:
+        return text.encode()
+    if tp is bool:
+        return {"true": True, "false": False}.get(text, text)
+    if tp is int or tp is float:
+        try:
+            return tp(text)
+        except ValueError:
+            return text
+    if typing.get_origin(tp) is Literal:
+        return next((value for value in typing.get_args(tp) if str(value) == text), text)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return next((member.value for member in tp if str(member.value) == text), text)
+    return _json_or_text(text)
+
+
+def _unannotated(annotation: Any) -> Any:
+    """``T`` of ``Annotated[T, ...]``; any other annotation as it is."""
+    return (
+        typing.get_args(annotation)[0] if typing.get_origin(annotation) is Annotated else annotation
+    )
+
+
+def _options_of(tp: Any) -> tuple[Any, ...]:
+    """The types of a union (``int | None``: int, NoneType); ``(tp,)`` for any other."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return tuple(_unannotated(option) for option in typing.get_args(tp))
+    return (tp,)
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
     except ValueError:
-        return text  # let validation say what was expected
-    return value
+        return text
 
 
 def render(message: Message, as_json: bool, *, topic: str | None = None) -> str:
@@ -408,7 +555,7 @@ def _json_default(value: Any) -> Any:
 @main.command()
 @config_option
 @click.argument("pattern", default="*")
-@click.option("--url", default=None, help="Redis URL of the daemons (default: bus.url).")
+@remote_flags
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per event.")
 @click.option(
     "--from-offset",
@@ -425,6 +572,7 @@ def events(
     config_path: str | None,
     pattern: str,
     url: str | None,
+    namespace: str | None,
     as_json: bool,
     from_offset: str | None,
     epoch: str | None,
@@ -434,7 +582,7 @@ def events(
     start: int | str | None = from_offset
     if from_offset is not None and from_offset.isdigit():
         start = int(from_offset)
-    with _remote(config, url) as client:
+    with _remote(config, url, namespace) as client:
         try:
             subscription = client.subscribe(pattern, from_offset=start, epoch=epoch)
         except ValueError as exc:
@@ -446,7 +594,11 @@ def events(
                 # cleanly.
                 for signum in (signal.SIGINT, signal.SIGTERM):
                     signal.signal(signum, _interrupt)
-                click.echo(f"following {pattern!r} at {client.where} (Ctrl-C stops)", err=True)
+                click.echo(
+                    f"following {pattern!r} at {client.where} in namespace {client.namespace!r} "
+                    "(Ctrl-C stops)",
+                    err=True,
+                )
                 for delivery in subscription:
                     click.echo(render(delivery.message, as_json, topic=delivery.topic))
             except KeyboardInterrupt:
@@ -527,6 +679,8 @@ def check(
     except ConfigError as exc:
         click.echo(f"corral: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
+    click.echo("# The config `corral run` would use, as TOML: secrets masked (***), where each")
+    click.echo("# value came from in a comment, settings that are not set commented out.\n")
     masked = config.masked()
     tables = [(name, values) for name, values in masked.items() if name != "managers"]
     tables += [(f"managers.{name}", values) for name, values in masked["managers"].items()]
@@ -534,8 +688,48 @@ def check(
         click.echo(f"[{table}]")
         for key, value in values.items():  # a manager's options are keys of its table
             source = config.sources.get(f"{table}.{key}", "default")
-            click.echo(f"{key} = {json.dumps(value, default=str)}  # {source}")
+            if value is None:
+                click.echo(f"# {key}: not set  # {source}")
+            else:
+                click.echo(f"{toml_key(key)} = {toml_value(value)}  # {source}")
         click.echo()
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def toml_key(key: str) -> str:
+    """A TOML key: bare when it can be (``ask_timeout``), else quoted (``"X-Api-Key"``)."""
+    return key if _BARE_KEY.fullmatch(key) else toml_value(key)
+
+
+def toml_value(value: Any) -> str:
+    """``value`` written as TOML: strings, numbers, booleans, arrays, inline tables::
+
+        toml_value({"urls": ["http://a"], "X-Key": "v"})  # '{ urls = ["http://a"], "X-Key" = "v" }'
+
+    A None inside an array or a table, which TOML cannot write, is left out.
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(item) for item in value if item is not None) + "]"
+    if isinstance(value, dict):
+        items = [f"{toml_key(str(k))} = {toml_value(v)}" for k, v in value.items() if v is not None]
+        return "{ " + ", ".join(items) + " }" if items else "{}"
+    text = str(value)
+    escaped = "".join(
+        f"\\{char}" if char in '"\\' else f"\\u{ord(char):04X}" if _is_control(char) else char
+        for char in text
+    )
+    return f'"{escaped}"'
+
+
+def _is_control(char: str) -> bool:
+    """A character TOML wants escaped in a string (controls other than tab, and DEL)."""
+    return (ord(char) < 0x20 and char != "\t") or ord(char) == 0x7F
 
 
 def _reach_redis(config: Config) -> None:

@@ -195,8 +195,9 @@ class Client(EventsMixin):
         if not queued:
             self._pending.pop(request_id, None)
             raise ManagerUnavailable(
-                f"no corral daemon is serving {manager} at {self.where}",
-                {"manager": manager, "url": self.where},
+                f"no corral daemon is serving {manager} at {self.where} "
+                f"in namespace {self.namespace!r}",
+                {"manager": manager, "url": self.where, "namespace": self.namespace},
             )
         return request_id
 
@@ -216,7 +217,8 @@ class Client(EventsMixin):
 
     def _timeout(self, message: Message, timeout: float) -> Timeout:
         return Timeout(
-            f"no reply to {message.type_name} from a daemon at {self.where} within {timeout:g}s",
+            f"no reply to {message.type_name} from a daemon at {self.where} "
+            f"in namespace {self.namespace!r} within {timeout:g}s",
             {"manager": message.route() or "", "timeout": timeout},
         )
 

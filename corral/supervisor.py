@@ -93,7 +93,7 @@ class ChildSpec:
     """
 
     name: str
-    manager: type[Manager]
+    manager: type[Manager[Any]]
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     restart: RestartPolicy = "permanent"
     depends_on: tuple[str, ...] = ()
@@ -169,7 +169,7 @@ class _Child:
     def __init__(self, spec: ChildSpec, index: int) -> None:
         self.spec = spec
         self.index = index
-        self.actor: Manager | None = None
+        self.actor: Manager[Any] | None = None
         self.live_ref: ActorRef[Any] | None = None  # set only while running: the router's fast path
         self.state: ChildState = "stopped"
         self.restarts = 0
@@ -337,7 +337,7 @@ class Supervisor:
 
     def _dead_letter(self, child: _Child, actor: Manager, failure: BaseException) -> bool:
         """Quarantine and report the request from outside that crashed ``actor``, if any."""
-        envelope = actor.current_envelope
+        envelope = actor.corral_current_envelope
         future = envelope.reply_to if envelope is not None else None
         if envelope is None or not isinstance(future, CallbackFuture) or not future.sender:
             return False
@@ -473,7 +473,7 @@ class Supervisor:
                     critical=child.spec.critical,
                     restarts=child.restarts,
                     last_error=child.last_error,
-                    mailbox_depth=actor.mailbox.qsize() if actor is not None else 0,
+                    mailbox_depth=actor.corral_mailbox.qsize() if actor is not None else 0,
                     uptime_s=now - child.started_at if running else 0.0,
                     health=health,
                 )
@@ -525,7 +525,7 @@ class Supervisor:
             action()
 
     def _on_exit(
-        self, actor: Manager, failure: BaseException | None, leftovers: list[Envelope[Any]]
+        self, actor: Manager[Any], failure: BaseException | None, leftovers: list[Envelope[Any]]
     ) -> None:
         # Runs on the dying actor's thread: hand over to the control thread.
         self._events.put(("exit", actor, failure, leftovers))
@@ -574,7 +574,9 @@ class Supervisor:
                 HealthChanged(status=current.status, previous=previous, reasons=reasons),
             )
 
-    def _set_state(self, child: _Child, state: ChildState, actor: Manager | None = None) -> None:
+    def _set_state(
+        self, child: _Child, state: ChildState, actor: Manager[Any] | None = None
+    ) -> None:
         with self._cond:
             child.state = state
             child.actor = actor if state in ("starting", "running") else None
@@ -605,26 +607,24 @@ class Supervisor:
         )
         self._set_state(child, "starting")
         try:
-            ref = spec.manager.start(context)
+            actor = spec.manager.corral_start(context)
         except Exception as exc:  # the manager's __init__ failed
             log.error("manager %s could not be created", spec.name, exc_info=exc)
             self._child_down(child, _describe(exc), abnormal=True, leftovers=[])
             return
-        actor: Manager | None = ref._actor_weakref()
-        assert actor is not None
         self._set_state(child, "starting", actor)
-        if not actor.settled.wait(self.policy.start_timeout):
+        if not actor.corral_settled.wait(self.policy.start_timeout):
             self._abandon(actor)
             self._child_down(
                 child,
                 f"on_start did not finish within {self.policy.start_timeout:g}s",
                 abnormal=True,
-                leftovers=actor.mailbox.drain(),
+                leftovers=actor.corral_mailbox.drain(),
             )
             return
-        if actor.failure is not None or not ref.is_alive():
+        if actor.corral_failure is not None or not actor.actor_ref.is_alive():
             return  # its exit event follows and is handled as a crash
-        if child.pending and actor.mailbox.requeue(child.pending):
+        if child.pending and actor.corral_mailbox.requeue(child.pending):
             child.pending = []  # else it died at once: they wait for the next successor
         child.started_at = time.monotonic()
         child.last_health = None
@@ -634,9 +634,9 @@ class Supervisor:
     # -- dying ----------------------------------------------------------------------------
 
     def _handle_exit(
-        self, actor: Manager, failure: BaseException | None, leftovers: list[Envelope[Any]]
+        self, actor: Manager[Any], failure: BaseException | None, leftovers: list[Envelope[Any]]
     ) -> None:
-        child = self._children.get(actor.context.name)
+        child = self._children.get(actor.corral_context.name)
         if child is None:
             return
         if child.actor is not actor:
@@ -658,7 +658,7 @@ class Supervisor:
         if not leftovers:
             return
         running = child.state == "running" and child.actor is not None
-        if running and child.actor is not None and child.actor.mailbox.requeue(leftovers):
+        if running and child.actor is not None and child.actor.corral_mailbox.requeue(leftovers):
             return
         if running or child.state in ("starting", "restarting"):
             child.pending.extend(leftovers)  # a closed mailbox: its exit comes next
@@ -682,9 +682,9 @@ class Supervisor:
         if self.dead_letters:
             log.warning("manager %s: %d dead letters so far", child.spec.name, self.dead_letters)
 
-    def _abandon(self, actor: Manager) -> None:
+    def _abandon(self, actor: Manager[Any]) -> None:
         """Give up on an actor that does not answer: it can never take another message."""
-        thread = actor.thread.name if actor.thread is not None else "?"
+        thread = actor.corral_thread.name if actor.corral_thread is not None else "?"
         self.abandoned_threads.append(thread)
         actor.actor_stopped.set()
         ActorRegistry.unregister(actor.actor_ref)
@@ -776,7 +776,7 @@ class Supervisor:
                 child.spec.shutdown_timeout,
             )
             self._abandon(actor)
-            self._rehome(child, actor.mailbox.drain())
+            self._rehome(child, actor.corral_mailbox.drain())
         except pykka.ActorDeadError:
             pass
         if then == "stopped":
@@ -836,14 +836,14 @@ class Supervisor:
                     child.probe = None
         self._update_status()
 
-    def _hung(self, child: _Child, actor: Manager, waited: float) -> None:
-        thread = actor.thread.name if actor.thread is not None else "?"
+    def _hung(self, child: _Child, actor: Manager[Any], waited: float) -> None:
+        thread = actor.corral_thread.name if actor.corral_thread is not None else "?"
         reason = (
             f"hung: no answer to the liveness probe for {waited:.1f}s (thread {thread} abandoned)"
         )
         self._abandon(actor)
         self._lifecycle(child, "hung", reason)
-        self._child_down(child, reason, abnormal=True, leftovers=actor.mailbox.drain())
+        self._child_down(child, reason, abnormal=True, leftovers=actor.corral_mailbox.drain())
 
 
 QUARANTINE_SIZE = 10_000

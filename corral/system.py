@@ -75,7 +75,7 @@ class System(EventsMixin):
         self,
         config: Config | None = None,
         *,
-        managers: Iterable[type[Manager] | ChildSpec] = (),
+        managers: Iterable[type[Manager[Any]] | ChildSpec] = (),
         bus: Bus | None = None,
         on_escalate: Callable[[str], None] | None = None,
         singletons_by_lease: bool = False,
@@ -306,7 +306,9 @@ class System(EventsMixin):
                 stale = ref  # it died between resolve and put: wait for its successor
 
 
-def plan(config: Config, managers: Iterable[type[Manager] | ChildSpec] = ()) -> list[ChildSpec]:
+def plan(
+    config: Config, managers: Iterable[type[Manager[Any]] | ChildSpec] = ()
+) -> list[ChildSpec]:
     """The managers ``System(config, managers=managers)`` runs, as child specs in start order.
 
     Loads each configured manager's class and checks its options and the dependencies
@@ -314,7 +316,7 @@ def plan(config: Config, managers: Iterable[type[Manager] | ChildSpec] = ()) -> 
     run this. Raises :class:`ConfigError` naming the setting (and where its value came
     from) rather than letting a manager fail in a restart loop.
     """
-    given: dict[str, type[Manager] | ChildSpec] = {}
+    given: dict[str, type[Manager[Any]] | ChildSpec] = {}
     for item in managers:
         name = item.name
         if not name:
@@ -373,7 +375,7 @@ def plan(config: Config, managers: Iterable[type[Manager] | ChildSpec] = ()) -> 
 
 
 def _check_options(
-    config: Config, name: str, manager: type[Manager], options: Mapping[str, Any]
+    config: Config, name: str, manager: type[Manager[Any]], options: Mapping[str, Any]
 ) -> None:
     """The options parsed as the manager's Options, errors naming the key and its origin."""
     if manager.Options is None:
@@ -385,7 +387,7 @@ def _check_options(
         raise ConfigError(f"{origin}: {exc}" if origin else str(exc), exc.details) from None
 
 
-def _load_manager(name: str, section: ManagerSection) -> type[Manager]:
+def _load_manager(name: str, section: ManagerSection) -> type[Manager[Any]]:
     path = section.class_path or BUILTIN.get(name)
     if not path:
         raise ConfigError(

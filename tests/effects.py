@@ -50,8 +50,8 @@ class Effects(Manager):
     name = "effects"
 
     def on_start(self) -> None:
-        self.redis = _client(self.context.redis_url)
-        self.prefix = f"{self.context.namespace}:test"
+        self.redis = _client(self.corral_context.redis_url)
+        self.prefix = f"{self.corral_context.namespace}:test"
 
     def on_stop(self) -> None:
         self.redis.close()
@@ -107,8 +107,8 @@ class Tally(Manager):
     placement = "singleton"
 
     def on_start(self) -> None:
-        self.redis = _client(self.context.redis_url)
-        self.prefix = f"{self.context.namespace}:test"
+        self.redis = _client(self.corral_context.redis_url)
+        self.prefix = f"{self.corral_context.namespace}:test"
         self.total = 0
         self.redis.sadd(f"{self.prefix}:tally_live", os.getpid())
         self.redis.rpush(f"{self.prefix}:tally_starts", os.getpid())

@@ -120,7 +120,7 @@ class Worker(Manager):
     incarnations: dict[str, int] = {}
 
     def on_start(self) -> None:
-        name = self.context.name
+        name = self.corral_context.name
         failures = self.options.get("fail_starts")
         if failures and failures.get(name, 0) > 0:
             failures[name] -= 1
@@ -139,7 +139,7 @@ class Worker(Manager):
     def on_stop(self) -> None:
         journal = self.options.get("journal")
         if journal is not None:
-            journal.append(f"stop {self.context.name}")
+            journal.append(f"stop {self.corral_context.name}")
 
     def health(self) -> Health:
         return Health(status=self.options.get("status", "healthy"))
@@ -160,4 +160,4 @@ class Worker(Manager):
             gate.wait(msg.seconds or 10)
         if msg.action == "stop":
             self.stop()
-        return Done(incarnation=self.incarnation, handled=self.count, name=self.context.name)
+        return Done(incarnation=self.incarnation, handled=self.count, name=self.corral_context.name)

@@ -10,8 +10,11 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
+from dataclasses import field
 from pathlib import Path
+from typing import Any, Literal
 
 import click
 import httpx
@@ -25,13 +28,17 @@ from corral.actors import BUILTIN
 from corral.cli import main
 from corral.config import BusSection, Config, DaemonSection, ManagerSection
 from corral.daemon import Daemon
+from corral.errors import InvalidMessage
+from corral.messages.base import Request, message
+from corral.messages.cache import CacheSet
 from corral.messages.state import StateExpired, StateExpireDue
 from corral.messages.system import Ping
 from corral.messages.transaction import TransactionExpired, TransactionExpireIdle
 from corral.messages.websocket import WsAttach, WsAttached, WsDetach, WsJoinRoom, WsTick
-from corral.remote import GROUP, stream_key
+from corral.remote import GROUP, record_key, stream_key
 from tests.redis_server import RedisServer
 from tests.support import (
+    Done,
     Work,
     corral_command,
     read_until,
@@ -461,9 +468,8 @@ def test_a_request_a_killed_daemon_had_started_is_refused_by_another_not_run_aga
             caller = threading.Thread(target=slow_request)
             caller.start()
             holder = wait_until(lambda: _holder(redis_server.url, stream_key("cli", "worker")))
-            # Its handler has begun: the daemon recorded the start.
-            raw = redis.Redis.from_url(redis_server.url)
-            wait_until(lambda: raw.keys("cli:{req:worker}:ran:*"))
+            # Taken is not started: the holder records the start right before the handler.
+            wait_until(lambda: _started(redis_server.url, "cli", "worker"))
             victim = daemons[holder]
             victim.kill()
             assert victim.wait(timeout=10) == -signal.SIGKILL
@@ -489,6 +495,13 @@ def _holder(url: str, stream: str) -> str | None:
         return None
     name = consumers[0]["name"]
     return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def _started(url: str, namespace: str, manager: str) -> bool:
+    """Whether a daemon has recorded the start of a request to ``manager``."""
+    pattern = record_key(namespace, manager, b"") + "*"  # any request id
+    with redis.Redis.from_url(url) as client:
+        return any(True for _ in client.scan_iter(match=pattern))
 
 
 def test_timeouts_and_bounds_are_checked_before_anything_is_sent(tmp_path: Path) -> None:
@@ -539,3 +552,101 @@ def test_h_is_help_on_every_command(path: tuple[str, ...]) -> None:
     assert short.exit_code == 0, short.output
     assert short.output.startswith(f"Usage: {' '.join(('corral', *path))} ")
     assert short.output == runner.invoke(cli.main, [*path, "--help"], prog_name="corral").output
+
+
+@message("test.typed")
+class Typed(Request[Done]):
+    """One field of each kind ``corral send`` reads from the command line."""
+
+    manager = "worker"
+    count: int = 0
+    ratio: float = 0.0
+    flag: bool = False
+    label: str = ""
+    mode: Literal["fast", "slow"] = "fast"
+    limit: int | None = None
+    data: Any = None
+    tags: list[str] = field(default_factory=list)
+    raw: bytes = b""
+
+
+def test_send_reads_each_value_as_its_field_declares() -> None:
+    pairs = (
+        "count=01234", "ratio=2", "flag=true", "label=007", "mode=slow", "limit=null",
+        "data=01234", 'tags=["a", "b"]', "raw=bytes",
+    )  # fmt: skip
+    assert cli.build_message("test.typed", pairs) == Typed(
+        count=1234, ratio=2.0, flag=True, label="007", mode="slow", limit=None,
+        data="01234", tags=["a", "b"], raw=b"bytes",
+    )  # fmt: skip
+    assert cli.build_message("test.typed", ("limit=7",)) == Typed(limit=7)
+    # ``data`` may hold any value: FIELD=VALUE gives it the text, FIELD:=JSON a JSON value.
+    assert cli.build_message("test.typed", ("data=1234",)) == Typed(data="1234")
+    assert cli.build_message("test.typed", ("data:=1234",)) == Typed(data=1234)
+    assert cli.build_message("test.typed", ('data:={"a": [1, null]}',)) == Typed(
+        data={"a": [1, None]}
+    )
+    with pytest.raises(InvalidMessage, match=r"test\.typed\.count: expected int, got str"):
+        cli.build_message("test.typed", ("count=many",))
+    with pytest.raises(InvalidMessage, match=r"data:=\{: not JSON"):
+        cli.build_message("test.typed", ("data:={",))
+
+
+def test_send_takes_a_whole_message_as_one_json_object() -> None:
+    assert cli.build_message("cache.set", ('{"key": "k", "value": "01234"}',)) == CacheSet(
+        key="k", value="01234"
+    )
+    assert cli.build_message("system.ping", ('{"payload": "hi"}',)) == Ping(payload=b"hi")
+    with pytest.raises(InvalidMessage, match=r"cache\.set needs key"):
+        cli.build_message("cache.set", ('{"value": 1}',))
+    with pytest.raises(InvalidMessage, match="either one JSON object or FIELD=VALUE pairs"):
+        cli.build_message("cache.set", ('{"key": "k"}', "value=1"))
+
+
+def test_send_suggests_the_field_meant() -> None:
+    with pytest.raises(InvalidMessage, match=r"no field 'paylod' \(did you mean payload\?\)"):
+        cli.build_message("system.ping", ("paylod=x",))
+
+
+def test_send_and_events_take_the_namespace_and_say_where_they_looked(
+    daemon: Daemon, redis_server: RedisServer
+) -> None:
+    url = ["--url", redis_server.url, "-c", os.devnull]
+    found = run_corral("send", "system.ping", "payload=x", *url, "--namespace", "cli")
+    assert found.returncode == 0, found.stderr
+    lost = run_corral("send", "system.ping", "payload=x", *url, "--namespace", "elsewhere")
+    assert lost.returncode == 1
+    assert (
+        f"no corral daemon is serving system at {redis_server.url} in namespace 'elsewhere'"
+        in lost.stderr
+    )
+    process = start_corral("events", "x.*", *url, "--namespace", "cli")
+    try:
+        read_until(process, f"following 'x.*' at {redis_server.url} in namespace 'cli'")
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_config_check_prints_toml_that_loads_back(tmp_path: Path) -> None:
+    path = tmp_path / "corral.toml"
+    path.write_text(
+        '[bus]\nurl = "redis://u:pw@db:6379/0"\n'
+        '[managers.worker]\nclass_path = "tests.support:Worker"\n'
+        'note = "tab\\t, delete\\u007f, quote\\", \\u00e9"\n'
+        'nested = { a = { b = [1, 2.5], "odd key" = true } }\n'
+    )
+    check = run_corral("config", "check", "-c", str(path))
+    assert check.returncode == 0, check.stderr
+    listed = tomllib.loads(check.stdout)
+    worker = listed["managers"]["worker"]
+    assert worker["note"] == 'tab\t, delete\x7f, quote", \u00e9'
+    assert worker["nested"] == {"a": {"b": [1, 2.5], "odd key": True}}
+    assert "placement" not in worker  # not set: said in a comment
+    assert "# placement: not set  # default" in check.stdout
+    assert listed["bus"]["url"] == "redis://u:***@db:6379/0"
+    again = tmp_path / "again.toml"
+    again.write_text(check.stdout)
+    recheck = run_corral("config", "check", "-c", str(again))
+    assert recheck.returncode == 0, recheck.stderr
+    assert tomllib.loads(recheck.stdout) == listed

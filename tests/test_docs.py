@@ -21,6 +21,7 @@ from corral.actors import BUILTIN
 from corral.config import BusSection, Config, DaemonSection, ManagerSection
 from corral.daemon import Daemon
 from corral.ext.cache import cached
+from corral.ext.flask import RateLimit
 from corral.ext.transaction import Transaction
 from tests.redis_server import RedisServer
 
@@ -170,3 +171,34 @@ def test_runnable_block(block: Block, tmp_path: Path, request: pytest.FixtureReq
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(f"{block} did not end within 60 s:\n{exc.stderr!r}") from None
     assert result.returncode == 0, f"{block} failed:\n{result.stderr}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_page_id)
+def test_built_in_managers_are_enabled_without_a_class_path(page: Path) -> None:
+    stale = []
+    for block in FENCE.finditer(page.read_text()):
+        if block["info"].split()[:1] == ["toml"]:
+            managers = tomllib.loads(block["code"]).get("managers", {})
+            stale += [
+                name
+                for name, table in managers.items()
+                if name in BUILTIN and "class_path" in table
+            ]
+    assert stale == []
+
+
+def test_every_option_of_the_flask_helper_is_documented() -> None:
+    text = (ROOT / "docs" / "ratelimit.md").read_text()
+    flask_section = text[text.index("## Flask") :].split("\n## ", 1)[0]
+    options = [
+        p for p in inspect.signature(RateLimit).parameters.values() if p.kind == p.KEYWORD_ONLY
+    ]
+    assert [p.name for p in options if f"`{p.name}=" not in flask_section] == []
+
+
+def test_the_readme_names_what_a_manager_may_use() -> None:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Your own managers") :].split("\n## ", 1)[0]
+    face = ["name", "Options", "placement", "options", "router", "defer_reply()", "take_queued()"]
+    face += ["health()", "on_start", "on_stop", "on_failure", "corral_context", "corral_"]
+    assert [name for name in face if f"`{name}" not in section] == []

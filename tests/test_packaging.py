@@ -5,11 +5,17 @@ from __future__ import annotations
 import ast
 import configparser
 import importlib.metadata
+import os
+import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
+
+from tests.lower_bounds import lowest
 
 ROOT = Path(__file__).resolve().parent.parent
 SETUP = configparser.ConfigParser()
@@ -28,9 +34,17 @@ def _names(requirements: list[Requirement]) -> set[str]:
 
 
 def _imported(path: Path) -> set[str]:
-    """The top-level modules a file imports, wherever in the file."""
+    """The top-level modules a file imports when it runs, wherever in the file (those
+    under ``if TYPE_CHECKING:`` only matter to the type checker)."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and ast.unparse(node.test) in (
+            "TYPE_CHECKING",
+            "typing.TYPE_CHECKING",
+        ):
+            node.body = []
     modules: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             modules.update(alias.name.partition(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -84,3 +98,58 @@ def test_classifiers_name_every_supported_python() -> None:
     ]
     assert versions == ["3.11", "3.12", "3.13"]
     assert SETUP["options"]["python_requires"] == ">=3.11"
+
+
+def test_the_sdist_carries_tests_that_collect(tmp_path: Path) -> None:
+    """The sdist, built as ``python -m build --sdist`` builds it (through the build
+    backend's own hook), holds every test module and all they need: they collect."""
+    build = "import sys; from setuptools import build_meta as b; print(b.build_sdist(sys.argv[1]))"
+    built = subprocess.run(
+        [sys.executable, "-c", build, str(tmp_path / "dist")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    archive = tmp_path / "dist" / built.stdout.split()[-1]
+    with tarfile.open(archive) as sdist:
+        sdist.extractall(tmp_path, filter="data")
+    unpacked = tmp_path / archive.name.removesuffix(".tar.gz")
+    shipped = {p.relative_to(unpacked).as_posix() for p in (unpacked / "tests").rglob("*.py")}
+    assert shipped == {p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").rglob("*.py")}
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
+        cwd=unpacked, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "PYTHONPATH": str(unpacked)},
+    )  # fmt: skip
+    assert collected.returncode == 0, collected.stdout[-3000:] + collected.stderr
+    assert " error" not in collected.stdout.splitlines()[-1]
+
+
+OLDER_RELEASES = {
+    "pykka": "4.4.2",
+    "redis": "7.4.1",
+    "msgpack": "1.2.0",
+    "click": "8.2.1",
+    "prometheus-client": "0.22.1",
+    "httpx": "0.27.2",
+    "pyjwt": "2.12.1",
+    "hvac": "2.3.0",
+    "aiohttp": "3.11.18",
+    "cachetools": "6.2.6",
+}
+"""A release older than the newest, of each runtime dependency, that users may well hold."""
+
+
+def test_older_releases_of_the_dependencies_are_allowed() -> None:
+    specifiers: dict[str, SpecifierSet] = {
+        canonicalize_name(r.name): r.specifier
+        for r in _requirements(SETUP["options"]["install_requires"])
+    }
+    assert set(specifiers) == set(OLDER_RELEASES)
+    refused = [f"{n} {v}" for n, v in OLDER_RELEASES.items() if not specifiers[n].contains(v)]
+    assert refused == []
+
+
+def test_each_requirement_names_the_lower_bound_make_test_lower_bounds_installs() -> None:
+    pins = [lowest(r) for r in _requirements(SETUP["options"]["install_requires"])]
+    assert "redis==6.0" in [str(pin) for pin in pins]
+    assert all(len(pin.specifier) == 1 for pin in pins)

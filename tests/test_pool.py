@@ -9,6 +9,7 @@ server's side.
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import threading
 import time
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -41,7 +43,7 @@ from corral.messages.base import Request, message
 from corral.messages.pool import HttpRequest, HttpResponse, JsonRpcCall, PoolStats
 from corral.messages.system import HealthCheck
 from corral.system import System
-from tests.support import wait_until
+from tests.support import read_until, start_corral, wait_until
 
 # -- the test servers -------------------------------------------------------------------------
 
@@ -723,3 +725,30 @@ def test_a_bug_on_the_loop_answers_the_caller_and_restarts_the_manager(ports: li
         assert system.ask(HttpRequest(service="api", path="/ok")).status == 200
     finally:
         system.stop()
+
+
+def test_a_daemon_probing_its_services_logs_no_request_lines_and_stops_cleanly(
+    backend: Backend, ports: list[Port], tmp_path: Path
+) -> None:
+    path = tmp_path / "corral.toml"
+    path.write_text(
+        "[managers.pool.services.web]\n"
+        f'base_urls = ["{ports[0].url}", "{ports[1].url}"]\n'
+        'health_path = "/health"\nhealth_interval = 0.05\n'
+        "[managers.pool.services.stuck]\n"  # its probe is still waiting when the daemon stops
+        f'base_urls = ["{ports[2].url}"]\nhealth_path = "/hold?key=probe"\nhealth_timeout = 30\n'
+    )
+    process = start_corral("run", "-c", str(path))
+    try:
+        log = read_until(process, "running 2 managers")
+        wait_until(lambda: len(ports[0].paths("/health")) >= 5 and ports[2].in_flight == 1)
+        process.send_signal(signal.SIGTERM)
+        log += process.communicate(timeout=30)[1]
+    finally:
+        process.kill()
+        process.wait()
+        backend.release("probe")
+    assert process.returncode == 0, log
+    assert "stopped cleanly" in log
+    assert "HTTP Request:" not in log  # httpx's INFO line for every call and probe
+    assert "Task was destroyed" not in log

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from dataclasses import replace as dataclasses_replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,17 +45,14 @@ class GreeterOptions(Section):
     repeat: int = field(default=1, metadata={"ge": 1})
 
 
-class Greeter(corral.Manager):
+class Greeter(corral.Manager[GreeterOptions]):
     name = "greeter"
-    Options = GreeterOptions
 
     @corral.handles(Greet)
     def greet(self, msg: Greet) -> Greeting:
         if msg.who == "nobody":
             raise NotFound("no such person", {"who": msg.who})
-        return Greeting(
-            text=" ".join([f"{self.settings.greeting} {msg.who}"] * self.settings.repeat)
-        )
+        return Greeting(text=" ".join([f"{self.options.greeting} {msg.who}"] * self.options.repeat))
 
 
 def test_typed_manager_options_from_the_config_file(tmp_path: Path) -> None:
@@ -155,7 +153,7 @@ def test_ask_async_raises_the_managers_error_and_times_out() -> None:
         with pytest.raises(Timeout):
             await system.ask_async(Work(action="sleep", seconds=1.0), timeout=0.1)
 
-    managers: list[type[corral.Manager] | ChildSpec] = [
+    managers: list[type[corral.Manager[Any]] | ChildSpec] = [
         Greeter,
         ChildSpec(name="worker", manager=Worker),
     ]

@@ -21,6 +21,7 @@ from websockets.protocol import State
 from websockets.uri import parse_uri
 
 import corral
+from corral import _redis
 from corral.actors.websocket import WebSocketOptions
 from corral.config import (
     BusSection,
@@ -683,3 +684,14 @@ def test_join_room_finds_connections_on_any_daemon_or_says_not_found(
             await asyncio.sleep(0.05)
 
     asyncio.run(scenario())
+
+
+def test_on_redis_it_needs_the_asyncio_sharded_pub_sub_of_redis_8(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_redis, "ASYNC_SHARDED_PUBSUB", False)  # as redis-py 7 and older
+    with pytest.raises(
+        ConfigError, match=r"needs redis-py 8\.0 or newer: pip install 'corral\[websocket\]'"
+    ):
+        Daemon(config("redis://127.0.0.1:1/0"))
+    Daemon(config()).system.stop()  # on memory, one daemon: no Redis pub/sub at all

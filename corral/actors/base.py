@@ -27,11 +27,12 @@ import logging
 import queue
 import threading
 import time
+import typing
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, ClassVar, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, Self, TypeVar, cast
 
 import pykka
 from pykka import ActorDeadError, ActorRegistry
@@ -72,12 +73,12 @@ class Router(Protocol):
     def publish(self, topic: str, event: Event) -> None: ...
 
 
-ExitCallback = Callable[["Manager", BaseException | None, list[Envelope[Any]]], None]
+ExitCallback = Callable[["Manager[Any]", BaseException | None, list[Envelope[Any]]], None]
 
 
 @dataclass
 class ManagerContext:
-    """Everything a manager gets from the system that runs it."""
+    """Everything a manager gets from the system that runs it, as ``self.corral_context``."""
 
     name: str
     router: Router
@@ -318,68 +319,99 @@ def handles(*message_types: type[Message]) -> Callable[[F], F]:
     return mark
 
 
-class Manager(pykka.ThreadingActor):
-    """Base class of every corral manager. Subclasses set ``name`` and mark handlers."""
+if TYPE_CHECKING:
+    from typing_extensions import TypeVar as _TypeVarWithDefault
+
+    OptionsT = _TypeVarWithDefault("OptionsT", default=Mapping[str, Any])
+else:
+    OptionsT = TypeVar("OptionsT")
+"""A manager's options: its ``Options`` section, or the raw ``[managers.<name>]`` table."""
+
+
+class Manager(pykka.ThreadingActor, Generic[OptionsT]):
+    """Base class of every corral manager. Subclasses set ``name`` and mark handlers.
+
+    The type argument is the class of its typed options, which it gets parsed and
+    checked from its ``[managers.<name>]`` table as ``self.options``::
+
+        class Greeter(Manager[GreeterOptions]):
+            name = "greeter"
+
+            @handles(Greet)
+            def greet(self, msg: Greet) -> Greeting:
+                return Greeting(text=f"{self.options.greeting} {msg.who}")
+
+    Without one (``class Greeter(Manager)``), ``self.options`` is the table as given.
+
+    What a subclass may use: ``name``, ``Options``, ``placement``, ``options``,
+    ``router``, ``defer_reply``, ``take_queued``, ``health`` and the hooks
+    ``on_start``, ``on_stop`` and ``on_failure``. Everything else the base keeps is
+    named ``corral_*`` (as pykka's is ``actor_*``), so a subclass's own attributes
+    never collide with it: ``corral_context`` (the name it runs under, its Redis URL,
+    namespace and signing keys), ``corral_mailbox``, ``corral_stats()`` and counters.
+    """
 
     name: ClassVar[str] = ""
     Options: ClassVar[type[Section] | None] = None
-    """The typed options of ``[managers.<name>]``; None takes any options, unchecked."""
+    """The typed options of ``[managers.<name>]``, taken from the type argument;
+    None takes any options, unchecked."""
     placement: ClassVar[Literal["any", "singleton"]] = "any"
     """``any``: every daemon runs this manager, so it must keep no state of its own in
     memory. ``singleton``: one daemon of the namespace runs it at a time (a lease in
     Redis). ``[managers.<name>] placement`` overrides it."""
     use_daemon_thread = True  # a hung manager must not keep the process alive
-    _handlers: ClassVar[dict[type[Message], Callable[[Any, Any], Any]]] = {}
+    _corral_handlers: ClassVar[dict[type[Message], Callable[[Any, Any], Any]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "Options" not in cls.__dict__:
+            cls.Options = _options_class(cls) or cls.Options
         handlers: dict[type[Message], Callable[[Any, Any], Any]] = {}
         for klass in reversed(cls.__mro__):
             for attr in vars(klass).values():
                 for message_type in getattr(attr, "__corral_handles__", ()):
                     handlers[message_type] = attr
-        cls._handlers = handlers
+        cls._corral_handlers = handlers
 
     def __init__(self, context: ManagerContext) -> None:
-        self.context = context
-        self.settings: Any = (
+        self.corral_context = context
+        self.options = cast(
+            OptionsT,
             parse_options(self.Options, context.options, manager=context.name)
             if self.Options is not None
-            else None
+            else context.options,
         )
         super().__init__()
-        self.started_at = time.monotonic()
-        self.handled = 0
-        self.errors = 0
-        self.handler_seconds = 0.0
-        self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.dead_letters = 0
-        self.failure: BaseException | None = None
-        self.settled = threading.Event()
-        self.leftovers: list[Envelope[Any]] = []
-        self.thread: threading.Thread | None = None
-        self.current_envelope: Envelope[Any] | None = None
+        self.corral_started_at = time.monotonic()
+        self.corral_handled = 0
+        self.corral_errors = 0
+        self.corral_handler_seconds = 0.0
+        self.corral_latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.corral_failure: BaseException | None = None
+        self.corral_settled = threading.Event()
+        self.corral_leftovers: list[Envelope[Any]] = []
+        self.corral_thread: threading.Thread | None = None
+        self.corral_current_envelope: Envelope[Any] | None = None
+
+    @classmethod
+    def corral_start(cls, context: ManagerContext) -> Self:
+        """Create the actor and start its thread, as ``pykka.Actor.start`` does, and return
+        the actor itself: its supervisor watches its thread, mailbox and failure."""
+        actor = cls(context)
+        ActorRegistry.register(actor.actor_ref)
+        actor._start_actor_loop()
+        return actor
 
     def _create_actor_inbox(self) -> Mailbox:  # type: ignore[override]
-        return Mailbox(
-            self.context.mailbox_size, self.context.mailbox_put_timeout, self.context.name
-        )
-
-    @property
-    def mailbox(self) -> Mailbox:
-        inbox = self.actor_inbox
-        assert isinstance(inbox, Mailbox)
-        return inbox
+        context = self.corral_context
+        return Mailbox(context.mailbox_size, context.mailbox_put_timeout, context.name)
 
     # -- the public face for subclasses ---------------------------------------------------
 
     @property
     def router(self) -> Router:
-        return self.context.router
-
-    @property
-    def options(self) -> Mapping[str, Any]:
-        return self.context.options
+        """Other managers, by name, and the bus: ``self.router.ask(CacheGet(key="k"))``."""
+        return self.corral_context.router
 
     def defer_reply(self) -> pykka.Future[Any] | None:
         """Take the reply future of the request being handled, to answer it later.
@@ -392,7 +424,7 @@ class Manager(pykka.ThreadingActor):
             def wait_for(self, msg: WaitFor) -> None:
                 self.waiters.append(self.defer_reply())
         """
-        envelope = self.current_envelope
+        envelope = self.corral_current_envelope
         if envelope is None:
             return None
         future, envelope.reply_to = envelope.reply_to, None
@@ -412,27 +444,35 @@ class Manager(pykka.ThreadingActor):
                 for queued, future in self.take_queued(CacheGet, 100):
                     ...
         """
-        taken = [e for e in self.mailbox.take_head(message_type, limit) if _admitted(e)]
-        self.handled += len(taken)
+        taken = [e for e in self.corral_mailbox.take_head(message_type, limit) if _admitted(e)]
+        self.corral_handled += len(taken)
         return [(envelope.message, envelope.reply_to) for envelope in taken]
 
     def health(self) -> Health:
         """This manager's own health; override to report backends and details."""
         return Health(status="healthy")
 
-    def stats(self) -> dict[str, Any]:
+    # -- what the base keeps, under corral_ --------------------------------------------------
+
+    @property
+    def corral_mailbox(self) -> Mailbox:
+        """This manager's bounded inbox (``qsize()`` tells how many messages wait)."""
+        inbox = self.actor_inbox
+        assert isinstance(inbox, Mailbox)
+        return inbox
+
+    def corral_stats(self) -> dict[str, Any]:
         """Counters kept for every manager; they go into ``Health.metrics``."""
-        mailbox = self.mailbox
+        mailbox = self.corral_mailbox
         return {
-            "handled": self.handled,
-            "errors": self.errors,
-            "handler_seconds": self.handler_seconds,
-            "latency_counts": list(self.latency_counts),
+            "handled": self.corral_handled,
+            "errors": self.corral_errors,
+            "handler_seconds": self.corral_handler_seconds,
+            "latency_counts": list(self.corral_latency_counts),
             "mailbox_depth": mailbox.qsize(),
             "mailbox_capacity": mailbox.capacity,
             "overloaded": mailbox.overloaded,
-            "dead_letters": self.dead_letters,
-            "uptime_s": time.monotonic() - self.started_at,
+            "uptime_s": time.monotonic() - self.corral_started_at,
         }
 
     # -- dispatch -------------------------------------------------------------------------
@@ -440,57 +480,58 @@ class Manager(pykka.ThreadingActor):
     def on_receive(self, message: Any) -> Any:
         """Messages without a typed handler: the liveness probe, or an error reply."""
         if message is PROBE:
-            return self._full_health()
-        self.errors += 1
+            return self._corral_full_health()
+        self.corral_errors += 1
         what = getattr(message, "type_name", type(message).__name__)
-        error = InvalidMessage(f"manager {self.context.name!r} does not handle {what}")
+        error = InvalidMessage(f"manager {self.corral_context.name!r} does not handle {what}")
         return ErrorReply.of(error)
 
     @handles(HealthCheck)
-    def _answer_health_check(self, _message: HealthCheck) -> Health:
-        return self._full_health()
+    def _corral_answer_health_check(self, _message: HealthCheck) -> Health:
+        return self._corral_full_health()
 
-    def _full_health(self) -> Health:
+    def _corral_full_health(self) -> Health:
         own = self.health()
         return Health(
             status=own.status,
             details=own.details,
-            metrics={**self.stats(), **own.metrics},
+            metrics={**self.corral_stats(), **own.metrics},
             dependencies=own.dependencies,
         )
 
     # -- pykka's loop, with corral's failure semantics ------------------------------------
     #
-    # These override private pykka methods; setup.cfg pins pykka to the tested minor version.
+    # These override private pykka methods: setup.cfg bounds pykka to the releases tested
+    # (the lowest by `make test-lower-bounds`, the newest by `make test`).
 
     def _actor_loop(self) -> None:
-        self.thread = threading.current_thread()
+        self.corral_thread = threading.current_thread()
         try:
             super()._actor_loop()
         finally:
-            self.settled.set()
-            if self.context.on_exit is not None:
-                self.context.on_exit(self, self.failure, self.leftovers)
+            self.corral_settled.set()
+            if self.corral_context.on_exit is not None:
+                self.corral_context.on_exit(self, self.corral_failure, self.corral_leftovers)
 
     def _actor_loop_setup(self) -> None:
         try:
             super()._actor_loop_setup()  # pykka catches Exception in on_start, not SystemExit
         except BaseException as exc:  # a failed start, whatever it raised
-            self._crash(exc, run_hooks=False)  # as pykka: no on_failure for on_start
-        self.settled.set()
+            self._corral_crash(exc, run_hooks=False)  # as pykka: no on_failure for on_start
+        self.corral_settled.set()
 
     def _actor_loop_running(self) -> None:
         inbox = self.actor_inbox
         stopped = self.actor_stopped
-        handlers = self._handlers
+        handlers = self._corral_handlers
         clock = time.perf_counter
-        counts = self.latency_counts
+        counts = self.corral_latency_counts
         bucket = functools.partial(bisect.bisect_left, LATENCY_BUCKETS)
         while not stopped.is_set():
             envelope = inbox.get()
             if not _admitted(envelope):
                 continue
-            self.current_envelope = envelope
+            self.corral_current_envelope = envelope
             message = envelope.message
             try:
                 handler = handlers.get(type(message))
@@ -501,20 +542,20 @@ class Manager(pykka.ThreadingActor):
                     try:
                         response = handler(self, message)
                     except CorralError as exc:
-                        self.errors += 1
+                        self.corral_errors += 1
                         response = ErrorReply.of(exc)
                     elapsed = clock() - started
-                    self.handled += 1
-                    self.handler_seconds += elapsed
+                    self.corral_handled += 1
+                    self.corral_handler_seconds += elapsed
                     counts[bucket(elapsed)] += 1
             except BaseException as exc:
-                self._crash(exc)
+                self._corral_crash(exc)
                 if envelope.reply_to is not None:
                     what = getattr(envelope.message, "type_name", type(envelope.message).__name__)
                     unavailable = ManagerUnavailable(
-                        f"manager {self.context.name!r} crashed handling {what}: "
+                        f"manager {self.corral_context.name!r} crashed handling {what}: "
                         f"{type(exc).__name__}: {exc}",
-                        {"manager": self.context.name},
+                        {"manager": self.corral_context.name},
                     )
                     envelope.reply_to.set_exception((ManagerUnavailable, unavailable, None))
                 return
@@ -523,11 +564,13 @@ class Manager(pykka.ThreadingActor):
                     envelope.reply_to.set(response)
                 except Exception:  # a caller that cannot take its reply is not our crash
                     log.warning(
-                        "manager %s could not deliver a reply", self.context.name, exc_info=True
+                        "manager %s could not deliver a reply",
+                        self.corral_context.name,
+                        exc_info=True,
                     )
 
     def _actor_loop_teardown(self) -> None:
-        self.leftovers = self.mailbox.drain()
+        self.corral_leftovers = self.corral_mailbox.drain()
 
     def _handle_failure(
         self,
@@ -535,13 +578,13 @@ class Manager(pykka.ThreadingActor):
         exception_value: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if self.failure is None:
-            self.failure = exception_value
+        if self.corral_failure is None:
+            self.corral_failure = exception_value
         super()._handle_failure(exception_type, exception_value, traceback)
 
-    def _crash(self, exc: BaseException, *, run_hooks: bool = True) -> None:
-        self.failure = exc
-        log.error("manager %s crashed", self.context.name, exc_info=exc)
+    def _corral_crash(self, exc: BaseException, *, run_hooks: bool = True) -> None:
+        self.corral_failure = exc
+        log.error("manager %s crashed", self.corral_context.name, exc_info=exc)
         ActorRegistry.unregister(self.actor_ref)
         self.actor_stopped.set()
         if not run_hooks:
@@ -549,7 +592,7 @@ class Manager(pykka.ThreadingActor):
         try:
             self.on_failure(type(exc), exc, exc.__traceback__)
         except Exception:
-            log.exception("manager %s: on_failure raised", self.context.name)
+            log.exception("manager %s: on_failure raised", self.corral_context.name)
 
     def on_failure(
         self,
@@ -563,3 +606,14 @@ class Manager(pykka.ThreadingActor):
         callers) is released on a crash too. Override to do something else.
         """
         self.on_stop()
+
+
+def _options_class(cls: type[Manager[Any]]) -> type[Section] | None:
+    """The Section a class names as its type argument: ``Manager[CacheOptions]``."""
+    for base in cls.__dict__.get("__orig_bases__", ()):
+        origin = typing.get_origin(base)
+        if isinstance(origin, type) and issubclass(origin, Manager):
+            argument = typing.get_args(base)[0]
+            if isinstance(argument, type) and issubclass(argument, Section):
+                return argument
+    return None

@@ -140,8 +140,12 @@ def _kind(value: Any) -> str:
 
 
 def hide(value: Any) -> Any:
-    """A secret as shown: ``***``, or one ``***`` per item of a list."""
-    return [HIDDEN] * len(value) if isinstance(value, list) else HIDDEN
+    """A secret as shown: ``***``, or one ``***`` per item of a list. An empty one is shown
+    as it is: that a secret is not set is no secret, and ``corral config check`` then
+    prints a config that loads back."""
+    if isinstance(value, list):
+        return [HIDDEN] * len(value)
+    return HIDDEN if value else value
 
 
 def mask(value: Any) -> Any:

@@ -30,19 +30,21 @@ said: ``vault: cannot read secret/corral#jwt_secret: Vault said 404 (no such sec
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-import hvac
-import hvac.exceptions
+from typing import TYPE_CHECKING, Any
 
 from corral.config._sections import VaultSection
 from corral.errors import ConfigError
+
+if TYPE_CHECKING:  # hvac (and requests under it) load with the first VaultSource
+    import hvac
+    import hvac.exceptions
 
 log = logging.getLogger(__name__)
 
@@ -50,19 +52,26 @@ SCHEME = "vault:"
 RENEW_AFTER = 2 / 3
 """The share of a TTL or lease after which the token is renewed, or the secret read again."""
 
-_STATUS: dict[type[hvac.exceptions.VaultError], tuple[int, str]] = {
-    hvac.exceptions.InvalidRequest: (400, "invalid request"),
-    hvac.exceptions.Unauthorized: (401, "unauthorized"),
-    hvac.exceptions.Forbidden: (403, "permission denied"),
-    hvac.exceptions.InvalidPath: (404, "no such secret"),
-    hvac.exceptions.RateLimitExceeded: (429, "rate limit exceeded"),
-    hvac.exceptions.InternalServerError: (500, "internal server error"),
-    hvac.exceptions.VaultNotInitialized: (501, "Vault is not initialized"),
-    hvac.exceptions.BadGateway: (502, "bad gateway"),
-    hvac.exceptions.VaultDown: (503, "Vault is sealed or down"),
-}
-"""What hvac's exception for an HTTP status stands for: the status, and what to say when
-Vault gave no reason (as it does for a missing secret)."""
+
+@functools.cache
+def _statuses() -> dict[type[hvac.exceptions.VaultError], tuple[int, str]]:
+    """What hvac's exception for an HTTP status stands for: the status, and what to say when
+    Vault gave no reason (as it does for a missing secret)."""
+    import hvac.exceptions as errors  # noqa: PLC0415 - hvac loads when Vault is used
+
+    return {
+        errors.InvalidRequest: (400, "invalid request"),
+        errors.Unauthorized: (401, "unauthorized"),
+        errors.Forbidden: (403, "permission denied"),
+        errors.InvalidPath: (404, "no such secret"),
+        errors.RateLimitExceeded: (429, "rate limit exceeded"),
+        errors.InternalServerError: (500, "internal server error"),
+        errors.VaultNotInitialized: (501, "Vault is not initialized"),
+        errors.BadGateway: (502, "bad gateway"),
+        errors.VaultDown: (503, "Vault is sealed or down"),
+    }
+
+
 _MULTI_ERROR_HEAD = re.compile(r"^\d+ errors? occurred:$")
 _ERRNO = re.compile(r"\[Errno -?\d+\] ([^\"')]+)")
 
@@ -95,6 +104,8 @@ class VaultSource:
         # The condition's lock guards the client, the cache and the schedule; the refresher
         # waits on it until the next renewal is due or the schedule changes.
         self._changed = threading.Condition(threading.RLock())
+        import hvac  # noqa: PLC0415 - hvac (and requests) load when Vault is used
+
         self._client = hvac.Client(  # type: ignore[no-untyped-call]
             url=section.url,
             token=section.token,
@@ -297,6 +308,8 @@ class VaultSource:
 
     def _call(self, failed: str, request: Callable[[], Any]) -> Any:
         """``request()``, its failures as ConfigError: ``vault: <failed>: Vault said 403 (...)``."""
+        import hvac.exceptions  # noqa: PLC0415 - loaded with the client already
+
         try:
             return request()
         except hvac.exceptions.VaultError as exc:
@@ -327,6 +340,6 @@ def _said(exc: hvac.exceptions.VaultError) -> str:
         if line.strip() and not _MULTI_ERROR_HEAD.match(line.strip())
     ]
     # hvac keeps no status for the statuses it has no exception of its own for.
-    status, default = _STATUS.get(type(exc), (None, str(exc.args[0] or "no reason given")))
+    status, default = _statuses().get(type(exc), (None, str(exc.args[0] or "no reason given")))
     reason = "; ".join(reasons) or default
     return f"Vault said {status} ({reason})" if status else f"Vault said: {reason}"

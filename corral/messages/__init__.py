@@ -1,19 +1,10 @@
 """Typed messages and their wire codec.
 
-``corral.messages`` imports nothing of corral but :mod:`corral.errors`.
+``corral.messages`` imports nothing of corral but :mod:`corral.errors`. The built-in
+managers' messages (``corral.messages.cache``, ...) load when first imported or looked
+up by wire name (see :data:`~corral.messages.base.BUILT_IN_AREAS`).
 """
 
-# The built-in managers' messages, so that every process knows their wire names.
-from corral.messages import (  # noqa: F401
-    auth,
-    cache,
-    pool,
-    ratelimit,
-    state,
-    stream,
-    transaction,
-    websocket,
-)
 from corral.messages.base import (
     ErrorReply,
     Event,

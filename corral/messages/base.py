@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import importlib
 import math
 import re
 import sys
@@ -256,14 +257,39 @@ class FieldInfo:
 
 _REGISTRY: dict[str, type[Message]] = {}
 
+BUILT_IN_AREAS = {
+    "auth": "corral.messages.auth",
+    "cache": "corral.messages.cache",
+    "pool": "corral.messages.pool",
+    "ratelimit": "corral.messages.ratelimit",
+    "state": "corral.messages.state",
+    "stream": "corral.messages.stream",
+    "transaction": "corral.messages.transaction",
+    "ws": "corral.messages.websocket",
+}
+"""The modules of the built-in managers' messages, by the area of their wire names.
+
+Each is imported on the first lookup of one of its names (or by :func:`registered`), so
+that a process pays for the messages it uses only: ``lookup("cache.get")`` imports
+``corral.messages.cache``."""
+
 
 def registered() -> dict[str, type[Message]]:
-    """Every registered message class by wire name (a copy)."""
+    """Every registered message class by wire name (a copy), the built-in ones included."""
+    for module in BUILT_IN_AREAS.values():
+        importlib.import_module(module)
     return dict(_REGISTRY)
 
 
 def lookup(type_name: str) -> type[Message] | None:
-    return _REGISTRY.get(type_name)
+    """The message class registered under a wire name; None for an unknown name."""
+    found = _REGISTRY.get(type_name)
+    if found is None:
+        module = BUILT_IN_AREAS.get(type_name.partition(".")[0])
+        if module is not None and module not in sys.modules:
+            importlib.import_module(module)
+            found = _REGISTRY.get(type_name)
+    return found
 
 
 def validate(msg: Message) -> None:

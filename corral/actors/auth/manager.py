@@ -177,20 +177,18 @@ def _ephemeral_secret(namespace: str, algorithm: str) -> bytes:
         return _ephemeral_secrets.setdefault((namespace, algorithm), secrets.token_bytes(64))
 
 
-class AuthManager(Manager):
+class AuthManager(Manager[AuthOptions]):
     """Issues, validates, refreshes and revokes JWTs; creates and checks API keys."""
 
     name = "auth"
-    Options = AuthOptions
-    settings: AuthOptions
     store: Store
     keys: KeyRing
     family_ttl: int
     counters: ClassVar[tuple[str, ...]] = ("issued", "validated", "refreshed", "revoked")
 
     def on_start(self) -> None:
-        settings = self.settings
-        namespace = self.context.namespace
+        settings = self.options
+        namespace = self.corral_context.namespace
         self.keys = settings.keyring(
             ephemeral_secret=_ephemeral_secret(namespace, settings.algorithm)
         )
@@ -213,18 +211,18 @@ class AuthManager(Manager):
         self.store.close()
 
     def _open_store(self) -> Store:
-        settings = self.settings
-        url = settings.redis_url or self.context.redis_url
+        settings, context = self.options, self.corral_context
+        url = settings.redis_url or context.redis_url
         backend = settings.backend
         if backend == "auto":
             backend = "redis" if url else "memory"
         if backend == "memory":
-            return _memory_store(self.context.namespace)
+            return _memory_store(context.namespace)
         if not url:
             raise ConfigError(
-                f"managers.{self.context.name}.backend: 'redis' needs redis_url or a Redis bus"
+                f"managers.{context.name}.backend: 'redis' needs redis_url or a Redis bus"
             )
-        return RedisStore(url, namespace=self.context.namespace, timeout=settings.redis_timeout)
+        return RedisStore(url, namespace=context.namespace, timeout=settings.redis_timeout)
 
     def health(self) -> Health:
         details: dict[str, Any] = {
@@ -271,7 +269,7 @@ class AuthManager(Manager):
         if not msg.refresh:
             return AuthTokens(
                 access_token=self._sign(msg.subject, "access", None, extra),
-                expires_in=self.settings.access_ttl,
+                expires_in=self.options.access_ttl,
             )
         return self._pair(msg.subject, secrets.token_urlsafe(16), None, extra)
 
@@ -283,10 +281,10 @@ class AuthManager(Manager):
             raise InvalidMessage(f"claims must be JSON values: {exc}", path="claims") from None
         # Base64 makes 4 characters of 3 bytes; the header, other claims and signature
         # come on top, so this only refuses what could never validate.
-        if size * 4 // 3 > self.settings.max_token_size:
+        if size * 4 // 3 > self.options.max_token_size:
             raise InvalidMessage(
                 f"subject, scopes and claims would make a token longer than max_token_size "
-                f"({self.settings.max_token_size})",
+                f"({self.options.max_token_size})",
                 path="claims",
             )
 
@@ -296,10 +294,10 @@ class AuthManager(Manager):
             raise InvalidMessage("must not be empty", path="subject")
         if not msg.room:
             raise InvalidMessage("must not be empty", path="room")
-        ttl = self.settings.access_ttl if msg.ttl is None else math.ceil(msg.ttl)
-        if ttl > self.settings.max_token_lifetime:
+        ttl = self.options.access_ttl if msg.ttl is None else math.ceil(msg.ttl)
+        if ttl > self.options.max_token_lifetime:
             raise InvalidMessage(
-                f"must be <= max_token_lifetime ({self.settings.max_token_lifetime} s)", path="ttl"
+                f"must be <= max_token_lifetime ({self.options.max_token_lifetime} s)", path="ttl"
             )
         extra = {"room": msg.room}
         self._check_claims(msg.subject, extra)
@@ -337,7 +335,7 @@ class AuthManager(Manager):
             family,
             payload["jti"],
             successor,
-            grace=self.settings.refresh_grace,
+            grace=self.options.refresh_grace,
             ttl=self.family_ttl,
         )
         if outcome == "reused":
@@ -356,7 +354,7 @@ class AuthManager(Manager):
     @handles(AuthRevoke)
     def revoke(self, msg: AuthRevoke) -> AuthRevoked:
         payload = self._verified(msg.token, None, verify_exp=False)
-        ttl = math.ceil(int(payload["exp"]) + self.settings.leeway - time.time())
+        ttl = math.ceil(int(payload["exp"]) + self.options.leeway - time.time())
         if ttl > 0:
             self.store.deny(payload["jti"], ttl)
         family = payload.get("fam")
@@ -380,8 +378,8 @@ class AuthManager(Manager):
         return AuthTokens(
             access_token=self._sign(subject, "access", family, extra),
             refresh_token=self._sign(subject, "refresh", family, extra, refresh_jti),
-            expires_in=self.settings.access_ttl,
-            refresh_expires_in=self.settings.refresh_ttl,
+            expires_in=self.options.access_ttl,
+            refresh_expires_in=self.options.refresh_ttl,
         )
 
     def _sign(
@@ -396,7 +394,7 @@ class AuthManager(Manager):
     ) -> str:
         now = int(time.time())
         if ttl is None:
-            ttl = self.settings.refresh_ttl if token_type == "refresh" else self.settings.access_ttl
+            ttl = self.options.refresh_ttl if token_type == "refresh" else self.options.access_ttl
         jti = jti or secrets.token_urlsafe(16)
         payload = {**extra, "sub": subject, "iat": now, "exp": now + ttl, "jti": jti}
         payload["type"] = token_type
@@ -417,8 +415,8 @@ class AuthManager(Manager):
         self, token: str, token_type: TokenType | None, *, verify_exp: bool = True
     ) -> dict[str, Any]:
         """The payload of a token whose header, signature and claims all check out."""
-        if len(token) > self.settings.max_token_size:
-            self._reject("malformed", f"the token is longer than {self.settings.max_token_size}")
+        if len(token) > self.options.max_token_size:
+            self._reject("malformed", f"the token is longer than {self.options.max_token_size}")
         header = _unverified_header(token)
         if header is None:
             self._reject("malformed", "not a JWT")
@@ -436,7 +434,7 @@ class AuthManager(Manager):
                 algorithms=[self.keys.algorithm],
                 audience=self.audience,
                 issuer=self.issuer,
-                leeway=self.settings.leeway,
+                leeway=self.options.leeway,
                 options=None if verify_exp else {"verify_exp": False},
             )
         except Exception as exc:  # anything pyjwt raises, or trips on, refuses the token
@@ -454,7 +452,7 @@ class AuthManager(Manager):
         issued = payload["iat"]
         if isinstance(issued, bool) or not isinstance(issued, int | float):
             self._reject("bad_claim", "iat must be a number")
-        limit = self.settings.max_token_lifetime
+        limit = self.options.max_token_lifetime
         if not payload["exp"] - issued <= limit:  # a nan iat fails this too
             self._reject(
                 "lifetime_exceeded", f"the token lives longer than {limit} s (max_token_lifetime)"
@@ -489,13 +487,13 @@ class AuthManager(Manager):
             "expires_at": "" if expires_at is None else repr(expires_at),
         }
         self.store.put_api_key(key_id, record, None if msg.ttl is None else math.ceil(msg.ttl))
-        return _api_key(key_id, record, key=f"{self.settings.api_key_prefix}_{key_id}_{secret}")
+        return _api_key(key_id, record, key=f"{self.options.api_key_prefix}_{key_id}_{secret}")
 
     @handles(AuthApiKeyValidate)
     def validate_api_key(self, msg: AuthApiKeyValidate) -> AuthApiKey:
         prefix, _, rest = msg.key.partition("_")
         key_id, _, secret = rest.partition("_")
-        if prefix != self.settings.api_key_prefix or len(key_id) != 16 or len(secret) != 64:
+        if prefix != self.options.api_key_prefix or len(key_id) != 16 or len(secret) != 64:
             self._reject("invalid_api_key", "not an API key of this system")
         record = self.store.get_api_key(key_id)
         if record is None or not hmac.compare_digest(record.get("hash", ""), _digest(secret)):

@@ -125,19 +125,18 @@ class _Flight:
     waiters: list[_Waiter] = field(default_factory=list)
 
 
-class CacheManager(Manager):
+class CacheManager(Manager[CacheOptions]):
     """The ``cache`` manager; see the module docstring and docs/cache.md."""
 
     name = "cache"
-    Options = CacheOptions
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def on_start(self) -> None:
-        settings: CacheOptions = self.settings
+        settings = self.options
         self.origin = uuid.uuid4().hex
         self.batched_gets = 0
-        self.codec = Codec(keys=self.context.signing_keys)
+        self.codec = Codec(keys=self.corral_context.signing_keys)
         self.max_key_length = settings.max_key_length
         self.max_value_size = settings.max_value_size
         self.flights: dict[tuple[str, str], _Flight] = {}
@@ -145,7 +144,7 @@ class CacheManager(Manager):
         self.timer_due = math.inf
         self.backends: dict[str, Backend] = {}
         try:
-            for name, options in settings.backend_options(self.context.redis_url).items():
+            for name, options in settings.backend_options(self.corral_context.redis_url).items():
                 self.backends[name] = self._build(name, options)
         except BaseException:
             self._close_backends()
@@ -154,7 +153,7 @@ class CacheManager(Manager):
         if self.default_backend not in self.backends:
             self._close_backends()
             raise ConfigError(
-                f"managers.{self.context.name}.default_backend: no backend named "
+                f"managers.{self.corral_context.name}.default_backend: no backend named "
                 f"{self.default_backend!r} (backends: {', '.join(self.backends)})"
             )
         for backend in self.backends.values():
@@ -166,7 +165,7 @@ class CacheManager(Manager):
         """One warning when the bus is on Redis (several daemons may serve) and a backend
         keeps its values in this process."""
         local = [name for name, b in self.backends.items() if isinstance(b, MemoryBackend)]
-        if self.context.redis_url and local:
+        if self.corral_context.redis_url and local:
             log.warning(
                 "cache backend%s %s: memory, in this process, although the bus is on Redis: "
                 "with several daemons each daemon has its own values, and invalidations and "
@@ -178,7 +177,9 @@ class CacheManager(Manager):
     def on_stop(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        gone = ManagerUnavailable("the cache manager stopped", {"manager": self.context.name})
+        gone = ManagerUnavailable(
+            "the cache manager stopped", {"manager": self.corral_context.name}
+        )
         for flight in self.flights.values():
             for waiter in flight.waiters:
                 waiter.future.set(ErrorReply.of(gone))
@@ -189,17 +190,18 @@ class CacheManager(Manager):
         if options.type == "memory":
             store = MemoryStore(options.strategy, options.max_size, options.default_ttl)
             return MemoryBackend(name, store)
-        url = options.url or self.context.redis_url
+        context = self.corral_context
+        url = options.url or context.redis_url
         if not url:
             raise ConfigError(
-                f"managers.{self.context.name}.backends.{name}.url: a {options.type} backend "
+                f"managers.{context.name}.backends.{name}.url: a {options.type} backend "
                 "needs a Redis url (or the system's bus on Redis)"
             )
         backend = RedisBackend(
             name,
             options,
             url=url,
-            namespace=options.namespace or self.context.namespace,
+            namespace=options.namespace or context.namespace,
             origin=self.origin,
             codec=self.codec,
         )

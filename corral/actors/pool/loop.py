@@ -46,7 +46,7 @@ class DeferredReply:
         self._lock = threading.Lock()
 
     @classmethod
-    def take(cls, manager: Manager) -> DeferredReply:
+    def take(cls, manager: Manager[Any]) -> DeferredReply:
         """Take over the reply of the message being handled: the base loop then sends none."""
         return cls(manager.defer_reply())
 

@@ -37,7 +37,7 @@ import logging
 import math
 import re
 from collections.abc import Coroutine
-from typing import Any, ClassVar
+from typing import Any
 
 from pykka._envelope import Envelope
 
@@ -85,11 +85,10 @@ class _LoopFailure:
         self.error = error
 
 
-class PoolManager(Manager):
+class PoolManager(Manager[PoolOptions]):
     """Connection pools to named HTTP services, with retries, breakers and health probes."""
 
     name = "pool"
-    Options: ClassVar[type[PoolOptions]] = PoolOptions
     stop_grace = 2.0
     """Seconds calls in flight get to finish when the manager stops."""
 
@@ -102,8 +101,8 @@ class PoolManager(Manager):
     # -- lifecycle ------------------------------------------------------------------------
 
     def on_start(self) -> None:
-        settings: PoolOptions = self.settings
-        self.loop = LoopThread(f"corral-{self.context.name}-loop")
+        settings = self.options
+        self.loop = LoopThread(f"corral-{self.corral_context.name}-loop")
         self.services = {
             name: Service(name, options, latency_window=settings.latency_window)
             for name, options in settings.services.items()
@@ -116,7 +115,7 @@ class PoolManager(Manager):
         super()._actor_loop_teardown()
         if self.loop is not None:
             self.loop.stop(
-                grace=self.stop_grace if self.failure is None else 0.0,
+                grace=self.stop_grace if self.corral_failure is None else 0.0,
                 timeout=2.0,
                 cleanup=self._close_services,
             )
@@ -129,7 +128,7 @@ class PoolManager(Manager):
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, _LoopFailure):
             raise RuntimeError(
-                f"{self.context.name}: a call failed unexpectedly"
+                f"{self.corral_context.name}: a call failed unexpectedly"
             ) from message.error
         return super().on_receive(message)
 
@@ -198,7 +197,7 @@ class PoolManager(Manager):
         loop = self.loop
         if loop is None or not loop.alive:
             work.close()
-            raise RuntimeError(f"{self.context.name}: its event loop is gone")
+            raise RuntimeError(f"{self.corral_context.name}: its event loop is gone")
         reply = DeferredReply.take(self)
         loop.spawn(self._answer(reply, work))
 
@@ -209,16 +208,16 @@ class PoolManager(Manager):
             reply.fail(exc)
         except BaseException as exc:
             stopping = ManagerUnavailable(
-                f"manager {self.context.name!r} stopped before the call completed",
-                {"manager": self.context.name},
+                f"manager {self.corral_context.name!r} stopped before the call completed",
+                {"manager": self.corral_context.name},
             )
             if isinstance(exc, Exception):
                 log.error("pool: a call failed unexpectedly", exc_info=exc)
                 stopping = ManagerUnavailable(
-                    f"manager {self.context.name!r} failed: {type(exc).__name__}: {exc}",
-                    {"manager": self.context.name},
+                    f"manager {self.corral_context.name!r} failed: {type(exc).__name__}: {exc}",
+                    {"manager": self.corral_context.name},
                 )
-                self.mailbox.try_put(Envelope(_LoopFailure(exc)))
+                self.corral_mailbox.try_put(Envelope(_LoopFailure(exc)))
             reply.fail(stopping)
             if not isinstance(exc, Exception):
                 raise

@@ -91,15 +91,13 @@ class _Cached:
     ban_until: float | None = None
 
 
-class RateLimiter(Manager):
+class RateLimiter(Manager[RateLimiterOptions]):
     """Decides calls against the configured rules; see the module docstring."""
 
     name = "ratelimit"
-    Options = RateLimiterOptions
 
     def on_start(self) -> None:
-        settings: RateLimiterOptions = self.settings or RateLimiterOptions()
-        self.config = settings
+        settings = self.options
         self.rules = compile_rules(settings.rules)
         self.rules_by_level: dict[str, tuple[Rule, ...]] = {}
         for rule in self.rules:
@@ -127,7 +125,7 @@ class RateLimiter(Manager):
         self.pending_refusals: dict[str, int] = {}
         self.batch: list[tuple[RatelimitCheck, pykka.Future[Any]]] = []
         """Checks waiting for one shared round trip (see ``check``)."""
-        url = settings.redis_url or self.context.redis_url
+        url = settings.redis_url or self.corral_context.redis_url
         backend = settings.backend
         if backend == "auto":
             backend = "redis" if url else "memory"
@@ -161,14 +159,14 @@ class RateLimiter(Manager):
         Batched checks are decided in arrival order, each as if alone; any other
         request first flushes the batch, so that nothing overtakes a check.
         """
-        if self.redis is None or (not self.batch and self.mailbox.qsize() == 0):
+        if self.redis is None or (not self.batch and self.corral_mailbox.qsize() == 0):
             return self._decide(msg, consume=True)
         future = self.defer_reply()
         if future is None:  # a tell: nobody waits for the decision, decide it in turn
             self._flush()
             return self._decide(msg, consume=True)
         self.batch.append((msg, future))
-        if self.mailbox.qsize() == 0 or len(self.batch) >= _BATCH_SIZE:
+        if self.corral_mailbox.qsize() == 0 or len(self.batch) >= _BATCH_SIZE:
             self._flush()
         return None
 
@@ -266,7 +264,7 @@ class RateLimiter(Manager):
             raise
         for (_, future), decision in zip(batch, decisions, strict=True):
             if isinstance(decision, CorralError):
-                self.errors += 1
+                self.corral_errors += 1
                 future.set(ErrorReply.of(decision))
             else:
                 future.set(decision)
@@ -289,7 +287,7 @@ class RateLimiter(Manager):
             ]
             self.counts["checks"] += consume
             cached = None
-            if consume and self.redis is not None and self.config.local_cache:
+            if consume and self.redis is not None and self.options.local_cache:
                 cached = self._cached_refusal(subjects)
             answers.append(cached)
             if cached is None:
@@ -349,7 +347,7 @@ class RateLimiter(Manager):
     def _fallback(self, subjects: list[Subject], cost: int, consume: bool) -> list[SubjectResult]:
         """Redis is away: each rule's ``on_backend_error`` decides; ``local`` rules count here."""
         now = time.time()
-        wait = self.config.retry_interval
+        wait = self.options.retry_interval
         fixed: dict[tuple[str, str], RuleResult] = {}
         local_subjects = []
         for subject in subjects:
@@ -429,10 +427,10 @@ class RateLimiter(Manager):
     # -- the local cache of refusals (Envoy's) -------------------------------------------
 
     def _remember_refusals(self, results: list[SubjectResult]) -> None:
-        if not self.config.local_cache:
+        if not self.options.local_cache:
             return
         now, wall = time.monotonic(), time.time()
-        ttl = self.config.local_cache_ttl
+        ttl = self.options.local_cache_ttl
         if len(self.over_limit) > _CACHE_SWEEP_SIZE:
             self.over_limit = {k: e for k, e in self.over_limit.items() if e.deadline > now}
         if len(self.pending_refusals) > _CACHE_SWEEP_SIZE:
@@ -503,7 +501,7 @@ class RateLimiter(Manager):
     ) -> Subject:
         if rules is None:
             rules = tuple(r for r in self.rules_by_level.get(level, ()) if r.applies(endpoint))
-        key = f"{self.context.namespace}:{{rl:{level}:{_key_safe(level, identifier)}}}"
+        key = f"{self.corral_context.namespace}:{{rl:{level}:{_key_safe(level, identifier)}}}"
         return Subject(
             level=level,
             identifier=identifier if level != "api_key" else _key_safe(level, identifier),
@@ -522,7 +520,7 @@ class RateLimiter(Manager):
         except REDIS_ERRORS as exc:
             self._backend_failed(exc)
             raise BackendUnavailable(
-                f"ratelimit: {describe(exc)}", {"manager": self.context.name}
+                f"ratelimit: {describe(exc)}", {"manager": self.corral_context.name}
             ) from None
 
     def _backend_failed(self, exc: Exception) -> None:
@@ -530,7 +528,7 @@ class RateLimiter(Manager):
             log.warning("ratelimit: redis failed (%s); rules decide by on_backend_error", exc)
         self.counts["backend_errors"] += 1
         self.last_error = f"{type(exc).__name__}: {exc}"
-        self.down_until = time.monotonic() + self.config.retry_interval
+        self.down_until = time.monotonic() + self.options.retry_interval
 
 
 def _key_safe(level: str, identifier: str) -> str:

@@ -90,15 +90,14 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-class StateManager(Manager):
+class StateManager(Manager[StateOptions]):
     """Handles ``state.*`` requests; publishes ``state.changed.<type>.<id>`` events."""
 
     name = "state"
-    Options = StateOptions
 
     def on_start(self) -> None:
-        settings: StateOptions = self.settings
-        url = settings.redis_url or self.context.redis_url
+        settings = self.options
+        url = settings.redis_url or self.corral_context.redis_url
         kind = settings.backend
         if kind == "auto":
             kind = "redis" if url else "memory"
@@ -111,13 +110,13 @@ class StateManager(Manager):
                 )
             self.backend = RedisBackend(
                 url,
-                namespace=self.context.namespace,
+                namespace=self.corral_context.namespace,
                 history_limit=settings.history_limit,
                 stream_max_len=settings.stream_max_len,
                 partitions=settings.partitions,
                 wait_replicas=settings.wait_replicas,
                 wait_timeout=settings.wait_timeout,
-                signing_keys=self.context.signing_keys,
+                signing_keys=self.corral_context.signing_keys,
             )
             try:
                 self.backend.record_partitions()
@@ -125,7 +124,7 @@ class StateManager(Manager):
                 log.warning("state: %s", exc)
         else:  # the system's: a restarted actor finds its states again
             self.backend = memory_backend_for(
-                self.router, self.context.name, history_limit=settings.history_limit
+                self.router, self.corral_context.name, history_limit=settings.history_limit
             )
         self.published = 0
         self.publish_errors = 0
@@ -133,7 +132,7 @@ class StateManager(Manager):
         # in order, so the mailbox moves on as soon as the change is applied.
         self._outbox: queue.SimpleQueue[StateChanged | None] = queue.SimpleQueue()
         self._publisher = threading.Thread(
-            target=self._publish_loop, name=f"corral-state-publish:{self.context.name}",
+            target=self._publish_loop, name=f"corral-state-publish:{self.corral_context.name}",
             daemon=True,
         )  # fmt: skip
         self._publisher.start()
@@ -141,7 +140,7 @@ class StateManager(Manager):
         self._sweep_due = threading.Event()
         self._stopping = threading.Event()
         self._ticker = threading.Thread(
-            target=self._tick, name=f"corral-state-expiry:{self.context.name}", daemon=True
+            target=self._tick, name=f"corral-state-expiry:{self.corral_context.name}", daemon=True
         )
         self._ticker.start()
 
@@ -206,7 +205,7 @@ class StateManager(Manager):
     def get_history(self, msg: StateGetHistory) -> StateHistory:
         if msg.limit < 1:
             raise InvalidMessage("limit must be >= 1", path="limit")
-        limit = min(msg.limit, self.settings.history_limit)
+        limit = min(msg.limit, self.options.history_limit)
         entries = self._backend_call(lambda: self.backend.history(msg.state_id, limit))
         return StateHistory(state_id=msg.state_id, entries=entries)
 
@@ -214,9 +213,9 @@ class StateManager(Manager):
     def commit(self, msg: StateCommit) -> StateCommitted:
         if not msg.writes:
             return StateCommitted(states=[])
-        if len(msg.writes) > self.settings.max_writes:
+        if len(msg.writes) > self.options.max_writes:
             raise InvalidMessage(
-                f"{len(msg.writes)} writes, over the limit of {self.settings.max_writes}",
+                f"{len(msg.writes)} writes, over the limit of {self.options.max_writes}",
                 path="writes",
             )
         for i, write in enumerate(msg.writes):
@@ -249,10 +248,10 @@ class StateManager(Manager):
                     size = len(msgpack.packb(write.data, use_bin_type=True))
                 except (OverflowError, TypeError, ValueError) as exc:
                     raise InvalidMessage(f"data cannot be stored: {exc}", path="data") from None
-                if size > self.settings.max_data_bytes:
+                if size > self.options.max_data_bytes:
                     raise InvalidMessage(
                         f"data is {size} bytes packed, over the limit of "
-                        f"{self.settings.max_data_bytes}",
+                        f"{self.options.max_data_bytes}",
                         path="data",
                     )
         except InvalidMessage as exc:
@@ -282,7 +281,7 @@ class StateManager(Manager):
                             event.state_id, exc)  # fmt: skip
 
     def _tick(self) -> None:
-        interval = self.settings.expiry_interval
+        interval = self.options.expiry_interval
         while not self._stopping.wait(interval):
             if self._sweep_due.is_set():
                 continue  # the last sweep is still queued

@@ -66,7 +66,7 @@ def memory_backend_for(system: object, manager: str, *, history_limit: int) -> M
     router): made by the first actor, found again by each one restarted after it, gone
     with the system::
 
-        backend = memory_backend_for(self.router, self.context.name, history_limit=100)
+        backend = memory_backend_for(self.router, self.corral_context.name, history_limit=100)
     """
     with _BACKENDS_LOCK:
         backends = _BACKENDS.setdefault(system, {})

@@ -84,7 +84,7 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-class TransactionManager(Manager):
+class TransactionManager(Manager[TransactionOptions]):
     """Handles ``transaction.*``; see the module docstring.
 
     Health metrics count what this manager (this daemon) served: ``committed``,
@@ -94,7 +94,6 @@ class TransactionManager(Manager):
     """
 
     name = "transaction"
-    Options = TransactionOptions
     settings: TransactionOptions
 
     def on_start(self) -> None:
@@ -107,7 +106,7 @@ class TransactionManager(Manager):
         self._stopping = threading.Event()
         if self.store.sweeps_idle:
             threading.Thread(
-                target=self._tick, name=f"corral-transaction-sweep:{self.context.name}",
+                target=self._tick, name=f"corral-transaction-sweep:{self.corral_context.name}",
                 daemon=True,
             ).start()  # fmt: skip
 
@@ -116,25 +115,25 @@ class TransactionManager(Manager):
         self.store.close()
 
     def _open_store(self) -> TransactionStore:
-        url = self.settings.redis_url or self.context.redis_url
-        backend = self.settings.backend
+        url = self.options.redis_url or self.corral_context.redis_url
+        backend = self.options.backend
         if backend == "auto":
             backend = "redis" if url else "memory"
         if backend == "memory":
-            if self.context.redis_url:
+            if self.corral_context.redis_url:
                 log.warning(
                     "%s: backend = memory on a Redis bus: a transaction is served only by "
                     "the daemon that began it, so corral.connect() clients cannot use it",
-                    self.context.name,
+                    self.corral_context.name,
                 )
             return MemoryStore()
-        setting = f"managers.{self.context.name}.redis_url"
+        setting = f"managers.{self.corral_context.name}.redis_url"
         if not url:
             raise ConfigError(
                 f"{setting}: the redis backend needs a URL "
                 "(set redis_url, or run the system's bus on Redis)"
             )
-        return RedisStore(url, namespace=self.context.namespace, setting=setting)
+        return RedisStore(url, namespace=self.corral_context.namespace, setting=setting)
 
     def health(self) -> Health:
         details = {"backend": self.store.kind}
@@ -155,7 +154,7 @@ class TransactionManager(Manager):
 
     @handles(TransactionBegin)
     def begin(self, msg: TransactionBegin) -> TransactionInfo:
-        timeout = self.settings.idle_timeout if msg.idle_timeout is None else msg.idle_timeout
+        timeout = self.options.idle_timeout if msg.idle_timeout is None else msg.idle_timeout
         if not 0 < timeout <= MAX_TIMEOUT:  # as the codec checks
             raise InvalidMessage(
                 f"idle_timeout must be > 0 and <= {MAX_TIMEOUT} s", path="idle_timeout"
@@ -173,7 +172,7 @@ class TransactionManager(Manager):
             raise InvalidMessage(exc.message, path="write." + exc.path) from None
 
         def buffer(tx: TransactionRecord) -> StateInfo:
-            if len(tx.writes) >= self.settings.max_writes:
+            if len(tx.writes) >= self.options.max_writes:
                 raise InvalidMessage(
                     f"the transaction holds {len(tx.writes)} writes, the limit", path="write"
                 )
@@ -334,7 +333,7 @@ class TransactionManager(Manager):
         )
 
     def _tick(self) -> None:
-        interval = self.settings.sweep_interval
+        interval = self.options.sweep_interval
         while not self._stopping.wait(interval):
             if self._sweep_due.is_set():
                 continue  # the last sweep is still queued

@@ -3,7 +3,6 @@
 Configure it, and the daemon serves ``/ws`` on its port::
 
     [managers.websocket]
-    class_path = "corral.actors.websocket:WebSocketManager"
     depends_on = ["auth"]
 
 Browsers speak the JSON protocol of docs/websocket-protocol.md; embedding
@@ -17,9 +16,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from corral import _redis
 from corral.actors.websocket.gateway import Gateway
 from corral.actors.websocket.manager import WebSocketManager, WebSocketOptions
 from corral.config import parse_options
+from corral.errors import ConfigError
 
 if TYPE_CHECKING:
     from corral.daemon import Daemon
@@ -43,6 +44,12 @@ def mount(daemon: Daemon) -> Gateway | None:
     redis_url = ""
     if options.backend != "memory":
         redis_url = options.redis_url or (config.bus.url if config.bus.backend == "redis" else "")
+    if redis_url and not _redis.ASYNC_SHARDED_PUBSUB:
+        raise ConfigError(
+            "managers.websocket: rooms fan out across daemons by asyncio sharded pub/sub, "
+            "which needs redis-py 8.0 or newer: pip install 'corral[websocket]' "
+            '(or set backend = "memory" for a single daemon)'
+        )
     gateway = Gateway(
         daemon.system,
         options,

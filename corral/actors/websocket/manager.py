@@ -7,7 +7,6 @@ for offsets, history and presence, and hands frames to the gateway without
 ever waiting on a socket::
 
     [managers.websocket]
-    class_path = "corral.actors.websocket:WebSocketManager"
     history_size = 100
     presence_ttl = 30.0
     room_policies = { "user:{sub}" = "clients", "public:*" = "clients" }
@@ -110,34 +109,34 @@ def _dumps(frame: dict[str, Any]) -> str:
     return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
 
 
-class WebSocketManager(Manager):
+class WebSocketManager(Manager[WebSocketOptions]):
     """See the module docstring and docs/websocket.md."""
 
     name = "websocket"
-    Options = WebSocketOptions
 
     def on_start(self) -> None:
-        self.opts: WebSocketOptions = self.settings
         self.gateway: Gateway | None = gateway_for(self.router)
         self.node = self.gateway.node if self.gateway is not None else "embedded"
-        url = self.opts.redis_url or self.context.redis_url
+        url = self.options.redis_url or self.corral_context.redis_url
         self.client: SyncRedis | None = None
-        self.signer = ChannelSigner(self.context.signing_keys)
+        self.signer = ChannelSigner(self.corral_context.signing_keys)
         self.rooms: Rooms
-        if self.opts.backend == "redis" or (self.opts.backend == "auto" and url):
+        if self.options.backend == "redis" or (self.options.backend == "auto" and url):
             self.client = connect(
-                url, setting="managers.websocket.redis_url", socket_timeout=self.opts.redis_timeout
+                url,
+                setting="managers.websocket.redis_url",
+                socket_timeout=self.options.redis_timeout,
             )
             self.rooms = RedisRooms(
                 self.client,
-                namespace=self.context.namespace,
-                history_size=self.opts.history_size,
-                ttl=self.opts.history_ttl,
-                presence_ttl=self.opts.presence_ttl,
+                namespace=self.corral_context.namespace,
+                history_size=self.options.history_size,
+                ttl=self.options.history_ttl,
+                presence_ttl=self.options.presence_ttl,
                 signer=self.signer,
             )
         else:
-            self.rooms = MemoryRooms(history_size=self.opts.history_size)
+            self.rooms = MemoryRooms(history_size=self.options.history_size)
         self.conns: dict[str, _Conn] = {}
         self.local: dict[str, set[str]] = {}
         self.emitted = 0
@@ -207,11 +206,11 @@ class WebSocketManager(Manager):
         for cid, conn in list(self.conns.items()):
             if conn.expires_at > now:
                 continue
-            if now >= conn.expires_at + self.opts.refresh_window:
+            if now >= conn.expires_at + self.options.refresh_window:
                 self._hand("disconnect", cid, CLOSE_UNAUTHORIZED, "expired")
             elif not conn.warned:
                 conn.warned = True
-                deadline = conn.expires_at + self.opts.refresh_window
+                deadline = conn.expires_at + self.options.refresh_window
                 frame = {"type": "refresh_required", "deadline": deadline}
                 self._hand("send", cid, [_dumps(frame)])
         with self._backend():
@@ -236,8 +235,8 @@ class WebSocketManager(Manager):
                     room=msg.room, connection_id=msg.connection_id, count=-1, offset=offset,
                     epoch=epoch,
                 )  # fmt: skip
-            if msg.room not in conn.rooms and len(conn.rooms) >= self.opts.max_rooms:
-                raise Conflict(f"a connection may be in at most {self.opts.max_rooms} rooms")
+            if msg.room not in conn.rooms and len(conn.rooms) >= self.options.max_rooms:
+                raise Conflict(f"a connection may be in at most {self.options.max_rooms} rooms")
             member = {
                 "connection_id": msg.connection_id,
                 "user": conn.user,
@@ -247,7 +246,7 @@ class WebSocketManager(Manager):
             count = self.rooms.join(msg.room, msg.connection_id, member)
             first_here = msg.room not in self.local
             if first_here and self.gateway is not None:
-                self.gateway.subscribe_now(msg.room, self.opts.redis_timeout)
+                self.gateway.subscribe_now(msg.room, self.options.redis_timeout)
             self.local.setdefault(msg.room, set()).add(msg.connection_id)
             conn.rooms.add(msg.room)
             offset, epoch = self.rooms.touch(msg.room)
@@ -265,7 +264,7 @@ class WebSocketManager(Manager):
                     frames.append(_gap_frame(msg.room, msg.since, found.offset, found.epoch))
                 frames.extend(found.frames)
                 self._hand("recovered", msg.connection_id, msg.room, frames, found.offset)
-            if self.opts.presence_events:
+            if self.options.presence_events:
                 self._presence_event(msg.room, "join", member)
         return WsRoomJoined(
             room=msg.room, connection_id=msg.connection_id, count=count, offset=offset,
@@ -294,7 +293,7 @@ class WebSocketManager(Manager):
         self.rooms.leave(room, cid)
         if tell_gateway:
             self._hand("leave", cid, room, [_dumps({"type": "left", "room": room})])
-        if self.opts.presence_events:
+        if self.options.presence_events:
             self._presence_event(room, "leave", {"connection_id": cid, "user": conn.user})
 
     @handles(WsEmitToRoom)
@@ -313,7 +312,7 @@ class WebSocketManager(Manager):
 
     @handles(WsPublish)
     def publish(self, msg: WsPublish) -> WsEmitted:
-        if not self.opts.client_publish:
+        if not self.options.client_publish:
             raise Unauthorized("clients may not publish here", {"reason": "publish_disabled"})
         conn = self.conns.get(msg.connection_id)
         if conn is None or msg.room not in conn.rooms:
