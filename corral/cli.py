@@ -24,7 +24,7 @@ import typing
 import warnings
 from collections.abc import Callable
 from types import FrameType
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import click
 
@@ -46,6 +46,9 @@ from corral.messages.base import (
 from corral.messages.codec import Codec
 from corral.messages.system import DEAD_LETTERS_CAP, dead_letters_key
 from corral.system import plan
+
+if TYPE_CHECKING:
+    from corral.daemon import Daemon
 
 log = logging.getLogger("corral")
 
@@ -220,8 +223,10 @@ def run(
         log.info("%s: draining and stopping", signal.Signals(signum).name)
         stop.set()
 
+    reload = threading.Event()
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: reload.set())
     started = time.monotonic()
     from corral.daemon import Daemon  # noqa: PLC0415 - the HTTP server loads for `run` only
 
@@ -243,12 +248,34 @@ def run(
         ", ".join(names),
     )
     while not stop.wait(0.5):
-        pass
+        if reload.is_set():
+            reload.clear()
+            _reload(daemon, config_path, _flags(host, port, log_level, log_format))
     daemon.stop(drain=not escalated.is_set())
     if escalated.is_set():
         log.critical("stopped: the supervisor gave up")
         sys.exit(EXIT_ESCALATED)
     log.info("stopped cleanly")
+
+
+def _reload(daemon: Daemon, config_path: str | None, flags: dict[str, tuple[str, Any]]) -> None:
+    """SIGHUP: read the configuration again and apply what can change while running."""
+    log.info("SIGHUP: reading the configuration again")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConfigWarning)  # told at start already
+            config = load_config(config_path, flags=flags)
+        plan(config)  # the managers' own options, checked as at start
+    except CorralError as exc:
+        log.error("SIGHUP: the configuration is not valid, nothing changed: %s", exc)
+        return
+    reloaded, restart = daemon.reload(config)
+    if any(key.startswith("log.") for key in reloaded):
+        setup_logging(config.log.level, config.log.format)
+        log.debug("SIGHUP: logging at %s, %s", config.log.level, config.log.format)
+    log.info("SIGHUP: reloaded %s", ", ".join(reloaded) or "nothing (no change)")
+    if restart:
+        log.warning("SIGHUP: these take effect on restart only: %s", ", ".join(restart))
 
 
 HEALTH_EXIT = {"healthy": 0, "degraded": 1, "unhealthy": 2}

@@ -28,6 +28,7 @@ When the bus is on Redis it also serves remote requests from ``corral.connect()`
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -51,9 +52,9 @@ from corral._junk import REJECTED
 from corral._redis import check_writable
 from corral.actors import websocket
 from corral.actors.base import LATENCY_BUCKETS
-from corral.config import Config
-from corral.errors import ConfigError
-from corral.messages.system import ChildStatus, SystemHealth
+from corral.config import Config, ManagerSection
+from corral.errors import ConfigError, CorralError
+from corral.messages.system import ChildStatus, Reconfigure, SystemHealth
 from corral.remote import RequestServer
 from corral.system import System
 
@@ -180,6 +181,46 @@ class Daemon:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
 
+    def reload(self, config: Config) -> tuple[list[str], list[str]]:
+        """Take what can change while running from ``config`` (``corral run`` on SIGHUP):
+        the log section (applied by the caller), and the options of managers that take
+        new ones (rate-limit rules, room policies). Returns the settings reloaded and
+        those that need a restart, as dotted keys.
+        """
+        reloaded: list[str] = []
+        restart: list[str] = []
+        changed = self.config.changes(config)
+        by_manager: dict[str, list[str]] = {}
+        for key in changed:
+            section, _, rest = key.partition(".")
+            if section == "log":
+                reloaded.append(key)
+            elif section == "managers":
+                name, _, setting = rest.partition(".")
+                by_manager.setdefault(name, []).append(setting)
+            else:
+                restart.append(key)
+        for name, settings in by_manager.items():
+            keys = [f"managers.{name}.{setting}" for setting in settings]
+            old, new = self.config.managers.get(name), config.managers.get(name)
+            fields = {f for f in settings if f in _MANAGER_FIELDS}
+            if old is None or new is None or fields:
+                restart.extend(keys)
+                continue
+            try:
+                answer = self.system.ask(Reconfigure(target=name, options=dict(new.options)))
+            except CorralError as exc:
+                log.warning("manager %s refused its new options: %s", name, exc)
+                restart.extend(keys)
+                continue
+            if answer.applied:
+                self.system.supervisor.update_options(name, new.options)
+                reloaded.extend(keys)
+            else:
+                restart.extend(keys)
+        self.config = _with_reloaded(self.config, config, reloaded)
+        return reloaded, restart
+
     def __enter__(self) -> Daemon:
         self.start()
         return self
@@ -256,6 +297,21 @@ class Daemon:
             None, generate_latest, self.registry
         )
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+_MANAGER_FIELDS = frozenset(f.name for f in dataclasses.fields(ManagerSection)) - {"options"}
+"""The keys of a manager's table that are its spec (a change needs a restart)."""
+
+
+def _with_reloaded(current: Config, new: Config, reloaded: list[str]) -> Config:
+    """``current`` with the log section and the managers whose options were reloaded from
+    ``new``."""
+    managers = dict(current.managers)
+    for key in reloaded:
+        if key.startswith("managers."):
+            name = key.split(".")[1]
+            managers[name] = new.managers[name]
+    return current.replace(log=new.log, managers=managers)
 
 
 def _json(document: dict[str, Any], status: int) -> web.Response:

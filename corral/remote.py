@@ -525,6 +525,18 @@ class RequestServer:
         if self._expired(entry, now):
             return
         message = envelope.message
+        if message.internal:
+            self.counts["rejected"] += 1
+            REJECTED.reject("remote", "internal_message", message.type_name, log)
+            self._answer(
+                entry,
+                None,
+                InvalidMessage(
+                    f"{message.type_name} is internal: corral sends it to itself, never a client",
+                    path="t",
+                ),
+            )
+            return
         poison = self.system.supervisor.quarantined(message)
         if poison is not None:
             self.counts["quarantined"] += 1

@@ -299,6 +299,17 @@ class Supervisor:
         self._events.put(("call", stop))
         done.wait()
 
+    def update_options(self, name: str, options: Mapping[str, Any]) -> None:
+        """The options a child gets from its next start on (a running one took them already
+        through :class:`~corral.messages.system.Reconfigure`)."""
+        child = self._children[name]
+        self._events.put(
+            (
+                "call",
+                lambda: setattr(child, "spec", dataclasses.replace(child.spec, options=options)),
+            )
+        )
+
     def _activate(self, child: _Child) -> None:
         if child.state == "standby" and not self._stopping and self.escalated is None:
             self._launch(child, change="started")

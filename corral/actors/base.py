@@ -40,9 +40,15 @@ from pykka._envelope import Envelope
 from pykka.messages import _ActorStop
 
 from corral.config import Section, parse_options
-from corral.errors import CorralError, InvalidMessage, ManagerUnavailable, Overloaded
+from corral.errors import (
+    ConfigError,
+    CorralError,
+    InvalidMessage,
+    ManagerUnavailable,
+    Overloaded,
+)
 from corral.messages.base import ErrorReply, Event, Message, Reply, Request
-from corral.messages.system import Health, HealthCheck
+from corral.messages.system import Health, HealthCheck, Reconfigure, Reconfigured
 
 __all__ = [
     "LATENCY_BUCKETS",
@@ -452,6 +458,16 @@ class Manager(pykka.ThreadingActor, Generic[OptionsT]):
         """This manager's own health; override to report backends and details."""
         return Health(status="healthy")
 
+    def reconfigure(self, options: OptionsT) -> bool:
+        """Take new options while running (``corral run`` on SIGHUP); False when they
+        need a restart, which is the default. Runs on the actor's thread; ``self.options``
+        becomes ``options`` once it returns True::
+
+            def reconfigure(self, options: GreeterOptions) -> bool:
+                return dataclasses.replace(options, greeting=self.options.greeting) == self.options
+        """
+        return False
+
     # -- what the base keeps, under corral_ --------------------------------------------------
 
     @property
@@ -489,6 +505,24 @@ class Manager(pykka.ThreadingActor, Generic[OptionsT]):
     @handles(HealthCheck)
     def _corral_answer_health_check(self, _message: HealthCheck) -> Health:
         return self._corral_full_health()
+
+    @handles(Reconfigure)
+    def _corral_reconfigure(self, message: Reconfigure) -> Reconfigured:
+        try:
+            options = cast(
+                OptionsT,
+                parse_options(self.Options, message.options, manager=self.corral_context.name)
+                if self.Options is not None
+                else message.options,
+            )
+        except ConfigError as exc:
+            raise InvalidMessage(f"{exc.message:.300}", path="options") from None
+        if options == self.options:
+            return Reconfigured(applied=True)
+        if not self.reconfigure(options):
+            return Reconfigured(applied=False, reason="this manager takes new options on restart")
+        self.options = options
+        return Reconfigured(applied=True, changed=True)
 
     def _corral_full_health(self) -> Health:
         own = self.health()

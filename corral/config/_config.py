@@ -90,6 +90,20 @@ class Config:
             for key, value in manager.options.items():
                 yield f"managers.{name}.{key}", value, _NO_DEFAULT
 
+    def changes(self, other: Config) -> list[str]:
+        """The dotted keys whose values differ in ``other`` (or that only one of them has).
+
+        >>> Config().changes(Config().replace(daemon=DaemonSection(port=9000)))
+        ['daemon.port']
+        """
+        mine = {key: value for key, value, _ in self._leaves()}
+        theirs = {key: value for key, value, _ in other._leaves()}
+        return sorted(
+            key
+            for key in mine.keys() | theirs.keys()
+            if key not in mine or key not in theirs or mine[key] != theirs[key]
+        )
+
     def replace(self, **sections: Unpack[SectionChanges]) -> Config:
         """A copy with whole sections (or all managers) replaced; their values count as ``code``.
 

@@ -144,6 +144,28 @@ class DeadLetter(Event):
     """Unix time of the crash."""
 
 
+@message("system.reconfigured", internal=True)
+class Reconfigured(Reply):
+    """Whether a manager took new options at runtime; ``reason`` says why not."""
+
+    applied: bool
+    changed: bool = False
+    reason: str = ""
+
+
+@message("system.reconfigure", internal=True)
+class Reconfigure(Request[Reconfigured]):
+    """Give the manager named ``target`` new options (``corral run`` on SIGHUP); every
+    manager answers it, with ``applied = False`` when the change needs a restart."""
+
+    manager = "*"
+    target: str
+    options: dict[str, Any]
+
+    def route(self) -> str:
+        return self.target
+
+
 @message("health.changed")
 class HealthChanged(Event):
     """Published on ``health.changed`` when the system's status changes."""

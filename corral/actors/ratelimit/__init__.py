@@ -25,6 +25,7 @@ callers cost about as many round trips as the actor can make, not one each.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -98,11 +99,7 @@ class RateLimiter(Manager[RateLimiterOptions]):
 
     def on_start(self) -> None:
         settings = self.options
-        self.rules = compile_rules(settings.rules)
-        self.rules_by_level: dict[str, tuple[Rule, ...]] = {}
-        for rule in self.rules:
-            self.rules_by_level[rule.level] = (*self.rules_by_level.get(rule.level, ()), rule)
-        self.policy = BanPolicy(settings.ban_after, settings.ban_window, settings.ban_duration)
+        self._take_rules(settings)
         self.local = MemoryLimiter()
         self.redis: RedisLimiter | None = None
         self.down_until = 0.0
@@ -144,6 +141,23 @@ class RateLimiter(Manager[RateLimiterOptions]):
                 self.redis.load()
             except REDIS_ERRORS as exc:
                 self._backend_failed(exc)
+
+    def reconfigure(self, options: RateLimiterOptions) -> bool:
+        """New rules and ban policy take effect at once; anything else needs a restart."""
+        runtime = ("rules", "ban_after", "ban_window", "ban_duration")
+        kept = {name: getattr(self.options, name) for name in runtime}
+        if dataclasses.replace(options, **kept) != self.options:
+            return False
+        self._take_rules(options)
+        self.over_limit.clear()  # verdicts of the old rules
+        return True
+
+    def _take_rules(self, settings: RateLimiterOptions) -> None:
+        self.rules = compile_rules(settings.rules)
+        self.rules_by_level: dict[str, tuple[Rule, ...]] = {}
+        for rule in self.rules:
+            self.rules_by_level[rule.level] = (*self.rules_by_level.get(rule.level, ()), rule)
+        self.policy = BanPolicy(settings.ban_after, settings.ban_window, settings.ban_duration)
 
     def on_stop(self) -> None:
         self._flush()

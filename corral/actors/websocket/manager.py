@@ -17,6 +17,7 @@ ever waiting on a socket::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import time
@@ -145,6 +146,14 @@ class WebSocketManager(Manager[WebSocketOptions]):
                 self.conns[cid] = _Conn(user=user, expires_at=expires_at, rooms=set(rooms))
                 for room in rooms:
                     self.local.setdefault(room, set()).add(cid)
+
+    def reconfigure(self, options: WebSocketOptions) -> bool:
+        """New room policies take effect at once; anything else needs a restart."""
+        if dataclasses.replace(options, room_policies=self.options.room_policies) != self.options:
+            return False
+        if self.gateway is not None:
+            self.gateway.policies = RoomPolicies(options.room_policies)
+        return True
 
     def on_stop(self) -> None:
         if self.client is not None:
