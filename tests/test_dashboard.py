@@ -446,6 +446,33 @@ def browser(tmp_path: Path) -> Iterator[DevTools]:
 OVERLAPS = (Path(__file__).parent / "layout_overlaps.js").read_text()
 """A script that lists the elements of a page that overlap or stick out (see its comment)."""
 
+OVERLAPPING_PAGE = """<!doctype html><body style="margin:0">
+<main style="display:grid; grid-template-columns:300px 300px">
+  <section id="left"><table><tr><td style="white-space:nowrap">RuntimeError: a last error
+    far too long for its column, running over the events</td></tr></table></section>
+  <section id="right">events</section>
+</main>
+<div id="narrow" style="width:40px; white-space:nowrap">unbreakable-words-wider-than-it</div>
+<div style="position:relative; height:40px">
+  <span id="one" style="position:absolute; left:0; width:50px">one</span>
+  <span id="two" style="position:absolute; left:20px; width:50px">two</span>
+</div>
+</body>"""
+
+
+def test_the_layout_check_finds_overlaps_overflows_and_elements_sticking_out(
+    browser: DevTools,
+) -> None:
+    page = "data:text/html;base64," + base64.b64encode(OVERLAPPING_PAGE.encode()).decode()
+    browser.resize(1280, 600)
+    browser.call("Page.navigate", url=page)
+    wait_until(lambda: browser.evaluate("!!document.getElementById('two')"), timeout=10)
+    problems = "\n".join(browser.evaluate(OVERLAPS)["problems"])
+    assert "table [0," in problems and "sticks out of section#left" in problems
+    assert "div#narrow" in problems and "its content is wider than it" in problems
+    assert "span#one [0," in problems and "overlaps span#two" in problems
+
+
 DAEMONS_CONFIG = """
 [managers.worker]
 class_path = "tests.support:Worker"
@@ -530,11 +557,13 @@ def test_chromium_sees_both_daemons_the_plots_and_the_restarts_without_overlaps(
             traffic.join(30)
 
         ARTIFACTS.mkdir(exist_ok=True)
-        for width in (1280, 1920):
+        for width in (1280, 1400, 1920):  # 1400: where the last errors once ran over the events
             browser.resize(width, 1000)
             time.sleep(0.5)
             layout = browser.evaluate(OVERLAPS)
             assert layout["checked"] > 200
             assert layout["problems"] == [], f"at {width} px: {layout['problems'][:10]}"
-            browser.screenshot(ARTIFACTS / f"dashboard-{width}.png")
-            assert (ARTIFACTS / f"dashboard-{width}.png").stat().st_size > 50_000
+            screenshot = ARTIFACTS / f"dashboard-{width}.png"
+            browser.screenshot(screenshot)
+            assert screenshot.stat().st_size > 50_000
+            print(f"screenshot at {width} px: {screenshot}")

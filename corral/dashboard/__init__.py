@@ -218,18 +218,27 @@ class Dashboard:
             await self.shared.close()
 
     async def _run(self) -> None:
-        """Sample every :data:`SAMPLE_STEP`; share every :data:`TICK` (status less often)."""
+        """Sample every :data:`SAMPLE_STEP`; share every :data:`TICK` (status less often).
+
+        A round that fails for another reason than Redis is logged (its traceback once),
+        and the next round runs as usual: the dashboard never stops the daemon.
+        """
         next_sample = next_status = 0.0
+        failed_before = False
         while True:
             now = time.time()
-            if now >= next_sample:
-                self.series.sample(now, self.daemon.system.supervisor.snapshot())
-                self._series_shared = False
-                next_sample = now + SAMPLE_STEP
-            if self.shared is not None:
-                with_status = now >= next_status
-                if await self._share(with_status=with_status) and with_status:
-                    next_status = now + STATUS_INTERVAL
+            try:
+                if now >= next_sample:
+                    self.series.sample(now, self.daemon.system.supervisor.snapshot())
+                    self._series_shared = False
+                    next_sample = now + SAMPLE_STEP
+                if self.shared is not None:
+                    with_status = now >= next_status
+                    if await self._share(with_status=with_status) and with_status:
+                        next_status = now + STATUS_INTERVAL
+            except Exception as exc:
+                log.error("dashboard: a round failed: %r", exc, exc_info=not failed_before)
+                failed_before = True
             await asyncio.sleep(TICK)
 
     async def _share(self, *, with_status: bool) -> bool:
@@ -245,6 +254,8 @@ class Dashboard:
                 log.warning("dashboard: cannot share this daemon's status: %s", describe(exc))
             self.problem = describe(exc)
             return False
+        if self.problem:
+            log.info("dashboard: sharing this daemon's status again")
         self.problem = ""
         self._shared_up_to = after
         self._series_shared = True
