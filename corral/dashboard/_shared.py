@@ -27,7 +27,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any, Literal, cast
 
-from corral._redis import connect_async
+from corral._redis import AsyncRedis, connect_async
 from corral.dashboard._events import EVENT_KINDS, EVENTS_KEPT, Cursor
 from corral.remote import alive_key
 
@@ -66,7 +66,7 @@ class SharedView:
         self.namespace = namespace
         self.daemon_id = daemon_id
         self.kept = kept
-        self.client: Any = connect_async(url, setting="bus.url")
+        self.client: AsyncRedis = connect_async(url, setting="bus.url")
 
     async def publish(
         self,
@@ -76,14 +76,12 @@ class SharedView:
     ) -> None:
         """Append this daemon's new events; write its status and its samples when given."""
         key = status_key(self.namespace, self.daemon_id)
-        fields = {}
-        if status is not None:
-            fields["status"] = json.dumps(status, default=str)
-        if series is not None:
-            fields["series"] = json.dumps(series)
         pipe = self.client.pipeline(transaction=False)
-        if fields:
-            pipe.hset(key, mapping=fields)
+        if status is not None:
+            pipe.hset(key, "status", json.dumps(status, default=str))
+        if series is not None:
+            pipe.hset(key, "series", json.dumps(series))
+        if status is not None or series is not None:
             pipe.pexpire(key, int(STATUS_TTL * 1000))
         streams = set()
         for event in events:
@@ -131,10 +129,13 @@ class SharedView:
         for kind in EVENT_KINDS:
             key = events_key(self.namespace, kind)
             if kind in cursor:
-                entries = await self.client.xrange(key, f"({cursor[kind]}", "+", count=self.kept)
+                read = await self.client.xrange(key, f"({cursor[kind]}", "+", count=self.kept)
             else:
-                entries = list(reversed(await self.client.xrevrange(key, count=self.kept)))
-            for entry_id, fields in cast(list[tuple[bytes, dict[bytes, bytes]]], entries):
+                read = await self.client.xrevrange(key, count=self.kept)
+            entries = cast(list[tuple[bytes, dict[bytes, bytes]]], read)
+            if kind not in cursor:
+                entries.reverse()  # read newest first: the last ones, oldest first
+            for entry_id, fields in entries:
                 position = entry_id.decode()
                 after[kind] = position
                 event = _json_object(fields.get(b"e"))
