@@ -91,6 +91,10 @@ def test_the_page_and_the_login_form_load_nothing_from_elsewhere(daemon: Daemon)
     with memory_daemon(TOKEN) as guarded:
         login = httpx.get(guarded.url + "/")
     assert login.status_code == 401 and 'action="/dashboard/login"' in login.text
+    for response in (page, login):
+        policy = response.headers["content-security-policy"]
+        assert "default-src 'none'" in policy and "connect-src 'self'" in policy
+        assert "frame-ancestors 'none'" in policy
     for text in (page.text, login.text):
         for external in ("src=", "href=", "@import", "url("):
             assert external not in text

@@ -42,7 +42,7 @@ from aiohttp import web
 
 from corral import __version__
 from corral._redis import REDIS_ERRORS, describe
-from corral.dashboard._access import TokenGate
+from corral.dashboard._access import PAGE_HEADERS, TokenGate
 from corral.dashboard._events import Cursor, RecentEvents
 from corral.dashboard._figures import figures
 from corral.dashboard._series import SAMPLE_STEP, WINDOW, Series
@@ -111,7 +111,9 @@ class Dashboard:
         app.on_shutdown.append(self._stop)
 
     async def _page(self, _request: web.Request) -> web.StreamResponse:
-        return web.Response(body=page(), content_type="text/html", charset="utf-8")
+        return web.Response(
+            body=page(), content_type="text/html", charset="utf-8", headers=PAGE_HEADERS
+        )
 
     async def _daemons(self, _request: web.Request) -> web.StreamResponse:
         documents = {self.daemon_id: self.status_document()}

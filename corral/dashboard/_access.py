@@ -21,10 +21,21 @@ from importlib import resources
 
 from aiohttp import web
 
-__all__ = ["COOKIE", "TokenGate"]
+__all__ = ["COOKIE", "PAGE_HEADERS", "TokenGate"]
 
 COOKIE = "corral_dashboard"
 """The cookie the login form sets."""
+
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+"""Sent with the page and the login form: its own inline script and styles, requests to
+its own daemon only, and never inside another site's frame."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -94,4 +105,7 @@ class TokenGate:
     @staticmethod
     def _form(*, status: int, problem: str = "") -> web.Response:
         page = _login_page().replace("{problem}", problem)
-        return web.Response(text=page, status=status, content_type="text/html", charset="utf-8")
+        return web.Response(
+            text=page, status=status, content_type="text/html", charset="utf-8",
+            headers=PAGE_HEADERS,
+        )  # fmt: skip

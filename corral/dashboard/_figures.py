@@ -42,7 +42,8 @@ STANDARD_METRICS = frozenset(
         "uptime_s",
     }
 )
-"""The counters every manager keeps, shown in columns of their own rather than as figures."""
+"""The counters every manager keeps (:meth:`corral.actors.base.Manager.corral_stats`), shown
+in columns of their own or not at all, never as a manager's own figures."""
 
 OWN_FIGURES_SHOWN = 6
 """How many of its own numbers a manager without a table below shows."""
