@@ -536,11 +536,11 @@ def test_chromium_sees_both_daemons_the_plots_and_the_restarts_without_overlaps(
             rows = "document.querySelectorAll('#daemons tr[data-manager=\"cache\"]').length"
             assert browser.evaluate(rows) == 2
 
-            lines = (
+            lines = (  # of two samples at least: a line, not a dot
                 "[...document.querySelectorAll('#chart-rate-cache path.line')]"
-                ".map(p => p.dataset.daemon)"
+                ".filter(p => p.getAttribute('d').includes('L')).map(p => p.dataset.daemon)"
             )
-            wait_until(lambda: set(browser.evaluate(lines) or []) == ids, timeout=30)
+            wait_until(lambda: set(browser.evaluate(lines) or []) == ids, timeout=40)
             depth = "document.querySelectorAll('#chart-depth-worker path.line').length"
             assert browser.evaluate(depth) == 2
             marks = (
