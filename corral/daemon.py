@@ -181,6 +181,8 @@ class Daemon:
             future.result(timeout=10)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
+        if not self._loop.is_running():
+            self._loop.close()
 
     def __enter__(self) -> Daemon:
         self.start()

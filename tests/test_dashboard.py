@@ -311,6 +311,7 @@ def test_daemons_share_their_status_samples_and_events_through_redis(
     url: str = request.getfixturevalue(fixture).url
     namespace = f"dash{uuid.uuid4().hex[:8]}"
     client: Any = connect(url)
+    request.addfinalizer(client.close)
     with (
         redis_daemon(url, namespace) as first,
         redis_daemon(url, namespace) as second,
@@ -362,12 +363,12 @@ def test_daemons_share_their_status_samples_and_events_through_redis(
 
 def test_junk_in_the_dashboard_keys_is_skipped(redis_server: RedisServer) -> None:
     namespace = f"dash{uuid.uuid4().hex[:8]}"
-    client = redis.Redis.from_url(redis_server.url)
-    client.zadd(alive_key(namespace, "supervisor"), {"forged": 2**50, "quiet": 2**50})
-    client.hset(status_key(namespace, "forged"), "status", b"\xff not json")
-    stream = events_key(namespace, "supervisor")
-    for junk in (b"\xff", b"[1, 2]", json.dumps({"topic": "x", "ts": "soon"}).encode()):
-        client.xadd(stream, {"e": junk})
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.zadd(alive_key(namespace, "supervisor"), {"forged": 2**50, "quiet": 2**50})
+        client.hset(status_key(namespace, "forged"), "status", b"\xff not json")
+        stream = events_key(namespace, "supervisor")
+        for junk in (b"\xff", b"[1, 2]", json.dumps({"topic": "x", "ts": "soon"}).encode()):
+            client.xadd(stream, {"e": junk})
     with redis_daemon(redis_server.url, namespace) as running:
         api = f"{running.url}/dashboard/api"
         shown = {d["id"]: d for d in httpx.get(f"{api}/daemons").json()["daemons"]}
