@@ -327,6 +327,7 @@ class Bus(abc.ABC):
         )
         self._subscriptions: set[Subscription] = set()
         self._closed = False
+        self._publish_listeners: tuple[Callable[[str, Message], None], ...] = ()
 
     @abc.abstractmethod
     def publish(self, topic: str, message: Message, *, correlation: bytes | None = None) -> None:
@@ -334,6 +335,25 @@ class Bus(abc.ABC):
 
         ``correlation`` ties a reply to the request it answers (remote requests).
         """
+
+    def on_publish(self, listener: Callable[[str, Message], None]) -> None:
+        """Call ``listener(topic, message)`` on the publishing thread with every message
+        published through this bus object, once it is sent: what this process publishes,
+        not what it receives (the daemon's dashboard names the daemon of each event so).
+        Keep it quick; an exception it raises is logged and counted as a callback error::
+
+            bus.on_publish(lambda topic, message: print(topic))
+        """
+        with self._lock:
+            self._publish_listeners = (*self._publish_listeners, listener)
+
+    def _published(self, topic: str, message: Message) -> None:
+        for listener in self._publish_listeners:
+            try:
+                listener(topic, message)
+            except Exception:
+                self._count("callback_errors")
+                logger.exception("a publish listener failed on %s", topic)
 
     def subscribe(
         self,
@@ -452,6 +472,8 @@ class MemoryBus(Bus):
                 subs = [*subs, *matched]
         self._count("published")
         self._fan_out(subs, Delivery(topic, message, correlation))
+        if self._publish_listeners:
+            self._published(topic, message)
 
     def _attach(self, sub: Subscription) -> None:
         with self._lock:
@@ -579,6 +601,8 @@ class RedisBus(Bus):
                 {"topic": topic},
             ) from exc
         self._count("published")
+        if self._publish_listeners:
+            self._published(topic, message)
 
     # -- subscriptions: the tables, and the Redis subscriptions they are mirrored in -----
 

@@ -13,6 +13,8 @@ On one host:port (default 127.0.0.1:8650) it serves:
 - ``GET /metrics``: Prometheus text format (messages handled, errors, handler
   latency histogram, mailbox depth, restarts, bus counters, per manager, and every
   numeric metric a manager reports in its Health);
+- ``GET /``: the dashboard of the whole namespace (:mod:`corral.dashboard`), behind
+  ``daemon.dashboard_token`` when one is set;
 - room for more routes on the same port (the WebSocket endpoint and dashboard
   add themselves through :attr:`Daemon.app`).
 
@@ -180,6 +182,8 @@ class Daemon:
             future.result(timeout=10)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
+        if not self._loop.is_running():
+            self._loop.close()
 
     def reload(self, config: Config) -> tuple[list[str], list[str]]:
         """Take what can change while running from ``config`` (``corral run`` on SIGHUP):

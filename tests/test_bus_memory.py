@@ -12,7 +12,7 @@ import redis
 
 from corral.bus import Bus, Delivery, MemoryBus, RedisBus, Subscription, compile_glob, is_pattern
 from corral.errors import BackendUnavailable
-from corral.messages.base import Event, message
+from corral.messages.base import Event, Message, message
 from tests.redis_server import RedisServer
 from tests.support import wait_until
 
@@ -197,6 +197,42 @@ def test_every_subscription_on_a_topic_gets_a_copy(bus: MemoryBus) -> None:
     subs[0].close()
     bus.publish("health.changed", BusEvent(n=8))
     assert [numbers(drain(sub)) for sub in subs] == [[], [8], [8]]
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_publish_listeners_see_what_this_bus_publishes_not_what_it_receives(
+    kind: str, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    def make() -> Bus:
+        return MemoryBus() if kind == "memory" else RedisBus(redis_server.url, namespace="tap")
+
+    with make() as bus, make() as other:
+        seen: list[tuple[str, int]] = []
+
+        def note(topic: str, event: Message) -> None:
+            assert isinstance(event, BusEvent)
+            seen.append((topic, event.n))
+
+        def broken(_topic: str, _event: Message) -> None:
+            raise RuntimeError("listener trouble")
+
+        bus.on_publish(note)
+        bus.on_publish(broken)
+        everything = bus.subscribe("*")
+        with caplog.at_level(logging.ERROR, logger="corral.bus"):
+            bus.publish("health.changed", BusEvent(n=1))
+            other.publish("health.changed", BusEvent(n=2))  # received only, on Redis
+            bus.publish("state.changed.user.42", BusEvent(n=3))
+        received: list[Delivery] = []
+
+        def all_received() -> bool:  # the other bus's event too, on Redis
+            received.extend(drain(everything))
+            return len(received) == (3 if kind == "redis" else 2)
+
+        wait_until(all_received, timeout=5)
+        assert seen == [("health.changed", 1), ("state.changed.user.42", 3)]
+        assert bus.stats()["callback_errors"] == 2
+        assert "a publish listener failed on health.changed" in caplog.text
 
 
 def test_a_backslash_alone_does_not_make_a_pattern(bus: MemoryBus) -> None:

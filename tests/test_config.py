@@ -130,7 +130,11 @@ def test_each_layer_beats_the_one_below(tmp_path: Path) -> None:
 
 
 def test_flags_beat_every_source(tmp_path: Path) -> None:
-    path = toml(tmp_path, '[daemon]\nport = 9000\nhost = "0.0.0.0"\n[log]\nlevel = "DEBUG"\n')
+    path = toml(
+        tmp_path,
+        '[daemon]\nport = 9000\nhost = "0.0.0.0"\ndashboard_token = "t0ken-0f-16-chars"\n'
+        '[log]\nlevel = "DEBUG"\n',
+    )
     env = {"CORRAL_DAEMON_PORT": "9100", "CORRAL_LOG_FORMAT": "json"}
     vault = FakeVault(layer={"daemon": {"port": "9200"}})
     flags = {"daemon.port": ("--port", 9300), "log.level": ("--log-level", "ERROR")}
@@ -157,11 +161,36 @@ def test_flags_are_checked_like_every_value() -> None:
         load_config(env={}, flags={"daemon.porth": ("--port", 1)})
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost", "LOCALHOST"])
+def test_a_loopback_daemon_needs_no_dashboard_token(host: str) -> None:
+    assert load_config(env={}, flags={"daemon.host": ("--host", host)}).daemon.host == host
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "10.0.0.7", "corral.internal"])
+def test_a_daemon_listening_beyond_loopback_needs_a_dashboard_token(host: str) -> None:
+    problem = error_of(flags={"daemon.host": ("--host", host)})
+    assert problem.startswith(
+        "flag --host: daemon.dashboard_token: required when daemon.host is not a loopback "
+        "address: anyone who reaches the port would see the dashboard"
+    )
+    env = {"CORRAL_DAEMON_DASHBOARD_TOKEN": "0123456789abcdef"}
+    config = load_config(env=env, flags={"daemon.host": ("--host", host)})
+    assert config.daemon.dashboard_token == "0123456789abcdef"
+    assert config.masked()["daemon"]["dashboard_token"] == "***"
+
+
+def test_a_short_dashboard_token_is_refused() -> None:
+    assert error_of(env={"CORRAL_DAEMON_DASHBOARD_TOKEN": "hunter2"}).startswith(
+        "env CORRAL_DAEMON_DASHBOARD_TOKEN: daemon.dashboard_token: must be at least 16 "
+        "characters long"
+    )
+
+
 def test_later_sources_beat_earlier_ones() -> None:
-    first = FakeVault(name="first", layer={"daemon": {"port": 1, "host": "a"}})
+    first = FakeVault(name="first", layer={"daemon": {"port": 1, "host": "localhost"}})
     second = FakeVault(name="second", layer={"daemon": {"port": 2}})
     config = load_config(env={}, sources=[first, second])
-    assert (config.daemon.host, config.daemon.port) == ("a", 2)
+    assert (config.daemon.host, config.daemon.port) == ("localhost", 2)
     assert config.sources["daemon.host"] == "first"
     assert config.sources["daemon.port"] == "second"
 
@@ -641,6 +670,7 @@ def test_masked_hides_secrets(tmp_path: Path) -> None:
         "claim_idle": 1.0,
         "drain_timeout": 20.0,
         "lease_ttl": 3.0,
+        "dashboard_token": "",
     }
     assert config.codec.signing_keys == ["k1", "k2"]  # masking is only for display
     for secret in ("p%40ss", "k1", "hunter2", "t0ken"):
@@ -665,7 +695,7 @@ def test_masked_replaces_url_passwords(url: str, shown: str) -> None:
 
 
 def test_masked_hides_every_value_from_a_source() -> None:
-    vault = FakeVault(layer={"daemon": {"host": "10.0.0.7"}})
+    vault = FakeVault(layer={"daemon": {"host": "10.0.0.7", "dashboard_token": "t" * 16}})
     config = load_config(env={}, sources=[vault])
     assert config.daemon.host == "10.0.0.7"
     assert config.masked()["daemon"] == {
@@ -676,6 +706,7 @@ def test_masked_hides_every_value_from_a_source() -> None:
         "claim_idle": 1.0,
         "drain_timeout": 20.0,
         "lease_ttl": 3.0,
+        "dashboard_token": "***",
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import re
 import typing
@@ -215,6 +216,9 @@ class DaemonSection(Section):
     lease_ttl: float = field(default=3.0, metadata=_TIMEOUT)
     """How long a singleton manager's lease lasts unless renewed: the longest a singleton
     is out of service when its daemon dies."""
+    dashboard_token: str = field(default="", metadata={"secret": True})
+    """The token that opens the dashboard and its JSON endpoints (empty: open to all). Required
+    when ``host`` is not a loopback address; at least 16 characters."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -224,6 +228,38 @@ class DaemonSection(Section):
                 "must be shorter than daemon.heartbeat_ttl, or live daemons look dead",
                 related="heartbeat_ttl",
             )
+        if self.dashboard_token and len(self.dashboard_token) < MIN_DASHBOARD_TOKEN:
+            self._fail(
+                "dashboard_token",
+                f"must be at least {MIN_DASHBOARD_TOKEN} characters long (make one with "
+                "python -c 'import secrets; print(secrets.token_urlsafe(24))')",
+            )
+        if not self.dashboard_token and not is_loopback(self.host):
+            self._fail(
+                "dashboard_token",
+                "required when daemon.host is not a loopback address: anyone who reaches "
+                "the port would see the dashboard; set one (for example "
+                "CORRAL_DAEMON_DASHBOARD_TOKEN) or listen on 127.0.0.1",
+                related="host",
+            )
+
+
+MIN_DASHBOARD_TOKEN = 16
+"""The shortest ``daemon.dashboard_token`` accepted."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only: ``localhost`` or a loopback IP.
+
+    >>> is_loopback("127.0.0.1"), is_loopback("::1"), is_loopback("0.0.0.0")
+    (True, True, False)
+    """
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
