@@ -449,8 +449,8 @@ class _SystemCollector(Collector):
         if remote is None:
             return
         counts = remote.counts
-        for key, meaning in REMOTE_COUNTS.items():
-            yield CounterMetricFamily(f"corral_remote_{key}", meaning, value=counts[key])
+        for key, (name, meaning) in REMOTE_COUNTS.items():
+            yield CounterMetricFamily(f"corral_remote_{name}", meaning, value=counts[key])
         yield GaugeMetricFamily(
             "corral_remote_in_flight",
             "Remote requests taken and not answered yet",
@@ -469,17 +469,27 @@ class _SystemCollector(Collector):
 
 
 REMOTE_COUNTS = {
-    "served": "Replies to remote requests published (those answered from a run record too)",
-    "expired": "Remote requests dropped unanswered: past their caller's deadline",
-    "rejected": "Remote request entries refused (see corral_rejected_total by kind)",
-    "claimed": "Remote requests claimed from daemons that stopped answering",
-    "dropped": "Remote tells that failed (nobody to tell the error to)",
-    "errors": "Batches of replies that could not be sent to Redis",
-    "unknown_outcome": "Remote requests not run again: a stopped daemon had started them",
-    "answered_from_record": "Remote requests answered from the record of an earlier run",
-    "quarantined": "Remote requests refused because the same one crashed its manager",
+    "served": ("replies", "Replies to remote requests published (from a run record too)"),
+    "expired": ("expired", "Remote requests dropped unanswered: past their caller's deadline"),
+    "rejected": ("rejected", "Remote request entries refused (corral_rejected_total has why)"),
+    "claimed": ("claimed", "Remote requests claimed from daemons that stopped answering"),
+    "dropped": ("dropped_tells", "Remote tells that failed (nobody to tell the error to)"),
+    "errors": ("reply_failures", "Batches of replies that could not be sent to Redis"),
+    "unknown_outcome": (
+        "unknown_outcome",
+        "Remote requests not run again: a daemon that stopped had started them",
+    ),
+    "answered_from_record": (
+        "answered_from_record",
+        "Remote requests answered from the record of an earlier run",
+    ),
+    "quarantined": (
+        "quarantined",
+        "Remote requests refused because the same one crashed its manager",
+    ),
 }
-"""The request server's counters, as ``corral_remote_<key>_total``."""
+"""The request server's counters, by key: the ``corral_remote_<name>_total`` family each
+goes to, and what it counts."""
 
 
 def declared_families(specs: list[ChildSpec]) -> list[Family]:

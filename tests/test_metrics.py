@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import importlib
 import platform
+import re
 import shutil
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -34,6 +36,9 @@ def promtool() -> str:
     return found
 
 
+DOCS = Path(__file__).parent.parent / "docs" / "metrics.md"
+
+
 def built_in(name: str) -> type[Manager[Any]]:
     module, _, attribute = BUILTIN[name].partition(":")
     cls: type[Manager[Any]] = getattr(importlib.import_module(module), attribute)
@@ -59,16 +64,14 @@ def test_every_family_is_there_and_none_is_a_catch_all(busy_daemon: BusyDaemon) 
     families = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
     assert "corral_manager_metric" not in families
     declared = {
-        family.name
-        for name in BUILT_IN_MANAGERS
-        for family in built_in(name).metric_families
+        family.name for name in BUILT_IN_MANAGERS for family in built_in(name).metric_families
     }
     core = {
         "corral_build_info", "corral_system_status", "corral_ready", "corral_manager_up",
         "corral_manager_status", "corral_manager_restarts_total",
         "corral_messages_handled_total", "corral_message_errors_total", "corral_handler_seconds",
         "corral_request_seconds", "corral_mailbox_depth", "corral_rejected_total",
-        "corral_bus_published_total", "corral_remote_served_total", "process_cpu_seconds_total",
+        "corral_bus_published_total", "corral_remote_replies_total", "process_cpu_seconds_total",
         "process_resident_memory_bytes", "python_info", "python_gc_collections_total",
     }  # fmt: skip
     assert core | declared <= families, sorted((core | declared) - families)
@@ -140,3 +143,11 @@ def test_two_managers_may_not_declare_one_family_differently() -> None:
     assert [f.name for f in declared_families(same)] == ["corral_things_total"]
     with pytest.raises(ConfigError, match="managers a and b declare the metric family"):
         declared_families([ChildSpec(name="a", manager=First), ChildSpec(name="b", manager=Second)])
+
+
+def test_docs_name_every_corral_family(busy_daemon: BusyDaemon) -> None:
+    text = httpx.get(f"{busy_daemon.url}/metrics", timeout=10).text
+    families = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE corral_")}
+    documented = set(re.findall(r"`(corral_[a-z0-9_]+)`", DOCS.read_text()))
+    assert families - documented == set()
+    assert documented - families == set()  # none that is gone
