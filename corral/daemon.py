@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import platform
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -79,9 +80,15 @@ class Daemon:
     """A System served over HTTP (and to remote clients when the bus is on Redis)."""
 
     def __init__(
-        self, config: Config | None = None, *, on_escalate: Callable[[str], None] | None = None
+        self,
+        config: Config | None = None,
+        *,
+        on_escalate: Callable[[str], None] | None = None,
+        daemon_id: str = "",
     ) -> None:
         self.config = config or Config()
+        self.daemon_id = daemon_id or secrets.token_hex(6)
+        """Names this daemon in its heartbeats and log lines."""
         if self.config.bus.backend == "redis":
             check_writable(self.config.bus.url, setting="bus.url")
         self.started_at = time.monotonic()
@@ -101,6 +108,7 @@ class Daemon:
                 heartbeat_ttl=daemon.heartbeat_ttl,
                 claim_idle=daemon.claim_idle,
                 lease_ttl=daemon.lease_ttl,
+                daemon_id=self.daemon_id,
             )
         self.registry = CollectorRegistry()
         self.registry.register(_SystemCollector(self))

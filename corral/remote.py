@@ -201,13 +201,14 @@ class RequestServer:
         lease_ttl: float = 3.0,
         block: float = 0.5,
         batch: int = 64,
+        daemon_id: str = "",
     ) -> None:
         self.system = system
         self.codec = codec
         # Requests are deduplicated by their run records: the guard checks timestamps only.
         self._window = codec.replay_guard(remember=False)
         self.namespace = namespace
-        self.daemon_id = f"{uuid.uuid4().hex[:12]}"
+        self.daemon_id = daemon_id or uuid.uuid4().hex[:12]
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_ttl_ms = int(heartbeat_ttl * 1000)
         self.claim_idle_ms = int(claim_idle * 1000)
@@ -551,6 +552,7 @@ class RequestServer:
             functools.partial(self._answer, entry),
             admit=functools.partial(self._admit, entry),
             sender=f"{envelope.reply_to or 'a tell'} through daemon {self.daemon_id}",
+            correlation=envelope.id.hex(),
         )
         if self.system.try_dispatch(message, callback):
             return
@@ -622,6 +624,7 @@ class RequestServer:
             entry.entry_id,
             entry.stream,
             starter,
+            extra=_context(entry),
         )
         self._answer(
             entry,
@@ -765,6 +768,15 @@ class RequestServer:
             if kept is None or envelope is None or envelope.message.kind != "request":
                 continue  # the supervisor's health, or a refused entry
             kept.observe(REQUEST_SECONDS, now - entry.taken_at, envelope.message.type_name)
+
+
+def _context(entry: _Entry) -> dict[str, str]:
+    """The log context of a request: its manager, message type and id."""
+    context = {"manager": entry.manager}
+    if entry.envelope is not None:
+        context["message_type"] = entry.envelope.message.type_name
+        context["correlation_id"] = entry.envelope.id.hex()
+    return context
 
 
 def _unencodable(exc: InvalidMessage) -> ErrorReply:

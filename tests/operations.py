@@ -22,7 +22,7 @@ import websockets
 
 import corral
 from corral.errors import Unauthorized
-from corral.messages.auth import AuthIssue, AuthValidate
+from corral.messages.auth import AuthIssue, AuthRefresh, AuthValidate
 from corral.messages.cache import CacheGet, CacheSet
 from corral.messages.pool import HttpRequest
 from corral.messages.ratelimit import RatelimitCheck
@@ -84,6 +84,7 @@ rules.ip = "3/minute"
 
 [managers.auth]
 signing_key = "{SECRET}"
+refresh_grace = 0
 
 [managers.pool.services.web]
 base_urls = ["{service_url}"]
@@ -139,10 +140,16 @@ class BusyDaemon:
             )
             allowed = [remote.ask(RatelimitCheck(ip="10.0.0.1")).allowed for _ in range(5)]
             assert allowed == [True, True, True, False, False]
-            token = remote.ask(AuthIssue(subject="ada")).access_token
+            tokens = remote.ask(AuthIssue(subject="ada"))
+            token = tokens.access_token
             remote.ask(AuthValidate(token=token))
             with contextlib.suppress(Unauthorized):
                 remote.ask(AuthValidate(token="not-a-token"))
+            refresh = remote.ask(AuthIssue(subject="bob")).refresh_token
+            assert refresh is not None
+            remote.ask(AuthRefresh(token=refresh))
+            with contextlib.suppress(Unauthorized):  # logged by the manager, in context
+                remote.ask(AuthRefresh(token=refresh))
             assert remote.ask(HttpRequest(service="web", path="/ok")).status == 200
             assert remote.ask(HttpRequest(service="web", path="/down")).status == 503
             asyncio.run(self._websocket(remote, token))

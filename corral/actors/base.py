@@ -53,6 +53,7 @@ __all__ = [
     "ManagerContext",
     "Probe",
     "Router",
+    "current_manager",
     "handles",
 ]
 
@@ -259,6 +260,7 @@ class CallbackFuture(pykka.Future[Any]):
     The callback runs on the replying actor's thread: it must only hand over
     (put in a queue), never wait on the network.
 
+    ``correlation`` names the request in the logs (a remote request's id, in hex).
     ``admit``, when given, is asked on the actor's thread right before the handler
     runs; False skips the request (``admit`` has then answered it, or left it to
     someone else). The remote server uses it to refuse a request past its deadline
@@ -275,11 +277,13 @@ class CallbackFuture(pykka.Future[Any]):
         *,
         admit: Callable[[], bool] | None = None,
         sender: str = "",
+        correlation: str = "",
     ) -> None:
         super().__init__()
         self.callback = callback
         self.admit = admit
         self.sender = sender
+        self.correlation = correlation
 
     def get(self, *, timeout: float | None = None) -> Any:  # pragma: no cover - never called
         raise NotImplementedError("CallbackFuture delivers through its callback")
@@ -289,6 +293,18 @@ class CallbackFuture(pykka.Future[Any]):
 
     def set_exception(self, exc_info: Any = None) -> None:
         self.callback(None, exc_info[1])
+
+
+_running = threading.local()
+
+
+def current_manager() -> Manager[Any] | None:
+    """The manager whose thread this is, or None: for the logs' context.
+
+    Its ``corral_current_envelope`` is the message it is handling (None between two).
+    """
+    actor: Manager[Any] | None = getattr(_running, "actor", None)
+    return actor
 
 
 def _admitted(envelope: Envelope[Any]) -> bool:
@@ -513,6 +529,7 @@ class Manager(pykka.ThreadingActor, Generic[OptionsT]):
 
     def _actor_loop(self) -> None:
         self.corral_thread = threading.current_thread()
+        _running.actor = self
         try:
             super()._actor_loop()
         finally:
@@ -577,6 +594,7 @@ class Manager(pykka.ThreadingActor, Generic[OptionsT]):
                         self.corral_context.name,
                         exc_info=True,
                     )
+            self.corral_current_envelope = None
 
     def _actor_loop_teardown(self) -> None:
         self.corral_leftovers = self.corral_mailbox.drain()
