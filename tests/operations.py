@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 
+import pytest
 import redis
 import websockets
 
@@ -38,11 +40,23 @@ from tests.daemons import DaemonProcess
 from tests.redis_server import RedisServer
 from tests.support import Samples, metric, scrape, wait_until
 
-__all__ = ["BUILT_IN_MANAGERS", "BusyDaemon"]
+__all__ = ["BUILT_IN_MANAGERS", "BusyDaemon", "promtool"]
 
 SECRET = "operations-signing-secret-of-32-bytes"
 NAMESPACE = "ops"
 BUILT_IN_MANAGERS = ("cache", "state", "transaction", "ratelimit", "auth", "pool", "websocket")
+
+
+def promtool() -> str:
+    """The path of ``promtool``, or the test fails saying how to get it."""
+    found = shutil.which("promtool")
+    if found is None:
+        pytest.fail(
+            "promtool is missing: `make promtool` installs it (Debian package prometheus; "
+            "as root: apt-get install prometheus)",
+            pytrace=False,
+        )
+    return found
 
 
 class _Service(BaseHTTPRequestHandler):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib
 import platform
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -20,21 +19,8 @@ from corral.daemon import declared_families
 from corral.errors import ConfigError, ManagerUnavailable, NotFound
 from corral.metrics import Counter, Gauge, Histogram, ManagerMetrics
 from corral.supervisor import ChildSpec
-from tests.operations import BUILT_IN_MANAGERS, BusyDaemon
+from tests.operations import BUILT_IN_MANAGERS, BusyDaemon, promtool
 from tests.support import Work, Worker, metric, wait_until
-
-
-def promtool() -> str:
-    """The path of ``promtool``, or the test fails saying how to get it."""
-    found = shutil.which("promtool")
-    if found is None:
-        pytest.fail(
-            "promtool is missing: `make promtool` installs it (Debian package prometheus; "
-            "as root: apt-get install prometheus)",
-            pytrace=False,
-        )
-    return found
-
 
 DOCS = Path(__file__).parent.parent / "docs" / "metrics.md"
 
