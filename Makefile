@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LINTED := corral tests bench $(wildcard examples)
 
-.PHONY: run test test-repeat test-lower-bounds lint bench redis-server chromium clean
+.PHONY: run test test-repeat test-lower-bounds lint bench redis-server chromium promtool clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,18 +37,29 @@ chromium:
 	    echo "chromium is missing: run 'sudo apt-get install chromium' (Debian/Ubuntu)"; exit 1; \
 	  fi; }
 
+# The metrics and alert rule tests check with promtool (Debian's prometheus package).
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's prometheus (for promtool)"; \
+	    (apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || \
+	     (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null)); \
+	  else \
+	    echo "promtool is missing: run 'sudo apt-get install prometheus' (Debian/Ubuntu)"; exit 1; \
+	  fi; }
+
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy
 
-test: $(STAMP) redis-server chromium lint
+test: $(STAMP) redis-server chromium promtool lint
 	$(BIN)/pytest
 
 # `make test-repeat N=5 [HOG=1]`: the suite N times in a row (with every core busy when
 # HOG=1); lists every test that failed at least once.
 N ?= 5
-test-repeat: $(STAMP) redis-server chromium
+test-repeat: $(STAMP) redis-server chromium promtool
 	$(BIN)/python -m tests.repeat $(N) $(if $(HOG),--hog)
 
 # `make test-lower-bounds`: a fast subset of the tests in a fresh venv holding the lowest

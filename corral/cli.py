@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import signal
 import sys
 import threading
@@ -29,10 +30,11 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import click
 
 from corral import __version__
+from corral._logging import capture_stray_output, early_format, identify_daemon, setup_logging
 from corral._redis import REDIS_ERRORS, check_writable, describe, redact
 from corral._redis import connect as connect_redis
 from corral.client import Client, connect
-from corral.config import Config, ConfigWarning, load_config
+from corral.config import Config, ConfigWarning, LogSection, load_config
 from corral.errors import ConfigError, CorralError, InvalidMessage
 from corral.messages.base import (
     TIMEOUT,
@@ -54,43 +56,6 @@ log = logging.getLogger("corral")
 
 EXIT_ESCALATED = 1
 EXIT_CONFIG = 2
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, message, and any extra fields."""
-
-    _RESERVED = frozenset(vars(logging.makeLogRecord({})))
-
-    def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        line.update({k: v for k, v in vars(record).items() if k not in self._RESERVED})
-        if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
-
-
-QUIET_LOGGERS = ("httpx", "httpcore")
-"""Libraries that log every request at INFO (the pool's calls and probes): kept to
-WARNING and above, whatever ``--log-level`` says, so they do not drown corral's lines."""
-
-
-def setup_logging(level: str, fmt: str) -> None:
-    """Log to stderr at ``level``, plain or one JSON object per line (``fmt``)."""
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -123,14 +88,19 @@ def _load(
     *,
     flags: dict[str, tuple[str, Any]] | None = None,
     notes: list[str] | None = None,
+    logged: bool = False,
 ) -> Config:
-    """The config, or exit 2 saying why; its warnings are appended to ``notes``, else printed."""
+    """The config, or exit 2 saying why (in a log line when ``logged``, else on stderr);
+    its warnings are appended to ``notes``, else printed."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConfigWarning)
         try:
             config = load_config(config_path, flags=flags)
         except CorralError as exc:
-            click.echo(f"corral: {exc}", err=True)
+            if logged:
+                log.critical("%s", exc)
+            else:
+                click.echo(f"corral: {exc}", err=True)
             sys.exit(EXIT_CONFIG)
     for warning in caught:
         if not issubclass(warning.category, ConfigWarning):
@@ -188,7 +158,48 @@ def _flags(
     return {key: flag for key, flag in given.items() if flag[1] is not None}
 
 
-@main.command()
+class _RunCommand(click.Command):
+    """``corral run``, whose usage errors (a flag's bad value) are log lines in the format
+    asked for, like every other line it prints."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        given = list(args)  # parsing consumes args
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:
+            fmt = early_format(_flag_in(given, "--log-format"), _flag_in(given, "-c", "--config"))
+            if fmt != "json":
+                raise
+            setup_logging(LogSection().level, fmt)
+            log.critical("%s", exc.format_message())
+            sys.exit(EXIT_CONFIG)
+
+
+def _flag_in(args: list[str], *names: str) -> str | None:
+    """The value given to a flag among raw ``args`` (``--flag v`` or ``--flag=v``)."""
+    for index, arg in enumerate(args):
+        for name in names:
+            if arg == name and index + 1 < len(args):
+                return args[index + 1]
+            if arg.startswith(f"{name}="):
+                return arg.partition("=")[2]
+    return None
+
+
+def _verbose_loggers(config: Config) -> list[str]:
+    """The loggers at ``log.level`` besides corral's: ``log.loggers`` and the packages of
+    the managers named by ``class_path``."""
+    packages = [s.class_path.partition(".")[0].partition(":")[0] for s in config.managers.values()]
+    return [*config.log.loggers, *(p for p in packages if p)]
+
+
+@main.command(cls=_RunCommand)
 @config_option
 @daemon_flags
 def run(
@@ -202,10 +213,17 @@ def run(
 
     Flags beat every other source: defaults < environment < file < Vault < flags.
     Exit status: 0 after a clean stop, 1 when the supervisor gave up, 2 for bad config.
+    Every line on stderr is in the log format: before the config is read, the one that
+    --log-format, the file's [log] format or CORRAL_LOG_FORMAT gives (in that order).
     """
+    setup_logging(LogSection().level, early_format(log_format, config_path))
+    capture_stray_output()
+    daemon_id = secrets.token_hex(6)
+    identify_daemon(daemon_id)
     notes: list[str] = []
-    config = _load(config_path, flags=_flags(host, port, log_level, log_format), notes=notes)
-    setup_logging(config.log.level, config.log.format)
+    flags = _flags(host, port, log_level, log_format)
+    config = _load(config_path, flags=flags, notes=notes, logged=True)
+    setup_logging(config.log.level, config.log.format, loggers=_verbose_loggers(config))
     for note in notes:
         log.warning("%s", note)
 
@@ -231,7 +249,7 @@ def run(
     from corral.daemon import Daemon  # noqa: PLC0415 - the HTTP server loads for `run` only
 
     try:
-        daemon = Daemon(config, on_escalate=on_escalate)
+        daemon = Daemon(config, on_escalate=on_escalate, daemon_id=daemon_id)
         daemon.start()
     except ConfigError as exc:
         log.critical("start-up failed: %s", exc)
@@ -271,7 +289,7 @@ def _reload(daemon: Daemon, config_path: str | None, flags: dict[str, tuple[str,
         return
     reloaded, restart = daemon.reload(config)
     if any(key.startswith("log.") for key in reloaded):
-        setup_logging(config.log.level, config.log.format)
+        setup_logging(config.log.level, config.log.format, loggers=_verbose_loggers(config))
         log.debug("SIGHUP: logging at %s, %s", config.log.level, config.log.format)
     log.info("SIGHUP: reloaded %s", ", ".join(reloaded) or "nothing (no change)")
     if restart:

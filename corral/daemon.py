@@ -10,9 +10,12 @@ On one host:port (default 127.0.0.1:8650) it serves:
   "dependencies", ...}}, "bus", "remote", ...}`` from the supervisor's latest probes,
   in milliseconds (``?fresh=1`` asks every actor now); 200 when healthy or degraded,
   503 when unhealthy or draining (stopping: load balancers should send nothing more);
-- ``GET /metrics``: Prometheus text format (messages handled, errors, handler
-  latency histogram, mailbox depth, restarts, bus counters, per manager, and every
-  numeric metric a manager reports in its Health);
+- ``GET /metrics``: Prometheus text format: per manager and message type, messages
+  handled, errors and handler time (a histogram), remote request latency; per
+  manager, state, restarts and mailbox; the bus, remote requests, junk refused, build
+  info, ``process_*`` and ``python_*``; and the families each manager declares
+  (``metric_families``, see :mod:`corral.metrics`). Counters outlive restarts;
+  ``docs/metrics.md`` lists every family;
 - ``GET /``: the dashboard of the whole namespace (:mod:`corral.dashboard`), behind
   ``daemon.dashboard_token`` when one is set;
 - room for more routes on the same port (the WebSocket endpoint and dashboard
@@ -34,13 +37,23 @@ import dataclasses
 import functools
 import json
 import logging
+import math
+import platform
+import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -53,29 +66,32 @@ from corral import __version__, dashboard
 from corral._junk import REJECTED
 from corral._redis import check_writable
 from corral.actors import websocket
-from corral.actors.base import LATENCY_BUCKETS
 from corral.config import Config, ManagerSection
 from corral.errors import ConfigError, CorralError
 from corral.messages.system import ChildStatus, Reconfigure, SystemHealth
+from corral.metrics import REQUEST_SECONDS, Counter, Family, Gauge, Histogram, ManagerMetrics
 from corral.remote import RequestServer
+from corral.supervisor import ChildSpec
 from corral.system import System
 
 __all__ = ["Daemon", "health_document"]
 
 log = logging.getLogger("corral.daemon")
 
-_STANDARD_METRICS = frozenset(
-    {"handled", "errors", "handler_seconds", "latency_counts", "mailbox_depth", "uptime_s"}
-)
-
 
 class Daemon:
     """A System served over HTTP (and to remote clients when the bus is on Redis)."""
 
     def __init__(
-        self, config: Config | None = None, *, on_escalate: Callable[[str], None] | None = None
+        self,
+        config: Config | None = None,
+        *,
+        on_escalate: Callable[[str], None] | None = None,
+        daemon_id: str = "",
     ) -> None:
         self.config = config or Config()
+        self.daemon_id = daemon_id or secrets.token_hex(6)
+        """Names this daemon in its heartbeats and log lines."""
         if self.config.bus.backend == "redis":
             check_writable(self.config.bus.url, setting="bus.url")
         self.started_at = time.monotonic()
@@ -95,9 +111,13 @@ class Daemon:
                 heartbeat_ttl=daemon.heartbeat_ttl,
                 claim_idle=daemon.claim_idle,
                 lease_ttl=daemon.lease_ttl,
+                daemon_id=self.daemon_id,
             )
         self.registry = CollectorRegistry()
         self.registry.register(_SystemCollector(self))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
         self.app = web.Application()
         self.app.router.add_get("/livez", self._livez)
         self.app.router.add_get("/readyz", self._readyz)
@@ -345,70 +365,44 @@ def _child_document(child: ChildStatus) -> dict[str, Any]:
     }
     health = child.health
     document["details"] = health.details if health is not None else {}
-    document["metrics"] = (
-        {k: v for k, v in health.metrics.items() if k != "latency_counts"}
-        if health is not None
-        else {}
-    )
+    document["metrics"] = health.metrics if health is not None else {}
     document["dependencies"] = health.dependencies if health is not None else {}
     return document
 
 
 class _SystemCollector(Collector):
-    """Reads the managers' counters at scrape time (one parallel health probe)."""
+    """Every corral family at scrape time, without asking any actor.
+
+    Counters come from the supervisor's records (which outlive restarts), states from
+    its latest probes; each manager adds the families it declares (``metric_families``).
+    """
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
+        self.declared = declared_families(daemon.system.supervisor.specs)
 
     def collect(self) -> Iterator[Metric]:
-        health = self.daemon.system.supervisor.snapshot()
-        up = GaugeMetricFamily(
-            "corral_manager_up", "1 when the manager is running", labels=["manager"]
+        daemon = self.daemon
+        supervisor = daemon.system.supervisor
+        document, _ = daemon.health()
+        build = GaugeMetricFamily(
+            "corral_build_info", "corral's version and Python's", labels=["version", "python"]
         )
-        healthy = GaugeMetricFamily(
-            "corral_manager_healthy", "0 unhealthy, 1 degraded, 2 healthy", labels=["manager"]
+        build.add_metric([__version__, platform.python_version()], 1.0)
+        yield build
+        yield _one_hot(
+            "corral_system_status",
+            "1 for the daemon's status as /health says it, 0 for the others",
+            [],
+            [([], document["status"])],
+            ("healthy", "degraded", "unhealthy", "draining"),
         )
-        restarts = CounterMetricFamily(
-            "corral_restarts", "Restarts of the manager", labels=["manager"]
+        yield GaugeMetricFamily(
+            "corral_ready", "1 when /readyz says ready", value=float(daemon.ready()[0])
         )
-        handled = CounterMetricFamily(
-            "corral_messages_handled", "Messages handled", labels=["manager"]
-        )
-        errors = CounterMetricFamily(
-            "corral_errors", "Requests answered with an error", labels=["manager"]
-        )
-        depth = GaugeMetricFamily("corral_mailbox_depth", "Messages waiting", labels=["manager"])
-        latency = HistogramMetricFamily(
-            "corral_handler_seconds", "Time spent in message handlers", labels=["manager"]
-        )
-        extra = GaugeMetricFamily(
-            "corral_manager_metric",
-            "A numeric metric a manager reports",
-            labels=["manager", "name"],
-        )
-        level = {"unhealthy": 0, "degraded": 1, "healthy": 2}
-        for name, child in health.managers.items():
-            up.add_metric([name], 1.0 if child.state == "running" else 0.0)
-            healthy.add_metric([name], level[child.status])
-            restarts.add_metric([name], child.restarts)
-            depth.add_metric([name], child.mailbox_depth)
-            metrics = child.health.metrics if child.health is not None else {}
-            handled.add_metric([name], metrics.get("handled", 0))
-            errors.add_metric([name], metrics.get("errors", 0))
-            counts = metrics.get("latency_counts")
-            if counts:
-                cumulative, buckets = 0, []
-                for bound, count in zip([*LATENCY_BUCKETS, float("inf")], counts, strict=True):
-                    cumulative += count
-                    buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
-                latency.add_metric([name], buckets, metrics.get("handler_seconds", 0.0))
-            for key, value in metrics.items():
-                if key not in _STANDARD_METRICS and isinstance(value, int | float):
-                    extra.add_metric([name, key], float(value))
-        yield from (up, healthy, restarts, handled, errors, depth, latency, extra)
-        stats = self.daemon.system.bus.stats()
-        for key in ("published", "delivered", "dropped", "rejected", "reconnects"):
-            yield CounterMetricFamily(f"corral_bus_{key}", f"Bus messages {key}", value=stats[key])
+        yield from self._managers(supervisor.snapshot(), supervisor.metrics())
+        yield from self._bus()
+        yield from self._remote()
         rejected = CounterMetricFamily(
             "corral_rejected",
             "Input from outside refused as junk, by where it came and what was wrong",
@@ -417,8 +411,209 @@ class _SystemCollector(Collector):
         for (source, kind), count in sorted(REJECTED.counts().items()):
             rejected.add_metric([source, kind], count)
         yield rejected
-        yield GaugeMetricFamily(
-            "corral_bus_healthy",
-            "1 when the bus is connected",
-            value=float(self.daemon.system.bus.healthy),
+
+    def _managers(
+        self, health: SystemHealth, counted: dict[str, ManagerMetrics]
+    ) -> Iterator[Metric]:
+        manager = ["manager"]
+        up = GaugeMetricFamily("corral_manager_up", "1 while the manager runs", labels=manager)
+        restarts = CounterMetricFamily(
+            "corral_manager_restarts", "Restarts of the manager", labels=manager
         )
+        started = GaugeMetricFamily(
+            "corral_manager_start_time_seconds",
+            "Unix time the running instance of the manager started",
+            labels=manager,
+        )
+        depth = GaugeMetricFamily(
+            "corral_mailbox_depth", "Messages waiting in the manager's mailbox", labels=manager
+        )
+        capacity = GaugeMetricFamily(
+            "corral_mailbox_capacity", "Messages the manager's mailbox holds", labels=manager
+        )
+        overloaded = CounterMetricFamily(
+            "corral_mailbox_overloaded",
+            "Messages refused (Overloaded) because the mailbox stayed full",
+            labels=manager,
+        )
+        unhandled = CounterMetricFamily(
+            "corral_unhandled_messages",
+            "Messages the manager has no handler for (answered with an error)",
+            labels=manager,
+        )
+        by_type = ["manager", "type"]
+        handled = CounterMetricFamily(
+            "corral_messages_handled", "Messages handled, by message type", labels=by_type
+        )
+        errors = CounterMetricFamily(
+            "corral_message_errors",
+            "Messages answered with an error (NotFound, Conflict, ...), by message type",
+            labels=by_type,
+        )
+        seconds = HistogramMetricFamily(
+            "corral_handler_seconds", "Time spent in the handler, by message type", labels=by_type
+        )
+        wall = time.time()
+        capacities = {spec.name: spec.mailbox_size for spec in self.daemon.system.supervisor.specs}
+        statuses = []
+        for name, child in health.managers.items():
+            running = child.state == "running"
+            up.add_metric([name], float(running))
+            statuses.append(([name], child.status))
+            restarts.add_metric([name], child.restarts)
+            if running:
+                started.add_metric([name], wall - child.uptime_s)
+            depth.add_metric([name], child.mailbox_depth)
+            capacity.add_metric([name], capacities[name])
+            metrics = counted[name]
+            overloaded.add_metric([name], metrics.overloaded)
+            unhandled.add_metric([name], metrics.unhandled)
+            for type_name, stats in sorted(metrics.handlers.items()):
+                handled.add_metric([name, type_name], stats.handled)
+                errors.add_metric([name, type_name], stats.errors)
+                seconds.add_metric(
+                    [name, type_name], _buckets(stats.seconds.cumulative()), stats.seconds.sum
+                )
+        yield up
+        yield _one_hot(
+            "corral_manager_status",
+            "1 for the manager's health status (from the latest probe), 0 for the others",
+            manager,
+            statuses,
+            ("healthy", "degraded", "unhealthy"),
+        )
+        yield from (restarts, started, depth, capacity, overloaded, unhandled)
+        yield from (handled, errors, seconds)
+        requests = HistogramMetricFamily(
+            "corral_request_seconds",
+            "Remote requests, from reading one off its stream to publishing its reply, "
+            "by message type",
+            labels=by_type,
+        )
+        for name, metrics in counted.items():
+            for labels, buckets, total in metrics.histograms(REQUEST_SECONDS):
+                requests.add_metric([name, *labels], _buckets(buckets), total)
+        yield requests
+        for family in self.declared:
+            yield _declared(family, counted)
+
+    def _bus(self) -> Iterator[Metric]:
+        bus = self.daemon.system.bus
+        stats = bus.stats()
+        for key, meaning in (
+            ("published", "Events published on the bus"),
+            ("delivered", "Events delivered to this daemon's subscriptions"),
+            ("dropped", "Events dropped: a subscription's queue was full, or Redis cut it"),
+            ("rejected", "Bus messages refused (undecodable, forged, replayed)"),
+            ("reconnects", "Reconnections of the bus to Redis"),
+        ):
+            yield CounterMetricFamily(f"corral_bus_{key}", meaning, value=stats[key])
+        yield GaugeMetricFamily(
+            "corral_bus_up", "1 while the bus is connected", value=float(bus.healthy)
+        )
+
+    def _remote(self) -> Iterator[Metric]:
+        remote = self.daemon.remote
+        if remote is None:
+            return
+        counts = remote.counts
+        for key, (name, meaning) in REMOTE_COUNTS.items():
+            yield CounterMetricFamily(f"corral_remote_{name}", meaning, value=counts[key])
+        yield GaugeMetricFamily(
+            "corral_remote_in_flight",
+            "Remote requests taken and not answered yet",
+            value=remote.in_flight,
+        )
+        yield GaugeMetricFamily(
+            "corral_remote_connected",
+            "1 while the request server reaches Redis",
+            value=float(remote.connected),
+        )
+        yield GaugeMetricFamily(
+            "corral_remote_singletons_held",
+            "Singleton managers whose lease this daemon holds",
+            value=len(remote.held),
+        )
+
+
+REMOTE_COUNTS = {
+    "served": ("replies", "Replies to remote requests published (from a run record too)"),
+    "expired": ("expired", "Remote requests dropped unanswered: past their caller's deadline"),
+    "rejected": ("rejected", "Remote request entries refused (corral_rejected_total has why)"),
+    "claimed": ("claimed", "Remote requests claimed from daemons that stopped answering"),
+    "dropped": ("dropped_tells", "Remote tells that failed (nobody to tell the error to)"),
+    "errors": ("reply_failures", "Batches of replies that could not be sent to Redis"),
+    "unknown_outcome": (
+        "unknown_outcome",
+        "Remote requests not run again: a daemon that stopped had started them",
+    ),
+    "answered_from_record": (
+        "answered_from_record",
+        "Remote requests answered from the record of an earlier run",
+    ),
+    "quarantined": (
+        "quarantined",
+        "Remote requests refused because the same one crashed its manager",
+    ),
+}
+"""The request server's counters, by key: the ``corral_remote_<name>_total`` family each
+goes to, and what it counts."""
+
+
+def declared_families(specs: list[ChildSpec]) -> list[Family]:
+    """The families the managers of ``specs`` declare, once each, by name.
+
+    Two declarations of one name must agree (two managers of one class do); else
+    ConfigError, naming both managers.
+    """
+    found: dict[str, tuple[Family, str]] = {}
+    for spec in specs:
+        for family in spec.manager.metric_families:
+            known = found.get(family.name)
+            if known is None:
+                found[family.name] = (family, spec.name)
+            elif known[0] != family:
+                raise ConfigError(
+                    f"managers {known[1]} and {spec.name} declare the metric family "
+                    f"{family.name} differently"
+                )
+    return [family for family, _ in found.values()]
+
+
+def _declared(family: Family, counted: dict[str, ManagerMetrics]) -> Metric:
+    labels = ["manager", *family.labels]
+    name = family.name.removesuffix("_total")
+    if isinstance(family, Histogram):
+        histogram = HistogramMetricFamily(name, family.help, labels=labels)
+        for manager, metrics in counted.items():
+            for values, buckets, total in metrics.histograms(family):
+                histogram.add_metric([manager, *values], _buckets(buckets), total)
+        return histogram
+    assert isinstance(family, Counter | Gauge)
+    kind = CounterMetricFamily if isinstance(family, Counter) else GaugeMetricFamily
+    metric = kind(name, family.help, labels=labels)
+    for manager, metrics in counted.items():
+        for values, value in metrics.samples(family):
+            metric.add_metric([manager, *values], value)
+    return metric
+
+
+def _buckets(cumulative: list[tuple[float, int]]) -> list[tuple[str, float]]:
+    return [
+        ("+Inf" if bound == math.inf else str(bound), float(count)) for bound, count in cumulative
+    ]
+
+
+def _one_hot(
+    name: str,
+    meaning: str,
+    labels: list[str],
+    series: Sequence[tuple[list[str], str]],
+    states: tuple[str, ...],
+) -> Metric:
+    """A gauge with a ``status`` label: 1 for each series' state, 0 for the other states."""
+    gauge = GaugeMetricFamily(name, meaning, labels=[*labels, "status"])
+    for values, current in series:
+        for state in states:
+            gauge.add_metric([*values, state], float(state == current))
+    return gauge

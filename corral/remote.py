@@ -71,6 +71,7 @@ from corral.actors.base import CallbackFuture
 from corral.errors import Conflict, CorralError, InvalidMessage, ManagerUnavailable
 from corral.messages.base import MAX_TIMEOUT, ErrorReply, Message, Reply, validate
 from corral.messages.codec import Codec, Envelope
+from corral.metrics import REQUEST_SECONDS
 from corral.system import System
 
 __all__ = [
@@ -170,6 +171,8 @@ class _Entry:
     """Its run record's key, for a request that is not idempotent."""
     started: bool = False
     """This daemon recorded that it started it: its finish is recorded too."""
+    taken_at: float = 0.0
+    """When it was read off its stream (``time.perf_counter()``), for its latency."""
 
 
 @dataclass(eq=False, slots=True)
@@ -198,13 +201,14 @@ class RequestServer:
         lease_ttl: float = 3.0,
         block: float = 0.5,
         batch: int = 64,
+        daemon_id: str = "",
     ) -> None:
         self.system = system
         self.codec = codec
         # Requests are deduplicated by their run records: the guard checks timestamps only.
         self._window = codec.replay_guard(remember=False)
         self.namespace = namespace
-        self.daemon_id = f"{uuid.uuid4().hex[:12]}"
+        self.daemon_id = daemon_id or uuid.uuid4().hex[:12]
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_ttl_ms = int(heartbeat_ttl * 1000)
         self.claim_idle_ms = int(claim_idle * 1000)
@@ -476,7 +480,7 @@ class RequestServer:
 
     def _handle(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         """Take one request entry. Never raises: a bad entry is acknowledged and counted."""
-        entry = _Entry(stream, entry_id, self.streams.get(stream, ""))
+        entry = _Entry(stream, entry_id, self.streams.get(stream, ""), taken_at=time.perf_counter())
         with self._idle:
             self._in_flight += 1
         try:
@@ -560,6 +564,7 @@ class RequestServer:
             functools.partial(self._answer, entry),
             admit=functools.partial(self._admit, entry),
             sender=f"{envelope.reply_to or 'a tell'} through daemon {self.daemon_id}",
+            correlation=envelope.id.hex(),
         )
         if self.system.try_dispatch(message, callback):
             return
@@ -631,6 +636,7 @@ class RequestServer:
             entry.entry_id,
             entry.stream,
             starter,
+            extra=_context(entry),
         )
         self._answer(
             entry,
@@ -756,11 +762,33 @@ class RequestServer:
                 pipe.xdel(outcome.entry.stream, outcome.entry.entry_id)
             try:
                 execute_then_publish(self._redis, pipe, replies)
-                return
             except REDIS_ERRORS as exc:
                 log.warning("could not send replies (attempt %d): %s", attempt + 1, exc)
                 time.sleep(0.2 * (attempt + 1))
+                continue
+            self._observe_latency(outcomes)
+            return
         self.counts["errors"] += 1
+
+    def _observe_latency(self, outcomes: list[_Outcome]) -> None:
+        """Count each answered request's time here in its manager's request histogram."""
+        now = time.perf_counter()
+        metrics = self.system.supervisor.metrics()
+        for outcome in outcomes:
+            entry, envelope = outcome.entry, outcome.entry.envelope
+            kept = metrics.get(entry.manager)
+            if kept is None or envelope is None or envelope.message.kind != "request":
+                continue  # the supervisor's health, or a refused entry
+            kept.observe(REQUEST_SECONDS, now - entry.taken_at, envelope.message.type_name)
+
+
+def _context(entry: _Entry) -> dict[str, str]:
+    """The log context of a request: its manager, message type and id."""
+    context = {"manager": entry.manager}
+    if entry.envelope is not None:
+        context["message_type"] = entry.envelope.message.type_name
+        context["correlation_id"] = entry.envelope.id.hex()
+    return context
 
 
 def _unencodable(exc: InvalidMessage) -> ErrorReply:

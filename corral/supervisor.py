@@ -65,6 +65,7 @@ from corral.messages.system import (
     SupervisorChildChanged,
     SystemHealth,
 )
+from corral.metrics import ManagerMetrics
 
 __all__ = [
     "ChildSpec",
@@ -180,6 +181,8 @@ class _Child:
         self.probe: tuple[pykka.Future[Any], float] | None = None
         self.last_probe = 0.0
         self.last_health: Health | None = None
+        self.metrics = ManagerMetrics()
+        """What the child's actors counted, from the first start: a restart resets nothing."""
 
 
 _STOP = object()
@@ -240,6 +243,10 @@ class Supervisor:
     def specs(self) -> list[ChildSpec]:
         """The children's specs, in start order."""
         return [c.spec for c in self._order]
+
+    def metrics(self) -> dict[str, ManagerMetrics]:
+        """What each child counted since the supervisor started it first, in start order."""
+        return {c.spec.name: c.metrics for c in self._order}
 
     def start(self) -> None:
         """Start every child in dependency order; return when all run (or raise)."""
@@ -615,7 +622,9 @@ class Supervisor:
             redis_url=spec.redis_url or "",
             namespace=spec.namespace or "corral",
             signing_keys=spec.signing_keys or (),
+            metrics=child.metrics,
         )
+        child.metrics.clear_gauges(spec.manager.metric_families)
         self._set_state(child, "starting")
         try:
             actor = spec.manager.corral_start(context)

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from tests.operations import BusyDaemon
 from tests.redis_server import ClusterGroup, RedisServer, RedisServerNotFound, SentinelGroup
 
 
@@ -86,3 +87,11 @@ def fresh_redis_cluster() -> Iterator[ClusterGroup]:
     cluster = ClusterGroup()
     yield cluster
     cluster.close()
+
+
+@pytest.fixture(scope="session")
+def busy_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BusyDaemon]:
+    """A real ``corral run`` with every built-in manager and JSON logs, after some traffic
+    (see tests/operations.py); on a redis-server of its own."""
+    with BusyDaemon(tmp_path_factory.mktemp("busy")) as busy:
+        yield busy

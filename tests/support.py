@@ -10,6 +10,9 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
 from corral.actors.base import Manager, handles
 from corral.bus import Subscription
 from corral.errors import NotFound
@@ -30,6 +33,28 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s: {predicate}")
         time.sleep(interval)
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+"""A /metrics page: (sample name, its labels) -> value."""
+
+
+def scrape(url: str) -> Samples:
+    """``GET <url>/metrics``, parsed::
+
+    scrape(url)[metric("corral_manager_up", manager="cache")]   # 1.0
+    """
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def metric(name: str, **labels: str) -> tuple[str, frozenset[tuple[str, str]]]:
+    """The key of one sample in :func:`scrape`'s answer."""
+    return name, frozenset(labels.items())
 
 
 def corral_command(*args: str) -> list[str]:

@@ -92,7 +92,7 @@ def test_run_serves_health_and_stops_in_reverse_order_on_sigterm(
         metrics = httpx.get(f"{url}/metrics").text
         for name in ("system", "cache_like", "worker"):
             assert f'corral_manager_up{{manager="{name}"}} 1.0' in metrics
-        assert "corral_bus_healthy 1.0" in metrics
+        assert "corral_bus_up 1.0" in metrics
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
         assert process.stderr is not None

@@ -36,7 +36,7 @@ from corral.messages.codec import Codec
 from corral.messages.system import Ping, Pong, SupervisorChildChanged
 from corral.remote import GROUP, stream_key
 from tests.redis_server import RedisServer
-from tests.support import Done, Work, next_event, wait_until
+from tests.support import Done, Work, metric, next_event, scrape, wait_until
 
 
 def daemon_config(url: str, **managers: ManagerSection) -> Config:
@@ -164,11 +164,19 @@ def test_health_and_metrics_over_http(daemon: Daemon, client: Client) -> None:
             == 1
         )
     )
-    metrics = httpx.get(f"{daemon.url}/metrics").text
-    assert 'corral_messages_handled_total{manager="worker"} 1.0' in metrics
-    assert 'corral_handler_seconds_bucket{le="+Inf",manager="worker"} 1.0' in metrics
-    assert 'corral_manager_up{manager="system"} 1.0' in metrics
-    assert "corral_bus_published_total" in metrics
+    work = {"manager": "worker", "type": "test.work"}
+    # The request's latency is counted right after its reply is published.
+    samples = wait_until(
+        lambda: (
+            (found := scrape(daemon.url)).get(metric("corral_request_seconds_count", **work))
+            and found
+        )
+    )
+    assert samples[metric("corral_messages_handled_total", **work)] == 1
+    assert samples[metric("corral_handler_seconds_bucket", le="+Inf", **work)] == 1
+    assert samples[metric("corral_request_seconds_count", **work)] == 1
+    assert samples[metric("corral_manager_up", manager="system")] == 1
+    assert metric("corral_bus_published_total") in samples
 
 
 def test_unhealthy_daemon_answers_503(redis_server: RedisServer, client: Client) -> None:

@@ -49,9 +49,9 @@ from corral.errors import (
 )
 from corral.messages.base import ErrorReply, Event, Message, Reply, Request
 from corral.messages.system import Health, HealthCheck, Reconfigure, Reconfigured
+from corral.metrics import LATENCY_BUCKETS, Family, HandlerStats, ManagerMetrics
 
 __all__ = [
-    "LATENCY_BUCKETS",
     "AsyncioFuture",
     "CallbackFuture",
     "Mailbox",
@@ -59,6 +59,7 @@ __all__ = [
     "ManagerContext",
     "Probe",
     "Router",
+    "current_manager",
     "handles",
 ]
 
@@ -99,6 +100,8 @@ class ManagerContext:
     signing_keys: tuple[bytes, ...] = ()
     """The codec's HMAC keys (``codec.signing_keys``; the first signs): for a manager's own
     signed Redis traffic."""
+    metrics: ManagerMetrics = field(default_factory=ManagerMetrics)
+    """Where the manager counts: its supervisor keeps it across restarts."""
 
 
 class Probe:
@@ -119,12 +122,19 @@ class Mailbox(queue.Queue[Envelope[Any]]):
     hung actor.
     """
 
-    def __init__(self, capacity: int, put_timeout: float, owner: str) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        put_timeout: float,
+        owner: str,
+        metrics: ManagerMetrics | None = None,
+    ) -> None:
         super().__init__()
         self.capacity = capacity
         self.put_timeout = put_timeout
         self.owner = owner
-        self.overloaded = 0
+        self.metrics = metrics or ManagerMetrics()
+        """Counts ``overloaded``: the puts refused because the mailbox stayed full."""
         self.closed = False
 
     def _init(self, maxsize: int) -> None:
@@ -158,7 +168,7 @@ class Mailbox(queue.Queue[Envelope[Any]]):
                 break  # drained while we waited: the put below must not go into a dead mailbox
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self.overloaded += 1
+                self.metrics.overloaded += 1
                 raise Overloaded(
                     f"the {self.owner} mailbox stayed full ({self.capacity} messages) "
                     f"for {self.put_timeout:g}s",
@@ -256,6 +266,7 @@ class CallbackFuture(pykka.Future[Any]):
     The callback runs on the replying actor's thread: it must only hand over
     (put in a queue), never wait on the network.
 
+    ``correlation`` names the request in the logs (a remote request's id, in hex).
     ``admit``, when given, is asked on the actor's thread right before the handler
     runs; False skips the request (``admit`` has then answered it, or left it to
     someone else). The remote server uses it to refuse a request past its deadline
@@ -272,11 +283,13 @@ class CallbackFuture(pykka.Future[Any]):
         *,
         admit: Callable[[], bool] | None = None,
         sender: str = "",
+        correlation: str = "",
     ) -> None:
         super().__init__()
         self.callback = callback
         self.admit = admit
         self.sender = sender
+        self.correlation = correlation
 
     def get(self, *, timeout: float | None = None) -> Any:  # pragma: no cover - never called
         raise NotImplementedError("CallbackFuture delivers through its callback")
@@ -288,24 +301,16 @@ class CallbackFuture(pykka.Future[Any]):
         self.callback(None, exc_info[1])
 
 
-LATENCY_BUCKETS = (
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-)
-"""Upper bounds (seconds) of the handler latency histogram kept by every manager."""
+_running = threading.local()
+
+
+def current_manager() -> Manager[Any] | None:
+    """The manager whose thread this is, or None: for the logs' context.
+
+    Its ``corral_current_envelope`` is the message it is handling (None between two).
+    """
+    actor: Manager[Any] | None = getattr(_running, "actor", None)
+    return actor
 
 
 def _admitted(envelope: Envelope[Any]) -> bool:
@@ -349,12 +354,13 @@ class Manager(pykka.ThreadingActor, Generic[OptionsT]):
 
     Without one (``class Greeter(Manager)``), ``self.options`` is the table as given.
 
-    What a subclass may use: ``name``, ``Options``, ``placement``, ``options``,
-    ``router``, ``defer_reply``, ``take_queued``, ``health`` and the hooks
-    ``on_start``, ``on_stop`` and ``on_failure``. Everything else the base keeps is
-    named ``corral_*`` (as pykka's is ``actor_*``), so a subclass's own attributes
-    never collide with it: ``corral_context`` (the name it runs under, its Redis URL,
-    namespace and signing keys), ``corral_mailbox``, ``corral_stats()`` and counters.
+    What a subclass may use: ``name``, ``Options``, ``placement``,
+    ``metric_families``, ``options``, ``router``, ``defer_reply``, ``take_queued``,
+    ``health`` and the hooks ``on_start``, ``on_stop`` and ``on_failure``. Everything
+    else the base keeps is named ``corral_*`` (as pykka's is ``actor_*``), so a
+    subclass's own attributes never collide with it: ``corral_context`` (the name it
+    runs under, its Redis URL, namespace and signing keys), ``corral_mailbox``,
+    ``corral_metrics`` (where it counts, kept across restarts) and ``corral_stats()``.
     """
 
     name: ClassVar[str] = ""
@@ -365,6 +371,9 @@ class Manager(pykka.ThreadingActor, Generic[OptionsT]):
     """``any``: every daemon runs this manager, so it must keep no state of its own in
     memory. ``singleton``: one daemon of the namespace runs it at a time (a lease in
     Redis). ``[managers.<name>] placement`` overrides it."""
+    metric_families: ClassVar[tuple[Family, ...]] = ()
+    """The manager's own figures on ``/metrics``, counted into ``corral_metrics``
+    (see :mod:`corral.metrics`)."""
     use_daemon_thread = True  # a hung manager must not keep the process alive
     _corral_handlers: ClassVar[dict[type[Message], Callable[[Any, Any], Any]]] = {}
 
@@ -389,10 +398,12 @@ class Manager(pykka.ThreadingActor, Generic[OptionsT]):
         )
         super().__init__()
         self.corral_started_at = time.monotonic()
-        self.corral_handled = 0
-        self.corral_errors = 0
-        self.corral_handler_seconds = 0.0
-        self.corral_latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        metrics = context.metrics
+        self.corral_handler_stats: dict[type[Message], HandlerStats] = {
+            message_type: metrics.handler(getattr(message_type, "type_name", message_type.__name__))
+            for message_type in self._corral_handlers
+        }
+        """Per message type handled, what its handler did (kept across restarts)."""
         self.corral_failure: BaseException | None = None
         self.corral_settled = threading.Event()
         self.corral_leftovers: list[Envelope[Any]] = []
@@ -410,7 +421,9 @@ class Manager(pykka.ThreadingActor, Generic[OptionsT]):
 
     def _create_actor_inbox(self) -> Mailbox:  # type: ignore[override]
         context = self.corral_context
-        return Mailbox(context.mailbox_size, context.mailbox_put_timeout, context.name)
+        return Mailbox(
+            context.mailbox_size, context.mailbox_put_timeout, context.name, context.metrics
+        )
 
     # -- the public face for subclasses ---------------------------------------------------
 
@@ -451,7 +464,7 @@ class Manager(pykka.ThreadingActor, Generic[OptionsT]):
                     ...
         """
         taken = [e for e in self.corral_mailbox.take_head(message_type, limit) if _admitted(e)]
-        self.corral_handled += len(taken)
+        self.corral_handler_stats[message_type].handled += len(taken)
         return [(envelope.message, envelope.reply_to) for envelope in taken]
 
     def health(self) -> Health:
@@ -477,17 +490,27 @@ class Manager(pykka.ThreadingActor, Generic[OptionsT]):
         assert isinstance(inbox, Mailbox)
         return inbox
 
+    @property
+    def corral_metrics(self) -> ManagerMetrics:
+        """Where this manager counts: ``self.corral_metrics.add(REFUSED, "ip")``.
+
+        Its supervisor keeps it across restarts (see :mod:`corral.metrics`).
+        """
+        return self.corral_context.metrics
+
     def corral_stats(self) -> dict[str, Any]:
-        """Counters kept for every manager; they go into ``Health.metrics``."""
+        """Counters kept for every manager, since its first start; they go into
+        ``Health.metrics``."""
         mailbox = self.corral_mailbox
+        metrics = self.corral_context.metrics
+        handlers = list(metrics.handlers.values())
         return {
-            "handled": self.corral_handled,
-            "errors": self.corral_errors,
-            "handler_seconds": self.corral_handler_seconds,
-            "latency_counts": list(self.corral_latency_counts),
+            "handled": sum(stats.handled for stats in handlers),
+            "errors": sum(stats.errors for stats in handlers) + metrics.unhandled,
+            "handler_seconds": sum(stats.seconds.sum for stats in handlers),
             "mailbox_depth": mailbox.qsize(),
             "mailbox_capacity": mailbox.capacity,
-            "overloaded": mailbox.overloaded,
+            "overloaded": metrics.overloaded,
             "uptime_s": time.monotonic() - self.corral_started_at,
         }
 
@@ -497,7 +520,7 @@ class Manager(pykka.ThreadingActor, Generic[OptionsT]):
         """Messages without a typed handler: the liveness probe, or an error reply."""
         if message is PROBE:
             return self._corral_full_health()
-        self.corral_errors += 1
+        self.corral_context.metrics.unhandled += 1
         what = getattr(message, "type_name", type(message).__name__)
         error = InvalidMessage(f"manager {self.corral_context.name!r} does not handle {what}")
         return ErrorReply.of(error)
@@ -540,6 +563,7 @@ class Manager(pykka.ThreadingActor, Generic[OptionsT]):
 
     def _actor_loop(self) -> None:
         self.corral_thread = threading.current_thread()
+        _running.actor = self
         try:
             super()._actor_loop()
         finally:
@@ -558,8 +582,8 @@ class Manager(pykka.ThreadingActor, Generic[OptionsT]):
         inbox = self.actor_inbox
         stopped = self.actor_stopped
         handlers = self._corral_handlers
+        handler_stats = self.corral_handler_stats
         clock = time.perf_counter
-        counts = self.corral_latency_counts
         bucket = functools.partial(bisect.bisect_left, LATENCY_BUCKETS)
         while not stopped.is_set():
             envelope = inbox.get()
@@ -572,16 +596,18 @@ class Manager(pykka.ThreadingActor, Generic[OptionsT]):
                 if handler is None:
                     response = self._handle_receive(message)  # pykka's own messages, probes
                 else:
+                    stats = handler_stats[type(message)]
                     started = clock()
                     try:
                         response = handler(self, message)
                     except CorralError as exc:
-                        self.corral_errors += 1
+                        stats.errors += 1
                         response = ErrorReply.of(exc)
                     elapsed = clock() - started
-                    self.corral_handled += 1
-                    self.corral_handler_seconds += elapsed
-                    counts[bucket(elapsed)] += 1
+                    stats.handled += 1
+                    seconds = stats.seconds
+                    seconds.counts[bucket(elapsed)] += 1
+                    seconds.sum += elapsed
             except BaseException as exc:
                 self._corral_crash(exc)
                 if envelope.reply_to is not None:
@@ -602,6 +628,7 @@ class Manager(pykka.ThreadingActor, Generic[OptionsT]):
                         self.corral_context.name,
                         exc_info=True,
                     )
+            self.corral_current_envelope = None
 
     def _actor_loop_teardown(self) -> None:
         self.corral_leftovers = self.corral_mailbox.drain()

@@ -188,12 +188,18 @@ class CodecSection(Section):
 
 @dataclass(frozen=True, kw_only=True, repr=False)
 class LogSection(Section):
-    """``[log]``: level and format of the logs on stderr."""
+    """``[log]``: level and format of the logs on stderr.
+
+    corral's own loggers, the packages of the managers named by ``class_path`` and the
+    ``loggers`` named here log at ``level``; every other library at WARNING and above.
+    """
 
     prefix: ClassVar[str] = "log"
 
     level: LogLevel = "INFO"
     format: LogFormat = "plain"
+    loggers: list[str] = field(default_factory=list)
+    """Other loggers (by name, such as ``aiohttp.access``) that log at ``level`` too."""
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)

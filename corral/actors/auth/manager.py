@@ -39,7 +39,7 @@ import threading
 import time
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, NoReturn
+from typing import Any, Literal, NoReturn
 
 import jwt
 
@@ -67,6 +67,7 @@ from corral.messages.auth import (
 )
 from corral.messages.base import MAX_TIMEOUT, MAX_TTL
 from corral.messages.system import Health
+from corral.metrics import Counter
 
 __all__ = ["AuthManager", "AuthOptions"]
 
@@ -177,14 +178,32 @@ def _ephemeral_secret(namespace: str, algorithm: str) -> bytes:
         return _ephemeral_secrets.setdefault((namespace, algorithm), secrets.token_bytes(64))
 
 
+ISSUED = Counter("corral_auth_tokens_issued_total", "Tokens issued (access, refresh, subscription)")
+VALIDATED = Counter("corral_auth_tokens_validated_total", "Tokens found valid")
+REFRESHED = Counter("corral_auth_tokens_refreshed_total", "Refresh tokens exchanged for new tokens")
+REVOKED = Counter("corral_auth_tokens_revoked_total", "Tokens and token families revoked")
+REJECTED = Counter(
+    "corral_auth_rejected_total",
+    "Tokens and API keys refused, by reason (expired, revoked, malformed, ...)",
+    labels=("reason",),
+)
+HEALTH_COUNTS = {
+    "issued": ISSUED,
+    "validated": VALIDATED,
+    "refreshed": REFRESHED,
+    "revoked": REVOKED,
+}
+"""The counters in ``Health.metrics``, by key (and ``rejected_<reason>``)."""
+
+
 class AuthManager(Manager[AuthOptions]):
     """Issues, validates, refreshes and revokes JWTs; creates and checks API keys."""
 
     name = "auth"
+    metric_families = (ISSUED, VALIDATED, REFRESHED, REVOKED, REJECTED)
     store: Store
     keys: KeyRing
     family_ttl: int
-    counters: ClassVar[tuple[str, ...]] = ("issued", "validated", "refreshed", "revoked")
 
     def on_start(self) -> None:
         settings = self.options
@@ -204,8 +223,6 @@ class AuthManager(Manager[AuthOptions]):
         self.issuer = settings.issuer or None
         # A revoked family must outlive every token of it, refresh tokens included.
         self.family_ttl = math.ceil(settings.refresh_ttl + settings.leeway + settings.refresh_grace)
-        self.counts = dict.fromkeys(self.counters, 0)
-        self.rejected: dict[str, int] = {}
 
     def on_stop(self) -> None:
         self.store.close()
@@ -233,8 +250,11 @@ class AuthManager(Manager[AuthOptions]):
             "ephemeral_key": self.keys.ephemeral,
         }
         metrics: dict[str, Any] = {
-            **self.counts,
-            **{f"rejected_{reason}": n for reason, n in self.rejected.items()},
+            **{key: int(self.corral_metrics.value(f)) for key, f in HEALTH_COUNTS.items()},
+            **{
+                f"rejected_{reason}": int(n)
+                for (reason,), n in self.corral_metrics.samples(REJECTED)
+            },
         }
         if self.store.kind == "memory":
             return Health(status="healthy", details=details, metrics=metrics)
@@ -265,7 +285,7 @@ class AuthManager(Manager[AuthOptions]):
         if msg.scopes:
             extra["scope"] = " ".join(msg.scopes)
         self._check_claims(msg.subject, extra)
-        self.counts["issued"] += 1
+        self.corral_metrics.add(ISSUED)
         if not msg.refresh:
             return AuthTokens(
                 access_token=self._sign(msg.subject, "access", None, extra),
@@ -301,7 +321,7 @@ class AuthManager(Manager[AuthOptions]):
             )
         extra = {"room": msg.room}
         self._check_claims(msg.subject, extra)
-        self.counts["issued"] += 1
+        self.corral_metrics.add(ISSUED)
         return AuthTokens(
             access_token=self._sign(msg.subject, "subscription", None, extra, ttl=ttl),
             expires_in=ttl,
@@ -316,7 +336,7 @@ class AuthManager(Manager[AuthOptions]):
         missing = [scope for scope in msg.scopes if scope not in scopes]
         if missing:
             self._reject("insufficient_scope", f"the token lacks the scope {missing[0]!r}")
-        self.counts["validated"] += 1
+        self.corral_metrics.add(VALIDATED)
         return AuthClaims(
             subject=payload["sub"],
             jti=payload["jti"],
@@ -347,7 +367,7 @@ class AuthManager(Manager[AuthOptions]):
             )
         if outcome == "revoked":
             self._reject("revoked", "the token has been revoked")
-        self.counts["refreshed"] += 1
+        self.corral_metrics.add(REFRESHED)
         extra = {k: v for k, v in payload.items() if k not in RESERVED_CLAIMS or k == "scope"}
         return self._pair(payload["sub"], family, successor, extra)
 
@@ -361,7 +381,7 @@ class AuthManager(Manager[AuthOptions]):
         revoke_family = family is not None and (msg.family or payload["type"] == "refresh")
         if family is not None and revoke_family:
             self.store.revoke_family(family, self.family_ttl)
-        self.counts["revoked"] += 1
+        self.corral_metrics.add(REVOKED)
         return AuthRevoked(jti=payload["jti"], ttl=max(0, ttl), family_revoked=revoke_family)
 
     @handles(AuthIsRevoked)
@@ -465,7 +485,7 @@ class AuthManager(Manager[AuthOptions]):
         return scope.split() if isinstance(scope, str) else []
 
     def _reject(self, reason: str, message: str) -> NoReturn:
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        self.corral_metrics.add(REJECTED, reason)
         raise Unauthorized(message, {"reason": reason})
 
     # -- API keys -------------------------------------------------------------------------

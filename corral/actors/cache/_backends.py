@@ -49,10 +49,28 @@ from corral._redis import (
     topology,
 )
 from corral.actors.cache._memory import MemoryStore
+from corral.actors.cache._metrics import (
+    BACKEND_ERRORS,
+    BREAKER_OPENS,
+    BREAKER_STATE,
+    BREAKER_STATES,
+    DELETES,
+    ENTRIES,
+    EVICTIONS,
+    EXPIRATIONS,
+    FALLBACKS,
+    HITS,
+    INVALIDATIONS_REJECTED,
+    L1_HITS,
+    MISSES,
+    SETS,
+    Counters,
+)
 from corral.actors.cache._options import BackendOptions
 from corral.errors import BackendUnavailable, ConfigError, InvalidMessage
 from corral.messages.cache import CacheInvalidated, CacheLeaseEnded
 from corral.messages.codec import Codec
+from corral.metrics import ManagerMetrics
 
 __all__ = [
     "Backend",
@@ -122,16 +140,6 @@ class LeaseState:
     held_for: float = 0.0
 
 
-class Counters:
-    """What a backend did, as reported in statistics and health metrics."""
-
-    __slots__ = ("deletes", "errors", "fallbacks", "hits", "l1_hits", "misses", "sets")
-
-    def __init__(self) -> None:
-        self.hits = self.misses = self.l1_hits = 0
-        self.sets = self.deletes = self.errors = self.fallbacks = 0
-
-
 class Backend(Protocol):
     """What the manager asks of a backend; every method may raise BackendUnavailable."""
 
@@ -152,20 +160,27 @@ class Backend(Protocol):
 
 
 def _stats(kind: str, counters: Counters, store: MemoryStore | None) -> dict[str, Any]:
-    lookups = counters.hits + counters.misses
+    hits, misses = counters.value(HITS), counters.value(MISSES)
+    size = len(store) if store is not None else 0
+    counters.metrics.set(ENTRIES, size, counters.backend)
     return {
         "type": kind,
-        "hits": counters.hits,
-        "misses": counters.misses,
-        "hit_rate": counters.hits / lookups if lookups else 0.0,
-        "sets": counters.sets,
-        "deletes": counters.deletes,
-        "evictions": store.evictions if store is not None else 0,
-        "expirations": store.expirations if store is not None else 0,
-        "errors": counters.errors,
-        "fallbacks": counters.fallbacks,
-        "size": len(store) if store is not None else 0,
+        "hits": hits,
+        "misses": misses,
+        "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+        "sets": counters.value(SETS),
+        "deletes": counters.value(DELETES),
+        "evictions": counters.value(EVICTIONS),
+        "expirations": counters.value(EXPIRATIONS),
+        "errors": counters.value(BACKEND_ERRORS),
+        "fallbacks": counters.value(FALLBACKS),
+        "size": size,
     }
+
+
+def _count_drops(store: MemoryStore, counters: Counters) -> None:
+    """Count what ``store`` drops by itself (evictions, expirations) in ``counters``."""
+    store.on_dropped = lambda evicted: counters.add(EVICTIONS if evicted else EXPIRATIONS)
 
 
 class MemoryBackend:
@@ -173,17 +188,18 @@ class MemoryBackend:
 
     kind = "memory"
 
-    def __init__(self, name: str, store: MemoryStore) -> None:
+    def __init__(self, name: str, store: MemoryStore, counters: Counters | None = None) -> None:
         self.name = name
         self.store = store
-        self.counters = Counters()
+        self.counters = counters or Counters(ManagerMetrics(), name)
+        _count_drops(store, self.counters)
 
     def get(self, key: str) -> bytes | None:
         entry = self.store.get(key)
         if entry is None:
-            self.counters.misses += 1
+            self.counters.add(MISSES)
             return None
-        self.counters.hits += 1
+        self.counters.add(HITS)
         return entry.data
 
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
@@ -198,11 +214,11 @@ class MemoryBackend:
         tags = tuple(tags)
         for key, data in items.items():
             self.store.set(key, data, ttl, tags)
-        self.counters.sets += len(items)
+        self.counters.add(SETS, len(items))
 
     def delete(self, key: str) -> bool:
         deleted = self.store.delete(key)
-        self.counters.deletes += deleted
+        self.counters.add(DELETES, deleted)
         return deleted
 
     def exists(self, key: str) -> bool:
@@ -210,17 +226,17 @@ class MemoryBackend:
 
     def clear(self) -> int:
         count = self.store.clear()
-        self.counters.deletes += count
+        self.counters.add(DELETES, count)
         return count
 
     def invalidate(self, pattern: str) -> int:
         count = self.store.invalidate(pattern)
-        self.counters.deletes += count
+        self.counters.add(DELETES, count)
         return count
 
     def invalidate_tags(self, tags: list[str]) -> int:
         count = self.store.invalidate_tags(tags)
-        self.counters.deletes += count
+        self.counters.add(DELETES, count)
         return count
 
     def status(self) -> tuple[Status, dict[str, Any]]:
@@ -239,15 +255,21 @@ class Breaker:
     closes it and whose failure opens it again. Used from one thread only."""
 
     def __init__(
-        self, threshold: int, reset_timeout: float, clock: Callable[[], float] = time.monotonic
+        self,
+        threshold: int,
+        reset_timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        on_open: Callable[[], None] = lambda: None,
     ) -> None:
         self.threshold = threshold
         self.reset_timeout = reset_timeout
         self.clock = clock
+        self.on_open = on_open
+        """Called each time the breaker opens from closed."""
         self.state: Literal["closed", "open", "half_open"] = "closed"
         self.failures = 0
         self.opened_at = 0.0
-        self.opens = 0
 
     def allow(self) -> bool:
         if self.state == "closed":
@@ -270,7 +292,7 @@ class Breaker:
             self.state == "closed" and self.failures >= self.threshold
         ):
             if self.state == "closed":
-                self.opens += 1
+                self.on_open()
             self.state = "open"
             self.opened_at = self.clock()
 
@@ -293,6 +315,7 @@ class RedisBackend:
         namespace: str,
         origin: str,
         codec: Codec,
+        counters: Counters | None = None,
     ) -> None:
         self.name = name
         self.kind: str = options.type
@@ -310,8 +333,14 @@ class RedisBackend:
                 options.default_ttl,
                 max_ttl=options.l1_ttl if self.tiered else None,
             )
-        self.counters = Counters()
-        self.breaker = Breaker(options.breaker_threshold, options.breaker_reset_timeout)
+        self.counters = counters or Counters(ManagerMetrics(), name)
+        if self.local is not None:
+            _count_drops(self.local, self.counters)
+        self.breaker = Breaker(
+            options.breaker_threshold,
+            options.breaker_reset_timeout,
+            on_open=lambda: self.counters.add(BREAKER_OPENS),
+        )
         self.last_error = ""
         self.listener: InvalidationListener | None = None
         prefix = f"{namespace}:cache:{name}"
@@ -355,14 +384,14 @@ class RedisBackend:
         if self.tiered and local is not None:
             entry = local.get(key)
             if entry is not None:
-                self.counters.hits += 1
-                self.counters.l1_hits += 1
+                self.counters.add(HITS)
+                self.counters.add(L1_HITS)
                 return entry.data
         data = self._run(lambda: self._fetch([key]).get(key), lambda: self._local_get(key))
         if data is None:
-            self.counters.misses += 1
+            self.counters.add(MISSES)
         else:
-            self.counters.hits += 1
+            self.counters.add(HITS)
         return data
 
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
@@ -377,7 +406,7 @@ class RedisBackend:
                     wanted.append(key)
                 else:
                     found[key] = entry.data
-                    self.counters.l1_hits += 1
+                    self.counters.add(L1_HITS)
         if wanted:
             found.update(
                 self._run(
@@ -385,8 +414,8 @@ class RedisBackend:
                     lambda: {k: d for k in wanted if (d := self._local_get(k)) is not None},
                 )
             )
-        self.counters.hits += len(found)
-        self.counters.misses += len(keys) - len(found)
+        self.counters.add(HITS, len(found))
+        self.counters.add(MISSES, len(keys) - len(found))
         return found
 
     def set_many(self, items: dict[str, bytes], ttl: float | None, tags: Iterable[str]) -> None:
@@ -412,7 +441,7 @@ class RedisBackend:
                 self._local_set(items, ttl, tags)
 
         self._run(remote, lambda: self._local_set(items, ttl, tags))
-        self.counters.sets += len(items)
+        self.counters.add(SETS, len(items))
 
     def delete(self, key: str) -> bool:
         def remote() -> bool:
@@ -424,7 +453,7 @@ class RedisBackend:
         if self.local is not None:
             self.local.delete(key)
         deleted = self._run(remote, None)
-        self.counters.deletes += deleted
+        self.counters.add(DELETES, deleted)
         return deleted
 
     def exists(self, key: str) -> bool:
@@ -447,7 +476,7 @@ class RedisBackend:
             return count
 
         count = self._run(remote, None)
-        self.counters.deletes += count
+        self.counters.add(DELETES, count)
         return count
 
     def invalidate(self, pattern: str) -> int:
@@ -460,7 +489,7 @@ class RedisBackend:
             return count
 
         count = self._run(remote, None)
-        self.counters.deletes += count
+        self.counters.add(DELETES, count)
         return count
 
     def invalidate_tags(self, tags: list[str]) -> int:
@@ -481,7 +510,7 @@ class RedisBackend:
             return sum(removed[: len(keys)])
 
         count = self._run(remote, None)
-        self.counters.deletes += count
+        self.counters.add(DELETES, count)
         return count
 
     # -- single-flight leases -------------------------------------------------------------
@@ -554,11 +583,14 @@ class RedisBackend:
 
     def stats(self) -> dict[str, Any]:
         stats = _stats(self.kind, self.counters, self.local)
+        breaker = self.breaker.state
+        for state in BREAKER_STATES:
+            self.counters.metrics.set(BREAKER_STATE, float(state == breaker), self.name, state)
         stats.update(
-            l1_hits=self.counters.l1_hits,
-            breaker=self.breaker.state,
-            breaker_opens=self.breaker.opens,
-            invalidations_rejected=self.listener.rejected if self.listener is not None else 0,
+            l1_hits=self.counters.value(L1_HITS),
+            breaker=breaker,
+            breaker_opens=self.counters.value(BREAKER_OPENS),
+            invalidations_rejected=self.counters.value(INVALIDATIONS_REJECTED),
         )
         return stats
 
@@ -578,11 +610,11 @@ class RedisBackend:
             try:
                 result = remote()
             except _CONNECTION_ERRORS as exc:
-                self.counters.errors += 1
+                self.counters.add(BACKEND_ERRORS)
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 self.breaker.failed()
             except REDIS_ERRORS as exc:
-                self.counters.errors += 1
+                self.counters.add(BACKEND_ERRORS)
                 # Redis answered, with an error: it is reachable, so a half-open probe succeeded.
                 if self.breaker.succeeded():
                     self.last_error = ""
@@ -609,7 +641,7 @@ class RedisBackend:
                 "try again once it is",
                 details,
             )
-        self.counters.fallbacks += 1
+        self.counters.add(FALLBACKS)
         return fallback()
 
     def _fetch(self, keys: list[str]) -> dict[str, bytes]:
@@ -695,7 +727,7 @@ class InvalidationListener:
     the actor, so the L1 and the lease waiters are only touched on the actor's thread. It
     reconnects with backoff; after a reconnect it delivers :class:`Resync`. ``deliver``
     returning False stops it (the actor is gone). What fails to decode, verify or pass
-    the replay guard is dropped and counted (``rejected``).
+    the replay guard is dropped and counted (``INVALIDATIONS_REJECTED``).
     """
 
     def __init__(
@@ -706,11 +738,11 @@ class InvalidationListener:
         reconnect_max: float = 1.0,
     ) -> None:
         self.backend_name = backend.name
+        self.counters = backend.counters
         self.url = backend.url
         self.channel = backend.channel
         self.codec = backend.codec
         self.replays = backend.codec.replay_guard()
-        self.rejected = 0
         self.timeout = backend.options.socket_timeout
         self.deliver = deliver
         self.reconnect_max = reconnect_max
@@ -771,7 +803,7 @@ class InvalidationListener:
         try:
             event = self.codec.decode(data, channel=self.channel, guard=self.replays).message
         except InvalidMessage as exc:
-            self.rejected += 1
+            self.counters.add(INVALIDATIONS_REJECTED)
             REJECTED.reject("cache", junk_kind(exc), f"invalidation on {self.channel}: {exc}", log)
             return True
         if not isinstance(event, CacheInvalidated | CacheLeaseEnded):

@@ -45,6 +45,7 @@ from corral.actors.cache._backends import (
     Resync,
 )
 from corral.actors.cache._memory import MemoryStore
+from corral.actors.cache._metrics import BATCHED_GETS, FAMILIES, LEASE_WAITERS, LEASES, Counters
 from corral.actors.cache._options import BackendOptions, CacheOptions
 from corral.errors import (
     BackendUnavailable,
@@ -129,13 +130,13 @@ class CacheManager(Manager[CacheOptions]):
     """The ``cache`` manager; see the module docstring and docs/cache.md."""
 
     name = "cache"
+    metric_families = FAMILIES
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def on_start(self) -> None:
         settings = self.options
         self.origin = uuid.uuid4().hex
-        self.batched_gets = 0
         self.codec = Codec(keys=self.corral_context.signing_keys)
         self.max_key_length = settings.max_key_length
         self.max_value_size = settings.max_value_size
@@ -189,7 +190,7 @@ class CacheManager(Manager[CacheOptions]):
     def _build(self, name: str, options: BackendOptions) -> Backend:
         if options.type == "memory":
             store = MemoryStore(options.strategy, options.max_size, options.default_ttl)
-            return MemoryBackend(name, store)
+            return MemoryBackend(name, store, Counters(self.corral_metrics, name))
         context = self.corral_context
         url = options.url or context.redis_url
         if not url:
@@ -204,6 +205,7 @@ class CacheManager(Manager[CacheOptions]):
             namespace=options.namespace or context.namespace,
             origin=self.origin,
             codec=self.codec,
+            counters=Counters(self.corral_metrics, name),
         )
         backend.listener = InvalidationListener(backend, self._deliver)
         backend.listener.start()
@@ -233,7 +235,7 @@ class CacheManager(Manager[CacheOptions]):
         """One get, or, when more wait behind it, all of them in one round trip per backend."""
         queued = self.take_queued(CacheGet, _GET_BATCH)
         if queued:
-            self.batched_gets += len(queued) + 1
+            self.corral_metrics.add(BATCHED_GETS, by=len(queued) + 1)
             self._get_together([(msg, self.defer_reply()), *queued])
             return None  # answered through its future with the others
         backend = self._backend(msg.backend)
@@ -555,9 +557,12 @@ class CacheManager(Manager[CacheOptions]):
                     metrics[f"backends.{name}.{counter}"] = value
         total = _total(per_backend.values())
         metrics.update({f"cache_{k}": v for k, v in total.items()})
+        counted = self.corral_metrics
         metrics["leases"] = len(self.flights)
-        metrics["batched_gets"] = self.batched_gets
+        metrics["batched_gets"] = int(counted.value(BATCHED_GETS))
         metrics["lease_waiters"] = sum(len(f.waiters) for f in self.flights.values())
+        counted.set(LEASES, metrics["leases"])
+        counted.set(LEASE_WAITERS, metrics["lease_waiters"])
         return Health(status=status, details=details, metrics=metrics)  # type: ignore[arg-type]
 
     # -- input ----------------------------------------------------------------------------

@@ -65,8 +65,9 @@ class MemoryStore:
         self.max_ttl = max_ttl
         self.clock = clock
         self.tags: dict[str, set[str]] = {}
-        self.evictions = 0
-        self.expirations = 0
+        self.on_dropped: Callable[[bool], None] = lambda evicted: None
+        """Called for every entry the store drops by itself: ``True`` when evicted to make
+        room, ``False`` when expired."""
         self.entries: Cache[str, Entry] = _make_cache(strategy, max_size, self)
 
     def __len__(self) -> int:
@@ -117,10 +118,7 @@ class MemoryStore:
 
     def dropped(self, key: str, entry: Entry, *, evicted: bool) -> None:
         """Called for every entry the cache itself dropped: evicted, or expired."""
-        if evicted:
-            self.evictions += 1
-        else:
-            self.expirations += 1
+        self.on_dropped(evicted)
         self._untag(key, entry)
 
     def _delete_all(self, keys: Iterable[str]) -> int:

@@ -42,6 +42,7 @@ from typing import Any
 from pykka._envelope import Envelope
 
 from corral.actors.base import Manager, handles
+from corral.actors.pool._metrics import FAMILIES
 from corral.actors.pool.loop import DeferredReply, LoopThread
 from corral.actors.pool.options import PoolOptions
 from corral.actors.pool.service import Call, Service
@@ -89,6 +90,7 @@ class PoolManager(Manager[PoolOptions]):
     """Connection pools to named HTTP services, with retries, breakers and health probes."""
 
     name = "pool"
+    metric_families = FAMILIES
     stop_grace = 2.0
     """Seconds calls in flight get to finish when the manager stops."""
 
@@ -104,7 +106,9 @@ class PoolManager(Manager[PoolOptions]):
         settings = self.options
         self.loop = LoopThread(f"corral-{self.corral_context.name}-loop")
         self.services = {
-            name: Service(name, options, latency_window=settings.latency_window)
+            name: Service(
+                name, options, latency_window=settings.latency_window, metrics=self.corral_metrics
+            )
             for name, options in settings.services.items()
         }
         for service in self.services.values():
@@ -258,6 +262,7 @@ async def _health_report(
     details = {name: service.details() for name, service in services.items()}
     metrics: dict[str, Any] = {}
     for name, service in services.items():
+        service.update_gauges()
         _flatten(metrics, name, service.stats())
     dependencies: dict[str, HealthStatus] = {
         name: service.status() for name, service in services.items()
@@ -266,7 +271,7 @@ async def _health_report(
 
 
 def _flatten(into: dict[str, Any], prefix: str, value: Any) -> None:
-    """Nested statistics as flat numeric keys (``billing.latency_ms.p99``), for /metrics."""
+    """Nested statistics as flat numeric keys (``billing.latency_ms.p99``)."""
     if isinstance(value, dict):
         for key, item in value.items():
             _flatten(into, f"{prefix}.{key}", item)

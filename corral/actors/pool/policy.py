@@ -64,7 +64,8 @@ class Breaker:
 
     closed → (``threshold`` consecutive failures) → open → (``open_seconds``) →
     half_open, where ``probes`` calls may run at once: a success closes it, a
-    failure opens it again. ``transitions`` counts every change of state.
+    failure opens it again. ``transitions`` counts every change of state, and
+    ``on_transition`` is called at each.
     """
 
     def __init__(
@@ -74,8 +75,10 @@ class Breaker:
         probes: int,
         *,
         clock: Callable[[], float] = time.monotonic,
+        on_transition: Callable[[], None] = lambda: None,
     ) -> None:
         self.threshold = threshold
+        self.on_transition = on_transition
         self.open_seconds = open_seconds
         self.probes = probes
         self.clock = clock
@@ -128,5 +131,6 @@ class Breaker:
     def _move(self, state: BreakerState) -> None:
         self._state = state
         self.transitions += 1
+        self.on_transition()
         if state != "half_open":
             self.probing = 0

@@ -3,7 +3,7 @@
 Everything here runs on the pool's asyncio loop thread, and only there, so it
 needs no locks::
 
-    service = Service("billing", options, latency_window=1000)
+    service = Service("billing", options, latency_window=1000, metrics=ManagerMetrics())
     await service.start()
     response = await service.request(Call(method="GET", path="/invoices", idempotent=True))
     await service.close()
@@ -16,17 +16,33 @@ import contextlib
 import logging
 import math
 import time
-from collections import Counter, deque
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import httpx
 
+from corral.actors.pool._metrics import (
+    ATTEMPTS,
+    BREAKER_STATE,
+    BREAKER_STATES,
+    BREAKER_TRANSITIONS,
+    CALL_SECONDS,
+    CONNECTIONS,
+    ERRORS,
+    IN_FLIGHT,
+    MAX_CONNECTIONS,
+    REQUESTS,
+    RESPONSES,
+    RETRIES,
+)
 from corral.actors.pool.options import ServiceOptions
 from corral.actors.pool.policy import Breaker, parse_retry_after, retry_delay
 from corral.errors import BackendUnavailable, RequestError, Timeout
 from corral.messages.pool import HttpResponse
 from corral.messages.system import HealthStatus
+from corral.metrics import Counter, ManagerMetrics
 
 __all__ = ["Call", "Endpoint", "Service"]
 
@@ -51,10 +67,15 @@ class Call:
 class Endpoint:
     """One base URL of a service: its breaker, probe status and calls in flight."""
 
-    def __init__(self, url: str, options: ServiceOptions) -> None:
+    def __init__(
+        self, url: str, options: ServiceOptions, on_transition: Callable[[], None]
+    ) -> None:
         self.url = url.rstrip("/")
         self.breaker = Breaker(
-            options.breaker_threshold, options.breaker_open_seconds, options.breaker_probes
+            options.breaker_threshold,
+            options.breaker_open_seconds,
+            options.breaker_probes,
+            on_transition=on_transition,
         )
         self.outstanding = 0
         self.requests = 0
@@ -93,20 +114,25 @@ class _TooLarge(Exception):
 
 
 class Service:
-    """A named service: one ``httpx.AsyncClient`` (one pool, shared by its base URLs)."""
+    """A named service: one ``httpx.AsyncClient`` (one pool, shared by its base URLs).
 
-    def __init__(self, name: str, options: ServiceOptions, *, latency_window: int) -> None:
+    It counts in ``metrics``, its manager's store (kept across restarts); ``latencies``
+    keeps the last ``latency_window`` calls' times, for the percentiles of ``stats()``.
+    """
+
+    def __init__(
+        self, name: str, options: ServiceOptions, *, latency_window: int, metrics: ManagerMetrics
+    ) -> None:
         self.name = name
         self.options = options
-        self.endpoints = [Endpoint(url, options) for url in options.base_urls]
+        self.metrics = metrics
+        self.endpoints = [
+            Endpoint(url, options, lambda: metrics.add(BREAKER_TRANSITIONS, name))
+            for url in options.base_urls
+        ]
         self._rotation = 0
         self._client: httpx.AsyncClient | None = None
         self._probes: list[asyncio.Task[None]] = []
-        self.calls = 0
-        self.attempts = 0
-        self.retries = 0
-        self.responses: Counter[str] = Counter()
-        self.errors: Counter[str] = Counter()
         self.latencies: deque[float] = deque(maxlen=latency_window)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -155,7 +181,7 @@ class Service:
 
     async def request(self, call: Call) -> HttpResponse:
         """Send ``call`` with this service's retries and breakers; see the manager's docstring."""
-        self.calls += 1
+        self.metrics.add(REQUESTS, self.name)
         started = time.monotonic()
         deadline = started + call.timeout if call.timeout is not None else math.inf
         retry_until = min(deadline, started + self.options.retry_max_time)
@@ -165,7 +191,7 @@ class Service:
             attempt += 1
             endpoint = self._choose(avoid)
             if endpoint is None:
-                self.errors["breaker_open"] += 1
+                self._count_error("breaker_open")
                 raise self._unavailable(attempt)
             outcome: HttpResponse | _Failed
             try:
@@ -178,7 +204,7 @@ class Service:
             # An open breaker is not retried: the next attempt needs a base URL to go to.
             if not any(e.breaker.available() and e.probe != "unhealthy" for e in self.endpoints):
                 return self._finish(outcome, attempt, started)
-            self.retries += 1
+            self.metrics.add(RETRIES, self.name)
             avoid = endpoint
             await asyncio.sleep(delay)
 
@@ -189,7 +215,7 @@ class Service:
         if remaining <= 0:
             endpoint.breaker.record(None)
             raise self._timeout_error(call, "the call's timeout ran out", endpoint)
-        self.attempts += 1
+        self.metrics.add(ATTEMPTS, self.name)
         endpoint.requests += 1
         endpoint.outstanding += 1
         breaker_outcome: bool | None = False
@@ -219,7 +245,7 @@ class Service:
             raise _Failed("protocol", exc, retryable=False) from None
         except _TooLarge as exc:
             breaker_outcome = None
-            self.errors["too_large"] += 1
+            self._count_error("too_large")
             raise RequestError(
                 f"service {self.name!r}: {exc}",
                 {
@@ -273,14 +299,19 @@ class Service:
         self, outcome: HttpResponse | _Failed, attempt: int, started: float
     ) -> HttpResponse:
         if isinstance(outcome, _Failed):
-            self.errors[outcome.kind] += 1
+            self._count_error(outcome.kind)
             raise BackendUnavailable(
                 f"service {self.name!r}: {outcome}",
                 {"service": self.name, "error": outcome.kind, "attempts": attempt},
             )
-        self.responses[f"{outcome.status // 100}xx"] += 1
-        self.latencies.append(time.monotonic() - started)
+        elapsed = time.monotonic() - started
+        self.metrics.add(RESPONSES, self.name, f"{outcome.status // 100}xx")
+        self.metrics.observe(CALL_SECONDS, elapsed, self.name)
+        self.latencies.append(elapsed)
         return outcome
+
+    def _count_error(self, kind: str) -> None:
+        self.metrics.add(ERRORS, self.name, kind)
 
     def _timeout(self, remaining: float) -> httpx.Timeout:
         o = self.options
@@ -292,7 +323,7 @@ class Service:
         )
 
     def _timeout_error(self, call: Call, why: str, endpoint: Endpoint) -> Timeout:
-        self.errors["timeout"] += 1
+        self._count_error("timeout")
         return Timeout(
             f"service {self.name!r}: {call.method} {call.path} timed out: {why}",
             {"service": self.name, "url": endpoint.url},
@@ -374,15 +405,16 @@ class Service:
     def stats(self) -> dict[str, Any]:
         in_use, idle = self._connections()
         latencies = sorted(self.latencies)
+        metrics, name = self.metrics, self.name
         return {
-            "requests": self.calls,
-            "attempts": self.attempts,
-            "retries": self.retries,
+            "requests": int(metrics.value(REQUESTS, name)),
+            "attempts": int(metrics.value(ATTEMPTS, name)),
+            "retries": int(metrics.value(RETRIES, name)),
             "in_flight": sum(e.outstanding for e in self.endpoints),
-            "responses": dict(self.responses),
-            "errors": dict(self.errors),
+            "responses": self._counted(RESPONSES),
+            "errors": self._counted(ERRORS),
             "breakers": {e.url: e.breaker.state for e in self.endpoints},
-            "breaker_transitions": sum(e.breaker.transitions for e in self.endpoints),
+            "breaker_transitions": int(metrics.value(BREAKER_TRANSITIONS, name)),
             "latency_ms": {
                 name: _rank(latencies, p) * 1000.0
                 for name, p in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
@@ -390,6 +422,27 @@ class Service:
             "connections_in_use": in_use,
             "connections_idle": idle,
             "max_connections": self.options.max_connections,
+        }
+
+    def update_gauges(self) -> None:
+        """Set this service's gauges (breaker states, calls in flight, connections)."""
+        metrics, name = self.metrics, self.name
+        for endpoint in self.endpoints:
+            current = endpoint.breaker.state
+            for state in BREAKER_STATES:
+                metrics.set(BREAKER_STATE, float(state == current), name, endpoint.url, state)
+        metrics.set(IN_FLIGHT, sum(e.outstanding for e in self.endpoints), name)
+        in_use, idle = self._connections()
+        metrics.set(CONNECTIONS, in_use, name, "in_use")
+        metrics.set(CONNECTIONS, idle, name, "idle")
+        metrics.set(MAX_CONNECTIONS, self.options.max_connections, name)
+
+    def _counted(self, family: Counter) -> dict[str, int]:
+        """A counter's series of this service, by its second label."""
+        return {
+            labels[1]: int(value)
+            for labels, value in self.metrics.samples(family)
+            if labels[0] == self.name
         }
 
     def _connections(self) -> tuple[int, int]:

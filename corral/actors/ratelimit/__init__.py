@@ -67,6 +67,7 @@ from corral.messages.ratelimit import (
     RatelimitUnban,
 )
 from corral.messages.system import Health
+from corral.metrics import Counter, Gauge
 
 __all__ = ["RateLimiter", "RateLimiterOptions", "Rule", "parse_limit"]
 
@@ -92,10 +93,57 @@ class _Cached:
     ban_until: float | None = None
 
 
+CHECKS = Counter("corral_ratelimit_checks_total", "Calls checked (and charged when allowed)")
+ALLOWED = Counter("corral_ratelimit_allowed_total", "Calls allowed")
+REFUSED = Counter("corral_ratelimit_refused_total", "Calls refused, by a rule or a ban")
+EXCEEDED = Counter(
+    "corral_ratelimit_exceeded_total", "Refusals by the rule that refused", labels=("rule",)
+)
+CACHED_REFUSALS = Counter(
+    "corral_ratelimit_cached_refusals_total",
+    "Refusals answered from this daemon's cache of keys over their limit, without Redis",
+)
+FALLBACK_DECISIONS = Counter(
+    "corral_ratelimit_fallback_decisions_total",
+    "Calls decided by their rules' on_backend_error because Redis failed",
+)
+BACKEND_ERRORS = Counter("corral_ratelimit_backend_errors_total", "Redis calls that failed")
+BATCHES = Counter(
+    "corral_ratelimit_batches_total", "Round trips deciding checks that queued up together"
+)
+BATCHED_CHECKS = Counter("corral_ratelimit_batched_checks_total", "Checks decided in those")
+CACHED_KEYS = Gauge(
+    "corral_ratelimit_cached_keys", "Keys over their limit, and bans, cached by this daemon"
+)
+HEALTH_COUNTS = {
+    "checks": CHECKS,
+    "allowed": ALLOWED,
+    "refused": REFUSED,
+    "backend_errors": BACKEND_ERRORS,
+    "fallback": FALLBACK_DECISIONS,
+    "cached_refusals": CACHED_REFUSALS,
+    "batches": BATCHES,
+    "batched_checks": BATCHED_CHECKS,
+}
+"""The counters in ``Health.metrics``, by key."""
+
+
 class RateLimiter(Manager[RateLimiterOptions]):
     """Decides calls against the configured rules; see the module docstring."""
 
     name = "ratelimit"
+    metric_families = (
+        CHECKS,
+        ALLOWED,
+        REFUSED,
+        EXCEEDED,
+        CACHED_REFUSALS,
+        FALLBACK_DECISIONS,
+        BACKEND_ERRORS,
+        BATCHES,
+        BATCHED_CHECKS,
+        CACHED_KEYS,
+    )
 
     def on_start(self) -> None:
         settings = self.options
@@ -104,19 +152,6 @@ class RateLimiter(Manager[RateLimiterOptions]):
         self.redis: RedisLimiter | None = None
         self.down_until = 0.0
         self.last_error = ""
-        self.counts = dict.fromkeys(
-            (
-                "checks",
-                "allowed",
-                "refused",
-                "backend_errors",
-                "fallback",
-                "cached_refusals",
-                "batches",
-                "batched_checks",
-            ),
-            0,
-        )
         self.over_limit: dict[str, _Cached] = {}
         """The local cache: rule keys over their limit and ban keys, with their verdicts."""
         self.pending_refusals: dict[str, int] = {}
@@ -233,7 +268,10 @@ class RateLimiter(Manager[RateLimiterOptions]):
 
     def health(self) -> Health:
         self._flush()
-        metrics = {**self.counts, "local_cache_size": len(self.over_limit)}
+        counted = self.corral_metrics
+        counted.set(CACHED_KEYS, len(self.over_limit))
+        metrics = {key: int(counted.value(family)) for key, family in HEALTH_COUNTS.items()}
+        metrics["local_cache_size"] = len(self.over_limit)
         if self.redis is None:
             return Health(status="healthy", details={"backend": "memory"}, metrics=metrics)
         try:
@@ -267,8 +305,8 @@ class RateLimiter(Manager[RateLimiterOptions]):
         if not self.batch:
             return
         batch, self.batch = self.batch, []
-        self.counts["batches"] += 1
-        self.counts["batched_checks"] += len(batch)
+        self.corral_metrics.add(BATCHES)
+        self.corral_metrics.add(BATCHED_CHECKS, by=len(batch))
         try:
             decisions = self._decide_all([msg for msg, _ in batch], consume=True)
         except BaseException as exc:  # a crash is coming: its callers must not hang meanwhile
@@ -278,7 +316,7 @@ class RateLimiter(Manager[RateLimiterOptions]):
             raise
         for (_, future), decision in zip(batch, decisions, strict=True):
             if isinstance(decision, CorralError):
-                self.corral_errors += 1
+                self.corral_handler_stats[RatelimitCheck].errors += 1
                 future.set(ErrorReply.of(decision))
             else:
                 future.set(decision)
@@ -299,7 +337,8 @@ class RateLimiter(Manager[RateLimiterOptions]):
                 for level, identifier in ids.items()
                 if identifier
             ]
-            self.counts["checks"] += consume
+            if consume:
+                self.corral_metrics.add(CHECKS)
             cached = None
             if consume and self.redis is not None and self.options.local_cache:
                 cached = self._cached_refusal(subjects)
@@ -311,7 +350,7 @@ class RateLimiter(Manager[RateLimiterOptions]):
         ):
             decision = self._decision(results, degraded, cost)
             if consume:
-                self.counts["allowed" if decision.allowed else "refused"] += 1
+                self._count(decision)
             answers[index] = decision
         return [answer for answer in answers if answer is not None]
 
@@ -347,7 +386,7 @@ class RateLimiter(Manager[RateLimiterOptions]):
                         self._remember_refusals(results)
                 return [(results, False) for results in decided]
         if calls:
-            self.counts["fallback"] += len(calls)
+            self.corral_metrics.add(FALLBACK_DECISIONS, by=len(calls))
         return [(self._fallback(subjects, cost, consume), True) for _, subjects, cost in calls]
 
     def _refund(self, results: list[SubjectResult], cost: int) -> None:
@@ -491,9 +530,16 @@ class RateLimiter(Manager[RateLimiterOptions]):
             if any(v.exceeded for v in result.rules):
                 key = result.subject.key
                 self.pending_refusals[key] = self.pending_refusals.get(key, 0) + 1
-        self.counts["cached_refusals"] += 1
-        self.counts["refused"] += 1
-        return self._decision(results, False)  # every verdict here refused: no cost to add
+        self.corral_metrics.add(CACHED_REFUSALS)
+        decision = self._decision(results, False)  # every verdict here refused: no cost to add
+        self._count(decision)
+        return decision
+
+    def _count(self, decision: RatelimitDecision) -> None:
+        counted = self.corral_metrics
+        counted.add(ALLOWED if decision.allowed else REFUSED)
+        for rule in decision.exceeded:
+            counted.add(EXCEEDED, rule)
 
     def _cached(self, key: str, now: float) -> _Cached | None:
         entry = self.over_limit.get(key)
@@ -540,7 +586,7 @@ class RateLimiter(Manager[RateLimiterOptions]):
     def _backend_failed(self, exc: Exception) -> None:
         if not self.down_until:
             log.warning("ratelimit: redis failed (%s); rules decide by on_backend_error", exc)
-        self.counts["backend_errors"] += 1
+        self.corral_metrics.add(BACKEND_ERRORS)
         self.last_error = f"{type(exc).__name__}: {exc}"
         self.down_until = time.monotonic() + self.options.retry_interval
 

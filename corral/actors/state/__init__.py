@@ -60,6 +60,7 @@ from corral.messages.state import (
     check_write,
 )
 from corral.messages.system import Health
+from corral.metrics import Counter
 
 __all__ = ["StateManager", "StateOptions"]
 
@@ -90,10 +91,21 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+CHANGES = Counter("corral_state_changes_total", "State changes applied (creates, transitions, ...)")
+PUBLISHED = Counter(
+    "corral_state_events_published_total", "state.changed events published on the bus"
+)
+PUBLISH_ERRORS = Counter(
+    "corral_state_publish_errors_total",
+    "state.changed events the bus refused (the durable stream still has them)",
+)
+
+
 class StateManager(Manager[StateOptions]):
     """Handles ``state.*`` requests; publishes ``state.changed.<type>.<id>`` events."""
 
     name = "state"
+    metric_families = (CHANGES, PUBLISHED, PUBLISH_ERRORS)
 
     def on_start(self) -> None:
         settings = self.options
@@ -126,8 +138,6 @@ class StateManager(Manager[StateOptions]):
             self.backend = memory_backend_for(
                 self.router, self.corral_context.name, history_limit=settings.history_limit
             )
-        self.published = 0
-        self.publish_errors = 0
         # Publishing waits on the bus (a Redis round trip): a thread of its own does it,
         # in order, so the mailbox moves on as soon as the change is applied.
         self._outbox: queue.SimpleQueue[StateChanged | None] = queue.SimpleQueue()
@@ -152,7 +162,12 @@ class StateManager(Manager[StateOptions]):
 
     def health(self) -> Health:
         details = {"backend": self.backend.name}
-        metrics = {"published": self.published, "publish_errors": self.publish_errors}
+        counted = self.corral_metrics
+        metrics = {
+            "changes": int(counted.value(CHANGES)),
+            "published": int(counted.value(PUBLISHED)),
+            "publish_errors": int(counted.value(PUBLISH_ERRORS)),
+        }
         if self.last_backend_error:
             details["last_backend_error"] = self.last_backend_error
         status: Literal["healthy", "degraded"] = (
@@ -267,6 +282,7 @@ class StateManager(Manager[StateOptions]):
         return result
 
     def _publish(self, events: list[StateChanged]) -> None:
+        self.corral_metrics.add(CHANGES, by=len(events))
         for event in events:
             self._outbox.put(event)
 
@@ -274,9 +290,9 @@ class StateManager(Manager[StateOptions]):
         while (event := self._outbox.get()) is not None:
             try:
                 self.router.publish(changed_topic(event.state_type, event.state_id), event)
-                self.published += 1
+                self.corral_metrics.add(PUBLISHED)
             except CorralError as exc:  # applied already; the event stream keeps it
-                self.publish_errors += 1
+                self.corral_metrics.add(PUBLISH_ERRORS)
                 log.warning("state: could not publish %s of %s: %s", event.transition,
                             event.state_id, exc)  # fmt: skip
 

@@ -65,6 +65,7 @@ from corral.messages.transaction import (
     TransactionSavepoint,
     TransactionWrite,
 )
+from corral.metrics import Counter, Gauge
 
 __all__ = ["TransactionManager"]
 
@@ -84,23 +85,43 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+BEGUN = Counter("corral_transactions_begun_total", "Transactions begun")
+COMMITTED = Counter("corral_transactions_committed_total", "Transactions committed")
+ROLLED_BACK = Counter("corral_transactions_rolled_back_total", "Transactions rolled back")
+RETRIED = Counter(
+    "corral_transaction_retries_total",
+    "Requests run again after losing a compare-and-set to another request of their transaction",
+)
+EXPIRED = Counter(
+    "corral_transactions_expired_total",
+    "Transactions rolled back after their idle timeout (memory store only)",
+)
+OPEN = Gauge("corral_transactions_open", "Transactions open now (memory store only)")
+HEALTH_COUNTS = {
+    "begun": BEGUN,
+    "committed": COMMITTED,
+    "rolled_back": ROLLED_BACK,
+    "retried": RETRIED,
+}
+"""The counters in ``Health.metrics``, by key."""
+
+
 class TransactionManager(Manager[TransactionOptions]):
     """Handles ``transaction.*``; see the module docstring.
 
-    Health metrics count what this manager (this daemon) served: ``committed``,
-    ``rolled_back``, and ``retried`` (requests that lost a compare-and-set to another
-    request of their transaction and ran again); the memory store adds ``open`` and
-    ``expired``.
+    Health metrics count what this manager (this daemon) served: ``begun``,
+    ``committed``, ``rolled_back``, and ``retried`` (requests that lost a
+    compare-and-set to another request of their transaction and ran again); the memory
+    store adds ``open`` and ``expired``. On Redis, no daemon counts the open ones: any
+    daemon serves any step, and Redis expires idle ones by itself.
     """
 
     name = "transaction"
+    metric_families = (BEGUN, COMMITTED, ROLLED_BACK, RETRIED, EXPIRED, OPEN)
     settings: TransactionOptions
 
     def on_start(self) -> None:
         self.store = self._open_store()
-        self.committed = 0
-        self.rolled_back = 0
-        self.retried = 0
         self.last_backend_error = ""
         self._sweep_due = threading.Event()
         self._stopping = threading.Event()
@@ -126,7 +147,7 @@ class TransactionManager(Manager[TransactionOptions]):
                     "the daemon that began it, so corral.connect() clients cannot use it",
                     self.corral_context.name,
                 )
-            return MemoryStore()
+            return MemoryStore(on_expired=lambda: self.corral_metrics.add(EXPIRED))
         setting = f"managers.{self.corral_context.name}.redis_url"
         if not url:
             raise ConfigError(
@@ -142,12 +163,13 @@ class TransactionManager(Manager[TransactionOptions]):
         status: Literal["healthy", "degraded"] = (
             "degraded" if self.last_backend_error else "healthy"
         )
-        metrics = {
-            "committed": self.committed,
-            "rolled_back": self.rolled_back,
-            "retried": self.retried,
-            **self.store.metrics(),
-        }
+        counted = self.corral_metrics
+        metrics = {key: int(counted.value(family)) for key, family in HEALTH_COUNTS.items()}
+        open_count = self.store.open_count()
+        if open_count is not None:
+            counted.set(OPEN, open_count)
+            metrics["open"] = open_count
+            metrics["expired"] = int(counted.value(EXPIRED))
         return Health(status=status, details=details, metrics=metrics)
 
     # -- requests ---------------------------------------------------------------------
@@ -161,6 +183,7 @@ class TransactionManager(Manager[TransactionOptions]):
             )
         transaction_id = uuid.uuid4().hex
         self._stored_call(self.store.begin, transaction_id, TransactionRecord(idle_timeout=timeout))
+        self.corral_metrics.add(BEGUN)
         return TransactionInfo(transaction_id=transaction_id, writes=0)
 
     @handles(TransactionWrite)
@@ -234,13 +257,13 @@ class TransactionManager(Manager[TransactionOptions]):
             if writes
             else []
         )
-        self.committed += 1
+        self.corral_metrics.add(COMMITTED)
         return TransactionCommitted(transaction_id=msg.transaction_id, states=states)
 
     @handles(TransactionRollback)
     def rollback(self, msg: TransactionRollback) -> TransactionInfo:
         tx = self._stored_call(self.store.take, msg.transaction_id)
-        self.rolled_back += 1
+        self.corral_metrics.add(ROLLED_BACK)
         return TransactionInfo(transaction_id=msg.transaction_id, writes=len(tx.writes))
 
     @handles(TransactionExpireIdle)
@@ -264,7 +287,7 @@ class TransactionManager(Manager[TransactionOptions]):
                 raise
             if self._stored_call(self.store.save, transaction_id, tx, version):
                 return result
-            self.retried += 1
+            self.corral_metrics.add(RETRIED)
             # Back off a little, at random, so that racing writers stop colliding.
             time.sleep(random.uniform(0, min(CHANGE_BACKOFF_MAX, 0.001 * 2**attempt)))
         raise Conflict(

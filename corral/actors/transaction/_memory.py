@@ -2,7 +2,7 @@
 
 ::
 
-    store = MemoryStore()
+    store = MemoryStore(on_expired=lambda: print("rolled back after its idle timeout"))
     store.begin("t1", TransactionRecord(idle_timeout=30.0))
     record, version = store.load("t1")
     store.save("t1", record, version)    # True
@@ -37,11 +37,16 @@ class MemoryStore:
     kind = "memory"
     sweeps_idle = True
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        on_expired: Callable[[], None] = lambda: None,
+    ) -> None:
         self._clock = clock
+        self._on_expired = on_expired
         self._open: dict[str, _Entry] = {}
         self._expired: OrderedDict[str, None] = OrderedDict()
-        self._expired_count = 0
 
     def begin(self, transaction_id: str, record: TransactionRecord) -> None:
         self._put(transaction_id, record, 1)
@@ -68,8 +73,8 @@ class MemoryStore:
             self._expire(transaction_id)
         return idle
 
-    def metrics(self) -> dict[str, int]:
-        return {"open": len(self._open), "expired": self._expired_count}
+    def open_count(self) -> int:
+        return len(self._open)
 
     def close(self) -> None:
         self._open.clear()
@@ -89,7 +94,7 @@ class MemoryStore:
 
     def _expire(self, transaction_id: str) -> None:
         del self._open[transaction_id]
-        self._expired_count += 1
+        self._on_expired()
         self._expired[transaction_id] = None
         while len(self._expired) > REMEMBERED_EXPIRED:
             self._expired.popitem(last=False)

@@ -87,8 +87,8 @@ class TransactionStore(Protocol):
         """Roll back the transactions idle past their timeout; their ids."""
         ...
 
-    def metrics(self) -> dict[str, int]:
-        """The store's own counters, for the manager's health."""
+    def open_count(self) -> int | None:
+        """How many transactions are open, where the store knows (None: it does not)."""
         ...
 
     def close(self) -> None: ...

@@ -58,6 +58,7 @@ def mount(daemon: Daemon) -> Gateway | None:
         tick_interval=options.tick_interval,
         signing_keys=daemon.system.codec.keys,
         replay_window=daemon.system.codec.replay_window,
+        metrics=daemon.system.supervisor.metrics()["websocket"],
     )
     daemon.app.router.add_get("/ws", gateway.handle)
     daemon.app.on_startup.append(gateway.started)

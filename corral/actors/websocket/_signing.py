@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from corral._junk import REJECTED
 from corral.errors import InvalidMessage
@@ -48,17 +48,22 @@ _TAIL = re.compile(rb'[0-9]{1,19},"epoch":"[0-9a-f]{1,32}"\}')
 
 
 class ChannelSigner:
-    """Signs what this node publishes and checks what it receives; counts what it refused.
+    """Signs what this node publishes and checks what it receives; calls ``on_refused``
+    for each payload it refuses.
 
     ``replay_window``: seconds a payload read from a channel stays acceptable.
     """
 
     def __init__(
-        self, keys: Sequence[bytes], *, replay_window: float = DEFAULT_REPLAY_WINDOW
+        self,
+        keys: Sequence[bytes],
+        *,
+        replay_window: float = DEFAULT_REPLAY_WINDOW,
+        on_refused: Callable[[], None] = lambda: None,
     ) -> None:
         self.signer = Signer(keys)
         self.replays = ReplayGuard(replay_window)
-        self.refused = 0
+        self.on_refused = on_refused
 
     @property
     def signing(self) -> bool:
@@ -127,7 +132,7 @@ class ChannelSigner:
         return body, None
 
     def _refuse(self, channel: str, why: str) -> None:
-        self.refused += 1
+        self.on_refused()
         REJECTED.reject("websocket", _kind_of(why), f"payload on {channel}: {why}", log)
 
 

@@ -37,6 +37,15 @@ from aiohttp import WSMsgType, web
 
 from corral._junk import REJECTED
 from corral._redis import REDIS_ERRORS, AsyncRedis, subscriber_async
+from corral.actors.websocket._metrics import (
+    ACCEPTED,
+    FLOODING,
+    FORBIDDEN_ACTIONS,
+    FORGED,
+    FRAMES_SENT,
+    REFUSED,
+    SLOW,
+)
 from corral.actors.websocket._policies import RoomPolicies
 from corral.actors.websocket._signing import ChannelSigner
 from corral.errors import BackendUnavailable, CorralError, Unauthorized
@@ -53,6 +62,7 @@ from corral.messages.websocket import (
     WsRoomInfo,
     WsTick,
 )
+from corral.metrics import ManagerMetrics
 
 __all__ = [
     "CLOSE_FLOODING", "CLOSE_SLOW", "CLOSE_UNAUTHORIZED", "FORBIDDEN", "Gateway", "gateway_for",
@@ -133,6 +143,7 @@ class Gateway:
         tick_interval: float = 1.0,
         signing_keys: Sequence[bytes] = (),
         replay_window: float = DEFAULT_REPLAY_WINDOW,
+        metrics: ManagerMetrics | None = None,
     ) -> None:
         self.system = system
         self.options = options
@@ -140,7 +151,13 @@ class Gateway:
         self.namespace = namespace
         self.redis_url = redis_url
         self.tick_interval = tick_interval
-        self.signer = ChannelSigner(signing_keys, replay_window=replay_window)
+        self.metrics = metrics or ManagerMetrics()
+        """Where the gateway counts: the websocket manager's store (see ``_metrics``)."""
+        self.signer = ChannelSigner(
+            signing_keys,
+            replay_window=replay_window,
+            on_refused=lambda: self.metrics.add(FORGED, "channel"),
+        )
         self.policies = RoomPolicies(options.room_policies)
         self.connections: dict[str, Connection] = {}
         self.rooms: dict[str, set[Connection]] = {}
@@ -151,10 +168,6 @@ class Gateway:
         self._pubsub: Any = None
         self._room_prefix = f"{namespace}:ws.room."
         self.stopping = False
-        self.counts = {
-            "sent": 0, "slow": 0, "flooding": 0, "refused": 0, "accepted": 0, "forged": 0,
-            "forbidden": 0,
-        }  # fmt: skip
         _GATEWAYS[system] = self
 
     # -- lifecycle (aiohttp on_startup / on_cleanup) --------------------------------------
@@ -306,7 +319,7 @@ class Gateway:
         try:
             conn.queue.put_nowait(frame)
         except asyncio.QueueFull:
-            self.counts["slow"] += 1
+            self.metrics.add(SLOW)
             self._close(conn, CLOSE_SLOW, "slow")
 
     async def _write(self, conn: Connection) -> None:
@@ -314,7 +327,7 @@ class Gateway:
         while True:
             frame = await queue.get()
             await ws.send_str(frame)
-            self.counts["sent"] += 1
+            self.metrics.add(FRAMES_SENT)
 
     def _close(self, conn: Connection, code: int, reason: str) -> None:
         if self._begin_close(conn):
@@ -374,7 +387,7 @@ class Gateway:
                     }
                 ),
             )
-            self.counts["accepted"] += 1
+            self.metrics.add(ACCEPTED)
             await self._serve(conn)
         except CorralError as exc:
             self._close(conn, 1011, f"{exc.code}: {exc.message}")
@@ -417,7 +430,7 @@ class Gateway:
         try:
             return await self.system.ask_async(AuthValidate(token=token))
         except Unauthorized as exc:
-            self.counts["refused"] += 1
+            self.metrics.add(REFUSED)
             reason = str(exc.details.get("reason", "unauthorized"))
             await ws.close(code=CLOSE_UNAUTHORIZED, message=reason.encode())
         except CorralError as exc:
@@ -433,7 +446,7 @@ class Gateway:
         frame = _parse(msg.data) if msg.type == WSMsgType.TEXT else None
         token = frame.get("token") if frame and frame.get("type") == "auth" else None
         if not isinstance(token, str) or not token:
-            self.counts["refused"] += 1
+            self.metrics.add(REFUSED)
             if not ws.closed:
                 await ws.close(code=CLOSE_UNAUTHORIZED, message=b"no token")
             return None
@@ -445,7 +458,7 @@ class Gateway:
             if conn.closing:
                 continue
             if not self._take_token(conn):
-                self.counts["flooding"] += 1
+                self.metrics.add(FLOODING)
                 # Closed by the reading task itself: aiohttp then reads the client's frames up
                 # to its close frame. Closed from another task while this one waits in
                 # receive(), it drops the socket at once, and the unread flood makes that a
@@ -497,7 +510,7 @@ class Gateway:
             self._error(conn, request_id, exc.code, str(exc))
             return
         if refusal is not None:
-            self.counts["forbidden"] += 1
+            self.metrics.add(FORBIDDEN_ACTIONS)
             message = f"not allowed to {kind} room {room!r}: {refusal}"
             self._error(conn, request_id, FORBIDDEN, message, room=room, reason=refusal)
             return
@@ -579,7 +592,6 @@ class Gateway:
                 continue
             channel = msg["channel"].decode()
             body = self.signer.open(channel, msg["data"])
-            self.counts["forged"] = self.signer.refused
             if body is None:
                 continue
             frame = _parse(body)

@@ -27,6 +27,14 @@ from typing import Any, Literal
 
 from corral._redis import REDIS_ERRORS, SyncRedis, connect
 from corral.actors.base import Manager, handles
+from corral.actors.websocket._metrics import (
+    CONNECTIONS,
+    EMITTED,
+    FAMILIES,
+    FORGED,
+    GATEWAY_COUNTS,
+    ROOMS,
+)
 from corral.actors.websocket._policies import RoomPolicies
 from corral.actors.websocket._rooms import MemoryRooms, RedisRooms, Rooms, frame_head
 from corral.actors.websocket._signing import ChannelSigner
@@ -114,13 +122,17 @@ class WebSocketManager(Manager[WebSocketOptions]):
     """See the module docstring and docs/websocket.md."""
 
     name = "websocket"
+    metric_families = FAMILIES
 
     def on_start(self) -> None:
         self.gateway: Gateway | None = gateway_for(self.router)
         self.node = self.gateway.node if self.gateway is not None else "embedded"
         url = self.options.redis_url or self.corral_context.redis_url
         self.client: SyncRedis | None = None
-        self.signer = ChannelSigner(self.corral_context.signing_keys)
+        self.signer = ChannelSigner(
+            self.corral_context.signing_keys,
+            on_refused=lambda: self.corral_metrics.add(FORGED, "history"),
+        )
         self.rooms: Rooms
         if self.options.backend == "redis" or (self.options.backend == "auto" and url):
             self.client = connect(
@@ -140,7 +152,6 @@ class WebSocketManager(Manager[WebSocketOptions]):
             self.rooms = MemoryRooms(history_size=self.options.history_size)
         self.conns: dict[str, _Conn] = {}
         self.local: dict[str, set[str]] = {}
-        self.emitted = 0
         if self.gateway is not None:  # a restart: take over the sockets that stayed open
             for cid, user, expires_at, rooms in self.gateway.snapshot(timeout=2.0):
                 self.conns[cid] = _Conn(user=user, expires_at=expires_at, rooms=set(rooms))
@@ -160,7 +171,13 @@ class WebSocketManager(Manager[WebSocketOptions]):
             self.client.close()
 
     def health(self) -> Health:
-        gateway = self.gateway.counts if self.gateway is not None else {}
+        counted = self.corral_metrics
+        counted.set(CONNECTIONS, len(self.conns))
+        counted.set(ROOMS, len(self.local))
+        gateway: dict[str, int] = {}
+        if self.gateway is not None:
+            gateway = {key: int(counted.value(family)) for key, family in GATEWAY_COUNTS.items()}
+            gateway["forged"] = int(counted.value(FORGED, "channel"))
         return Health(
             status="healthy",
             details={
@@ -171,8 +188,8 @@ class WebSocketManager(Manager[WebSocketOptions]):
             metrics={
                 "connections": len(self.conns),
                 "rooms": len(self.local),
-                "emitted": self.emitted,
-                "forged_history": self.signer.refused,
+                "emitted": int(counted.value(EMITTED)),
+                "forged_history": int(counted.value(FORGED, "history")),
                 **gateway,
             },
             dependencies={"auth": "required"},
@@ -316,7 +333,7 @@ class WebSocketManager(Manager[WebSocketOptions]):
             offset, epoch, local = self.rooms.emit(msg.room, head)
         if local is not None:
             self._hand("deliver", msg.room, local)
-        self.emitted += 1
+        self.corral_metrics.add(EMITTED)
         return WsEmitted(room=msg.room, offset=offset, epoch=epoch)
 
     @handles(WsPublish)
