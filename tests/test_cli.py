@@ -384,7 +384,8 @@ def test_run_flags_beat_the_file_and_unknown_corral_variables_are_warnings(
 ) -> None:
     path = tmp_path / "corral.toml"
     path.write_text(
-        '[daemon]\nhost = "192.0.2.1"\nport = 1\n[log]\nlevel = "ERROR"\nformat = "plain"\n'
+        '[daemon]\nhost = "192.0.2.1"\nport = 1\ndashboard_token = "a-token-of-16-chars-or-more"\n'
+        '[log]\nlevel = "ERROR"\nformat = "plain"\n'
     )
     # Kubernetes sets these in every pod of a namespace with a Service named "corral".
     kubernetes = {"CORRAL_PORT": "tcp://10.0.0.7:8650", "CORRAL_SERVICE_HOST": "10.0.0.7"}

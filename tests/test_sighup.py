@@ -52,7 +52,7 @@ def test_sighup_changes_the_log_level_and_a_rule_without_dropping_a_request(
         caller.start()
         group.config.write_text(_config(url, namespace, "100/minute", "DEBUG", port=1))
         group.signal(0, signal.SIGHUP)
-        log = group[0].wait_for("SIGHUP: reloaded")
+        log = group[0].wait_for("SIGHUP: these take effect on restart only")
         assert "reloaded log.level, managers.ratelimit.rules" in log
         assert "take effect on restart only: daemon.port" in log
         group[0].wait_for("DEBUG corral: SIGHUP: logging at DEBUG")
