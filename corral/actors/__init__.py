@@ -8,7 +8,7 @@ BUILTIN: dict[str, str] = {
     "auth": "corral.actors.auth:AuthManager",
     "cache": "corral.actors.cache:CacheManager",
     "pool": "corral.actors.pool:PoolManager",
-    "ratelimit": "corral.actors.ratelimit:RateLimiter",
+    "ratelimit": "corral.actors.ratelimit:RatelimitManager",
     "state": "corral.actors.state:StateManager",
     "transaction": "corral.actors.transaction:TransactionManager",
 }

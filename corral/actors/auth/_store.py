@@ -2,9 +2,11 @@
 
 Two backends with one interface, :class:`Store`:
 
-- :class:`~corral.actors.auth._memory.MemoryStore`, the embedded default: dictionaries with expiry, for one process;
-- :class:`~corral.actors.auth._redis.RedisStore`: every request is one round trip (a command, a pipeline, or
-  one Lua script), keys carry the system namespace and a hash tag per identity::
+- ``MemoryStore`` (``_memory.py``), the embedded default: dictionaries with expiry,
+  for one process;
+- ``RedisStore`` (``_redis.py``): every request is one round trip (a command, a
+  pipeline, or one Lua script), keys carry the system namespace and a hash tag per
+  identity::
 
       corral:auth:deny:{<jti>}              SET 1 EX <remaining life> NX
       corral:auth:family:{<family>}         HASH current, previous, rotated_at, revoked
