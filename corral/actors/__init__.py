@@ -1,4 +1,4 @@
-"""Managers: one module per manager, each a :class:`~corral.actors.base.Manager`."""
+"""Managers: one package per manager, each a :class:`~corral.actors.base.Manager`."""
 
 from corral.actors.base import Manager, ManagerContext, handles
 
