@@ -35,8 +35,9 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from aiohttp import WSMsgType, web
 
+from corral import _redis
 from corral._junk import REJECTED
-from corral._redis import ASYNC_SHARDED_PUBSUB, REDIS_ERRORS, AsyncRedis, subscriber_async
+from corral._redis import REDIS_ERRORS, AsyncRedis, subscriber_async
 from corral.actors.websocket._metrics import (
     ACCEPTED,
     FLOODING,
@@ -723,7 +724,7 @@ def mount(daemon: Daemon) -> Gateway | None:
     redis_url = ""
     if options.backend != "memory":
         redis_url = options.redis_url or (config.bus.url if config.bus.backend == "redis" else "")
-    if redis_url and not ASYNC_SHARDED_PUBSUB:
+    if redis_url and not _redis.ASYNC_SHARDED_PUBSUB:
         raise ConfigError(
             "managers.websocket: rooms fan out across daemons by asyncio sharded pub/sub, "
             "which needs redis-py 8.0 or newer: pip install 'corral[websocket]' "
