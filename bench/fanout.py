@@ -2,7 +2,7 @@
 
 - corral: a :class:`~corral.daemon.Daemon` with the ``auth`` and ``websocket``
   managers; the clients connect to ``/ws?token=<jwt>`` (tokens issued by the auth
-  manager) and send a ``join`` frame; the emitter is ``System.ask(EmitToRoom(...))``
+  manager) and send a ``join`` frame; the emitter is ``System.ask(WsEmitToRoom(...))``
   in the daemon's process. Rooms on the memory backend, and again on Redis (a
   private redis-server: the Lua emit script PUBLISHes, the daemon's room channel
   reader fans out), which is the path every multi-daemon deployment takes, and on
@@ -89,7 +89,7 @@ def serve_corral(redis_url: str, *, signed: bool) -> None:
     from corral.config import CodecSection, Config, DaemonSection, ManagerSection  # noqa: PLC0415
     from corral.daemon import Daemon  # noqa: PLC0415
     from corral.messages.auth import AuthIssue  # noqa: PLC0415
-    from corral.messages.websocket import EmitToRoom  # noqa: PLC0415
+    from corral.messages.websocket import WsEmitToRoom  # noqa: PLC0415
 
     options: dict[str, Any] = {"backend": "memory"}
     if redis_url:
@@ -125,7 +125,7 @@ def serve_corral(redis_url: str, *, signed: bool) -> None:
             for index in range(count):
                 if interval:
                     time.sleep(max(0.0, started + index * interval - time.perf_counter()))
-                system.ask(EmitToRoom(room=ROOM, event="tick", data=payload(round_id, index)))
+                system.ask(WsEmitToRoom(room=ROOM, event="tick", data=payload(round_id, index)))
             print("done", flush=True)
     finally:
         daemon.stop()
@@ -497,7 +497,7 @@ def main() -> None:
         f"emits (best of {ROUNDS}), paced: {PACED} emits every {PACE * 1000:.0f} ms",
         rows,
         note=(
-            "corral = Daemon + auth + websocket managers, emits by System.ask(EmitToRoom);\n"
+            "corral = Daemon + auth + websocket managers, emits by System.ask(WsEmitToRoom);\n"
             "corral-redis = the same with rooms on a private redis-server (Lua emit + PUBLISH\n"
             "+ channel reader); corral-signed = corral-redis with codec.signing_keys (signed\n"
             "room channel). Servers and clients in separate processes. Deliveries/s: higher\n"

@@ -32,7 +32,7 @@ import pykka
 import redis
 from _report import Row, percentiles, report, timed
 
-from corral.actors.ratelimit import RateLimiter
+from corral.actors.ratelimit import RatelimitManager
 from corral.messages.ratelimit import RatelimitCheck
 from corral.supervisor import ChildSpec
 from corral.system import System
@@ -85,7 +85,7 @@ def limiter(url: str, rules: dict[str, str], *, cluster: bool = False) -> System
         "rules": rules,
         "cluster": cluster,
     }
-    return System(managers=[ChildSpec(name="ratelimit", manager=RateLimiter, options=options)])
+    return System(managers=[ChildSpec(name="ratelimit", manager=RatelimitManager, options=options)])
 
 
 def main() -> None:

@@ -52,6 +52,17 @@ from corral.system import plan
 if TYPE_CHECKING:
     from corral.daemon import Daemon
 
+__all__ = [
+    "build_message",
+    "daemon_flags",
+    "main",
+    "read_value",
+    "remote_flags",
+    "render",
+    "toml_key",
+    "toml_value",
+]
+
 log = logging.getLogger("corral")
 
 EXIT_ESCALATED = 1

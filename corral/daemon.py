@@ -74,7 +74,7 @@ from corral.remote import RequestServer
 from corral.supervisor import ChildSpec
 from corral.system import System
 
-__all__ = ["Daemon", "health_document"]
+__all__ = ["Daemon", "declared_families", "health_document"]
 
 log = logging.getLogger("corral.daemon")
 

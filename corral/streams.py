@@ -61,7 +61,7 @@ from corral.messages.signing import Signer
 from corral.messages.state import DEFAULT_PARTITIONS, events_stream_key, partitions_key
 from corral.messages.stream import GAP_TOPIC, GapReason, StreamGap
 
-__all__ = ["DurableSubscription", "meta_key", "signed_parts"]
+__all__ = ["DurableSubscription", "follow_state_changes", "meta_key", "signed_parts"]
 
 log = logging.getLogger(__name__)
 

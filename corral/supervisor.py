@@ -73,6 +73,7 @@ __all__ = [
     "Strategy",
     "Supervisor",
     "SupervisorPolicy",
+    "fingerprint",
     "start_order",
 ]
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import flask
 import pytest
 
-from corral.actors.ratelimit import RateLimiter
+from corral.actors.ratelimit import RatelimitManager
 from corral.ext.flask import RateLimit
 from corral.messages.ratelimit import RatelimitBan
 from corral.supervisor import ChildSpec
@@ -24,7 +24,9 @@ RULES = {
 @pytest.fixture
 def system(redis_server: RedisServer) -> Iterator[System]:
     options = {"backend": "redis", "redis_url": redis_server.url, "rules": RULES}
-    with System(managers=[ChildSpec(name="ratelimit", manager=RateLimiter, options=options)]) as s:
+    with System(
+        managers=[ChildSpec(name="ratelimit", manager=RatelimitManager, options=options)]
+    ) as s:
         yield s
 
 

@@ -25,9 +25,8 @@ import pytest
 from aiohttp import web
 
 from corral.actors.base import handles
-from corral.actors.pool import PoolManager, PoolOptions
-from corral.actors.pool.options import ServiceOptions
-from corral.actors.pool.policy import Breaker, parse_retry_after, retry_delay
+from corral.actors.pool import PoolManager, PoolOptions, ServiceOptions
+from corral.actors.pool._policy import Breaker, parse_retry_after, retry_delay
 from corral.config import Config, ManagerSection, parse_options
 from corral.errors import (
     BackendUnavailable,

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import redis
 
-from corral.actors.ratelimit import RateLimiter
+from corral.actors.ratelimit import RatelimitManager
 from corral.actors.ratelimit._memory import sliding_window, token_bucket
-from corral.actors.ratelimit._rules import Rule, parse_limit
+from corral.actors.ratelimit._options import Rule, parse_limit
 from corral.config import Config, ManagerSection
 from corral.errors import BackendUnavailable, ConfigError, InvalidMessage, NotFound
 from corral.messages.codec import Codec
@@ -42,7 +42,9 @@ def limiter(options: dict[str, Any], url: str = "") -> Iterator[System]:
     url, _, layout = url.partition("#")
     options = {"backend": "redis" if url else "memory", "redis_url": url, **options}
     options.setdefault("cluster", layout == "cluster")
-    with System(managers=[ChildSpec(name="ratelimit", manager=RateLimiter, options=options)]) as s:
+    with System(
+        managers=[ChildSpec(name="ratelimit", manager=RatelimitManager, options=options)]
+    ) as s:
         yield s
 
 
@@ -77,7 +79,7 @@ def test_limits_parse() -> None:
 def test_bad_rules_fail_when_the_system_is_built() -> None:
     def build(rules: dict[str, Any]) -> System:
         config = Config(managers={"ratelimit": ManagerSection(options={"rules": rules})})
-        return System(config, managers=[RateLimiter])
+        return System(config, managers=[RatelimitManager])
 
     with pytest.raises(ConfigError, match=r"rules\.ip\.limit"):
         build({"ip": "lots/minute"})

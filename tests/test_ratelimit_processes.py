@@ -25,7 +25,7 @@ WORKER = textwrap.dedent(
     """
     import json, sys, threading, time
     from corral._redis import connect
-    from corral.actors.ratelimit import RateLimiter
+    from corral.actors.ratelimit import RatelimitManager
     from corral.messages.ratelimit import RatelimitCheck
     from corral.supervisor import ChildSpec
     from corral.system import System
@@ -36,7 +36,7 @@ WORKER = textwrap.dedent(
         "window": {"level": "ip", "limit": "40/hour"},
         "bucket": {"level": "user", "limit": "30/hour", "algorithm": "token_bucket"},
     }
-    spec = ChildSpec(name="ratelimit", manager=RateLimiter,
+    spec = ChildSpec(name="ratelimit", manager=RatelimitManager,
                      options={"backend": "redis", "redis_url": url, "rules": rules,
                               "cluster": cluster})
     allowed = {"window": 0, "bucket": 0}

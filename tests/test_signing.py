@@ -51,7 +51,7 @@ from corral.messages.state import (
     partition_of,
 )
 from corral.messages.system import Ping, Pong
-from corral.messages.websocket import EmitToRoom, JoinRoom
+from corral.messages.websocket import WsEmitToRoom, WsJoinRoom
 from corral.remote import record_key, stream_key
 from corral.streams import DurableSubscription, signed_parts
 from corral.system import System
@@ -411,7 +411,7 @@ async def websocket_scenario(emitter: Daemon, receiver: Daemon, raw: redis.Redis
     spy = raw.pubsub()  # type: ignore[no-untyped-call]
     spy.subscribe(room)
     spy.ssubscribe(control)
-    await ask(emitter, EmitToRoom(room="news", event="posted", data={"id": 1}))
+    await ask(emitter, WsEmitToRoom(room="news", event="posted", data={"id": 1}))
     assert (await frame(ws))["event"] == "posted"
     genuine = await asyncio.to_thread(next_data, spy)
     head_end = genuine.rindex(b'"offset":') + len(b'"offset":')
@@ -426,7 +426,7 @@ async def websocket_scenario(emitter: Daemon, receiver: Daemon, raw: redis.Redis
         ("wst:ws.room.other", genuine),  # signed for another room
     ]
     # An order to the receiver's node, taken once: it joins the connection to "vip".
-    await ask(emitter, JoinRoom(room="vip", connection_id=cid))
+    await ask(emitter, WsJoinRoom(room="vip", connection_id=cid))
     assert (await frame(ws))["type"] == "joined"
     order = await asyncio.to_thread(next_data, spy)
     spy.close()
@@ -442,7 +442,7 @@ async def websocket_scenario(emitter: Daemon, receiver: Daemon, raw: redis.Redis
         send = raw.spublish if channel == control else raw.publish
         assert send(channel, payload) == 1
     # Read in the order they were published, after those: the next frame is this one.
-    await ask(emitter, EmitToRoom(room="news", event="posted", data={"id": 3}))
+    await ask(emitter, WsEmitToRoom(room="news", event="posted", data={"id": 3}))
     assert (await frame(ws))["data"] == {"id": 3}
     assert (await request(ws, type="ping"))["type"] == "pong"
     health = receiver.system.health().managers["websocket"].health

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from corral.actors.auth.manager import AuthOptions
+from corral.actors.auth import AuthOptions
 from corral.actors.state import StateOptions
 from corral.config import VaultSection, VaultSource, load_config, parse_options
 from corral.errors import ConfigError

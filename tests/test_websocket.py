@@ -36,11 +36,11 @@ from corral.errors import ConfigError, NotFound
 from corral.messages.auth import AuthIssue, AuthIssueSubscription
 from corral.messages.system import Health
 from corral.messages.websocket import (
-    Disconnect,
-    EmitToRoom,
-    JoinRoom,
-    RoomInfo,
+    WsDisconnect,
+    WsEmitToRoom,
     WsHistory,
+    WsJoinRoom,
+    WsRoomInfo,
 )
 from tests.redis_server import RedisServer
 
@@ -202,7 +202,7 @@ def test_emit_from_a_remote_service_reaches_clients_of_the_other_daemon(
             assert (await request(ws, type="join", room="news"))["type"] == "joined"
         with corral.connect(redis_server.url, namespace="wst") as service:
             emitted = await asyncio.to_thread(
-                service.ask, EmitToRoom(room="news", event="posted", data={"id": 1})
+                service.ask, WsEmitToRoom(room="news", event="posted", data={"id": 1})
             )
             for ws in [here, *there]:
                 got = await frame(ws)
@@ -210,26 +210,26 @@ def test_emit_from_a_remote_service_reaches_clients_of_the_other_daemon(
                     "type": "message", "room": "news", "event": "posted", "data": {"id": 1},
                     "offset": emitted.offset, "epoch": emitted.epoch,
                 }  # fmt: skip
-            info = await asyncio.to_thread(service.ask, RoomInfo(room="news"))
+            info = await asyncio.to_thread(service.ask, WsRoomInfo(room="news"))
             assert info.count == 4 and info.users == 4
             nodes = {m["node"] for m in info.members}
             assert len(nodes) == 2
             # An embedding service moves a connection of the second daemon, from anywhere.
             cid = info.members[0]["connection_id"]
-            await asyncio.to_thread(service.ask, JoinRoom(room="vip", connection_id=cid))
+            await asyncio.to_thread(service.ask, WsJoinRoom(room="vip", connection_id=cid))
             await wait_for_count(first, "vip", 1)
-            gone = await asyncio.to_thread(service.ask, Disconnect(user="user:1"))
+            gone = await asyncio.to_thread(service.ask, WsDisconnect(user="user:1"))
             assert gone.count == 1
         assert await close_code(there[1]) == (4000, "disconnected")
         with pytest.raises(NotFound):
-            await ask(first, Disconnect(connection_id="nobody.1"))
+            await ask(first, WsDisconnect(connection_id="nobody.1"))
 
     asyncio.run(scenario())
 
 
 async def wait_for_count(daemon: Daemon, room: str, count: int) -> None:
     deadline = time.monotonic() + 5
-    while (await ask(daemon, RoomInfo(room=room))).count != count:
+    while (await ask(daemon, WsRoomInfo(room=room))).count != count:
         assert time.monotonic() < deadline, f"{room} never had {count} members"
         await asyncio.sleep(0.05)
 
@@ -266,21 +266,21 @@ def test_reconnect_with_offset_recovers_or_gets_a_gap(
     async def scenario() -> None:
         ws = await connect(daemon)
         joined = await request(ws, type="join", room="feed")
-        await ask(daemon, EmitToRoom(room="feed", event="n", data=1))
+        await ask(daemon, WsEmitToRoom(room="feed", event="n", data=1))
         seen = await frame(ws)
         await ws.close()
         for n in (2, 3):
-            await ask(daemon, EmitToRoom(room="feed", event="n", data=n))
+            await ask(daemon, WsEmitToRoom(room="feed", event="n", data=n))
         ws = await connect(daemon)
         back = await request(
             ws, type="join", room="feed", since=seen["offset"], epoch=seen["epoch"]
         )
         assert back["recovered"] is True and back["epoch"] == joined["epoch"]
         assert [(await frame(ws))["data"] for _ in range(2)] == [2, 3]
-        await ask(daemon, EmitToRoom(room="feed", event="n", data=4))
+        await ask(daemon, WsEmitToRoom(room="feed", event="n", data=4))
         assert (await frame(ws))["data"] == 4  # live again, nothing twice
         for n in range(5, 10):
-            await ask(daemon, EmitToRoom(room="feed", event="n", data=n))
+            await ask(daemon, WsEmitToRoom(room="feed", event="n", data=n))
         late = await connect(daemon)
         back = await request(
             late, type="join", room="feed", since=seen["offset"], epoch=seen["epoch"]
@@ -369,11 +369,11 @@ def test_a_slow_client_is_closed_4008_while_50_others_get_everything(running: Ru
         while slow_closes(daemon) == 0 and sent < 2000:
             for _ in range(batch):
                 data = {"n": sent, "p": payload}
-                await ask(daemon, EmitToRoom(room="firehose", event="tick", data=data))
+                await ask(daemon, WsEmitToRoom(room="firehose", event="tick", data=data))
                 sent += 1
             while min(len(r) for r in received) < sent and not any(t.done() for t in reading):
                 await asyncio.sleep(0.002)
-        await ask(daemon, EmitToRoom(room="firehose", event="end"))
+        await ask(daemon, WsEmitToRoom(room="firehose", event="end"))
         await asyncio.gather(*reading)
         assert all(got == list(range(sent)) for got in received)
         assert await asyncio.to_thread(slow.read_until_closed) == (4008, "slow")
@@ -485,7 +485,7 @@ def test_signed_channels_take_only_what_a_holder_of_the_key_published(
             assert send(channel, payload) == 1
         listener = raw.pubsub()  # type: ignore[no-untyped-call]
         listener.subscribe(room)
-        emitted = await ask(emitter, EmitToRoom(room="news", event="posted", data={"id": 1}))
+        emitted = await ask(emitter, WsEmitToRoom(room="news", event="posted", data={"id": 1}))
         got = await frame(ws)
         assert (got["event"], got["offset"]) == ("posted", emitted.offset)
         # A genuine payload seen on the channel, its unsigned tail bent to override the data.
@@ -507,7 +507,7 @@ def test_signed_channels_take_only_what_a_holder_of_the_key_published(
         health = await asyncio.to_thread(manager_health, receiver)
         assert health.metrics["forged_history"] == 1
         # A genuine order to the receiver's node: the emitter puts the connection in a room.
-        await ask(emitter, JoinRoom(room="vip", connection_id=cid))
+        await ask(emitter, WsJoinRoom(room="vip", connection_id=cid))
         assert (await frame(ws))["type"] == "joined"
         assert (await frame(ws))["type"] == "join"
 
@@ -526,7 +526,7 @@ def test_without_keys_the_channels_carry_bare_frames_as_before(
         with redis.Redis.from_url(redis_server.url) as raw:
             assert raw.publish("wst:ws.room.news", json.dumps(FORGED_MESSAGE)) == 1
         assert await frame(ws) == FORGED_MESSAGE
-        emitted = await ask(daemon, EmitToRoom(room="news", event="posted"))
+        emitted = await ask(daemon, WsEmitToRoom(room="news", event="posted"))
         assert (await frame(ws))["offset"] == emitted.offset
         page = await ask(daemon, WsHistory(room="news", since=0, epoch=emitted.epoch))
         assert [m["event"] for m in page.messages] == ["posted"]
@@ -565,20 +565,20 @@ def test_a_user_joins_their_own_room_and_public_ones_never_another_users(
         assert await refusal(mallory, type="join", room="public:admin") == "server_only"
         assert await refusal(mallory, type="join", room="private:x") == "no_policy"
         # What the room says is not for her: neither its messages, nor its history or presence.
-        await ask(daemon, EmitToRoom(room="user:42", event="password_reset", data="s3cret"))
+        await ask(daemon, WsEmitToRoom(room="user:42", event="password_reset", data="s3cret"))
         assert (await frame(owner))["data"] == "s3cret"
         assert await refusal(mallory, type="history", room="user:42", since=0) == "not_a_member"
         assert await refusal(mallory, type="presence", room="user:42") == "not_a_member"
         assert (await request(mallory, type="ping"))["type"] == "pong"  # refused, not closed
         assert (await request(owner, type="history", room="user:42"))["type"] == "history"
-        # Only the service puts people in server rooms: JoinRoom is never refused.
+        # Only the service puts people in server rooms: WsJoinRoom is never refused.
         members = (await request(mallory, type="presence", room="public:lobby"))["members"]
         mine = next(m["connection_id"] for m in members if m["user"] == "mallory")
-        await ask(daemon, JoinRoom(room="public:admin", connection_id=mine))
+        await ask(daemon, WsJoinRoom(room="public:admin", connection_id=mine))
         assert (await frame(mallory))["type"] == "joined"
         assert manager_health(daemon).metrics["forbidden"] == 5
         with pytest.raises(NotFound):
-            await ask(daemon, JoinRoom(room="public:admin", connection_id="nobody.1"))
+            await ask(daemon, WsJoinRoom(room="public:admin", connection_id="nobody.1"))
 
     asyncio.run(scenario())
 
@@ -667,17 +667,17 @@ def test_join_room_finds_connections_on_any_daemon_or_says_not_found(
         presence = await request(ws, type="presence", room="user:42")
         cid = presence["members"][0]["connection_id"]
         node = cid.rpartition(".")[0]
-        joined = await ask(first, JoinRoom(room="vip", connection_id=cid))  # forwarded
+        joined = await ask(first, WsJoinRoom(room="vip", connection_id=cid))  # forwarded
         assert joined.count == -1
         assert (await frame(ws))["room"] == "vip"
         for unknown in (f"{node}.999", "deadbeef.1", "nobody"):
             with pytest.raises(NotFound):
-                await ask(first, JoinRoom(room="vip", connection_id=unknown))
+                await ask(first, WsJoinRoom(room="vip", connection_id=unknown))
         await ws.close()
         deadline = time.monotonic() + 5
         while True:  # the socket's close reaches its daemon's manager
             try:
-                await ask(first, JoinRoom(room="vip", connection_id=cid))
+                await ask(first, WsJoinRoom(room="vip", connection_id=cid))
             except NotFound:
                 break
             assert time.monotonic() < deadline, "a closed connection was still found"

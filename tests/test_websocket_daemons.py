@@ -18,7 +18,7 @@ from websockets.asyncio.client import ClientConnection
 import corral
 from corral.errors import NotFound
 from corral.messages.auth import AuthIssue, AuthIssueSubscription
-from corral.messages.websocket import EmitToRoom, JoinRoom, RoomInfo
+from corral.messages.websocket import WsEmitToRoom, WsJoinRoom, WsRoomInfo
 from tests.redis_server import ClusterGroup, RedisServer
 from tests.support import read_until, start_corral
 
@@ -55,7 +55,7 @@ async def member(address: str, token: str) -> ClientConnection:
 
 async def room_count(remote: corral.Client, count: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
-    while (await asyncio.to_thread(remote.ask, RoomInfo(room="news"))).count != count:
+    while (await asyncio.to_thread(remote.ask, WsRoomInfo(room="news"))).count != count:
         assert time.monotonic() < deadline, f"the room never had {count} members"
         await asyncio.sleep(0.1)
 
@@ -87,7 +87,7 @@ def fan_out_across_two_daemons(url: str, tmp_path: Path) -> None:
                 a = await member(here, tokens[0])
                 b = await member(there, tokens[1])
                 emitted = await asyncio.to_thread(
-                    remote.ask, EmitToRoom(room="news", event="posted", data={"id": 7})
+                    remote.ask, WsEmitToRoom(room="news", event="posted", data={"id": 7})
                 )
                 for ws in (a, b):  # the emit reached both daemons' clients
                     got: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 5))
@@ -98,7 +98,7 @@ def fan_out_across_two_daemons(url: str, tmp_path: Path) -> None:
                 victim.kill()  # SIGKILL: its members never leave; their presence expires
                 assert victim.wait(timeout=10) == -signal.SIGKILL
                 await room_count(remote, 1)
-                info = await asyncio.to_thread(remote.ask, RoomInfo(room="news"))
+                info = await asyncio.to_thread(remote.ask, WsRoomInfo(room="news"))
                 assert [m["user"] for m in info.members] == ["user:0"]
                 await a.close()
 
@@ -146,17 +146,17 @@ def policies_across_two_daemons(url: str, tmp_path: Path) -> None:
                 assert (await request(ws, type="join", room="user:42"))["type"] == "joined"
                 joined = await request(ws, type="join", room="game:7", token=ticket)
                 assert joined["type"] == "joined"
-                # The service's JoinRoom, taken by either daemon, reaches the socket.
+                # The service's WsJoinRoom, taken by either daemon, reaches the socket.
                 for n in range(4):
                     await asyncio.to_thread(
-                        remote.ask, JoinRoom(room=f"vip:{n}", connection_id=cid)
+                        remote.ask, WsJoinRoom(room=f"vip:{n}", connection_id=cid)
                     )
                     got = json.loads(await asyncio.wait_for(ws.recv(), 5))
                     assert (got["type"], got["room"]) == ("joined", f"vip:{n}")
                 for unknown in (f"{cid}0", "deadbeef.1"):
                     with pytest.raises(NotFound):
                         await asyncio.to_thread(
-                            remote.ask, JoinRoom(room="vip:1", connection_id=unknown)
+                            remote.ask, WsJoinRoom(room="vip:1", connection_id=unknown)
                         )
                 await ws.close()
 

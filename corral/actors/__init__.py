@@ -1,4 +1,4 @@
-"""Managers: one module per manager, each a :class:`~corral.actors.base.Manager`."""
+"""Managers: one package per manager, each a :class:`~corral.actors.base.Manager`."""
 
 from corral.actors.base import Manager, ManagerContext, handles
 
@@ -8,7 +8,7 @@ BUILTIN: dict[str, str] = {
     "auth": "corral.actors.auth:AuthManager",
     "cache": "corral.actors.cache:CacheManager",
     "pool": "corral.actors.pool:PoolManager",
-    "ratelimit": "corral.actors.ratelimit:RateLimiter",
+    "ratelimit": "corral.actors.ratelimit:RatelimitManager",
     "state": "corral.actors.state:StateManager",
     "transaction": "corral.actors.transaction:TransactionManager",
 }

@@ -69,7 +69,14 @@ from corral.messages.cache import (
     CacheSet,
 )
 
-__all__ = ["AsyncCachedFunction", "CachedFunction", "CachedStats", "cached"]
+__all__ = [
+    "Asker",
+    "AsyncAsker",
+    "AsyncCachedFunction",
+    "CachedFunction",
+    "CachedStats",
+    "cached",
+]
 
 log = logging.getLogger(__name__)
 

@@ -9,15 +9,19 @@ from corral.messages.base import Count, Event, Range, Reply, Request, message
 
 __all__ = [
     "ChildStatus",
+    "DeadLetter",
     "Health",
     "HealthChanged",
     "HealthCheck",
     "HealthStatus",
     "Ping",
     "Pong",
+    "Reconfigure",
+    "Reconfigured",
     "SupervisorChildChanged",
     "SystemHealth",
     "SystemHealthCheck",
+    "dead_letters_key",
 ]
 
 HealthStatus = Literal["healthy", "degraded", "unhealthy"]

@@ -2,15 +2,13 @@
 
 An embedding service reaches the browsers attached to any daemon::
 
-    system.ask(EmitToRoom(room="orders", event="created", data={"id": 7}))
-    info = system.ask(RoomInfo(room="orders"))       # info.members, info.count
-    system.ask(JoinRoom(room="vip", connection_id=cid))
-    system.ask(Disconnect(user="user:42", reason="banned"))
+    system.ask(WsEmitToRoom(room="orders", event="created", data={"id": 7}))
+    info = system.ask(WsRoomInfo(room="orders"))       # info.members, info.count
+    system.ask(WsJoinRoom(room="vip", connection_id=cid))
+    system.ask(WsDisconnect(user="user:42", reason="banned"))
 
-The names the issue uses (``EmitToRoom``, ``JoinRoom``, ``LeaveRoom``,
-``RoomInfo``, ``Disconnect``) are aliases of the ``Ws*`` classes, whose names
-follow the wire names (``ws.emit_to_room`` -> ``WsEmitToRoom``). Messages
-marked *internal* travel between the daemon's HTTP loop and the manager.
+Class names follow the wire names (``ws.emit_to_room`` -> ``WsEmitToRoom``).
+Messages marked *internal* travel between the daemon's HTTP loop and the manager.
 """
 
 from __future__ import annotations
@@ -21,11 +19,6 @@ from typing import Annotated, Any
 from corral.messages.base import CloseCode, Count, Offset, Range, Reply, Request, message
 
 __all__ = [
-    "Disconnect",
-    "EmitToRoom",
-    "JoinRoom",
-    "LeaveRoom",
-    "RoomInfo",
     "WsAck",
     "WsAttach",
     "WsAttached",
@@ -214,10 +207,3 @@ class WsTick(Request[WsAck]):
     """Internal: the periodic beat that refreshes presence and enforces token expiry."""
 
     manager = "websocket"
-
-
-EmitToRoom = WsEmitToRoom
-JoinRoom = WsJoinRoom
-LeaveRoom = WsLeaveRoom
-RoomInfo = WsRoomInfo
-Disconnect = WsDisconnect

@@ -1,4 +1,4 @@
-"""The ``auth`` manager (JWT tokens, denylist, API keys): see :mod:`corral.actors.auth.manager`.
+"""The ``auth`` manager (JWT tokens, denylist, API keys): see docs/auth.md.
 
 ::
 
@@ -10,6 +10,7 @@
         system.ask(AuthValidate(token=tokens.access_token)).subject    # 'user:42'
 """
 
-from corral.actors.auth.manager import AuthManager, AuthOptions
+from corral.actors.auth._manager import AuthManager
+from corral.actors.auth._options import AuthOptions
 
 __all__ = ["AuthManager", "AuthOptions"]

@@ -9,10 +9,10 @@
     with System(managers=[ChildSpec(name="pool", manager=PoolManager, options=options)]) as system:
         system.ask(HttpRequest(service="billing", path="/invoices")).status
 
-See :mod:`corral.actors.pool.manager` for how a call travels, and docs/pool.md.
+See :mod:`corral.actors.pool._manager` for how a call travels, and docs/pool.md.
 """
 
-from corral.actors.pool.manager import PoolManager
-from corral.actors.pool.options import PoolOptions, ServiceOptions
+from corral.actors.pool._manager import PoolManager
+from corral.actors.pool._options import PoolOptions, ServiceOptions
 
 __all__ = ["PoolManager", "PoolOptions", "ServiceOptions"]

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from corral.actors.ratelimit._rules import Rule
+from corral.actors.ratelimit._options import Rule
 
 __all__ = ["BanPolicy", "MemoryLimiter", "RuleResult", "Subject", "SubjectResult"]
 

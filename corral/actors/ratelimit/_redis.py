@@ -30,7 +30,7 @@ from redis.exceptions import NoScriptError
 
 from corral._redis import SyncRedis
 from corral.actors.ratelimit._memory import BanPolicy, RuleResult, Subject, SubjectResult
-from corral.actors.ratelimit._rules import Rule
+from corral.actors.ratelimit._options import Rule
 
 __all__ = ["Call", "RedisLimiter"]
 

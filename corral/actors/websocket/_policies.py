@@ -4,7 +4,7 @@ A policy maps a room pattern (Redis glob: ``*``, ``?``, ``[...]``) to who may pu
 connection in a matching room:
 
 - ``"clients"``: the connection itself, with a ``join`` frame;
-- ``"server"``: only the service (``JoinRoom``), or a subscription token for the room.
+- ``"server"``: only the service (``WsJoinRoom``), or a subscription token for the room.
 
 ``{sub}`` in a pattern stands for the connection's token subject, taken literally, so
 ``"user:{sub}"`` matches only the user's own personal room. Policies are tried in

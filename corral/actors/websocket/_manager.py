@@ -1,7 +1,7 @@
 """The ``websocket`` manager: rooms, membership, presence, recovery and token expiry.
 
 The actor decides; the daemon's loop sends. Sockets live in the
-:class:`~corral.actors.websocket.gateway.Gateway` on the daemon's asyncio loop;
+:class:`~corral.actors.websocket._gateway.Gateway` on the daemon's asyncio loop;
 this actor keeps who is in which room, asks the room store (memory or Redis)
 for offsets, history and presence, and hands frames to the gateway without
 ever waiting on a socket::
@@ -11,7 +11,7 @@ ever waiting on a socket::
     presence_ttl = 30.0
     room_policies = { "user:{sub}" = "clients", "public:*" = "clients" }
 
-    system.ask(EmitToRoom(room="orders", event="created", data={"id": 7}))
+    system.ask(WsEmitToRoom(room="orders", event="created", data={"id": 7}))
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from corral._redis import REDIS_ERRORS, SyncRedis, connect
 from corral.actors.base import Manager, handles
+from corral.actors.websocket._gateway import CLOSE_UNAUTHORIZED, Gateway, gateway_for
 from corral.actors.websocket._metrics import (
     CONNECTIONS,
     EMITTED,
@@ -35,11 +36,10 @@ from corral.actors.websocket._metrics import (
     GATEWAY_COUNTS,
     ROOMS,
 )
+from corral.actors.websocket._options import WebSocketOptions
 from corral.actors.websocket._policies import RoomPolicies
 from corral.actors.websocket._rooms import MemoryRooms, RedisRooms, Rooms, frame_head
 from corral.actors.websocket._signing import ChannelSigner
-from corral.actors.websocket.gateway import CLOSE_UNAUTHORIZED, Gateway, gateway_for
-from corral.config import REDIS_URL, Section
 from corral.errors import BackendUnavailable, Conflict, InvalidMessage, NotFound, Unauthorized
 from corral.messages.system import Health
 from corral.messages.websocket import (
@@ -62,48 +62,9 @@ from corral.messages.websocket import (
     WsTick,
 )
 
-__all__ = ["WebSocketManager", "WebSocketOptions"]
+__all__ = ["WebSocketManager"]
 
 _ROOM = re.compile(r"^[A-Za-z0-9_.:@/\-]{1,128}$")
-_POSITIVE = {"gt": 0}
-_NON_NEGATIVE = {"ge": 0}
-_SIZE = {"ge": 1}
-
-
-@dataclass(frozen=True, kw_only=True, repr=False)
-class WebSocketOptions(Section):
-    """``[managers.websocket]``: see docs/websocket.md."""
-
-    backend: Literal["auto", "memory", "redis"] = "auto"
-    redis_url: str = field(default="", metadata=REDIS_URL)
-    redis_timeout: float = field(default=1.0, metadata=_POSITIVE)
-    history_size: int = field(default=100, metadata=_NON_NEGATIVE)
-    history_ttl: int = field(default=300, metadata=_SIZE)
-    presence_ttl: float = field(default=30.0, metadata=_POSITIVE)
-    presence_events: bool = False
-    client_publish: bool = False
-    refresh_window: float = field(default=30.0, metadata=_NON_NEGATIVE)
-    auth_timeout: float = field(default=5.0, metadata=_POSITIVE)
-    send_queue_size: int = field(default=1000, metadata=_SIZE)
-    max_frame_size: int = field(default=65536, metadata={"ge": 64})
-    inbound_rate: float = field(default=50.0, metadata=_POSITIVE)
-    inbound_burst: int = field(default=100, metadata=_SIZE)
-    max_rooms: int = field(default=100, metadata=_SIZE)
-    close_timeout: float = field(default=1.0, metadata=_POSITIVE)
-    room_policies: dict[str, str] = field(default_factory=lambda: {"user:{sub}": "clients"})
-    """Room pattern -> who may join: ``clients`` or ``server`` (see ``_policies``)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        try:
-            RoomPolicies(self.room_policies)
-        except ValueError as exc:
-            self._fail("room_policies", str(exc))
-
-    @property
-    def tick_interval(self) -> float:
-        """How often presence is refreshed and token expiry checked."""
-        return min(self.presence_ttl / 3, self.refresh_window / 2 or 1.0, 1.0)
 
 
 @dataclass

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
-from corral.actors.pool.options import ServiceOptions
+from corral.actors.pool._options import ServiceOptions
 
 __all__ = ["Breaker", "BreakerState", "parse_retry_after", "retry_delay"]
 

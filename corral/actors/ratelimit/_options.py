@@ -24,7 +24,7 @@ from corral.messages.base import MAX_TTL
 __all__ = [
     "Algorithm",
     "BackendErrorMode",
-    "RateLimiterOptions",
+    "RatelimitOptions",
     "Rule",
     "compile_rules",
     "parse_limit",
@@ -148,7 +148,7 @@ def _fail(key: str, problem: str) -> Any:
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
-class RateLimiterOptions(Section):
+class RatelimitOptions(Section):
     """``[managers.ratelimit]``.
 
     ``backend``: ``auto`` uses Redis when the system has one (``bus.url``) or

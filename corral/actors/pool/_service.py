@@ -37,8 +37,8 @@ from corral.actors.pool._metrics import (
     RESPONSES,
     RETRIES,
 )
-from corral.actors.pool.options import ServiceOptions
-from corral.actors.pool.policy import Breaker, parse_retry_after, retry_delay
+from corral.actors.pool._options import ServiceOptions
+from corral.actors.pool._policy import Breaker, parse_retry_after, retry_delay
 from corral.errors import BackendUnavailable, RequestError, Timeout
 from corral.messages.pool import HttpResponse
 from corral.messages.system import HealthStatus

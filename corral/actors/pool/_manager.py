@@ -11,7 +11,7 @@
 How a request travels: the handler checks the message (service known, path,
 params, headers, JSON body) on the actor's thread and raises ``InvalidMessage``
 at once for a bad one. It then takes over the caller's reply
-(:class:`~corral.actors.pool.loop.DeferredReply`) and hands the call to the
+(:class:`~corral.actors.pool._loop.DeferredReply`) and hands the call to the
 manager's asyncio loop, which runs in its own thread with one
 ``httpx.AsyncClient`` per service; the handler returns and the mailbox moves on.
 The loop answers the caller when the response arrives, so a hundred slow calls
@@ -42,10 +42,10 @@ from typing import Any
 from pykka._envelope import Envelope
 
 from corral.actors.base import Manager, handles
+from corral.actors.pool._loop import DeferredReply, LoopThread
 from corral.actors.pool._metrics import FAMILIES
-from corral.actors.pool.loop import DeferredReply, LoopThread
-from corral.actors.pool.options import PoolOptions
-from corral.actors.pool.service import Call, Service
+from corral.actors.pool._options import PoolOptions
+from corral.actors.pool._service import Call, Service
 from corral.errors import (
     BackendUnavailable,
     CorralError,

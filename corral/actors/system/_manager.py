@@ -1,9 +1,11 @@
-"""The built-in ``system`` manager: answers Ping, so every system has one actor to reach."""
+"""The system actor: echoes ``system.ping``."""
 
 from __future__ import annotations
 
 from corral.actors.base import Manager, handles
 from corral.messages.system import Ping, Pong
+
+__all__ = ["SystemManager"]
 
 
 class SystemManager(Manager):

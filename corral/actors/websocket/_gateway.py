@@ -31,10 +31,11 @@ import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from aiohttp import WSMsgType, web
 
+from corral import _redis
 from corral._junk import REJECTED
 from corral._redis import REDIS_ERRORS, AsyncRedis, subscriber_async
 from corral.actors.websocket._metrics import (
@@ -46,9 +47,11 @@ from corral.actors.websocket._metrics import (
     REFUSED,
     SLOW,
 )
+from corral.actors.websocket._options import WebSocketOptions
 from corral.actors.websocket._policies import RoomPolicies
 from corral.actors.websocket._signing import ChannelSigner
-from corral.errors import BackendUnavailable, CorralError, Unauthorized
+from corral.config import parse_options
+from corral.errors import BackendUnavailable, ConfigError, CorralError, Unauthorized
 from corral.messages.auth import AuthValidate
 from corral.messages.base import Reply, Request
 from corral.messages.signing import DEFAULT_REPLAY_WINDOW
@@ -64,8 +67,12 @@ from corral.messages.websocket import (
 )
 from corral.metrics import ManagerMetrics
 
+if TYPE_CHECKING:
+    from corral.daemon import Daemon
+
 __all__ = [
     "CLOSE_FLOODING", "CLOSE_SLOW", "CLOSE_UNAUTHORIZED", "FORBIDDEN", "Gateway", "gateway_for",
+    "mount",
 ]  # fmt: skip
 
 log = logging.getLogger("corral.websocket")
@@ -699,3 +706,42 @@ def _wait_for_loop(future: concurrent.futures.Future[T], timeout: float, doing: 
         raise BackendUnavailable(
             f"websocket gateway: {doing} did not finish within {timeout:g}s ({exc!r})"
         ) from None
+
+
+def mount(daemon: Daemon) -> Gateway | None:
+    """Serve ``/ws`` on the daemon's app when the ``websocket`` manager is configured.
+
+    Call it before the daemon starts its system: the manager finds its gateway
+    when it starts.
+    """
+    config = daemon.config
+    section = config.managers.get("websocket")
+    if section is None or not section.enabled:
+        return None
+    options: WebSocketOptions = parse_options(
+        WebSocketOptions, section.options, manager="websocket"
+    )
+    redis_url = ""
+    if options.backend != "memory":
+        redis_url = options.redis_url or (config.bus.url if config.bus.backend == "redis" else "")
+    if redis_url and not _redis.ASYNC_SHARDED_PUBSUB:
+        raise ConfigError(
+            "managers.websocket: rooms fan out across daemons by asyncio sharded pub/sub, "
+            "which needs redis-py 8.0 or newer: pip install 'corral[websocket]' "
+            '(or set backend = "memory" for a single daemon)'
+        )
+    gateway = Gateway(
+        daemon.system,
+        options,
+        redis_url=redis_url,
+        namespace=config.bus.namespace,
+        tick_interval=options.tick_interval,
+        signing_keys=daemon.system.codec.keys,
+        replay_window=daemon.system.codec.replay_window,
+        metrics=daemon.system.supervisor.metrics()["websocket"],
+    )
+    daemon.app.router.add_get("/ws", gateway.handle)
+    daemon.app.on_startup.append(gateway.started)
+    daemon.app.on_shutdown.append(gateway.shutdown)
+    daemon.app.on_cleanup.append(gateway.closed)
+    return gateway

@@ -1,0 +1,270 @@
+"""The state actor: applies writes through its backend, then publishes the change.
+
+Every change is published (through the system's bus) after Redis has applied
+it; the event stream, written inside the same script, is the durable record.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Literal, TypeVar
+
+import msgpack
+
+from corral.actors.base import Manager, handles
+from corral.actors.state._memory import Backend, memory_backend_for
+from corral.actors.state._options import StateOptions
+from corral.actors.state._redis import RedisBackend
+from corral.errors import BackendUnavailable, ConfigError, CorralError, InvalidMessage
+from corral.messages.state import (
+    StateChanged,
+    StateCommit,
+    StateCommitted,
+    StateDelete,
+    StateExpired,
+    StateExpireDue,
+    StateGet,
+    StateGetHistory,
+    StateHistory,
+    StateInfo,
+    StateRegister,
+    StateUpdate,
+    StateWrite,
+    changed_topic,
+    check_write,
+)
+from corral.messages.system import Health
+from corral.metrics import Counter
+
+__all__ = ["StateManager"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_PUBLISH_DRAIN_TIMEOUT = 5.0
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+CHANGES = Counter("corral_state_changes_total", "State changes applied (creates, transitions, ...)")
+PUBLISHED = Counter(
+    "corral_state_events_published_total", "state.changed events published on the bus"
+)
+PUBLISH_ERRORS = Counter(
+    "corral_state_publish_errors_total",
+    "state.changed events the bus refused (the durable stream still has them)",
+)
+
+
+class StateManager(Manager[StateOptions]):
+    """Handles ``state.*`` requests; publishes ``state.changed.<type>.<id>`` events."""
+
+    name = "state"
+    metric_families = (CHANGES, PUBLISHED, PUBLISH_ERRORS)
+
+    def on_start(self) -> None:
+        settings = self.options
+        url = settings.redis_url or self.corral_context.redis_url
+        kind = settings.backend
+        if kind == "auto":
+            kind = "redis" if url else "memory"
+        self.backend: Backend
+        if kind == "redis":
+            if not url:
+                raise ConfigError(
+                    "managers.state.redis_url: the redis backend needs a URL "
+                    "(set redis_url, or run the system's bus on Redis)"
+                )
+            self.backend = RedisBackend(
+                url,
+                namespace=self.corral_context.namespace,
+                history_limit=settings.history_limit,
+                stream_max_len=settings.stream_max_len,
+                partitions=settings.partitions,
+                wait_replicas=settings.wait_replicas,
+                wait_timeout=settings.wait_timeout,
+                signing_keys=self.corral_context.signing_keys,
+            )
+            try:
+                self.backend.record_partitions()
+            except BackendUnavailable as exc:  # Redis away: recorded with the first write
+                log.warning("state: %s", exc)
+        else:  # the system's: a restarted actor finds its states again
+            self.backend = memory_backend_for(
+                self.router, self.corral_context.name, history_limit=settings.history_limit
+            )
+        # Publishing waits on the bus (a Redis round trip): a thread of its own does it,
+        # in order, so the mailbox moves on as soon as the change is applied.
+        self._outbox: queue.SimpleQueue[StateChanged | None] = queue.SimpleQueue()
+        self._publisher = threading.Thread(
+            target=self._publish_loop, name=f"corral-state-publish:{self.corral_context.name}",
+            daemon=True,
+        )  # fmt: skip
+        self._publisher.start()
+        self.last_backend_error = ""
+        self._sweep_due = threading.Event()
+        self._stopping = threading.Event()
+        self._ticker = threading.Thread(
+            target=self._tick, name=f"corral-state-expiry:{self.corral_context.name}", daemon=True
+        )
+        self._ticker.start()
+
+    def on_stop(self) -> None:
+        self._stopping.set()
+        self._outbox.put(None)
+        self._publisher.join(_PUBLISH_DRAIN_TIMEOUT)
+        self.backend.close()
+
+    def health(self) -> Health:
+        details = {"backend": self.backend.name}
+        counted = self.corral_metrics
+        metrics = {
+            "changes": int(counted.value(CHANGES)),
+            "published": int(counted.value(PUBLISHED)),
+            "publish_errors": int(counted.value(PUBLISH_ERRORS)),
+        }
+        if self.last_backend_error:
+            details["last_backend_error"] = self.last_backend_error
+        status: Literal["healthy", "degraded"] = (
+            "degraded" if self.last_backend_error else "healthy"
+        )
+        return Health(status=status, details=details, metrics=metrics)
+
+    # -- requests ---------------------------------------------------------------------
+
+    @handles(StateRegister)
+    def register(self, msg: StateRegister) -> StateInfo:
+        return self._apply_one(
+            StateWrite(
+                state_id=msg.state_id,
+                transition="create",
+                state_type=msg.state_type,
+                data=msg.data,
+                ttl=msg.ttl,
+                allowed_transitions=msg.allowed_transitions,
+            )
+        )
+
+    @handles(StateUpdate)
+    def update(self, msg: StateUpdate) -> StateInfo:
+        if msg.transition == "create":
+            raise InvalidMessage("create a state with state.register", path="transition")
+        return self._apply_one(
+            StateWrite(
+                state_id=msg.state_id,
+                transition=msg.transition,
+                data=msg.data,
+                expected_version=msg.expected_version,
+                ttl=msg.ttl,
+            )
+        )
+
+    @handles(StateDelete)
+    def delete(self, msg: StateDelete) -> StateInfo:
+        return self._apply_one(
+            StateWrite(
+                state_id=msg.state_id, transition="delete", expected_version=msg.expected_version
+            )
+        )
+
+    @handles(StateGet)
+    def get(self, msg: StateGet) -> StateInfo:
+        return self._backend_call(lambda: self.backend.get(msg.state_id, _now_ms()))
+
+    @handles(StateGetHistory)
+    def get_history(self, msg: StateGetHistory) -> StateHistory:
+        if msg.limit < 1:
+            raise InvalidMessage("limit must be >= 1", path="limit")
+        limit = min(msg.limit, self.options.history_limit)
+        entries = self._backend_call(lambda: self.backend.history(msg.state_id, limit))
+        return StateHistory(state_id=msg.state_id, entries=entries)
+
+    @handles(StateCommit)
+    def commit(self, msg: StateCommit) -> StateCommitted:
+        if not msg.writes:
+            return StateCommitted(states=[])
+        if len(msg.writes) > self.options.max_writes:
+            raise InvalidMessage(
+                f"{len(msg.writes)} writes, over the limit of {self.options.max_writes}",
+                path="writes",
+            )
+        for i, write in enumerate(msg.writes):
+            self._check(write, f"writes[{i}].")
+        return StateCommitted(states=self._apply(msg.writes))
+
+    @handles(StateExpireDue)
+    def expire_due(self, _msg: StateExpireDue) -> StateExpired:
+        self._sweep_due.clear()
+        events = self._backend_call(lambda: self.backend.expire_due(_now_ms()))
+        self._publish(events)
+        return StateExpired(state_ids=[e.state_id for e in events])
+
+    # -- internals --------------------------------------------------------------------
+
+    def _apply_one(self, write: StateWrite) -> StateInfo:
+        self._check(write, "")
+        return self._apply([write])[0]
+
+    def _apply(self, writes: list[StateWrite]) -> list[StateInfo]:
+        events, states = self._backend_call(lambda: self.backend.apply(writes, _now_ms()))
+        self._publish(events)
+        return states
+
+    def _check(self, write: StateWrite, path: str) -> None:
+        try:
+            check_write(write)
+            if write.data is not None:
+                try:
+                    size = len(msgpack.packb(write.data, use_bin_type=True))
+                except (OverflowError, TypeError, ValueError) as exc:
+                    raise InvalidMessage(f"data cannot be stored: {exc}", path="data") from None
+                if size > self.options.max_data_bytes:
+                    raise InvalidMessage(
+                        f"data is {size} bytes packed, over the limit of "
+                        f"{self.options.max_data_bytes}",
+                        path="data",
+                    )
+        except InvalidMessage as exc:
+            raise InvalidMessage(exc.message, path=path + exc.path) from None
+
+    def _backend_call(self, action: Callable[[], T]) -> T:
+        try:
+            result = action()
+        except BackendUnavailable as exc:
+            self.last_backend_error = exc.message
+            raise
+        self.last_backend_error = ""
+        return result
+
+    def _publish(self, events: list[StateChanged]) -> None:
+        self.corral_metrics.add(CHANGES, by=len(events))
+        for event in events:
+            self._outbox.put(event)
+
+    def _publish_loop(self) -> None:
+        while (event := self._outbox.get()) is not None:
+            try:
+                self.router.publish(changed_topic(event.state_type, event.state_id), event)
+                self.corral_metrics.add(PUBLISHED)
+            except CorralError as exc:  # applied already; the event stream keeps it
+                self.corral_metrics.add(PUBLISH_ERRORS)
+                log.warning("state: could not publish %s of %s: %s", event.transition,
+                            event.state_id, exc)  # fmt: skip
+
+    def _tick(self) -> None:
+        interval = self.options.expiry_interval
+        while not self._stopping.wait(interval):
+            if self._sweep_due.is_set():
+                continue  # the last sweep is still queued
+            self._sweep_due.set()
+            try:
+                self.actor_ref.tell(StateExpireDue())
+            except Exception:  # stopping, or a full mailbox: try again next tick
+                self._sweep_due.clear()

@@ -1,0 +1,30 @@
+"""Options of the ``state`` manager (``[managers.state]``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from corral.config import REDIS_URL, Section
+from corral.messages.state import (
+    DEFAULT_PARTITIONS,
+    MAX_PARTITIONS,
+)
+
+__all__ = ["StateOptions"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class StateOptions(Section):
+    """``[managers.state]``: see :mod:`corral.actors.state`."""
+
+    backend: Literal["auto", "memory", "redis"] = "auto"
+    redis_url: str = field(default="", metadata=REDIS_URL)
+    history_limit: int = field(default=100, metadata={"ge": 1})
+    stream_max_len: int = field(default=100_000, metadata={"ge": 1})
+    max_data_bytes: int = field(default=65_536, metadata={"ge": 1})
+    max_writes: int = field(default=1_000, metadata={"ge": 1})
+    expiry_interval: float = field(default=1.0, metadata={"gt": 0})
+    partitions: int = field(default=DEFAULT_PARTITIONS, metadata={"ge": 1, "le": MAX_PARTITIONS})
+    wait_replicas: int = field(default=0, metadata={"ge": 0, "le": 100})
+    wait_timeout: float = field(default=1.0, metadata={"gt": 0, "le": 60})
