@@ -245,11 +245,15 @@ def run(
         escalated.set()
         stop.set()
 
+    stopped_by: list[int] = []
+
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        if stop.is_set():
-            log.error("second %s: exiting now", signal.Signals(signum).name)
+        # No logging here: the handler may interrupt the main thread inside a write to
+        # stderr, and a second write there raises instead of stopping.
+        if stop.is_set() and stopped_by:
+            os.write(2, f"second {signal.Signals(signum).name}: exiting now\n".encode())
             os._exit(128 + signum)
-        log.info("%s: draining and stopping", signal.Signals(signum).name)
+        stopped_by.append(signum)
         stop.set()
 
     reload = threading.Event()
@@ -280,6 +284,8 @@ def run(
         if reload.is_set():
             reload.clear()
             _reload(daemon, config_path, _flags(host, port, log_level, log_format))
+    if stopped_by:
+        log.info("%s: draining and stopping", signal.Signals(stopped_by[0]).name)
     daemon.stop(drain=not escalated.is_set())
     if escalated.is_set():
         log.critical("stopped: the supervisor gave up")
