@@ -4,9 +4,11 @@ rollback; and, on Redis, two systems (as two daemons) serving one transaction.""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -18,9 +20,12 @@ from corral.actors.transaction._store import TransactionRecord
 from corral.config import Config
 from corral.errors import Conflict, NotFound
 from corral.ext.transaction import Transaction, transaction
+from corral.messages.base import Request
 from corral.messages.state import StateChanged, StateGet, StateRegister, StateUpdate, StateWrite
 from corral.messages.system import HealthCheck
 from corral.messages.transaction import (
+    ISOLATION_LEVELS,
+    IsolationLevel,
     TransactionBegin,
     TransactionCommit,
     TransactionGet,
@@ -327,3 +332,87 @@ def test_two_concurrent_commits_of_one_transaction_apply_it_once(
     assert sorted(outcomes)[1].startswith("not found: no open transaction"), outcomes
     assert first.ask(StateGet(state_id="a")).version == 2
     assert metric(first, "committed") + metric(second, "committed") == 1
+
+
+# -- isolation: write skew -------------------------------------------------------------------
+
+
+def go_off_call(
+    system: System, doctor: str, both_read: threading.Barrier, isolation: IsolationLevel
+) -> str:
+    """A doctor goes off call if the other one is still on call (both read, then one writes)."""
+    try:
+        with transaction(system, isolation_level=isolation) as tx:
+            on_call = [tx.get(name).data["on_call"] for name in ("a", "b")]
+            both_read.wait(5)
+            if all(on_call):
+                tx.update(doctor, data={"on_call": False})
+            both_read.wait(5)
+    except Conflict as refused:
+        return f"conflict {refused.details['state_id']}"
+    return "committed"
+
+
+@pytest.mark.parametrize("isolation", ISOLATION_LEVELS)
+def test_two_doctors_cannot_both_go_off_call_when_serializable(
+    system: System, isolation: IsolationLevel
+) -> None:
+    for doctor in ("a", "b"):
+        system.ask(StateUpdate(state_id=doctor, data={"on_call": True}))
+    both_read = threading.Barrier(2)
+    outcomes: list[str] = []
+    threads = [
+        threading.Thread(
+            target=lambda d=doctor: outcomes.append(go_off_call(system, d, both_read, isolation))
+        )
+        for doctor in ("a", "b")
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    still_on_call = [data(system, name) == {"on_call": True} for name in ("a", "b")]
+    if isolation == "serializable":
+        assert sorted(o.split()[0] for o in outcomes) == ["committed", "conflict"]
+        assert still_on_call.count(True) == 1
+    else:  # write skew: each read a state the other then changed
+        assert outcomes == ["committed", "committed"]
+        assert still_on_call == [False, False]
+
+
+def add_one_to_a_into_b(system: System, isolation: IsolationLevel, a_meanwhile: int) -> None:
+    """Read a, let someone else set it to ``a_meanwhile``, write b = a + 1."""
+    with transaction(system, isolation_level=isolation) as tx:
+        seen = tx.get("a").data["n"]
+        system.ask(StateUpdate(state_id="a", data={"n": a_meanwhile}))
+        tx.update("b", data={"n": seen + 1})
+
+
+def test_a_commit_whose_read_changed_meanwhile_is_refused_naming_the_state(
+    system: System,
+) -> None:
+    system.ask(StateUpdate(state_id="a", data={"n": 1}))
+    with pytest.raises(Conflict, match="'a' changed since the transaction read it") as refused:
+        add_one_to_a_into_b(system, "serializable", a_meanwhile=100)
+    assert refused.value.details == {"state_id": "a", "read_version": 2, "version": 3}
+    assert data(system, "b") == {"n": 0}
+    add_one_to_a_into_b(system, "read_committed", a_meanwhile=7)
+    assert data(system, "b") == {"n": 101}
+
+
+def read_while_changed_outside(system: System, reads: list[str], outside: Request[Any]) -> None:
+    """Read ``reads`` in a transaction, then send ``outside`` before it commits."""
+    with transaction(system) as tx:
+        for state_id in reads:
+            with contextlib.suppress(NotFound):
+                tx.get(state_id)
+        system.ask(outside)
+
+
+def test_a_read_only_transaction_checks_its_reads_too(system: System) -> None:
+    with pytest.raises(Conflict, match="'b'"):
+        read_while_changed_outside(system, ["a", "b"], StateUpdate(state_id="b", data={"n": 5}))
+    with pytest.raises(Conflict, match="'c'"):  # read as absent, created meanwhile
+        read_while_changed_outside(
+            system, ["a", "c"], StateRegister(state_id="c", state_type="User")
+        )

@@ -29,6 +29,7 @@ from typing import Any, Protocol, TypeVar
 from corral.messages.base import Reply, Request
 from corral.messages.state import StateInfo, StateWrite
 from corral.messages.transaction import (
+    IsolationLevel,
     TransactionBegin,
     TransactionCommit,
     TransactionGet,
@@ -118,8 +119,14 @@ class Transaction:
 
 
 @contextlib.contextmanager
-def transaction(system: Asker, *, idle_timeout: float | None = None) -> Iterator[Transaction]:
-    """A transaction block, or a savepoint when one is already open for ``system``."""
+def transaction(
+    system: Asker,
+    *,
+    idle_timeout: float | None = None,
+    isolation_level: IsolationLevel = "serializable",
+) -> Iterator[Transaction]:
+    """A transaction block, or a savepoint when one is already open for ``system``
+    (whose ``isolation_level`` then counts)."""
     open_now = _open.get({})
     outer = open_now.get(id(system))
     if outer is not None:
@@ -131,7 +138,7 @@ def transaction(system: Asker, *, idle_timeout: float | None = None) -> Iterator
             raise
         outer.release_savepoint(name)
         return
-    info = system.ask(TransactionBegin(idle_timeout=idle_timeout))
+    info = system.ask(TransactionBegin(idle_timeout=idle_timeout, isolation_level=isolation_level))
     tx = Transaction(system, info.transaction_id)
     token = _open.set({**open_now, id(system): tx})
     try:

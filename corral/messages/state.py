@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import zlib
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from corral.errors import Conflict, InvalidMessage, NotFound
@@ -51,11 +52,14 @@ __all__ = [
     "TransitionRule",
     "apply_transition",
     "changed_topic",
+    "check_reads",
+    "check_state_id",
     "check_write",
     "events_stream_key",
     "partition_of",
     "partition_prefix",
     "partitions_key",
+    "read_conflict",
 ]
 
 STATE_TYPES = ("System", "User", "Session", "Resource", "Feature", "Subscription")
@@ -270,11 +274,20 @@ class StateCommitted(Reply):
 class StateCommit(Request[StateCommitted]):
     """Apply several writes all or nothing: every transition and expected version is
     checked first, then all apply at once and their events follow. Sent by the
-    ``transaction`` manager; usable directly for a one-shot multi-state change."""
+    ``transaction`` manager; usable directly for a one-shot multi-state change.
+
+    ``reads`` names states the commit depends on without writing them, each with the
+    version it was read at (0: it was absent); one at another version now refuses the
+    whole commit with Conflict naming it (a serializable transaction's read set)::
+
+        StateCommit(writes=[StateWrite(state_id="b", transition="update", data={"n": 2})],
+                    reads={"a": 3})
+    """
 
     manager = "state"
     writes: list[StateWrite]
     transaction_id: str = ""
+    reads: dict[str, Offset] = dataclasses.field(default_factory=dict)
 
 
 @message("state.expired", internal=True)
@@ -292,12 +305,21 @@ class StateExpireDue(Request[StateExpired]):
     manager = "state"
 
 
+def check_state_id(state_id: str, path: str = "state_id") -> None:
+    """InvalidMessage at ``path`` unless ``state_id`` is 1-200 characters without
+    whitespace or ``* ? [ ]``::
+
+        check_state_id("order:{42}:items")
+    """
+    if not _STATE_ID.fullmatch(state_id):
+        raise InvalidMessage(
+            "a state id is 1-200 characters without whitespace or * ? [ ]", path=path
+        )
+
+
 def check_write(write: StateWrite) -> None:
     """Reject a malformed write with InvalidMessage naming the field (before any backend)."""
-    if not _STATE_ID.fullmatch(write.state_id):
-        raise InvalidMessage(
-            "a state id is 1-200 characters without whitespace or * ? [ ]", path="state_id"
-        )
+    check_state_id(write.state_id)
     if not _TRANSITION.fullmatch(write.transition):
         raise InvalidMessage(
             f"a transition is a snake_case name, got {write.transition!r:.70}", path="transition"
@@ -379,6 +401,30 @@ def apply_transition(current: StateInfo | None, write: StateWrite, now_ms: int) 
         version=current.version + 1,
         updated_at=now_ms,
         expires_at=expires_at,
+    )
+
+
+def check_reads(reads: dict[str, int], current: Callable[[str], StateInfo | None]) -> None:
+    """Conflict naming the first state of ``reads`` (id: version read, 0 for absent) that
+    ``current`` (the state now, None when absent) shows at another version::
+
+        check_reads({"a": 3}, lambda state_id: states.get(state_id))
+    """
+    for state_id, version in reads.items():
+        state = current(state_id)
+        actual = 0 if state is None else state.version
+        if actual != version:
+            raise read_conflict(state_id, version, actual)
+
+
+def read_conflict(state_id: str, read_version: int, version: int) -> Conflict:
+    """The error for a commit whose read set no longer holds: ``state_id`` was read at
+    ``read_version`` (0: absent) and is at ``version`` now (0: absent)."""
+    return Conflict(
+        f"state {state_id!r} changed since the transaction read it "
+        f"(read at version {read_version}, now {version}): a serializable commit "
+        "needs every state it read unchanged",
+        {"state_id": state_id, "read_version": read_version, "version": version},
     )
 
 

@@ -57,6 +57,7 @@ from corral.messages.state import (
     StateUpdate,
     StateWrite,
     changed_topic,
+    check_state_id,
     check_write,
 )
 from corral.messages.system import Health
@@ -226,7 +227,7 @@ class StateManager(Manager[StateOptions]):
 
     @handles(StateCommit)
     def commit(self, msg: StateCommit) -> StateCommitted:
-        if not msg.writes:
+        if not msg.writes and not msg.reads:
             return StateCommitted(states=[])
         if len(msg.writes) > self.options.max_writes:
             raise InvalidMessage(
@@ -235,7 +236,14 @@ class StateManager(Manager[StateOptions]):
             )
         for i, write in enumerate(msg.writes):
             self._check(write, f"writes[{i}].")
-        return StateCommitted(states=self._apply(msg.writes))
+        if len(msg.reads) > self.options.max_writes:
+            raise InvalidMessage(
+                f"{len(msg.reads)} reads, over the limit of {self.options.max_writes}",
+                path="reads",
+            )
+        for state_id in msg.reads:
+            check_state_id(state_id, path=f"reads.{state_id:.70}")
+        return StateCommitted(states=self._apply(msg.writes, msg.reads))
 
     @handles(StateExpireDue)
     def expire_due(self, _msg: StateExpireDue) -> StateExpired:
@@ -250,8 +258,10 @@ class StateManager(Manager[StateOptions]):
         self._check(write, "")
         return self._apply([write])[0]
 
-    def _apply(self, writes: list[StateWrite]) -> list[StateInfo]:
-        events, states = self._backend_call(lambda: self.backend.apply(writes, _now_ms()))
+    def _apply(
+        self, writes: list[StateWrite], reads: dict[str, int] | None = None
+    ) -> list[StateInfo]:
+        events, states = self._backend_call(lambda: self.backend.apply(writes, _now_ms(), reads))
         self._publish(events)
         return states
 

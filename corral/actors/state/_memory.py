@@ -24,6 +24,7 @@ from corral.messages.state import (
     StateInfo,
     StateWrite,
     apply_transition,
+    check_reads,
 )
 
 __all__ = ["Backend", "MemoryBackend", "memory_backend_for", "new_epoch"]
@@ -40,10 +41,11 @@ class Backend(Protocol):
     name: str
 
     def apply(
-        self, writes: list[StateWrite], now_ms: int
+        self, writes: list[StateWrite], now_ms: int, reads: dict[str, int] | None = None
     ) -> tuple[list[StateChanged], list[StateInfo]]:
-        """Check every write, then apply them all; the events (in order) and each
-        write's resulting state. States past their expiry are expired first."""
+        """Check every read (state id: version read, 0 for absent) and every write, then
+        apply them all; the events (in order) and each write's resulting state. States
+        past their expiry are expired first."""
         ...
 
     def get(self, state_id: str, now_ms: int) -> StateInfo: ...
@@ -95,14 +97,15 @@ class MemoryBackend:
         self.lock = threading.Lock()
 
     def apply(
-        self, writes: list[StateWrite], now_ms: int
+        self, writes: list[StateWrite], now_ms: int, reads: dict[str, int] | None = None
     ) -> tuple[list[StateChanged], list[StateInfo]]:
         with self.lock:
-            return self._apply(writes, now_ms)
+            return self._apply(writes, now_ms, reads or {})
 
     def _apply(
-        self, writes: list[StateWrite], now_ms: int
+        self, writes: list[StateWrite], now_ms: int, reads: dict[str, int]
     ) -> tuple[list[StateChanged], list[StateInfo]]:
+        check_reads(reads, lambda state_id: self._live(state_id, now_ms))
         events = self._expire([w.state_id for w in writes], now_ms)
         overlay: dict[str, StateInfo | None] = {}
         changes: list[tuple[StateInfo | None, StateWrite, StateInfo]] = []
@@ -118,9 +121,16 @@ class MemoryBackend:
 
     def get(self, state_id: str, now_ms: int) -> StateInfo:
         with self.lock:
-            state = self.states.get(state_id)
-        if state is None or (state.expires_at is not None and state.expires_at <= now_ms):
+            state = self._live(state_id, now_ms)
+        if state is None:
             raise NotFound(f"no state {state_id!r}", {"state_id": state_id})
+        return state
+
+    def _live(self, state_id: str, now_ms: int) -> StateInfo | None:
+        """The state, unless absent or past its expiry."""
+        state = self.states.get(state_id)
+        if state is None or (state.expires_at is not None and state.expires_at <= now_ms):
+            return None
         return state
 
     def history(self, state_id: str, limit: int) -> list[StateChanged]:

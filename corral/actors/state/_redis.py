@@ -53,6 +53,7 @@ from corral.messages.state import (
     partition_of,
     partition_prefix,
     partitions_key,
+    read_conflict,
 )
 from corral.streams import meta_key, signed_parts
 
@@ -79,15 +80,16 @@ def _lua_rules() -> str:
 
 
 # ARGV: now_ms, epoch_candidate, history_limit, stream_max_len, n, partition, then 7 per write:
-# state_id, transition, state_type, data, expected_version, ttl_ms, allowed (or "~"), then the
-# mode: "" (apply), "prepare" (apply nothing: answer the events' bodies, topics, first offset
-# and epoch, for signing) or "commit" followed by a SHA-1 (hex) and a signature per event
-# (apply, the signatures in the stream entries, if the events are still those; else answer
-# as "prepare" does).
+# state_id, transition, state_type, data, expected_version, ttl_ms, allowed (or "~"), then r,
+# the number of reads, and per read its state_id and the version it was read at (0: absent),
+# then the mode: "" (apply), "prepare" (apply nothing: answer the events' bodies, topics,
+# first offset and epoch, for signing) or "commit" followed by a SHA-1 (hex) and a signature
+# per event (apply, the signatures in the stream entries, if the events are still those; else
+# answer as "prepare" does).
 # A write whose transition is "" only expires its state if due (the TTL sweep).
-# KEYS: meta, stream, expiry, then per write: state hash, history list.
-# Answers {0, code, write index, a, b} for a refusal, {1, events, states, reset} when applied
-# (reset = 1: the stream held an entry at or past the next offset, which this script did not
+# KEYS: meta, stream, expiry, then per write: state hash, history list, then per read: its hash.
+# Answers {0, code, write (or read) index, a, b} for a refusal, {1, events, states, reset} when
+# applied (reset = 1: the stream held an entry at or past the next offset, which this script did not
 # write, and a new epoch began), {2, events, topics, offset before the first, epoch} to sign.
 _APPLY = """
 local RULES = __RULES__
@@ -118,6 +120,17 @@ local function load(id, k)
   end
   current[id] = s
   return s
+end
+
+local r = tonumber(ARGV[7 + 7 * n])
+for j = 1, r do
+  local read = 7 + 7 * n + 2 * j
+  local found = redis.call("HMGET", KEYS[3 + 2 * n + j], "version", "expires")
+  local actual = 0
+  if found[1] and not (found[2] and tonumber(found[2]) <= now) then
+    actual = tonumber(found[1])
+  end
+  if actual ~= tonumber(ARGV[read]) then return {0, "read", j, ARGV[read], tostring(actual)} end
 end
 
 for i = 1, n do
@@ -194,8 +207,8 @@ for c = 1, #changes do
                     "status", after.status, "partition", tonumber(ARGV[6]))
   topics[c] = "state.changed." .. after.type .. "." .. id
 end
-local mode = ARGV[7 + 7 * n] or ""
-local proofs = 8 + 7 * n
+local mode = ARGV[8 + 7 * n + 2 * r] or ""
+local proofs = 9 + 7 * n + 2 * r
 if mode == "prepare" then return {2, events, topics, base, epoch} end
 if mode == "commit" then
   for c = 1, #changes do
@@ -307,19 +320,22 @@ class RedisBackend:
         return [meta_key(stream), stream, partition_prefix(self.namespace, partition) + "expiry"]
 
     def apply(
-        self, writes: list[StateWrite], now_ms: int
+        self, writes: list[StateWrite], now_ms: int, reads: dict[str, int] | None = None
     ) -> tuple[list[StateChanged], list[StateInfo]]:
-        partition = self._partition(writes[0].state_id)
-        for write in writes[1:]:
-            if self._partition(write.state_id) != partition:
+        reads = reads or {}
+        touched = [w.state_id for w in writes] + list(reads)
+        partition = self._partition(touched[0])
+        for state_id in touched[1:]:
+            if self._partition(state_id) != partition:
                 raise InvalidMessage(
-                    f"states {writes[0].state_id!r} (partition {partition}) and "
-                    f"{write.state_id!r} (partition {self._partition(write.state_id)}) "
-                    "cannot change in one commit: a commit spans one partition; give "
-                    "states that change together the same hash tag, e.g. "
-                    "'order:{42}:items' and 'order:{42}:total'",
-                    {"partitions": [partition, self._partition(write.state_id)]},
-                    path="writes",
+                    f"states {touched[0]!r} (partition {partition}) and "
+                    f"{state_id!r} (partition {self._partition(state_id)}) "
+                    "cannot be in one commit (written, or read by a serializable "
+                    "transaction): a commit spans one partition; give states that change "
+                    "together the same hash tag, e.g. 'order:{42}:items' and "
+                    "'order:{42}:total'",
+                    {"partitions": [partition, self._partition(state_id)]},
+                    path="reads" if state_id in reads else "writes",
                 )
         if not self._recorded:
             self.record_partitions()
@@ -339,9 +355,16 @@ class RedisBackend:
                     write.allowed_transitions
                 ),
             ]  # fmt: skip
+        read_ids = list(reads)
+        args.append(len(read_ids))
+        for state_id in read_ids:
+            keys.append(self._key("s:", state_id))
+            args += [state_id, reads[state_id]]
         answer, acknowledged = self._call(lambda: self._run(keys, args), "apply a state change")
         if answer[0] == 0:
             _, code, index, a, b = answer
+            if code == b"read":
+                raise read_conflict(read_ids[index - 1], int(a), int(b))
             raise _refusal(code.decode(), writes[index - 1], a.decode(), b.decode())
         if answer[3]:
             log.warning(

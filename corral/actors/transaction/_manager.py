@@ -182,7 +182,8 @@ class TransactionManager(Manager[TransactionOptions]):
                 f"idle_timeout must be > 0 and <= {MAX_TIMEOUT} s", path="idle_timeout"
             )
         transaction_id = uuid.uuid4().hex
-        self._stored_call(self.store.begin, transaction_id, TransactionRecord(idle_timeout=timeout))
+        record = TransactionRecord(idle_timeout=timeout, isolation_level=msg.isolation_level)
+        self._stored_call(self.store.begin, transaction_id, record)
         self.corral_metrics.add(BEGUN)
         return TransactionInfo(transaction_id=transaction_id, writes=0)
 
@@ -252,9 +253,12 @@ class TransactionManager(Manager[TransactionOptions]):
     def commit(self, msg: TransactionCommit) -> TransactionCommitted:
         tx = self._stored_call(self.store.take, msg.transaction_id)
         writes = self._versioned(tx)
+        reads = self._read_only_versions(tx) if tx.isolation_level == "serializable" else {}
         states = (
-            self.router.ask(StateCommit(writes=writes, transaction_id=msg.transaction_id)).states
-            if writes
+            self.router.ask(
+                StateCommit(writes=writes, reads=reads, transaction_id=msg.transaction_id)
+            ).states
+            if writes or reads
             else []
         )
         self.corral_metrics.add(COMMITTED)
@@ -338,6 +342,16 @@ class TransactionManager(Manager[TransactionOptions]):
                 0 if write.transition in ("delete", "expire") else expected + 1
             )
         return versioned
+
+    def _read_only_versions(self, tx: TransactionRecord) -> dict[str, int]:
+        """The states the transaction read but does not write, each at the version it
+        read (0: absent): a serializable commit needs them unchanged."""
+        written = {write.state_id for write in tx.writes}
+        return {
+            state_id: 0 if state is None else state.version
+            for state_id, state in tx.stored.items()
+            if state_id not in written
+        }
 
     def _savepoint_index(self, tx: TransactionRecord, name: str) -> int:
         for index, (existing, _) in enumerate(tx.savepoints):
