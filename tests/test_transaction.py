@@ -4,6 +4,7 @@ rollback; and, on Redis, two systems (as two daemons) serving one transaction.""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import time
@@ -19,9 +20,16 @@ from corral.actors.transaction._redis import RedisStore
 from corral.actors.transaction._store import TransactionRecord
 from corral.config import Config
 from corral.errors import Conflict, NotFound
-from corral.ext.transaction import Transaction, transaction
+from corral.ext.transaction import Transaction, on_commit, transaction
 from corral.messages.base import Request
-from corral.messages.state import StateChanged, StateGet, StateRegister, StateUpdate, StateWrite
+from corral.messages.state import (
+    StateChanged,
+    StateGet,
+    StateInfo,
+    StateRegister,
+    StateUpdate,
+    StateWrite,
+)
 from corral.messages.system import HealthCheck
 from corral.messages.transaction import (
     ISOLATION_LEVELS,
@@ -416,3 +424,84 @@ def test_a_read_only_transaction_checks_its_reads_too(system: System) -> None:
         read_while_changed_outside(
             system, ["a", "c"], StateRegister(state_id="c", state_type="User")
         )
+
+
+# -- on_commit hooks and async with ----------------------------------------------------------
+
+
+def test_on_commit_hooks_run_after_the_outermost_commit_and_only_then(system: System) -> None:
+    ran: list[str] = []
+    with transaction(system) as tx:
+        tx.update("a", data={"n": 1})
+        tx.on_commit(lambda: ran.append(f"committed a={data(system, 'a')}"))
+        with transaction(system):
+            on_commit(system, lambda: ran.append("kept savepoint"))
+        with contextlib.suppress(RuntimeError), transaction(system):
+            tx.on_commit(lambda: ran.append("rolled-back savepoint"))
+            raise RuntimeError
+        mark = tx.savepoint()
+        tx.on_commit(lambda: ran.append("rolled back by name"))
+        tx.rollback_to_savepoint(mark)
+        assert ran == []
+    assert ran == ["committed a={'n': 1}", "kept savepoint"]
+
+    ran.clear()
+    with contextlib.suppress(KeyError), transaction(system) as tx:
+        tx.on_commit(lambda: ran.append("never"))
+        raise KeyError
+    on_commit(system, lambda: ran.append("no transaction: at once"))
+    assert ran == ["no transaction: at once"]
+
+
+def test_a_conflicting_commit_drops_its_hooks(system: System) -> None:
+    ran: list[str] = []
+
+    def commit_after_an_outside_change() -> None:
+        with transaction(system) as tx:
+            tx.update("a", data={"n": 1})
+            tx.on_commit(lambda: ran.append("never"))
+            system.ask(StateUpdate(state_id="a", data={"n": 2}))
+
+    with pytest.raises(Conflict):
+        commit_after_an_outside_change()
+    assert ran == []
+
+
+async def async_order(system: System, ran: list[str]) -> list[StateInfo]:
+    async def notify() -> None:
+        ran.append("async hook")
+
+    async with transaction(system) as tx:
+        await tx.update("a", data={"n": 1})
+        tx.on_commit(notify)
+        async with transaction(system) as inner:
+            assert inner is tx
+            await tx.register("c", "Resource", data={"new": True})
+        with contextlib.suppress(RuntimeError):
+            async with transaction(system):
+                await tx.update("b", data={"n": 99})
+                tx.on_commit(lambda: ran.append("never"))
+                raise RuntimeError
+        assert (await tx.get("b")).data == {"n": 0}
+        assert data(system, "a") == {"n": 0}
+    return tx.states
+
+
+def test_async_with_transaction_commits_with_savepoints_and_hooks(system: System) -> None:
+    ran: list[str] = []
+    states = asyncio.run(async_order(system, ran))
+    assert [(s.state_id, s.version) for s in states] == [("a", 2), ("c", 1)]
+    assert ran == ["async hook"]
+    assert (data(system, "a"), data(system, "b"), data(system, "c")) == (
+        {"n": 1}, {"n": 0}, {"new": True})  # fmt: skip
+
+
+def test_async_with_rolls_back_on_an_error(system: System) -> None:
+    async def fail() -> None:
+        async with transaction(system, isolation_level="read_committed") as tx:
+            await tx.update("a", data={"n": 1})
+            raise LookupError("abort")
+
+    with pytest.raises(LookupError):
+        asyncio.run(fail())
+    assert data(system, "a") == {"n": 0}
