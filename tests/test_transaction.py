@@ -505,3 +505,28 @@ def test_async_with_rolls_back_on_an_error(system: System) -> None:
     with pytest.raises(LookupError):
         asyncio.run(fail())
     assert data(system, "a") == {"n": 0}
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_a_transaction_follows_the_declared_machine(
+    backend: str, redis_server: RedisServer
+) -> None:
+    machine = {
+        "states": ["created", "paid"],
+        "initial": "created",
+        "transitions": {"pay": {"source": ["created"], "dest": "paid"}},
+    }
+    specs = [
+        ChildSpec(name="state", manager=StateManager,
+                  options={"backend": backend, "partitions": 1, "machines": {"Order": machine}},
+                  redis_url=redis_server.url),
+        ChildSpec(name="transaction", manager=TransactionManager, options={"backend": backend},
+                  redis_url=redis_server.url, depends_on=("state",)),
+    ]  # fmt: skip
+    with System(Config(), managers=specs) as system:
+        with transaction(system) as tx:
+            assert tx.register("o1", "Order").status == "created"
+            assert tx.update("o1", transition="pay").status == "paid"
+            with pytest.raises(Conflict, match="cannot pay state 'o1': it is paid"):
+                tx.update("o1", transition="pay")
+        assert system.ask(StateGet(state_id="o1")).status == "paid"

@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgpack
 
@@ -39,7 +39,7 @@ from corral.actors.base import Manager, handles
 from corral.actors.state._memory import Backend, memory_backend_for
 from corral.actors.state._redis import RedisBackend
 from corral.config import REDIS_URL, Section
-from corral.errors import BackendUnavailable, ConfigError, CorralError, InvalidMessage
+from corral.errors import BackendUnavailable, ConfigError, CorralError, InvalidMessage, NotFound
 from corral.messages.state import (
     DEFAULT_PARTITIONS,
     MAX_PARTITIONS,
@@ -51,14 +51,17 @@ from corral.messages.state import (
     StateExpireDue,
     StateGet,
     StateGetHistory,
+    StateGetMachine,
     StateHistory,
     StateInfo,
+    StateMachine,
     StateRegister,
     StateUpdate,
     StateWrite,
     changed_topic,
     check_state_id,
     check_write,
+    machine_from_table,
 )
 from corral.messages.system import Health
 from corral.metrics import Counter
@@ -86,6 +89,23 @@ class StateOptions(Section):
     partitions: int = field(default=DEFAULT_PARTITIONS, metadata={"ge": 1, "le": MAX_PARTITIONS})
     wait_replicas: int = field(default=0, metadata={"ge": 0, "le": 100})
     wait_timeout: float = field(default=1.0, metadata={"gt": 0, "le": 60})
+    machines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """``[managers.state.machines.<StateType>]``: a declared state machine per state type."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for state_type, table in self.machines.items():
+            try:
+                machine_from_table(state_type, table)
+            except ValueError as exc:
+                self._fail(f"machines.{state_type}", str(exc))
+
+    def state_machines(self) -> dict[str, StateMachine]:
+        """The declared machines by state type."""
+        return {
+            state_type: machine_from_table(state_type, table)
+            for state_type, table in self.machines.items()
+        }
 
 
 def _now_ms() -> int:
@@ -115,6 +135,7 @@ class StateManager(Manager[StateOptions]):
         if kind == "auto":
             kind = "redis" if url else "memory"
         self.backend: Backend
+        self.machines = settings.state_machines()
         if kind == "redis":
             if not url:
                 raise ConfigError(
@@ -130,6 +151,7 @@ class StateManager(Manager[StateOptions]):
                 wait_replicas=settings.wait_replicas,
                 wait_timeout=settings.wait_timeout,
                 signing_keys=self.corral_context.signing_keys,
+                machines=self.machines,
             )
             try:
                 self.backend.record_partitions()
@@ -137,7 +159,10 @@ class StateManager(Manager[StateOptions]):
                 log.warning("state: %s", exc)
         else:  # the system's: a restarted actor finds its states again
             self.backend = memory_backend_for(
-                self.router, self.corral_context.name, history_limit=settings.history_limit
+                self.router,
+                self.corral_context.name,
+                history_limit=settings.history_limit,
+                machines=self.machines,
             )
         # Publishing waits on the bus (a Redis round trip): a thread of its own does it,
         # in order, so the mailbox moves on as soon as the change is applied.
@@ -225,6 +250,16 @@ class StateManager(Manager[StateOptions]):
         entries = self._backend_call(lambda: self.backend.history(msg.state_id, limit))
         return StateHistory(state_id=msg.state_id, entries=entries)
 
+    @handles(StateGetMachine)
+    def get_machine(self, msg: StateGetMachine) -> StateMachine:
+        machine = self.machines.get(msg.state_type)
+        if machine is None:
+            raise NotFound(
+                f"no state machine is declared for {msg.state_type!r:.70}",
+                {"state_type": msg.state_type},
+            )
+        return machine
+
     @handles(StateCommit)
     def commit(self, msg: StateCommit) -> StateCommitted:
         if not msg.writes and not msg.reads:
@@ -268,6 +303,12 @@ class StateManager(Manager[StateOptions]):
     def _check(self, write: StateWrite, path: str) -> None:
         try:
             check_write(write)
+            if write.allowed_transitions is not None and write.state_type in self.machines:
+                raise InvalidMessage(
+                    f"{write.state_type} states follow their declared machine: its "
+                    "transitions are theirs, not allowed_transitions",
+                    path="allowed_transitions",
+                )
             if write.data is not None:
                 try:
                     size = len(msgpack.packb(write.data, use_bin_type=True))

@@ -22,6 +22,7 @@ from corral.errors import NotFound
 from corral.messages.state import (
     StateChanged,
     StateInfo,
+    StateMachine,
     StateWrite,
     apply_transition,
     check_reads,
@@ -63,7 +64,13 @@ _BACKENDS: weakref.WeakKeyDictionary[object, dict[str, MemoryBackend]] = weakref
 _BACKENDS_LOCK = threading.Lock()
 
 
-def memory_backend_for(system: object, manager: str, *, history_limit: int) -> MemoryBackend:
+def memory_backend_for(
+    system: object,
+    manager: str,
+    *,
+    history_limit: int,
+    machines: dict[str, StateMachine] | None = None,
+) -> MemoryBackend:
     """The memory backend of the state manager named ``manager`` in ``system`` (its
     router): made by the first actor, found again by each one restarted after it, gone
     with the system::
@@ -75,6 +82,7 @@ def memory_backend_for(system: object, manager: str, *, history_limit: int) -> M
         backend = backends.get(manager)
         if backend is None:
             backend = backends[manager] = MemoryBackend(history_limit=history_limit)
+        backend.machines = machines or {}
         return backend
 
 
@@ -95,6 +103,8 @@ class MemoryBackend:
         self.epoch = new_epoch()
         self.offset = 0
         self.lock = threading.Lock()
+        self.machines: dict[str, StateMachine] = {}
+        """Declared state machines by state type: set by the state manager."""
 
     def apply(
         self, writes: list[StateWrite], now_ms: int, reads: dict[str, int] | None = None
@@ -111,7 +121,7 @@ class MemoryBackend:
         changes: list[tuple[StateInfo | None, StateWrite, StateInfo]] = []
         for write in writes:
             current = overlay.get(write.state_id, self.states.get(write.state_id))
-            after = apply_transition(current, write, now_ms)
+            after = apply_transition(current, write, now_ms, self.machines)
             removed = write.transition in ("delete", "expire")
             overlay[write.state_id] = None if removed else after
             changes.append((current, write, after))

@@ -48,12 +48,16 @@ from corral.messages.state import (
     TRANSITION_RULES,
     StateChanged,
     StateInfo,
+    StateMachine,
     StateWrite,
+    TransitionRule,
     events_stream_key,
     partition_of,
     partition_prefix,
     partitions_key,
     read_conflict,
+    status_conflict,
+    undeclared_transition,
 )
 from corral.streams import meta_key, signed_parts
 
@@ -71,11 +75,22 @@ _APPLIED, _TO_SIGN = 1, 2  # the script's answers besides a refusal (0)
 _SIGN_ATTEMPTS = 10  # commits of a signed change, each after another write came between
 
 
-def _lua_rules() -> str:
+def _lua_rules(rules: dict[str, TransitionRule]) -> str:
     entries = []
-    for name, rule in TRANSITION_RULES.items():
+    for name, rule in rules.items():
         sources = "," + ",".join(sorted(rule.sources)) + "," if rule.sources else ""
         entries.append(f'["{name}"] = {{"{sources}", "{rule.target}"}}')
+    return "{" + ", ".join(entries) + "}"
+
+
+def _lua_machines(machines: dict[str, StateMachine]) -> str:
+    """The declared machines as a Lua table: initial status, allowed list, rules (the names
+    are checked snake_case and the types [A-Za-z0-9_-], so they need no escaping)."""
+    entries = [
+        f'["{state_type}"] = {{initial = "{machine.initial}", '
+        f'allowed = "{",".join(machine.names())}", rules = {_lua_rules(machine.rules())}}}'
+        for state_type, machine in machines.items()
+    ]
     return "{" + ", ".join(entries) + "}"
 
 
@@ -93,6 +108,7 @@ def _lua_rules() -> str:
 # write, and a new epoch began), {2, events, topics, offset before the first, epoch} to sign.
 _APPLY = """
 local RULES = __RULES__
+local MACHINES = __MACHINES__
 local KEEP, REMOVE = "__KEEP__", "__REMOVE__"
 local now = tonumber(ARGV[1])
 local n = tonumber(ARGV[5])
@@ -148,19 +164,30 @@ for i = 1, n do
       end
       if allowed == "~" then allowed = "__STANDARD__" end
       if data == "~" then data = "\\128" end
-      after = {type = stype, status = RULES["create"][2], data = data, version = 1,
+      local status = RULES["create"][2]
+      local m = MACHINES[stype]
+      if m then status, allowed = m.initial, m.allowed end
+      after = {type = stype, status = status, data = data, version = 1,
                allowed = allowed, created = tostring(now)}
     else
       if tr == "create" then return {0, "exists", i, "", ""} end
       if expected ~= "~" and tonumber(expected) ~= s.version then
         return {0, "version", i, expected, tostring(s.version)}
       end
-      if tr ~= "expire" and not string.find("," .. s.allowed .. ",", "," .. tr .. ",", 1, true) then
-        return {0, "not_allowed", i, s.allowed, ""}
+      local m = MACHINES[s.type]
+      local rule
+      if m then
+        rule = m.rules[tr]
+        if not rule then return {0, "undeclared", i, s.status, s.type} end
+      else
+        local listed = string.find("," .. s.allowed .. ",", "," .. tr .. ",", 1, true)
+        if tr ~= "expire" and not listed then
+          return {0, "not_allowed", i, s.allowed, ""}
+        end
+        rule = RULES[tr] or {"", KEEP}
       end
-      local rule = RULES[tr] or {"", KEEP}
       if rule[1] ~= "" and not string.find(rule[1], "," .. s.status .. ",", 1, true) then
-        return {0, "status", i, s.status, ""}
+        return {0, "status", i, s.status, rule[1]}
       end
       after = {}
       for f, v in pairs(s) do after[f] = v end
@@ -253,10 +280,11 @@ return {1, events, results, reset}
 """
 
 
-def _apply_script() -> str:
+def _apply_script(machines: dict[str, StateMachine]) -> str:
     standard = ",".join(TRANSITION_RULES)
     return (
-        _APPLY.replace("__RULES__", _lua_rules())
+        _APPLY.replace("__RULES__", _lua_rules(TRANSITION_RULES))
+        .replace("__MACHINES__", _lua_machines(machines))
         .replace("__KEEP__", KEEP)
         .replace("__REMOVE__", REMOVE)
         .replace("__STANDARD__", standard)
@@ -288,8 +316,10 @@ class RedisBackend:
         wait_replicas: int = 0,
         wait_timeout: float = 1.0,
         signing_keys: tuple[bytes, ...] = (),
+        machines: dict[str, StateMachine] | None = None,
     ) -> None:
         self.url = url
+        self.machines = machines or {}
         self.signer = Signer(signing_keys)
         self.history_limit = history_limit
         self.stream_max_len = stream_max_len
@@ -307,7 +337,7 @@ class RedisBackend:
         # twice. Reads are retried once, which replaces a connection Redis closed.
         self._writer = connect(url, retries=0, **options)
         self._reader = connect(url, retries=1, **options)
-        self._script = self._writer.register_script(_apply_script())
+        self._script = self._writer.register_script(_apply_script(self.machines))
 
     def _key(self, kind: str, state_id: str) -> str:
         return partition_prefix(self.namespace, self._partition(state_id)) + kind + state_id
@@ -365,7 +395,11 @@ class RedisBackend:
             _, code, index, a, b = answer
             if code == b"read":
                 raise read_conflict(read_ids[index - 1], int(a), int(b))
-            raise _refusal(code.decode(), writes[index - 1], a.decode(), b.decode())
+            write = writes[index - 1]
+            if code == b"undeclared":
+                machine = self.machines[b.decode()]
+                raise undeclared_transition(write.state_id, write.transition, a.decode(), machine)
+            raise _refusal(code.decode(), write, a.decode(), b.decode())
         if answer[3]:
             log.warning(
                 "state partition %d: its event stream held an entry at or past the next "
@@ -553,7 +587,4 @@ def _refusal(code: str, write: StateWrite, a: str, b: str) -> Exception:
             {"state_id": state_id, "transition": write.transition,
              "allowed": a.split(",") if a else []},
         )  # fmt: skip
-    return Conflict(
-        f"cannot {write.transition} state {state_id!r}: it is {a}",
-        {"state_id": state_id, "transition": write.transition, "status": a},
-    )
+    return status_conflict(state_id, write.transition, a, b.strip(",").split(","))

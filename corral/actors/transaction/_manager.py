@@ -45,7 +45,9 @@ from corral.messages.base import MAX_TIMEOUT
 from corral.messages.state import (
     StateCommit,
     StateGet,
+    StateGetMachine,
     StateInfo,
+    StateMachine,
     StateWrite,
     apply_transition,
     check_write,
@@ -122,6 +124,7 @@ class TransactionManager(Manager[TransactionOptions]):
 
     def on_start(self) -> None:
         self.store = self._open_store()
+        self._machine_of: dict[str, StateMachine | None] = {}
         self.last_backend_error = ""
         self._sweep_due = threading.Event()
         self._stopping = threading.Event()
@@ -200,7 +203,9 @@ class TransactionManager(Manager[TransactionOptions]):
                 raise InvalidMessage(
                     f"the transaction holds {len(tx.writes)} writes, the limit", path="write"
                 )
-            after = apply_transition(self._view(tx, write.state_id), write, _now_ms())
+            view = self._view(tx, write.state_id)
+            state_type = write.state_type if view is None else view.state_type
+            after = apply_transition(view, write, _now_ms(), self._machines(state_type))
             tx.writes.append(write)
             return after
 
@@ -324,7 +329,8 @@ class TransactionManager(Manager[TransactionOptions]):
         now = _now_ms()
         for write in tx.writes:
             if write.state_id == state_id:
-                state = apply_transition(state, write, now)
+                state_type = write.state_type if state is None else state.state_type
+                state = apply_transition(state, write, now, self._machines(state_type))
                 if state.status in ("deleted", "expired"):
                     state = None
         return state
@@ -342,6 +348,19 @@ class TransactionManager(Manager[TransactionOptions]):
                 0 if write.transition in ("delete", "expire") else expected + 1
             )
         return versioned
+
+    def _machines(self, state_type: str) -> dict[str, StateMachine]:
+        """The machine the state manager declares for ``state_type``, if any, by type (asked
+        once per type: machines change with the state manager's config, at a restart)."""
+        if state_type not in self._machine_of:
+            try:
+                self._machine_of[state_type] = self.router.ask(
+                    StateGetMachine(state_type=state_type)
+                )
+            except NotFound:
+                self._machine_of[state_type] = None
+        machine = self._machine_of[state_type]
+        return {} if machine is None else {state_type: machine}
 
     def _read_only_versions(self, tx: TransactionRecord) -> dict[str, int]:
         """The states the transaction read but does not write, each at the version it
