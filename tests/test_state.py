@@ -32,6 +32,8 @@ from corral.messages.state import (
     StateGetHistory,
     StateInfo,
     StateRegister,
+    StateTransition,
+    StateType,
     StateUpdate,
     StateWrite,
 )
@@ -385,3 +387,12 @@ def test_a_declared_machine_refuses_what_it_does_not_allow(orders: System) -> No
 def test_a_bad_machine_is_a_config_error(table: dict[str, Any], problem: str) -> None:
     with pytest.raises(ConfigError, match=problem):
         make_system("memory", machines={"Order": table})
+
+
+def test_the_design_vocabulary_enums_are_the_wire_strings(system: System) -> None:
+    assert [str(t) for t in StateTransition] == list(TRANSITION_RULES)
+    info = system.ask(StateRegister(state_id="s1", state_type=StateType.SESSION.value))
+    assert info.state_type == "Session"
+    assert system.ask(
+        StateUpdate(state_id="s1", transition=StateTransition.SUSPEND.value)
+    ).status == ("suspended")

@@ -20,6 +20,7 @@ applies the same ones: :func:`apply_transition`.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 import zlib
 from collections.abc import Callable, Collection, Mapping
@@ -51,6 +52,8 @@ __all__ = [
     "StateMachine",
     "StateMachineTransition",
     "StateRegister",
+    "StateTransition",
+    "StateType",
     "StateUpdate",
     "StateWrite",
     "TransitionRule",
@@ -69,7 +72,23 @@ __all__ = [
     "undeclared_transition",
 ]
 
-STATE_TYPES = ("System", "User", "Session", "Resource", "Feature", "Subscription")
+
+class StateType(enum.StrEnum):
+    """The design documents' state types; their values are the ``state_type`` strings (the
+    codec takes plain ``str`` fields, so pass ``.value``)::
+
+    StateRegister(state_id="s1", state_type=StateType.SESSION.value)
+    """
+
+    SYSTEM = "System"
+    USER = "User"
+    SESSION = "Session"
+    RESOURCE = "Resource"
+    FEATURE = "Feature"
+    SUBSCRIPTION = "Subscription"
+
+
+STATE_TYPES = tuple(StateType)
 """The seeds' state types; any other name matching ``[A-Za-z][A-Za-z0-9_-]*`` is a custom type."""
 
 KEEP = "="
@@ -98,6 +117,23 @@ TRANSITION_RULES: dict[str, TransitionRule] = {
 }
 """The standard transitions. ``create`` needs an absent state, every other one an
 existing state; a custom transition (any other name) keeps the status, from any status."""
+
+
+class StateTransition(enum.StrEnum):
+    """The standard transitions by name; their values are the ``transition`` strings::
+
+    StateUpdate(state_id="s1", transition=StateTransition.SUSPEND.value)
+    """
+
+    CREATE = "create"
+    UPDATE = "update"
+    ACTIVATE = "activate"
+    DEACTIVATE = "deactivate"
+    SUSPEND = "suspend"
+    RESUME = "resume"
+    DELETE = "delete"
+    EXPIRE = "expire"
+
 
 STANDARD_TRANSITIONS = tuple(TRANSITION_RULES)
 """What a state allows when registered without ``allowed_transitions``."""
