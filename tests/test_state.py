@@ -15,6 +15,7 @@ from corral.actors.state._memory import MemoryBackend
 from corral.config import Config
 from corral.errors import (
     BackendUnavailable,
+    ConfigError,
     Conflict,
     InvalidMessage,
     ManagerUnavailable,
@@ -31,6 +32,8 @@ from corral.messages.state import (
     StateGetHistory,
     StateInfo,
     StateRegister,
+    StateTransition,
+    StateType,
     StateUpdate,
     StateWrite,
 )
@@ -317,3 +320,79 @@ def test_acknowledged_writes_survive_a_killed_redis_and_the_others_fail_cleanly(
         assert len(stored - set(acknowledged)) <= 1  # at most the write in flight at the kill
         assert register(system, "after").version == 1  # the manager carries on
         system.stop()
+
+
+# -- declared state machines -----------------------------------------------------------------
+
+ORDER_MACHINE = {
+    "states": ["created", "paid", "shipped", "delivered", "cancelled"],
+    "initial": "created",
+    "transitions": {
+        "pay": {"source": ["created"], "dest": "paid"},
+        "ship": {"source": ["paid"], "dest": "shipped"},
+        "deliver": {"source": ["shipped"], "dest": "delivered"},
+        "cancel": {"source": ["created", "paid"], "dest": "cancelled"},
+        "note": {"source": "*", "dest": "created"},
+    },
+}
+
+
+@pytest.fixture
+def orders(backend: str, redis_server: RedisServer) -> Iterator[System]:
+    system = make_system(backend, redis_server.url, machines={"Order": ORDER_MACHINE})
+    yield system
+    system.stop()
+
+
+def test_a_declared_machine_refuses_what_it_does_not_allow(orders: System) -> None:
+    created = orders.ask(StateRegister(state_id="o1", state_type="Order", data={"sum": 5}))
+    assert (created.status, created.allowed_transitions) == (
+        "created", ["update", "delete", "pay", "ship", "deliver", "cancel", "note"])  # fmt: skip
+    with pytest.raises(Conflict, match="cannot deliver state 'o1': it is created") as early:
+        orders.ask(StateUpdate(state_id="o1", transition="deliver"))
+    assert early.value.details == {
+        "state_id": "o1", "transition": "deliver", "status": "created",
+        "sources": ["shipped"]}  # fmt: skip
+    assert orders.ask(StateUpdate(state_id="o1", transition="pay")).status == "paid"
+    with pytest.raises(Conflict, match="cannot pay state 'o1': it is paid") as twice:
+        orders.ask(StateUpdate(state_id="o1", transition="pay"))
+    assert twice.value.details["sources"] == ["created"]
+    with pytest.raises(Conflict, match="not declared for Order") as unknown:
+        orders.ask(StateUpdate(state_id="o1", transition="suspend"))
+    assert unknown.value.details["allowed"] == ["delete", "update", "ship", "cancel", "note"]
+    assert orders.ask(StateUpdate(state_id="o1", data={"sum": 6})).status == "paid"
+    for step, status in (("ship", "shipped"), ("deliver", "delivered")):
+        assert orders.ask(StateUpdate(state_id="o1", transition=step)).status == status
+    with pytest.raises(Conflict, match="runs only from created, paid"):
+        orders.ask(StateUpdate(state_id="o1", transition="cancel"))
+    assert orders.ask(StateGet(state_id="o1")).version == 5
+    # Other types keep the standard rules.
+    assert orders.ask(StateRegister(state_id="u1", state_type="User")).status == "active"
+    assert orders.ask(StateUpdate(state_id="u1", transition="suspend")).status == "suspended"
+    with pytest.raises(InvalidMessage, match="follow their declared machine"):
+        orders.ask(StateRegister(state_id="o2", state_type="Order", allowed_transitions=["x"]))
+
+
+@pytest.mark.parametrize(
+    ("table", "problem"),
+    [
+        ({"states": ["a"], "initial": "b"}, "initial"),
+        ({"states": ["a"], "initial": "a", "transitions": {"go": {"source": ["z"], "dest": "a"}}},
+         "'z' is not one of"),
+        ({"states": ["a"], "initial": "a", "transitions": {"update": {"source": "*",
+                                                                     "dest": "a"}}},
+         "other than the standard"),
+    ],
+)  # fmt: skip
+def test_a_bad_machine_is_a_config_error(table: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        make_system("memory", machines={"Order": table})
+
+
+def test_the_design_vocabulary_enums_are_the_wire_strings(system: System) -> None:
+    assert [str(t) for t in StateTransition] == list(TRANSITION_RULES)
+    info = system.ask(StateRegister(state_id="s1", state_type=StateType.SESSION.value))
+    assert info.state_type == "Session"
+    assert system.ask(
+        StateUpdate(state_id="s1", transition=StateTransition.SUSPEND.value)
+    ).status == ("suspended")

@@ -4,9 +4,12 @@ rollback; and, on Redis, two systems (as two daemons) serving one transaction.""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -17,10 +20,20 @@ from corral.actors.transaction._redis import RedisStore
 from corral.actors.transaction._store import TransactionRecord
 from corral.config import Config
 from corral.errors import Conflict, NotFound
-from corral.ext.transaction import Transaction, transaction
-from corral.messages.state import StateChanged, StateGet, StateRegister, StateUpdate, StateWrite
+from corral.ext.transaction import Transaction, on_commit, transaction
+from corral.messages.base import Request
+from corral.messages.state import (
+    StateChanged,
+    StateGet,
+    StateInfo,
+    StateRegister,
+    StateUpdate,
+    StateWrite,
+)
 from corral.messages.system import HealthCheck
 from corral.messages.transaction import (
+    ISOLATION_LEVELS,
+    IsolationLevel,
     TransactionBegin,
     TransactionCommit,
     TransactionGet,
@@ -327,3 +340,193 @@ def test_two_concurrent_commits_of_one_transaction_apply_it_once(
     assert sorted(outcomes)[1].startswith("not found: no open transaction"), outcomes
     assert first.ask(StateGet(state_id="a")).version == 2
     assert metric(first, "committed") + metric(second, "committed") == 1
+
+
+# -- isolation: write skew -------------------------------------------------------------------
+
+
+def go_off_call(
+    system: System, doctor: str, both_read: threading.Barrier, isolation: IsolationLevel
+) -> str:
+    """A doctor goes off call if the other one is still on call (both read, then one writes)."""
+    try:
+        with transaction(system, isolation_level=isolation) as tx:
+            on_call = [tx.get(name).data["on_call"] for name in ("a", "b")]
+            both_read.wait(5)
+            if all(on_call):
+                tx.update(doctor, data={"on_call": False})
+            both_read.wait(5)
+    except Conflict as refused:
+        return f"conflict {refused.details['state_id']}"
+    return "committed"
+
+
+@pytest.mark.parametrize("isolation", ISOLATION_LEVELS)
+def test_two_doctors_cannot_both_go_off_call_when_serializable(
+    system: System, isolation: IsolationLevel
+) -> None:
+    for doctor in ("a", "b"):
+        system.ask(StateUpdate(state_id=doctor, data={"on_call": True}))
+    both_read = threading.Barrier(2)
+    outcomes: list[str] = []
+    threads = [
+        threading.Thread(
+            target=lambda d=doctor: outcomes.append(go_off_call(system, d, both_read, isolation))
+        )
+        for doctor in ("a", "b")
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    still_on_call = [data(system, name) == {"on_call": True} for name in ("a", "b")]
+    if isolation == "serializable":
+        assert sorted(o.split()[0] for o in outcomes) == ["committed", "conflict"]
+        assert still_on_call.count(True) == 1
+    else:  # write skew: each read a state the other then changed
+        assert outcomes == ["committed", "committed"]
+        assert still_on_call == [False, False]
+
+
+def add_one_to_a_into_b(system: System, isolation: IsolationLevel, a_meanwhile: int) -> None:
+    """Read a, let someone else set it to ``a_meanwhile``, write b = a + 1."""
+    with transaction(system, isolation_level=isolation) as tx:
+        seen = tx.get("a").data["n"]
+        system.ask(StateUpdate(state_id="a", data={"n": a_meanwhile}))
+        tx.update("b", data={"n": seen + 1})
+
+
+def test_a_commit_whose_read_changed_meanwhile_is_refused_naming_the_state(
+    system: System,
+) -> None:
+    system.ask(StateUpdate(state_id="a", data={"n": 1}))
+    with pytest.raises(Conflict, match="'a' changed since the transaction read it") as refused:
+        add_one_to_a_into_b(system, "serializable", a_meanwhile=100)
+    assert refused.value.details == {"state_id": "a", "read_version": 2, "version": 3}
+    assert data(system, "b") == {"n": 0}
+    add_one_to_a_into_b(system, "read_committed", a_meanwhile=7)
+    assert data(system, "b") == {"n": 101}
+
+
+def read_while_changed_outside(system: System, reads: list[str], outside: Request[Any]) -> None:
+    """Read ``reads`` in a transaction, then send ``outside`` before it commits."""
+    with transaction(system) as tx:
+        for state_id in reads:
+            with contextlib.suppress(NotFound):
+                tx.get(state_id)
+        system.ask(outside)
+
+
+def test_a_read_only_transaction_checks_its_reads_too(system: System) -> None:
+    with pytest.raises(Conflict, match="'b'"):
+        read_while_changed_outside(system, ["a", "b"], StateUpdate(state_id="b", data={"n": 5}))
+    with pytest.raises(Conflict, match="'c'"):  # read as absent, created meanwhile
+        read_while_changed_outside(
+            system, ["a", "c"], StateRegister(state_id="c", state_type="User")
+        )
+
+
+# -- on_commit hooks and async with ----------------------------------------------------------
+
+
+def test_on_commit_hooks_run_after_the_outermost_commit_and_only_then(system: System) -> None:
+    ran: list[str] = []
+    with transaction(system) as tx:
+        tx.update("a", data={"n": 1})
+        tx.on_commit(lambda: ran.append(f"committed a={data(system, 'a')}"))
+        with transaction(system):
+            on_commit(system, lambda: ran.append("kept savepoint"))
+        with contextlib.suppress(RuntimeError), transaction(system):
+            tx.on_commit(lambda: ran.append("rolled-back savepoint"))
+            raise RuntimeError
+        mark = tx.savepoint()
+        tx.on_commit(lambda: ran.append("rolled back by name"))
+        tx.rollback_to_savepoint(mark)
+        assert ran == []
+    assert ran == ["committed a={'n': 1}", "kept savepoint"]
+
+    ran.clear()
+    with contextlib.suppress(KeyError), transaction(system) as tx:
+        tx.on_commit(lambda: ran.append("never"))
+        raise KeyError
+    on_commit(system, lambda: ran.append("no transaction: at once"))
+    assert ran == ["no transaction: at once"]
+
+
+def test_a_conflicting_commit_drops_its_hooks(system: System) -> None:
+    ran: list[str] = []
+
+    def commit_after_an_outside_change() -> None:
+        with transaction(system) as tx:
+            tx.update("a", data={"n": 1})
+            tx.on_commit(lambda: ran.append("never"))
+            system.ask(StateUpdate(state_id="a", data={"n": 2}))
+
+    with pytest.raises(Conflict):
+        commit_after_an_outside_change()
+    assert ran == []
+
+
+async def async_order(system: System, ran: list[str]) -> list[StateInfo]:
+    async def notify() -> None:
+        ran.append("async hook")
+
+    async with transaction(system) as tx:
+        await tx.update("a", data={"n": 1})
+        tx.on_commit(notify)
+        async with transaction(system) as inner:
+            assert inner is tx
+            await tx.register("c", "Resource", data={"new": True})
+        with contextlib.suppress(RuntimeError):
+            async with transaction(system):
+                await tx.update("b", data={"n": 99})
+                tx.on_commit(lambda: ran.append("never"))
+                raise RuntimeError
+        assert (await tx.get("b")).data == {"n": 0}
+        assert data(system, "a") == {"n": 0}
+    return tx.states
+
+
+def test_async_with_transaction_commits_with_savepoints_and_hooks(system: System) -> None:
+    ran: list[str] = []
+    states = asyncio.run(async_order(system, ran))
+    assert [(s.state_id, s.version) for s in states] == [("a", 2), ("c", 1)]
+    assert ran == ["async hook"]
+    assert (data(system, "a"), data(system, "b"), data(system, "c")) == (
+        {"n": 1}, {"n": 0}, {"new": True})  # fmt: skip
+
+
+def test_async_with_rolls_back_on_an_error(system: System) -> None:
+    async def fail() -> None:
+        async with transaction(system, isolation_level="read_committed") as tx:
+            await tx.update("a", data={"n": 1})
+            raise LookupError("abort")
+
+    with pytest.raises(LookupError):
+        asyncio.run(fail())
+    assert data(system, "a") == {"n": 0}
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_a_transaction_follows_the_declared_machine(
+    backend: str, redis_server: RedisServer
+) -> None:
+    machine = {
+        "states": ["created", "paid"],
+        "initial": "created",
+        "transitions": {"pay": {"source": ["created"], "dest": "paid"}},
+    }
+    specs = [
+        ChildSpec(name="state", manager=StateManager,
+                  options={"backend": backend, "partitions": 1, "machines": {"Order": machine}},
+                  redis_url=redis_server.url),
+        ChildSpec(name="transaction", manager=TransactionManager, options={"backend": backend},
+                  redis_url=redis_server.url, depends_on=("state",)),
+    ]  # fmt: skip
+    with System(Config(), managers=specs) as system:
+        with transaction(system) as tx:
+            assert tx.register("o1", "Order").status == "created"
+            assert tx.update("o1", transition="pay").status == "paid"
+            with pytest.raises(Conflict, match="cannot pay state 'o1': it is paid"):
+                tx.update("o1", transition="pay")
+        assert system.ask(StateGet(state_id="o1")).status == "paid"

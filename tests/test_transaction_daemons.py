@@ -4,6 +4,7 @@ daemon, and every transaction still commits or rolls back exactly as written."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 
@@ -48,6 +49,22 @@ def run_order(remote: corral.Client, order: int) -> None:
         tx.update(items, data={"n": 2})
         if order % 5 == 0:
             raise Undo
+
+
+async def run_order_async(remote: corral.Client, order: int, hooks: list[str]) -> None:
+    """``async with`` over ``Client.ask_async``: a savepoint rolled back, a hook kept."""
+    total = f"order:{{{order}}}:total"
+    async with transaction(remote) as tx:
+        await tx.register(total, "Order", data={"n": 1})
+        tx.on_commit(lambda: hooks.append("async order committed"))
+        try:
+            async with transaction(remote):
+                await tx.update(total, data={"n": 2})
+                tx.on_commit(lambda: hooks.append("rolled back"))
+                raise Undo
+        except Undo:
+            pass
+        assert (await tx.get(total)).data == {"n": 1}
 
 
 @pytest.mark.parametrize("topology", ["redis_server", "redis_cluster"])
@@ -96,6 +113,10 @@ def test_transactions_spread_over_three_daemons_all_succeed(
             ]
             for daemon in group.daemons
         ]
+        committed_hooks: list[str] = []
+        asyncio.run(run_order_async(remote, TRANSACTIONS, committed_hooks))
+        assert committed_hooks == ["async order committed"]
+        assert remote.ask(StateGet(state_id=f"order:{{{TRANSACTIONS}}}:total")).data == {"n": 1}
     handled = [document["metrics"]["handled"] for document in served]
     assert all(document["details"]["backend"] == "redis" for document in served)
     assert sum(1 for n in handled if n) > 1, handled

@@ -20,8 +20,10 @@ applies the same ones: :func:`apply_transition`.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 import zlib
+from collections.abc import Callable, Collection, Mapping
 from typing import Annotated, Any
 
 from corral.errors import Conflict, InvalidMessage, NotFound
@@ -30,6 +32,7 @@ from corral.messages.base import MAX_TTL, Event, Offset, Range, Reply, Request, 
 __all__ = [
     "DEFAULT_PARTITIONS",
     "KEEP",
+    "MACHINE_STANDARD_TRANSITIONS",
     "MAX_PARTITIONS",
     "REMOVE",
     "STANDARD_TRANSITIONS",
@@ -43,22 +46,49 @@ __all__ = [
     "StateExpired",
     "StateGet",
     "StateGetHistory",
+    "StateGetMachine",
     "StateHistory",
     "StateInfo",
+    "StateMachine",
+    "StateMachineTransition",
     "StateRegister",
+    "StateTransition",
+    "StateType",
     "StateUpdate",
     "StateWrite",
     "TransitionRule",
     "apply_transition",
     "changed_topic",
+    "check_reads",
+    "check_state_id",
     "check_write",
     "events_stream_key",
+    "machine_from_table",
     "partition_of",
     "partition_prefix",
     "partitions_key",
+    "read_conflict",
+    "status_conflict",
+    "undeclared_transition",
 ]
 
-STATE_TYPES = ("System", "User", "Session", "Resource", "Feature", "Subscription")
+
+class StateType(enum.StrEnum):
+    """The design documents' state types; their values are the ``state_type`` strings (the
+    codec takes plain ``str`` fields, so pass ``.value``)::
+
+    StateRegister(state_id="s1", state_type=StateType.SESSION.value)
+    """
+
+    SYSTEM = "System"
+    USER = "User"
+    SESSION = "Session"
+    RESOURCE = "Resource"
+    FEATURE = "Feature"
+    SUBSCRIPTION = "Subscription"
+
+
+STATE_TYPES = tuple(StateType)
 """The seeds' state types; any other name matching ``[A-Za-z][A-Za-z0-9_-]*`` is a custom type."""
 
 KEEP = "="
@@ -87,6 +117,23 @@ TRANSITION_RULES: dict[str, TransitionRule] = {
 }
 """The standard transitions. ``create`` needs an absent state, every other one an
 existing state; a custom transition (any other name) keeps the status, from any status."""
+
+
+class StateTransition(enum.StrEnum):
+    """The standard transitions by name; their values are the ``transition`` strings::
+
+    StateUpdate(state_id="s1", transition=StateTransition.SUSPEND.value)
+    """
+
+    CREATE = "create"
+    UPDATE = "update"
+    ACTIVATE = "activate"
+    DEACTIVATE = "deactivate"
+    SUSPEND = "suspend"
+    RESUME = "resume"
+    DELETE = "delete"
+    EXPIRE = "expire"
+
 
 STANDARD_TRANSITIONS = tuple(TRANSITION_RULES)
 """What a state allows when registered without ``allowed_transitions``."""
@@ -270,11 +317,20 @@ class StateCommitted(Reply):
 class StateCommit(Request[StateCommitted]):
     """Apply several writes all or nothing: every transition and expected version is
     checked first, then all apply at once and their events follow. Sent by the
-    ``transaction`` manager; usable directly for a one-shot multi-state change."""
+    ``transaction`` manager; usable directly for a one-shot multi-state change.
+
+    ``reads`` names states the commit depends on without writing them, each with the
+    version it was read at (0: it was absent); one at another version now refuses the
+    whole commit with Conflict naming it (a serializable transaction's read set)::
+
+        StateCommit(writes=[StateWrite(state_id="b", transition="update", data={"n": 2})],
+                    reads={"a": 3})
+    """
 
     manager = "state"
     writes: list[StateWrite]
     transaction_id: str = ""
+    reads: dict[str, Offset] = dataclasses.field(default_factory=dict)
 
 
 @message("state.expired", internal=True)
@@ -292,12 +348,129 @@ class StateExpireDue(Request[StateExpired]):
     manager = "state"
 
 
+@message("state.machine_transition")
+class StateMachineTransition(Reply):
+    """One declared transition: from any of ``source`` (``["*"]``: from any state) to ``dest``."""
+
+    name: str
+    source: list[str]
+    dest: str
+
+
+@message("state.machine")
+class StateMachine(Reply):
+    """The state machine declared for one state type: its states (the statuses its states
+    may have), the ``initial`` one (a created state's status) and its transitions. Besides
+    them, ``update`` (data only), ``delete`` and ``expire`` run from any state::
+
+        machine = machine_from_table("Order", {
+            "states": ["created", "paid"], "initial": "created",
+            "transitions": {"pay": {"source": ["created"], "dest": "paid"}}})
+        machine.allowed_from("created")        # ['update', 'delete', 'pay']
+    """
+
+    state_type: str
+    states: list[str]
+    initial: str
+    transitions: list[StateMachineTransition]
+
+    def rules(self) -> dict[str, TransitionRule]:
+        """Every transition a state of this type may run, as the backends check them."""
+        rules = {name: TRANSITION_RULES[name] for name in MACHINE_STANDARD_TRANSITIONS}
+        rules["update"] = TransitionRule(frozenset(), KEEP)
+        for transition in self.transitions:
+            sources = frozenset() if "*" in transition.source else frozenset(transition.source)
+            rules[transition.name] = TransitionRule(sources, transition.dest)
+        return rules
+
+    def names(self) -> list[str]:
+        """The transitions this machine allows (from some state): its ``allowed_transitions``."""
+        return ["update", "delete", *(t.name for t in self.transitions)]
+
+    def allowed_from(self, status: str) -> list[str]:
+        """The transitions that may run from ``status``."""
+        return [
+            name
+            for name, rule in self.rules().items()
+            if name != "expire" and (not rule.sources or status in rule.sources)
+        ]
+
+
+MACHINE_STANDARD_TRANSITIONS = ("delete", "expire")
+"""Standard transitions a declared machine keeps as they are (``update`` keeps the status)."""
+
+
+def machine_from_table(state_type: str, table: dict[str, Any]) -> StateMachine:
+    """The machine ``[managers.state.machines.<state_type>]`` declares; ValueError saying
+    what is wrong (an unknown state, a missing ``initial``, a reserved name)::
+
+        machine_from_table("Order", {"states": ["new", "paid"], "initial": "new",
+                                     "transitions": {"pay": {"source": ["new"], "dest": "paid"}}})
+    """
+    if not _NAME.fullmatch(state_type):
+        raise ValueError(f"a state type matches [A-Za-z][A-Za-z0-9_-]*, got {state_type!r:.70}")
+    unknown = set(table) - {"states", "initial", "transitions"}
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)}: states, initial, transitions")
+    states = table.get("states")
+    if (
+        not isinstance(states, list)
+        or not states
+        or not all(isinstance(name, str) and _TRANSITION.fullmatch(name) for name in states)
+    ):
+        raise ValueError("states: a non-empty list of snake_case names")
+    initial = table.get("initial")
+    if not isinstance(initial, str) or initial not in states:
+        raise ValueError(f"initial: one of the states {states}, got {initial!r:.70}")
+    transitions = []
+    declared = table.get("transitions", {})
+    if not isinstance(declared, dict):
+        raise ValueError("transitions: a table of name = { source = [...], dest = ... }")
+    for name, rule in declared.items():
+        where = f"transitions.{name}"
+        if not _TRANSITION.fullmatch(name) or name in TRANSITION_RULES:
+            raise ValueError(
+                f"{where}: a snake_case name other than the standard {list(TRANSITION_RULES)}"
+            )
+        if not isinstance(rule, dict) or set(rule) != {"source", "dest"}:
+            raise ValueError(f"{where}: a table with source and dest")
+        source = [rule["source"]] if isinstance(rule["source"], str) else rule["source"]
+        if not isinstance(source, list) or not source:
+            raise ValueError(f"{where}.source: a state, a list of states, or '*'")
+        for state in source:
+            if state != "*" and state not in states:
+                raise ValueError(f"{where}.source: {state!r:.70} is not one of {states}")
+        if rule["dest"] not in states:
+            raise ValueError(f"{where}.dest: {rule['dest']!r:.70} is not one of {states}")
+        transitions.append(StateMachineTransition(name=name, source=source, dest=rule["dest"]))
+    return StateMachine(
+        state_type=state_type, states=list(states), initial=initial, transitions=transitions
+    )
+
+
+@message("state.get_machine", idempotent=True)
+class StateGetMachine(Request[StateMachine]):
+    """The state machine declared for ``state_type``; NotFound when it has none."""
+
+    manager = "state"
+    state_type: str
+
+
+def check_state_id(state_id: str, path: str = "state_id") -> None:
+    """InvalidMessage at ``path`` unless ``state_id`` is 1-200 characters without
+    whitespace or ``* ? [ ]``::
+
+        check_state_id("order:{42}:items")
+    """
+    if not _STATE_ID.fullmatch(state_id):
+        raise InvalidMessage(
+            "a state id is 1-200 characters without whitespace or * ? [ ]", path=path
+        )
+
+
 def check_write(write: StateWrite) -> None:
     """Reject a malformed write with InvalidMessage naming the field (before any backend)."""
-    if not _STATE_ID.fullmatch(write.state_id):
-        raise InvalidMessage(
-            "a state id is 1-200 characters without whitespace or * ? [ ]", path="state_id"
-        )
+    check_state_id(write.state_id)
     if not _TRANSITION.fullmatch(write.transition):
         raise InvalidMessage(
             f"a transition is a snake_case name, got {write.transition!r:.70}", path="transition"
@@ -322,28 +495,40 @@ def check_write(write: StateWrite) -> None:
         )
 
 
-def apply_transition(current: StateInfo | None, write: StateWrite, now_ms: int) -> StateInfo:
+def apply_transition(
+    current: StateInfo | None,
+    write: StateWrite,
+    now_ms: int,
+    machines: Mapping[str, StateMachine] | None = None,
+) -> StateInfo:
     """The state after ``write``, or NotFound / Conflict; the rules every backend follows.
 
-    A removed state comes back with status ``deleted`` or ``expired``. The Redis
-    backend's Lua script is generated from the same :data:`TRANSITION_RULES`.
+    A state of a type with a declared machine in ``machines`` follows that machine's
+    transitions; any other the standard ones. A removed state comes back with status
+    ``deleted`` or ``expired``. The Redis backend's Lua script is generated from the
+    same rules::
+
+        apply_transition(order, StateWrite(state_id="o1", transition="pay"), now_ms,
+                         {"Order": order_machine})
     """
     transition = write.transition
+    machines = machines or {}
     if current is None:
         if transition != "create":
             raise NotFound(f"no state {write.state_id!r}", {"state_id": write.state_id})
         if write.expected_version not in (None, 0):
             raise _version_conflict(write, 0)
+        machine = machines.get(write.state_type)
         return StateInfo(
             state_id=write.state_id,
             state_type=write.state_type,
-            status=TRANSITION_RULES["create"].target,
+            status=TRANSITION_RULES["create"].target if machine is None else machine.initial,
             data=write.data if write.data is not None else {},
             version=1,
-            allowed_transitions=list(
-                STANDARD_TRANSITIONS
-                if write.allowed_transitions is None
-                else write.allowed_transitions
+            allowed_transitions=(
+                machine.names()
+                if machine is not None
+                else list(write.allowed_transitions or STANDARD_TRANSITIONS)
             ),
             created_at=now_ms,
             updated_at=now_ms,
@@ -353,18 +538,22 @@ def apply_transition(current: StateInfo | None, write: StateWrite, now_ms: int) 
         raise Conflict(f"state {write.state_id!r} exists", {"state_id": write.state_id})
     if write.expected_version is not None and write.expected_version != current.version:
         raise _version_conflict(write, current.version)
-    if transition not in current.allowed_transitions and transition != "expire":
-        raise Conflict(
-            f"transition {transition!r} is not allowed for state {write.state_id!r}",
-            {"state_id": write.state_id, "transition": transition,
-             "allowed": current.allowed_transitions},
-        )  # fmt: skip
-    rule = TRANSITION_RULES.get(transition, TransitionRule(frozenset(), KEEP))
+    machine = machines.get(current.state_type)
+    if machine is not None:
+        found = machine.rules().get(transition)
+        if found is None:
+            raise undeclared_transition(write.state_id, transition, current.status, machine)
+        rule = found
+    else:
+        if transition not in current.allowed_transitions and transition != "expire":
+            raise Conflict(
+                f"transition {transition!r} is not allowed for state {write.state_id!r}",
+                {"state_id": write.state_id, "transition": transition,
+                 "allowed": current.allowed_transitions},
+            )  # fmt: skip
+        rule = TRANSITION_RULES.get(transition, TransitionRule(frozenset(), KEEP))
     if rule.sources and current.status not in rule.sources:
-        raise Conflict(
-            f"cannot {transition} state {write.state_id!r}: it is {current.status}",
-            {"state_id": write.state_id, "transition": transition, "status": current.status},
-        )
+        raise status_conflict(write.state_id, transition, current.status, rule.sources)
     if rule.target == REMOVE:
         status = "expired" if transition == "expire" else "deleted"
     else:
@@ -379,6 +568,54 @@ def apply_transition(current: StateInfo | None, write: StateWrite, now_ms: int) 
         version=current.version + 1,
         updated_at=now_ms,
         expires_at=expires_at,
+    )
+
+
+def check_reads(reads: dict[str, int], current: Callable[[str], StateInfo | None]) -> None:
+    """Conflict naming the first state of ``reads`` (id: version read, 0 for absent) that
+    ``current`` (the state now, None when absent) shows at another version::
+
+        check_reads({"a": 3}, lambda state_id: states.get(state_id))
+    """
+    for state_id, version in reads.items():
+        state = current(state_id)
+        actual = 0 if state is None else state.version
+        if actual != version:
+            raise read_conflict(state_id, version, actual)
+
+
+def read_conflict(state_id: str, read_version: int, version: int) -> Conflict:
+    """The error for a commit whose read set no longer holds: ``state_id`` was read at
+    ``read_version`` (0: absent) and is at ``version`` now (0: absent)."""
+    return Conflict(
+        f"state {state_id!r} changed since the transaction read it "
+        f"(read at version {read_version}, now {version}): a serializable commit "
+        "needs every state it read unchanged",
+        {"state_id": state_id, "read_version": read_version, "version": version},
+    )
+
+
+def undeclared_transition(
+    state_id: str, transition: str, status: str, machine: StateMachine
+) -> Conflict:
+    """The error for a transition a state's machine does not declare."""
+    allowed = machine.allowed_from(status)
+    return Conflict(
+        f"transition {transition!r} is not declared for {machine.state_type} states: "
+        f"{state_id!r} is {status}, from where {', '.join(allowed)} may run",
+        {"state_id": state_id, "transition": transition, "status": status, "allowed": allowed},
+    )
+
+
+def status_conflict(
+    state_id: str, transition: str, status: str, sources: Collection[str]
+) -> Conflict:
+    """The error for a transition that cannot run from the state's current status."""
+    ordered = sorted(sources)
+    return Conflict(
+        f"cannot {transition} state {state_id!r}: it is {status}, and {transition} runs "
+        f"only from {', '.join(ordered)}",
+        {"state_id": state_id, "transition": transition, "status": status, "sources": ordered},
     )
 
 

@@ -17,11 +17,14 @@ applies them all or none (one ``state.commit``), and only then are events publis
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 from corral.messages.base import Count, Reply, Request, TimeLimit, message
 from corral.messages.state import StateInfo, StateWrite
 
 __all__ = [
+    "ISOLATION_LEVELS",
+    "IsolationLevel",
     "TransactionBegin",
     "TransactionCommit",
     "TransactionCommitted",
@@ -35,6 +38,11 @@ __all__ = [
     "TransactionSavepoint",
     "TransactionWrite",
 ]
+
+
+IsolationLevel = Literal["serializable", "read_committed"]
+"""What a commit checks: every state read and written, or the written ones only."""
+ISOLATION_LEVELS: tuple[IsolationLevel, ...] = ("serializable", "read_committed")
 
 
 @message("transaction.info")
@@ -51,10 +59,18 @@ class TransactionInfo(Reply):
 @message("transaction.begin")
 class TransactionBegin(Request[TransactionInfo]):
     """Open a transaction; rolled back after ``idle_timeout`` seconds without a request
-    (default: the manager's ``idle_timeout``; at most a day)."""
+    (default: the manager's ``idle_timeout``; at most a day).
+
+    ``isolation_level``: ``"serializable"`` (the default) makes the commit check every
+    state the transaction read, not only those it wrote, so write skew is refused with
+    Conflict; ``"read_committed"`` checks only the written states::
+
+        TransactionBegin(isolation_level="read_committed")
+    """
 
     manager = "transaction"
     idle_timeout: TimeLimit | None = None
+    isolation_level: IsolationLevel = "serializable"
 
 
 @message("transaction.write")

@@ -19,7 +19,7 @@ from corral.actors.base import Manager, handles
 from corral.actors.state._memory import Backend, memory_backend_for
 from corral.actors.state._options import StateOptions
 from corral.actors.state._redis import RedisBackend
-from corral.errors import BackendUnavailable, ConfigError, CorralError, InvalidMessage
+from corral.errors import BackendUnavailable, ConfigError, CorralError, InvalidMessage, NotFound
 from corral.messages.state import (
     StateChanged,
     StateCommit,
@@ -29,12 +29,15 @@ from corral.messages.state import (
     StateExpireDue,
     StateGet,
     StateGetHistory,
+    StateGetMachine,
     StateHistory,
     StateInfo,
+    StateMachine,
     StateRegister,
     StateUpdate,
     StateWrite,
     changed_topic,
+    check_state_id,
     check_write,
 )
 from corral.messages.system import Health
@@ -76,6 +79,7 @@ class StateManager(Manager[StateOptions]):
         if kind == "auto":
             kind = "redis" if url else "memory"
         self.backend: Backend
+        self.machines = settings.state_machines()
         if kind == "redis":
             if not url:
                 raise ConfigError(
@@ -91,6 +95,7 @@ class StateManager(Manager[StateOptions]):
                 wait_replicas=settings.wait_replicas,
                 wait_timeout=settings.wait_timeout,
                 signing_keys=self.corral_context.signing_keys,
+                machines=self.machines,
             )
             try:
                 self.backend.record_partitions()
@@ -98,7 +103,10 @@ class StateManager(Manager[StateOptions]):
                 log.warning("state: %s", exc)
         else:  # the system's: a restarted actor finds its states again
             self.backend = memory_backend_for(
-                self.router, self.corral_context.name, history_limit=settings.history_limit
+                self.router,
+                self.corral_context.name,
+                history_limit=settings.history_limit,
+                machines=self.machines,
             )
         # Publishing waits on the bus (a Redis round trip): a thread of its own does it,
         # in order, so the mailbox moves on as soon as the change is applied.
@@ -186,9 +194,19 @@ class StateManager(Manager[StateOptions]):
         entries = self._backend_call(lambda: self.backend.history(msg.state_id, limit))
         return StateHistory(state_id=msg.state_id, entries=entries)
 
+    @handles(StateGetMachine)
+    def get_machine(self, msg: StateGetMachine) -> StateMachine:
+        machine = self.machines.get(msg.state_type)
+        if machine is None:
+            raise NotFound(
+                f"no state machine is declared for {msg.state_type!r:.70}",
+                {"state_type": msg.state_type},
+            )
+        return machine
+
     @handles(StateCommit)
     def commit(self, msg: StateCommit) -> StateCommitted:
-        if not msg.writes:
+        if not msg.writes and not msg.reads:
             return StateCommitted(states=[])
         if len(msg.writes) > self.options.max_writes:
             raise InvalidMessage(
@@ -197,7 +215,14 @@ class StateManager(Manager[StateOptions]):
             )
         for i, write in enumerate(msg.writes):
             self._check(write, f"writes[{i}].")
-        return StateCommitted(states=self._apply(msg.writes))
+        if len(msg.reads) > self.options.max_writes:
+            raise InvalidMessage(
+                f"{len(msg.reads)} reads, over the limit of {self.options.max_writes}",
+                path="reads",
+            )
+        for state_id in msg.reads:
+            check_state_id(state_id, path=f"reads.{state_id:.70}")
+        return StateCommitted(states=self._apply(msg.writes, msg.reads))
 
     @handles(StateExpireDue)
     def expire_due(self, _msg: StateExpireDue) -> StateExpired:
@@ -212,14 +237,22 @@ class StateManager(Manager[StateOptions]):
         self._check(write, "")
         return self._apply([write])[0]
 
-    def _apply(self, writes: list[StateWrite]) -> list[StateInfo]:
-        events, states = self._backend_call(lambda: self.backend.apply(writes, _now_ms()))
+    def _apply(
+        self, writes: list[StateWrite], reads: dict[str, int] | None = None
+    ) -> list[StateInfo]:
+        events, states = self._backend_call(lambda: self.backend.apply(writes, _now_ms(), reads))
         self._publish(events)
         return states
 
     def _check(self, write: StateWrite, path: str) -> None:
         try:
             check_write(write)
+            if write.allowed_transitions is not None and write.state_type in self.machines:
+                raise InvalidMessage(
+                    f"{write.state_type} states follow their declared machine: its "
+                    "transitions are theirs, not allowed_transitions",
+                    path="allowed_transitions",
+                )
             if write.data is not None:
                 try:
                     size = len(msgpack.packb(write.data, use_bin_type=True))

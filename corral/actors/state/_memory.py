@@ -22,8 +22,10 @@ from corral.errors import NotFound
 from corral.messages.state import (
     StateChanged,
     StateInfo,
+    StateMachine,
     StateWrite,
     apply_transition,
+    check_reads,
 )
 
 __all__ = ["Backend", "MemoryBackend", "memory_backend_for", "new_epoch"]
@@ -40,10 +42,11 @@ class Backend(Protocol):
     name: str
 
     def apply(
-        self, writes: list[StateWrite], now_ms: int
+        self, writes: list[StateWrite], now_ms: int, reads: dict[str, int] | None = None
     ) -> tuple[list[StateChanged], list[StateInfo]]:
-        """Check every write, then apply them all; the events (in order) and each
-        write's resulting state. States past their expiry are expired first."""
+        """Check every read (state id: version read, 0 for absent) and every write, then
+        apply them all; the events (in order) and each write's resulting state. States
+        past their expiry are expired first."""
         ...
 
     def get(self, state_id: str, now_ms: int) -> StateInfo: ...
@@ -61,7 +64,13 @@ _BACKENDS: weakref.WeakKeyDictionary[object, dict[str, MemoryBackend]] = weakref
 _BACKENDS_LOCK = threading.Lock()
 
 
-def memory_backend_for(system: object, manager: str, *, history_limit: int) -> MemoryBackend:
+def memory_backend_for(
+    system: object,
+    manager: str,
+    *,
+    history_limit: int,
+    machines: dict[str, StateMachine] | None = None,
+) -> MemoryBackend:
     """The memory backend of the state manager named ``manager`` in ``system`` (its
     router): made by the first actor, found again by each one restarted after it, gone
     with the system::
@@ -73,6 +82,7 @@ def memory_backend_for(system: object, manager: str, *, history_limit: int) -> M
         backend = backends.get(manager)
         if backend is None:
             backend = backends[manager] = MemoryBackend(history_limit=history_limit)
+        backend.machines = machines or {}
         return backend
 
 
@@ -93,22 +103,25 @@ class MemoryBackend:
         self.epoch = new_epoch()
         self.offset = 0
         self.lock = threading.Lock()
+        self.machines: dict[str, StateMachine] = {}
+        """Declared state machines by state type: set by the state manager."""
 
     def apply(
-        self, writes: list[StateWrite], now_ms: int
+        self, writes: list[StateWrite], now_ms: int, reads: dict[str, int] | None = None
     ) -> tuple[list[StateChanged], list[StateInfo]]:
         with self.lock:
-            return self._apply(writes, now_ms)
+            return self._apply(writes, now_ms, reads or {})
 
     def _apply(
-        self, writes: list[StateWrite], now_ms: int
+        self, writes: list[StateWrite], now_ms: int, reads: dict[str, int]
     ) -> tuple[list[StateChanged], list[StateInfo]]:
+        check_reads(reads, lambda state_id: self._live(state_id, now_ms))
         events = self._expire([w.state_id for w in writes], now_ms)
         overlay: dict[str, StateInfo | None] = {}
         changes: list[tuple[StateInfo | None, StateWrite, StateInfo]] = []
         for write in writes:
             current = overlay.get(write.state_id, self.states.get(write.state_id))
-            after = apply_transition(current, write, now_ms)
+            after = apply_transition(current, write, now_ms, self.machines)
             removed = write.transition in ("delete", "expire")
             overlay[write.state_id] = None if removed else after
             changes.append((current, write, after))
@@ -118,9 +131,16 @@ class MemoryBackend:
 
     def get(self, state_id: str, now_ms: int) -> StateInfo:
         with self.lock:
-            state = self.states.get(state_id)
-        if state is None or (state.expires_at is not None and state.expires_at <= now_ms):
+            state = self._live(state_id, now_ms)
+        if state is None:
             raise NotFound(f"no state {state_id!r}", {"state_id": state_id})
+        return state
+
+    def _live(self, state_id: str, now_ms: int) -> StateInfo | None:
+        """The state, unless absent or past its expiry."""
+        state = self.states.get(state_id)
+        if state is None or (state.expires_at is not None and state.expires_at <= now_ms):
+            return None
         return state
 
     def history(self, state_id: str, limit: int) -> list[StateChanged]:

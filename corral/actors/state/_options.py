@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from corral.config import REDIS_URL, Section
 from corral.messages.state import (
     DEFAULT_PARTITIONS,
     MAX_PARTITIONS,
+    StateMachine,
+    machine_from_table,
 )
 
 __all__ = ["StateOptions"]
@@ -28,3 +30,20 @@ class StateOptions(Section):
     partitions: int = field(default=DEFAULT_PARTITIONS, metadata={"ge": 1, "le": MAX_PARTITIONS})
     wait_replicas: int = field(default=0, metadata={"ge": 0, "le": 100})
     wait_timeout: float = field(default=1.0, metadata={"gt": 0, "le": 60})
+    machines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """``[managers.state.machines.<StateType>]``: a declared state machine per state type."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for state_type, table in self.machines.items():
+            try:
+                machine_from_table(state_type, table)
+            except ValueError as exc:
+                self._fail(f"machines.{state_type}", str(exc))
+
+    def state_machines(self) -> dict[str, StateMachine]:
+        """The declared machines by state type."""
+        return {
+            state_type: machine_from_table(state_type, table)
+            for state_type, table in self.machines.items()
+        }

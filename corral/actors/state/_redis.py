@@ -48,11 +48,16 @@ from corral.messages.state import (
     TRANSITION_RULES,
     StateChanged,
     StateInfo,
+    StateMachine,
     StateWrite,
+    TransitionRule,
     events_stream_key,
     partition_of,
     partition_prefix,
     partitions_key,
+    read_conflict,
+    status_conflict,
+    undeclared_transition,
 )
 from corral.streams import meta_key, signed_parts
 
@@ -70,27 +75,40 @@ _APPLIED, _TO_SIGN = 1, 2  # the script's answers besides a refusal (0)
 _SIGN_ATTEMPTS = 10  # commits of a signed change, each after another write came between
 
 
-def _lua_rules() -> str:
+def _lua_rules(rules: dict[str, TransitionRule]) -> str:
     entries = []
-    for name, rule in TRANSITION_RULES.items():
+    for name, rule in rules.items():
         sources = "," + ",".join(sorted(rule.sources)) + "," if rule.sources else ""
         entries.append(f'["{name}"] = {{"{sources}", "{rule.target}"}}')
     return "{" + ", ".join(entries) + "}"
 
 
+def _lua_machines(machines: dict[str, StateMachine]) -> str:
+    """The declared machines as a Lua table: initial status, allowed list, rules (the names
+    are checked snake_case and the types [A-Za-z0-9_-], so they need no escaping)."""
+    entries = [
+        f'["{state_type}"] = {{initial = "{machine.initial}", '
+        f'allowed = "{",".join(machine.names())}", rules = {_lua_rules(machine.rules())}}}'
+        for state_type, machine in machines.items()
+    ]
+    return "{" + ", ".join(entries) + "}"
+
+
 # ARGV: now_ms, epoch_candidate, history_limit, stream_max_len, n, partition, then 7 per write:
-# state_id, transition, state_type, data, expected_version, ttl_ms, allowed (or "~"), then the
-# mode: "" (apply), "prepare" (apply nothing: answer the events' bodies, topics, first offset
-# and epoch, for signing) or "commit" followed by a SHA-1 (hex) and a signature per event
-# (apply, the signatures in the stream entries, if the events are still those; else answer
-# as "prepare" does).
+# state_id, transition, state_type, data, expected_version, ttl_ms, allowed (or "~"), then r,
+# the number of reads, and per read its state_id and the version it was read at (0: absent),
+# then the mode: "" (apply), "prepare" (apply nothing: answer the events' bodies, topics,
+# first offset and epoch, for signing) or "commit" followed by a SHA-1 (hex) and a signature
+# per event (apply, the signatures in the stream entries, if the events are still those; else
+# answer as "prepare" does).
 # A write whose transition is "" only expires its state if due (the TTL sweep).
-# KEYS: meta, stream, expiry, then per write: state hash, history list.
-# Answers {0, code, write index, a, b} for a refusal, {1, events, states, reset} when applied
-# (reset = 1: the stream held an entry at or past the next offset, which this script did not
+# KEYS: meta, stream, expiry, then per write: state hash, history list, then per read: its hash.
+# Answers {0, code, write (or read) index, a, b} for a refusal, {1, events, states, reset} when
+# applied (reset = 1: the stream held an entry at or past the next offset, which this script did not
 # write, and a new epoch began), {2, events, topics, offset before the first, epoch} to sign.
 _APPLY = """
 local RULES = __RULES__
+local MACHINES = __MACHINES__
 local KEEP, REMOVE = "__KEEP__", "__REMOVE__"
 local now = tonumber(ARGV[1])
 local n = tonumber(ARGV[5])
@@ -120,6 +138,17 @@ local function load(id, k)
   return s
 end
 
+local r = tonumber(ARGV[7 + 7 * n])
+for j = 1, r do
+  local read = 7 + 7 * n + 2 * j
+  local found = redis.call("HMGET", KEYS[3 + 2 * n + j], "version", "expires")
+  local actual = 0
+  if found[1] and not (found[2] and tonumber(found[2]) <= now) then
+    actual = tonumber(found[1])
+  end
+  if actual ~= tonumber(ARGV[read]) then return {0, "read", j, ARGV[read], tostring(actual)} end
+end
+
 for i = 1, n do
   local a = 6 + (i - 1) * 7
   local id, tr, stype, data = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
@@ -135,19 +164,30 @@ for i = 1, n do
       end
       if allowed == "~" then allowed = "__STANDARD__" end
       if data == "~" then data = "\\128" end
-      after = {type = stype, status = RULES["create"][2], data = data, version = 1,
+      local status = RULES["create"][2]
+      local m = MACHINES[stype]
+      if m then status, allowed = m.initial, m.allowed end
+      after = {type = stype, status = status, data = data, version = 1,
                allowed = allowed, created = tostring(now)}
     else
       if tr == "create" then return {0, "exists", i, "", ""} end
       if expected ~= "~" and tonumber(expected) ~= s.version then
         return {0, "version", i, expected, tostring(s.version)}
       end
-      if tr ~= "expire" and not string.find("," .. s.allowed .. ",", "," .. tr .. ",", 1, true) then
-        return {0, "not_allowed", i, s.allowed, ""}
+      local m = MACHINES[s.type]
+      local rule
+      if m then
+        rule = m.rules[tr]
+        if not rule then return {0, "undeclared", i, s.status, s.type} end
+      else
+        local listed = string.find("," .. s.allowed .. ",", "," .. tr .. ",", 1, true)
+        if tr ~= "expire" and not listed then
+          return {0, "not_allowed", i, s.allowed, ""}
+        end
+        rule = RULES[tr] or {"", KEEP}
       end
-      local rule = RULES[tr] or {"", KEEP}
       if rule[1] ~= "" and not string.find(rule[1], "," .. s.status .. ",", 1, true) then
-        return {0, "status", i, s.status, ""}
+        return {0, "status", i, s.status, rule[1]}
       end
       after = {}
       for f, v in pairs(s) do after[f] = v end
@@ -194,8 +234,8 @@ for c = 1, #changes do
                     "status", after.status, "partition", tonumber(ARGV[6]))
   topics[c] = "state.changed." .. after.type .. "." .. id
 end
-local mode = ARGV[7 + 7 * n] or ""
-local proofs = 8 + 7 * n
+local mode = ARGV[8 + 7 * n + 2 * r] or ""
+local proofs = 9 + 7 * n + 2 * r
 if mode == "prepare" then return {2, events, topics, base, epoch} end
 if mode == "commit" then
   for c = 1, #changes do
@@ -240,10 +280,11 @@ return {1, events, results, reset}
 """
 
 
-def _apply_script() -> str:
+def _apply_script(machines: dict[str, StateMachine]) -> str:
     standard = ",".join(TRANSITION_RULES)
     return (
-        _APPLY.replace("__RULES__", _lua_rules())
+        _APPLY.replace("__RULES__", _lua_rules(TRANSITION_RULES))
+        .replace("__MACHINES__", _lua_machines(machines))
         .replace("__KEEP__", KEEP)
         .replace("__REMOVE__", REMOVE)
         .replace("__STANDARD__", standard)
@@ -275,8 +316,10 @@ class RedisBackend:
         wait_replicas: int = 0,
         wait_timeout: float = 1.0,
         signing_keys: tuple[bytes, ...] = (),
+        machines: dict[str, StateMachine] | None = None,
     ) -> None:
         self.url = url
+        self.machines = machines or {}
         self.signer = Signer(signing_keys)
         self.history_limit = history_limit
         self.stream_max_len = stream_max_len
@@ -294,7 +337,7 @@ class RedisBackend:
         # twice. Reads are retried once, which replaces a connection Redis closed.
         self._writer = connect(url, retries=0, **options)
         self._reader = connect(url, retries=1, **options)
-        self._script = self._writer.register_script(_apply_script())
+        self._script = self._writer.register_script(_apply_script(self.machines))
 
     def _key(self, kind: str, state_id: str) -> str:
         return partition_prefix(self.namespace, self._partition(state_id)) + kind + state_id
@@ -307,19 +350,22 @@ class RedisBackend:
         return [meta_key(stream), stream, partition_prefix(self.namespace, partition) + "expiry"]
 
     def apply(
-        self, writes: list[StateWrite], now_ms: int
+        self, writes: list[StateWrite], now_ms: int, reads: dict[str, int] | None = None
     ) -> tuple[list[StateChanged], list[StateInfo]]:
-        partition = self._partition(writes[0].state_id)
-        for write in writes[1:]:
-            if self._partition(write.state_id) != partition:
+        reads = reads or {}
+        touched = [w.state_id for w in writes] + list(reads)
+        partition = self._partition(touched[0])
+        for state_id in touched[1:]:
+            if self._partition(state_id) != partition:
                 raise InvalidMessage(
-                    f"states {writes[0].state_id!r} (partition {partition}) and "
-                    f"{write.state_id!r} (partition {self._partition(write.state_id)}) "
-                    "cannot change in one commit: a commit spans one partition; give "
-                    "states that change together the same hash tag, e.g. "
-                    "'order:{42}:items' and 'order:{42}:total'",
-                    {"partitions": [partition, self._partition(write.state_id)]},
-                    path="writes",
+                    f"states {touched[0]!r} (partition {partition}) and "
+                    f"{state_id!r} (partition {self._partition(state_id)}) "
+                    "cannot be in one commit (written, or read by a serializable "
+                    "transaction): a commit spans one partition; give states that change "
+                    "together the same hash tag, e.g. 'order:{42}:items' and "
+                    "'order:{42}:total'",
+                    {"partitions": [partition, self._partition(state_id)]},
+                    path="reads" if state_id in reads else "writes",
                 )
         if not self._recorded:
             self.record_partitions()
@@ -339,10 +385,21 @@ class RedisBackend:
                     write.allowed_transitions
                 ),
             ]  # fmt: skip
+        read_ids = list(reads)
+        args.append(len(read_ids))
+        for state_id in read_ids:
+            keys.append(self._key("s:", state_id))
+            args += [state_id, reads[state_id]]
         answer, acknowledged = self._call(lambda: self._run(keys, args), "apply a state change")
         if answer[0] == 0:
             _, code, index, a, b = answer
-            raise _refusal(code.decode(), writes[index - 1], a.decode(), b.decode())
+            if code == b"read":
+                raise read_conflict(read_ids[index - 1], int(a), int(b))
+            write = writes[index - 1]
+            if code == b"undeclared":
+                machine = self.machines[b.decode()]
+                raise undeclared_transition(write.state_id, write.transition, a.decode(), machine)
+            raise _refusal(code.decode(), write, a.decode(), b.decode())
         if answer[3]:
             log.warning(
                 "state partition %d: its event stream held an entry at or past the next "
@@ -530,7 +587,4 @@ def _refusal(code: str, write: StateWrite, a: str, b: str) -> Exception:
             {"state_id": state_id, "transition": write.transition,
              "allowed": a.split(",") if a else []},
         )  # fmt: skip
-    return Conflict(
-        f"cannot {write.transition} state {state_id!r}: it is {a}",
-        {"state_id": state_id, "transition": write.transition, "status": a},
-    )
+    return status_conflict(state_id, write.transition, a, b.strip(",").split(","))

@@ -45,7 +45,9 @@ from corral.messages.base import MAX_TIMEOUT
 from corral.messages.state import (
     StateCommit,
     StateGet,
+    StateGetMachine,
     StateInfo,
+    StateMachine,
     StateWrite,
     apply_transition,
     check_write,
@@ -122,6 +124,7 @@ class TransactionManager(Manager[TransactionOptions]):
 
     def on_start(self) -> None:
         self.store = self._open_store()
+        self._machine_of: dict[str, StateMachine | None] = {}
         self.last_backend_error = ""
         self._sweep_due = threading.Event()
         self._stopping = threading.Event()
@@ -182,7 +185,8 @@ class TransactionManager(Manager[TransactionOptions]):
                 f"idle_timeout must be > 0 and <= {MAX_TIMEOUT} s", path="idle_timeout"
             )
         transaction_id = uuid.uuid4().hex
-        self._stored_call(self.store.begin, transaction_id, TransactionRecord(idle_timeout=timeout))
+        record = TransactionRecord(idle_timeout=timeout, isolation_level=msg.isolation_level)
+        self._stored_call(self.store.begin, transaction_id, record)
         self.corral_metrics.add(BEGUN)
         return TransactionInfo(transaction_id=transaction_id, writes=0)
 
@@ -199,7 +203,9 @@ class TransactionManager(Manager[TransactionOptions]):
                 raise InvalidMessage(
                     f"the transaction holds {len(tx.writes)} writes, the limit", path="write"
                 )
-            after = apply_transition(self._view(tx, write.state_id), write, _now_ms())
+            view = self._view(tx, write.state_id)
+            state_type = write.state_type if view is None else view.state_type
+            after = apply_transition(view, write, _now_ms(), self._machines(state_type))
             tx.writes.append(write)
             return after
 
@@ -252,9 +258,12 @@ class TransactionManager(Manager[TransactionOptions]):
     def commit(self, msg: TransactionCommit) -> TransactionCommitted:
         tx = self._stored_call(self.store.take, msg.transaction_id)
         writes = self._versioned(tx)
+        reads = self._read_only_versions(tx) if tx.isolation_level == "serializable" else {}
         states = (
-            self.router.ask(StateCommit(writes=writes, transaction_id=msg.transaction_id)).states
-            if writes
+            self.router.ask(
+                StateCommit(writes=writes, reads=reads, transaction_id=msg.transaction_id)
+            ).states
+            if writes or reads
             else []
         )
         self.corral_metrics.add(COMMITTED)
@@ -320,7 +329,8 @@ class TransactionManager(Manager[TransactionOptions]):
         now = _now_ms()
         for write in tx.writes:
             if write.state_id == state_id:
-                state = apply_transition(state, write, now)
+                state_type = write.state_type if state is None else state.state_type
+                state = apply_transition(state, write, now, self._machines(state_type))
                 if state.status in ("deleted", "expired"):
                     state = None
         return state
@@ -338,6 +348,29 @@ class TransactionManager(Manager[TransactionOptions]):
                 0 if write.transition in ("delete", "expire") else expected + 1
             )
         return versioned
+
+    def _machines(self, state_type: str) -> dict[str, StateMachine]:
+        """The machine the state manager declares for ``state_type``, if any, by type (asked
+        once per type: machines change with the state manager's config, at a restart)."""
+        if state_type not in self._machine_of:
+            try:
+                self._machine_of[state_type] = self.router.ask(
+                    StateGetMachine(state_type=state_type)
+                )
+            except NotFound:
+                self._machine_of[state_type] = None
+        machine = self._machine_of[state_type]
+        return {} if machine is None else {state_type: machine}
+
+    def _read_only_versions(self, tx: TransactionRecord) -> dict[str, int]:
+        """The states the transaction read but does not write, each at the version it
+        read (0: absent): a serializable commit needs them unchanged."""
+        written = {write.state_id for write in tx.writes}
+        return {
+            state_id: 0 if state is None else state.version
+            for state_id, state in tx.stored.items()
+            if state_id not in written
+        }
 
     def _savepoint_index(self, tx: TransactionRecord, name: str) -> int:
         for index, (existing, _) in enumerate(tx.savepoints):

@@ -30,6 +30,7 @@ from corral._redis import REDIS_ERRORS, connect, describe, redact
 from corral.actors.transaction._store import TransactionRecord, not_open
 from corral.errors import BackendUnavailable
 from corral.messages.state import StateInfo, StateWrite
+from corral.messages.transaction import ISOLATION_LEVELS, IsolationLevel
 
 __all__ = ["EXPIRED_REMEMBERED", "RedisStore", "decode_record", "encode_record"]
 
@@ -89,6 +90,7 @@ def encode_record(record: TransactionRecord) -> bytes:
             state_id: None if state is None else state.to_wire()
             for state_id, state in record.stored.items()
         },
+        "isolation_level": record.isolation_level,
     }
     data: bytes = msgpack.packb(fields, use_bin_type=True)
     return data
@@ -114,11 +116,19 @@ def decode_record(data: bytes) -> TransactionRecord:
                 else cast("StateInfo", StateInfo._from_wire(state, f"stored.{state_id}"))
                 for state_id, state in fields["stored"].items()
             },
+            isolation_level=_isolation_level(fields.get("isolation_level", "serializable")),
         )
     except Exception as exc:  # whatever is in Redis, the actor carries on
         raise BackendUnavailable(
             f"a stored transaction cannot be read: {exc}", {"backend": "redis"}
         ) from None
+
+
+def _isolation_level(value: object) -> IsolationLevel:
+    for level in ISOLATION_LEVELS:
+        if value == level:
+            return level
+    raise ValueError(f"isolation_level {value!r} is none of {ISOLATION_LEVELS}")
 
 
 class RedisStore:

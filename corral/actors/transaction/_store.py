@@ -25,6 +25,7 @@ from typing import Protocol
 
 from corral.errors import NotFound
 from corral.messages.state import StateInfo, StateWrite
+from corral.messages.transaction import IsolationLevel
 
 __all__ = ["TransactionRecord", "TransactionStore", "not_open"]
 
@@ -46,6 +47,9 @@ class TransactionRecord:
     """How many savepoint names were generated: the next is ``sp<n + 1>`` (or later, if taken)."""
     stored: dict[str, StateInfo | None] = field(default_factory=dict)
     """The read set: every state touched, as first read from the state manager (None: absent)."""
+    isolation_level: IsolationLevel = "serializable"
+    """What the commit checks: ``serializable``, every state in ``stored``;
+    ``read_committed``, only the written ones."""
 
     def copy(self) -> TransactionRecord:
         """A record whose lists a change may alter without altering this one."""
@@ -55,6 +59,7 @@ class TransactionRecord:
             savepoints=list(self.savepoints),
             savepoints_named=self.savepoints_named,
             stored=dict(self.stored),
+            isolation_level=self.isolation_level,
         )
 
 
