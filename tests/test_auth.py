@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jwt
 import pytest
 import redis
@@ -28,7 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from corral.actors.auth import AuthManager, AuthOptions
-from corral.config import parse_options
+from corral.config import Config, DaemonSection, ManagerSection, parse_options
+from corral.daemon import Daemon
 from corral.errors import BackendUnavailable, ConfigError, InvalidMessage, NotFound, Unauthorized
 from corral.messages.auth import (
     REASONS,
@@ -402,6 +404,27 @@ def test_jwks_publishes_every_public_key_by_kid_during_rotation(
             assert jwt.decode(token, by_kid[kid].key, algorithms=["RS256"])["sub"]
     with auth_system() as symmetric:
         assert symmetric.ask(AuthJwks()).keys == []
+
+
+def test_the_daemon_serves_the_jwks(key_files: dict[str, tuple[Path, Path]]) -> None:
+    private, _ = key_files["EdDSA"]
+    options = {"algorithm": "EdDSA", "signing_key": str(private), "kid": "ed"}
+    config = Config().replace(
+        daemon=DaemonSection(port=0),
+        managers={
+            "auth": ManagerSection(class_path="corral.actors.auth:AuthManager", options=options)
+        },
+    )
+    with Daemon(config) as daemon:
+        response = httpx.get(f"{daemon.url}/.well-known/jwks.json")
+        assert response.status_code == 200
+        assert response.headers["Cache-Control"] == "public, max-age=300"
+        [key] = response.json()["keys"]
+        assert (key["kid"], key["kty"], key["crv"], key["alg"]) == ("ed", "OKP", "Ed25519", "EdDSA")
+        token = daemon.system.ask(AuthIssue(subject="user:1")).access_token
+        assert jwt.decode(token, jwt.PyJWK(key).key, algorithms=["EdDSA"])["sub"] == "user:1"
+    with Daemon(Config().replace(daemon=DaemonSection(port=0))) as without_auth:
+        assert httpx.get(f"{without_auth.url}/.well-known/jwks.json").status_code == 404
 
 
 def test_hs_rs_key_confusion_is_refused(key_files: dict[str, tuple[Path, Path]]) -> None:
