@@ -337,6 +337,13 @@ class RateLimiter(Manager[RateLimiterOptions]):
                 for level, identifier in ids.items()
                 if identifier
             ]
+            if msg.route_limits and msg.route_key:
+                try:
+                    rules = tuple(self._route_rule(limit) for limit in msg.route_limits)
+                except ValueError as exc:
+                    answers.append(InvalidMessage(str(exc), path="route_limits"))
+                    continue
+                subjects.append(self._subject("route", msg.route_key, msg.endpoint, rules))
             if consume:
                 self.corral_metrics.add(CHECKS)
             cached = None
@@ -555,6 +562,17 @@ class RateLimiter(Manager[RateLimiterOptions]):
             del self.over_limit[key]
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _route_rule(self, limit: str) -> Rule:
+        """The rule of a per-route limit string, counted per endpoint (ValueError if bad)."""
+        count, period = parse_limit(limit)
+        return Rule(
+            name=f"route:{count}/{period:g}s",
+            level="route",
+            limit=count,
+            period=period,
+            per_endpoint=True,
+        )
 
     def _subject(
         self, level: str, identifier: str, endpoint: str, rules: Sequence[Rule] | None = None
