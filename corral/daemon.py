@@ -18,6 +18,8 @@ On one host:port (default 127.0.0.1:8650) it serves:
   ``docs/metrics.md`` lists every family;
 - ``GET /``: the dashboard of the whole namespace (:mod:`corral.dashboard`), behind
   ``daemon.dashboard_token`` when one is set;
+- ``GET /.well-known/jwks.json``: when an ``auth`` manager runs, its public keys as a
+  JSON Web Key Set (asked of it by message, ``AuthJwks``; empty for HS*);
 - room for more routes on the same port (the WebSocket endpoint and dashboard
   add themselves through :attr:`Daemon.app`).
 
@@ -68,6 +70,7 @@ from corral._redis import check_writable
 from corral.actors import websocket
 from corral.config import Config, ManagerSection
 from corral.errors import ConfigError, CorralError
+from corral.messages.auth import AuthJwks
 from corral.messages.system import ChildStatus, Reconfigure, SystemHealth
 from corral.metrics import REQUEST_SECONDS, Counter, Family, Gauge, Histogram, ManagerMetrics
 from corral.remote import RequestServer
@@ -123,6 +126,8 @@ class Daemon:
         self.app.router.add_get("/readyz", self._readyz)
         self.app.router.add_get("/health", self._health)
         self.app.router.add_get("/metrics", self._metrics)
+        if any(spec.name == "auth" for spec in self.system.supervisor.specs):
+            self.app.router.add_get("/.well-known/jwks.json", self._jwks)
         dashboard.mount(self)
         websocket.mount(self)  # before the system starts: the manager looks for its gateway
         self._loop = asyncio.new_event_loop()
@@ -315,6 +320,16 @@ class Daemon:
         ready, reasons = self.ready()
         return _json({"status": "ready" if ready else "not ready", "reasons": reasons},
                      200 if ready else 503)  # fmt: skip
+
+    async def _jwks(self, _request: web.Request) -> web.Response:
+        """The auth manager's public keys; verifiers may cache them for five minutes."""
+        try:
+            key_set = await self.system.ask_async(AuthJwks(), timeout=2.0)
+        except CorralError as exc:
+            return _json({"error": exc.code, "message": exc.message}, 503)
+        response = _json({"keys": key_set.keys}, 200)
+        response.headers["Cache-Control"] = "public, max-age=300"
+        return response
 
     async def _metrics(self, _request: web.Request) -> web.Response:
         body = await asyncio.get_running_loop().run_in_executor(

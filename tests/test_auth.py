@@ -9,14 +9,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import itertools
 import json
 import secrets
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jwt
 import pytest
 import redis
@@ -26,18 +29,25 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from corral.actors.auth import AuthManager, AuthOptions
-from corral.config import parse_options
+from corral.config import Config, DaemonSection, ManagerSection, parse_options
+from corral.daemon import Daemon
 from corral.errors import BackendUnavailable, ConfigError, InvalidMessage, NotFound, Unauthorized
 from corral.messages.auth import (
     REASONS,
     AuthApiKeyCreate,
+    AuthApiKeyInfo,
+    AuthApiKeyList,
     AuthApiKeyRevoke,
+    AuthApiKeyUpdate,
+    AuthApiKeyUsed,
     AuthApiKeyValidate,
     AuthIsRevoked,
     AuthIssue,
     AuthIssueSubscription,
+    AuthJwks,
     AuthRefresh,
     AuthRevoke,
+    AuthRevokeUser,
     AuthValidate,
 )
 from corral.messages.system import HealthCheck as HealthRequest
@@ -365,6 +375,58 @@ def test_asymmetric_algorithms_with_key_files(
         assert reason(successor, AuthValidate(token=forged)) == "algorithm_not_allowed"
 
 
+def test_jwks_publishes_every_public_key_by_kid_during_rotation(
+    key_files: dict[str, tuple[Path, Path]],
+) -> None:
+    private, public = key_files["RS256"]
+    with auth_system(algorithm="RS256", signing_key=str(private), kid="old") as old:
+        old_token = old.ask(AuthIssue(subject="user:1")).access_token
+    newer = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    newer_pem = newer.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    with auth_system(
+        algorithm="RS256",
+        signing_key=newer_pem,
+        kid="new",
+        verification_keys={"old": public.read_text()},
+    ) as rotated:
+        new_token = rotated.ask(AuthIssue(subject="user:2")).access_token
+        keys = rotated.ask(AuthJwks()).keys
+        assert [(key["kid"], key["kty"], key["alg"], key["use"]) for key in keys] == [
+            ("new", "RSA", "RS256", "sig"),
+            ("old", "RSA", "RS256", "sig"),
+        ]
+        assert all("d" not in key and "p" not in key for key in keys)  # public parts only
+        by_kid = {key["kid"]: jwt.PyJWK(key) for key in keys}
+        for token in (old_token, new_token):  # what a verifier does with the set
+            kid = jwt.get_unverified_header(token)["kid"]
+            assert jwt.decode(token, by_kid[kid].key, algorithms=["RS256"])["sub"]
+    with auth_system() as symmetric:
+        assert symmetric.ask(AuthJwks()).keys == []
+
+
+def test_the_daemon_serves_the_jwks(key_files: dict[str, tuple[Path, Path]]) -> None:
+    private, _ = key_files["EdDSA"]
+    options = {"algorithm": "EdDSA", "signing_key": str(private), "kid": "ed"}
+    config = Config().replace(
+        daemon=DaemonSection(port=0),
+        managers={
+            "auth": ManagerSection(class_path="corral.actors.auth:AuthManager", options=options)
+        },
+    )
+    with Daemon(config) as daemon:
+        response = httpx.get(f"{daemon.url}/.well-known/jwks.json")
+        assert response.status_code == 200
+        assert response.headers["Cache-Control"] == "public, max-age=300"
+        [key] = response.json()["keys"]
+        assert (key["kid"], key["kty"], key["crv"], key["alg"]) == ("ed", "OKP", "Ed25519", "EdDSA")
+        token = daemon.system.ask(AuthIssue(subject="user:1")).access_token
+        assert jwt.decode(token, jwt.PyJWK(key).key, algorithms=["EdDSA"])["sub"] == "user:1"
+    with Daemon(Config().replace(daemon=DaemonSection(port=0))) as without_auth:
+        assert httpx.get(f"{without_auth.url}/.well-known/jwks.json").status_code == 404
+
+
 def test_hs_rs_key_confusion_is_refused(key_files: dict[str, tuple[Path, Path]]) -> None:
     """CVE-2022-29217's shape: an HS256 token keyed with the server's RSA public key."""
     private, public = key_files["RS256"]
@@ -458,20 +520,118 @@ def test_refresh_rotates_and_a_reused_refresh_token_revokes_the_family(backend_u
         assert metrics["rejected_reused_refresh"] == 1
 
 
-def test_a_retry_within_the_grace_window_gets_a_new_pair(backend_url: str) -> None:
+def test_a_retry_within_the_grace_window_gets_the_same_pair(backend_url: str) -> None:
+    """Two tabs refresh with one token at once: both get one pair and both go on working."""
     with auth_system(backend_url, refresh_grace=30.0) as system:
+        first = system.ask(AuthIssue(subject="user:1", scopes=["read"]))
+        assert first.refresh_token is not None
+        tab_a = system.ask(AuthRefresh(token=first.refresh_token))
+        tab_b = system.ask(AuthRefresh(token=first.refresh_token))
+        assert tab_b == tab_a
+        assert system.ask(AuthValidate(token=tab_b.access_token)).scopes == ["read"]
+        assert tab_a.refresh_token is not None
+        third = system.ask(AuthRefresh(token=tab_a.refresh_token))  # tab A goes on
+        assert system.ask(AuthRefresh(token=tab_a.refresh_token)) == third  # and so does B
+        assert third.refresh_token is not None
+        assert system.ask(AuthValidate(token=third.access_token)).subject == "user:1"
+        # Two rotations back is no concurrent use: reuse detection as before.
+        assert reason(system, AuthRefresh(token=first.refresh_token)) == "reused_refresh"
+        assert reason(system, AuthRefresh(token=third.refresh_token)) == "revoked"
+
+
+def test_outside_the_grace_window_a_retry_revokes_the_family(backend_url: str) -> None:
+    with auth_system(backend_url, refresh_grace=0.3) as system:
         first = system.ask(AuthIssue(subject="user:1"))
         assert first.refresh_token is not None
-        lost = system.ask(AuthRefresh(token=first.refresh_token))  # the client never saw it
-        retried = system.ask(AuthRefresh(token=first.refresh_token))
-        assert retried.refresh_token is not None
-        assert system.ask(AuthValidate(token=retried.access_token)).subject == "user:1"
-        third = system.ask(AuthRefresh(token=retried.refresh_token))
-        assert third.refresh_token is not None
-        # The pair that was superseded by the retry is a retired token now.
-        assert lost.refresh_token is not None
-        assert reason(system, AuthRefresh(token=lost.refresh_token)) == "reused_refresh"
-        assert reason(system, AuthRefresh(token=third.refresh_token)) == "revoked"
+        second = system.ask(AuthRefresh(token=first.refresh_token))
+        time.sleep(0.4)
+        assert reason(system, AuthRefresh(token=first.refresh_token)) == "reused_refresh"
+        assert reason(system, AuthValidate(token=second.access_token)) == "revoked"
+
+
+def test_two_systems_refreshing_at_once_on_one_redis_share_the_grace_window(
+    redis_server: RedisServer,
+) -> None:
+    namespace = f"t{secrets.token_hex(4)}"
+    options = {"signing_key": SECRET, "kid": "k1", "refresh_grace": 5.0}
+
+    def spec() -> ChildSpec:
+        return ChildSpec(
+            name="auth",
+            manager=AuthManager,
+            options=options,
+            redis_url=redis_server.url,
+            namespace=namespace,
+        )
+
+    with System(managers=[spec()]) as one, System(managers=[spec()]) as two:
+        login = one.ask(AuthIssue(subject="user:1"))
+        assert login.refresh_token is not None
+        token = login.refresh_token
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            tabs = list(
+                pool.map(lambda system: system.ask(AuthRefresh(token=token)), [one, two] * 2)
+            )
+        assert all(tab == tabs[0] for tab in tabs)
+        refreshed = tabs[0].refresh_token
+        assert refreshed is not None
+        assert two.ask(AuthValidate(token=tabs[0].access_token)).subject == "user:1"
+        assert one.ask(AuthRefresh(token=refreshed)).refresh_token is not None
+
+
+def test_a_login_ends_at_refresh_max_age_however_often_it_rotates(backend_url: str) -> None:
+    with auth_system(backend_url, refresh_max_age=2, refresh_grace=0.0) as system:
+        tokens = system.ask(AuthIssue(subject="user:1"))
+        started = system.ask(AuthValidate(token=tokens.access_token)).claims["iat"]
+        assert tokens.refresh_expires_in == 2
+        for _ in range(3):
+            assert tokens.refresh_token is not None
+            tokens = system.ask(AuthRefresh(token=tokens.refresh_token))
+            refresh = system.ask(
+                AuthValidate(token=tokens.refresh_token or "", token_type="refresh")
+            )
+            assert refresh.expires_at <= started + 2
+            assert system.ask(AuthValidate(token=tokens.access_token)).expires_at <= started + 2
+        time.sleep(max(0.0, started + 2.05 - time.time()))
+        assert tokens.refresh_token is not None
+        assert reason(system, AuthRefresh(token=tokens.refresh_token)) == "expired"
+    with pytest.raises(ConfigError, match="refresh_max_age: must be >= 1"):
+        parse_options(AuthOptions, {"refresh_max_age": 0}, manager="auth")
+
+
+def test_revoking_a_user_refuses_every_token_issued_to_it_so_far(backend_url: str) -> None:
+    with auth_system(backend_url) as system:
+        laptop = system.ask(AuthIssue(subject="user:1"))
+        phone = system.ask(AuthIssue(subject="user:1"))
+        assert phone.refresh_token is not None
+        phone = system.ask(AuthRefresh(token=phone.refresh_token))
+        service = system.ask(AuthIssue(subject="user:1", refresh=False))
+        ticket = system.ask(AuthIssueSubscription(subject="user:1", room="r"))
+        bystander = system.ask(AuthIssue(subject="user:2"))
+        revoked = system.ask(AuthRevokeUser(subject="user:1"))
+        assert revoked.subject == "user:1" and revoked.not_before > time.time()
+        for token in (laptop.access_token, phone.access_token, service.access_token):
+            assert reason(system, AuthValidate(token=token)) == "revoked"
+        assert reason(
+            system, AuthValidate(token=ticket.access_token, token_type="subscription")
+        ) == ("revoked")
+        for refresh in (laptop.refresh_token, phone.refresh_token):
+            assert reason(system, AuthRefresh(token=refresh or "")) == "revoked"
+        assert system.ask(AuthValidate(token=bystander.access_token)).subject == "user:2"
+        # A login right after (in the same second, too) works, refresh included.
+        again = system.ask(AuthIssue(subject="user:1"))
+        assert system.ask(AuthValidate(token=again.access_token)).subject == "user:1"
+        assert again.refresh_token is not None
+        renewed = system.ask(AuthRefresh(token=again.refresh_token))
+        assert system.ask(AuthValidate(token=renewed.access_token)).subject == "user:1"
+        with pytest.raises(InvalidMessage):
+            system.ask(AuthRevokeUser(subject=""))
+        if backend_url:
+            client = redis.Redis.from_url(backend_url, decode_responses=True)
+            [key] = [str(name) for name in client.keys("*:auth:user:*")]
+            assert key.endswith(":auth:user:{user:1}")
+            assert 30 * 86400 < client.ttl(key) <= 30 * 86400 + 7
+            client.close()
 
 
 def test_revoking_a_refresh_token_ends_the_login(backend_url: str) -> None:
@@ -527,6 +687,63 @@ def test_api_keys_are_shown_once_stored_hashed_and_revocable(backend_url: str) -
         assert reason(system, AuthApiKeyValidate(key=created.key)) == "invalid_api_key"
         with pytest.raises(NotFound):
             system.ask(AuthApiKeyRevoke(key_id=created.key_id))
+
+
+def test_api_keys_can_be_inspected_rescoped_listed_and_audited(backend_url: str) -> None:
+    with auth_system(backend_url) as system, system.subscribe("auth.api_key.used") as used:
+        first = system.ask(AuthApiKeyCreate(owner="svc:billing", scopes=["read"], name="ci"))
+        second = system.ask(AuthApiKeyCreate(owner="svc:billing", ttl=3600))
+        system.ask(AuthApiKeyCreate(owner="svc:other"))
+        assert first.key is not None and second.key is not None
+        info = system.ask(AuthApiKeyInfo(key_id=first.key_id))
+        assert (info.owner, info.scopes, info.name, info.key, info.last_used_at) == (
+            "svc:billing", ["read"], "ci", None, None,
+        )  # fmt: skip
+        assert info.created_at == pytest.approx(first.created_at)
+        validated = system.ask(AuthApiKeyValidate(key=first.key, scopes=["read"]))
+        assert validated.last_used_at is not None
+        info = system.ask(AuthApiKeyInfo(key_id=first.key_id))
+        assert info.last_used_at == pytest.approx(validated.last_used_at)
+
+        updated = system.ask(AuthApiKeyUpdate(key_id=first.key_id, scopes=["read", "write"]))
+        assert updated.scopes == ["read", "write"]
+        assert system.ask(AuthApiKeyValidate(key=first.key, scopes=["write"])).owner == (
+            "svc:billing"
+        )
+        system.ask(AuthApiKeyUpdate(key_id=first.key_id, scopes=[]))
+        assert reason(system, AuthApiKeyValidate(key=first.key, scopes=["read"])) == (
+            "insufficient_scope"
+        )
+        assert reason(system, AuthApiKeyValidate(key=second.key[:-4] + "0000")) == (
+            "invalid_api_key"
+        )
+        with pytest.raises(InvalidMessage, match=r"scopes\.1"):
+            system.ask(AuthApiKeyUpdate(key_id=first.key_id, scopes=["ok", "two words"]))
+
+        listed = system.ask(AuthApiKeyList(owner="svc:billing")).keys
+        assert [key.key_id for key in listed] == [first.key_id, second.key_id]
+        assert all(key.key is None for key in listed)
+        assert system.ask(AuthApiKeyList(owner="nobody")).keys == []
+        system.ask(AuthApiKeyRevoke(key_id=second.key_id))
+        assert [k.key_id for k in system.ask(AuthApiKeyList(owner="svc:billing")).keys] == [
+            first.key_id
+        ]
+        for missing in (AuthApiKeyInfo(key_id=second.key_id),
+                        AuthApiKeyUpdate(key_id=second.key_id, scopes=["x"])):  # fmt: skip
+            with pytest.raises(NotFound):
+                system.ask(missing)
+
+        events = [
+            delivery.message
+            for delivery in itertools.islice(used, 4)
+            if isinstance(delivery.message, AuthApiKeyUsed)
+        ]
+        assert [(e.key_id, e.owner, e.outcome, e.scopes) for e in events] == [
+            (first.key_id, "svc:billing", "accepted", ["read"]),
+            (first.key_id, "svc:billing", "accepted", ["write"]),
+            (first.key_id, "svc:billing", "insufficient_scope", ["read"]),
+            (second.key_id, "svc:billing", "invalid_api_key", []),
+        ]
 
 
 def test_api_keys_expire(backend_url: str) -> None:

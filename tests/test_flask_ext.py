@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import flask
 import pytest
 
+import corral
 from corral.actors.ratelimit import RatelimitManager
+from corral.config import BusSection, Config, DaemonSection, ManagerSection
+from corral.daemon import Daemon
+from corral.errors import InvalidMessage
 from corral.ext.flask import RateLimit
-from corral.messages.ratelimit import RatelimitBan
+from corral.messages.ratelimit import RatelimitBan, RatelimitCheck
 from corral.supervisor import ChildSpec
 from corral.system import System
 from tests.redis_server import RedisServer
@@ -103,3 +108,117 @@ def test_an_unreachable_limiter_fails_open_or_closed() -> None:
         assert opened.status_code == 200 and "X-RateLimit-Limit" not in opened.headers
         closed = make_app(RateLimit(bare, timeout=0.05, fail_open=False)).test_client()
         assert closed.get("/items/1").status_code == 503
+
+
+@pytest.fixture
+def generous(redis_server: RedisServer) -> Iterator[System]:
+    """Configured rules that never refuse in a test: what refuses is a view's own limit."""
+    options = {"backend": "redis", "redis_url": redis_server.url, "rules": {"ip": "1000/hour"}}
+    with System(
+        managers=[ChildSpec(name="ratelimit", manager=RatelimitManager, options=options)]
+    ) as s:
+        yield s
+
+
+def test_per_view_limits_and_exemptions_with_init_app(generous: System) -> None:
+    limiter = RateLimit(generous)
+    app = flask.Flask(__name__)
+
+    @app.post("/login")
+    @limiter.limit("2/minute;50/hour", key=lambda: flask.request.form.get("email"))
+    def login() -> str:
+        return "welcome"
+
+    @app.get("/search")
+    @limiter.limit("1/minute")
+    def search() -> str:
+        return "results"
+
+    @app.get("/items")
+    def items() -> str:
+        return "items"
+
+    @app.get("/healthz")
+    @limiter.exempt
+    def healthz() -> str:
+        return "ok"
+
+    limiter.init_app(app)
+    client = app.test_client()
+    for _ in range(2):
+        allowed = client.post("/login", data={"email": "ada@example.com"})
+        assert allowed.status_code == 200 and allowed.text == "welcome"
+    refused = client.post("/login", data={"email": "ada@example.com"})
+    assert refused.status_code == 429 and refused.json is not None
+    assert refused.json["exceeded"] == ["route:2/60s"]
+    assert refused.headers["X-RateLimit-Limit"] == "2"
+    assert refused.headers["X-RateLimit-Remaining"] == "0"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 120  # sliding window: up to 2 periods
+    # Counted per key and per route: another email, another route go on.
+    assert client.post("/login", data={"email": "bob@example.com"}).status_code == 200
+    assert client.get("/search").status_code == 200
+    assert client.get("/search").status_code == 429
+    items_response = client.get("/items")  # only the configured rules
+    assert items_response.status_code == 200
+    assert items_response.headers["X-RateLimit-Limit"] == "1000"
+    for _ in range(3):
+        exempt = client.get("/healthz")
+        assert exempt.status_code == 200 and "X-RateLimit-Limit" not in exempt.headers
+
+
+def test_per_view_limits_without_init_app(generous: System) -> None:
+    limiter = RateLimit(generous)
+    app = flask.Flask(__name__)
+
+    @app.get("/export")
+    @limiter.limit("1/hour")
+    def export() -> str:
+        return "csv"
+
+    client = app.test_client()
+    assert client.get("/export").status_code == 200
+    refused = client.get("/export")
+    assert refused.status_code == 429 and refused.json is not None
+    assert refused.json["exceeded"] == ["route:1/3600s"]
+    with pytest.raises(ValueError, match="expected a limit"):
+        limiter.limit("ten per fortnight")
+    with pytest.raises(ValueError, match="expected limits"):
+        limiter.limit(" ; ")
+    with pytest.raises(InvalidMessage, match="route_limits"):
+        generous.ask(RatelimitCheck(ip="10.0.0.1", route_limits=["often"], route_key="k"))
+
+
+@pytest.mark.parametrize("fail_open", [True, False])
+def test_a_dead_daemon_costs_one_short_wait_then_none(
+    redis_server: RedisServer, fail_open: bool
+) -> None:
+    namespace = f"flask{int(fail_open)}"
+    config = Config().replace(
+        bus=BusSection(backend="redis", url=redis_server.url, namespace=namespace),
+        daemon=DaemonSection(port=0),
+        managers={
+            "ratelimit": ManagerSection(
+                class_path="corral.actors.ratelimit:RatelimitManager",
+                options={"backend": "redis", "rules": {"ip": "1000/hour"}},
+            )
+        },
+    )
+    daemon = Daemon(config)
+    daemon.start()
+    with corral.connect(redis_server.url, namespace=namespace) as client:
+        limiter = RateLimit(client, fail_open=fail_open)
+        assert limiter.timeout == 0.5
+        app = make_app(limiter)
+        app.config["TESTING"] = True
+        browser = app.test_client()
+        assert browser.get("/items/1").headers["X-RateLimit-Limit"] == "1000"
+        daemon.stop(drain=False)
+        started = time.monotonic()
+        first = browser.get("/items/1")
+        assert time.monotonic() - started < 1.5
+        started = time.monotonic()
+        later = [browser.get("/items/1") for _ in range(20)]
+        assert time.monotonic() - started < 0.5  # decided without asking
+        expected = 200 if fail_open else 503
+        assert {r.status_code for r in [first, *later]} == {expected}
+        assert all("X-RateLimit-Limit" not in r.headers for r in later)

@@ -12,6 +12,25 @@ carries ``X-RateLimit-Limit / -Remaining / -Reset``::
 
     RateLimit(system).init_app(app, exempt={"health"})   # every view but ``health``
 
+Per-view limits come on top of the configured rules, counted per client IP (or
+``key``) and route, and views can be left out (Flask-Limiter's shape)::
+
+    limiter = RateLimit(system)
+    limiter.init_app(app)
+
+    @app.post("/login")
+    @limiter.limit("5/minute;100/hour", key=lambda: flask.request.form.get("email"))
+    def login(): ...
+
+    @app.get("/healthz")
+    @limiter.exempt
+    def healthz(): ...
+
+A check waits at most ``timeout`` seconds (0.5 by default). When the rate limiter
+cannot answer, ``fail_open`` decides (let the request through, or 503), and for
+``recheck_after`` seconds later requests are decided the same way at once, without
+waiting, so a dead daemon does not slow every request down.
+
 The check names the client's IP (``request.remote_addr``), the user and the API
 key (header ``X-API-Key``) when given, and the endpoint (the route's rule, such
 as ``/items/<int:item_id>``), so the ``ratelimit`` manager applies every rule of
@@ -21,11 +40,13 @@ those levels in one round trip.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Collection
 from typing import Any, Protocol, TypeVar
 
 import flask
 
+from corral.actors.ratelimit._options import parse_limit
 from corral.errors import Timeout, UnavailableError
 from corral.messages.base import Reply, Request
 from corral.messages.ratelimit import RatelimitCheck, RatelimitDecision
@@ -61,8 +82,11 @@ class RateLimit:
 
     ``ip``, ``user`` and ``api_key`` are called in the request context and return
     the identifier or None; ``identifiers`` gives custom levels the same way.
-    When the manager cannot answer (stopped, timed out), ``fail_open`` lets the
-    request through; otherwise it is answered 503.
+    ``timeout``: seconds a check may take, the round trip included (None: the
+    system's ``ask_timeout``). When the manager cannot answer (stopped, timed out),
+    ``fail_open`` lets the request through, else it is answered 503; for
+    ``recheck_after`` seconds after such a failure requests are decided the same
+    way without asking.
     """
 
     def __init__(
@@ -75,7 +99,8 @@ class RateLimit:
         identifiers: dict[str, Identify] | None = None,
         cost: int = 1,
         fail_open: bool = True,
-        timeout: float | None = None,
+        timeout: float | None = 0.5,
+        recheck_after: float = 2.0,
     ) -> None:
         self.system = system
         self.ip = ip
@@ -85,13 +110,18 @@ class RateLimit:
         self.cost = cost
         self.fail_open = fail_open
         self.timeout = timeout
+        self.recheck_after = recheck_after
+        self.unavailable_until = 0.0
+        """Until when (monotonic) checks are decided by ``fail_open`` without asking."""
 
     def __call__(self, view: F) -> F:
-        """Limit one view."""
+        """Limit one view by the configured rules."""
 
         @functools.wraps(view)
         def limited(*args: Any, **kwargs: Any) -> Any:
-            decision, refusal = self.check()
+            if flask.g.get("corral_ratelimit_checked"):  # init_app's hook did it already
+                return view(*args, **kwargs)
+            decision, refusal = self.check(*_route_limits(limited))
             if refusal is not None:
                 return refusal
             response = flask.make_response(view(*args, **kwargs))
@@ -101,14 +131,51 @@ class RateLimit:
 
         return limited  # type: ignore[return-value]
 
+    def limit(self, limits: str, *, key: Identify | None = None) -> Callable[[F], F]:
+        """Limit one view by ``limits`` (``"10/minute"``, several joined by ``;``) on top of
+        the configured rules, counted per ``key()`` (by default the client's IP) and route::
+
+            @app.get("/search")
+            @limiter.limit("10/minute;100/hour")
+            def search(): ...
+
+        A bad limit string raises ValueError here, when the view is defined.
+        """
+        parsed = [part.strip() for part in limits.split(";") if part.strip()]
+        if not parsed:
+            raise ValueError(f"expected limits like '10/minute;100/hour', got {limits!r}")
+        for part in parsed:
+            parse_limit(part)
+
+        def decorate(view: F) -> F:
+            limited = self(view)
+            limited.corral_route_limits = (parsed, key or self.ip)  # type: ignore[attr-defined]
+            return limited
+
+        return decorate
+
+    @staticmethod
+    def exempt(view: F) -> F:
+        """Leave a view out of ``init_app``'s checks::
+
+        @app.get("/healthz")
+        @limiter.exempt
+        def healthz(): ...
+        """
+        view.corral_ratelimit_exempt = True  # type: ignore[attr-defined]
+        return view
+
     def init_app(self, app: flask.Flask, *, exempt: Collection[str] = ()) -> None:
-        """Limit every view of ``app`` except the endpoints named in ``exempt``."""
+        """Limit every view of ``app`` except the endpoints named in ``exempt`` and the
+        views marked :meth:`exempt`; views with :meth:`limit` get their limits too."""
 
         def before() -> flask.Response | None:
-            if flask.request.endpoint in exempt:
+            view = app.view_functions.get(flask.request.endpoint or "")
+            if flask.request.endpoint in exempt or getattr(view, "corral_ratelimit_exempt", False):
                 return None
-            decision, refusal = self.check()
+            decision, refusal = self.check(*_route_limits(view))
             flask.g.corral_ratelimit = decision
+            flask.g.corral_ratelimit_checked = True
             return refusal
 
         def after(response: flask.Response) -> flask.Response:
@@ -120,8 +187,15 @@ class RateLimit:
         app.before_request(before)
         app.after_request(after)
 
-    def check(self) -> tuple[RatelimitDecision | None, flask.Response | None]:
-        """Ask about the current request: (decision, the response that refuses it or None)."""
+    def check(
+        self, route_limits: list[str] | None = None, route_key: Identify | None = None
+    ) -> tuple[RatelimitDecision | None, flask.Response | None]:
+        """Ask about the current request: (decision, the response that refuses it or None).
+
+        ``route_limits`` (limit strings) are counted per ``route_key()`` and route.
+        """
+        if time.monotonic() < self.unavailable_until:
+            return self._unavailable("unavailable")
         rule = flask.request.url_rule
         message = RatelimitCheck(
             ip=self.ip(),
@@ -132,14 +206,14 @@ class RateLimit:
                 level: value for level, get in self.identifiers.items() if (value := get())
             },
             cost=self.cost,
+            route_limits=route_limits or [],
+            route_key=route_key() if route_limits and route_key is not None else None,
         )
         try:
             decision = self.system.ask(message, timeout=self.timeout)
         except (UnavailableError, Timeout) as exc:
-            if self.fail_open:
-                return None, None
-            unavailable = {"error": exc.code, "message": "rate limiter unavailable"}
-            return None, flask.make_response(flask.jsonify(unavailable), 503)
+            self.unavailable_until = time.monotonic() + self.recheck_after
+            return self._unavailable(exc.code)
         if decision.allowed:
             return decision, None
         body: dict[str, Any] = {
@@ -151,3 +225,15 @@ class RateLimit:
         refusal = flask.make_response(flask.jsonify(body), 429)
         refusal.headers.update(decision.headers())
         return decision, refusal
+
+    def _unavailable(self, code: str) -> tuple[None, flask.Response | None]:
+        if self.fail_open:
+            return None, None
+        unavailable = {"error": code, "message": "rate limiter unavailable"}
+        return None, flask.make_response(flask.jsonify(unavailable), 503)
+
+
+def _route_limits(view: Any) -> tuple[list[str] | None, Identify | None]:
+    """The limits and key :meth:`RateLimit.limit` put on a view, or (None, None)."""
+    limits: tuple[list[str], Identify] | None = getattr(view, "corral_route_limits", None)
+    return limits if limits is not None else (None, None)

@@ -8,6 +8,8 @@
     tokens = system.ask(AuthRefresh(token=tokens.refresh_token))   # a new pair
     system.ask(AuthRevoke(token=tokens.access_token))
     ticket = system.ask(AuthIssueSubscription(subject="user:42", room="game:7"))
+    system.ask(AuthRevokeUser(subject="user:42"))           # every login of the user
+    system.ask(AuthJwks()).keys                             # the public keys, as a JWKS
 
 A refused token raises :class:`corral.errors.Unauthorized` whose
 ``details["reason"]`` is one of :data:`REASONS`.
@@ -18,23 +20,32 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from corral.messages.base import Count, Reply, Request, Ttl, message
+from corral.messages.base import Count, Event, Reply, Request, Ttl, message
 
 __all__ = [
     "REASONS",
     "AuthApiKey",
     "AuthApiKeyCreate",
+    "AuthApiKeyInfo",
+    "AuthApiKeyList",
     "AuthApiKeyRevoke",
+    "AuthApiKeyUpdate",
+    "AuthApiKeyUsed",
     "AuthApiKeyValidate",
+    "AuthApiKeys",
     "AuthClaims",
     "AuthIsRevoked",
     "AuthIssue",
     "AuthIssueSubscription",
+    "AuthJwks",
+    "AuthKeySet",
     "AuthRefresh",
     "AuthRevocation",
     "AuthRevoke",
+    "AuthRevokeUser",
     "AuthRevoked",
     "AuthTokens",
+    "AuthUserRevoked",
     "AuthValidate",
     "TokenType",
 ]
@@ -47,7 +58,8 @@ REASONS = (
     "algorithm_not_allowed",  # alg is not the configured one (alg none, HS/RS key confusion)
     "unknown_kid",  # no active verification key has the header's kid (or there is no kid)
     "bad_signature",  # the signature does not match the header and payload
-    "expired",  # exp is past (beyond the leeway); also an API key past its expiry
+    "expired",  # exp is past (beyond the leeway); an API key past its expiry; a login
+    # past refresh_max_age
     "not_yet_valid",  # nbf or iat is in the future (beyond the leeway)
     "bad_audience",
     "bad_issuer",
@@ -134,8 +146,11 @@ class AuthClaims(Reply):
 class AuthRefresh(Request[AuthTokens]):
     """Trade a refresh token for a new pair; the presented one is retired.
 
-    Presenting a retired refresh token again (after the grace window) revokes
-    the whole family: ``Unauthorized`` with reason ``reused_refresh``.
+    Presenting the token just retired again within ``refresh_grace`` seconds (two
+    browser tabs refreshing at once) answers the same new pair; any other retired
+    refresh token revokes the whole family: ``Unauthorized`` with reason
+    ``reused_refresh``. A login ends ``refresh_max_age`` after it began, however
+    often it was refreshed (reason ``expired``).
     """
 
     manager = "auth"
@@ -163,6 +178,42 @@ class AuthRevoked(Reply):
     family_revoked: bool
 
 
+@message("auth.revoke_user", idempotent=True)
+class AuthRevokeUser(Request["AuthUserRevoked"]):
+    """Revoke every token issued to ``subject`` so far: all its logins (refresh token
+    families), access and subscription tokens. Tokens issued afterwards are valid::
+
+        system.ask(AuthRevokeUser(subject="user:42"))     # "log out everywhere"
+    """
+
+    manager = "auth"
+    subject: str
+
+
+@message("auth.user_revoked")
+class AuthUserRevoked(Reply):
+    subject: str
+    not_before: int
+    """Unix seconds: tokens of ``subject`` issued before are refused (reason ``revoked``)."""
+
+
+@message("auth.jwks", idempotent=True)
+class AuthJwks(Request["AuthKeySet"]):
+    """The public verification keys as a JSON Web Key Set (RFC 7517), each with its
+    ``kid``; empty for the HS* algorithms, whose keys are secrets. The daemon serves it
+    at ``GET /.well-known/jwks.json``::
+
+        system.ask(AuthJwks()).keys     # [{"kty": "RSA", "kid": "2025", "n": ..., ...}]
+    """
+
+    manager = "auth"
+
+
+@message("auth.key_set")
+class AuthKeySet(Reply):
+    keys: list[dict[str, Any]]
+
+
 @message("auth.is_revoked", idempotent=True)
 class AuthIsRevoked(Request["AuthRevocation"]):
     """Whether a jti is on the denylist (the seeds' ``is_token_blacklisted``)."""
@@ -188,6 +239,8 @@ class AuthApiKey(Reply):
     created_at: float
     expires_at: float | None
     key: str | None = None
+    last_used_at: float | None = None
+    """When it last passed ``AuthApiKeyValidate`` (unix seconds); None: never."""
 
 
 @message("auth.api_key_create")
@@ -219,3 +272,57 @@ class AuthApiKeyRevoke(Request[AuthApiKey]):
 
     manager = "auth"
     key_id: str
+
+
+@message("auth.api_key_info", idempotent=True)
+class AuthApiKeyInfo(Request[AuthApiKey]):
+    """An API key's record (scopes, created, expires, last used), without its secret;
+    ``NotFound`` when there is no such key (the design documents' ``get_api_key_info``)::
+
+        system.ask(AuthApiKeyInfo(key_id=created.key_id)).last_used_at
+    """
+
+    manager = "auth"
+    key_id: str
+
+
+@message("auth.api_key_update", idempotent=True)
+class AuthApiKeyUpdate(Request[AuthApiKey]):
+    """Replace an API key's scopes (the design documents' ``update_api_key_permissions``);
+    the key and its secret stay. ``NotFound`` when there is no such key::
+
+        system.ask(AuthApiKeyUpdate(key_id=created.key_id, scopes=["invoices:read"]))
+    """
+
+    manager = "auth"
+    key_id: str
+    scopes: list[str]
+
+
+@message("auth.api_key_list", idempotent=True)
+class AuthApiKeyList(Request["AuthApiKeys"]):
+    """Every live API key of ``owner``, oldest first, without their secrets."""
+
+    manager = "auth"
+    owner: str
+
+
+@message("auth.api_keys")
+class AuthApiKeys(Reply):
+    keys: list[AuthApiKey]
+
+
+@message("auth.api_key_used")
+class AuthApiKeyUsed(Event):
+    """Published on ``auth.api_key.used`` each time an existing API key is presented:
+    ``outcome`` is ``accepted`` or the refusal's reason (``invalid_api_key`` for a wrong
+    secret, ``expired``, ``insufficient_scope``); ``scopes`` are those asked for::
+
+        for event in system.subscribe("auth.api_key.used"):
+            audit_log.write(event.key_id, event.owner, event.outcome)
+    """
+
+    key_id: str
+    owner: str
+    outcome: str
+    scopes: list[str] = dataclasses.field(default_factory=list)

@@ -90,6 +90,14 @@ class RatelimitCheck(Request[RatelimitDecision]):
     ``identifiers`` carries custom levels (``{"tenant": "acme"}``); ``endpoint`` names
     the route called, for rules limited to some endpoints or counted per endpoint.
     A refused call charges no rule. ``cost`` is at most a billion.
+
+    ``route_limits`` adds limits of this call's route on top of the configured rules
+    (``"10/minute"`` strings, sliding windows counted per ``route_key`` and
+    ``endpoint``; reported as rules ``route:<limit>``), as a web framework's per-view
+    limits::
+
+        RatelimitCheck(ip="10.0.0.7", endpoint="/search", route_limits=["10/minute"],
+                       route_key="10.0.0.7")
     """
 
     manager = "ratelimit"
@@ -99,11 +107,14 @@ class RatelimitCheck(Request[RatelimitDecision]):
     endpoint: str = ""
     identifiers: dict[str, str] = dataclasses.field(default_factory=dict)
     cost: Cost = 1
+    route_limits: list[str] = dataclasses.field(default_factory=list)
+    route_key: str | None = None
 
 
 @message("ratelimit.info", idempotent=True)
 class RatelimitInfo(Request[RatelimitDecision]):
-    """The seeds' ``get_rate_limit_info``: where every rule stands, charging nothing."""
+    """The seeds' ``get_rate_limit_info``: where every rule stands, charging nothing
+    (``route_limits`` and ``route_key`` as in :class:`RatelimitCheck`)."""
 
     manager = "ratelimit"
     ip: str | None = None
@@ -112,6 +123,8 @@ class RatelimitInfo(Request[RatelimitDecision]):
     endpoint: str = ""
     identifiers: dict[str, str] = dataclasses.field(default_factory=dict)
     cost: Cost = 1
+    route_limits: list[str] = dataclasses.field(default_factory=list)
+    route_key: str | None = None
 
 
 @message("ratelimit.cleared")

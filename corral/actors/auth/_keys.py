@@ -32,6 +32,7 @@ __all__ = [
     "KeyProblem",
     "KeyRing",
     "load_keyring",
+    "public_jwks",
 ]
 
 HMAC_MINIMUM_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
@@ -106,6 +107,26 @@ def load_keyring(
         )
     verification[signing_kid] = public
     return KeyRing(algorithm, signing_kid, signing, verification, ephemeral)
+
+
+def public_jwks(ring: KeyRing) -> list[dict[str, Any]]:
+    """The ring's public keys as JWKs (RFC 7517), each with its ``kid``; none for HS*::
+
+    public_jwks(ring)   # [{"kty": "OKP", "crv": "Ed25519", "x": ..., "kid": "2025",
+                        #   "alg": "EdDSA", "use": "sig"}]
+    """
+    if ring.algorithm in HMAC_MINIMUM_BYTES:
+        return []
+    implementation = _algorithm(ring.algorithm)
+    return [
+        {
+            **implementation.to_jwk(key, as_dict=True),
+            "kid": kid,
+            "alg": ring.algorithm,
+            "use": "sig",
+        }
+        for kid, key in sorted(ring.verification.items())
+    ]
 
 
 def _algorithm(name: str) -> Algorithm:

@@ -23,12 +23,16 @@ entry, which lives as long as the token, always has a bounded TTL.
 Refresh tokens rotate: each use retires the presented token and returns a new
 pair of the same *family*. A retired refresh token presented again revokes the
 whole family (access tokens too), except the one just retired within
-``refresh_grace`` seconds, which a client may resend when it lost the answer.
+``refresh_grace`` seconds: several tabs refreshing at once, or a client that lost
+the answer, get the same new pair again. A family ends ``refresh_max_age`` seconds
+after its login however often it rotates. ``AuthRevokeUser`` refuses every token
+of a user issued before it (a per-user not-before).
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -42,27 +46,43 @@ from typing import Any, NoReturn
 
 import jwt
 
-from corral.actors.auth._keys import KeyRing
+from corral.actors.auth._keys import KeyRing, public_jwks
 from corral.actors.auth._memory import MemoryStore
 from corral.actors.auth._options import AuthOptions
 from corral.actors.auth._redis import RedisStore
-from corral.actors.auth._store import Store
+from corral.actors.auth._store import Pair, Store
 from corral.actors.base import Manager, handles
-from corral.errors import BackendUnavailable, ConfigError, InvalidMessage, NotFound, Unauthorized
+from corral.errors import (
+    BackendUnavailable,
+    ConfigError,
+    CorralError,
+    InvalidMessage,
+    NotFound,
+    Unauthorized,
+)
 from corral.messages.auth import (
     AuthApiKey,
     AuthApiKeyCreate,
+    AuthApiKeyInfo,
+    AuthApiKeyList,
     AuthApiKeyRevoke,
+    AuthApiKeys,
+    AuthApiKeyUpdate,
+    AuthApiKeyUsed,
     AuthApiKeyValidate,
     AuthClaims,
     AuthIsRevoked,
     AuthIssue,
     AuthIssueSubscription,
+    AuthJwks,
+    AuthKeySet,
     AuthRefresh,
     AuthRevocation,
     AuthRevoke,
     AuthRevoked,
+    AuthRevokeUser,
     AuthTokens,
+    AuthUserRevoked,
     AuthValidate,
     TokenType,
 )
@@ -113,6 +133,9 @@ def _ephemeral_secret(namespace: str, algorithm: str) -> bytes:
         return _ephemeral_secrets.setdefault((namespace, algorithm), secrets.token_bytes(64))
 
 
+API_KEY_USED_TOPIC = "auth.api_key.used"
+"""Where :class:`~corral.messages.auth.AuthApiKeyUsed` events are published."""
+
 ISSUED = Counter("corral_auth_tokens_issued_total", "Tokens issued (access, refresh, subscription)")
 VALIDATED = Counter("corral_auth_tokens_validated_total", "Tokens found valid")
 REFRESHED = Counter("corral_auth_tokens_refreshed_total", "Refresh tokens exchanged for new tokens")
@@ -158,6 +181,8 @@ class AuthManager(Manager[AuthOptions]):
         self.issuer = settings.issuer or None
         # A revoked family must outlive every token of it, refresh tokens included.
         self.family_ttl = math.ceil(settings.refresh_ttl + settings.leeway + settings.refresh_grace)
+        # A user's not-before must outlive every token issued before it.
+        self.not_before_ttl = math.ceil(settings.max_token_lifetime + settings.leeway) + 1
 
     def on_stop(self) -> None:
         self.store.close()
@@ -220,13 +245,18 @@ class AuthManager(Manager[AuthOptions]):
         if msg.scopes:
             extra["scope"] = " ".join(msg.scopes)
         self._check_claims(msg.subject, extra)
+        issued_at = max(int(time.time()), self.store.not_before(msg.subject))
         self.corral_metrics.add(ISSUED)
         if not msg.refresh:
             return AuthTokens(
-                access_token=self._sign(msg.subject, "access", None, extra),
+                access_token=self._sign(msg.subject, "access", None, extra, issued_at=issued_at),
                 expires_in=self.options.access_ttl,
             )
-        return self._pair(msg.subject, secrets.token_urlsafe(16), None, extra)
+        family = secrets.token_urlsafe(16)
+        pair = Pair(secrets.token_urlsafe(16), secrets.token_urlsafe(16), issued_at)
+        deadline = issued_at + self.options.refresh_max_age
+        self.store.start_family(family, pair, deadline=deadline, ttl=self.family_ttl)
+        return self._pair(msg.subject, family, pair, deadline, extra)
 
     def _check_claims(self, subject: str, extra: dict[str, Any]) -> None:
         """Refuse claims that make no JWT, or one longer than validation would accept."""
@@ -256,16 +286,17 @@ class AuthManager(Manager[AuthOptions]):
             )
         extra = {"room": msg.room}
         self._check_claims(msg.subject, extra)
+        issued_at = max(int(time.time()), self.store.not_before(msg.subject))
         self.corral_metrics.add(ISSUED)
-        return AuthTokens(
-            access_token=self._sign(msg.subject, "subscription", None, extra, ttl=ttl),
-            expires_in=ttl,
-        )
+        token = self._sign(msg.subject, "subscription", None, extra, issued_at=issued_at, ttl=ttl)
+        return AuthTokens(access_token=token, expires_in=ttl)
 
     @handles(AuthValidate)
     def validate(self, msg: AuthValidate) -> AuthClaims:
         payload = self._verified(msg.token, msg.token_type)
-        if self.store.is_revoked(payload["jti"], payload.get("fam")):
+        if self.store.is_revoked(
+            payload["jti"], payload.get("fam"), payload["sub"], payload["iat"]
+        ):
             self._reject("revoked", "the token has been revoked")
         scopes = self._scopes(payload)
         missing = [scope for scope in msg.scopes if scope not in scopes]
@@ -285,8 +316,16 @@ class AuthManager(Manager[AuthOptions]):
     def refresh(self, msg: AuthRefresh) -> AuthTokens:
         payload = self._verified(msg.token, "refresh")
         family: str = payload["fam"]
-        successor = secrets.token_urlsafe(16)
-        outcome = self.store.rotate(
+        subject: str = payload["sub"]
+        not_before = self.store.not_before(subject)
+        if payload["iat"] < not_before:
+            self._reject("revoked", "every token of this user has been revoked")
+        successor = Pair(
+            secrets.token_urlsafe(16),
+            secrets.token_urlsafe(16),
+            max(int(time.time()), not_before),
+        )
+        outcome, pair, deadline = self.store.rotate(
             family,
             payload["jti"],
             successor,
@@ -302,9 +341,11 @@ class AuthManager(Manager[AuthOptions]):
             )
         if outcome == "revoked":
             self._reject("revoked", "the token has been revoked")
+        if outcome == "expired":
+            self._reject("expired", "the login is older than refresh_max_age: log in again")
         self.corral_metrics.add(REFRESHED)
         extra = {k: v for k, v in payload.items() if k not in RESERVED_CLAIMS or k == "scope"}
-        return self._pair(payload["sub"], family, successor, extra)
+        return self._pair(subject, family, pair, deadline, extra)
 
     @handles(AuthRevoke)
     def revoke(self, msg: AuthRevoke) -> AuthRevoked:
@@ -319,22 +360,57 @@ class AuthManager(Manager[AuthOptions]):
         self.corral_metrics.add(REVOKED)
         return AuthRevoked(jti=payload["jti"], ttl=max(0, ttl), family_revoked=revoke_family)
 
+    @handles(AuthRevokeUser)
+    def revoke_user(self, msg: AuthRevokeUser) -> AuthUserRevoked:
+        if not msg.subject:
+            raise InvalidMessage("must not be empty", path="subject")
+        # The next whole second: every token issued up to now has an earlier iat, and
+        # tokens issued later in this second carry this iat (see ``issue``).
+        not_before = int(time.time()) + 1
+        self.store.revoke_user(msg.subject, not_before, self.not_before_ttl)
+        self.corral_metrics.add(REVOKED)
+        log.info("auth: every token of %r issued so far is revoked", msg.subject)
+        return AuthUserRevoked(subject=msg.subject, not_before=not_before)
+
+    @handles(AuthJwks)
+    def jwks(self, _msg: AuthJwks) -> AuthKeySet:
+        return AuthKeySet(keys=public_jwks(self.keys))
+
     @handles(AuthIsRevoked)
     def is_revoked(self, msg: AuthIsRevoked) -> AuthRevocation:
         return AuthRevocation(jti=msg.jti, revoked=self.store.is_denied(msg.jti))
 
     def _pair(
-        self, subject: str, family: str, refresh_jti: str | None, extra: dict[str, Any]
+        self, subject: str, family: str, pair: Pair, deadline: int, extra: dict[str, Any]
     ) -> AuthTokens:
-        """Access and refresh tokens of ``family``; a new family when ``refresh_jti`` is None."""
-        if refresh_jti is None:
-            refresh_jti = secrets.token_urlsafe(16)
-            self.store.start_family(family, refresh_jti, self.family_ttl)
+        """The access and refresh tokens of ``pair``, none living past the family's deadline.
+
+        The same arguments make the same tokens, so a retried refresh gets the pair again.
+        """
+        settings, issued_at = self.options, pair.issued_at
+        access_ttl = max(0, min(settings.access_ttl, deadline - issued_at))
+        refresh_ttl = max(0, min(settings.refresh_ttl, deadline - issued_at))
         return AuthTokens(
-            access_token=self._sign(subject, "access", family, extra),
-            refresh_token=self._sign(subject, "refresh", family, extra, refresh_jti),
-            expires_in=self.options.access_ttl,
-            refresh_expires_in=self.options.refresh_ttl,
+            access_token=self._sign(
+                subject,
+                "access",
+                family,
+                extra,
+                pair.access_jti,
+                issued_at=issued_at,
+                ttl=access_ttl,
+            ),
+            refresh_token=self._sign(
+                subject,
+                "refresh",
+                family,
+                extra,
+                pair.refresh_jti,
+                issued_at=issued_at,
+                ttl=refresh_ttl,
+            ),
+            expires_in=access_ttl,
+            refresh_expires_in=refresh_ttl,
         )
 
     def _sign(
@@ -345,13 +421,12 @@ class AuthManager(Manager[AuthOptions]):
         extra: dict[str, Any],
         jti: str | None = None,
         *,
+        issued_at: int,
         ttl: int | None = None,
     ) -> str:
-        now = int(time.time())
-        if ttl is None:
-            ttl = self.options.refresh_ttl if token_type == "refresh" else self.options.access_ttl
+        ttl = self.options.access_ttl if ttl is None else ttl
         jti = jti or secrets.token_urlsafe(16)
-        payload = {**extra, "sub": subject, "iat": now, "exp": now + ttl, "jti": jti}
+        payload = {**extra, "sub": subject, "iat": issued_at, "exp": issued_at + ttl, "jti": jti}
         payload["type"] = token_type
         if family is not None:
             payload["fam"] = family
@@ -436,7 +511,7 @@ class AuthManager(Manager[AuthOptions]):
         record = {
             "hash": _digest(secret),
             "owner": msg.owner,
-            "scopes": " ".join(msg.scopes),
+            "scopes": _scope_list(msg.scopes),
             "name": msg.name,
             "created_at": repr(created_at),
             "expires_at": "" if expires_at is None else repr(expires_at),
@@ -451,15 +526,50 @@ class AuthManager(Manager[AuthOptions]):
         if prefix != self.options.api_key_prefix or len(key_id) != 16 or len(secret) != 64:
             self._reject("invalid_api_key", "not an API key of this system")
         record = self.store.get_api_key(key_id)
-        if record is None or not hmac.compare_digest(record.get("hash", ""), _digest(secret)):
+        if record is None:
             self._reject("invalid_api_key", "unknown or revoked API key")
         found = _api_key(key_id, record)
-        if found.expires_at is not None and found.expires_at <= time.time():
-            self._reject("expired", "the API key has expired")
+        refusal: tuple[str, str] | None = None
         missing = [scope for scope in msg.scopes if scope not in found.scopes]
-        if missing:
-            self._reject("insufficient_scope", f"the API key lacks the scope {missing[0]!r}")
-        return found
+        if not hmac.compare_digest(record.get("hash", ""), _digest(secret)):
+            refusal = ("invalid_api_key", "unknown or revoked API key")
+        elif found.expires_at is not None and found.expires_at <= time.time():
+            refusal = ("expired", "the API key has expired")
+        elif missing:
+            refusal = ("insufficient_scope", f"the API key lacks the scope {missing[0]!r}")
+        self._audit(found, "accepted" if refusal is None else refusal[0], msg.scopes)
+        if refusal is not None:
+            self._reject(*refusal)
+        used_at = time.time()
+        self.store.update_api_key(key_id, {"last_used_at": repr(used_at)})
+        return dataclasses.replace(found, last_used_at=used_at)
+
+    def _audit(self, key: AuthApiKey, outcome: str, scopes: list[str]) -> None:
+        """Publish an :class:`AuthApiKeyUsed` event; the bus being down refuses nothing."""
+        event = AuthApiKeyUsed(key_id=key.key_id, owner=key.owner, outcome=outcome, scopes=scopes)
+        try:
+            self.router.publish(API_KEY_USED_TOPIC, event)
+        except CorralError as exc:
+            log.warning("auth: could not publish the use of API key %s: %s", key.key_id, exc)
+
+    @handles(AuthApiKeyInfo)
+    def api_key_info(self, msg: AuthApiKeyInfo) -> AuthApiKey:
+        record = self.store.get_api_key(msg.key_id)
+        if record is None:
+            raise NotFound("no such API key", {"key_id": msg.key_id})
+        return _api_key(msg.key_id, record)
+
+    @handles(AuthApiKeyUpdate)
+    def update_api_key(self, msg: AuthApiKeyUpdate) -> AuthApiKey:
+        record = self.store.update_api_key(msg.key_id, {"scopes": _scope_list(msg.scopes)})
+        if record is None:
+            raise NotFound("no such API key", {"key_id": msg.key_id})
+        return _api_key(msg.key_id, record)
+
+    @handles(AuthApiKeyList)
+    def list_api_keys(self, msg: AuthApiKeyList) -> AuthApiKeys:
+        found = [_api_key(key_id, r) for key_id, r in self.store.api_keys_of(msg.owner).items()]
+        return AuthApiKeys(keys=sorted(found, key=lambda key: (key.created_at, key.key_id)))
 
     @handles(AuthApiKeyRevoke)
     def revoke_api_key(self, msg: AuthApiKeyRevoke) -> AuthApiKey:
@@ -487,8 +597,17 @@ def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def _scope_list(scopes: list[str]) -> str:
+    """Scopes as stored: space-separated, so none may be empty or hold whitespace."""
+    for index, scope in enumerate(scopes):
+        if not scope or len(scope.split()) != 1 or scope.strip() != scope:
+            raise InvalidMessage("a scope is one word, without whitespace", path=f"scopes.{index}")
+    return " ".join(scopes)
+
+
 def _api_key(key_id: str, record: dict[str, str], *, key: str | None = None) -> AuthApiKey:
     expires_at = record.get("expires_at", "")
+    last_used_at = record.get("last_used_at", "")
     return AuthApiKey(
         key_id=key_id,
         owner=record.get("owner", ""),
@@ -497,4 +616,5 @@ def _api_key(key_id: str, record: dict[str, str], *, key: str | None = None) -> 
         created_at=float(record.get("created_at", "0")),
         expires_at=float(expires_at) if expires_at else None,
         key=key,
+        last_used_at=float(last_used_at) if last_used_at else None,
     )

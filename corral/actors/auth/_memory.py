@@ -9,14 +9,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from corral.actors.auth._store import Rotation
+from corral.actors.auth._store import Pair, Rotation
 
 __all__ = ["MemoryStore"]
 
 
 @dataclass
 class _Family:
-    current: str
+    current: Pair
+    deadline: int
     previous: str = ""
     rotated_at: float = 0.0
     revoked: bool = False
@@ -32,18 +33,32 @@ class MemoryStore:
         self.lock = threading.Lock()
         self.denied: dict[str, tuple[float, bool]] = {}
         self.families: dict[str, tuple[float, _Family]] = {}
+        self.users: dict[str, tuple[float, int]] = {}
         self.api_keys: dict[str, tuple[float, dict[str, str]]] = {}
         self.expiries: list[tuple[float, str, str]] = []  # (when, table, key): a heap
 
-    def is_revoked(self, jti: str, family: str | None) -> bool:
+    def is_revoked(self, jti: str, family: str | None, subject: str, issued_at: float) -> bool:
         with self.lock:
             now = self.clock()
             if self._live(self.denied.get(jti), now):
+                return True
+            user = self.users.get(subject)
+            if user is not None and self._live(user, now) and issued_at < user[1]:
                 return True
             if family is None:
                 return False
             entry = self.families.get(family)
             return entry is not None and self._live(entry, now) and entry[1].revoked
+
+    def revoke_user(self, subject: str, not_before: int, ttl: int) -> None:
+        with self.lock:
+            self._purge()
+            self.users[subject] = (self._expire("users", subject, ttl), not_before)
+
+    def not_before(self, subject: str) -> int:
+        with self.lock:
+            user = self.users.get(subject)
+            return user[1] if user is not None and self._live(user, self.clock()) else 0
 
     def deny(self, jti: str, ttl: int) -> None:
         with self.lock:
@@ -55,36 +70,38 @@ class MemoryStore:
         with self.lock:
             return self._live(self.denied.get(jti), self.clock())
 
-    def start_family(self, family: str, jti: str, ttl: int) -> None:
+    def start_family(self, family: str, pair: Pair, *, deadline: int, ttl: int) -> None:
         with self.lock:
             self._purge()
-            self.families[family] = (self._expire("families", family, ttl), _Family(current=jti))
+            record = _Family(current=pair, deadline=deadline)
+            self.families[family] = (self._expire("families", family, ttl), record)
 
     def rotate(
-        self, family: str, presented: str, successor: str, *, grace: float, ttl: int
-    ) -> Rotation:
+        self, family: str, presented: str, successor: Pair, *, grace: float, ttl: int
+    ) -> tuple[Rotation, Pair, int]:
         with self.lock:
             now = self.clock()
             entry = self.families.get(family)
             if entry is None or not self._live(entry, now) or entry[1].revoked:
-                return "revoked"
+                return "revoked", successor, 0
             record = entry[1]
-            if record.current == presented:
+            if time.time() >= record.deadline:
+                return "expired", successor, record.deadline
+            if record.current.refresh_jti == presented:
                 record.current, record.previous, record.rotated_at = successor, presented, now
                 self.families[family] = (self._expire("families", family, ttl), record)
-                return "rotated"
+                return "rotated", successor, record.deadline
             if record.previous == presented and now - record.rotated_at <= grace:
-                record.current = successor
-                return "retried"
+                return "retried", record.current, record.deadline
             record.revoked = True
             self.families[family] = (self._expire("families", family, ttl), record)
-            return "reused"
+            return "reused", successor, record.deadline
 
     def revoke_family(self, family: str, ttl: int) -> None:
         with self.lock:
             self._purge()
             entry = self.families.get(family)
-            record = entry[1] if entry is not None else _Family(current="")
+            record = entry[1] if entry is not None else _Family(Pair("", "", 0), deadline=0)
             record.revoked = True
             self.families[family] = (self._expire("families", family, ttl), record)
 
@@ -104,6 +121,23 @@ class MemoryStore:
             entry = self.api_keys.pop(key_id, None)
             return entry[1] if entry and self._live(entry, self.clock()) else None
 
+    def update_api_key(self, key_id: str, changes: dict[str, str]) -> dict[str, str] | None:
+        with self.lock:
+            entry = self.api_keys.get(key_id)
+            if entry is None or not self._live(entry, self.clock()):
+                return None
+            entry[1].update(changes)
+            return dict(entry[1])
+
+    def api_keys_of(self, owner: str) -> dict[str, dict[str, str]]:
+        with self.lock:
+            now = self.clock()
+            return {
+                key_id: dict(record)
+                for key_id, (expires, record) in self.api_keys.items()
+                if expires > now and record.get("owner") == owner
+            }
+
     def ping(self) -> None:
         return None
 
@@ -121,6 +155,7 @@ class MemoryStore:
         tables: dict[str, dict[str, tuple[float, Any]]] = {
             "denied": self.denied,
             "families": self.families,
+            "users": self.users,
             "api_keys": self.api_keys,
         }
         while self.expiries and self.expiries[0][0] <= now:

@@ -49,6 +49,9 @@ class AuthOptions(Section):
     )
     max_token_lifetime: int = field(default=30 * 86_400, metadata={"ge": 1, "le": MAX_TTL})
     refresh_grace: float = field(default=10.0, metadata={"ge": 0, "le": MAX_TIMEOUT})
+    """Seconds in which the refresh token just retired answers the same new pair again."""
+    refresh_max_age: int = field(default=30 * 86_400, metadata={"ge": 1, "le": MAX_TTL})
+    """Seconds a login (a refresh token family) lasts at most, however often it rotates."""
     leeway: float = field(default=5.0, metadata={"ge": 0, "le": MAX_TIMEOUT})
     max_token_size: int = field(default=8192, metadata={"ge": 64})
     api_key_prefix: str = "ck"

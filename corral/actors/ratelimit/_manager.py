@@ -26,7 +26,7 @@ from corral.actors.ratelimit._memory import (
     Subject,
     SubjectResult,
 )
-from corral.actors.ratelimit._options import RatelimitOptions, Rule, compile_rules
+from corral.actors.ratelimit._options import RatelimitOptions, Rule, compile_rules, parse_limit
 from corral.actors.ratelimit._redis import Call, RedisLimiter
 from corral.errors import (
     BackendUnavailable,
@@ -319,6 +319,13 @@ class RatelimitManager(Manager[RatelimitOptions]):
                 for level, identifier in ids.items()
                 if identifier
             ]
+            if msg.route_limits and msg.route_key:
+                try:
+                    rules = tuple(self._route_rule(limit) for limit in msg.route_limits)
+                except ValueError as exc:
+                    answers.append(InvalidMessage(str(exc), path="route_limits"))
+                    continue
+                subjects.append(self._subject("route", msg.route_key, msg.endpoint, rules))
             if consume:
                 self.corral_metrics.add(CHECKS)
             cached = None
@@ -537,6 +544,17 @@ class RatelimitManager(Manager[RatelimitOptions]):
             del self.over_limit[key]
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _route_rule(self, limit: str) -> Rule:
+        """The rule of a per-route limit string, counted per endpoint (ValueError if bad)."""
+        count, period = parse_limit(limit)
+        return Rule(
+            name=f"route:{count}/{period:g}s",
+            level="route",
+            limit=count,
+            period=period,
+            per_endpoint=True,
+        )
 
     def _subject(
         self, level: str, identifier: str, endpoint: str, rules: Sequence[Rule] | None = None
