@@ -30,7 +30,7 @@ SUBSET = [
     "tests/test_manager.py",  # pykka
     "tests/test_supervisor.py",
     "tests/test_system.py",
-    "tests/test_codec.py",  # msgpack
+    "tests/test_codec.py",  # msgpack, msgspec
     "tests/test_config.py",
     "tests/test_imports.py",
     "tests/test_bus_redis.py",  # redis

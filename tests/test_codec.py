@@ -719,7 +719,12 @@ def test_encode_and_decode_from_many_threads() -> None:
 
 @pytest.mark.parametrize(
     "msg",
-    [CodecBlob(data=object()), CodecBlob(data=[2**64]), CodecBlob(data={"n": -(2**63) - 1})],
+    [
+        CodecBlob(data=object()),
+        CodecBlob(data=[2**64]),
+        CodecBlob(data={"n": -(2**63) - 1}),
+        CodecBlob(data=nested_lists(100_000)),
+    ],
 )
 def test_encode_of_unencodable_values_is_invalid_message(msg: Message) -> None:
     """``validate()`` is optional before sending; encode still fails only with InvalidMessage."""

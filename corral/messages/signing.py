@@ -53,28 +53,52 @@ class Signer:
     @keys.setter
     def keys(self, keys: Sequence[bytes]) -> None:
         self._keys = tuple(keys)
-        # HMAC states that have absorbed their key; each signature works on a copy.
-        self._macs = tuple(hmac.new(key, digestmod=hashlib.sha256) for key in self._keys)
+        self._macs = tuple(_KeyedHash(key) for key in self._keys)
         self.signing = bool(self._macs)
         """Whether there are keys (read-only: set ``keys``)."""
 
     def sign(self, *parts: bytes) -> bytes:
         """The signature of ``parts`` with the first key (there must be one)."""
-        return _digest(self._macs[0], parts)
+        return self._macs[0].digest(parts)
 
     def verify(self, signature: bytes, *parts: bytes) -> bool:
         """Whether ``signature`` is that of ``parts`` with any of the keys."""
         compare = hmac.compare_digest
-        return any(compare(_digest(mac, parts), signature) for mac in self._macs)
+        return any(compare(mac.digest(parts), signature) for mac in self._macs)
 
 
-def _digest(mac: hmac.HMAC, parts: tuple[bytes, ...]) -> bytes:
-    mac = mac.copy()
-    if len(parts) > 1:
+class _KeyedHash:
+    """HMAC-SHA256 (RFC 2104) with one key, from SHA-256 states that absorbed its pads.
+
+    The same digest as ``hmac.new(key, message, "sha256")``; copying the two states
+    costs half of what an ``hmac.HMAC`` copy does::
+
+        assert _KeyedHash(b"k").digest((b"m",)) == hmac.new(b"k", b"m", "sha256").digest()
+    """
+
+    __slots__ = ("inner", "outer")
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > _BLOCK:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(_BLOCK, b"\0")
+        self.inner = hashlib.sha256(key.translate(_INNER_PAD))
+        self.outer = hashlib.sha256(key.translate(_OUTER_PAD))
+
+    def digest(self, parts: tuple[bytes, ...]) -> bytes:
+        """The HMAC of ``parts``, length-framed as the module docstring says."""
+        inner = self.inner.copy()
         for part in parts[:-1]:
-            mac.update(len(part).to_bytes(4, "big") + part)
-    mac.update(parts[-1])
-    return mac.digest()
+            inner.update(len(part).to_bytes(4, "big") + part)
+        inner.update(parts[-1])
+        outer = self.outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
+
+_BLOCK = hashlib.sha256().block_size
+_INNER_PAD = bytes(b ^ 0x36 for b in range(256))
+_OUTER_PAD = bytes(b ^ 0x5C for b in range(256))
 
 
 class ReplayGuard:
