@@ -117,14 +117,30 @@ class _Incoming(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, gc=Fal
     s: bytes | None = None
 
 
+class _Signed(_Incoming, kw_only=True, forbid_unknown_fields=True, gc=False):
+    """A signed envelope as ``encode`` writes it: every key but "d" present, so that its map
+    header tells whether a key came twice (see ``decode``)."""
+
+    c: bytes | None
+    r: str | None
+    ts: int
+    s: bytes
+
+
+_SIGNED_KEYS = len(msgspec.structs.fields(_Signed)) - 1
+"""How many keys a signed envelope without "d" has."""
+
+
 class _Plan(NamedTuple):
     """How ``decode`` takes the messages of one class in one pass."""
 
     type_name: str
     version: int
     cls: type[Message]
-    decode: Callable[[bytes], Any]
+    decode: Callable[[bytes], _Incoming]
     """Decodes a whole envelope of this type and version, its body as the class's struct."""
+    decode_signed: Callable[[bytes], _Signed]
+    """The same for a signed envelope."""
     convert: Callable[[Any], Message]
 
     def key(self) -> bytes | None:
@@ -149,17 +165,13 @@ def _make_plan(cls: type[Message], max_depth: int) -> _Plan | None:
     body = body_type(cls, max_depth)
     if body is None:
         return None
-    incoming = msgspec.defstruct(
-        f"{body.struct.__name__}Envelope",
-        [
-            ("t", Literal[cls.type_name]),
-            ("v", Literal[cls.wire_version]),
-            ("b", body.struct),
-        ],
-        bases=(_Incoming,),
-    )
-    decode = msgspec.msgpack.Decoder(incoming).decode
-    return _Plan(cls.type_name, cls.wire_version, cls, decode, body.convert)
+    fields = [("t", Literal[cls.type_name]), ("v", Literal[cls.wire_version]), ("b", body.struct)]
+    name = f"{body.struct.__name__}Envelope"
+    decoders = [
+        msgspec.msgpack.Decoder(msgspec.defstruct(name, fields, bases=(base,))).decode
+        for base in (_Incoming, _Signed)
+    ]
+    return _Plan(cls.type_name, cls.wire_version, cls, *decoders, body.convert)
 
 
 _encode_envelope = msgspec.msgpack.Encoder().encode
@@ -300,47 +312,49 @@ class Codec:
             raise _fail("", f"message is {len(data)} bytes, over the {self.max_size}-byte limit")
         bound = None if channel is None else _channel_bytes(channel)
         # The fast path: msgspec decodes the layout encode() writes, by the message's class.
-        signing = self.signer.signing
-        unsigned = self._unsigned(data, bound) if signing else data
-        if unsigned is not None and len(unsigned) > 3:
-            plan = self._plans.get(unsigned[1 : unsigned[3] - 0x9C]) or self._plan(unsigned)
-            if plan is not None:
-                try:
-                    incoming = plan.decode(unsigned)
-                    message = plan.convert(incoming.b)
-                except REFUSED:
-                    pass
-                else:
-                    if _REGISTRY.get(plan.type_name) is plan.cls and not (signing and incoming.s):
-                        if guard is not None and signing:
-                            guard.check(incoming.id, incoming.ts, valid_until=incoming.d)
-                        return _new_envelope(
-                            Envelope,
-                            (
-                                message,
-                                incoming.id,
-                                incoming.c,
-                                incoming.r,
-                                incoming.ts,
-                                plan.version,
-                                incoming.d,
-                            ),
+        plan = self._plans.get(data[1 : data[3] - 0x9C]) if len(data) > 3 else None
+        if plan is None:
+            plan = self._plan(data)
+        if plan is not None:
+            signer = self.signer
+            try:
+                if signer.signing:
+                    incoming: _Incoming = plan.decode_signed(data)
+                    # No key twice (the map's size is the number of keys it has), "s" last
+                    # and right for what comes before it: the bytes the signature covers.
+                    if not (
+                        data[0] == _FIXMAP | (_SIGNED_KEYS + (incoming.d != 0))
+                        and data[-_SIGNATURE_TAIL:-32] == _SIGNATURE_ENTRY
+                        and signer.verify(
+                            data[-32:],
+                            *(() if bound is None else (bound,)),
+                            _BYTE[data[0] - 1] + data[1:-_SIGNATURE_TAIL],
                         )
+                    ):
+                        return self._decode_checked(data, bound, guard)
+                else:
+                    incoming = plan.decode(data)
+                message = plan.convert(incoming.b)
+            except REFUSED:
+                pass
+            else:
+                if _REGISTRY.get(plan.type_name) is plan.cls:
+                    if guard is not None and signer.signing:
+                        guard.check(incoming.id, incoming.ts, valid_until=incoming.d)
+                    return _new_envelope(
+                        Envelope,
+                        (
+                            message,
+                            incoming.id,
+                            incoming.c,
+                            incoming.r,
+                            incoming.ts,
+                            plan.version,
+                            incoming.d,
+                        ),
+                    )
         # Anything else, and anything refused: msgpack and the message's own checks.
         return self._decode_checked(data, bound, guard)
-
-    def _unsigned(self, data: bytes, channel: bytes | None) -> bytes | None:
-        """The envelope under a signature as ``encode`` lays it out (the map without its
-        last entry, "s"), when the signature is right for ``channel``; else None."""
-        if not (
-            data
-            and _FIXMAP < data[0] <= _FIXMAP | 0x0F
-            and data[-_SIGNATURE_TAIL:-32] == _SIGNATURE_ENTRY
-        ):
-            return None
-        unsigned = _BYTE[data[0] - 1] + data[1:-_SIGNATURE_TAIL]
-        bound = () if channel is None else (channel,)
-        return unsigned if self.signer.verify(data[-32:], *bound, unsigned) else None
 
     def _plan(self, data: bytes) -> _Plan | None:
         """The plan for the class ``data`` names, made on its first message."""

@@ -63,8 +63,7 @@ class Signer:
 
     def verify(self, signature: bytes, *parts: bytes) -> bool:
         """Whether ``signature`` is that of ``parts`` with any of the keys."""
-        compare = hmac.compare_digest
-        return any(compare(mac.digest(parts), signature) for mac in self._macs)
+        return any(hmac.compare_digest(mac.digest(parts), signature) for mac in self._macs)
 
 
 class _KeyedHash:
@@ -143,7 +142,7 @@ class ReplayGuard:
         ``valid_until`` (unix ms): a signed deadline that keeps a message acceptable past
         the window (a request waiting for a daemon); its timestamp must still not be ahead.
         """
-        now = int(time.time() * 1000) if now_ms is None else now_ms
+        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
         window = self.window_ms
         if ts > now + window:
             raise InvalidMessage(
@@ -155,32 +154,47 @@ class ReplayGuard:
             raise InvalidMessage(
                 f"timestamp {ts} is more than {self.window:g} s old (replay window)", path="ts"
             )
-        if self.remember:
-            self._remember(message_id, ts, now)
-
-    def _remember(self, message_id: bytes, ts: int, now: int) -> None:
+        if not self.remember:
+            return
         index = ts // self._span
+        buckets = self._buckets
         with self._lock:
-            if ts < self._floor:
-                raise InvalidMessage(
-                    f"timestamp {ts} is older than the {self.capacity} ids this receiver "
-                    "remembers (replay window shortened under load)",
-                    path="ts",
-                )
-            bucket = self._buckets.get(index)
-            if bucket is None:
-                self._forget_before(now - self.window_ms)
-                bucket = self._buckets[index] = set()
-            elif message_id in bucket:
-                raise InvalidMessage(
-                    "a message with this id was taken already (replay window)", path="id"
-                )
+            bucket = buckets.get(index)
+            if bucket is None or message_id in bucket or ts < self._floor:
+                self._remember_slowly(message_id, ts, now)
+                return
             bucket.add(message_id)
             self._size += 1
-            while self._size > self.capacity and len(self._buckets) > 1:
-                oldest = min(self._buckets)
-                self._size -= len(self._buckets.pop(oldest))
-                self._floor = max(self._floor, (oldest + 1) * self._span)
+            if self._size > self.capacity:
+                self._shorten()
+
+    def _remember_slowly(self, message_id: bytes, ts: int, now: int) -> None:
+        """Take an id into a set not made yet, or refuse it (the lock held)."""
+        if ts < self._floor:
+            raise InvalidMessage(
+                f"timestamp {ts} is older than the {self.capacity} ids this receiver "
+                "remembers (replay window shortened under load)",
+                path="ts",
+            )
+        index = ts // self._span
+        bucket = self._buckets.get(index)
+        if bucket is None:
+            self._forget_before(now - self.window_ms)
+            bucket = self._buckets[index] = set()
+        elif message_id in bucket:
+            raise InvalidMessage(
+                "a message with this id was taken already (replay window)", path="id"
+            )
+        bucket.add(message_id)
+        self._size += 1
+        self._shorten()
+
+    def _shorten(self) -> None:
+        """Past capacity, forget the oldest sets, and refuse timestamps before their end."""
+        while self._size > self.capacity and len(self._buckets) > 1:
+            oldest = min(self._buckets)
+            self._size -= len(self._buckets.pop(oldest))
+            self._floor = max(self._floor, (oldest + 1) * self._span)
 
     def _forget_before(self, ts: int) -> None:
         """Drop the sets whose whole span is older than ``ts``."""
