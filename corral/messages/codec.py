@@ -137,9 +137,9 @@ class _Plan(NamedTuple):
     type_name: str
     version: int
     cls: type[Message]
-    decode: Callable[[bytes], _Incoming]
+    decode: Callable[[bytes], Any]
     """Decodes a whole envelope of this type and version, its body as the class's struct."""
-    decode_signed: Callable[[bytes], _Signed]
+    decode_signed: Callable[[bytes], Any]
     """The same for a signed envelope."""
     convert: Callable[[Any], Message]
 
@@ -167,11 +167,11 @@ def _make_plan(cls: type[Message], max_depth: int) -> _Plan | None:
         return None
     fields = [("t", Literal[cls.type_name]), ("v", Literal[cls.wire_version]), ("b", body.struct)]
     name = f"{body.struct.__name__}Envelope"
-    decoders = [
+    unsigned, signed = (
         msgspec.msgpack.Decoder(msgspec.defstruct(name, fields, bases=(base,))).decode
         for base in (_Incoming, _Signed)
-    ]
-    return _Plan(cls.type_name, cls.wire_version, cls, *decoders, body.convert)
+    )
+    return _Plan(cls.type_name, cls.wire_version, cls, unsigned, signed, body.convert)
 
 
 _encode_envelope = msgspec.msgpack.Encoder().encode
