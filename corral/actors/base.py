@@ -25,6 +25,7 @@ import bisect
 import functools
 import logging
 import queue
+import sys
 import threading
 import time
 import typing
@@ -52,6 +53,7 @@ __all__ = [
     "Manager",
     "ManagerContext",
     "Probe",
+    "ReplyFuture",
     "Router",
     "handles",
 ]
@@ -104,36 +106,47 @@ class Probe:
 PROBE = Probe()
 
 
-class Mailbox(queue.Queue[Envelope[Any]]):
+class Mailbox:
     """A bounded actor inbox.
 
     A full mailbox makes ``put`` wait up to ``put_timeout`` seconds, then raise
     :class:`Overloaded`. Stop requests and liveness probes always get in, and
     probes go ahead of ordinary messages, so a long backlog is not taken for a
-    hung actor.
+    hung actor::
+
+        mailbox = Mailbox(capacity=10_000, put_timeout=1.0, owner="cache")
+        mailbox.put(Envelope(CacheGet(key="k")))
+        envelope = mailbox.get()        # on the actor's thread: waits for one
+
+    The envelopes wait in deques under one lock; the actor waits for them on a
+    ``queue.SimpleQueue`` holding one token per envelope put, which waits and wakes in C
+    (a ``queue.Queue`` runs a Python ``Condition`` on both sides of every message).
     """
 
     def __init__(self, capacity: int, put_timeout: float, owner: str) -> None:
-        super().__init__()
         self.capacity = capacity
         self.put_timeout = put_timeout
         self.owner = owner
         self.overloaded = 0
         self.closed = False
-
-    def _init(self, maxsize: int) -> None:
         self.queue: deque[Envelope[Any]] = deque()
         self.urgent: deque[Envelope[Any]] = deque()
+        self.mutex = threading.Lock()
+        self.not_full = threading.Condition(self.mutex)
+        self._putters = 0
+        """How many puts wait for room (in ``not_full``)."""
+        self._tokens: queue.SimpleQueue[None] = queue.SimpleQueue()
+        """At least one per envelope waiting; more after ``take_head`` and ``drain``."""
 
-    def _qsize(self) -> int:
+    def qsize(self) -> int:
         return len(self.queue) + len(self.urgent)
 
-    def _get(self) -> Envelope[Any]:
-        return self.urgent.popleft() if self.urgent else self.queue.popleft()
+    def empty(self) -> bool:
+        return not (self.queue or self.urgent)
 
     def put(self, item: Envelope[Any], block: bool = True, timeout: float | None = None) -> None:
         message = item.message
-        with self.not_full:
+        with self.mutex:
             if message is PROBE:
                 self._check_open()
                 self.urgent.append(item)
@@ -142,23 +155,39 @@ class Mailbox(queue.Queue[Envelope[Any]]):
                     self._wait_for_room()
                 self._check_open()
                 self.queue.append(item)
-            self.unfinished_tasks += 1
-            self.not_empty.notify()
+        self._tokens.put(None)
+
+    def get(self) -> Envelope[Any]:
+        """The next envelope (a probe first), waiting for one."""
+        while True:
+            self._tokens.get()
+            with self.mutex:
+                if self.urgent:
+                    return self.urgent.popleft()
+                if self.queue:
+                    if self._putters:
+                        self.not_full.notify()
+                    return self.queue.popleft()
+            # A token whose envelope take_head or drain took: wait for the next.
 
     def _wait_for_room(self) -> None:
         deadline = time.monotonic() + self.put_timeout
-        while len(self.queue) >= self.capacity:
-            if self.closed:
-                break  # drained while we waited: the put below must not go into a dead mailbox
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self.overloaded += 1
-                raise Overloaded(
-                    f"the {self.owner} mailbox stayed full ({self.capacity} messages) "
-                    f"for {self.put_timeout:g}s",
-                    {"manager": self.owner, "capacity": self.capacity},
-                )
-            self.not_full.wait(remaining)
+        self._putters += 1
+        try:
+            while len(self.queue) >= self.capacity:
+                if self.closed:
+                    break  # drained while we waited: the put below must not go into a dead mailbox
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self.overloaded += 1
+                    raise Overloaded(
+                        f"the {self.owner} mailbox stayed full ({self.capacity} messages) "
+                        f"for {self.put_timeout:g}s",
+                        {"manager": self.owner, "capacity": self.capacity},
+                    )
+                self.not_full.wait(remaining)
+        finally:
+            self._putters -= 1
 
     def _check_open(self) -> None:
         if self.closed:
@@ -166,26 +195,25 @@ class Mailbox(queue.Queue[Envelope[Any]]):
 
     def try_put(self, item: Envelope[Any]) -> bool:
         """Put without waiting; False when the mailbox is full or closed."""
-        with self.not_full:
+        with self.mutex:
             if self.closed or len(self.queue) >= self.capacity:
                 return False
             self.queue.append(item)
-            self.unfinished_tasks += 1
-            self.not_empty.notify()
-            return True
+        self._tokens.put(None)
+        return True
 
     def requeue(self, envelopes: list[Envelope[Any]]) -> bool:
         """Put envelopes taken from a dead predecessor ahead of anything new.
 
         False, taking nothing, when this mailbox has closed meanwhile.
         """
-        with self.not_full:
+        with self.mutex:
             if self.closed:
                 return False
             self.queue.extendleft(reversed(envelopes))
-            self.unfinished_tasks += len(envelopes)
-            self.not_empty.notify(len(envelopes))
-            return True
+        for _ in envelopes:
+            self._tokens.put(None)
+        return True
 
     def take_head(self, message_type: type[Message], limit: int) -> list[Envelope[Any]]:
         """The envelopes of ``message_type`` at the head of the queue, up to ``limit``."""
@@ -194,7 +222,7 @@ class Mailbox(queue.Queue[Envelope[Any]]):
             queue = self.queue
             while queue and len(taken) < limit and type(queue[0].message) is message_type:
                 taken.append(queue.popleft())
-            if taken:
+            if taken and self._putters:
                 self.not_full.notify(len(taken))
         return taken
 
@@ -207,6 +235,49 @@ class Mailbox(queue.Queue[Envelope[Any]]):
             self.queue.clear()
             self.not_full.notify_all()
             return taken
+
+
+class ReplyFuture(pykka.Future[Any]):
+    """The future of an ask: set once, from any thread, and waited for by the caller.
+
+    A lock taken when it is made is its whole state: ``set`` stores the outcome and
+    releases it, ``get`` waits to take it (in C), where pykka's ``ThreadingFuture`` runs
+    a Python ``Condition`` with a lock of its own per wait::
+
+        future = ReplyFuture()
+        mailbox.put(Envelope(message, reply_to=future))
+        reply = future.get(timeout=5.0)     # pykka.Timeout when nothing came in time
+    """
+
+    # pykka.Future's own state, which its __init__ would set: as class defaults, unused.
+    _get_hook = None
+    _get_hook_result = None
+
+    def __init__(self) -> None:  # not pykka.Future's, which costs as much again
+        self._done = done = threading.Lock()
+        done.acquire()
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    def get(self, *, timeout: float | None = None) -> Any:
+        if not self._done.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            raise pykka.Timeout(f"{timeout} seconds")
+        self._done.release()  # for any later get
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def set(self, value: Any | None = None) -> None:
+        self._settle(value, None)
+
+    def set_exception(self, exc_info: Any = None) -> None:
+        self._settle(None, (exc_info or sys.exc_info())[1])
+
+    def _settle(self, value: Any, error: BaseException | None) -> None:
+        if not self._done.locked():
+            raise queue.Full  # set already: as pykka's futures, set once
+        self._value, self._error = value, error
+        self._done.release()
 
 
 class AsyncioFuture(pykka.Future[Any]):
@@ -527,9 +598,11 @@ class Manager(pykka.ThreadingActor, Generic[OptionsT]):
         clock = time.perf_counter
         counts = self.corral_latency_counts
         bucket = functools.partial(bisect.bisect_left, LATENCY_BUCKETS)
+        get = inbox.get
         while not stopped.is_set():
-            envelope = inbox.get()
-            if not _admitted(envelope):
+            envelope = get()
+            reply_to = envelope.reply_to  # a remote request's admit() is asked right here
+            if isinstance(reply_to, CallbackFuture) and reply_to.admit and not reply_to.admit():
                 continue
             self.corral_current_envelope = envelope
             message = envelope.message
