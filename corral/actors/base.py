@@ -324,9 +324,14 @@ class CallbackFuture(pykka.Future[Any]):
     ``admit``, when given, is asked on the actor's thread right before the handler
     runs; False skips the request (``admit`` has then answered it, or left it to
     someone else). The remote server uses it to refuse a request past its deadline
-    and to record that a request has started. ``sender`` names who sent a request
-    from outside the process: one that crashes its manager is a dead letter, not a
-    bug of the process (see :mod:`corral.supervisor`)::
+    and to record that a request has started. ``admit_together``, when given, is
+    asked instead, once, for all the requests a handler takes together from the
+    mailbox (:meth:`Manager.take_queued`) whose futures share it: it gets their
+    futures (each with its ``request``, what the sender keeps about it) and says, in
+    order, which may run, so that their starts are recorded in one round trip.
+    ``sender`` names who sent a request from outside the process: one that crashes
+    its manager is a dead letter, not a bug of the process (see
+    :mod:`corral.supervisor`)::
 
         future = CallbackFuture(on_reply, admit=lambda: time.time() < deadline)
     """
@@ -336,11 +341,15 @@ class CallbackFuture(pykka.Future[Any]):
         callback: Callable[[Any, BaseException | None], None],
         *,
         admit: Callable[[], bool] | None = None,
+        admit_together: Callable[[list[CallbackFuture]], list[bool]] | None = None,
+        request: Any = None,
         sender: str = "",
     ) -> None:
         super().__init__()
         self.callback = callback
         self.admit = admit
+        self.admit_together = admit_together
+        self.request = request
         self.sender = sender
 
     def get(self, *, timeout: float | None = None) -> Any:  # pragma: no cover - never called
@@ -373,11 +382,24 @@ LATENCY_BUCKETS = (
 """Upper bounds (seconds) of the handler latency histogram kept by every manager."""
 
 
-def _admitted(envelope: Envelope[Any]) -> bool:
-    reply_to = envelope.reply_to
-    if not isinstance(reply_to, CallbackFuture) or reply_to.admit is None:
-        return True
-    return reply_to.admit()
+def _admit_all(envelopes: list[Envelope[Any]]) -> list[Envelope[Any]]:
+    """The envelopes whose requests may run now, taken together from the mailbox: each
+    future's ``admit`` asked, or the ``admit_together`` futures share asked once."""
+    verdicts = [True] * len(envelopes)
+    together: dict[Callable[[list[CallbackFuture]], list[bool]], list[int]] = {}
+    for index, envelope in enumerate(envelopes):
+        future = envelope.reply_to
+        if not isinstance(future, CallbackFuture):
+            continue
+        if future.admit_together is not None:
+            together.setdefault(future.admit_together, []).append(index)
+        elif future.admit is not None:
+            verdicts[index] = future.admit()
+    for admit, indexes in together.items():
+        futures = [cast(CallbackFuture, envelopes[i].reply_to) for i in indexes]
+        for index, verdict in zip(indexes, admit(futures), strict=True):
+            verdicts[index] = verdict
+    return [envelope for envelope, verdict in zip(envelopes, verdicts, strict=True) if verdict]
 
 
 def handles(*message_types: type[Message]) -> Callable[[F], F]:
@@ -508,14 +530,16 @@ class Manager(pykka.ThreadingActor, Generic[OptionsT]):
 
         For handling them together with it, e.g. in one Redis round trip for many
         callers. Only the consecutive ones at the head of the mailbox are taken, so
-        nothing is overtaken. Answer each through its future (None for a tell)::
+        nothing is overtaken; remote requests among them are admitted together (their
+        starts recorded in one round trip). Answer each through its future (None for a
+        tell)::
 
             @handles(CacheGet)
             def get(self, msg: CacheGet) -> CacheValue:
                 for queued, future in self.take_queued(CacheGet, 100):
                     ...
         """
-        taken = [e for e in self.corral_mailbox.take_head(message_type, limit) if _admitted(e)]
+        taken = _admit_all(self.corral_mailbox.take_head(message_type, limit))
         self.corral_handled += len(taken)
         return [(envelope.message, envelope.reply_to) for envelope in taken]
 
