@@ -37,7 +37,8 @@ SUBSET = [
     "tests/test_remote.py",  # redis, aiohttp, prometheus_client
     "tests/test_cache.py",  # cachetools
     "tests/test_auth.py",  # pyjwt, cryptography
-    "tests/test_pool.py",  # httpx
+    "tests/test_pool.py",  # httpx, aiohttp, yarl
+    "tests/test_pool_transport.py",
     "tests/test_vault.py",  # hvac
     "tests/test_cli.py",  # click
 ]

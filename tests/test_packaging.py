@@ -136,6 +136,7 @@ OLDER_RELEASES = {
     "hvac": "2.3.0",
     "aiohttp": "3.11.18",
     "cachetools": "6.2.6",
+    "yarl": "1.17.0",
 }
 """A release older than the newest, of each runtime dependency, that users may well hold."""
 
