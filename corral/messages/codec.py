@@ -310,36 +310,26 @@ class Codec:
             data = bytes(data)
         if len(data) > self.max_size:
             raise _fail("", f"message is {len(data)} bytes, over the {self.max_size}-byte limit")
-        bound = None if channel is None else _channel_bytes(channel)
         # The fast path: msgspec decodes the layout encode() writes, by the message's class.
         plan = self._plans.get(data[1 : data[3] - 0x9C]) if len(data) > 3 else None
         if plan is None:
             plan = self._plan(data)
         if plan is not None:
-            signer = self.signer
+            type_name, version, cls, decode, decode_signed, convert = plan
+            signing = self.signer.signing
             try:
-                if signer.signing:
-                    incoming: _Incoming = plan.decode_signed(data)
-                    # No key twice (the map's size is the number of keys it has), "s" last
-                    # and right for what comes before it: the bytes the signature covers.
-                    if not (
-                        data[0] == _FIXMAP | (_SIGNED_KEYS + (incoming.d != 0))
-                        and data[-_SIGNATURE_TAIL:-32] == _SIGNATURE_ENTRY
-                        and signer.verify(
-                            data[-32:],
-                            *(() if bound is None else (bound,)),
-                            _BYTE[data[0] - 1] + data[1:-_SIGNATURE_TAIL],
-                        )
-                    ):
-                        return self._decode_checked(data, bound, guard)
+                if signing:
+                    incoming: _Incoming = decode_signed(data)
+                    if not self._signed_as_encoded(data, incoming.d, channel):
+                        return self._decode_checked(data, channel, guard)
                 else:
-                    incoming = plan.decode(data)
-                message = plan.convert(incoming.b)
+                    incoming = decode(data)
+                message = convert(incoming.b)
             except REFUSED:
                 pass
             else:
-                if _REGISTRY.get(plan.type_name) is plan.cls:
-                    if guard is not None and signer.signing:
+                if _REGISTRY.get(type_name) is cls:
+                    if guard is not None and signing:
                         guard.check(incoming.id, incoming.ts, valid_until=incoming.d)
                     return _new_envelope(
                         Envelope,
@@ -349,12 +339,25 @@ class Codec:
                             incoming.c,
                             incoming.r,
                             incoming.ts,
-                            plan.version,
+                            version,
                             incoming.d,
                         ),
                     )
         # Anything else, and anything refused: msgpack and the message's own checks.
-        return self._decode_checked(data, bound, guard)
+        return self._decode_checked(data, channel, guard)
+
+    def _signed_as_encoded(self, data: bytes, deadline: int, channel: str | bytes | None) -> bool:
+        """Whether a signed envelope is laid out as encode() writes it, no key twice (its map
+        header counts the keys it has, "d" only with a deadline), "s" last, and signed right
+        for ``channel``: the bytes before "s", under a header one smaller."""
+        if data[0] != _FIXMAP | (_SIGNED_KEYS + (deadline != 0)):
+            return False
+        if data[-_SIGNATURE_TAIL:-32] != _SIGNATURE_ENTRY:
+            return False
+        unsigned = _BYTE[data[0] - 1] + data[1:-_SIGNATURE_TAIL]
+        if channel is None:
+            return self.signer.verify(data[-32:], unsigned)
+        return self.signer.verify(data[-32:], _channel_bytes(channel), unsigned)
 
     def _plan(self, data: bytes) -> _Plan | None:
         """The plan for the class ``data`` names, made on its first message."""
@@ -371,7 +374,7 @@ class Codec:
         return plan
 
     def _decode_checked(
-        self, data: bytes, channel: bytes | None, guard: ReplayGuard | None
+        self, data: bytes, channel: str | bytes | None, guard: ReplayGuard | None
     ) -> Envelope:
         """``decode`` by msgpack and each message's own checks, which say what is wrong."""
         try:
@@ -385,7 +388,7 @@ class Codec:
             raise _fail(unknown[0], "unknown envelope key")
         signing = self.signer.signing
         if signing:
-            self._verify(raw, data, channel)
+            self._verify(raw, data, None if channel is None else _channel_bytes(channel))
         get = raw.get
         type_name, version, msg_id, body = get("t"), get("v"), get("id"), get("b")
         correlation, reply_to, ts, deadline = get("c"), get("r"), get("ts", 0), get("d", 0)
