@@ -5,7 +5,10 @@
   doing the same work;
 - ask latency p50/p99: ``System.ask`` vs ``ActorRef.ask``;
 - crash -> next successful ask: how long a caller holding the name waits while
-  the supervisor restarts a crashed manager (no reference: pykka has no supervisor).
+  the supervisor restarts a crashed manager (no reference: pykka has no supervisor);
+- where an ask's time goes: the parts of it that run on one thread, each timed alone
+  against pykka's (validation and routing by name have none), the rest of the p50
+  being the two thread hand-offs and the dispatch.
 
 Run: ``python bench/actors.py``. Prints figures and ratios; asserts nothing.
 """
@@ -15,13 +18,15 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import queue
 import time
 from typing import Any
 
 import pykka
-from _report import Row, percentiles, report
+from _report import Row, percentiles, report, timed
+from pykka._envelope import Envelope
 
-from corral.actors.base import Manager, handles
+from corral.actors.base import Mailbox, Manager, ReplyFuture, handles
 from corral.config import Config, SupervisorSection
 from corral.errors import ManagerUnavailable
 from corral.messages.base import Reply, Request, message
@@ -116,6 +121,37 @@ def crash_recovery(system: System) -> tuple[float, float]:
     return percentiles(samples)
 
 
+def ask_parts(system: System) -> list[Row]:
+    """The single-thread parts of an ask, in us per call, against pykka's."""
+    msg = Count()
+    mailbox, inbox = Mailbox(TELLS, 1.0, "bench"), queue.Queue[Envelope[Any]]()
+
+    def through(box: Mailbox | queue.Queue[Envelope[Any]]) -> None:
+        box.put(Envelope(msg))
+        box.get()
+
+    parts = [
+        ("validate + route by name", lambda: system._route(msg), None),
+        (
+            "envelope + reply future",
+            lambda: Envelope(msg, reply_to=ReplyFuture()),
+            lambda: Envelope(msg, reply_to=pykka.ThreadingFuture()),
+        ),
+        ("mailbox put + get", lambda: through(mailbox), lambda: through(inbox)),
+    ]
+    rows = []
+    for name, ours, theirs in parts:
+        figure = reference = 0.0
+        for _ in range(3):  # interleaved, best of each
+            figure = max(figure, timed(ours, ASKS, repeat=3))
+            reference = (
+                reference if theirs is None else max(reference, timed(theirs, ASKS, repeat=3))
+            )
+        per_call = 1e6 / reference if reference else None
+        rows.append(Row(f"ask part: {name} (us)", 1e6 / figure, per_call, "us"))
+    return rows
+
+
 def main() -> None:
     logging.disable(logging.CRITICAL)  # the crash benchmark would log every crash
     policy = SupervisorSection(
@@ -144,6 +180,7 @@ def main() -> None:
                 p50s[name] = min(p50s.get(name, 1.0), p50)
                 p99s[name] = min(p99s.get(name, 1.0), p99)
         recovery_p50, recovery_p99 = crash_recovery(system)
+        parts = ask_parts(system)
     finally:
         gc.enable()
         system.stop()
@@ -156,6 +193,7 @@ def main() -> None:
             Row("ask latency p99 (us)", p99s["corral"] * 1e6, p99s["pykka"] * 1e6, "us"),
             Row("crash -> next ask p50 (ms)", recovery_p50 * 1e3, None, "ms"),
             Row("crash -> next ask p99 (ms)", recovery_p99 * 1e3, None, "ms"),
+            *parts,
         ],
         note="targets: tell ratio >= 0.8; ask p50 ratio <= 1.2 (lower is better for latency)",
     )

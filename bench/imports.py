@@ -1,4 +1,4 @@
-"""Import time: ``import corral`` against ``import pykka, redis, msgpack``, side by side.
+"""Import time: ``import corral`` against ``import pykka, redis, msgpack, msgspec``, side by side.
 
 Run as ``python bench/imports.py``. Each figure is the time one ``import`` statement
 takes in a fresh Python process (interpreter start-up left out), the median of
@@ -24,7 +24,7 @@ ROUNDS = 15
 TARGET = 2.0
 ROOT = Path(__file__).resolve().parent.parent
 CORRAL = "corral"
-REFERENCE = "pykka, redis, msgpack"
+REFERENCE = "pykka, redis, msgpack, msgspec"
 PROBE = """
 import sys, time, json
 before = len(sys.modules)

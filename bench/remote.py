@@ -221,7 +221,8 @@ def main() -> None:
             Row("round trip p50 (us)", record["set"][0] * 1e6, record["get"][0] * 1e6, "us"),
             Row(f"throughput, {THREADS} threads", record["set"][2], record["get"][2], "asks/s"),
         ],
-        note="cache.set records its start (one SET NX) before it runs, and its reply after.",
+        note="cache.set records its start (one SET NX) before it runs, and its reply after; "
+        "sets queued together record their starts in one round trip and are stored in one.",
     )
     report(
         "remote: signed, with the replay check, vs unsigned",

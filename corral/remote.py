@@ -25,7 +25,8 @@ Handoff without loss or double execution:
   the alive set. A live daemon's requests are never claimed, however long they take.
 - **At most once.** Right before the handler of a request that is not idempotent
   runs, the daemon records in Redis that it started it (``SET NX`` on
-  ``<ns>:{req:m}:ran:<request id>``); with the reply it records that it finished,
+  ``<ns>:{req:m}:ran:<request id>``; one pipeline for the requests a handler takes
+  together with ``take_queued``, which all start then); with the reply it records that it finished,
   and the reply itself. A daemon that takes over such a request answers from that
   record when it finished, and refuses it with ``ManagerUnavailable`` (details
   ``outcome = "unknown"``) when it had started: it may have been applied, so it is
@@ -247,6 +248,7 @@ class RequestServer:
         self.counts = {
             "served": 0, "expired": 0, "rejected": 0, "claimed": 0, "dropped": 0, "errors": 0,
             "unknown_outcome": 0, "answered_from_record": 0, "quarantined": 0,
+            "admitted_together": 0,
         }  # fmt: skip
 
     @property
@@ -563,6 +565,8 @@ class RequestServer:
         callback = CallbackFuture(
             functools.partial(self._answer, entry),
             admit=functools.partial(self._admit, entry),
+            admit_together=self._admit_together,
+            request=entry,
             sender=f"{envelope.reply_to or 'a tell'} through daemon {self.daemon_id}",
             correlation=envelope.id.hex(),
         )
@@ -581,9 +585,7 @@ class RequestServer:
 
     def _admit(self, entry: _Entry) -> bool:
         """Asked on the manager's thread right before the handler runs; see the module doc."""
-        if not self._admitting:
-            return False  # drained: left pending for another daemon
-        if self._expired(entry, time.time()):
+        if not self._may_start(entry):
             return False
         if not entry.record:
             return True
@@ -596,15 +598,51 @@ class RequestServer:
                 get=True,
             )
         except REDIS_ERRORS as exc:
-            self._answer(
-                entry,
-                None,
-                ManagerUnavailable(
-                    f"not started: its start could not be recorded ({describe(exc)})",
-                    {"manager": entry.manager},
-                ),
-            )
+            self._not_recorded(entry, exc)
             return False
+        return self._admit_recorded(entry, previous)
+
+    def _admit_together(self, futures: list[CallbackFuture]) -> list[bool]:
+        """``_admit`` for the requests a handler takes together (``take_queued``): they all
+        start now, so their starts are recorded in one round trip."""
+        entries = [cast(_Entry, future.request) for future in futures]
+        may_start = [self._may_start(entry) for entry in entries]
+        recording = [e for e, ok in zip(entries, may_start, strict=True) if ok and e.record]
+        if not recording:
+            return may_start
+        pipe = self._redis.pipeline(transaction=False)
+        for entry in recording:
+            started = STARTED + self.daemon_id.encode()
+            pipe.set(entry.record, started, nx=True, px=self._record_ttl_ms(entry), get=True)
+        try:
+            found = dict(zip(map(id, recording), pipe.execute(), strict=True))
+        except REDIS_ERRORS as exc:
+            for entry in recording:
+                self._not_recorded(entry, exc)
+            return [ok and not e.record for e, ok in zip(entries, may_start, strict=True)]
+        self.counts["admitted_together"] += len(recording)
+        return [
+            ok and (not e.record or self._admit_recorded(e, found[id(e)]))
+            for e, ok in zip(entries, may_start, strict=True)
+        ]
+
+    def _may_start(self, entry: _Entry) -> bool:
+        """Neither drained (left pending for another daemon) nor past its deadline."""
+        return self._admitting and not self._expired(entry, time.time())
+
+    def _not_recorded(self, entry: _Entry, exc: Exception) -> None:
+        self._answer(
+            entry,
+            None,
+            ManagerUnavailable(
+                f"not started: its start could not be recorded ({describe(exc)})",
+                {"manager": entry.manager},
+            ),
+        )
+
+    def _admit_recorded(self, entry: _Entry, previous: bytes | None) -> bool:
+        """Whether a request whose start this daemon tried to record runs: the record
+        was not there (None), or says it may run again."""
         if previous is None:
             entry.started = True
             return True

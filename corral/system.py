@@ -35,7 +35,7 @@ from pykka._envelope import Envelope
 from corral._events import EventsMixin
 from corral._redis import REDIS_ERRORS, connect
 from corral.actors import BUILTIN
-from corral.actors.base import AsyncioFuture, Mailbox, Manager
+from corral.actors.base import AsyncioFuture, Mailbox, Manager, ReplyFuture
 from corral.bus import Bus, MemoryBus, RedisBus
 from corral.config import Config, ManagerSection, parse_options
 from corral.errors import ConfigError, Timeout
@@ -171,7 +171,7 @@ class System(EventsMixin):
         name = self._route(message)
         if name == "supervisor":
             return self.health(timeout=timeout)  # type: ignore[return-value]
-        future: pykka.Future[Any] = pykka.ThreadingFuture()
+        future = ReplyFuture()
         self._deliver(name, Envelope(message, reply_to=future), timeout)
         try:
             reply = future.get(timeout=max(0.0, deadline - time.monotonic()))

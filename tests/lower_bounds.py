@@ -30,14 +30,15 @@ SUBSET = [
     "tests/test_manager.py",  # pykka
     "tests/test_supervisor.py",
     "tests/test_system.py",
-    "tests/test_codec.py",  # msgpack
+    "tests/test_codec.py",  # msgpack, msgspec
     "tests/test_config.py",
     "tests/test_imports.py",
     "tests/test_bus_redis.py",  # redis
     "tests/test_remote.py",  # redis, aiohttp, prometheus_client
     "tests/test_cache.py",  # cachetools
     "tests/test_auth.py",  # pyjwt, cryptography
-    "tests/test_pool.py",  # httpx
+    "tests/test_pool.py",  # httpx, aiohttp, yarl
+    "tests/test_pool_transport.py",
     "tests/test_vault.py",  # hvac
     "tests/test_cli.py",  # click
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -111,7 +112,7 @@ def mailbox_depth(system: System, name: str) -> int:
     return ref.actor_inbox.qsize() if ref is not None else -1  # type: ignore[attr-defined]
 
 
-Action = Literal["ok", "refuse", "crash", "exit", "sleep", "stop", "block"]
+Action = Literal["ok", "refuse", "crash", "exit", "sleep", "stop", "block", "together"]
 
 
 @message("test.work")
@@ -133,7 +134,8 @@ class Done(Reply):
 
 
 class Worker(Manager):
-    """A manager that does what it is told: answer, refuse, crash, exit, sleep, stop.
+    """A manager that does what it is told: answer, refuse, crash, exit, sleep, stop, and
+    answer together the works queued behind one ("together").
 
     Options: ``journal`` (a list that gets "start <name>" / "stop <name>"),
     ``fail_starts`` (a dict whose [name] counts down on_start failures), ``exit_on_start``
@@ -185,4 +187,10 @@ class Worker(Manager):
             gate.wait(msg.seconds or 10)
         if msg.action == "stop":
             self.stop()
-        return Done(incarnation=self.incarnation, handled=self.count, name=self.corral_context.name)
+        done = Done(incarnation=self.incarnation, handled=self.count, name=self.corral_context.name)
+        if msg.action == "together":
+            for _, future in self.take_queued(Work, 100):
+                self.count += 1
+                if future is not None:
+                    future.set(dataclasses.replace(done, handled=self.count))
+        return done

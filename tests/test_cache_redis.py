@@ -249,6 +249,29 @@ def test_a_value_that_does_not_decode_fails_only_its_own_get_in_a_batch(
         assert isinstance(outcomes["bad"], corral.errors.BackendUnavailable)
 
 
+def test_sets_waiting_together_are_stored_as_one_after_the_other(
+    redis_server: RedisServer,
+) -> None:
+    with redis_system(redis_server.url) as system, redis.Redis.from_url(redis_server.url) as raw:
+        raw.execute_command("CLIENT", "PAUSE", "1000", "ALL")  # the sets queue behind a get
+        system.tell(CacheGet(key="first"))
+        for msg in [
+            CacheSet(key="k", value=1),
+            CacheSet(key="k", value=2, ttl=50),
+            CacheSet(key="k", value="nope", backend="nope"),  # refused alone
+            CacheSet(key="k", value=3, ttl=50),
+            CacheSet(key="j", value=1, tags=["t"]),
+        ]:
+            system.tell(msg)
+        assert system.ask(CacheGet(key="k"), timeout=10).value == 3  # the last set wins
+        assert system.ask(CacheGet(key="j")).value == 1
+        assert 0 < raw.pttl("corral:cache:main:{k}") <= 50_000
+        health = system.health().managers["cache"].health
+        assert health is not None
+        assert health.metrics["batched_sets"] == 5  # all five taken together
+        assert system.ask(CacheInvalidateTags(tags=["t"])).count == 1
+
+
 def test_a_probe_answered_with_an_error_still_closes_the_breaker(
     fresh_redis_server: RedisServer,
 ) -> None:

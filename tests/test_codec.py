@@ -33,6 +33,7 @@ from corral.messages import (
 )
 from corral.messages.base import Range
 from corral.messages.codec import DEFAULT_MAX_DEPTH, DEFAULT_MAX_SIZE, new_id
+from corral.messages.signing import ReplayGuard
 
 KEY = b"k" * 32
 OLD_KEY = b"old-key"
@@ -719,7 +720,12 @@ def test_encode_and_decode_from_many_threads() -> None:
 
 @pytest.mark.parametrize(
     "msg",
-    [CodecBlob(data=object()), CodecBlob(data=[2**64]), CodecBlob(data={"n": -(2**63) - 1})],
+    [
+        CodecBlob(data=object()),
+        CodecBlob(data=[2**64]),
+        CodecBlob(data={"n": -(2**63) - 1}),
+        CodecBlob(data=nested_lists(100_000)),
+    ],
 )
 def test_encode_of_unencodable_values_is_invalid_message(msg: Message) -> None:
     """``validate()`` is optional before sending; encode still fails only with InvalidMessage."""
@@ -848,3 +854,51 @@ def test_event_and_request_kinds_round_trip_signed() -> None:
         assert roundtrip(msg, codec) == msg
     assert CodecCacheGet.reply_type() is CodecCacheValue
     assert issubclass(CodecBlob, Event) and issubclass(CodecCacheValue, Reply)
+
+
+# -- the replay guard ------------------------------------------------------------------------
+
+NOW = 1_700_000_000_000
+
+
+def guard_refusal(guard: ReplayGuard, message_id: bytes, ts: int, **kwargs: Any) -> str:
+    with pytest.raises(InvalidMessage) as caught:
+        guard.check(message_id, ts, now_ms=NOW, **kwargs)
+    return str(caught.value)
+
+
+def test_replay_guard_refuses_duplicates_and_timestamps_outside_its_window() -> None:
+    guard = ReplayGuard(window=10.0)
+    guard.check(b"a" * 16, NOW, now_ms=NOW)
+    assert guard_refusal(guard, b"a" * 16, NOW).startswith("id: a message with this id was")
+    guard.check(b"b" * 16, NOW - 10_000, now_ms=NOW)
+    guard.check(b"c" * 16, NOW + 10_000, now_ms=NOW)
+    assert guard_refusal(guard, b"d" * 16, NOW - 10_001) == (
+        f"ts: timestamp {NOW - 10_001} is more than 10 s old (replay window)"
+    )
+    assert guard_refusal(guard, b"d" * 16, NOW + 10_001).startswith("ts: timestamp ")
+    # a signed deadline keeps an old message acceptable until it passes, but never a future one
+    guard.check(b"e" * 16, NOW - 60_000, valid_until=NOW, now_ms=NOW)
+    assert guard_refusal(guard, b"f" * 16, NOW - 60_000, valid_until=NOW - 1).endswith(
+        "old (replay window)"
+    )
+    assert guard_refusal(guard, b"f" * 16, NOW + 60_000, valid_until=NOW + 90_000).endswith(
+        "ahead of this receiver's clock (replay window)"
+    )
+    assert len(guard) == 4
+
+
+def test_replay_guard_forgets_old_ids_and_shortens_its_window_past_capacity() -> None:
+    guard = ReplayGuard(window=16.0, capacity=4)  # ids kept in sets of 1 s each
+    for i in range(4):
+        guard.check(bytes([i]) * 16, NOW - 15_000 + i * 1000, now_ms=NOW)
+    guard.check(b"x" * 16, NOW, now_ms=NOW)  # the fifth: the oldest set is forgotten
+    assert len(guard) == 4
+    assert guard_refusal(guard, b"y" * 16, NOW - 15_000).startswith(
+        "ts: timestamp 1699999985000 is older than the 4 ids this receiver remembers"
+    )
+    guard.check(b"y" * 16, NOW - 14_000, now_ms=NOW)  # the oldest set still kept
+    later = NOW + 20_000
+    guard.check(b"z" * 16, later, now_ms=later)  # every set before it has left the window
+    assert len(guard) == 1
+    guard.check(bytes([3]) * 16, later - 1, now_ms=later)  # forgotten: taken again

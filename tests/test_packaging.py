@@ -128,6 +128,7 @@ OLDER_RELEASES = {
     "pykka": "4.4.2",
     "redis": "7.4.1",
     "msgpack": "1.2.0",
+    "msgspec": "0.19.0",
     "click": "8.2.1",
     "prometheus-client": "0.22.1",
     "httpx": "0.27.2",
@@ -135,6 +136,7 @@ OLDER_RELEASES = {
     "hvac": "2.3.0",
     "aiohttp": "3.11.18",
     "cachetools": "6.2.6",
+    "yarl": "1.17.0",
 }
 """A release older than the newest, of each runtime dependency, that users may well hold."""
 

@@ -217,8 +217,20 @@ def key() -> str:
     return f"k{next(_keys)}"
 
 
+TRANSPORT: list[str] = ["auto"]
+"""The transport ``pool()`` gives its services (every test runs with each)."""
+
+
+@pytest.fixture(autouse=True, params=["aiohttp", "httpx"])
+def transport(request: pytest.FixtureRequest) -> Iterator[str]:
+    TRANSPORT[0] = request.param
+    yield request.param
+    TRANSPORT[0] = "auto"
+
+
 @contextmanager
 def pool(**services: dict[str, Any]) -> Iterator[System]:
+    services = {name: {"transport": TRANSPORT[0], **options} for name, options in services.items()}
     options: dict[str, Any] = {"services": services}
     config = Config().replace(managers={"pool": ManagerSection(options=options)})
     with System(config, managers=[PoolManager]) as system:
@@ -727,15 +739,17 @@ def test_a_bug_on_the_loop_answers_the_caller_and_restarts_the_manager(ports: li
 
 
 def test_a_daemon_probing_its_services_logs_no_request_lines_and_stops_cleanly(
-    backend: Backend, ports: list[Port], tmp_path: Path
+    backend: Backend, ports: list[Port], tmp_path: Path, transport: str
 ) -> None:
     path = tmp_path / "corral.toml"
+    hold = key()
     path.write_text(
         "[managers.pool.services.web]\n"
         f'base_urls = ["{ports[0].url}", "{ports[1].url}"]\n'
-        'health_path = "/health"\nhealth_interval = 0.05\n'
+        f'health_path = "/health"\nhealth_interval = 0.05\ntransport = "{transport}"\n'
         "[managers.pool.services.stuck]\n"  # its probe is still waiting when the daemon stops
-        f'base_urls = ["{ports[2].url}"]\nhealth_path = "/hold?key=probe"\nhealth_timeout = 30\n'
+        f'base_urls = ["{ports[2].url}"]\nhealth_path = "/hold?key={hold}"\nhealth_timeout = 30\n'
+        f'transport = "{transport}"\n'
     )
     process = start_corral("run", "-c", str(path))
     try:
@@ -746,7 +760,7 @@ def test_a_daemon_probing_its_services_logs_no_request_lines_and_stops_cleanly(
     finally:
         process.kill()
         process.wait()
-        backend.release("probe")
+        backend.release(hold)
     assert process.returncode == 0, log
     assert "stopped cleanly" in log
     assert "HTTP Request:" not in log  # httpx's INFO line for every call and probe

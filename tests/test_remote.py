@@ -467,6 +467,40 @@ def test_a_request_sent_again_while_it_runs_runs_once(
     replies.close()
 
 
+def test_requests_a_handler_takes_together_record_their_starts_together(
+    daemon: Daemon, redis_server: RedisServer
+) -> None:
+    raw = redis.Redis.from_url(redis_server.url)
+    replies = raw.pubsub()  # type: ignore[no-untyped-call]
+    replies.ssubscribe("rt:reply.together")
+    deadline = int((time.time() + 10) * 1000)
+
+    def encoded(work: Work) -> bytes:
+        return Codec().encode(work, reply_to="reply.together", deadline=deadline)
+
+    # The worker sleeps on the first; the others wait behind it, the last sent twice.
+    together = [encoded(Work(action="together")) for _ in range(3)]
+    for data in [encoded(Work(action="sleep", seconds=1.0)), *together, together[-1]]:
+        raw.xadd(stream_key("rt", "worker"), {"m": data})
+    answers: list[Message] = []
+    while len(answers) < 5:
+        item = replies.get_message(timeout=5)
+        assert item is not None, answers
+        if item["type"] == "smessage":
+            answers.append(Codec().decode(item["data"]).message)
+    done = sorted(a.handled for a in answers if isinstance(a, Done))
+    assert done == [1, 2, 3, 4]  # each ran once; the one sent twice is refused
+    (refused,) = [a for a in answers if not isinstance(a, Done)]
+    assert isinstance(refused, ErrorReply) and refused.code == "conflict"
+    assert refused.details["duplicate"] is True
+    assert daemon.remote is not None
+    assert daemon.remote.counts["admitted_together"] == 3  # one round trip for three
+    records: list[bytes] = [raw.get(key) for key in raw.keys("rt:{req:worker}:ran:*")]  # type: ignore[misc]
+    assert len(records) == 4
+    assert all(record.startswith(b"F") for record in records)  # each finished
+    replies.close()
+
+
 def test_an_idempotent_request_sent_twice_runs_twice(
     daemon: Daemon, redis_server: RedisServer
 ) -> None:

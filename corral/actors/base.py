@@ -25,6 +25,7 @@ import bisect
 import functools
 import logging
 import queue
+import sys
 import threading
 import time
 import typing
@@ -58,6 +59,7 @@ __all__ = [
     "Manager",
     "ManagerContext",
     "Probe",
+    "ReplyFuture",
     "Router",
     "current_manager",
     "handles",
@@ -113,13 +115,21 @@ class Probe:
 PROBE = Probe()
 
 
-class Mailbox(queue.Queue[Envelope[Any]]):
+class Mailbox:
     """A bounded actor inbox.
 
     A full mailbox makes ``put`` wait up to ``put_timeout`` seconds, then raise
     :class:`Overloaded`. Stop requests and liveness probes always get in, and
     probes go ahead of ordinary messages, so a long backlog is not taken for a
-    hung actor.
+    hung actor::
+
+        mailbox = Mailbox(capacity=10_000, put_timeout=1.0, owner="cache")
+        mailbox.put(Envelope(CacheGet(key="k")))
+        envelope = mailbox.get()        # on the actor's thread: waits for one
+
+    The envelopes wait in deques under one lock; the actor waits for them on a
+    ``queue.SimpleQueue`` holding one token per envelope put, which waits and wakes in C
+    (a ``queue.Queue`` runs a Python ``Condition`` on both sides of every message).
     """
 
     def __init__(
@@ -129,27 +139,30 @@ class Mailbox(queue.Queue[Envelope[Any]]):
         owner: str,
         metrics: ManagerMetrics | None = None,
     ) -> None:
-        super().__init__()
         self.capacity = capacity
         self.put_timeout = put_timeout
         self.owner = owner
         self.metrics = metrics or ManagerMetrics()
         """Counts ``overloaded``: the puts refused because the mailbox stayed full."""
         self.closed = False
-
-    def _init(self, maxsize: int) -> None:
         self.queue: deque[Envelope[Any]] = deque()
         self.urgent: deque[Envelope[Any]] = deque()
+        self.mutex = threading.Lock()
+        self.not_full = threading.Condition(self.mutex)
+        self._putters = 0
+        """How many puts wait for room (in ``not_full``)."""
+        self._tokens: queue.SimpleQueue[None] = queue.SimpleQueue()
+        """At least one per envelope waiting; more after ``take_head`` and ``drain``."""
 
-    def _qsize(self) -> int:
+    def qsize(self) -> int:
         return len(self.queue) + len(self.urgent)
 
-    def _get(self) -> Envelope[Any]:
-        return self.urgent.popleft() if self.urgent else self.queue.popleft()
+    def empty(self) -> bool:
+        return not (self.queue or self.urgent)
 
     def put(self, item: Envelope[Any], block: bool = True, timeout: float | None = None) -> None:
         message = item.message
-        with self.not_full:
+        with self.mutex:
             if message is PROBE:
                 self._check_open()
                 self.urgent.append(item)
@@ -158,23 +171,39 @@ class Mailbox(queue.Queue[Envelope[Any]]):
                     self._wait_for_room()
                 self._check_open()
                 self.queue.append(item)
-            self.unfinished_tasks += 1
-            self.not_empty.notify()
+        self._tokens.put(None)
+
+    def get(self) -> Envelope[Any]:
+        """The next envelope (a probe first), waiting for one."""
+        while True:
+            self._tokens.get()
+            with self.mutex:
+                if self.urgent:
+                    return self.urgent.popleft()
+                if self.queue:
+                    if self._putters:
+                        self.not_full.notify()
+                    return self.queue.popleft()
+            # A token whose envelope take_head or drain took: wait for the next.
 
     def _wait_for_room(self) -> None:
         deadline = time.monotonic() + self.put_timeout
-        while len(self.queue) >= self.capacity:
-            if self.closed:
-                break  # drained while we waited: the put below must not go into a dead mailbox
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self.metrics.overloaded += 1
-                raise Overloaded(
-                    f"the {self.owner} mailbox stayed full ({self.capacity} messages) "
-                    f"for {self.put_timeout:g}s",
-                    {"manager": self.owner, "capacity": self.capacity},
-                )
-            self.not_full.wait(remaining)
+        self._putters += 1
+        try:
+            while len(self.queue) >= self.capacity:
+                if self.closed:
+                    break  # drained while we waited: the put below must not go into a dead mailbox
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self.metrics.overloaded += 1
+                    raise Overloaded(
+                        f"the {self.owner} mailbox stayed full ({self.capacity} messages) "
+                        f"for {self.put_timeout:g}s",
+                        {"manager": self.owner, "capacity": self.capacity},
+                    )
+                self.not_full.wait(remaining)
+        finally:
+            self._putters -= 1
 
     def _check_open(self) -> None:
         if self.closed:
@@ -182,26 +211,25 @@ class Mailbox(queue.Queue[Envelope[Any]]):
 
     def try_put(self, item: Envelope[Any]) -> bool:
         """Put without waiting; False when the mailbox is full or closed."""
-        with self.not_full:
+        with self.mutex:
             if self.closed or len(self.queue) >= self.capacity:
                 return False
             self.queue.append(item)
-            self.unfinished_tasks += 1
-            self.not_empty.notify()
-            return True
+        self._tokens.put(None)
+        return True
 
     def requeue(self, envelopes: list[Envelope[Any]]) -> bool:
         """Put envelopes taken from a dead predecessor ahead of anything new.
 
         False, taking nothing, when this mailbox has closed meanwhile.
         """
-        with self.not_full:
+        with self.mutex:
             if self.closed:
                 return False
             self.queue.extendleft(reversed(envelopes))
-            self.unfinished_tasks += len(envelopes)
-            self.not_empty.notify(len(envelopes))
-            return True
+        for _ in envelopes:
+            self._tokens.put(None)
+        return True
 
     def take_head(self, message_type: type[Message], limit: int) -> list[Envelope[Any]]:
         """The envelopes of ``message_type`` at the head of the queue, up to ``limit``."""
@@ -210,7 +238,7 @@ class Mailbox(queue.Queue[Envelope[Any]]):
             queue = self.queue
             while queue and len(taken) < limit and type(queue[0].message) is message_type:
                 taken.append(queue.popleft())
-            if taken:
+            if taken and self._putters:
                 self.not_full.notify(len(taken))
         return taken
 
@@ -223,6 +251,49 @@ class Mailbox(queue.Queue[Envelope[Any]]):
             self.queue.clear()
             self.not_full.notify_all()
             return taken
+
+
+class ReplyFuture(pykka.Future[Any]):
+    """The future of an ask: set once, from any thread, and waited for by the caller.
+
+    A lock taken when it is made is its whole state: ``set`` stores the outcome and
+    releases it, ``get`` waits to take it (in C), where pykka's ``ThreadingFuture`` runs
+    a Python ``Condition`` with a lock of its own per wait::
+
+        future = ReplyFuture()
+        mailbox.put(Envelope(message, reply_to=future))
+        reply = future.get(timeout=5.0)     # pykka.Timeout when nothing came in time
+    """
+
+    # pykka.Future's own state, which its __init__ would set: as class defaults, unused.
+    _get_hook = None
+    _get_hook_result = None
+
+    def __init__(self) -> None:  # not pykka.Future's, which costs as much again
+        self._done = done = threading.Lock()
+        done.acquire()
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    def get(self, *, timeout: float | None = None) -> Any:
+        if not self._done.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            raise pykka.Timeout(f"{timeout} seconds")
+        self._done.release()  # for any later get
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def set(self, value: Any | None = None) -> None:
+        self._settle(value, None)
+
+    def set_exception(self, exc_info: Any = None) -> None:
+        self._settle(None, (exc_info or sys.exc_info())[1])
+
+    def _settle(self, value: Any, error: BaseException | None) -> None:
+        if not self._done.locked():
+            raise queue.Full  # set already: as pykka's futures, set once
+        self._value, self._error = value, error
+        self._done.release()
 
 
 class AsyncioFuture(pykka.Future[Any]):
@@ -270,9 +341,14 @@ class CallbackFuture(pykka.Future[Any]):
     ``admit``, when given, is asked on the actor's thread right before the handler
     runs; False skips the request (``admit`` has then answered it, or left it to
     someone else). The remote server uses it to refuse a request past its deadline
-    and to record that a request has started. ``sender`` names who sent a request
-    from outside the process: one that crashes its manager is a dead letter, not a
-    bug of the process (see :mod:`corral.supervisor`)::
+    and to record that a request has started. ``admit_together``, when given, is
+    asked instead, once, for all the requests a handler takes together from the
+    mailbox (:meth:`Manager.take_queued`) whose futures share it: it gets their
+    futures (each with its ``request``, what the sender keeps about it) and says, in
+    order, which may run, so that their starts are recorded in one round trip.
+    ``sender`` names who sent a request from outside the process: one that crashes
+    its manager is a dead letter, not a bug of the process (see
+    :mod:`corral.supervisor`)::
 
         future = CallbackFuture(on_reply, admit=lambda: time.time() < deadline)
     """
@@ -282,12 +358,16 @@ class CallbackFuture(pykka.Future[Any]):
         callback: Callable[[Any, BaseException | None], None],
         *,
         admit: Callable[[], bool] | None = None,
+        admit_together: Callable[[list[CallbackFuture]], list[bool]] | None = None,
+        request: Any = None,
         sender: str = "",
         correlation: str = "",
     ) -> None:
         super().__init__()
         self.callback = callback
         self.admit = admit
+        self.admit_together = admit_together
+        self.request = request
         self.sender = sender
         self.correlation = correlation
 
@@ -313,11 +393,24 @@ def current_manager() -> Manager[Any] | None:
     return actor
 
 
-def _admitted(envelope: Envelope[Any]) -> bool:
-    reply_to = envelope.reply_to
-    if not isinstance(reply_to, CallbackFuture) or reply_to.admit is None:
-        return True
-    return reply_to.admit()
+def _admit_all(envelopes: list[Envelope[Any]]) -> list[Envelope[Any]]:
+    """The envelopes whose requests may run now, taken together from the mailbox: each
+    future's ``admit`` asked, or the ``admit_together`` futures share asked once."""
+    verdicts = [True] * len(envelopes)
+    together: dict[Callable[[list[CallbackFuture]], list[bool]], list[int]] = {}
+    for index, envelope in enumerate(envelopes):
+        future = envelope.reply_to
+        if not isinstance(future, CallbackFuture):
+            continue
+        if future.admit_together is not None:
+            together.setdefault(future.admit_together, []).append(index)
+        elif future.admit is not None:
+            verdicts[index] = future.admit()
+    for admit, indexes in together.items():
+        futures = [cast(CallbackFuture, envelopes[i].reply_to) for i in indexes]
+        for index, verdict in zip(indexes, admit(futures), strict=True):
+            verdicts[index] = verdict
+    return [envelope for envelope, verdict in zip(envelopes, verdicts, strict=True) if verdict]
 
 
 def handles(*message_types: type[Message]) -> Callable[[F], F]:
@@ -456,14 +549,16 @@ class Manager(pykka.ThreadingActor, Generic[OptionsT]):
 
         For handling them together with it, e.g. in one Redis round trip for many
         callers. Only the consecutive ones at the head of the mailbox are taken, so
-        nothing is overtaken. Answer each through its future (None for a tell)::
+        nothing is overtaken; remote requests among them are admitted together (their
+        starts recorded in one round trip). Answer each through its future (None for a
+        tell)::
 
             @handles(CacheGet)
             def get(self, msg: CacheGet) -> CacheValue:
                 for queued, future in self.take_queued(CacheGet, 100):
                     ...
         """
-        taken = [e for e in self.corral_mailbox.take_head(message_type, limit) if _admitted(e)]
+        taken = _admit_all(self.corral_mailbox.take_head(message_type, limit))
         self.corral_handler_stats[message_type].handled += len(taken)
         return [(envelope.message, envelope.reply_to) for envelope in taken]
 
@@ -585,9 +680,11 @@ class Manager(pykka.ThreadingActor, Generic[OptionsT]):
         handler_stats = self.corral_handler_stats
         clock = time.perf_counter
         bucket = functools.partial(bisect.bisect_left, LATENCY_BUCKETS)
+        get = inbox.get
         while not stopped.is_set():
-            envelope = inbox.get()
-            if not _admitted(envelope):
+            envelope = get()
+            reply_to = envelope.reply_to  # a remote request's admit() is asked right here
+            if isinstance(reply_to, CallbackFuture) and reply_to.admit and not reply_to.admit():
                 continue
             self.corral_current_envelope = envelope
             message = envelope.message

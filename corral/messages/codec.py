@@ -22,21 +22,30 @@ The signature covers the envelope's bytes without its ``"s"`` entry, preceded by
 channel (or stream) it was written to when one is given (see
 :class:`~corral.messages.signing.Signer` and docs/wire.md): a message signed for one
 channel is refused on any other.
+
+msgspec writes the envelopes, and reads the ones laid out as corral writes them: for
+each message class, one msgspec call decodes and checks a whole envelope, its body as a
+struct typed from the class's fields (:mod:`corral.messages._typed`), and straight-line
+code makes the message of it. What it refuses, and any other layout, goes to the
+reference path: ``msgpack.unpackb`` and the class's own checks, which take any layout
+and name what is wrong. Both paths accept the same input and build the same messages
+(``tests/test_codec_fuzz.py`` holds them to it).
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-import threading
 import time
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgpack
+import msgspec
 
 from corral.errors import InvalidMessage
-from corral.messages.base import Message, lookup
+from corral.messages._typed import REFUSED, body_type
+from corral.messages.base import _REGISTRY, Message, lookup
 from corral.messages.signing import DEFAULT_REPLAY_WINDOW, ReplayGuard, Signer
 
 _packb = msgpack.packb
@@ -68,24 +77,107 @@ class _Ids:
         os.register_at_fork(after_in_child=self.reset)
 
     def reset(self) -> None:
-        self.prefix = os.urandom(8)
-        self.counter = itertools.count()
+        self.counter = itertools.count(int.from_bytes(os.urandom(8), "big") << 64)
 
     def next(self) -> bytes:
-        return self.prefix + next(self.counter).to_bytes(8, "big")
+        return next(self.counter).to_bytes(16, "big")
 
 
 new_id = _Ids().next
 
 
-class _Packer(threading.local):
-    """One reusable msgpack Packer per thread (``packb`` builds a new one per call)."""
+class _Outgoing(msgspec.Struct, omit_defaults=True, gc=False):
+    """The envelope as ``encode`` writes it: these keys in this order, "d" only when set."""
 
-    def __init__(self) -> None:
-        self.pack = msgpack.Packer(use_bin_type=True).pack
+    t: str
+    v: int
+    id: bytes
+    c: bytes | None
+    r: str | None
+    ts: int
+    b: Any
+    d: int = 0
 
 
-_packer = _Packer()
+class _Incoming(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, gc=False):
+    """An envelope as ``decode`` takes it on its fast path, its body left undecoded.
+
+    Each message class gets a subclass of its own whose body is that class's struct
+    (see :class:`_Plan`), so that one msgspec call decodes a whole message.
+    """
+
+    t: str
+    v: int
+    id: Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]
+    c: bytes | None = None
+    r: str | None = None
+    ts: int = 0
+    d: int = 0
+    b: msgspec.Raw
+    s: bytes | None = None
+
+
+class _Signed(_Incoming, kw_only=True, forbid_unknown_fields=True, gc=False):
+    """A signed envelope as ``encode`` writes it: every key but "d" present, so that its map
+    header tells whether a key came twice (see ``decode``)."""
+
+    c: bytes | None
+    r: str | None
+    ts: int
+    s: bytes
+
+
+_SIGNED_KEYS = len(msgspec.structs.fields(_Signed)) - 1
+"""How many keys a signed envelope without "d" has."""
+
+
+class _Plan(NamedTuple):
+    """How ``decode`` takes the messages of one class in one pass."""
+
+    type_name: str
+    version: int
+    cls: type[Message]
+    decode: Callable[[bytes], Any]
+    """Decodes a whole envelope of this type and version, its body as the class's struct."""
+    decode_signed: Callable[[bytes], Any]
+    """The same for a signed envelope."""
+    convert: Callable[[Any], Message]
+
+    def key(self) -> bytes | None:
+        """How the envelopes ``encode`` writes for this class begin, after their map header:
+        ``"t"`` and the type name as msgpack fixstrs; None for a name too long for one."""
+        name = self.type_name.encode()
+        return _T_FIRST + _BYTE[0xA0 | len(name)] + name if len(name) < 32 else None
+
+
+def _plan_of(cls: type[Message], max_depth: int) -> _Plan | None:
+    """The plan for ``cls`` under a codec's nesting limit, made once."""
+    key = (cls, max_depth if cls.open_values else None)
+    if key not in _PLANS:
+        _PLANS[key] = _make_plan(cls, max_depth)
+    return _PLANS[key]
+
+
+_PLANS: dict[tuple[type[Message], int | None], _Plan | None] = {}
+
+
+def _make_plan(cls: type[Message], max_depth: int) -> _Plan | None:
+    body = body_type(cls, max_depth)
+    if body is None:
+        return None
+    fields = [("t", Literal[cls.type_name]), ("v", Literal[cls.wire_version]), ("b", body.struct)]
+    name = f"{body.struct.__name__}Envelope"
+    unsigned, signed = (
+        msgspec.msgpack.Decoder(msgspec.defstruct(name, fields, bases=(base,))).decode
+        for base in (_Incoming, _Signed)
+    )
+    return _Plan(cls.type_name, cls.wire_version, cls, unsigned, signed, body.convert)
+
+
+_encode_envelope = msgspec.msgpack.Encoder().encode
+_decode_envelope = msgspec.msgpack.Decoder(_Incoming).decode
+_T_FIRST = b"\xa1t"
+"""The first key of the envelopes ``encode`` writes."""
 
 
 class Envelope(NamedTuple):
@@ -132,6 +224,18 @@ class Codec:
         self.replay_window = replay_window
 
     @property
+    def max_depth(self) -> int:
+        """How deep a message may nest (the envelope is level 1, its body level 2)."""
+        return self._max_depth
+
+    @max_depth.setter
+    def max_depth(self, max_depth: int) -> None:
+        self._max_depth = max_depth
+        # By what follows "t" in an envelope (see _Plan.key): the plans of classes
+        # holding Any values depend on the limit.
+        self._plans: dict[bytes, _Plan] = {}
+
+    @property
     def keys(self) -> tuple[bytes, ...]:
         return self.signer.keys
 
@@ -161,20 +265,19 @@ class Codec:
 
         ``deadline`` (unix ms, 0: none): a request's, inside the signature.
         """
-        envelope: dict[str, Any] = {
-            "t": message.type_name,
-            "v": message.wire_version,
-            "id": id or new_id(),
-            "c": correlation,
-            "r": reply_to,
-            "ts": int(time.time() * 1000),
-            "b": message.to_wire(),
-        }
-        if deadline:
-            envelope = {**envelope, "d": deadline}
+        envelope = _Outgoing(
+            message.type_name,
+            message.wire_version,
+            id or new_id(),
+            correlation,
+            reply_to,
+            time.time_ns() // 1_000_000,
+            message,
+            deadline,
+        )
         try:
-            data: bytes = _packer.pack(envelope)
-        except (TypeError, ValueError, OverflowError) as exc:  # validate() was skipped
+            data = _encode_envelope(envelope)
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:  # not validated
             raise _fail("", f"cannot encode {message.type_name}: {exc}") from None
         signer = self.signer
         if signer.signing:
@@ -207,6 +310,73 @@ class Codec:
             data = bytes(data)
         if len(data) > self.max_size:
             raise _fail("", f"message is {len(data)} bytes, over the {self.max_size}-byte limit")
+        # The fast path: msgspec decodes the layout encode() writes, by the message's class.
+        plan = self._plans.get(data[1 : data[3] - 0x9C]) if len(data) > 3 else None
+        if plan is None:
+            plan = self._plan(data)
+        if plan is not None:
+            type_name, version, cls, decode, decode_signed, convert = plan
+            signing = self.signer.signing
+            try:
+                if signing:
+                    incoming: _Incoming = decode_signed(data)
+                    if not self._signed_as_encoded(data, incoming.d, channel):
+                        return self._decode_checked(data, channel, guard)
+                else:
+                    incoming = decode(data)
+                message = convert(incoming.b)
+            except REFUSED:
+                pass
+            else:
+                if _REGISTRY.get(type_name) is cls:
+                    if guard is not None and signing:
+                        guard.check(incoming.id, incoming.ts, valid_until=incoming.d)
+                    return _new_envelope(
+                        Envelope,
+                        (
+                            message,
+                            incoming.id,
+                            incoming.c,
+                            incoming.r,
+                            incoming.ts,
+                            version,
+                            incoming.d,
+                        ),
+                    )
+        # Anything else, and anything refused: msgpack and the message's own checks.
+        return self._decode_checked(data, channel, guard)
+
+    def _signed_as_encoded(self, data: bytes, deadline: int, channel: str | bytes | None) -> bool:
+        """Whether a signed envelope is laid out as encode() writes it, no key twice (its map
+        header counts the keys it has, "d" only with a deadline), "s" last, and signed right
+        for ``channel``: the bytes before "s", under a header one smaller."""
+        if data[0] != _FIXMAP | (_SIGNED_KEYS + (deadline != 0)):
+            return False
+        if data[-_SIGNATURE_TAIL:-32] != _SIGNATURE_ENTRY:
+            return False
+        unsigned = _BYTE[data[0] - 1] + data[1:-_SIGNATURE_TAIL]
+        if channel is None:
+            return self.signer.verify(data[-32:], unsigned)
+        return self.signer.verify(data[-32:], _channel_bytes(channel), unsigned)
+
+    def _plan(self, data: bytes) -> _Plan | None:
+        """The plan for the class ``data`` names, made on its first message."""
+        try:
+            type_name = _decode_envelope(data).t
+        except REFUSED:
+            return None
+        cls = _lookup(type_name)
+        if cls is None:
+            return None
+        plan = _plan_of(cls, self.max_depth)
+        if plan is not None and (key := plan.key()) is not None:
+            self._plans[key] = plan
+        return plan
+
+    def _decode_checked(
+        self, data: bytes, channel: str | bytes | None, guard: ReplayGuard | None
+    ) -> Envelope:
+        """``decode`` by msgpack and each message's own checks, which say what is wrong."""
         try:
             raw = _unpackb(data, raw=False, strict_map_key=True, timestamp=0)
         except Exception as exc:  # msgpack raises a handful of unrelated types

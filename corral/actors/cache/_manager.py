@@ -45,7 +45,14 @@ from corral.actors.cache._backends import (
     Resync,
 )
 from corral.actors.cache._memory import MemoryStore
-from corral.actors.cache._metrics import BATCHED_GETS, FAMILIES, LEASE_WAITERS, LEASES, Counters
+from corral.actors.cache._metrics import (
+    BATCHED_GETS,
+    BATCHED_SETS,
+    FAMILIES,
+    LEASE_WAITERS,
+    LEASES,
+    Counters,
+)
 from corral.actors.cache._options import BackendOptions, CacheOptions
 from corral.errors import (
     BackendUnavailable,
@@ -91,6 +98,8 @@ _SUMMED = ("hits", "misses", "sets", "deletes", "evictions", "expirations", "err
 _SEVERITY = {"healthy": 0, "degraded": 1, "unhealthy": 2}
 _GET_BATCH = 256
 """At most this many waiting gets are answered with one round trip per backend."""
+_SET_BATCH = 256
+"""At most this many waiting sets are stored together (see ``CacheManager.set``)."""
 _LISTENER_READY_TIMEOUT = 1.0
 
 
@@ -299,14 +308,63 @@ class CacheManager(Manager[CacheOptions]):
         return CacheValues(values={k: _decode(d) for k, d in found.items()})
 
     @handles(CacheSet)
-    def set(self, msg: CacheSet) -> CacheStored:
+    def set(self, msg: CacheSet) -> CacheStored | None:
+        """One set, or, when more wait behind it, all of them: each run of sets to one
+        backend with one TTL and tags stored in one round trip, the runs in order."""
+        queued = self.take_queued(CacheSet, _SET_BATCH)
+        if queued:
+            self.corral_metrics.add(BATCHED_SETS, by=len(queued) + 1)
+            self._set_together([(msg, self.defer_reply()), *queued])
+            return None  # answered through its future with the others
+        backend, key, data = self._checked_set(msg)
+        backend.set_many({key: data}, msg.ttl, msg.tags)
+        self._settle(backend.name, key, msg.value)
+        return CacheStored(count=1)
+
+    def _checked_set(self, msg: CacheSet) -> tuple[Backend, str, bytes]:
+        """The backend, key and encoded value of a set, or the InvalidMessage that refuses it."""
         backend = self._backend(msg.backend)
         key = self._key(msg.key)
         data = self._encode(msg.value, "value")
         _check_ttl(msg.ttl, "ttl")
-        backend.set_many({key: data}, msg.ttl, msg.tags)
-        self._settle(backend.name, key, msg.value)
-        return CacheStored(count=1)
+        return backend, key, data
+
+    def _set_together(self, queued: list[tuple[CacheSet, pykka.Future[Any] | None]]) -> None:
+        """Store every set of the batch, answering each with CacheStored or its own error."""
+        unanswered = {id(future): future for _, future in queued if future is not None}
+
+        def answer(future: pykka.Future[Any] | None, reply: Reply | CorralError) -> None:
+            unanswered.pop(id(future), None)
+            _answer(future, reply)
+
+        try:
+            runs: list[tuple[tuple[Any, ...], list[tuple[CacheSet, str, bytes, Any]]]] = []
+            for msg, future in queued:
+                try:
+                    backend, key, data = self._checked_set(msg)
+                except CorralError as exc:
+                    answer(future, exc)
+                    continue
+                same = (backend.name, msg.ttl, tuple(msg.tags))
+                if not runs or runs[-1][0] != same:
+                    runs.append((same, []))
+                runs[-1][1].append((msg, key, data, future))
+            for (name, ttl, tags), sets in runs:
+                try:
+                    # One dict: of two sets of a key in a run, the later one is stored.
+                    self.backends[name].set_many({key: data for _, key, data, _ in sets}, ttl, tags)
+                except CorralError as exc:
+                    for *_, future in sets:
+                        answer(future, exc)
+                    continue
+                for msg, key, _, future in sets:
+                    self._settle(name, key, msg.value)
+                    answer(future, CacheStored(count=1))
+        except BaseException as exc:
+            gone = ManagerUnavailable(f"cache manager failed during a batched set: {exc!r}")
+            for future in unanswered.values():
+                _answer(future, gone)
+            raise
 
     @handles(CacheSetMany)
     def set_many(self, msg: CacheSetMany) -> CacheStored:
@@ -560,6 +618,7 @@ class CacheManager(Manager[CacheOptions]):
         counted = self.corral_metrics
         metrics["leases"] = len(self.flights)
         metrics["batched_gets"] = int(counted.value(BATCHED_GETS))
+        metrics["batched_sets"] = int(counted.value(BATCHED_SETS))
         metrics["lease_waiters"] = sum(len(f.waiters) for f in self.flights.values())
         counted.set(LEASES, metrics["leases"])
         counted.set(LEASE_WAITERS, metrics["lease_waiters"])

@@ -52,6 +52,10 @@ BATCHED_GETS = Counter(
     "corral_cache_batched_gets_total", "Gets answered together with others in one round trip"
 )
 
+BATCHED_SETS = Counter(
+    "corral_cache_batched_sets_total", "Sets stored together with others in one round trip"
+)
+
 FAMILIES = (
     HITS,
     MISSES,
@@ -69,6 +73,7 @@ FAMILIES = (
     LEASES,
     LEASE_WAITERS,
     BATCHED_GETS,
+    BATCHED_SETS,
 )
 """Every family above, as the manager declares them."""
 

@@ -39,6 +39,7 @@ from corral.actors.pool._metrics import (
 )
 from corral.actors.pool._options import ServiceOptions
 from corral.actors.pool._policy import Breaker, parse_retry_after, retry_delay
+from corral.actors.pool._transport import AiohttpTransport
 from corral.errors import BackendUnavailable, RequestError, Timeout
 from corral.messages.pool import HttpResponse
 from corral.messages.system import HealthStatus
@@ -132,6 +133,8 @@ class Service:
         ]
         self._rotation = 0
         self._client: httpx.AsyncClient | None = None
+        self._aiohttp: AiohttpTransport | None = None
+        """The client's transport, unless it is httpx's own."""
         self._probes: list[asyncio.Task[None]] = []
         self.latencies: deque[float] = deque(maxlen=latency_window)
 
@@ -145,17 +148,21 @@ class Service:
         headers = dict(options.headers)
         if options.bearer_token:
             headers["Authorization"] = f"Bearer {options.bearer_token}"
+        limits = httpx.Limits(
+            max_connections=options.max_connections,
+            max_keepalive_connections=options.max_keepalive,
+            keepalive_expiry=options.keepalive_expiry,
+        )
+        if options.transport == "aiohttp" or (options.transport == "auto" and not options.http2):
+            self._aiohttp = AiohttpTransport(limits)
         self._client = httpx.AsyncClient(
             auth=auth,
             headers=headers,
             http2=options.http2,
-            limits=httpx.Limits(
-                max_connections=options.max_connections,
-                max_keepalive_connections=options.max_keepalive,
-                keepalive_expiry=options.keepalive_expiry,
-            ),
+            limits=limits,
             timeout=self._timeout(math.inf),
             trust_env=False,
+            transport=self._aiohttp,
         )
         if options.health_path:
             self._probes = [
@@ -446,6 +453,8 @@ class Service:
         }
 
     def _connections(self) -> tuple[int, int]:
+        if self._aiohttp is not None:
+            return self._aiohttp.in_flight, self._aiohttp.idle_connections()
         # httpx does not expose its pool: read httpcore's (public) list through the transport.
         pool: Any = getattr(getattr(self._client, "_transport", None), "_pool", None)
         connections: list[Any] = list(getattr(pool, "connections", []))

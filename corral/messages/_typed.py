@@ -1,0 +1,336 @@
+"""msgspec structs that decode a message's body in C, accepting nothing its own checks refuse.
+
+For a message class, :func:`body_type` builds a ``msgspec.Struct`` with the same
+fields (unknown ones forbidden), each typed so that msgspec accepts exactly the values
+the class's generated ``_from_wire`` accepts, or fewer: numbers carry their
+:class:`~corral.messages.base.Range` as ``msgspec.Meta`` bounds (and the 64-bit and
+finite limits every number has), enums and literals their values, nested messages
+structs of their own. What msgspec cannot say in C is checked on the decoded values
+(``Any`` values: plain msgpack values, str map keys, nesting), and the struct becomes
+the message through straight-line code written for its class::
+
+    body = body_type(CacheGet, max_depth=32)
+    decode = msgspec.msgpack.Decoder(body.struct).decode
+    message = body.convert(decode(b"\\x81\\xa3key\\xa1k"))    # CacheGet(key="k")
+
+Where msgspec or those checks refuse a body (raising one of :data:`REFUSED`), the codec
+decodes it again with msgpack and the class's own checks, which say what is wrong, with
+its path. A class whose fields msgspec cannot type that way (an enum of str and int
+values, a union of two messages, a float tried before an int...) has no body type.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import math
+import types
+import typing
+from collections.abc import Callable
+from typing import Annotated, Any, NamedTuple
+
+import msgspec
+
+from corral.messages.base import (
+    _NO_RANGE,
+    MAX_NESTING,
+    Message,
+    Range,
+    _range_of,
+    _span,
+)
+
+__all__ = ["REFUSED", "BodyType", "body_type"]
+
+Convert = Callable[[Any], Any]
+"""Turns a decoded value into the message's: a struct into its message, or a check."""
+
+_BODY_DEPTH = 2
+"""The envelope is level 1 of the codec's nesting limit, the body level 2."""
+
+_ANY_LEAVES = frozenset((str, bytes, bool, int, float, type(None)))
+
+
+class _Refused(Exception):
+    """A decoded value that a check below refuses: the reference decoder says why."""
+
+
+REFUSED = (msgspec.MsgspecError, ValueError, TypeError, RecursionError, _Refused)
+"""What msgspec and the checks here raise for input they refuse (invalid UTF-8 is a
+ValueError, a map key that is a map a TypeError before msgspec 0.19, input nested past
+the interpreter's limit a RecursionError)."""
+
+
+class _Unsupported(Exception):
+    """A type msgspec cannot check exactly as the message's own checks do."""
+
+
+class _Node(NamedTuple):
+    """One field type as msgspec decodes it, and how its value becomes the message's."""
+
+    type: Any
+    convert: Convert | None
+    """None: the decoded value is the message's as it is."""
+
+
+class BodyType(NamedTuple):
+    """The struct a message's body decodes as, and the code that makes it the message."""
+
+    struct: type[msgspec.Struct]
+    convert: Callable[[Any], Message]
+    """Raises one of :data:`REFUSED` for a value msgspec took and a check here refuses."""
+
+
+def body_type(cls: type[Message], max_depth: int) -> BodyType | None:
+    """The body type of ``cls``, or None when msgspec cannot check it exactly.
+
+    ``max_depth``: the codec's nesting limit, which bounds classes holding ``Any`` values.
+    """
+    key = (cls, max_depth if cls.open_values else None)
+    try:
+        return _BODY_TYPES[key]
+    except KeyError:
+        pass
+    try:
+        node = _message_node(cls, _BODY_DEPTH, key[1])
+        msgspec.msgpack.Decoder(node.type)  # msgspec refuses some types only here
+    except (_Unsupported, TypeError):
+        found = None
+    else:
+        assert node.convert is not None
+        found = BodyType(node.type, node.convert)
+    _BODY_TYPES[key] = found
+    return found
+
+
+_BODY_TYPES: dict[tuple[type[Message], int | None], BodyType | None] = {}
+
+
+def _node(annotation: Any, depth: int, limit: int | None) -> _Node:
+    """The node of a value at ``depth`` (the body's fields are at 3)."""
+    if limit is not None and depth > limit:
+        raise _Unsupported("deeper than the nesting limit")
+    if annotation is int or annotation is float:
+        return _number(annotation, _NO_RANGE)
+    if annotation in (str, bytes, bool):
+        return _Node(annotation, None)
+    if annotation is None or annotation is type(None):
+        return _Node(type(None), None)
+    if annotation is Any:
+        if limit is None:
+            raise _Unsupported("an Any value outside a class marked open_values")
+        return _Node(Any, _any_check(min(limit - depth + 1, MAX_NESTING)))
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Annotated:
+        rng = _range_of(annotation)
+        return _node(args[0], depth, limit) if rng is None else _number(args[0], rng)
+    if origin is list:
+        item = _node(args[0], depth + 1, limit)
+        return _Node(_list_of(item.type), _each(item.convert) if item.convert else None)
+    if origin is dict:
+        value = _node(args[1], depth + 1, limit)
+        convert = _each_value(value.convert) if value.convert else None
+        return _Node(_map_of(value.type), convert)
+    if origin in (typing.Union, types.UnionType):
+        return _union([_node(option, depth, limit) for option in args], args)
+    if origin is typing.Literal:
+        return _Node(annotation, None)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return _Node(annotation, None)
+    if isinstance(annotation, type) and issubclass(annotation, Message):
+        # Without a nesting limit, a class's struct is the same at every depth.
+        return _message_node(annotation, _BODY_DEPTH if limit is None else depth, limit)
+    raise _Unsupported(f"no msgspec type for {annotation!r}")
+
+
+def _list_of(item: Any) -> Any:
+    return list[item]
+
+
+def _map_of(value: Any) -> Any:
+    return dict[str, value]
+
+
+def _number(kind: type, rng: Range) -> _Node:
+    span = _span(kind, rng)
+    if span is None:  # a float that may be inf or nan
+        return _Node(float, None)
+    if kind is int:
+        low = math.floor(span.lo) + 1 if span.lo_open else math.ceil(span.lo)
+        meta = msgspec.Meta(ge=low, le=math.floor(span.hi))
+    elif span.lo_open:
+        meta = msgspec.Meta(gt=span.lo, le=span.hi)
+    else:
+        meta = msgspec.Meta(ge=span.lo, le=span.hi)
+    return _Node(Annotated[kind, meta], None)
+
+
+def _union(options: list[_Node], annotations: tuple[Any, ...]) -> _Node:
+    # msgspec picks an option by the wire type, where the reference tries them in order:
+    # a float option before an int one would take an int as a float there.
+    seen_float = False
+    for annotation in annotations:
+        base = _base(annotation)
+        if base is float:
+            seen_float = True
+        elif seen_float and _takes_ints(base):
+            raise _Unsupported("a float option before an int option")
+    converts: dict[type, Convert] = {}
+    for option in options:
+        if option.type is Any:
+            raise _Unsupported("Any in a union")  # no type tells when to check a value
+        if option.convert is not None:
+            converts[_decoded_type(option.type)] = option.convert
+    union = functools.reduce(lambda a, b: a | b, [o.type for o in options])
+    if not converts:
+        return _Node(union, None)
+
+    def convert(value: Any) -> Any:
+        step = converts.get(type(value))
+        return value if step is None else step(value)
+
+    return _Node(union, convert)
+
+
+def _base(annotation: Any) -> Any:
+    """What a number field is underneath its Range."""
+    if typing.get_origin(annotation) is Annotated:
+        return typing.get_args(annotation)[0]
+    return annotation
+
+
+def _takes_ints(annotation: Any) -> bool:
+    if annotation is int:
+        return True
+    if typing.get_origin(annotation) is typing.Literal:
+        return any(type(v) is int for v in typing.get_args(annotation))
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return any(type(m.value) is int for m in annotation)
+    return False
+
+
+def _decoded_type(msgspec_type: Any) -> type:
+    """The Python type msgspec decodes a value of ``msgspec_type`` as (for unions)."""
+    origin = typing.get_origin(msgspec_type)
+    if origin is Annotated:
+        return _decoded_type(typing.get_args(msgspec_type)[0])
+    if origin is not None:
+        return typing.cast(type, origin)  # list, dict
+    return typing.cast(type, msgspec_type)  # a struct
+
+
+def _each(convert: Convert) -> Convert:
+    def each(items: list[Any]) -> list[Any]:
+        return [convert(item) for item in items]
+
+    return each
+
+
+def _each_value(convert: Convert) -> Convert:
+    def each_value(items: dict[str, Any]) -> dict[str, Any]:
+        return {key: convert(value) for key, value in items.items()}
+
+    return each_value
+
+
+def _any_check(levels: int) -> Convert:
+    """A check that a value is plain msgpack (str map keys) nested at most ``levels`` deep."""
+    if levels < 1:
+        raise _Unsupported("no room for a value")
+
+    def check(value: Any) -> Any:
+        if not _plain_within([value], levels):
+            raise _Refused
+        return value
+
+    return check
+
+
+def _plain_within(level: list[Any], levels: int) -> bool:
+    """Whether every item below is a msgpack value with str keys, ``levels`` deep at most.
+
+    Walks level by level, as the reference decoder counts nesting.
+    """
+    leaves = _ANY_LEAVES
+    join = "".join
+    depth = 1
+    while level:
+        if depth > levels:
+            return False
+        below: list[Any] = []
+        extend = below.extend
+        for item in level:
+            kind = type(item)
+            if kind is dict:
+                try:
+                    join(item)  # every key a str, checked in C
+                except TypeError:
+                    return False
+                extend(item.values())
+            elif kind is list:
+                extend(item)
+            elif kind not in leaves:
+                return False
+        level = below
+        depth += 1
+    return True
+
+
+_ABSENT = msgspec.UNSET
+"""What a struct field holds when its map left it out (for fields whose value is converted)."""
+
+
+def _message_node(cls: type[Message], depth: int, limit: int | None) -> _Node:
+    """A struct for ``cls`` with its map at ``depth``, and the code that builds the message."""
+    key = (cls, depth, limit)
+    node = _STRUCTS.get(key)
+    if node is None:
+        node = _STRUCTS[key] = _make_message_node(cls, depth, limit)
+    return node
+
+
+_STRUCTS: dict[tuple[type[Message], int, int | None], _Node] = {}
+
+
+def _make_message_node(cls: type[Message], depth: int, limit: int | None) -> _Node:
+    fields: list[tuple[str, Any, Any]] = []
+    namespace: dict[str, Any] = {"cls": cls, "new": object.__new__, "ABSENT": _ABSENT}
+    lines = ["def convert(s):", "    obj = new(cls)"]
+    for i, info in enumerate(cls.fields_info):
+        node = _node(info.annotation, depth + 1, limit)
+        default, is_factory = info.default
+        # The field's slot; an inherited field's slot lives on the base class.
+        slot = next(k.__dict__[info.name] for k in cls.__mro__ if info.name in k.__dict__)
+        namespace[f"set_{i}"] = slot.__set__
+        namespace[f"convert_{i}"] = node.convert
+        namespace[f"default_{i}"] = default
+        if node.convert is None:
+            if info.required:
+                fields.append((info.name, node.type, msgspec.NODEFAULT))
+            elif is_factory:
+                fields.append((info.name, node.type, msgspec.field(default_factory=default)))
+            else:
+                fields.append((info.name, node.type, default))
+            lines.append(f"    set_{i}(obj, s.{info.name})")
+            continue
+        if info.required:
+            fields.append((info.name, node.type, msgspec.NODEFAULT))
+            lines.append(f"    set_{i}(obj, convert_{i}(s.{info.name}))")
+            continue
+        fields.append((info.name, node.type | msgspec.UnsetType, _ABSENT))
+        fresh = f"default_{i}()" if is_factory else f"default_{i}"
+        lines.append(f"    v = s.{info.name}")
+        lines.append(f"    set_{i}(obj, {fresh} if v is ABSENT else convert_{i}(v))")
+    if hasattr(cls, "__post_init__"):
+        lines.append("    obj.__post_init__()")
+    lines.append("    return obj")
+    struct = msgspec.defstruct(
+        f"{cls.__name__}Struct",
+        [(n, t) if d is msgspec.NODEFAULT else (n, t, d) for n, t, d in fields],
+        kw_only=True,
+        forbid_unknown_fields=True,
+        gc=False,
+    )
+    exec("\n".join(lines), namespace)
+    return _Node(struct, namespace["convert"])
