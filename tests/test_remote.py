@@ -274,6 +274,9 @@ def test_tls_urls(tmp_path: Path) -> None:
     with RedisServer(*args, "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"):
         url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}"
         with Daemon(daemon_config(url)), corral.connect(url, namespace="rt") as remote:
+            # A daemon serves once it has announced itself (a slow TLS handshake under
+            # load can leave that to its first heartbeat): until then, no daemon serves.
+            wait_until(lambda: _answers(remote), timeout=20)
             assert remote.ask(Ping(payload=b"tls")).payload == b"tls"
 
 
@@ -281,6 +284,7 @@ def test_acl_user_in_the_url() -> None:
     with RedisServer("--user", "alice", "on", ">wonderland", "~*", "&*", "+@all") as server:
         url = server.url.replace("redis://", "redis://alice:wonderland@")
         with Daemon(daemon_config(url)), corral.connect(url, namespace="rt") as remote:
+            wait_until(lambda: _answers(remote), timeout=20)
             assert remote.ask(Ping(payload=b"acl")).payload == b"acl"
 
 
