@@ -63,6 +63,7 @@ __all__ = [
     "redact",
     "subscriber",
     "subscriber_async",
+    "time_ms",
     "topology",
 ]
 
@@ -443,6 +444,16 @@ def check_writable(url: str, *, setting: str = "redis url") -> Topology | None:
             {"setting": setting, "role": kind},
         )
     return found
+
+
+def time_ms(reply: tuple[int, int]) -> int:
+    """A ``TIME`` reply (seconds, microseconds) as unix milliseconds: Redis's clock, the one
+    every daemon's heartbeat is measured by::
+
+        now = time_ms(client.time())          # or time_ms(await client.time())
+    """
+    seconds, microseconds = reply
+    return int(seconds) * 1000 + int(microseconds) // 1000
 
 
 def describe(exc: BaseException, where: str = "") -> str:

@@ -35,7 +35,6 @@ When the bus is on Redis it also serves remote requests from ``corral.connect()`
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import json
 import logging
@@ -68,7 +67,7 @@ from corral import __version__, dashboard
 from corral._junk import REJECTED
 from corral._redis import check_writable
 from corral.actors import websocket
-from corral.config import Config, ManagerSection
+from corral.config import MANAGER_FIELDS, Config
 from corral.errors import ConfigError, CorralError
 from corral.messages.auth import AuthJwks
 from corral.messages.system import ChildStatus, Reconfigure, SystemHealth
@@ -232,7 +231,7 @@ class Daemon:
         for name, settings in by_manager.items():
             keys = [f"managers.{name}.{setting}" for setting in settings]
             old, new = self.config.managers.get(name), config.managers.get(name)
-            fields = {f for f in settings if f in _MANAGER_FIELDS}
+            fields = {f for f in settings if f in MANAGER_FIELDS}
             if old is None or new is None or fields:
                 restart.extend(keys)
                 continue
@@ -336,10 +335,6 @@ class Daemon:
             None, generate_latest, self.registry
         )
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-_MANAGER_FIELDS = frozenset(f.name for f in dataclasses.fields(ManagerSection)) - {"options"}
-"""The keys of a manager's table that are its spec (a change needs a restart)."""
 
 
 def _with_reloaded(current: Config, new: Config, reloaded: list[str]) -> Config:

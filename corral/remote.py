@@ -67,7 +67,14 @@ from typing import Any, cast
 import redis
 
 from corral._junk import REJECTED, junk_kind
-from corral._redis import REDIS_ERRORS, connect, describe, execute_then_publish, topology
+from corral._redis import (
+    REDIS_ERRORS,
+    connect,
+    describe,
+    execute_then_publish,
+    time_ms,
+    topology,
+)
 from corral.actors.base import CallbackFuture
 from corral.errors import Conflict, CorralError, InvalidMessage, ManagerUnavailable
 from corral.messages.base import MAX_TIMEOUT, ErrorReply, Message, Reply, validate
@@ -362,8 +369,7 @@ class RequestServer:
         A request a live daemon is still handling is never claimed, however long
         it takes: claiming it would run it twice.
         """
-        seconds, microseconds = self._redis.time()
-        now_ms = seconds * 1000 + microseconds // 1000
+        now_ms = time_ms(self._redis.time())
         for stream, manager in self.streams.items():
             if not self._serves(manager):
                 continue
@@ -702,11 +708,11 @@ class RequestServer:
         if daemon_id == self.daemon_id:
             return True
         try:
-            seconds, microseconds = self._redis.time()
+            now_ms = time_ms(self._redis.time())
             expires = self._redis.zscore(alive_key(self.namespace, manager), daemon_id)
         except REDIS_ERRORS:
             return True
-        return expires is not None and expires >= seconds * 1000 + microseconds // 1000
+        return expires is not None and expires >= now_ms
 
     def _record_ttl_ms(self, entry: _Entry) -> int:
         if not entry.deadline_ms:

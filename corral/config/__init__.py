@@ -48,6 +48,7 @@ from typing import Any, TypeVar
 from corral.config._config import Config
 from corral.config._loader import ConfigSource, ConfigWarning, load_config
 from corral.config._sections import (
+    MANAGER_FIELDS,
     REDIS_URL,
     BusSection,
     CodecSection,
@@ -90,6 +91,7 @@ def parse_options(cls: type[S], options: Mapping[str, Any], *, manager: str) -> 
 
 
 __all__ = [
+    "MANAGER_FIELDS",
     "REDIS_URL",
     "BusSection",
     "CodecSection",

@@ -27,7 +27,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any, Literal, cast
 
-from corral._redis import AsyncRedis, connect_async
+from corral._redis import AsyncRedis, connect_async, time_ms
 from corral.dashboard._events import EVENT_KINDS, EVENTS_KEPT, Cursor
 from corral.remote import alive_key
 
@@ -99,8 +99,7 @@ class SharedView:
 
     async def daemon_ids(self) -> list[str]:
         """The daemons whose heartbeat is current, by Redis's clock."""
-        seconds, microseconds = await self.client.time()
-        now_ms = seconds * 1000 + microseconds // 1000
+        now_ms = time_ms(await self.client.time())
         members = await self.client.zrangebyscore(
             alive_key(self.namespace, "supervisor"), now_ms, "+inf"
         )
