@@ -23,7 +23,12 @@ deliveries over (last receipt - first emit), the best of a few bursts of emits s
 fast as the emitter can; latency (receipt - emit) is given for those bursts (mostly
 queueing) and for emits paced every 20 ms (the fan-out time of one message).
 
-Run: ``python bench/fanout.py``. Prints figures and ratios; asserts nothing.
+A second round puts 3,000 sockets in one room of corral (memory backend) and of the bare
+``websockets`` server: the servers' resident memory per connection, and the latency of
+paced broadcasts to all of them.
+
+Run: ``python bench/fanout.py`` (``--large``: the 3,000-socket round only). Prints figures
+and ratios; asserts nothing.
 """
 
 from __future__ import annotations
@@ -49,6 +54,10 @@ from _report import Row, percentiles, report
 from tests.redis_server import RedisServer
 
 CLIENTS = 500
+LARGE_ROOM = 3000  # sockets in the memory and broadcast-latency round
+LARGE_SIDES = ("corral", "websockets")
+LARGE_PACED = 30
+LARGE_PACE = 0.1
 BURST = 200  # emits per burst: 100k deliveries
 ROUNDS = 3
 PACED = 50
@@ -74,18 +83,27 @@ def payload(round_id: int, index: int) -> dict[str, Any]:
 
 
 def commands() -> Iterator[list[str]]:
-    """The orchestrator's orders on stdin, one per line, split into words."""
+    """The orchestrator's orders on stdin, one per line, split into words; ``rss`` is
+    answered here (this process's resident memory, bytes)."""
     for line in sys.stdin:
         words = line.split()
         if not words or words[0] == "quit":
             return
+        if words[0] == "rss":
+            print(resident_bytes(), flush=True)
+            continue
         yield words
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 # -- servers: one process each ----------------------------------------------------------
 
 
-def serve_corral(redis_url: str, *, signed: bool) -> None:
+def serve_corral(redis_url: str, clients: int, *, signed: bool) -> None:
     from corral.config import CodecSection, Config, DaemonSection, ManagerSection  # noqa: PLC0415
     from corral.daemon import Daemon  # noqa: PLC0415
     from corral.messages.auth import AuthIssue  # noqa: PLC0415
@@ -115,7 +133,7 @@ def serve_corral(redis_url: str, *, signed: bool) -> None:
         system = daemon.system
         tokens = [
             system.ask(AuthIssue(subject=f"user:{n}", refresh=False)).access_token
-            for n in range(CLIENTS)
+            for n in range(clients)
         ]
         print(json.dumps({"port": daemon.port, "tokens": tokens}), flush=True)
         for words in commands():
@@ -191,6 +209,9 @@ async def obey(emit: Any) -> None:
         words = line.split()
         if not words or words[0] == "quit":
             return
+        if words[0] == "rss":
+            print(resident_bytes(), flush=True)
+            continue
         round_id, count = int(words[1]), int(words[2])
         interval = float(words[3]) if words[0] == "paced" else 0.0
         started = time.perf_counter()
@@ -345,7 +366,7 @@ class PlainClient(Client):
             self.receipts.record(json.loads(text)["data"])
 
 
-async def run_clients(side: str, port: int, tokens: list[str]) -> None:
+async def run_clients(side: str, port: int, count: int, tokens: list[str]) -> None:
     loop = asyncio.get_running_loop()
     receipts = Receipts()
     gate = asyncio.Semaphore(CONNECTING)
@@ -363,7 +384,7 @@ async def run_clients(side: str, port: int, tokens: list[str]) -> None:
             await asyncio.wait_for(client.ready, STEP_TIMEOUT)
         clients.append(client)
 
-    await asyncio.gather(*(open_one(n) for n in range(CLIENTS)))
+    await asyncio.gather(*(open_one(n) for n in range(count)))
     print(json.dumps({"clients": len(clients)}), flush=True)
     while True:
         words = (await loop.run_in_executor(None, sys.stdin.readline)).split()
@@ -443,11 +464,11 @@ class Child:
 
 def measure(side: str, redis_url: str) -> dict[str, dict[str, float]]:
     """The best burst (by deliveries/s) and the paced round of one side."""
-    server = Child("--serve", side, redis_url)
+    server = Child("--serve", side, redis_url, str(CLIENTS))
     client: Child | None = None
     try:
         hello = json.loads(server.read())
-        client = Child("--clients", side, str(hello["port"]))
+        client = Child("--clients", side, str(hello["port"]), str(CLIENTS))
         client.tell(json.dumps(hello.get("tokens", [])))
         client.read()  # every client joined
 
@@ -471,8 +492,52 @@ def measure(side: str, redis_url: str) -> dict[str, dict[str, float]]:
         server.stop()
 
 
-def main() -> None:
+def measure_large(side: str) -> dict[str, float]:
+    """Resident memory per connection and paced broadcast latency with LARGE_ROOM sockets."""
+    server = Child("--serve", side, "", str(LARGE_ROOM))
+    client: Child | None = None
+    try:
+        hello = json.loads(server.read())
+        server.tell("rss")
+        before = int(server.read())
+        client = Child("--clients", side, str(hello["port"]), str(LARGE_ROOM))
+        client.tell(json.dumps(hello.get("tokens", [])))
+        client.read()  # every client joined
+        server.tell("rss")
+        per_connection = (int(server.read()) - before) / LARGE_ROOM
+        server.tell(f"paced 1 {LARGE_PACED} {LARGE_PACE}")
+        server.read()
+        client.tell(f"report 1 {LARGE_PACED}")
+        paced: dict[str, float] = json.loads(client.read())
+        if paced["deliveries"] < paced["expected"]:
+            print(f"{side}: lost {paced['expected'] - paced['deliveries']} in the large room")
+        return {"kb": per_connection / 1024, **paced}
+    finally:
+        if client is not None:
+            client.stop()
+        server.stop()
+
+
+def main(*, large_only: bool = False) -> None:
     started = time.perf_counter()
+    large = {side: measure_large(side) for side in LARGE_SIDES}
+    report(
+        f"WebSocket room of {LARGE_ROOM} sockets (memory backend): resident memory per "
+        f"connection, and {LARGE_PACED} broadcasts every {LARGE_PACE * 1000:.0f} ms",
+        [
+            Row("memory per connection", large["corral"]["kb"], large["websockets"]["kb"], "KB"),
+            Row("broadcast p50", large["corral"]["p50_ms"], large["websockets"]["p50_ms"], "ms"),
+            Row("broadcast p99", large["corral"]["p99_ms"], large["websockets"]["p99_ms"], "ms"),
+        ],
+        note=(
+            "reference: a bare websockets server with websockets.broadcast (no compression).\n"
+            "Memory: the server's resident set after every socket joined, minus before, over\n"
+            "the sockets; latency: receipt - emit at the clients. Lower is better (targets:\n"
+            "<= 1.3x for both)."
+        ),
+    )
+    if large_only:
+        return
     with RedisServer() as redis_server:
         results = {side: measure(side, redis_server.url) for side in SIDES}
     rows: list[Row] = []
@@ -512,12 +577,20 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--serve"]:
         which = sys.argv[2]
         if which.startswith("corral"):
-            serve_corral(sys.argv[3] if which != "corral" else "", signed=which == "corral-signed")
+            serve_corral(
+                sys.argv[3] if which != "corral" else "",
+                int(sys.argv[4]),
+                signed=which == "corral-signed",
+            )
         elif which == "socketio":
             asyncio.run(serve_socketio())
         else:
             asyncio.run(serve_websockets())
     elif sys.argv[1:2] == ["--clients"]:
-        asyncio.run(run_clients(sys.argv[2], int(sys.argv[3]), json.loads(sys.stdin.readline())))
+        asyncio.run(
+            run_clients(
+                sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.stdin.readline())
+            )
+        )
     else:
-        main()
+        main(large_only=sys.argv[1:2] == ["--large"])

@@ -17,6 +17,7 @@ import redis
 import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.client import ClientProtocol
+from websockets.frames import Frame
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
@@ -319,6 +320,20 @@ class SilentClient:
         self.protocol.send_text(json.dumps(frame).encode())
         self._flush()
 
+    def read_frames(self, count: int) -> list[dict[str, Any]]:
+        """The next ``count`` text frames, parsed, blocking until they come."""
+        self.sock.settimeout(10)
+        frames: list[dict[str, Any]] = []
+        while len(frames) < count:
+            self.protocol.receive_data(self.sock.recv(1 << 20))
+            frames += [
+                json.loads(bytes(event.data))
+                for event in self.protocol.events_received()
+                if isinstance(event, Frame)
+            ]
+            self._flush()  # pongs
+        return frames
+
     def read_until_closed(self) -> tuple[int, str]:
         self.sock.settimeout(10)
         while self.protocol.close_rcvd is None:
@@ -377,6 +392,39 @@ def test_a_slow_client_is_closed_4008_while_50_others_get_everything(running: Ru
         await asyncio.gather(*reading)
         assert all(got == list(range(sent)) for got in received)
         assert await asyncio.to_thread(slow.read_until_closed) == (4008, "slow")
+
+    asyncio.run(scenario())
+
+
+def test_a_client_that_stops_reading_gets_every_frame_in_order_when_it_resumes(
+    running: Running,
+) -> None:
+    daemon = running.start(config())
+    paused = SilentClient(ws_url(daemon, f"?token={token(daemon)}"))
+    paused.send({"type": "join", "room": "feed"})
+    assert [f["type"] for f in paused.read_frames(2)] == ["welcome", "joined"]
+    # More than the socket buffers hold (4 MB at most here): the rest waits in the gateway.
+    payload, backlog = "x" * 16000, 400
+    for n in range(backlog):
+        daemon.system.ask(WsEmitToRoom(room="feed", event="tick", data={"n": n, "p": payload}))
+    assert [f["data"]["n"] for f in paused.read_frames(backlog)] == list(range(backlog))
+    for n in range(backlog, backlog + 5):
+        daemon.system.ask(WsEmitToRoom(room="feed", event="tick", data={"n": n}))
+    assert [f["data"]["n"] for f in paused.read_frames(5)] == list(range(backlog, backlog + 5))
+    assert slow_closes(daemon) == 0
+
+
+def test_the_gateway_declines_compression_and_frames_still_flow(running: Running) -> None:
+    daemon = running.start(config())
+
+    async def scenario() -> None:
+        ws = await connect(daemon)  # websockets offers permessage-deflate by default
+        assert ws.response is not None
+        assert "Sec-WebSocket-Extensions" not in ws.response.headers
+        assert (await request(ws, type="join", room="r"))["type"] == "joined"
+        await ask(daemon, WsEmitToRoom(room="r", event="e", data={"text": "é" * 300}))
+        got = await frame(ws)
+        assert got["event"] == "e" and got["data"] == {"text": "é" * 300}
 
     asyncio.run(scenario())
 

@@ -21,6 +21,7 @@ and fresh (``replay_window``)::
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import itertools
@@ -115,22 +116,45 @@ class GatewayOptions(Protocol):
     def room_policies(self) -> Mapping[str, str]: ...
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Connection:
-    """One socket: its bounded outbound queue, its rooms, its inbound token bucket."""
+    """One socket: its rooms, its inbound token bucket, and what waits to be sent.
+
+    Frames are written straight to the socket's transport while it takes them; they
+    wait in ``pending`` (bounded by ``send_queue_size``), written by a task of their
+    own, only while the client reads slower than it is sent to.
+    """
 
     id: str
     user: str
     ws: web.WebSocketResponse
-    queue: asyncio.Queue[str]
+    transport: asyncio.Transport
     expires_at: float
     scopes: list[str]
     tokens: float
     refilled: float = field(default_factory=time.monotonic)
     rooms: set[str] = field(default_factory=set)
     recovering: dict[str, list[str]] = field(default_factory=dict)
-    writer: asyncio.Task[None] | None = None
+    pending: collections.deque[str] | None = None
+    flusher: asyncio.Task[None] | None = None
     closing: bool = False
+
+
+WRITE_HIGH_WATER = 64 * 1024
+"""Bytes a socket's transport may hold unsent before frames wait in ``pending``."""
+
+
+def _text_frame(text: str) -> bytes:
+    """``text`` as one unmasked, uncompressed WebSocket text frame (RFC 6455 5.2)."""
+    payload = text.encode()
+    size = len(payload)
+    if size < 126:
+        header = bytes((0x81, size))
+    elif size < 65536:
+        header = bytes((0x81, 126)) + size.to_bytes(2, "big")
+    else:
+        header = bytes((0x81, 127)) + size.to_bytes(8, "big")
+    return header + payload
 
 
 def _dumps(frame: dict[str, Any]) -> str:
@@ -305,13 +329,20 @@ class Gateway:
                 self._push(conn, frame)
 
     def deliver(self, room: str, frame: str) -> None:
-        """Fan one frame out to this daemon's members of ``room``."""
-        for conn in list(self.rooms.get(room, ())):
+        """Fan one frame out to this daemon's members of ``room``, framed once for all."""
+        members = self.rooms.get(room)
+        if not members:
+            return
+        wire = _text_frame(frame)
+        written = 0
+        for conn in list(members):
             pending = conn.recovering.get(room)
             if pending is not None:
                 pending.append(frame)
             else:
-                self._push(conn, frame)
+                written += self._push(conn, frame, wire)
+        if written:
+            self.metrics.add(FRAMES_SENT, by=written)
 
     def disconnect(self, connection_id: str, code: int, reason: str) -> None:
         conn = self.connections.get(connection_id)
@@ -320,61 +351,85 @@ class Gateway:
 
     # -- outbound -------------------------------------------------------------------------
 
-    def _push(self, conn: Connection, frame: str) -> None:
+    def _push(self, conn: Connection, frame: str, wire: bytes | None = None) -> bool:
+        """Send ``frame`` (``wire``: it framed already) now if the socket takes it, else
+        queue it; True when it was written now (for the caller to count)."""
         if conn.closing:
-            return
-        try:
-            conn.queue.put_nowait(frame)
-        except asyncio.QueueFull:
+            return False
+        if conn.flusher is None and conn.transport.get_write_buffer_size() <= WRITE_HIGH_WATER:
+            if conn.transport.is_closing():
+                return False
+            conn.transport.write(_text_frame(frame) if wire is None else wire)
+            if wire is None:
+                self.metrics.add(FRAMES_SENT)
+            return True
+        if conn.pending is None:
+            conn.pending = collections.deque()
+        elif len(conn.pending) >= self.options.send_queue_size:
             self.metrics.add(SLOW)
             self._close(conn, CLOSE_SLOW, "slow")
+            return False
+        conn.pending.append(frame)
+        if conn.flusher is None:
+            conn.flusher = asyncio.ensure_future(self._flush(conn, conn.pending))
+        return False
 
-    async def _write(self, conn: Connection) -> None:
-        queue, ws = conn.queue, conn.ws
-        while True:
-            frame = await queue.get()
-            await ws.send_str(frame)
-            self.metrics.add(FRAMES_SENT)
+    async def _flush(self, conn: Connection, pending: collections.deque[str]) -> None:
+        """Send what waits in ``pending``, at the pace the client reads (aiohttp's send
+        waits for the transport to drain)."""
+        ws = conn.ws
+        try:
+            while pending:
+                await ws.send_str(pending[0])
+                pending.popleft()
+                self.metrics.add(FRAMES_SENT)
+        except (ConnectionError, RuntimeError):
+            pass
+        finally:
+            conn.flusher = conn.pending = None
 
     def _close(self, conn: Connection, code: int, reason: str) -> None:
         if self._begin_close(conn):
-            self._spawn(self._close_socket(conn.ws, code, reason))
+            self._spawn(self._close_socket(conn, code, reason))
 
     def _begin_close(self, conn: Connection) -> bool:
         """Stop sending to ``conn``; False when its close had begun already."""
         if conn.closing:
             return False
         conn.closing = True
-        if conn.writer is not None:
-            conn.writer.cancel()
+        if conn.flusher is not None:
+            conn.flusher.cancel()
         return True
 
-    async def _close_socket(self, ws: web.WebSocketResponse, code: int, reason: str) -> None:
+    async def _close_socket(self, conn: Connection, code: int, reason: str) -> None:
         # A client that reads nothing may never let the close frame out: cut it then.
         with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
             await asyncio.wait_for(
-                ws.close(code=code, message=reason.encode()[:120]), self.options.close_timeout
+                conn.ws.close(code=code, message=reason.encode()[:120]), self.options.close_timeout
             )
-        if not ws.closed:
-            transport = getattr(getattr(ws, "_req", None), "transport", None)
-            if transport is not None:
-                transport.abort()
+        if not conn.ws.closed:
+            conn.transport.abort()
 
     # -- the /ws endpoint -----------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.WebSocketResponse:
+        # Uncompressed: a deflate context costs each socket hundreds of KB, and a frame
+        # compressed per socket cannot be framed once for a whole room.
         ws = web.WebSocketResponse(
-            max_msg_size=self.options.max_frame_size, timeout=self.options.close_timeout
+            max_msg_size=self.options.max_frame_size,
+            timeout=self.options.close_timeout,
+            compress=False,
         )
         await ws.prepare(request)
         claims = await self._authenticate(request, ws)
-        if claims is None:
+        transport = request.transport
+        if claims is None or transport is None:
             return ws
         conn = Connection(
             id=f"{self.node}.{next(self._ids)}",
             user=claims.subject,
             ws=ws,
-            queue=asyncio.Queue(self.options.send_queue_size),
+            transport=transport,
             expires_at=float(claims.expires_at),
             scopes=list(claims.scopes),
             tokens=float(self.options.inbound_burst),
@@ -382,7 +437,6 @@ class Gateway:
         self.connections[conn.id] = conn
         try:
             await self._attach(conn)
-            conn.writer = asyncio.ensure_future(self._write(conn))
             self._push(
                 conn,
                 _dumps(
@@ -414,8 +468,8 @@ class Gateway:
 
     async def _forget(self, conn: Connection) -> None:
         conn.closing = True
-        if conn.writer is not None:
-            conn.writer.cancel()
+        if conn.flusher is not None:
+            conn.flusher.cancel()
         self.connections.pop(conn.id, None)
         for room in list(conn.rooms):
             members = self.rooms.get(room)
@@ -471,7 +525,7 @@ class Gateway:
                 # receive(), it drops the socket at once, and the unread flood makes that a
                 # reset that can reach the client before the close frame.
                 if self._begin_close(conn):
-                    await self._close_socket(conn.ws, CLOSE_FLOODING, "flooding")
+                    await self._close_socket(conn, CLOSE_FLOODING, "flooding")
                 break
             if msg.type != WSMsgType.TEXT:
                 self._error(conn, None, "bad_frame", "frames are JSON text")
