@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
+from tests.browser import DevTools, chromium
 from tests.operations import BusyDaemon
 from tests.redis_server import ClusterGroup, RedisServer, RedisServerNotFound, SentinelGroup
 
@@ -95,3 +97,10 @@ def busy_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BusyDaemon
     (see tests/operations.py); on a redis-server of its own."""
     with BusyDaemon(tmp_path_factory.mktemp("busy")) as busy:
         yield busy
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[DevTools]:
+    """Headless Chromium on a blank page, driven through the DevTools protocol."""
+    with chromium(tmp_path / "profile") as tools:
+        yield tools

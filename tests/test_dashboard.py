@@ -6,8 +6,6 @@ from __future__ import annotations
 import base64
 import itertools
 import json
-import shutil
-import subprocess
 import threading
 import time
 import uuid
@@ -18,8 +16,6 @@ from typing import Any, cast
 import httpx
 import pytest
 import redis
-from websockets.sync.client import ClientConnection
-from websockets.sync.client import connect as ws_connect
 
 import corral
 from corral._redis import connect
@@ -43,6 +39,7 @@ from corral.messages.system import (
 )
 from corral.messages.transaction import TransactionBegin, TransactionRollback
 from corral.remote import alive_key
+from tests.browser import DevTools
 from tests.daemons import DaemonGroup, redis_daemons_config
 from tests.redis_server import RedisServer
 from tests.support import Work, run_corral, wait_until
@@ -51,20 +48,6 @@ ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 """Where the browser test leaves its screenshots (ignored by git)."""
 
 TOKEN = "dashboard-token-for-tests"
-
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--hide-scrollbars",
-    "--window-size=1280,900",
-    "--remote-debugging-port=0",
-]
 
 
 def memory_daemon(token: str = "") -> Daemon:
@@ -384,68 +367,6 @@ def test_junk_in_the_dashboard_keys_is_skipped(redis_server: RedisServer) -> Non
 
 
 # -- headless Chromium and two real daemons -------------------------------------------------
-
-
-class DevTools:
-    """Just enough of the Chrome DevTools Protocol: evaluate, resize, screenshot."""
-
-    def __init__(self, socket: ClientConnection) -> None:
-        self.socket = socket
-        self.ids = itertools.count(1)
-
-    def call(self, method: str, **params: Any) -> dict[str, Any]:
-        call_id = next(self.ids)
-        self.socket.send(json.dumps({"id": call_id, "method": method, "params": params}))
-        while True:
-            reply = json.loads(self.socket.recv(timeout=20))
-            if reply.get("id") == call_id:
-                assert "error" not in reply, reply
-                result: dict[str, Any] = reply["result"]
-                return result
-
-    def evaluate(self, expression: str) -> Any:
-        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
-        return result["result"].get("value")
-
-    def resize(self, width: int, height: int) -> None:
-        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height,
-                  deviceScaleFactor=1, mobile=False)  # fmt: skip
-
-    def screenshot(self, path: Path) -> None:
-        """The whole page, below the fold too, as a PNG at ``path``."""
-        size = self.call("Page.getLayoutMetrics")["cssContentSize"]
-        shot = self.call(
-            "Page.captureScreenshot",
-            format="png",
-            captureBeyondViewport=True,
-            clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1},
-        )
-        path.write_bytes(base64.b64decode(shot["data"]))
-
-
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[DevTools]:
-    binary = shutil.which("chromium")
-    assert binary, "chromium is not installed (apt-get install chromium)"
-    profile = tmp_path / "profile"
-    process = subprocess.Popen(
-        [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        port_file = profile / "DevToolsActivePort"
-        wait_until(lambda: port_file.exists() and port_file.read_text().strip(), timeout=20)
-        port = int(port_file.read_text().split()[0])
-        targets = httpx.get(f"http://127.0.0.1:{port}/json/list").json()
-        page = next(t for t in targets if t["type"] == "page")
-        with ws_connect(page["webSocketDebuggerUrl"], max_size=None) as socket:
-            tools = DevTools(socket)
-            tools.call("Page.enable")
-            yield tools
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 OVERLAPS = (Path(__file__).parent / "layout_overlaps.js").read_text()

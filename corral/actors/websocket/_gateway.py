@@ -24,6 +24,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import hashlib
 import itertools
 import json
 import logging
@@ -32,6 +33,7 @@ import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from aiohttp import WSMsgType, web
@@ -762,6 +764,20 @@ def _wait_for_loop(future: concurrent.futures.Future[T], timeout: float, doing: 
         ) from None
 
 
+BROWSER_CLIENT = resources.files(__package__).joinpath("corral.js").read_bytes()
+"""The browser client served at ``/corral.js`` (see its header for how to use it)."""
+_BROWSER_CLIENT_ETAG = f'"{hashlib.sha256(BROWSER_CLIENT).hexdigest()[:16]}"'
+
+
+async def _browser_client(request: web.Request) -> web.Response:
+    headers = {"ETag": _BROWSER_CLIENT_ETAG, "Cache-Control": "no-cache"}
+    if request.headers.get("If-None-Match") == _BROWSER_CLIENT_ETAG:
+        return web.Response(status=304, headers=headers)
+    return web.Response(
+        body=BROWSER_CLIENT, content_type="text/javascript", charset="utf-8", headers=headers
+    )
+
+
 def mount(daemon: Daemon) -> Gateway | None:
     """Serve ``/ws`` on the daemon's app when the ``websocket`` manager is configured.
 
@@ -795,6 +811,7 @@ def mount(daemon: Daemon) -> Gateway | None:
         metrics=daemon.system.supervisor.metrics()["websocket"],
     )
     daemon.app.router.add_get("/ws", gateway.handle)
+    daemon.app.router.add_get("/corral.js", _browser_client)
     daemon.app.on_startup.append(gateway.started)
     daemon.app.on_shutdown.append(gateway.shutdown)
     daemon.app.on_cleanup.append(gateway.closed)
