@@ -23,7 +23,7 @@ import time
 import types
 import typing
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -34,7 +34,15 @@ from corral._logging import capture_stray_output, early_format, identify_daemon,
 from corral._redis import REDIS_ERRORS, check_writable, describe, redact
 from corral._redis import connect as connect_redis
 from corral.client import Client, connect
-from corral.config import Config, ConfigWarning, LogSection, load_config
+from corral.config import (
+    Config,
+    ConfigSource,
+    ConfigWarning,
+    LogSection,
+    VaultSection,
+    VaultSource,
+    load_config,
+)
 from corral.errors import ConfigError, CorralError, InvalidMessage
 from corral.messages.base import (
     TIMEOUT,
@@ -280,10 +288,17 @@ def run(
         (time.monotonic() - started) * 1000,
         ", ".join(names),
     )
-    while not stop.wait(0.5):
-        if reload.is_set():
-            reload.clear()
-            _reload(daemon, config_path, _flags(host, port, log_level, log_format))
+    vault = _VaultRefresh(config.vault) if config.vault.url else None
+    try:
+        while not stop.wait(0.5):
+            if reload.is_set():
+                reload.clear()
+                _reload(daemon, config_path, flags)
+            if vault is not None and vault.due():
+                vault.run(daemon, config_path, flags)
+    finally:
+        if vault is not None:
+            vault.close()
     if stopped_by:
         log.info("%s: draining and stopping", signal.Signals(stopped_by[0]).name)
     daemon.stop(drain=not escalated.is_set())
@@ -293,24 +308,82 @@ def run(
     log.info("stopped cleanly")
 
 
-def _reload(daemon: Daemon, config_path: str | None, flags: dict[str, tuple[str, Any]]) -> None:
-    """SIGHUP: read the configuration again and apply what can change while running."""
-    log.info("SIGHUP: reading the configuration again")
+def _reload(
+    daemon: Daemon,
+    config_path: str | None,
+    flags: dict[str, tuple[str, Any]],
+    *,
+    why: str = "SIGHUP",
+    sources: Sequence[ConfigSource] | None = None,
+) -> str | None:
+    """Read the configuration again and apply what can change while running (SIGHUP, and
+    the Vault refresh with ``sources``); the error that left everything as it was, if any."""
+    quiet = sources is not None  # the Vault refresh runs often: it tells only of changes
+    (log.debug if quiet else log.info)("%s: reading the configuration again", why)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConfigWarning)  # told at start already
-            config = load_config(config_path, flags=flags)
+            config = load_config(config_path, flags=flags, sources=sources)
         plan(config)  # the managers' own options, checked as at start
     except CorralError as exc:
-        log.error("SIGHUP: the configuration is not valid, nothing changed: %s", exc)
-        return
+        log.error("%s: the configuration is not valid, nothing changed: %s", why, exc)
+        return str(exc)
     reloaded, restart = daemon.reload(config)
     if any(key.startswith("log.") for key in reloaded):
         setup_logging(config.log.level, config.log.format, loggers=_verbose_loggers(config))
-        log.debug("SIGHUP: logging at %s, %s", config.log.level, config.log.format)
-    log.info("SIGHUP: reloaded %s", ", ".join(reloaded) or "nothing (no change)")
+        log.debug("%s: logging at %s, %s", why, config.log.level, config.log.format)
+    if reloaded or not quiet:
+        log.info("%s: reloaded %s", why, ", ".join(reloaded) or "nothing (no change)")
     if restart:
-        log.warning("SIGHUP: these take effect on restart only: %s", ", ".join(restart))
+        log.warning("%s: these take effect on restart only: %s", why, ", ".join(restart))
+    return None
+
+
+class _VaultRefresh:
+    """``corral run`` reading Vault again: every ``vault.refresh_interval`` seconds, and
+    sooner for a leased secret or a token due for renewal. What changed is applied as on
+    SIGHUP; a failed read keeps the last values and marks the daemon degraded until a
+    read succeeds."""
+
+    RETRY = 5.0
+    """Seconds before a failed read is tried again (or the interval, if shorter)."""
+
+    def __init__(self, section: VaultSection) -> None:
+        self.interval = section.refresh_interval
+        self.source = VaultSource(section) if self.interval else None
+        # At once: start-up's reads are not this source's, and its leases are not known yet.
+        self.next_at = time.monotonic()
+
+    def due(self) -> bool:
+        return self.source is not None and time.monotonic() >= self.next_at
+
+    def run(
+        self, daemon: Daemon, config_path: str | None, flags: dict[str, tuple[str, Any]]
+    ) -> None:
+        assert self.source is not None
+        self.source.forget_secrets()
+        failed = _reload(daemon, config_path, flags, why="vault refresh", sources=[self.source])
+        wait = self.interval
+        if failed is None:
+            try:
+                lease_due = self.source.refresh()
+            except ConfigError as exc:
+                failed = str(exc)
+            else:
+                wait = min(wait, lease_due) if lease_due is not None else wait
+        if failed is None:
+            if daemon.problems.pop("vault", None) is not None:
+                log.info("vault refresh: Vault answers again")
+        else:
+            daemon.problems["vault"] = (
+                f"the configuration could not be read again, the last values stay: {failed}"
+            )
+            wait = min(wait, self.RETRY)
+        self.next_at = time.monotonic() + wait
+
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.close()
 
 
 HEALTH_EXIT = {"healthy": 0, "degraded": 1, "unhealthy": 2}

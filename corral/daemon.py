@@ -43,7 +43,7 @@ import platform
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -67,7 +67,7 @@ from corral import __version__, dashboard
 from corral._junk import REJECTED
 from corral._redis import check_writable
 from corral.actors import websocket
-from corral.config import MANAGER_FIELDS, Config
+from corral.config import MANAGER_FIELDS, Config, parse_options
 from corral.errors import ConfigError, CorralError
 from corral.messages.auth import AuthJwks
 from corral.messages.system import ChildStatus, Reconfigure, SystemHealth
@@ -101,6 +101,9 @@ class Daemon:
         self.system = System(self.config, on_escalate=on_escalate, singletons_by_lease=on_redis)
         self.remote: RequestServer | None = None
         self.draining = False
+        self.problems: dict[str, str] = {}
+        """What degrades the daemon besides its managers, by source (``vault``: the last
+        refresh of the configuration failed); set and cleared by whoever runs it."""
         self.stopped = False
         if on_redis:
             daemon = self.config.daemon
@@ -210,10 +213,12 @@ class Daemon:
             self._loop.close()
 
     def reload(self, config: Config) -> tuple[list[str], list[str]]:
-        """Take what can change while running from ``config`` (``corral run`` on SIGHUP):
-        the log section (applied by the caller), and the options of managers that take
-        new ones (rate-limit rules, room policies). Returns the settings reloaded and
-        those that need a restart, as dotted keys.
+        """Take what can change while running from ``config`` (``corral run`` on SIGHUP and
+        its Vault refresh): the log section (applied by the caller), and the managers'
+        options, which a manager takes live when it can (rate-limit rules, room policies)
+        and is otherwise restarted with (a signing key). Returns the settings reloaded and
+        those that need the daemon restarted, as dotted keys. Raises
+        :class:`~corral.errors.ConfigError` for options their manager refuses.
         """
         reloaded: list[str] = []
         restart: list[str] = []
@@ -235,19 +240,29 @@ class Daemon:
             if old is None or new is None or fields:
                 restart.extend(keys)
                 continue
+            options = self._parsed_options(name, new.options)
             try:
-                answer = self.system.ask(Reconfigure(target=name, options=dict(new.options)))
-            except CorralError as exc:
-                log.warning("manager %s refused its new options: %s", name, exc)
-                restart.extend(keys)
-                continue
-            if answer.applied:
+                answer = self.system.ask(Reconfigure(target=name, options=options))
+            except CorralError as exc:  # down or restarting: it starts with the new options
+                log.warning("manager %s could not take its new options now: %s", name, exc)
+                answer = None
+            if answer is not None and answer.applied:
                 self.system.supervisor.update_options(name, new.options)
-                reloaded.extend(keys)
             else:
-                restart.extend(keys)
+                log.info("restarting manager %s for its new %s", name, ", ".join(settings))
+                self.system.supervisor.restart_with(name, new.options)
+            reloaded.extend(keys)
         self.config = _with_reloaded(self.config, config, reloaded)
         return reloaded, restart
+
+    def _parsed_options(self, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``options`` parsed as the manager's ``Options`` (as at start: text from the
+        environment or Vault becomes the option's type), as plain values for a message."""
+        manager = next(spec.manager for spec in self.system.supervisor.specs if spec.name == name)
+        if manager.Options is None:
+            return dict(options)
+        parsed = parse_options(manager.Options, options, manager=name)
+        return {key: _plain(getattr(parsed, key)) for key in options}
 
     def __enter__(self) -> Daemon:
         self.start()
@@ -267,8 +282,9 @@ class Daemon:
         document = health_document(health)
         bus_ok = self.system.bus.healthy
         remote_ok = self.remote is None or self.remote.connected
-        if document["status"] == "healthy" and not (bus_ok and remote_ok):
+        if document["status"] == "healthy" and not (bus_ok and remote_ok and not self.problems):
             document["status"] = "degraded"
+        document["problems"] = dict(self.problems)
         if self.draining:
             document["status"] = "draining"
         document["bus"] = {
@@ -352,6 +368,17 @@ def _json(document: dict[str, Any], status: int) -> web.Response:
     return web.Response(
         text=json.dumps(document, default=str), status=status, content_type="application/json"
     )
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with ``str`` subclasses (config ``Text``) as plain ``str``, at any depth."""
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {_plain(key): _plain(item) for key, item in value.items()}
+    return value
 
 
 def health_document(health: SystemHealth) -> dict[str, Any]:

@@ -318,6 +318,26 @@ class Supervisor:
             )
         )
 
+    def restart_with(self, name: str, options: Mapping[str, Any]) -> None:
+        """Stop a running child and start it again with ``options``: for new options it
+        cannot take while running. A planned restart, not a crash (its restart count and
+        the intensity stay); a child that is not running gets them at its next start.
+        Returns once it runs again, or failed to start."""
+        child = self._children[name]
+        done = threading.Event()
+
+        def restart() -> None:
+            try:
+                child.spec = dataclasses.replace(child.spec, options=options)
+                if child.state == "running" and not self._stopping:
+                    self._stop_child(child, then="restarting")
+                    self._launch(child, change="restarted")
+            finally:
+                done.set()
+
+        self._events.put(("call", restart))
+        done.wait()
+
     def _activate(self, child: _Child) -> None:
         if child.state == "standby" and not self._stopping and self.escalated is None:
             self._launch(child, change="started")

@@ -105,6 +105,10 @@ class VaultServer:
         """Answer 403 for reads of ``path``, as for a policy that does not allow it."""
         self.forbidden.add(path)
 
+    def allow(self, path: str) -> None:
+        """Serve reads of ``path`` again after :meth:`forbid`."""
+        self.forbidden.discard(path)
+
     def add_token(self, *, ttl: int = 0, renewable: bool = True) -> str:
         """A new token: it expires ``ttl`` seconds from now, or never with 0."""
         token = f"hvs.token{next(self._ids)}"

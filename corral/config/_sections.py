@@ -277,7 +277,9 @@ class VaultSection(Section):
     which is ``mount`` when the path starts with it (it may hold slashes), else the
     first segment. ``config_path`` names a secret whose keys are dotted settings
     (``bus.url``). TLS is checked against ``ca_cert``, else the system's CAs, unless
-    ``verify`` is false.
+    ``verify`` is false. ``corral run`` reads the secrets again every
+    ``refresh_interval`` seconds (and a leased secret before its lease ends), and
+    applies what changed as SIGHUP does; 0 reads them at start-up and on SIGHUP only.
     """
 
     prefix: ClassVar[str] = "vault"
@@ -291,6 +293,7 @@ class VaultSection(Section):
     timeout: float = field(default=5.0, metadata=_TIMEOUT)
     verify: bool = True
     ca_cert: str = ""
+    refresh_interval: float = field(default=60.0, metadata={"ge": 0, "le": 86_400})
 
     def __post_init__(self) -> None:
         super().__post_init__()

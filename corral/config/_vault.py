@@ -164,6 +164,13 @@ class VaultSource:
             )
         return data[key]
 
+    def forget_secrets(self) -> None:
+        """Drop the secrets read so far: the next :meth:`values` or :meth:`resolve` reads
+        them from Vault again (the token is kept)."""
+        with self._changed:
+            self._secrets.clear()
+            self._changed.notify_all()
+
     def refresh(self) -> float | None:
         """Renew the token and read leased secrets again, those that are due.
 
