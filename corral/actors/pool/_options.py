@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -52,6 +54,15 @@ class ServiceOptions(Section):
     """Who speaks HTTP under httpx's API: ``aiohttp`` (:mod:`corral.actors.pool._transport`,
     several times less CPU per request), or httpx's own ``httpx`` (HTTP/2 too); ``auto``:
     aiohttp, or httpx when ``http2`` is on."""
+    # TLS, for https:// base URLs.
+    verify: bool = True
+    """Check the service's certificate (and host name); false only for a test service."""
+    ca_file: str = ""
+    """A PEM bundle of the CAs to trust for this service instead of the usual ones."""
+    client_cert: str = ""
+    """A PEM certificate (chain) to present: mutual TLS. Its key too, unless ``client_key``."""
+    client_key: str = ""
+    """The PEM private key of ``client_cert``, when it is a file of its own."""
     headers: dict[str, str] = field(default_factory=dict)
     bearer_token: str = field(default="", metadata={"secret": True})
     username: str = ""
@@ -95,9 +106,35 @@ class ServiceOptions(Section):
         if self.http2 and self.transport == "aiohttp":
             self._fail("http2", 'aiohttp speaks HTTP/1.1 only: set transport = "httpx"')
         if self.http2 and importlib.util.find_spec("h2") is None:
-            self._fail("http2", "needs the h2 package: pip install 'httpx[http2]'")
+            self._fail("http2", "needs the h2 package: pip install 'corral[http2]'")
         if self.password and not self.username:
             self._fail("password", "needs a username", related="username")
+        if self.ca_file and not self.verify:
+            self._fail("ca_file", "has no use with verify = false", related="verify")
+        if self.client_key and not self.client_cert:
+            self._fail("client_key", "needs client_cert", related="client_cert")
+        for name in ("ca_file", "client_cert", "client_key"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                self._fail(name, f"no such file: {path!r}")
+        if self.ca_file or self.client_cert:
+            self.ssl_context()  # a file that is no PEM bundle, or a key that does not fit
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The TLS settings of this service's connections, for both transports."""
+        if self.ca_file:
+            try:
+                context = ssl.create_default_context(cafile=self.ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                self._fail("ca_file", f"cannot load it as PEM certificates: {exc}")
+        else:  # what httpx trusts by default (certifi), whichever transport sends
+            context = httpx.create_ssl_context(verify=self.verify, trust_env=False)
+        if self.client_cert:
+            try:
+                context.load_cert_chain(self.client_cert, self.client_key or None)
+            except (OSError, ssl.SSLError) as exc:
+                self._fail("client_cert", f"cannot load it (with its key): {exc}")
+        return context
 
 
 def _url_problem(url: str) -> str:

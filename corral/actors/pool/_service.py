@@ -153,9 +153,11 @@ class Service:
             max_keepalive_connections=options.max_keepalive,
             keepalive_expiry=options.keepalive_expiry,
         )
+        tls = options.ssl_context()
         if options.transport == "aiohttp" or (options.transport == "auto" and not options.http2):
-            self._aiohttp = AiohttpTransport(limits)
+            self._aiohttp = AiohttpTransport(limits, tls)
         self._client = httpx.AsyncClient(
+            verify=tls,
             auth=auth,
             headers=headers,
             http2=options.http2,

@@ -25,6 +25,7 @@ goes unused.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import NoReturn
 
@@ -43,7 +44,8 @@ _CONNECT_TIMEOUTS: tuple[type[BaseException], ...] = tuple(
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """Sends httpx's requests with one ``aiohttp.ClientSession`` (see the module docstring)."""
 
-    def __init__(self, limits: httpx.Limits) -> None:
+    def __init__(self, limits: httpx.Limits, tls: ssl.SSLContext | None = None) -> None:
+        self._tls = tls or httpx.create_ssl_context(trust_env=False)  # what httpx verifies with
         self.max_connections = limits.max_connections or 100
         self._keepalive = (limits.max_keepalive_connections or 0) > 0 and bool(
             limits.keepalive_expiry
@@ -61,7 +63,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 limit_per_host=0,
                 force_close=not self._keepalive,
                 keepalive_timeout=self._keepalive_expiry if self._keepalive else None,
-                ssl=httpx.create_ssl_context(trust_env=False),  # what httpx verifies with
+                ssl=self._tls,
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
