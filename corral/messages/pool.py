@@ -31,8 +31,11 @@ __all__ = [
     "HttpResponse",
     "JsonRpcCall",
     "JsonRpcResult",
+    "PoolAnnounce",
+    "PoolInstances",
     "PoolStatistics",
     "PoolStats",
+    "PoolWithdraw",
 ]
 
 HttpMethod = Literal["GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE"]
@@ -122,3 +125,38 @@ class PoolStatistics(Reply):
     """Per service: requests, errors by class, retries, breakers, latency, connections."""
 
     services: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+AnnounceTtl = Annotated[float, Range(gt=0, le=86_400, unit="s")]
+
+
+@message("pool.instances")
+class PoolInstances(Reply):
+    """The instances of ``service`` announced and not expired, after the change."""
+
+    service: str
+    instances: Count = 0
+
+
+@message("pool.announce", idempotent=True)
+class PoolAnnounce(Request[PoolInstances]):
+    """Announce an instance of ``service`` at ``url`` (a base URL) for ``ttl`` seconds, to
+    every pool whose service has ``discovery = "registry"``; announce again before it runs
+    out, or the instance drops out::
+
+        system.ask(PoolAnnounce(service="billing", url="http://10.0.0.7:8000", ttl=30))
+    """
+
+    manager = "pool"
+    service: str
+    url: str
+    ttl: AnnounceTtl = 30.0
+
+
+@message("pool.withdraw", idempotent=True)
+class PoolWithdraw(Request[PoolInstances]):
+    """Take the instance of ``service`` at ``url`` out of the registry at once."""
+
+    manager = "pool"
+    service: str
+    url: str

@@ -41,13 +41,16 @@ from typing import Any
 
 from pykka._envelope import Envelope
 
+from corral._redis import REDIS_ERRORS, SyncRedis, connect, describe
 from corral.actors.base import Manager, handles
+from corral.actors.pool._discovery import ANNOUNCE, WITHDRAW, registry_key
 from corral.actors.pool._loop import DeferredReply, LoopThread
 from corral.actors.pool._metrics import FAMILIES
-from corral.actors.pool._options import PoolOptions
+from corral.actors.pool._options import PoolOptions, url_problem
 from corral.actors.pool._service import Call, Service
 from corral.errors import (
     BackendUnavailable,
+    ConfigError,
     CorralError,
     InvalidMessage,
     ManagerUnavailable,
@@ -60,8 +63,11 @@ from corral.messages.pool import (
     HttpRequest,
     JsonRpcCall,
     JsonRpcResult,
+    PoolAnnounce,
+    PoolInstances,
     PoolStatistics,
     PoolStats,
+    PoolWithdraw,
 )
 from corral.messages.system import Health, HealthStatus
 
@@ -104,10 +110,24 @@ class PoolManager(Manager[PoolOptions]):
 
     def on_start(self) -> None:
         settings = self.options
+        self.registry_url = settings.redis_url or self.corral_context.redis_url
+        self._registry_client: SyncRedis | None = None
+        for name, options in settings.services.items():
+            if options.discovery == "registry" and not self.registry_url:
+                raise ConfigError(
+                    f"managers.pool.services.{name}.discovery: the registry lives in Redis "
+                    "(set managers.pool.redis_url, or run the bus on Redis)"
+                )
         self.loop = LoopThread(f"corral-{self.corral_context.name}-loop")
         self.services = {
             name: Service(
-                name, options, latency_window=settings.latency_window, metrics=self.corral_metrics
+                name,
+                options,
+                latency_window=settings.latency_window,
+                metrics=self.corral_metrics,
+                registry=(self.registry_url, self._registry_key(name))
+                if options.discovery == "registry"
+                else None,
             )
             for name, options in settings.services.items()
         }
@@ -188,6 +208,35 @@ class PoolManager(Manager[PoolOptions]):
         chosen = [self._service(msg.service)] if msg.service else list(self.services.values())
         self._reply_later(_statistics(chosen))
 
+    @handles(PoolAnnounce)
+    def announce(self, msg: PoolAnnounce) -> PoolInstances:
+        url = _checked_instance(msg.service, msg.url)
+        count = self._registry(ANNOUNCE, msg.service, url, str(math.ceil(msg.ttl * 1000)))
+        return PoolInstances(service=msg.service, instances=count)
+
+    @handles(PoolWithdraw)
+    def withdraw(self, msg: PoolWithdraw) -> PoolInstances:
+        url = _checked_instance(msg.service, msg.url)
+        return PoolInstances(
+            service=msg.service, instances=self._registry(WITHDRAW, msg.service, url)
+        )
+
+    def _registry_key(self, service: str) -> str:
+        return registry_key(self.corral_context.namespace, service)
+
+    def _registry(self, script: str, service: str, *args: str) -> int:
+        if not self.registry_url:
+            raise BackendUnavailable(
+                "the instance registry lives in Redis: set managers.pool.redis_url, "
+                "or run the bus on Redis"
+            )
+        if self._registry_client is None:
+            self._registry_client = connect(self.registry_url, setting="managers.pool.redis_url")
+        try:
+            return int(self._registry_client.eval(script, 1, self._registry_key(service), *args))
+        except REDIS_ERRORS as exc:
+            raise BackendUnavailable(f"the instance registry: {describe(exc)}") from None
+
     def _service(self, name: str) -> Service:
         service = self.services.get(name)
         if service is None:
@@ -243,6 +292,21 @@ class PoolManager(Manager[PoolOptions]):
             metrics=metrics,
             dependencies=dict(dependencies),
         )
+
+
+_SERVICE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+def _checked_instance(service: str, url: str) -> str:
+    """The base URL an instance announces, checked as ``base_urls`` entries are."""
+    if not _SERVICE_NAME.match(service):
+        raise InvalidMessage(
+            "a service name is 1-128 of letters, digits and _ . : -", path="service"
+        )
+    problem = url_problem(url)
+    if problem:
+        raise InvalidMessage(f"{problem}, got {url[:200]!r}", path="url")
+    return url.rstrip("/")
 
 
 def _overall(statuses: list[HealthStatus]) -> HealthStatus:

@@ -21,14 +21,16 @@ from typing import Any, Literal
 
 import httpx
 
-from corral.config import Section
+from corral.actors.pool._discovery import nameserver
+from corral.config import REDIS_URL, Section
 from corral.errors import ConfigError
 
-__all__ = ["Backoff", "Balance", "PoolOptions", "ServiceOptions", "Transport"]
+__all__ = ["Backoff", "Balance", "Discovery", "PoolOptions", "ServiceOptions", "Transport"]
 
 Balance = Literal["round_robin", "least_outstanding"]
 Backoff = Literal["exponential", "linear", "fixed"]
 Transport = Literal["auto", "aiohttp", "httpx"]
+Discovery = Literal["static", "dns", "registry"]
 
 _POSITIVE = {"gt": 0}
 _NON_NEGATIVE = {"ge": 0}
@@ -39,7 +41,14 @@ _COUNT = {"ge": 1}
 class ServiceOptions(Section):
     """One external HTTP service: where it is, how to reach it, how hard to try."""
 
-    base_urls: list[str]
+    base_urls: list[str] = field(default_factory=list)
+    discovery: Discovery = "static"
+    """Where the instances are (:mod:`corral.actors.pool._discovery`): the ``base_urls``
+    as they are, their host names resolved again (``dns``), or what instances announced
+    in Redis (``registry``, where ``base_urls`` may stay empty)."""
+    discovery_interval: float = field(default=10.0, metadata={"gt": 0, "le": 86_400})
+    dns_server: str = ""
+    """For ``dns``: the nameserver to ask (``host[:port]``); empty: the system's resolver."""
     balance: Balance = "round_robin"
     # Connection pool (httpx.Limits) and timeouts (httpx.Timeout), per attempt.
     max_connections: int = field(default=100, metadata=_COUNT)
@@ -93,10 +102,19 @@ class ServiceOptions(Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.base_urls:
-            self._fail("base_urls", "needs at least one URL")
+        if not self.base_urls and self.discovery != "registry":
+            self._fail("base_urls", 'needs at least one URL (or discovery = "registry")')
+        if self.dns_server:
+            if self.discovery != "dns":
+                self._fail("dns_server", 'has no use without discovery = "dns"')
+            try:
+                nameserver(self.dns_server)
+            except ValueError as exc:
+                self._fail("dns_server", f"expected an address and an optional port: {exc}")
+            if importlib.util.find_spec("dns") is None:
+                self._fail("dns_server", "needs dnspython: pip install 'corral[discovery]'")
         for index, url in enumerate(self.base_urls):
-            problem = _url_problem(url)
+            problem = url_problem(url)
             if problem:
                 self._fail("base_urls", f"{problem}, got {url!r}", path=f"[{index}]")
         for name in ("health_path", "jsonrpc_path"):
@@ -137,7 +155,8 @@ class ServiceOptions(Section):
         return context
 
 
-def _url_problem(url: str) -> str:
+def url_problem(url: str) -> str:
+    """What is wrong with ``url`` as a service's base URL; "" when nothing."""
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:
@@ -154,6 +173,8 @@ class PoolOptions(Section):
     """``[managers.pool]``: the services (each a table of :class:`ServiceOptions`)."""
 
     services: dict[str, ServiceOptions] = field(default_factory=dict)
+    redis_url: str = field(default="", metadata=REDIS_URL)
+    """Where the ``registry`` of announced instances lives (default: the system's Redis)."""
     latency_window: int = field(default=1000, metadata=_COUNT)
     """How many recent latencies per service the percentiles are taken over."""
 
@@ -183,10 +204,5 @@ def _service(name: str, table: Any) -> ServiceOptions:
         )
     try:
         return ServiceOptions(**table)
-    except TypeError:  # only a missing required key gets here
-        raise ConfigError(
-            f"services.{name}.base_urls: missing (a service needs at least one URL)",
-            {"field": "services", "problem": "missing base_urls"},
-        ) from None
     except ConfigError as exc:
         raise ConfigError(f"services.{name}.{exc.message}", exc.details) from None

@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import httpx
 
+from corral._redis import REDIS_ERRORS, AsyncRedis, connect_async
+from corral.actors.pool._discovery import Instance, registered, resolve
 from corral.actors.pool._metrics import (
     ATTEMPTS,
     BREAKER_STATE,
@@ -66,12 +68,15 @@ class Call:
 
 
 class Endpoint:
-    """One base URL of a service: its breaker, probe status and calls in flight."""
+    """One instance of a service: its breaker, probe status and calls in flight."""
 
     def __init__(
-        self, url: str, options: ServiceOptions, on_transition: Callable[[], None]
+        self, instance: Instance, options: ServiceOptions, on_transition: Callable[[], None]
     ) -> None:
-        self.url = url.rstrip("/")
+        self.url = instance.url.rstrip("/")
+        self.host = instance.host
+        self.server_name = instance.server_name
+        self.prober: asyncio.Task[None] | None = None
         self.breaker = Breaker(
             options.breaker_threshold,
             options.breaker_open_seconds,
@@ -82,6 +87,14 @@ class Endpoint:
         self.requests = 0
         self.probe: ProbeStatus = "unknown"
         self.probe_error = ""
+
+    def headers(self, given: dict[str, str] | None = None) -> dict[str, str]:
+        """A call's headers, with the name this instance's address stands for as ``Host``."""
+        return {**(given or {}), "Host": self.host} if self.host else dict(given or {})
+
+    def extensions(self) -> dict[str, Any] | None:
+        """The TLS server name of an instance reached at an address found for a name."""
+        return {"sni_hostname": self.server_name} if self.server_name else None
 
     @property
     def up(self) -> bool:
@@ -122,20 +135,29 @@ class Service:
     """
 
     def __init__(
-        self, name: str, options: ServiceOptions, *, latency_window: int, metrics: ManagerMetrics
+        self,
+        name: str,
+        options: ServiceOptions,
+        *,
+        latency_window: int,
+        metrics: ManagerMetrics,
+        registry: tuple[str, str] | None = None,
     ) -> None:
         self.name = name
         self.options = options
         self.metrics = metrics
-        self.endpoints = [
-            Endpoint(url, options, lambda: metrics.add(BREAKER_TRANSITIONS, name))
-            for url in options.base_urls
-        ]
+        self.registry = registry
+        """The Redis URL and key of the announced instances (``discovery = "registry"``)."""
+        self._redis: AsyncRedis | None = None
+        self.discovery_error = ""
         self._rotation = 0
         self._client: httpx.AsyncClient | None = None
         self._aiohttp: AiohttpTransport | None = None
         """The client's transport, unless it is httpx's own."""
-        self._probes: list[asyncio.Task[None]] = []
+        self._discoverer: asyncio.Task[None] | None = None
+        self.endpoints: list[Endpoint] = []
+        if options.discovery == "static":
+            self._use([Instance(url) for url in options.base_urls])
         self.latencies: deque[float] = deque(maxlen=latency_window)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -166,20 +188,78 @@ class Service:
             trust_env=False,
             transport=self._aiohttp,
         )
-        if options.health_path:
-            self._probes = [
-                asyncio.create_task(self._probe_forever(endpoint), name=f"probe {endpoint.url}")
-                for endpoint in self.endpoints
-            ]
+        if options.discovery != "static":
+            await self.discover()
+            self._discoverer = asyncio.create_task(
+                self._discover_forever(), name=f"discover {self.name}"
+            )
+        for endpoint in self.endpoints:
+            self._start_probe(endpoint)
 
     async def close(self) -> None:
-        for task in self._probes:
+        tasks = [e.prober for e in self.endpoints if e.prober is not None]
+        if self._discoverer is not None:
+            tasks.append(self._discoverer)
+        for task in tasks:
             task.cancel()
-        for task in self._probes:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self._client is not None:
             await self._client.aclose()
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    # -- discovery ------------------------------------------------------------------------
+
+    async def discover(self) -> None:
+        """Find the instances again; on failure keep those found last (and say why)."""
+        options = self.options
+        try:
+            if self.registry is not None:
+                url, key = self.registry
+                if self._redis is None:
+                    self._redis = connect_async(url, setting="managers.pool.redis_url")
+                instances = await registered(self._redis, key)
+            else:
+                instances = await resolve(options.base_urls, options.dns_server)
+        except REDIS_ERRORS as exc:  # Redis away, or no answer from DNS (an OSError)
+            if not self.discovery_error:
+                log.warning("pool: %s: discovery failed, keeping %d instances: %s",
+                            self.name, len(self.endpoints), exc)  # fmt: skip
+            self.discovery_error = f"{type(exc).__name__}: {exc}"
+            self._count_error("discovery")
+            return
+        self.discovery_error = ""
+        before = {e.url for e in self.endpoints}
+        self._use(instances)
+        after = {e.url for e in self.endpoints}
+        if before != after:
+            log.info("pool: %s instances: %s", self.name, ", ".join(sorted(after)) or "none")
+
+    async def _discover_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.discovery_interval)
+            await self.discover()
+
+    def _use(self, instances: list[Instance]) -> None:
+        """Make ``instances`` the endpoints, keeping the state of those already known."""
+        known = {endpoint.url: endpoint for endpoint in self.endpoints}
+        name, metrics = self.name, self.metrics
+        endpoints = []
+        for instance in instances:
+            endpoint = known.pop(instance.url.rstrip("/"), None)
+            if endpoint is None:
+                endpoint = Endpoint(
+                    instance, self.options, lambda: metrics.add(BREAKER_TRANSITIONS, name)
+                )
+                if self._client is not None:
+                    self._start_probe(endpoint)
+            endpoints.append(endpoint)
+        for gone in known.values():
+            if gone.prober is not None:
+                gone.prober.cancel()
+        self.endpoints = endpoints
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -275,9 +355,10 @@ class Service:
             call.method,
             endpoint.url + call.path,
             params=call.params or None,
-            headers=call.headers or None,
+            headers=endpoint.headers(call.headers) or None,
             content=call.content,
             timeout=self._timeout(remaining),
+            extensions=endpoint.extensions(),
         ) as response:
             declared = response.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > limit:
@@ -359,7 +440,10 @@ class Service:
 
     def _unavailable(self, attempt: int) -> BackendUnavailable:
         states = {e.url: e.breaker.state for e in self.endpoints}
-        if all(state == "open" for state in states.values()):
+        if not self.endpoints:
+            why = f"no instance found ({self.options.discovery} discovery"
+            why += f": {self.discovery_error})" if self.discovery_error else ")"
+        elif all(state == "open" for state in states.values()):
             wait = min(e.breaker.seconds_until_half_open() for e in self.endpoints)
             why = f"circuit breaker open (next probe in {wait:.1f}s)"
         elif all(e.probe == "unhealthy" for e in self.endpoints):
@@ -378,6 +462,12 @@ class Service:
 
     # -- health ---------------------------------------------------------------------------
 
+    def _start_probe(self, endpoint: Endpoint) -> None:
+        if self.options.health_path:
+            endpoint.prober = asyncio.create_task(
+                self._probe_forever(endpoint), name=f"probe {endpoint.url}"
+            )
+
     async def _probe_forever(self, endpoint: Endpoint) -> None:
         while True:
             await self.probe(endpoint)
@@ -387,7 +477,10 @@ class Service:
         """GET the health path once; below 400 is healthy."""
         try:
             response = await self.client.get(
-                endpoint.url + self.options.health_path, timeout=self.options.health_timeout
+                endpoint.url + self.options.health_path,
+                headers=endpoint.headers(),
+                timeout=self.options.health_timeout,
+                extensions=endpoint.extensions(),
             )
         except httpx.HTTPError as exc:
             status: ProbeStatus = "unhealthy"
@@ -401,15 +494,20 @@ class Service:
 
     def status(self) -> HealthStatus:
         up = sum(endpoint.up for endpoint in self.endpoints)
-        if up == len(self.endpoints):
-            return "healthy"
-        return "unhealthy" if up == 0 else "degraded"
+        if up == 0:
+            return "unhealthy"
+        return "healthy" if up == len(self.endpoints) and not self.discovery_error else "degraded"
 
     def details(self) -> dict[str, Any]:
-        return {
+        found: dict[str, Any] = {
             "status": self.status(),
             "urls": {endpoint.url: endpoint.details() for endpoint in self.endpoints},
         }
+        if self.options.discovery != "static":
+            found["discovery"] = self.options.discovery
+        if self.discovery_error:
+            found["discovery_error"] = self.discovery_error
+        return found
 
     def stats(self) -> dict[str, Any]:
         in_use, idle = self._connections()

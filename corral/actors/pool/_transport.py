@@ -102,6 +102,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 ],
                 data=await request.aread() or None,
                 allow_redirects=False,
+                server_hostname=request.extensions.get("sni_hostname"),
                 timeout=aiohttp.ClientTimeout(
                     total=None,
                     sock_connect=timeouts.get("connect"),
