@@ -13,9 +13,9 @@ and pass them to ``System(managers=[...])``.
 """
 
 from corral import errors
-from corral.actors.base import Manager, handles
 from corral.client import Client, connect
 from corral.config import Config, load_config
+from corral.manager import Manager, handles
 from corral.messages.base import Event, Message, Reply, Request, message
 from corral.supervisor import ChildSpec
 from corral.system import System

@@ -75,7 +75,7 @@ from corral._redis import (
     time_ms,
     topology,
 )
-from corral.actors.base import CallbackFuture
+from corral._runtime import CallbackFuture
 from corral.errors import Conflict, CorralError, InvalidMessage, ManagerUnavailable
 from corral.messages.base import MAX_TIMEOUT, ErrorReply, Message, Reply, validate
 from corral.messages.codec import Codec, Envelope

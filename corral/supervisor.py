@@ -23,7 +23,7 @@ Requests from outside the process are untrusted input, not the process's own
 bugs. OTP would count a crash they cause like any other, and a client repeating a
 poison message would make the supervisor give up on a manager that serves everyone
 else (and, once the intensity is exceeded, stop the daemon). Here a crash on a
-request whose future names a ``sender`` (:class:`~corral.actors.base.CallbackFuture`)
+request whose future names a ``sender`` (:class:`~corral._runtime.CallbackFuture`)
 is a dead letter: published as :class:`~corral.messages.system.DeadLetter` and kept
 by ``on_dead_letter``; the same request sent again is refused without reaching the
 manager (:meth:`Supervisor.quarantined`); and the crash does not count towards the
@@ -50,11 +50,10 @@ from typing import Any, Literal
 
 import pykka
 from pykka import ActorRef, ActorRegistry
-from pykka._envelope import Envelope
-from pykka.messages import _ActorStop
 
-from corral.actors.base import PROBE, CallbackFuture, Manager, ManagerContext, Router
+from corral._runtime import PROBE, ActorStop, CallbackFuture, Envelope
 from corral.errors import ConfigError, ManagerUnavailable
+from corral.manager import Manager, ManagerContext, Router
 from corral.messages.base import Event, Message
 from corral.messages.system import (
     ChildStatus,
@@ -692,7 +691,7 @@ class Supervisor:
             if envelope.reply_to is None:
                 self.dead_letters += 1
                 continue
-            if isinstance(envelope.message, _ActorStop):
+            if isinstance(envelope.message, ActorStop):
                 envelope.reply_to.set(None)
                 continue
             error = ManagerUnavailable(

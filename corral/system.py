@@ -30,15 +30,15 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import pykka
-from pykka._envelope import Envelope
 
 from corral._events import EventsMixin
 from corral._redis import REDIS_ERRORS, connect
+from corral._runtime import AsyncioFuture, Envelope, Mailbox, ReplyFuture
 from corral.actors import BUILTIN
-from corral.actors.base import AsyncioFuture, Mailbox, Manager, ReplyFuture
 from corral.bus import Bus, MemoryBus, RedisBus
 from corral.config import Config, ManagerSection, parse_options
 from corral.errors import ConfigError, Timeout
+from corral.manager import Manager
 from corral.messages.base import TIMEOUT, Message, Reply, Request, unwrap, validate
 from corral.messages.codec import Codec
 from corral.messages.system import (
@@ -218,7 +218,7 @@ class System(EventsMixin):
         """Put ``message`` in the mailbox of its manager; its reply is set on ``reply_to``.
 
         The building block of ``ask`` for callers that must not wait (the daemon's
-        remote request server passes a :class:`~corral.actors.base.CallbackFuture`).
+        remote request server passes a :class:`~corral._runtime.CallbackFuture`).
         """
         name = self._route(message)
         self._deliver(name, Envelope(message, reply_to=reply_to), self._timeout(timeout))

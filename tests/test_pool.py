@@ -24,7 +24,6 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from corral.actors.base import handles
 from corral.actors.pool import PoolManager, PoolOptions, ServiceOptions
 from corral.actors.pool._policy import Breaker, parse_retry_after, retry_delay
 from corral.config import Config, ManagerSection, parse_options
@@ -38,6 +37,7 @@ from corral.errors import (
     Timeout,
     Unauthorized,
 )
+from corral.manager import handles
 from corral.messages.base import Request, message
 from corral.messages.pool import HttpRequest, HttpResponse, JsonRpcCall, PoolStats
 from corral.messages.system import HealthCheck

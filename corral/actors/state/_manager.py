@@ -15,11 +15,11 @@ from typing import Literal, TypeVar
 
 import msgpack
 
-from corral.actors.base import Manager, handles
 from corral.actors.state._memory import Backend, memory_backend_for
 from corral.actors.state._options import StateOptions
 from corral.actors.state._redis import RedisBackend
 from corral.errors import BackendUnavailable, ConfigError, CorralError, InvalidMessage, NotFound
+from corral.manager import Manager, handles
 from corral.messages.state import (
     StateChanged,
     StateCommit,
@@ -117,15 +117,9 @@ class StateManager(Manager[StateOptions]):
         )  # fmt: skip
         self._publisher.start()
         self.last_backend_error = ""
-        self._sweep_due = threading.Event()
-        self._stopping = threading.Event()
-        self._ticker = threading.Thread(
-            target=self._tick, name=f"corral-state-expiry:{self.corral_context.name}", daemon=True
-        )
-        self._ticker.start()
+        self.every(self.options.expiry_interval, self._expire_due)
 
     def on_stop(self) -> None:
-        self._stopping.set()
         self._outbox.put(None)
         self._publisher.join(_PUBLISH_DRAIN_TIMEOUT)
         self.backend.close()
@@ -226,10 +220,7 @@ class StateManager(Manager[StateOptions]):
 
     @handles(StateExpireDue)
     def expire_due(self, _msg: StateExpireDue) -> StateExpired:
-        self._sweep_due.clear()
-        events = self._backend_call(lambda: self.backend.expire_due(_now_ms()))
-        self._publish(events)
-        return StateExpired(state_ids=[e.state_id for e in events])
+        return StateExpired(state_ids=[e.state_id for e in self._expire_due()])
 
     # -- internals --------------------------------------------------------------------
 
@@ -291,13 +282,7 @@ class StateManager(Manager[StateOptions]):
                 log.warning("state: could not publish %s of %s: %s", event.transition,
                             event.state_id, exc)  # fmt: skip
 
-    def _tick(self) -> None:
-        interval = self.options.expiry_interval
-        while not self._stopping.wait(interval):
-            if self._sweep_due.is_set():
-                continue  # the last sweep is still queued
-            self._sweep_due.set()
-            try:
-                self.actor_ref.tell(StateExpireDue())
-            except Exception:  # stopping, or a full mailbox: try again next tick
-                self._sweep_due.clear()
+    def _expire_due(self) -> list[StateChanged]:
+        events = self._backend_call(lambda: self.backend.expire_due(_now_ms()))
+        self._publish(events)
+        return events

@@ -22,13 +22,11 @@ import contextlib
 import dataclasses
 import logging
 import random
-import threading
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
-from corral.actors.base import Manager, handles
 from corral.actors.transaction._memory import MemoryStore
 from corral.actors.transaction._options import TransactionOptions
 from corral.actors.transaction._redis import RedisStore
@@ -41,6 +39,7 @@ from corral.errors import (
     InvalidMessage,
     NotFound,
 )
+from corral.manager import Manager, handles
 from corral.messages.base import MAX_TIMEOUT
 from corral.messages.state import (
     StateCommit,
@@ -126,16 +125,10 @@ class TransactionManager(Manager[TransactionOptions]):
         self.store = self._open_store()
         self._machine_of: dict[str, StateMachine | None] = {}
         self.last_backend_error = ""
-        self._sweep_due = threading.Event()
-        self._stopping = threading.Event()
         if self.store.sweeps_idle:
-            threading.Thread(
-                target=self._tick, name=f"corral-transaction-sweep:{self.corral_context.name}",
-                daemon=True,
-            ).start()  # fmt: skip
+            self.every(self.options.sweep_interval, self.store.expire_idle)
 
     def on_stop(self) -> None:
-        self._stopping.set()
         self.store.close()
 
     def _open_store(self) -> TransactionStore:
@@ -277,7 +270,6 @@ class TransactionManager(Manager[TransactionOptions]):
 
     @handles(TransactionExpireIdle)
     def expire_idle(self, _msg: TransactionExpireIdle) -> TransactionExpired:
-        self._sweep_due.clear()
         return TransactionExpired(transaction_ids=self.store.expire_idle())
 
     # -- internals --------------------------------------------------------------------
@@ -387,14 +379,3 @@ class TransactionManager(Manager[TransactionOptions]):
             savepoints=[name for name, _ in tx.savepoints],
             savepoint=savepoint,
         )
-
-    def _tick(self) -> None:
-        interval = self.options.sweep_interval
-        while not self._stopping.wait(interval):
-            if self._sweep_due.is_set():
-                continue  # the last sweep is still queued
-            self._sweep_due.set()
-            try:
-                self.actor_ref.tell(TransactionExpireIdle())
-            except Exception:  # stopping, or a full mailbox: try again next tick
-                self._sweep_due.clear()
