@@ -34,15 +34,7 @@ from typing import Any
 import msgpack
 import pykka
 
-from corral.actors.cache._backends import (
-    Backend,
-    InvalidationListener,
-    LeaseState,
-    MemoryBackend,
-    RedisBackend,
-    Resync,
-)
-from corral.actors.cache._memory import MemoryStore
+from corral.actors.cache._memory import Backend, MemoryBackend, MemoryStore
 from corral.actors.cache._metrics import (
     BATCHED_GETS,
     BATCHED_SETS,
@@ -52,6 +44,7 @@ from corral.actors.cache._metrics import (
     Counters,
 )
 from corral.actors.cache._options import BackendOptions, CacheOptions
+from corral.actors.cache._redis import InvalidationListener, LeaseState, RedisBackend, Resync
 from corral.errors import (
     BackendUnavailable,
     ConfigError,

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import httpx
 
+from corral._breaker import CircuitBreaker
 from corral.actors.pool._metrics import (
     ATTEMPTS,
     BREAKER_STATE,
@@ -38,7 +39,7 @@ from corral.actors.pool._metrics import (
     RETRIES,
 )
 from corral.actors.pool._options import ServiceOptions
-from corral.actors.pool._policy import Breaker, parse_retry_after, retry_delay
+from corral.actors.pool._policy import parse_retry_after, retry_delay
 from corral.actors.pool._transport import AiohttpTransport
 from corral.errors import BackendUnavailable, RequestError, Timeout
 from corral.messages.pool import HttpResponse
@@ -72,11 +73,11 @@ class Endpoint:
         self, url: str, options: ServiceOptions, on_transition: Callable[[], None]
     ) -> None:
         self.url = url.rstrip("/")
-        self.breaker = Breaker(
+        self.breaker = CircuitBreaker(
             options.breaker_threshold,
             options.breaker_open_seconds,
-            options.breaker_probes,
-            on_transition=on_transition,
+            probes=options.breaker_probes,
+            on_transition=lambda _old, _new: on_transition(),
         )
         self.outstanding = 0
         self.requests = 0
