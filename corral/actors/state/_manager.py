@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from typing import Literal, TypeVar
 
 import msgpack
 
+from corral._statemachine import check_state_id, check_write
+from corral._time import now_ms
 from corral.actors.state._memory import Backend, memory_backend_for
 from corral.actors.state._options import StateOptions
 from corral.actors.state._redis import RedisBackend
@@ -37,8 +38,6 @@ from corral.messages.state import (
     StateUpdate,
     StateWrite,
     changed_topic,
-    check_state_id,
-    check_write,
 )
 from corral.messages.system import Health
 from corral.metrics import Counter
@@ -50,10 +49,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _PUBLISH_DRAIN_TIMEOUT = 5.0
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 CHANGES = Counter("corral_state_changes_total", "State changes applied (creates, transitions, ...)")
@@ -178,7 +173,7 @@ class StateManager(Manager[StateOptions]):
 
     @handles(StateGet)
     def get(self, msg: StateGet) -> StateInfo:
-        return self._backend_call(lambda: self.backend.get(msg.state_id, _now_ms()))
+        return self._backend_call(lambda: self.backend.get(msg.state_id, now_ms()))
 
     @handles(StateGetHistory)
     def get_history(self, msg: StateGetHistory) -> StateHistory:
@@ -231,7 +226,7 @@ class StateManager(Manager[StateOptions]):
     def _apply(
         self, writes: list[StateWrite], reads: dict[str, int] | None = None
     ) -> list[StateInfo]:
-        events, states = self._backend_call(lambda: self.backend.apply(writes, _now_ms(), reads))
+        events, states = self._backend_call(lambda: self.backend.apply(writes, now_ms(), reads))
         self._publish(events)
         return states
 
@@ -283,6 +278,6 @@ class StateManager(Manager[StateOptions]):
                             event.state_id, exc)  # fmt: skip
 
     def _expire_due(self) -> list[StateChanged]:
-        events = self._backend_call(lambda: self.backend.expire_due(_now_ms()))
+        events = self._backend_call(lambda: self.backend.expire_due(now_ms()))
         self._publish(events)
         return events

@@ -27,6 +27,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
+from corral._statemachine import apply_transition, check_write
+from corral._time import now_ms
 from corral.actors.transaction._memory import MemoryStore
 from corral.actors.transaction._options import TransactionOptions
 from corral.actors.transaction._redis import RedisStore
@@ -48,8 +50,6 @@ from corral.messages.state import (
     StateInfo,
     StateMachine,
     StateWrite,
-    apply_transition,
-    check_write,
 )
 from corral.messages.system import Health
 from corral.messages.transaction import (
@@ -80,10 +80,6 @@ another request of the same transaction, before it gives up with Conflict."""
 
 CHANGE_BACKOFF_MAX = 0.05
 """The longest pause, in seconds, between two attempts of one change."""
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 BEGUN = Counter("corral_transactions_begun_total", "Transactions begun")
@@ -198,7 +194,7 @@ class TransactionManager(Manager[TransactionOptions]):
                 )
             view = self._view(tx, write.state_id)
             state_type = write.state_type if view is None else view.state_type
-            after = apply_transition(view, write, _now_ms(), self._machines(state_type))
+            after = apply_transition(view, write, now_ms(), self._machines(state_type))
             tx.writes.append(write)
             return after
 
@@ -318,7 +314,7 @@ class TransactionManager(Manager[TransactionOptions]):
     def _view(self, tx: TransactionRecord, state_id: str) -> StateInfo | None:
         """The stored state with the transaction's writes to it replayed on top."""
         state = self._stored(tx, state_id)
-        now = _now_ms()
+        now = now_ms()
         for write in tx.writes:
             if write.state_id == state_id:
                 state_type = write.state_type if state is None else state.state_type
