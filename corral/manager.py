@@ -42,7 +42,6 @@ from typing import (
     Any,
     ClassVar,
     Generic,
-    Literal,
     Protocol,
     TypeVar,
     cast,
@@ -52,7 +51,7 @@ from typing import (
 import pykka
 
 from corral._runtime import PROBE, ActorCore, Envelope, Schedule, admit_all
-from corral.config import Section, parse_options
+from corral.config import Placement, Section, parse_options
 from corral.errors import ConfigError, CorralError, InvalidMessage
 from corral.messages.base import ErrorReply, Event, Message, Reply, Request
 from corral.messages.system import Health, HealthCheck, Reconfigure, Reconfigured
@@ -220,7 +219,7 @@ class Manager(ActorCore, Generic[OptionsT]):
     Options: ClassVar[type[Section] | None] = None
     """The typed options of ``[managers.<name>]``, taken from the type argument;
     None takes any options, unchecked."""
-    placement: ClassVar[Literal["any", "singleton"]] = "any"
+    placement: ClassVar[Placement] = "any"
     """``any``: every daemon runs this manager, so it must keep no state of its own in
     memory. ``singleton``: one daemon of the namespace runs it at a time (a lease in
     Redis). ``[managers.<name>] placement`` overrides it."""

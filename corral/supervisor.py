@@ -8,7 +8,7 @@ faster than ``max_restarts`` within ``period`` seconds::
     supervisor = Supervisor(
         [ChildSpec(name="cache", manager=CacheManager, critical=True)],
         router,
-        policy=SupervisorPolicy(strategy="one_for_one", max_restarts=5, period=30),
+        policy=SupervisorSection(strategy="one_for_one", max_restarts=5, period=30),
     )
     supervisor.start()
     ref = supervisor.resolve("cache", deadline=time.monotonic() + 1)
@@ -52,6 +52,7 @@ import pykka
 from pykka import ActorRef, ActorRegistry
 
 from corral._runtime import PROBE, ActorStop, CallbackFuture, Envelope
+from corral.config import Placement, Restart, SupervisorSection
 from corral.errors import ConfigError, ManagerUnavailable
 from corral.manager import Manager, ManagerContext, Router
 from corral.messages.base import Event, Message
@@ -68,20 +69,14 @@ from corral.metrics import ManagerMetrics
 
 __all__ = [
     "ChildSpec",
-    "RestartPolicy",
-    "Strategy",
     "Supervisor",
-    "SupervisorPolicy",
     "fingerprint",
     "start_order",
 ]
 
 log = logging.getLogger(__name__)
 
-RestartPolicy = Literal["permanent", "transient", "temporary"]
-Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
 ChildState = Literal["starting", "running", "restarting", "stopped", "failed", "standby"]
-Placement = Literal["any", "singleton"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -96,7 +91,7 @@ class ChildSpec:
     name: str
     manager: type[Manager[Any]]
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    restart: RestartPolicy = "permanent"
+    restart: Restart = "permanent"
     depends_on: tuple[str, ...] = ()
     critical: bool = False
     shutdown_timeout: float = 5.0
@@ -111,21 +106,6 @@ class ChildSpec:
     placement: Placement = "any"
     """``any``: every daemon runs the manager. ``singleton``: one daemon of the namespace
     at a time, the one holding its lease (see :mod:`corral.remote`)."""
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class SupervisorPolicy:
-    """Strategy, restart intensity, backoff and liveness probing for a supervisor."""
-
-    strategy: Strategy = "one_for_one"
-    max_restarts: int = 5
-    period: float = 30.0
-    backoff_initial: float = 0.05
-    backoff_max: float = 5.0
-    backoff_jitter: float = 0.2
-    probe_interval: float = 2.0
-    probe_timeout: float = 5.0
-    start_timeout: float = 10.0
 
 
 def start_order(specs: Iterable[ChildSpec]) -> list[ChildSpec]:
@@ -196,13 +176,13 @@ class Supervisor:
         specs: Sequence[ChildSpec],
         router: Router,
         *,
-        policy: SupervisorPolicy | None = None,
+        policy: SupervisorSection | None = None,
         publish: Callable[[str, Event], None] | None = None,
         on_escalate: Callable[[str], None] | None = None,
         standby: Collection[str] = (),
         on_dead_letter: Callable[[DeadLetter], None] | None = None,
     ) -> None:
-        self.policy = policy or SupervisorPolicy()
+        self.policy = policy or SupervisorSection()
         self.router = router
         self._publish = publish
         self._on_escalate = on_escalate

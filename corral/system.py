@@ -47,7 +47,7 @@ from corral.messages.system import (
     SystemHealth,
     dead_letters_key,
 )
-from corral.supervisor import ChildSpec, Supervisor, SupervisorPolicy, start_order
+from corral.supervisor import ChildSpec, Supervisor, start_order
 
 __all__ = ["System", "plan"]
 
@@ -102,7 +102,7 @@ class System(EventsMixin):
         self.supervisor = Supervisor(
             specs,
             self,
-            policy=self._policy(),
+            policy=self.config.supervisor,
             publish=self.bus.publish,
             on_escalate=on_escalate,
             standby=singletons if singletons_by_lease else (),
@@ -125,11 +125,6 @@ class System(EventsMixin):
                 reconnect_max=section.reconnect_max,
             )
         return MemoryBus(queue_size=section.queue_size)
-
-    def _policy(self) -> SupervisorPolicy:
-        section = self.config.supervisor
-        names = (f.name for f in dataclasses.fields(SupervisorPolicy))
-        return SupervisorPolicy(**{name: getattr(section, name) for name in names})
 
     # -- lifecycle ------------------------------------------------------------------------
 

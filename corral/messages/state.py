@@ -64,7 +64,7 @@ __all__ = [
 
 
 class StateType(enum.StrEnum):
-    """The design documents' state types; their values are the ``state_type`` strings (the
+    """The standard state types; their values are the ``state_type`` strings (the
     codec takes plain ``str`` fields, so pass ``.value``)::
 
     StateRegister(state_id="s1", state_type=StateType.SESSION.value)
@@ -79,7 +79,8 @@ class StateType(enum.StrEnum):
 
 
 STATE_TYPES = tuple(StateType)
-"""The seeds' state types; any other name matching ``[A-Za-z][A-Za-z0-9_-]*`` is a custom type."""
+"""The standard state types; any other name matching ``[A-Za-z][A-Za-z0-9_-]*`` is a custom
+type."""
 
 KEEP = "="
 """A rule's target meaning: the status does not change."""
