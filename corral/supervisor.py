@@ -41,7 +41,6 @@ import heapq
 import itertools
 import logging
 import queue
-import random
 import threading
 import time
 from collections import OrderedDict, deque
@@ -51,6 +50,7 @@ from typing import Any, Literal
 import pykka
 from pykka import ActorRef, ActorRegistry
 
+from corral._backoff import Backoff
 from corral._runtime import PROBE, ActorStop, CallbackFuture, Envelope
 from corral.config import Placement, Restart, SupervisorSection
 from corral.errors import ConfigError, ManagerUnavailable
@@ -750,9 +750,9 @@ class Supervisor:
 
     def _backoff(self, attempt: int) -> float:
         policy = self.policy
-        base = min(policy.backoff_max, policy.backoff_initial * 2 ** max(0, attempt - 1))
-        jitter = policy.backoff_jitter
-        return float(base * random.uniform(1 - jitter, 1 + jitter))
+        return Backoff(policy.backoff_initial, policy.backoff_max, policy.backoff_jitter).delay(
+            attempt
+        )
 
     def _restart(self, group: list[_Child]) -> None:
         if self._stopping or self.escalated is not None:

@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 
 import redis
 
+from corral._backoff import Backoff
 from corral._breaker import BreakerState, CircuitBreaker
 from corral._junk import REJECTED, junk_kind
 from corral._redis import (
@@ -587,7 +588,7 @@ class InvalidationListener:
         self.replays = backend.codec.replay_guard()
         self.timeout = backend.options.socket_timeout
         self.deliver = deliver
-        self.reconnect_max = reconnect_max
+        self.backoff = Backoff(initial=0.05, cap=reconnect_max, jitter=0.0)
         self.connected = threading.Event()
         self.stopping = threading.Event()
         self.thread = threading.Thread(
@@ -603,9 +604,9 @@ class InvalidationListener:
             self.thread.join(timeout=2.0)
 
     def _run(self) -> None:
-        delay = 0.0
+        failures = 0
         reconnected = False
-        while not self.stopping.wait(delay):
+        while not self.stopping.wait(self.backoff.delay(failures) if failures else 0.0):
             client: redis.Redis | None = None
             pubsub: redis.client.PubSub | None = None
             try:
@@ -625,7 +626,7 @@ class InvalidationListener:
                         continue
                     if msg["type"] == "ssubscribe":
                         self.connected.set()
-                        delay = 0.0
+                        failures = 0
                         if reconnected and not self.deliver(Resync(self.backend_name)):
                             return
                     elif msg["type"] == "smessage" and not self._forward(msg["data"]):
@@ -639,7 +640,7 @@ class InvalidationListener:
                 if client is not None:
                     client.close()
             reconnected = True
-            delay = min(self.reconnect_max, max(0.05, delay * 2))
+            failures += 1
 
     def _forward(self, data: bytes) -> bool:
         try:

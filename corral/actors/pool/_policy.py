@@ -12,6 +12,7 @@ import random
 import time
 from collections.abc import Callable
 
+from corral._backoff import Backoff, jittered
 from corral.actors.pool._options import ServiceOptions
 
 __all__ = ["parse_retry_after", "retry_delay"]
@@ -25,15 +26,11 @@ def retry_delay(
     exponential: delay·2^(attempt-1); linear: delay·attempt; fixed: delay — capped
     at ``retry_max_delay``, then shortened by up to ``retry_jitter`` of itself.
     """
-    base = options.retry_delay
+    base, cap, jitter = options.retry_delay, options.retry_max_delay, options.retry_jitter
     if options.retry_backoff == "exponential":
-        delay = base * 2.0 ** min(attempt - 1, 60)
-    elif options.retry_backoff == "linear":
-        delay = base * attempt
-    else:
-        delay = base
-    delay = min(delay, options.retry_max_delay)
-    return delay * (1.0 - options.retry_jitter * rand())
+        return Backoff(base, cap, jitter, rand).delay(attempt)
+    delay = base * attempt if options.retry_backoff == "linear" else base
+    return jittered(min(delay, cap), jitter, rand)
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:

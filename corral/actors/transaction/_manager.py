@@ -21,12 +21,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import random
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
+from corral._backoff import Backoff
 from corral._statemachine import apply_transition, check_write
 from corral._time import now_ms
 from corral.actors.transaction._memory import MemoryStore
@@ -78,8 +78,9 @@ CHANGE_ATTEMPTS = 20
 """How many times a request re-reads its transaction after losing a compare-and-set to
 another request of the same transaction, before it gives up with Conflict."""
 
-CHANGE_BACKOFF_MAX = 0.05
-"""The longest pause, in seconds, between two attempts of one change."""
+_CHANGE_BACKOFF = Backoff(initial=0.001, cap=0.05, jitter=1.0)
+"""The pause between two attempts of one change: at random, up to 1 ms, then 2, 4, ...
+50 ms at most, so that racing writers stop colliding."""
 
 
 BEGUN = Counter("corral_transactions_begun_total", "Transactions begun")
@@ -286,7 +287,7 @@ class TransactionManager(Manager[TransactionOptions]):
                 return result
             self.corral_metrics.add(RETRIED)
             # Back off a little, at random, so that racing writers stop colliding.
-            time.sleep(random.uniform(0, min(CHANGE_BACKOFF_MAX, 0.001 * 2**attempt)))
+            time.sleep(_CHANGE_BACKOFF.delay(attempt + 1))
         raise Conflict(
             f"transaction {transaction_id!r} was changed by {CHANGE_ATTEMPTS} other requests "
             "while this one ran; try again",
