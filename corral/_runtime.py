@@ -297,7 +297,7 @@ class CallbackFuture(pykka.Future[Any]):
     someone else). The remote server uses it to refuse a request past its deadline
     and to record that a request has started. ``admit_together``, when given, is
     asked instead, once, for all the requests a handler takes together from the
-    mailbox (:meth:`Manager.take_queued`) whose futures share it: it gets their
+    mailbox (:meth:`corral.Manager.take_queued`) whose futures share it: it gets their
     futures (each with its ``request``, what the sender keeps about it) and says, in
     order, which may run, so that their starts are recorded in one round trip.
     ``sender`` names who sent a request from outside the process: one that crashes
