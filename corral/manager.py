@@ -292,7 +292,8 @@ class Manager(ActorCore, Generic[OptionsT]):
     def every(self, interval: float, fn: Callable[[], object]) -> Schedule:
         """Run ``fn`` on the actor's thread every ``interval`` seconds, between two
         messages, until the manager stops or the schedule is cancelled. A run still
-        waiting in the mailbox is not queued again::
+        waiting in the mailbox is not queued again. Call it from the actor's thread (a
+        hook or a handler)::
 
             def on_start(self) -> None:
                 self.every(self.options.sweep_interval, self._sweep)
@@ -301,7 +302,8 @@ class Manager(ActorCore, Generic[OptionsT]):
 
     def after(self, delay: float, fn: Callable[[], object]) -> Schedule:
         """Run ``fn`` once on the actor's thread, ``delay`` seconds from now, unless the
-        manager stops or the schedule is cancelled first::
+        manager stops or the schedule is cancelled first. Call it from the actor's
+        thread::
 
             self.retry = self.after(5.0, self._reconnect)
             ...
