@@ -369,13 +369,14 @@ def admit_all(envelopes: list[Envelope[Any]]) -> list[Envelope[Any]]:
 
 class Schedule:
     """Work for an actor's thread, due after ``delay`` seconds, then every ``interval``
-    seconds (None: once); made by :meth:`corral.Manager.every` and :meth:`~corral.Manager.after`.
+    seconds (None: once); made by :meth:`corral.Manager.every` and
+    :meth:`corral.Manager.after`.
 
     A daemon thread of its own waits, then puts the schedule in the mailbox, where the
     actor's loop runs ``fn`` between two messages (see :meth:`run`). A run still queued
-    is not queued again (a slow actor gets one, not a backlog); a full or closed mailbox
-    skips that run. ``cancel`` stops it, from any thread; the actor cancels its schedules when it
-    stops::
+    is not queued again (a slow actor gets one, not a backlog); a mailbox that stays
+    full skips that run. ``cancel`` stops it, from any thread; the actor cancels its
+    schedules when it stops::
 
         schedule = Schedule(mailbox, sweep, delay=5.0, interval=5.0, name="sweep")
         schedule.start()
