@@ -24,11 +24,11 @@ from typing import Any
 
 import pykka
 from _report import Row, percentiles, report, timed
-from pykka._envelope import Envelope
 
-from corral.actors.base import Mailbox, Manager, ReplyFuture, handles
+from corral._runtime import Envelope, Mailbox, ReplyFuture
 from corral.config import Config, SupervisorSection
 from corral.errors import ManagerUnavailable
+from corral.manager import Manager, handles
 from corral.messages.base import Reply, Request, message
 from corral.supervisor import ChildSpec
 from corral.system import System

@@ -13,9 +13,9 @@ and pass them to ``System(managers=[...])``.
 """
 
 from corral import errors
-from corral.actors.base import Manager, handles
 from corral.client import Client, connect
 from corral.config import Config, load_config
+from corral.manager import Asker, AsyncAsker, Manager, handles
 from corral.messages.base import Event, Message, Reply, Request, message
 from corral.supervisor import ChildSpec
 from corral.system import System
@@ -23,6 +23,8 @@ from corral.system import System
 __version__ = "0.1.0"
 
 __all__ = [
+    "Asker",
+    "AsyncAsker",
     "ChildSpec",
     "Client",
     "Config",

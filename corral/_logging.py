@@ -33,7 +33,7 @@ import types
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
-from corral.actors.base import CallbackFuture, current_manager
+from corral._runtime import CallbackFuture, current_manager
 from corral.config import LogSection
 from corral.config._loader import CONFIG_VAR
 from corral.config._sections import LogFormat

@@ -29,7 +29,6 @@ import collections
 import contextlib
 import functools
 import logging
-import random
 import re
 import threading
 import time
@@ -41,6 +40,7 @@ from typing import Any, Literal, NamedTuple, Self
 import redis
 from redis.client import PubSub
 
+from corral._backoff import Backoff
 from corral._junk import REJECTED, junk_kind
 from corral._redis import REDIS_ERRORS, connect, redact, subscriber
 from corral.errors import BackendUnavailable, InvalidMessage
@@ -534,8 +534,7 @@ class RedisBus(Bus):
         self.codec = codec or Codec()
         self._replays = self.codec.replay_guard()
         self.where = redact(url)
-        self._reconnect_initial = reconnect_initial
-        self._reconnect_max = reconnect_max
+        self._backoff = Backoff(reconnect_initial, reconnect_max)
         self._health_check_interval = health_check_interval
         self._prefix = f"{namespace}:".encode()
         # The reader's own channel, outside the namespace: it keeps the pub/sub
@@ -678,7 +677,7 @@ class RedisBus(Bus):
     # -- the reader thread -------------------------------------------------------------
 
     def _run(self) -> None:
-        delay = self._reconnect_initial
+        failures = 0
         connections = 0
         poll = min(1.0, self._health_check_interval / 2)
         while not self._closing.is_set():
@@ -695,7 +694,7 @@ class RedisBus(Bus):
                     elif not connected and msg["channel"] == self._control:
                         connected = True
                         connections += 1
-                        delay = self._reconnect_initial
+                        failures = 0
                         self._connected(reconnect=connections > 1)
                     else:
                         self._handle(msg)
@@ -706,9 +705,9 @@ class RedisBus(Bus):
                 self._disconnected(pubsub, exc, was_connected=connected)
             else:
                 self._disconnected(pubsub, None, was_connected=connected)
-            if self._closing.wait(random.uniform(delay / 2, delay)):
+            failures += 1
+            if self._closing.wait(self._backoff.delay(failures)):
                 break
-            delay = min(delay * 2, self._reconnect_max)
 
     def _new_pubsub(self) -> PubSub:
         if self._sub_client is not None:

@@ -54,7 +54,6 @@ from __future__ import annotations
 import functools
 import logging
 import queue
-import random
 import threading
 import time
 import uuid
@@ -66,6 +65,7 @@ from typing import Any, cast
 
 import redis
 
+from corral._backoff import Backoff
 from corral._junk import REJECTED, junk_kind
 from corral._redis import (
     REDIS_ERRORS,
@@ -75,7 +75,7 @@ from corral._redis import (
     time_ms,
     topology,
 )
-from corral.actors.base import CallbackFuture
+from corral._runtime import CallbackFuture
 from corral.errors import Conflict, CorralError, InvalidMessage, ManagerUnavailable
 from corral.messages.base import MAX_TIMEOUT, ErrorReply, Message, Reply, validate
 from corral.messages.codec import Codec, Envelope
@@ -140,6 +140,9 @@ STARTED = b"S"
 FINISHED = b"F"
 """The first byte of a run record: started by the daemon named after it, or finished
 with the encoded reply after it."""
+
+_RECONNECT = Backoff(initial=0.1, cap=5.0)
+"""Between two attempts to reach Redis again after it went away."""
 
 RECORD_MARGIN_MS = 60_000
 """How long a run record outlives its request's deadline."""
@@ -456,7 +459,7 @@ class RequestServer:
     # -- taking requests ------------------------------------------------------------------
 
     def _read_loop(self, streams: list[str]) -> None:
-        delay = 0.1
+        failures = 0
         while self._reading.is_set():
             serving = [stream for stream in streams if self._serves(self.streams[stream])]
             if not serving:
@@ -466,7 +469,7 @@ class RequestServer:
                 if not self.connected:
                     self._ensure_groups()
                     self.connected = True
-                    delay = 0.1
+                    failures = 0
                     log.info("daemon %s reconnected to Redis", self.daemon_id)
                 batches = self._redis.xreadgroup(
                     GROUP,
@@ -479,8 +482,8 @@ class RequestServer:
                 if self.connected:
                     log.warning("remote requests: Redis unavailable (%s); reconnecting", exc)
                 self.connected = False  # a NOGROUP after a Redis restart lands here too
-                self._stop.wait(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, 5.0)
+                failures += 1
+                self._stop.wait(_RECONNECT.delay(failures))
                 continue
             for stream, entries in cast(list[tuple[bytes, list[Any]]], batches or []):
                 for entry_id, fields in entries:

@@ -45,13 +45,13 @@ Deliveries wait for room in the subscription's queue rather than being dropped.
 from __future__ import annotations
 
 import logging
-import random
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import msgpack
 
+from corral._backoff import Backoff
 from corral._junk import REJECTED, junk_kind
 from corral._redis import REDIS_ERRORS, connect, disconnect, topology
 from corral.bus import Bus, Delivery, Subscription, _wake, compile_glob
@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 
 _CONNECT_TIMEOUT = 2.0
 _FULL_QUEUE_POLL = 0.01
-_RECONNECT_MAX = 2.0
+_RECONNECT = Backoff(initial=0.05, cap=2.0)
 _ORPHAN_POLL = 0.05
 
 
@@ -234,14 +234,14 @@ class DurableSubscription(Subscription):
     # -- the reader threads -----------------------------------------------------------
 
     def _run(self, group: list[str]) -> None:
-        delay = 0.05
+        failures = 0
         unsynced = set(group)
         while not self._stopping.is_set():
             try:
                 if unsynced:
                     waiting = [name for name in sorted(unsynced) if not self._sync(name)]
                     self.healthy = True
-                    delay = 0.05
+                    failures = 0
                     unsynced = set(waiting)
                     if unsynced == set(group):  # entries of lost epochs: wait for new ones
                         self._stopping.wait(_ORPHAN_POLL)
@@ -259,8 +259,8 @@ class DurableSubscription(Subscription):
                 if not isinstance(exc, REDIS_ERRORS):
                     raise
                 log.warning("durable subscription %s: Redis unavailable (%s)", group[0], exc)
-                self._stopping.wait(random.uniform(delay / 2, delay))
-                delay = min(delay * 2, _RECONNECT_MAX)
+                failures += 1
+                self._stopping.wait(_RECONNECT.delay(failures))
         with self._running_lock:
             self._running -= 1
             last = self._running == 0

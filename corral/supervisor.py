@@ -8,7 +8,7 @@ faster than ``max_restarts`` within ``period`` seconds::
     supervisor = Supervisor(
         [ChildSpec(name="cache", manager=CacheManager, critical=True)],
         router,
-        policy=SupervisorPolicy(strategy="one_for_one", max_restarts=5, period=30),
+        policy=SupervisorSection(strategy="one_for_one", max_restarts=5, period=30),
     )
     supervisor.start()
     ref = supervisor.resolve("cache", deadline=time.monotonic() + 1)
@@ -23,7 +23,7 @@ Requests from outside the process are untrusted input, not the process's own
 bugs. OTP would count a crash they cause like any other, and a client repeating a
 poison message would make the supervisor give up on a manager that serves everyone
 else (and, once the intensity is exceeded, stop the daemon). Here a crash on a
-request whose future names a ``sender`` (:class:`~corral.actors.base.CallbackFuture`)
+request whose future names a ``sender`` (:class:`~corral._runtime.CallbackFuture`)
 is a dead letter: published as :class:`~corral.messages.system.DeadLetter` and kept
 by ``on_dead_letter``; the same request sent again is refused without reaching the
 manager (:meth:`Supervisor.quarantined`); and the crash does not count towards the
@@ -41,7 +41,6 @@ import heapq
 import itertools
 import logging
 import queue
-import random
 import threading
 import time
 from collections import OrderedDict, deque
@@ -50,11 +49,12 @@ from typing import Any, Literal
 
 import pykka
 from pykka import ActorRef, ActorRegistry
-from pykka._envelope import Envelope
-from pykka.messages import _ActorStop
 
-from corral.actors.base import PROBE, CallbackFuture, Manager, ManagerContext, Router
+from corral._backoff import Backoff
+from corral._runtime import PROBE, ActorStop, CallbackFuture, Envelope
+from corral.config import Placement, Restart, SupervisorSection
 from corral.errors import ConfigError, ManagerUnavailable
+from corral.manager import Manager, ManagerContext, Router
 from corral.messages.base import Event, Message
 from corral.messages.system import (
     ChildStatus,
@@ -69,20 +69,14 @@ from corral.metrics import ManagerMetrics
 
 __all__ = [
     "ChildSpec",
-    "RestartPolicy",
-    "Strategy",
     "Supervisor",
-    "SupervisorPolicy",
     "fingerprint",
     "start_order",
 ]
 
 log = logging.getLogger(__name__)
 
-RestartPolicy = Literal["permanent", "transient", "temporary"]
-Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
 ChildState = Literal["starting", "running", "restarting", "stopped", "failed", "standby"]
-Placement = Literal["any", "singleton"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -97,7 +91,7 @@ class ChildSpec:
     name: str
     manager: type[Manager[Any]]
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    restart: RestartPolicy = "permanent"
+    restart: Restart = "permanent"
     depends_on: tuple[str, ...] = ()
     critical: bool = False
     shutdown_timeout: float = 5.0
@@ -112,21 +106,6 @@ class ChildSpec:
     placement: Placement = "any"
     """``any``: every daemon runs the manager. ``singleton``: one daemon of the namespace
     at a time, the one holding its lease (see :mod:`corral.remote`)."""
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class SupervisorPolicy:
-    """Strategy, restart intensity, backoff and liveness probing for a supervisor."""
-
-    strategy: Strategy = "one_for_one"
-    max_restarts: int = 5
-    period: float = 30.0
-    backoff_initial: float = 0.05
-    backoff_max: float = 5.0
-    backoff_jitter: float = 0.2
-    probe_interval: float = 2.0
-    probe_timeout: float = 5.0
-    start_timeout: float = 10.0
 
 
 def start_order(specs: Iterable[ChildSpec]) -> list[ChildSpec]:
@@ -197,13 +176,13 @@ class Supervisor:
         specs: Sequence[ChildSpec],
         router: Router,
         *,
-        policy: SupervisorPolicy | None = None,
+        policy: SupervisorSection | None = None,
         publish: Callable[[str, Event], None] | None = None,
         on_escalate: Callable[[str], None] | None = None,
         standby: Collection[str] = (),
         on_dead_letter: Callable[[DeadLetter], None] | None = None,
     ) -> None:
-        self.policy = policy or SupervisorPolicy()
+        self.policy = policy or SupervisorSection()
         self.router = router
         self._publish = publish
         self._on_escalate = on_escalate
@@ -712,7 +691,7 @@ class Supervisor:
             if envelope.reply_to is None:
                 self.dead_letters += 1
                 continue
-            if isinstance(envelope.message, _ActorStop):
+            if isinstance(envelope.message, ActorStop):
                 envelope.reply_to.set(None)
                 continue
             error = ManagerUnavailable(
@@ -791,9 +770,9 @@ class Supervisor:
 
     def _backoff(self, attempt: int) -> float:
         policy = self.policy
-        base = min(policy.backoff_max, policy.backoff_initial * 2 ** max(0, attempt - 1))
-        jitter = policy.backoff_jitter
-        return float(base * random.uniform(1 - jitter, 1 + jitter))
+        return Backoff(policy.backoff_initial, policy.backoff_max, policy.backoff_jitter).delay(
+            attempt
+        )
 
     def _restart(self, group: list[_Child]) -> None:
         if self._stopping or self.escalated is not None:

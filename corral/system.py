@@ -30,15 +30,15 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import pykka
-from pykka._envelope import Envelope
 
 from corral._events import EventsMixin
 from corral._redis import REDIS_ERRORS, connect
+from corral._runtime import AsyncioFuture, Envelope, Mailbox, ReplyFuture
 from corral.actors import BUILTIN
-from corral.actors.base import AsyncioFuture, Mailbox, Manager, ReplyFuture
 from corral.bus import Bus, MemoryBus, RedisBus
 from corral.config import Config, ManagerSection, parse_options
 from corral.errors import ConfigError, Timeout
+from corral.manager import Manager
 from corral.messages.base import TIMEOUT, Message, Reply, Request, unwrap, validate
 from corral.messages.codec import Codec
 from corral.messages.system import (
@@ -47,7 +47,7 @@ from corral.messages.system import (
     SystemHealth,
     dead_letters_key,
 )
-from corral.supervisor import ChildSpec, Supervisor, SupervisorPolicy, start_order
+from corral.supervisor import ChildSpec, Supervisor, start_order
 
 __all__ = ["System", "plan"]
 
@@ -102,7 +102,7 @@ class System(EventsMixin):
         self.supervisor = Supervisor(
             specs,
             self,
-            policy=self._policy(),
+            policy=self.config.supervisor,
             publish=self.bus.publish,
             on_escalate=on_escalate,
             standby=singletons if singletons_by_lease else (),
@@ -125,11 +125,6 @@ class System(EventsMixin):
                 reconnect_max=section.reconnect_max,
             )
         return MemoryBus(queue_size=section.queue_size)
-
-    def _policy(self) -> SupervisorPolicy:
-        section = self.config.supervisor
-        names = (f.name for f in dataclasses.fields(SupervisorPolicy))
-        return SupervisorPolicy(**{name: getattr(section, name) for name in names})
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -218,7 +213,7 @@ class System(EventsMixin):
         """Put ``message`` in the mailbox of its manager; its reply is set on ``reply_to``.
 
         The building block of ``ask`` for callers that must not wait (the daemon's
-        remote request server passes a :class:`~corral.actors.base.CallbackFuture`).
+        remote request server passes a :class:`~corral._runtime.CallbackFuture`).
         """
         name = self._route(message)
         self._deliver(name, Envelope(message, reply_to=reply_to), self._timeout(timeout))

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from corral._redis import connect
-from corral.actors.base import Manager, handles
+from corral.manager import Manager, handles
 from corral.messages.base import Reply, Request, message
 
 

@@ -14,9 +14,9 @@ from typing import Any, Literal, TypeVar
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from corral.actors.base import Manager, handles
 from corral.bus import Subscription
 from corral.errors import NotFound
+from corral.manager import Manager, handles
 from corral.messages.base import Message, Reply, Request, message
 from corral.messages.system import Health
 from corral.system import System
@@ -189,8 +189,7 @@ class Worker(Manager):
             self.stop()
         done = Done(incarnation=self.incarnation, handled=self.count, name=self.corral_context.name)
         if msg.action == "together":
-            for _, future in self.take_queued(Work, 100):
+            for _, reply in self.take_queued(Work, 100):
                 self.count += 1
-                if future is not None:
-                    future.set(dataclasses.replace(done, handled=self.count))
+                reply.resolve(dataclasses.replace(done, handled=self.count))
         return done

@@ -23,7 +23,8 @@ from corral.client import Client
 from corral.config import BusSection, Config, DaemonSection, ManagerSection, SystemSection
 from corral.daemon import Daemon
 from corral.errors import InvalidMessage
-from corral.ext.cache import Asker, CachedFunction, CachedStats, cached
+from corral.ext.cache import CachedFunction, CachedStats, cached
+from corral.manager import Asker
 from corral.messages.base import MAX_NESTING
 from corral.messages.cache import CacheGet, CacheSet
 from corral.system import System

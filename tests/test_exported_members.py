@@ -15,7 +15,8 @@ from types import ModuleType
 import pytest
 
 import corral
-from corral.actors import BUILTIN, Manager
+from corral.actors import BUILTIN
+from corral.manager import Manager
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLIC_MODULES = sorted(

@@ -23,7 +23,7 @@ SCANNED = ("corral", "tests", "bench", "examples")
 MANAGER_PACKAGES = sorted(
     p.name for p in (ROOT / "corral" / "actors").iterdir() if (p / "__init__.py").is_file()
 )
-PYKKA_INTERNALS_HOME = "corral.actors.base"
+PYKKA_INTERNALS_HOME = "corral._runtime"
 """The one module that may use pykka's private API (its envelope, its stop message)."""
 
 KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
@@ -31,20 +31,6 @@ KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
         "mount(daemon) serves /ws on the daemon's app: the type of its argument; goes when "
         "the daemon mounts routes through a hook every manager may offer"
     ),
-    ("corral.actors.pool._manager", "pykka._envelope"): (
-        "the pool replies later by completing the envelope's future itself"
-    ),
-    ("corral.supervisor", "pykka._envelope"): (
-        "a crashed actor's queued envelopes are handed to its successor"
-    ),
-    ("corral.supervisor", "pykka.messages._ActorStop"): (
-        "those queued envelopes are sorted from pykka's stop message"
-    ),
-    ("corral.system", "pykka._envelope"): "the router puts envelopes in the bounded inbox",
-    ("tests.test_supervisor", "pykka._envelope"): "checks what the successor's inbox holds",
-    ("tests.test_mailbox", "pykka._envelope"): "puts envelopes in a Mailbox as pykka does",
-    ("tests.test_mailbox", "pykka.messages._ActorStop"): "a stop message always gets in",
-    ("bench.actors", "pykka._envelope"): "times the mailbox against queue.Queue with envelopes",
 }
 """(importing module, imported module or name) -> why it is allowed for now."""
 
@@ -145,7 +131,7 @@ def test_every_recorded_exception_still_occurs() -> None:
         ("corral.actors.cache._manager", "corral.actors.state._memory.MemoryBackend", True),
         ("corral.actors.cache._manager", "corral.daemon.Daemon", True),
         ("corral.actors.cache._manager", "corral.remote", True),
-        ("corral.actors.cache._manager", "corral.actors.base.Manager", False),
+        ("corral.actors.cache._manager", "corral.manager.Manager", False),
         ("corral.actors.cache._manager", "corral.actors.cache._options.CacheOptions", False),
         ("corral.messages.cache", "corral.bus.compile_glob", True),
         ("corral.messages.cache", "corral.errors.NotFound", False),

@@ -9,10 +9,8 @@ from typing import Any
 import pykka
 import pytest
 from pykka import ActorDeadError
-from pykka._envelope import Envelope
-from pykka.messages import _ActorStop
 
-from corral.actors.base import PROBE, Mailbox, ReplyFuture
+from corral._runtime import PROBE, ActorStop, Envelope, Mailbox, ReplyFuture
 from corral.errors import ManagerUnavailable, Overloaded
 from corral.messages.system import Ping
 
@@ -115,10 +113,10 @@ def test_a_full_mailbox_refuses_try_put_and_overloads_put_but_takes_stops_and_pr
         mailbox.put(Envelope("second"))
     assert mailbox.metrics.overloaded == 1
     mailbox.put(Envelope(PROBE))
-    mailbox.put(Envelope(_ActorStop()))
+    mailbox.put(Envelope(ActorStop()))
     messages = taken(mailbox, 3)
     assert messages[:2] == [PROBE, "first"]
-    assert isinstance(messages[2], _ActorStop)
+    assert isinstance(messages[2], ActorStop)
 
 
 def test_a_put_waiting_for_room_goes_in_when_the_actor_takes_one() -> None:

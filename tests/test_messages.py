@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import linecache
 import math
 import pickle
 import re
+import traceback
 import types
 from typing import Annotated, Any, Literal
 
@@ -552,6 +554,27 @@ def test_validate_checks_bounds(overrides: dict[str, Any], text: str) -> None:
         MsgBounded._from_wire(body, "b")
     assert decoded.value.path == "b." + caught.value.path
     assert decoded.value.message == caught.value.message
+
+
+def test_generated_code_shows_in_tracebacks_with_its_source() -> None:
+    def generated_frames(error: BaseException) -> list[traceback.FrameSummary]:
+        frames = traceback.extract_tb(error.__traceback__)
+        return [frame for frame in frames if frame.filename.startswith("<corral generated")]
+
+    for run in (
+        lambda: validate(MsgBounded(ttl=-1.0)),
+        lambda: MsgBounded._from_wire({"ttl": -1.0}, "b"),
+    ):
+        with pytest.raises(InvalidMessage) as caught:
+            run()
+        frames = generated_frames(caught.value)
+        assert frames, [f.filename for f in traceback.extract_tb(caught.value.__traceback__)]
+        for frame in frames:
+            assert frame.filename != "<string>"
+            assert "MsgBounded" in frame.filename
+            assert frame.line  # the generated line itself, read back through linecache
+            source = linecache.getline(frame.filename, frame.lineno or 0)
+            assert source.strip() == frame.line
 
 
 @pytest.mark.parametrize(

@@ -14,9 +14,10 @@ import httpx
 import pytest
 
 import corral
-from corral.actors import BUILTIN, Manager
+from corral.actors import BUILTIN
 from corral.daemon import declared_families
 from corral.errors import ConfigError, ManagerUnavailable, NotFound
+from corral.manager import Manager
 from corral.metrics import Counter, Gauge, Histogram, ManagerMetrics
 from corral.supervisor import ChildSpec
 from tests.operations import BUILT_IN_MANAGERS, BusyDaemon, promtool

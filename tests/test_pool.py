@@ -25,9 +25,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from corral.actors.base import handles
 from corral.actors.pool import PoolManager, PoolOptions, ServiceOptions
-from corral.actors.pool._policy import Breaker, parse_retry_after, retry_delay
+from corral.actors.pool._policy import parse_retry_after, retry_delay
 from corral.config import Config, ManagerSection, parse_options
 from corral.errors import (
     BackendUnavailable,
@@ -39,6 +38,7 @@ from corral.errors import (
     Timeout,
     Unauthorized,
 )
+from corral.manager import handles
 from corral.messages.base import Request, message
 from corral.messages.pool import HttpRequest, HttpResponse, JsonRpcCall, PoolStats
 from corral.messages.system import HealthCheck
@@ -404,28 +404,6 @@ def test_a_service_that_is_down_gives_backend_unavailable(ports: list[Port]) -> 
 
 
 # -- circuit breaker ------------------------------------------------------------------------
-
-
-def test_breaker_state_machine() -> None:
-    now = [0.0]
-    breaker = Breaker(threshold=2, open_seconds=10.0, probes=1, clock=lambda: now[0])
-
-    def state() -> str:
-        return breaker.state
-
-    for _ in range(2):
-        assert breaker.allow()
-        breaker.record(False)
-    assert (state(), breaker.allow()) == ("open", False)
-    now[0] = 10.0
-    assert state() == "half_open"
-    assert breaker.allow() and not breaker.allow()  # one probe at a time
-    breaker.record(False)
-    assert state() == "open"
-    now[0] = 20.0
-    assert breaker.allow()
-    breaker.record(True)
-    assert (state(), breaker.transitions) == ("closed", 5)
 
 
 def test_breaker_opens_fails_fast_then_half_opens_and_closes(ports: list[Port]) -> None:

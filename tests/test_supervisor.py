@@ -9,9 +9,8 @@ from typing import Any
 
 import pytest
 from pykka import ActorDeadError
-from pykka._envelope import Envelope
 
-from corral.actors.base import Mailbox
+from corral._runtime import Envelope, Mailbox
 from corral.config import Config, SupervisorSection, SystemSection
 from corral.errors import ConfigError, ManagerUnavailable, NotFound, Overloaded
 from corral.messages.system import HealthChanged, SupervisorChildChanged

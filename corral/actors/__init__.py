@@ -1,6 +1,4 @@
-"""Managers: one package per manager, each a :class:`~corral.actors.base.Manager`."""
-
-from corral.actors.base import Manager, ManagerContext, handles
+"""The built-in managers: one package per manager, each a :class:`corral.Manager`."""
 
 BUILTIN: dict[str, str] = {
     "system": "corral.actors.system:SystemManager",
@@ -14,4 +12,4 @@ BUILTIN: dict[str, str] = {
 }
 """Built-in managers by name, as import paths (loaded only when configured)."""
 
-__all__ = ["BUILTIN", "Manager", "ManagerContext", "handles"]
+__all__ = ["BUILTIN"]

@@ -137,7 +137,8 @@ class SystemSection(Section):
 
 @dataclass(frozen=True, kw_only=True, repr=False)
 class SupervisorSection(Section):
-    """``[supervisor]``: restart strategy, restart intensity, backoff, probes."""
+    """``[supervisor]``: restart strategy, restart intensity, backoff, probes: the policy a
+    :class:`corral.supervisor.Supervisor` follows."""
 
     prefix: ClassVar[str] = "supervisor"
 

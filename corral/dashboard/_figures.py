@@ -42,7 +42,7 @@ STANDARD_METRICS = frozenset(
         "uptime_s",
     }
 )
-"""The counters every manager keeps (:meth:`corral.actors.base.Manager.corral_stats`), shown
+"""The counters every manager keeps (:meth:`corral.Manager.corral_stats`), shown
 in columns of their own or not at all, never as a manager's own figures."""
 
 OWN_FIGURES_SHOWN = 6

@@ -60,7 +60,8 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
 
 from corral.errors import InvalidMessage, Timeout, UnavailableError
-from corral.messages.base import MAX_NESTING, Reply, Request, validate
+from corral.manager import Asker, AsyncAsker
+from corral.messages.base import MAX_NESTING, validate
 from corral.messages.cache import (
     CacheDelete,
     CacheGetOrLease,
@@ -70,8 +71,6 @@ from corral.messages.cache import (
 )
 
 __all__ = [
-    "Asker",
-    "AsyncAsker",
     "AsyncCachedFunction",
     "CachedFunction",
     "CachedStats",
@@ -83,7 +82,6 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
-R = TypeVar("R", bound=Reply)
 
 _ASK_MARGIN = 1.0
 """Seconds an ask waits beyond ``wait``, so the manager's own Timeout answers first."""
@@ -102,14 +100,6 @@ _VALUE_TYPES = (
     uuid.UUID,
 )
 """Argument types whose ``repr`` is their value: a default key may be made of them."""
-
-
-class Asker(Protocol):
-    def ask(self, message: Request[R], *, timeout: float | None = None) -> R: ...
-
-
-class AsyncAsker(Protocol):
-    async def ask_async(self, message: Request[R], *, timeout: float | None = None) -> R: ...
 
 
 @dataclasses.dataclass(frozen=True)

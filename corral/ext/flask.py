@@ -42,27 +42,20 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Collection
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import flask
 
 from corral.actors.ratelimit._options import parse_limit
 from corral.errors import Timeout, UnavailableError
-from corral.messages.base import Reply, Request
+from corral.manager import Asker
 from corral.messages.ratelimit import RatelimitCheck, RatelimitDecision
 
-__all__ = ["Asker", "RateLimit"]
+__all__ = ["RateLimit"]
 
-R = TypeVar("R", bound=Reply)
 F = TypeVar("F", bound=Callable[..., Any])
 
 Identify = Callable[[], str | None]
-
-
-class Asker(Protocol):
-    """What RateLimit needs: a ``corral.System``, a ``corral.connect()`` client, ..."""
-
-    def ask(self, message: Request[R], *, timeout: float | None = None) -> R: ...
 
 
 def _remote_addr() -> str | None:

@@ -35,9 +35,9 @@ import contextvars
 import inspect
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+from typing import Any, Generic, TypeVar
 
-from corral.messages.base import Reply, Request
+from corral.manager import Asker, AsyncAsker
 from corral.messages.state import StateInfo, StateWrite
 from corral.messages.transaction import (
     IsolationLevel,
@@ -52,8 +52,6 @@ from corral.messages.transaction import (
 )
 
 __all__ = [
-    "Asker",
-    "AsyncAsker",
     "AsyncTransaction",
     "Transaction",
     "TransactionBlock",
@@ -61,20 +59,9 @@ __all__ = [
     "transaction",
 ]
 
-R = TypeVar("R", bound=Reply)
 OnCommit = Callable[[], object]
 """A hook: called with no arguments after the outermost commit; in an ``async with``
 block, an awaitable it returns is awaited."""
-
-
-@runtime_checkable
-class Asker(Protocol):
-    def ask(self, message: Request[R], *, timeout: float | None = None) -> R: ...
-
-
-@runtime_checkable
-class AsyncAsker(Protocol):
-    async def ask_async(self, message: Request[R], *, timeout: float | None = None) -> R: ...
 
 
 class _Hooks:

@@ -31,6 +31,7 @@ from typing import Annotated, Any, NamedTuple
 
 import msgspec
 
+from corral.messages._generated import run_generated
 from corral.messages.base import (
     _NO_RANGE,
     MAX_NESTING,
@@ -332,5 +333,5 @@ def _make_message_node(cls: type[Message], depth: int, limit: int | None) -> _No
         forbid_unknown_fields=True,
         gc=False,
     )
-    exec("\n".join(lines), namespace)
+    run_generated("\n".join(lines), f"struct of {cls.__module__}.{cls.__qualname__}", namespace)
     return _Node(struct, namespace["convert"])

@@ -216,7 +216,7 @@ class AuthKeySet(Reply):
 
 @message("auth.is_revoked", idempotent=True)
 class AuthIsRevoked(Request["AuthRevocation"]):
-    """Whether a jti is on the denylist (the seeds' ``is_token_blacklisted``)."""
+    """Whether a jti is on the denylist (a revoked token)."""
 
     manager = "auth"
     jti: str
@@ -277,7 +277,7 @@ class AuthApiKeyRevoke(Request[AuthApiKey]):
 @message("auth.api_key_info", idempotent=True)
 class AuthApiKeyInfo(Request[AuthApiKey]):
     """An API key's record (scopes, created, expires, last used), without its secret;
-    ``NotFound`` when there is no such key (the design documents' ``get_api_key_info``)::
+    ``NotFound`` when there is no such key::
 
         system.ask(AuthApiKeyInfo(key_id=created.key_id)).last_used_at
     """
@@ -288,8 +288,8 @@ class AuthApiKeyInfo(Request[AuthApiKey]):
 
 @message("auth.api_key_update", idempotent=True)
 class AuthApiKeyUpdate(Request[AuthApiKey]):
-    """Replace an API key's scopes (the design documents' ``update_api_key_permissions``);
-    the key and its secret stay. ``NotFound`` when there is no such key::
+    """Replace an API key's scopes; the key and its secret stay. ``NotFound`` when there
+    is no such key::
 
         system.ask(AuthApiKeyUpdate(key_id=created.key_id, scopes=["invoices:read"]))
     """

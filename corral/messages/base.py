@@ -43,6 +43,7 @@ from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Generic, TypeVar
 
 from corral.errors import CorralError, InvalidMessage, error_class
+from corral.messages._generated import run_generated
 
 __all__ = [
     "INT64_MAX",
@@ -439,10 +440,14 @@ def _generate_methods(cls: type[Message], infos: list[FieldInfo]) -> None:
     decode.append("    return obj")
     check.append("    return None")
     to_wire.append("    }")
-    exec("\n".join(decode + check + to_wire), namespace)
+    run_generated("\n".join(decode + check + to_wire), f"message {_dotted(cls)}", namespace)
     cls._from_wire = staticmethod(namespace["from_wire"])
     cls._validate = staticmethod(namespace["validate"])
     cls.to_wire = namespace["to_wire"]  # type: ignore[method-assign]
+
+
+def _dotted(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _fast_spec(annotation: Any) -> tuple[type, _Span | None, bool] | None:

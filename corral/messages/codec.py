@@ -463,10 +463,8 @@ class Codec:
             unsigned = _BYTE[data[0] - 1] + data[1:-_SIGNATURE_TAIL]
             if self.signer.verify(signature, *bound, unsigned):
                 return
-        # Any other layout (another encoder): the map without "s", packed again.
-        try:
-            unsigned = _packb(raw, use_bin_type=True)
-        except (TypeError, ValueError, OverflowError):  # nested deeper than msgpack packs
-            raise _fail("s", "signature does not match") from None
+        # Any other layout (another encoder): the map without "s", packed again (msgpack
+        # packs back whatever it unpacked, however deep).
+        unsigned = _packb(raw, use_bin_type=True)
         if not self.signer.verify(signature, *bound, unsigned):
             raise _fail("s", "signature does not match")

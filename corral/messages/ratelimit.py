@@ -113,7 +113,7 @@ class RatelimitCheck(Request[RatelimitDecision]):
 
 @message("ratelimit.info", idempotent=True)
 class RatelimitInfo(Request[RatelimitDecision]):
-    """The seeds' ``get_rate_limit_info``: where every rule stands, charging nothing
+    """Where every rule stands, charging nothing
     (``route_limits`` and ``route_key`` as in :class:`RatelimitCheck`)."""
 
     manager = "ratelimit"

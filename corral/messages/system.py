@@ -29,7 +29,7 @@ HealthStatus = Literal["healthy", "degraded", "unhealthy"]
 
 @message("health.health")
 class Health(Reply):
-    """One manager's health: the seeds' ``health_check()`` shape."""
+    """One manager's health: its status, details, metrics and dependencies."""
 
     status: HealthStatus
     details: dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -51,7 +51,6 @@ from corral.actors.auth._memory import MemoryStore
 from corral.actors.auth._options import AuthOptions
 from corral.actors.auth._redis import RedisStore
 from corral.actors.auth._store import Pair, Store
-from corral.actors.base import Manager, handles
 from corral.errors import (
     BackendUnavailable,
     ConfigError,
@@ -60,6 +59,7 @@ from corral.errors import (
     NotFound,
     Unauthorized,
 )
+from corral.manager import Manager, handles
 from corral.messages.auth import (
     AuthApiKey,
     AuthApiKeyCreate,

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -35,16 +34,7 @@ from typing import Any
 import msgpack
 import pykka
 
-from corral.actors.base import Manager, handles
-from corral.actors.cache._backends import (
-    Backend,
-    InvalidationListener,
-    LeaseState,
-    MemoryBackend,
-    RedisBackend,
-    Resync,
-)
-from corral.actors.cache._memory import MemoryStore
+from corral.actors.cache._memory import Backend, MemoryBackend, MemoryStore
 from corral.actors.cache._metrics import (
     BATCHED_GETS,
     BATCHED_SETS,
@@ -54,6 +44,7 @@ from corral.actors.cache._metrics import (
     Counters,
 )
 from corral.actors.cache._options import BackendOptions, CacheOptions
+from corral.actors.cache._redis import InvalidationListener, LeaseState, RedisBackend, Resync
 from corral.errors import (
     BackendUnavailable,
     ConfigError,
@@ -62,7 +53,8 @@ from corral.errors import (
     ManagerUnavailable,
     Timeout,
 )
-from corral.messages.base import MAX_TIMEOUT, MAX_TTL, ErrorReply, Reply
+from corral.manager import DeferredReply, Manager, Schedule, handles
+from corral.messages.base import MAX_TIMEOUT, MAX_TTL, Reply
 from corral.messages.cache import (
     CacheClear,
     CacheDelete,
@@ -103,18 +95,9 @@ _SET_BATCH = 256
 _LISTENER_READY_TIMEOUT = 1.0
 
 
-class _Sweep:
-    """Told to the actor by the lease timer: expire leases and time out waiters."""
-
-    __slots__ = ()
-
-
-_SWEEP = _Sweep()
-
-
 @dataclass
 class _Waiter:
-    future: pykka.Future[Any]
+    reply: DeferredReply
     deadline: float
     lease_ttl: float
 
@@ -150,7 +133,7 @@ class CacheManager(Manager[CacheOptions]):
         self.max_key_length = settings.max_key_length
         self.max_value_size = settings.max_value_size
         self.flights: dict[tuple[str, str], _Flight] = {}
-        self.timer: threading.Timer | None = None
+        self.timer: Schedule | None = None
         self.timer_due = math.inf
         self.backends: dict[str, Backend] = {}
         try:
@@ -185,14 +168,12 @@ class CacheManager(Manager[CacheOptions]):
             )
 
     def on_stop(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
         gone = ManagerUnavailable(
             "the cache manager stopped", {"manager": self.corral_context.name}
         )
         for flight in self.flights.values():
             for waiter in flight.waiters:
-                waiter.future.set(ErrorReply.of(gone))
+                waiter.reply.fail(gone)
         self.flights.clear()
         self._close_backends()
 
@@ -246,59 +227,50 @@ class CacheManager(Manager[CacheOptions]):
         if queued:
             self.corral_metrics.add(BATCHED_GETS, by=len(queued) + 1)
             self._get_together([(msg, self.defer_reply()), *queued])
-            return None  # answered through its future with the others
+            return None  # answered through its reply with the others
         backend = self._backend(msg.backend)
         data = backend.get(self._key(msg.key))
         if data is None:
             return CacheValue(key=msg.key, found=False)
         return CacheValue(key=msg.key, found=True, value=_decode(data))
 
-    def _get_together(self, queued: list[tuple[CacheGet, pykka.Future[Any] | None]]) -> None:
+    def _get_together(self, queued: list[tuple[CacheGet, DeferredReply]]) -> None:
         """Answer every get of the batch, each with its value or its own error."""
-        unanswered = {id(future): future for _, future in queued if future is not None}
         try:
-            self._answer_gets(queued, unanswered)
+            self._answer_gets(queued)
         except BaseException as exc:
             gone = ManagerUnavailable(f"cache manager failed during a batched get: {exc!r}")
-            for future in unanswered.values():
-                _answer(future, gone)
+            for _, reply in queued:
+                reply.fail(gone)  # those answered already keep their answer
             raise
 
-    def _answer_gets(
-        self,
-        queued: list[tuple[CacheGet, pykka.Future[Any] | None]],
-        unanswered: dict[int, pykka.Future[Any]],
-    ) -> None:
-        def answer(future: pykka.Future[Any] | None, reply: Reply | CorralError) -> None:
-            unanswered.pop(id(future), None)
-            _answer(future, reply)
-
-        by_backend: dict[str, list[tuple[str, CacheGet, pykka.Future[Any] | None]]] = {}
-        for msg, future in queued:
+    def _answer_gets(self, queued: list[tuple[CacheGet, DeferredReply]]) -> None:
+        by_backend: dict[str, list[tuple[str, CacheGet, DeferredReply]]] = {}
+        for msg, reply in queued:
             try:
                 backend = self._backend(msg.backend)
-                by_backend.setdefault(backend.name, []).append((self._key(msg.key), msg, future))
+                by_backend.setdefault(backend.name, []).append((self._key(msg.key), msg, reply))
             except CorralError as exc:
-                answer(future, exc)
+                _answer(reply, exc)
         for name, gets in by_backend.items():
             try:
                 found = self.backends[name].get_many(list(dict.fromkeys(k for k, _, _ in gets)))
             except CorralError as exc:
-                for _, _, future in gets:
-                    answer(future, exc)
+                for _, _, reply in gets:
+                    _answer(reply, exc)
                 continue
-            for key, msg, future in gets:
+            for key, msg, reply in gets:
                 data = found.get(key)
                 try:
-                    reply = (
+                    value = (
                         CacheValue(key=msg.key, found=False)
                         if data is None
                         else CacheValue(key=msg.key, found=True, value=_decode(data))
                     )
                 except CorralError as exc:  # a stored value that does not decode
-                    answer(future, exc)
+                    _answer(reply, exc)
                     continue
-                answer(future, reply)
+                _answer(reply, value)
 
     @handles(CacheGetMany)
     def get_many(self, msg: CacheGetMany) -> CacheValues:
@@ -315,7 +287,7 @@ class CacheManager(Manager[CacheOptions]):
         if queued:
             self.corral_metrics.add(BATCHED_SETS, by=len(queued) + 1)
             self._set_together([(msg, self.defer_reply()), *queued])
-            return None  # answered through its future with the others
+            return None  # answered through its reply with the others
         backend, key, data = self._checked_set(msg)
         backend.set_many({key: data}, msg.ttl, msg.tags)
         self._settle(backend.name, key, msg.value)
@@ -329,41 +301,35 @@ class CacheManager(Manager[CacheOptions]):
         _check_ttl(msg.ttl, "ttl")
         return backend, key, data
 
-    def _set_together(self, queued: list[tuple[CacheSet, pykka.Future[Any] | None]]) -> None:
+    def _set_together(self, queued: list[tuple[CacheSet, DeferredReply]]) -> None:
         """Store every set of the batch, answering each with CacheStored or its own error."""
-        unanswered = {id(future): future for _, future in queued if future is not None}
-
-        def answer(future: pykka.Future[Any] | None, reply: Reply | CorralError) -> None:
-            unanswered.pop(id(future), None)
-            _answer(future, reply)
-
         try:
             runs: list[tuple[tuple[Any, ...], list[tuple[CacheSet, str, bytes, Any]]]] = []
-            for msg, future in queued:
+            for msg, reply in queued:
                 try:
                     backend, key, data = self._checked_set(msg)
                 except CorralError as exc:
-                    answer(future, exc)
+                    _answer(reply, exc)
                     continue
                 same = (backend.name, msg.ttl, tuple(msg.tags))
                 if not runs or runs[-1][0] != same:
                     runs.append((same, []))
-                runs[-1][1].append((msg, key, data, future))
+                runs[-1][1].append((msg, key, data, reply))
             for (name, ttl, tags), sets in runs:
                 try:
                     # One dict: of two sets of a key in a run, the later one is stored.
                     self.backends[name].set_many({key: data for _, key, data, _ in sets}, ttl, tags)
                 except CorralError as exc:
-                    for *_, future in sets:
-                        answer(future, exc)
+                    for *_, reply in sets:
+                        _answer(reply, exc)
                     continue
-                for msg, key, _, future in sets:
+                for msg, key, _, reply in sets:
                     self._settle(name, key, msg.value)
-                    answer(future, CacheStored(count=1))
+                    _answer(reply, CacheStored(count=1))
         except BaseException as exc:
             gone = ManagerUnavailable(f"cache manager failed during a batched set: {exc!r}")
-            for future in unanswered.values():
-                _answer(future, gone)
+            for _, reply in queued:
+                reply.fail(gone)  # those answered already keep their answer
             raise
 
     @handles(CacheSetMany)
@@ -452,8 +418,8 @@ class CacheManager(Manager[CacheOptions]):
         """Keep the caller's reply until the value is set, the lease passes to it, or its
         ``wait`` is over. ``held_for``: how long the lease in Redis lasts (None: the lease
         is kept here)."""
-        future = self.defer_reply()
-        if future is None:  # a tell: nobody waits for the answer
+        reply = self.defer_reply()
+        if not reply.pending:  # a tell: nobody waits for the answer
             return
         now = time.monotonic()
         flight = self.flights.get((backend, msg.key))
@@ -461,7 +427,7 @@ class CacheManager(Manager[CacheOptions]):
             flight = self.flights[backend, msg.key] = _Flight("", now, msg.lease_ttl)
         if held_for is not None and not flight.token:
             flight.expires_at = now + held_for
-        flight.waiters.append(_Waiter(future, now + msg.wait, msg.lease_ttl))
+        flight.waiters.append(_Waiter(reply, now + msg.wait, msg.lease_ttl))
         self._wake_at(min(flight.expires_at, now + msg.wait))
 
     @handles(CacheRelease)
@@ -485,7 +451,7 @@ class CacheManager(Manager[CacheOptions]):
         if flight is not None:
             reply = CacheLease(key=key, found=True, value=value)
             for waiter in flight.waiters:
-                waiter.future.set(reply)
+                waiter.reply.resolve(reply)
 
     def _hand_over(self, backend: str, key: str, flight: _Flight, now: float) -> None:
         """The holder of a lease kept here let go: the first waiter still waiting gets a
@@ -495,10 +461,10 @@ class CacheManager(Manager[CacheOptions]):
             if waiter.deadline > now:
                 flight.token = uuid.uuid4().hex
                 flight.expires_at = now + flight.lease_ttl
-                waiter.future.set(CacheLease(key=key, found=False, lease=flight.token))
+                waiter.reply.resolve(CacheLease(key=key, found=False, lease=flight.token))
                 self._wake_at(flight.expires_at)
                 return
-            waiter.future.set(ErrorReply.of(_timed_out(key)))
+            waiter.reply.fail(_timed_out(key))
         del self.flights[backend, key]
 
     def _look_again(self, backend_name: str, key: str, flight: _Flight) -> None:
@@ -519,7 +485,7 @@ class CacheManager(Manager[CacheOptions]):
         except CorralError as exc:
             del self.flights[backend_name, key]
             for waiter in flight.waiters:
-                waiter.future.set(ErrorReply.of(exc))
+                waiter.reply.fail(exc)
             return
         if shared is None:  # Redis is out of reach: the lease is kept here from now on
             flight.lease_ttl = first.lease_ttl
@@ -528,7 +494,7 @@ class CacheManager(Manager[CacheOptions]):
             self._settle(backend_name, key, value)
         elif shared.granted:
             flight.waiters.pop(0)
-            first.future.set(CacheLease(key=key, found=False, lease=token))
+            first.reply.resolve(CacheLease(key=key, found=False, lease=token))
             flight.expires_at = now + first.lease_ttl
             if flight.waiters:
                 self._wake_at(flight.expires_at)
@@ -562,22 +528,18 @@ class CacheManager(Manager[CacheOptions]):
             self._wake_at(min(wakes))
 
     def _wake_at(self, due: float) -> None:
-        """Have the actor told ``_SWEEP`` at ``due`` (monotonic), unless it already will be."""
+        """Have the actor sweep at ``due`` (monotonic), unless it already will by then."""
         if time.monotonic() < self.timer_due <= due:
             return  # a sweep is due no later (a past due means that sweep was lost)
         if self.timer is not None:
             self.timer.cancel()
         self.timer_due = due
-        self.timer = threading.Timer(max(0.0, due - time.monotonic()), self._deliver, (_SWEEP,))
-        self.timer.daemon = True
-        self.timer.start()
+        self.timer = self.after(max(0.0, due - time.monotonic()), self._sweep)
 
     # -- other threads' news, on the actor thread -----------------------------------------
 
     def on_receive(self, message: Any) -> Any:
-        if message is _SWEEP:
-            self._sweep()
-        elif isinstance(message, Resync):
+        if isinstance(message, Resync):
             backend = self.backends.get(message.backend)
             if isinstance(backend, RedisBackend):
                 backend.resync()  # messages may have been lost: every waiter looks again
@@ -679,7 +641,7 @@ def _time_out_waiters(key: str, flight: _Flight, now: float) -> None:
     waiting = []
     for waiter in flight.waiters:
         if waiter.deadline <= now:
-            waiter.future.set(ErrorReply.of(_timed_out(key)))
+            waiter.reply.fail(_timed_out(key))
         else:
             waiting.append(waiter)
     flight.waiters = waiting
@@ -700,13 +662,9 @@ def _total(stats: Any) -> dict[str, Any]:
     return total
 
 
-def _answer(future: pykka.Future[Any] | None, reply: Reply | CorralError) -> None:
-    """Answer a request taken from the mailbox (None: a tell, nobody to answer)."""
-    if future is None:
-        return
-    if isinstance(reply, CorralError):
-        reply = ErrorReply.of(reply)
-    try:
-        future.set(reply)
-    except Exception:  # a caller that cannot take its reply is not the cache's failure
-        log.warning("a batched cache reply could not be delivered", exc_info=True)
+def _answer(reply: DeferredReply, outcome: Reply | CorralError) -> None:
+    """Answer a request of a batch with its reply or its own error."""
+    if isinstance(outcome, CorralError):
+        reply.fail(outcome)
+    else:
+        reply.resolve(outcome)

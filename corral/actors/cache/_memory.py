@@ -1,4 +1,5 @@
-"""The in-memory store: a cachetools cache of encoded entries, with tags and per-entry TTL.
+"""The memory backend, and the store under it: a cachetools cache of encoded entries, with
+tags and per-entry TTL; also the interface every backend offers the manager (:class:`Backend`).
 
 Owned by one actor, so it takes no lock (cachetools is not thread-safe)::
 
@@ -6,6 +7,9 @@ Owned by one actor, so it takes no lock (cachetools is not thread-safe)::
     store.set("a", b"\\x01", ttl=None, tags=("t",))
     store.get("a").data        # b"\\x01"
     store.invalidate_tags(["t"])
+    backend = MemoryBackend("local", store)
+    backend.set_many({"k": b"\\xa1v"}, ttl=None, tags=())
+    backend.get("k")           # b"\\xa1v"
 
 Strategies, i.e. what a full store evicts first:
 
@@ -23,13 +27,36 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal, Protocol
 
 from cachetools import Cache, LFUCache, LRUCache, TLRUCache
 
+from corral.actors.cache._metrics import (
+    BACKEND_ERRORS,
+    DELETES,
+    ENTRIES,
+    EVICTIONS,
+    EXPIRATIONS,
+    FALLBACKS,
+    HITS,
+    MISSES,
+    SETS,
+    Counters,
+)
 from corral.bus import compile_glob
+from corral.metrics import ManagerMetrics
 
-__all__ = ["Entry", "MemoryStore"]
+__all__ = [
+    "Backend",
+    "Entry",
+    "MemoryBackend",
+    "MemoryStore",
+    "Status",
+    "backend_stats",
+    "count_drops",
+]
+
+Status = Literal["healthy", "degraded", "unhealthy"]
 
 Clock = Callable[[], float]
 
@@ -177,3 +204,113 @@ def _make_cache(strategy: str, max_size: int, owner: MemoryStore) -> Cache[str, 
     if strategy == "ttl":
         return _TLRU(max_size, ttu=_expiry, timer=owner.clock, owner=owner)
     return _LRU(max_size, owner=owner)
+
+
+class Backend(Protocol):
+    """What the manager asks of a backend; every method may raise BackendUnavailable."""
+
+    name: str
+    kind: str
+
+    def get(self, key: str) -> bytes | None: ...
+    def get_many(self, keys: list[str]) -> dict[str, bytes]: ...
+    def set_many(self, items: dict[str, bytes], ttl: float | None, tags: Iterable[str]) -> None: ...
+    def delete(self, key: str) -> bool: ...
+    def exists(self, key: str) -> bool: ...
+    def clear(self) -> int: ...
+    def invalidate(self, pattern: str) -> int: ...
+    def invalidate_tags(self, tags: list[str]) -> int: ...
+    def status(self) -> tuple[Status, dict[str, Any]]: ...
+    def stats(self) -> dict[str, Any]: ...
+    def close(self) -> None: ...
+
+
+def backend_stats(kind: str, counters: Counters, store: MemoryStore | None) -> dict[str, Any]:
+    """The figures every backend reports in ``CacheStats`` (``store``: its local one)."""
+    hits, misses = counters.value(HITS), counters.value(MISSES)
+    size = len(store) if store is not None else 0
+    counters.metrics.set(ENTRIES, size, counters.backend)
+    return {
+        "type": kind,
+        "hits": hits,
+        "misses": misses,
+        "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+        "sets": counters.value(SETS),
+        "deletes": counters.value(DELETES),
+        "evictions": counters.value(EVICTIONS),
+        "expirations": counters.value(EXPIRATIONS),
+        "errors": counters.value(BACKEND_ERRORS),
+        "fallbacks": counters.value(FALLBACKS),
+        "size": size,
+    }
+
+
+def count_drops(store: MemoryStore, counters: Counters) -> None:
+    """Count what ``store`` drops by itself (evictions, expirations) in ``counters``."""
+    store.on_dropped = lambda evicted: counters.add(EVICTIONS if evicted else EXPIRATIONS)
+
+
+class MemoryBackend:
+    """A :class:`MemoryStore` behind the backend interface."""
+
+    kind = "memory"
+
+    def __init__(self, name: str, store: MemoryStore, counters: Counters | None = None) -> None:
+        self.name = name
+        self.store = store
+        self.counters = counters or Counters(ManagerMetrics(), name)
+        count_drops(store, self.counters)
+
+    def get(self, key: str) -> bytes | None:
+        entry = self.store.get(key)
+        if entry is None:
+            self.counters.add(MISSES)
+            return None
+        self.counters.add(HITS)
+        return entry.data
+
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        found = {}
+        for key in keys:
+            data = self.get(key)
+            if data is not None:
+                found[key] = data
+        return found
+
+    def set_many(self, items: dict[str, bytes], ttl: float | None, tags: Iterable[str]) -> None:
+        tags = tuple(tags)
+        for key, data in items.items():
+            self.store.set(key, data, ttl, tags)
+        self.counters.add(SETS, len(items))
+
+    def delete(self, key: str) -> bool:
+        deleted = self.store.delete(key)
+        self.counters.add(DELETES, deleted)
+        return deleted
+
+    def exists(self, key: str) -> bool:
+        return self.store.get(key) is not None
+
+    def clear(self) -> int:
+        count = self.store.clear()
+        self.counters.add(DELETES, count)
+        return count
+
+    def invalidate(self, pattern: str) -> int:
+        count = self.store.invalidate(pattern)
+        self.counters.add(DELETES, count)
+        return count
+
+    def invalidate_tags(self, tags: list[str]) -> int:
+        count = self.store.invalidate_tags(tags)
+        self.counters.add(DELETES, count)
+        return count
+
+    def status(self) -> tuple[Status, dict[str, Any]]:
+        return "healthy", {"type": self.kind, "strategy": self.store.strategy}
+
+    def stats(self) -> dict[str, Any]:
+        return backend_stats(self.kind, self.counters, self.store)
+
+    def close(self) -> None:
+        self.store.clear()

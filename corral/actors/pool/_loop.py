@@ -1,17 +1,14 @@
-"""Replying later: an asyncio loop in its own thread, and replies a handler takes over.
+"""An asyncio loop in its own thread, for the calls a handler hands over.
 
 A handler that must wait on the network takes its caller's reply with
-``DeferredReply.take(self)``, hands the work to the :class:`LoopThread` and
-returns at once; the mailbox moves on, and the reply is set from the loop when
-the work completes::
+``self.defer_reply()``, hands the work to the :class:`LoopThread` and returns at
+once; the mailbox moves on, and the reply is sent from the loop when the work
+completes::
 
     @handles(HttpRequest)
     def http_request(self, msg: HttpRequest) -> None:
-        reply = DeferredReply.take(self)
+        reply = self.defer_reply()
         self.loop.spawn(answer(reply, self.fetch(msg)))
-
-Nothing here is specific to HTTP: this is the piece a base-class ``defer()``
-would provide to every manager (see docs/pool.md).
 """
 
 from __future__ import annotations
@@ -23,52 +20,11 @@ import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-import pykka
-
-from corral.actors.base import Manager
-from corral.errors import CorralError
-from corral.messages.base import ErrorReply, Reply
-
-__all__ = ["DeferredReply", "LoopThread"]
+__all__ = ["LoopThread"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class DeferredReply:
-    """The reply to the message being handled, to be set later, from any thread, once."""
-
-    __slots__ = ("_lock", "_reply_to")
-
-    def __init__(self, reply_to: pykka.Future[Any] | None) -> None:
-        self._reply_to = reply_to
-        self._lock = threading.Lock()
-
-    @classmethod
-    def take(cls, manager: Manager[Any]) -> DeferredReply:
-        """Take over the reply of the message being handled: the base loop then sends none."""
-        return cls(manager.defer_reply())
-
-    @property
-    def done(self) -> bool:
-        return self._reply_to is None
-
-    def resolve(self, reply: Reply) -> None:
-        self._set(reply)
-
-    def fail(self, error: CorralError) -> None:
-        self._set(ErrorReply.of(error))
-
-    def _set(self, value: Reply) -> None:
-        with self._lock:
-            reply_to, self._reply_to = self._reply_to, None
-        if reply_to is None:  # a tell, or answered already
-            return
-        try:
-            reply_to.set(value)
-        except Exception:  # a caller that cannot take its reply is not our failure
-            log.warning("a deferred reply could not be delivered", exc_info=True)
 
 
 class LoopThread:

@@ -11,7 +11,7 @@
 How a request travels: the handler checks the message (service known, path,
 params, headers, JSON body) on the actor's thread and raises ``InvalidMessage``
 at once for a bad one. It then takes over the caller's reply
-(:class:`~corral.actors.pool._loop.DeferredReply`) and hands the call to the
+(:class:`~corral.manager.DeferredReply`) and hands the call to the
 manager's asyncio loop, which runs in its own thread with one
 ``httpx.AsyncClient`` per service; the handler returns and the mailbox moves on.
 The loop answers the caller when the response arrives, so a hundred slow calls
@@ -39,12 +39,9 @@ import re
 from collections.abc import Coroutine
 from typing import Any
 
-from pykka._envelope import Envelope
-
 from corral._redis import REDIS_ERRORS, SyncRedis, connect, describe
-from corral.actors.base import Manager, handles
 from corral.actors.pool._discovery import ANNOUNCE, WITHDRAW, registry_key
-from corral.actors.pool._loop import DeferredReply, LoopThread
+from corral.actors.pool._loop import LoopThread
 from corral.actors.pool._metrics import FAMILIES
 from corral.actors.pool._options import PoolOptions, url_problem
 from corral.actors.pool._service import Call, Service
@@ -58,6 +55,7 @@ from corral.errors import (
     RequestError,
     Unauthorized,
 )
+from corral.manager import DeferredReply, Manager, handles
 from corral.messages.base import MAX_TIMEOUT, Reply
 from corral.messages.pool import (
     HttpRequest,
@@ -251,7 +249,7 @@ class PoolManager(Manager[PoolOptions]):
         if loop is None or not loop.alive:
             work.close()
             raise RuntimeError(f"{self.corral_context.name}: its event loop is gone")
-        reply = DeferredReply.take(self)
+        reply = self.defer_reply()
         loop.spawn(self._answer(reply, work))
 
     async def _answer(self, reply: DeferredReply, work: Coroutine[Any, Any, Reply]) -> None:
@@ -270,7 +268,7 @@ class PoolManager(Manager[PoolOptions]):
                     f"manager {self.corral_context.name!r} failed: {type(exc).__name__}: {exc}",
                     {"manager": self.corral_context.name},
                 )
-                self.corral_mailbox.try_put(Envelope(_LoopFailure(exc)))
+                self.corral_mailbox.try_tell(_LoopFailure(exc))
             reply.fail(stopping)
             if not isinstance(exc, Exception):
                 raise

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import httpx
 
+from corral._breaker import CircuitBreaker
 from corral._redis import REDIS_ERRORS, AsyncRedis, connect_async
 from corral.actors.pool._discovery import Instance, registered, resolve
 from corral.actors.pool._metrics import (
@@ -40,7 +41,7 @@ from corral.actors.pool._metrics import (
     RETRIES,
 )
 from corral.actors.pool._options import ServiceOptions
-from corral.actors.pool._policy import Breaker, parse_retry_after, retry_delay
+from corral.actors.pool._policy import parse_retry_after, retry_delay
 from corral.actors.pool._transport import AiohttpTransport
 from corral.errors import BackendUnavailable, RequestError, Timeout
 from corral.messages.pool import HttpResponse
@@ -77,11 +78,11 @@ class Endpoint:
         self.host = instance.host
         self.server_name = instance.server_name
         self.prober: asyncio.Task[None] | None = None
-        self.breaker = Breaker(
+        self.breaker = CircuitBreaker(
             options.breaker_threshold,
             options.breaker_open_seconds,
-            options.breaker_probes,
-            on_transition=on_transition,
+            probes=options.breaker_probes,
+            on_transition=lambda _old, _new: on_transition(),
         )
         self.outstanding = 0
         self.requests = 0

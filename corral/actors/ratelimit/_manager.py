@@ -13,12 +13,8 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
-
-import pykka
 
 from corral._redis import REDIS_ERRORS, connect, describe
-from corral.actors.base import Manager, handles
 from corral.actors.ratelimit._memory import (
     BanPolicy,
     MemoryLimiter,
@@ -36,7 +32,8 @@ from corral.errors import (
     ManagerUnavailable,
     NotFound,
 )
-from corral.messages.base import MAX_TTL, ErrorReply
+from corral.manager import DeferredReply, Manager, handles
+from corral.messages.base import MAX_TTL
 from corral.messages.ratelimit import (
     RatelimitBan,
     RatelimitBanned,
@@ -137,7 +134,7 @@ class RatelimitManager(Manager[RatelimitOptions]):
         self.over_limit: dict[str, _Cached] = {}
         """The local cache: rule keys over their limit and ban keys, with their verdicts."""
         self.pending_refusals: dict[str, int] = {}
-        self.batch: list[tuple[RatelimitCheck, pykka.Future[Any]]] = []
+        self.batch: list[tuple[RatelimitCheck, DeferredReply]] = []
         """Checks waiting for one shared round trip (see ``check``)."""
         url = settings.redis_url or self.corral_context.redis_url
         backend = settings.backend
@@ -192,11 +189,11 @@ class RatelimitManager(Manager[RatelimitOptions]):
         """
         if self.redis is None or (not self.batch and self.corral_mailbox.qsize() == 0):
             return self._decide(msg, consume=True)
-        future = self.defer_reply()
-        if future is None:  # a tell: nobody waits for the decision, decide it in turn
+        reply = self.defer_reply()
+        if not reply.pending:  # a tell: nobody waits for the decision, decide it in turn
             self._flush()
             return self._decide(msg, consume=True)
-        self.batch.append((msg, future))
+        self.batch.append((msg, reply))
         if self.corral_mailbox.qsize() == 0 or len(self.batch) >= _BATCH_SIZE:
             self._flush()
         return None
@@ -293,15 +290,15 @@ class RatelimitManager(Manager[RatelimitOptions]):
             decisions = self._decide_all([msg for msg, _ in batch], consume=True)
         except BaseException as exc:  # a crash is coming: its callers must not hang meanwhile
             gone = ManagerUnavailable(f"the rate limiter failed deciding a batch: {exc!r}")
-            for _, future in batch:
-                future.set(ErrorReply.of(gone))
+            for _, reply in batch:
+                reply.fail(gone)
             raise
-        for (_, future), decision in zip(batch, decisions, strict=True):
+        for (_, reply), decision in zip(batch, decisions, strict=True):
             if isinstance(decision, CorralError):
                 self.corral_handler_stats[RatelimitCheck].errors += 1
-                future.set(ErrorReply.of(decision))
+                reply.fail(decision)
             else:
-                future.set(decision)
+                reply.resolve(decision)
 
     def _decide_all(
         self, messages: Sequence[RatelimitCheck | RatelimitInfo], *, consume: bool

@@ -9,17 +9,18 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from typing import Literal, TypeVar
 
 import msgpack
 
-from corral.actors.base import Manager, handles
+from corral._statemachine import check_state_id, check_write
+from corral._time import now_ms
 from corral.actors.state._memory import Backend, memory_backend_for
 from corral.actors.state._options import StateOptions
 from corral.actors.state._redis import RedisBackend
 from corral.errors import BackendUnavailable, ConfigError, CorralError, InvalidMessage, NotFound
+from corral.manager import Manager, handles
 from corral.messages.state import (
     StateChanged,
     StateCommit,
@@ -37,8 +38,6 @@ from corral.messages.state import (
     StateUpdate,
     StateWrite,
     changed_topic,
-    check_state_id,
-    check_write,
 )
 from corral.messages.system import Health
 from corral.metrics import Counter
@@ -50,10 +49,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _PUBLISH_DRAIN_TIMEOUT = 5.0
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 CHANGES = Counter("corral_state_changes_total", "State changes applied (creates, transitions, ...)")
@@ -117,15 +112,9 @@ class StateManager(Manager[StateOptions]):
         )  # fmt: skip
         self._publisher.start()
         self.last_backend_error = ""
-        self._sweep_due = threading.Event()
-        self._stopping = threading.Event()
-        self._ticker = threading.Thread(
-            target=self._tick, name=f"corral-state-expiry:{self.corral_context.name}", daemon=True
-        )
-        self._ticker.start()
+        self.every(self.options.expiry_interval, self._expire_due)
 
     def on_stop(self) -> None:
-        self._stopping.set()
         self._outbox.put(None)
         self._publisher.join(_PUBLISH_DRAIN_TIMEOUT)
         self.backend.close()
@@ -184,7 +173,7 @@ class StateManager(Manager[StateOptions]):
 
     @handles(StateGet)
     def get(self, msg: StateGet) -> StateInfo:
-        return self._backend_call(lambda: self.backend.get(msg.state_id, _now_ms()))
+        return self._backend_call(lambda: self.backend.get(msg.state_id, now_ms()))
 
     @handles(StateGetHistory)
     def get_history(self, msg: StateGetHistory) -> StateHistory:
@@ -226,10 +215,7 @@ class StateManager(Manager[StateOptions]):
 
     @handles(StateExpireDue)
     def expire_due(self, _msg: StateExpireDue) -> StateExpired:
-        self._sweep_due.clear()
-        events = self._backend_call(lambda: self.backend.expire_due(_now_ms()))
-        self._publish(events)
-        return StateExpired(state_ids=[e.state_id for e in events])
+        return StateExpired(state_ids=[e.state_id for e in self._expire_due()])
 
     # -- internals --------------------------------------------------------------------
 
@@ -240,7 +226,7 @@ class StateManager(Manager[StateOptions]):
     def _apply(
         self, writes: list[StateWrite], reads: dict[str, int] | None = None
     ) -> list[StateInfo]:
-        events, states = self._backend_call(lambda: self.backend.apply(writes, _now_ms(), reads))
+        events, states = self._backend_call(lambda: self.backend.apply(writes, now_ms(), reads))
         self._publish(events)
         return states
 
@@ -291,13 +277,7 @@ class StateManager(Manager[StateOptions]):
                 log.warning("state: could not publish %s of %s: %s", event.transition,
                             event.state_id, exc)  # fmt: skip
 
-    def _tick(self) -> None:
-        interval = self.options.expiry_interval
-        while not self._stopping.wait(interval):
-            if self._sweep_due.is_set():
-                continue  # the last sweep is still queued
-            self._sweep_due.set()
-            try:
-                self.actor_ref.tell(StateExpireDue())
-            except Exception:  # stopping, or a full mailbox: try again next tick
-                self._sweep_due.clear()
+    def _expire_due(self) -> list[StateChanged]:
+        events = self._backend_call(lambda: self.backend.expire_due(now_ms()))
+        self._publish(events)
+        return events

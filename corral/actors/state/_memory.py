@@ -18,15 +18,9 @@ import uuid
 import weakref
 from typing import Protocol
 
+from corral._statemachine import apply_transition, check_reads
 from corral.errors import NotFound
-from corral.messages.state import (
-    StateChanged,
-    StateInfo,
-    StateMachine,
-    StateWrite,
-    apply_transition,
-    check_reads,
-)
+from corral.messages.state import StateChanged, StateInfo, StateMachine, StateWrite
 
 __all__ = ["Backend", "MemoryBackend", "memory_backend_for", "new_epoch"]
 

@@ -5,13 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from corral._statemachine import machine_from_table
 from corral.config import REDIS_URL, Section
-from corral.messages.state import (
-    DEFAULT_PARTITIONS,
-    MAX_PARTITIONS,
-    StateMachine,
-    machine_from_table,
-)
+from corral.messages.state import DEFAULT_PARTITIONS, MAX_PARTITIONS, StateMachine
 
 __all__ = ["StateOptions"]
 

@@ -40,6 +40,7 @@ import msgpack
 from redis.cluster import RedisCluster
 
 from corral._redis import REDIS_ERRORS, connect
+from corral._statemachine import read_conflict, status_conflict, undeclared_transition
 from corral.errors import BackendUnavailable, ConfigError, Conflict, InvalidMessage, NotFound
 from corral.messages.signing import Signer
 from corral.messages.state import (
@@ -55,9 +56,6 @@ from corral.messages.state import (
     partition_of,
     partition_prefix,
     partitions_key,
-    read_conflict,
-    status_conflict,
-    undeclared_transition,
 )
 from corral.streams import meta_key, signed_parts
 
@@ -570,7 +568,7 @@ def _state_info(state_id: str, fields: list[Any]) -> StateInfo:
 
 
 def _refusal(code: str, write: StateWrite, a: str, b: str) -> Exception:
-    """The same errors as :func:`corral.messages.state.apply_transition` raises."""
+    """The same errors as :func:`corral._statemachine.apply_transition` raises."""
     state_id = write.state_id
     if code == "not_found":
         return NotFound(f"no state {state_id!r}", {"state_id": state_id})

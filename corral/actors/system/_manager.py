@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from corral.actors.base import Manager, handles
+from corral.manager import Manager, handles
 from corral.messages.system import Ping, Pong
 
 __all__ = ["SystemManager"]

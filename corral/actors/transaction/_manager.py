@@ -21,14 +21,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import random
-import threading
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
-from corral.actors.base import Manager, handles
+from corral._backoff import Backoff
+from corral._statemachine import apply_transition, check_write
+from corral._time import now_ms
 from corral.actors.transaction._memory import MemoryStore
 from corral.actors.transaction._options import TransactionOptions
 from corral.actors.transaction._redis import RedisStore
@@ -41,6 +41,7 @@ from corral.errors import (
     InvalidMessage,
     NotFound,
 )
+from corral.manager import Manager, handles
 from corral.messages.base import MAX_TIMEOUT
 from corral.messages.state import (
     StateCommit,
@@ -49,8 +50,6 @@ from corral.messages.state import (
     StateInfo,
     StateMachine,
     StateWrite,
-    apply_transition,
-    check_write,
 )
 from corral.messages.system import Health
 from corral.messages.transaction import (
@@ -79,12 +78,9 @@ CHANGE_ATTEMPTS = 20
 """How many times a request re-reads its transaction after losing a compare-and-set to
 another request of the same transaction, before it gives up with Conflict."""
 
-CHANGE_BACKOFF_MAX = 0.05
-"""The longest pause, in seconds, between two attempts of one change."""
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
+_CHANGE_BACKOFF = Backoff(initial=0.001, cap=0.05, jitter=1.0)
+"""The pause between two attempts of one change: at random, up to 1 ms, then 2, 4, ...
+50 ms at most, so that racing writers stop colliding."""
 
 
 BEGUN = Counter("corral_transactions_begun_total", "Transactions begun")
@@ -126,16 +122,10 @@ class TransactionManager(Manager[TransactionOptions]):
         self.store = self._open_store()
         self._machine_of: dict[str, StateMachine | None] = {}
         self.last_backend_error = ""
-        self._sweep_due = threading.Event()
-        self._stopping = threading.Event()
         if self.store.sweeps_idle:
-            threading.Thread(
-                target=self._tick, name=f"corral-transaction-sweep:{self.corral_context.name}",
-                daemon=True,
-            ).start()  # fmt: skip
+            self.every(self.options.sweep_interval, self.store.expire_idle)
 
     def on_stop(self) -> None:
-        self._stopping.set()
         self.store.close()
 
     def _open_store(self) -> TransactionStore:
@@ -205,7 +195,7 @@ class TransactionManager(Manager[TransactionOptions]):
                 )
             view = self._view(tx, write.state_id)
             state_type = write.state_type if view is None else view.state_type
-            after = apply_transition(view, write, _now_ms(), self._machines(state_type))
+            after = apply_transition(view, write, now_ms(), self._machines(state_type))
             tx.writes.append(write)
             return after
 
@@ -277,7 +267,6 @@ class TransactionManager(Manager[TransactionOptions]):
 
     @handles(TransactionExpireIdle)
     def expire_idle(self, _msg: TransactionExpireIdle) -> TransactionExpired:
-        self._sweep_due.clear()
         return TransactionExpired(transaction_ids=self.store.expire_idle())
 
     # -- internals --------------------------------------------------------------------
@@ -298,7 +287,7 @@ class TransactionManager(Manager[TransactionOptions]):
                 return result
             self.corral_metrics.add(RETRIED)
             # Back off a little, at random, so that racing writers stop colliding.
-            time.sleep(random.uniform(0, min(CHANGE_BACKOFF_MAX, 0.001 * 2**attempt)))
+            time.sleep(_CHANGE_BACKOFF.delay(attempt + 1))
         raise Conflict(
             f"transaction {transaction_id!r} was changed by {CHANGE_ATTEMPTS} other requests "
             "while this one ran; try again",
@@ -326,7 +315,7 @@ class TransactionManager(Manager[TransactionOptions]):
     def _view(self, tx: TransactionRecord, state_id: str) -> StateInfo | None:
         """The stored state with the transaction's writes to it replayed on top."""
         state = self._stored(tx, state_id)
-        now = _now_ms()
+        now = now_ms()
         for write in tx.writes:
             if write.state_id == state_id:
                 state_type = write.state_type if state is None else state.state_type
@@ -387,14 +376,3 @@ class TransactionManager(Manager[TransactionOptions]):
             savepoints=[name for name, _ in tx.savepoints],
             savepoint=savepoint,
         )
-
-    def _tick(self) -> None:
-        interval = self.options.sweep_interval
-        while not self._stopping.wait(interval):
-            if self._sweep_due.is_set():
-                continue  # the last sweep is still queued
-            self._sweep_due.set()
-            try:
-                self.actor_ref.tell(TransactionExpireIdle())
-            except Exception:  # stopping, or a full mailbox: try again next tick
-                self._sweep_due.clear()

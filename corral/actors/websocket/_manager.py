@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corral._redis import REDIS_ERRORS, SyncRedis, connect
-from corral.actors.base import Manager, handles
 from corral.actors.websocket._gateway import CLOSE_UNAUTHORIZED, Gateway, gateway_for
 from corral.actors.websocket._metrics import (
     CONNECTIONS,
@@ -41,6 +40,7 @@ from corral.actors.websocket._policies import RoomPolicies
 from corral.actors.websocket._rooms import MemoryRooms, RedisRooms, Rooms, frame_head
 from corral.actors.websocket._signing import ChannelSigner
 from corral.errors import BackendUnavailable, Conflict, InvalidMessage, NotFound, Unauthorized
+from corral.manager import Manager, handles
 from corral.messages.system import Health
 from corral.messages.websocket import (
     WsAck,

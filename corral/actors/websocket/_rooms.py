@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import secrets
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from corral._redis import SyncRedis, publish_own
+from corral._time import now_ms
 from corral.actors.websocket._signing import ChannelSigner
 
 __all__ = ["HistorySlice", "MemoryRooms", "RedisRooms", "Rooms", "frame_head"]
@@ -335,7 +335,7 @@ class RedisRooms:
         return _slice(since, epoch, offset, room_epoch, entries)
 
     def join(self, room: str, connection_id: str, member: dict[str, Any]) -> int:
-        now = _now_ms()
+        now = now_ms()
         count = self._join(
             keys=self._keys(room, "presence", "members"),
             args=[
@@ -358,7 +358,7 @@ class RedisRooms:
             pipe.execute()
 
     def members(self, room: str) -> list[dict[str, Any]]:
-        raw = self._members(keys=self._keys(room, "presence", "members"), args=[_now_ms()])
+        raw = self._members(keys=self._keys(room, "presence", "members"), args=[now_ms()])
         found: list[dict[str, Any]] = [json.loads(item) for item in raw]
         return sorted(found, key=lambda m: str(m["connection_id"]))
 
@@ -367,7 +367,7 @@ class RedisRooms:
 
         ``connections``: this daemon's connection ids and their users.
         """
-        expiry = _now_ms() + self.presence_ttl_ms
+        expiry = now_ms() + self.presence_ttl_ms
         with self.client.pipeline(transaction=False) as pipe:
             for room, connection_ids in rooms.items():
                 presence, members, offset, epoch, history = self._keys(
@@ -422,10 +422,6 @@ def _by_user(node: str, connections: dict[str, str]) -> dict[str, dict[str, str]
     for connection_id, user in connections.items():
         users.setdefault(user, {})[connection_id] = node
     return users
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _text(value: Any) -> str:

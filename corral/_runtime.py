@@ -1,21 +1,14 @@
-"""The Manager base: a pykka actor with typed dispatch, health, counters and a bounded mailbox.
+"""The runtime under every manager: the only module that touches pykka's private API.
 
-A manager declares the messages it handles with :func:`handles`; a handler
-returns a Reply, or raises a :mod:`corral.errors` error, which answers the
-caller and leaves the actor running::
+pykka runs each manager as an actor; corral replaces its inbox with a bounded
+:class:`Mailbox`, its futures with lighter ones, and its loop with one that
+dispatches typed messages, counts what the handlers do and turns a crash into a
+restart by the supervisor (:class:`ActorCore`). pykka's envelope and stop message
+are used here and handed out from here (:data:`Envelope`, :data:`ActorStop`), so a
+new pykka release is checked against one file; ``setup.cfg`` bounds pykka to the
+releases tested (the lowest by ``make test-lower-bounds``, the newest by ``make test``).
 
-    class Greeter(Manager):
-        name = "greeter"
-
-        @handles(Greet)
-        def greet(self, msg: Greet) -> Greeting:
-            if not msg.who:
-                raise InvalidMessage("who must not be empty", path="who")
-            return Greeting(text=f"hello {msg.who}")
-
-Any other exception is a crash: the caller gets ``ManagerUnavailable``, the
-actor stops and its supervisor is told (through the context), which restarts
-it with the messages still queued in its mailbox.
+Users subclass :class:`corral.Manager`, never anything here.
 """
 
 from __future__ import annotations
@@ -28,82 +21,39 @@ import queue
 import sys
 import threading
 import time
-import typing
 from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Self, cast
 
 import pykka
 from pykka import ActorDeadError, ActorRegistry
 from pykka._envelope import Envelope
-from pykka.messages import _ActorStop
+from pykka.messages import _ActorStop as ActorStop
 
-from corral.config import Section, parse_options
-from corral.errors import (
-    ConfigError,
-    CorralError,
-    InvalidMessage,
-    ManagerUnavailable,
-    Overloaded,
-)
-from corral.messages.base import ErrorReply, Event, Message, Reply, Request
-from corral.messages.system import Health, HealthCheck, Reconfigure, Reconfigured
-from corral.metrics import LATENCY_BUCKETS, Family, HandlerStats, ManagerMetrics
+from corral.errors import CorralError, ManagerUnavailable, Overloaded
+from corral.messages.base import ErrorReply, Message
+from corral.metrics import LATENCY_BUCKETS, HandlerStats, ManagerMetrics
+
+if TYPE_CHECKING:
+    from corral.manager import Manager, ManagerContext
 
 __all__ = [
+    "PROBE",
+    "ActorCore",
+    "ActorStop",
     "AsyncioFuture",
     "CallbackFuture",
+    "Envelope",
     "Mailbox",
-    "Manager",
-    "ManagerContext",
     "Probe",
     "ReplyFuture",
-    "Router",
+    "Schedule",
+    "admit_all",
     "current_manager",
-    "handles",
 ]
 
 log = logging.getLogger(__name__)
-
-R = TypeVar("R", bound=Reply)
-M = TypeVar("M", bound=Message)
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-class Router(Protocol):
-    """What a manager may do outside itself: reach other managers by name, publish events."""
-
-    def ask(self, message: Request[R], *, timeout: float | None = None) -> R: ...
-
-    def tell(self, message: Message) -> None: ...
-
-    def publish(self, topic: str, event: Event) -> None: ...
-
-
-ExitCallback = Callable[["Manager[Any]", BaseException | None, list[Envelope[Any]]], None]
-
-
-@dataclass
-class ManagerContext:
-    """Everything a manager gets from the system that runs it, as ``self.corral_context``."""
-
-    name: str
-    router: Router
-    options: Mapping[str, Any] = field(default_factory=dict)
-    mailbox_size: int = 10_000
-    mailbox_put_timeout: float = 1.0
-    on_exit: ExitCallback | None = None
-    redis_url: str = ""
-    """The system's Redis (``bus.url`` when the bus is on Redis): a default for managers."""
-    namespace: str = "corral"
-    """Prefix for the Redis keys and channels of this system (``bus.namespace``)."""
-    signing_keys: tuple[bytes, ...] = ()
-    """The codec's HMAC keys (``codec.signing_keys``; the first signs): for a manager's own
-    signed Redis traffic."""
-    metrics: ManagerMetrics = field(default_factory=ManagerMetrics)
-    """Where the manager counts: its supervisor keeps it across restarts."""
 
 
 class Probe:
@@ -167,7 +117,7 @@ class Mailbox:
                 self._check_open()
                 self.urgent.append(item)
             else:
-                if len(self.queue) >= self.capacity and not isinstance(message, _ActorStop):
+                if len(self.queue) >= self.capacity and not isinstance(message, ActorStop):
                     self._wait_for_room()
                 self._check_open()
                 self.queue.append(item)
@@ -217,6 +167,10 @@ class Mailbox:
             self.queue.append(item)
         self._tokens.put(None)
         return True
+
+    def try_tell(self, message: Any) -> bool:
+        """Put ``message``, which nobody answers, without waiting; False when full or closed."""
+        return self.try_put(Envelope(message))
 
     def requeue(self, envelopes: list[Envelope[Any]]) -> bool:
         """Put envelopes taken from a dead predecessor ahead of anything new.
@@ -343,7 +297,7 @@ class CallbackFuture(pykka.Future[Any]):
     someone else). The remote server uses it to refuse a request past its deadline
     and to record that a request has started. ``admit_together``, when given, is
     asked instead, once, for all the requests a handler takes together from the
-    mailbox (:meth:`Manager.take_queued`) whose futures share it: it gets their
+    mailbox (:meth:`corral.Manager.take_queued`) whose futures share it: it gets their
     futures (each with its ``request``, what the sender keeps about it) and says, in
     order, which may run, so that their starts are recorded in one round trip.
     ``sender`` names who sent a request from outside the process: one that crashes
@@ -384,16 +338,16 @@ class CallbackFuture(pykka.Future[Any]):
 _running = threading.local()
 
 
-def current_manager() -> Manager[Any] | None:
+def current_manager() -> ActorCore | None:
     """The manager whose thread this is, or None: for the logs' context.
 
     Its ``corral_current_envelope`` is the message it is handling (None between two).
     """
-    actor: Manager[Any] | None = getattr(_running, "actor", None)
+    actor: ActorCore | None = getattr(_running, "actor", None)
     return actor
 
 
-def _admit_all(envelopes: list[Envelope[Any]]) -> list[Envelope[Any]]:
+def admit_all(envelopes: list[Envelope[Any]]) -> list[Envelope[Any]]:
     """The envelopes whose requests may run now, taken together from the mailbox: each
     future's ``admit`` asked, or the ``admit_together`` futures share asked once."""
     verdicts = [True] * len(envelopes)
@@ -413,82 +367,95 @@ def _admit_all(envelopes: list[Envelope[Any]]) -> list[Envelope[Any]]:
     return [envelope for envelope, verdict in zip(envelopes, verdicts, strict=True) if verdict]
 
 
-def handles(*message_types: type[Message]) -> Callable[[F], F]:
-    """Mark a Manager method as the handler of one or more message types."""
+class Schedule:
+    """Work for an actor's thread, due after ``delay`` seconds, then every ``interval``
+    seconds (None: once); made by :meth:`corral.Manager.every` and
+    :meth:`corral.Manager.after`.
 
-    def mark(func: F) -> F:
-        func.__corral_handles__ = message_types  # type: ignore[attr-defined]
-        return func
+    A daemon thread of its own waits, then puts the schedule in the mailbox, where the
+    actor's loop runs ``fn`` between two messages (see :meth:`run`). A run still queued
+    is not queued again (a slow actor gets one, not a backlog); a mailbox that stays
+    full skips that run. ``cancel`` stops it, from any thread; the actor cancels its
+    schedules when it stops::
 
-    return mark
-
-
-if TYPE_CHECKING:
-    from typing_extensions import TypeVar as _TypeVarWithDefault
-
-    OptionsT = _TypeVarWithDefault("OptionsT", default=Mapping[str, Any])
-else:
-    OptionsT = TypeVar("OptionsT")
-"""A manager's options: its ``Options`` section, or the raw ``[managers.<name>]`` table."""
-
-
-class Manager(pykka.ThreadingActor, Generic[OptionsT]):
-    """Base class of every corral manager. Subclasses set ``name`` and mark handlers.
-
-    The type argument is the class of its typed options, which it gets parsed and
-    checked from its ``[managers.<name>]`` table as ``self.options``::
-
-        class Greeter(Manager[GreeterOptions]):
-            name = "greeter"
-
-            @handles(Greet)
-            def greet(self, msg: Greet) -> Greeting:
-                return Greeting(text=f"{self.options.greeting} {msg.who}")
-
-    Without one (``class Greeter(Manager)``), ``self.options`` is the table as given.
-
-    What a subclass may use: ``name``, ``Options``, ``placement``,
-    ``metric_families``, ``options``, ``router``, ``defer_reply``, ``take_queued``,
-    ``health`` and the hooks ``on_start``, ``on_stop`` and ``on_failure``. Everything
-    else the base keeps is named ``corral_*`` (as pykka's is ``actor_*``), so a
-    subclass's own attributes never collide with it: ``corral_context`` (the name it
-    runs under, its Redis URL, namespace and signing keys), ``corral_mailbox``,
-    ``corral_metrics`` (where it counts, kept across restarts) and ``corral_stats()``.
+        schedule = Schedule(mailbox, sweep, delay=5.0, interval=5.0, name="sweep")
+        schedule.start()
+        ...
+        schedule.cancel()
     """
 
-    name: ClassVar[str] = ""
-    Options: ClassVar[type[Section] | None] = None
-    """The typed options of ``[managers.<name>]``, taken from the type argument;
-    None takes any options, unchecked."""
-    placement: ClassVar[Literal["any", "singleton"]] = "any"
-    """``any``: every daemon runs this manager, so it must keep no state of its own in
-    memory. ``singleton``: one daemon of the namespace runs it at a time (a lease in
-    Redis). ``[managers.<name>] placement`` overrides it."""
-    metric_families: ClassVar[tuple[Family, ...]] = ()
-    """The manager's own figures on ``/metrics``, counted into ``corral_metrics``
-    (see :mod:`corral.metrics`)."""
+    __slots__ = ("_cancelled", "_due", "_thread", "delay", "fn", "interval", "mailbox")
+
+    def __init__(
+        self,
+        mailbox: Mailbox,
+        fn: Callable[[], object],
+        *,
+        delay: float,
+        interval: float | None,
+        name: str,
+    ) -> None:
+        self.mailbox = mailbox
+        self.fn = fn
+        self.delay = delay
+        self.interval = interval
+        self._cancelled = threading.Event()
+        self._due = threading.Event()
+        """Set while a run waits in the mailbox."""
+        self._thread = threading.Thread(target=self._wait_and_queue, name=name, daemon=True)
+
+    @property
+    def active(self) -> bool:
+        """Started, not cancelled, and a run still to come or queued."""
+        return not self._cancelled.is_set() and (self._thread.is_alive() or self._due.is_set())
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def cancel(self) -> None:
+        """No run after this one (a run already queued is skipped)."""
+        self._cancelled.set()
+
+    def run(self) -> None:
+        """On the actor's thread: ``fn()``, unless cancelled meanwhile. A corral error it
+        raises is logged, as a handler's is answered; anything else crashes the actor."""
+        self._due.clear()
+        if self._cancelled.is_set():
+            return
+        try:
+            self.fn()
+        except CorralError as exc:
+            log.warning("%s: %s", self._thread.name, exc)
+
+    def _wait_and_queue(self) -> None:
+        wait = self.delay
+        while not self._cancelled.wait(max(0.0, wait)):
+            if not self._due.is_set():
+                self._due.set()
+                try:
+                    self.mailbox.put(Envelope(self))
+                except Exception:  # stopping, or a mailbox that stayed full: skip this run
+                    self._due.clear()
+            if self.interval is None:
+                return
+            wait = self.interval
+
+
+class ActorCore(pykka.ThreadingActor):
+    """pykka's actor with corral's loop: typed dispatch, counters, a bounded mailbox, and
+    a crash that stops the actor and tells its supervisor instead of running on.
+
+    Everything kept here is named ``corral_*`` (as pykka's is ``actor_*``), so a
+    manager's own attributes never collide with it. :class:`corral.Manager` is the
+    public face on top.
+    """
+
     use_daemon_thread = True  # a hung manager must not keep the process alive
     _corral_handlers: ClassVar[dict[type[Message], Callable[[Any, Any], Any]]] = {}
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "Options" not in cls.__dict__:
-            cls.Options = _options_class(cls) or cls.Options
-        handlers: dict[type[Message], Callable[[Any, Any], Any]] = {}
-        for klass in reversed(cls.__mro__):
-            for attr in vars(klass).values():
-                for message_type in getattr(attr, "__corral_handles__", ()):
-                    handlers[message_type] = attr
-        cls._corral_handlers = handlers
+    """Message type -> handler, collected by :class:`corral.Manager` for each subclass."""
 
     def __init__(self, context: ManagerContext) -> None:
         self.corral_context = context
-        self.options = cast(
-            OptionsT,
-            parse_options(self.Options, context.options, manager=context.name)
-            if self.Options is not None
-            else context.options,
-        )
         super().__init__()
         self.corral_started_at = time.monotonic()
         metrics = context.metrics
@@ -502,6 +469,7 @@ class Manager(pykka.ThreadingActor, Generic[OptionsT]):
         self.corral_leftovers: list[Envelope[Any]] = []
         self.corral_thread: threading.Thread | None = None
         self.corral_current_envelope: Envelope[Any] | None = None
+        self.corral_schedules: list[Schedule] = []
 
     @classmethod
     def corral_start(cls, context: ManagerContext) -> Self:
@@ -517,66 +485,6 @@ class Manager(pykka.ThreadingActor, Generic[OptionsT]):
         return Mailbox(
             context.mailbox_size, context.mailbox_put_timeout, context.name, context.metrics
         )
-
-    # -- the public face for subclasses ---------------------------------------------------
-
-    @property
-    def router(self) -> Router:
-        """Other managers, by name, and the bus: ``self.router.ask(CacheGet(key="k"))``."""
-        return self.corral_context.router
-
-    def defer_reply(self) -> pykka.Future[Any] | None:
-        """Take the reply future of the request being handled, to answer it later.
-
-        The handler's return value is then dropped; set the future (with a Reply,
-        or an ErrorReply) when the answer is known, from any thread. None for a tell.
-        Waiting callers cost a list entry, not a blocked mailbox::
-
-            @handles(WaitFor)
-            def wait_for(self, msg: WaitFor) -> None:
-                self.waiters.append(self.defer_reply())
-        """
-        envelope = self.corral_current_envelope
-        if envelope is None:
-            return None
-        future, envelope.reply_to = envelope.reply_to, None
-        return future
-
-    def take_queued(
-        self, message_type: type[M], limit: int
-    ) -> list[tuple[M, pykka.Future[Any] | None]]:
-        """Requests of ``message_type`` waiting right behind the one being handled.
-
-        For handling them together with it, e.g. in one Redis round trip for many
-        callers. Only the consecutive ones at the head of the mailbox are taken, so
-        nothing is overtaken; remote requests among them are admitted together (their
-        starts recorded in one round trip). Answer each through its future (None for a
-        tell)::
-
-            @handles(CacheGet)
-            def get(self, msg: CacheGet) -> CacheValue:
-                for queued, future in self.take_queued(CacheGet, 100):
-                    ...
-        """
-        taken = _admit_all(self.corral_mailbox.take_head(message_type, limit))
-        self.corral_handler_stats[message_type].handled += len(taken)
-        return [(envelope.message, envelope.reply_to) for envelope in taken]
-
-    def health(self) -> Health:
-        """This manager's own health; override to report backends and details."""
-        return Health(status="healthy")
-
-    def reconfigure(self, options: OptionsT) -> bool:
-        """Take new options while running (``corral run`` on SIGHUP); False when they
-        need a restart, which is the default. Runs on the actor's thread; ``self.options``
-        becomes ``options`` once it returns True::
-
-            def reconfigure(self, options: GreeterOptions) -> bool:
-                return dataclasses.replace(options, greeting=self.options.greeting) == self.options
-        """
-        return False
-
-    # -- what the base keeps, under corral_ --------------------------------------------------
 
     @property
     def corral_mailbox(self) -> Mailbox:
@@ -609,52 +517,24 @@ class Manager(pykka.ThreadingActor, Generic[OptionsT]):
             "uptime_s": time.monotonic() - self.corral_started_at,
         }
 
-    # -- dispatch -------------------------------------------------------------------------
-
-    def on_receive(self, message: Any) -> Any:
-        """Messages without a typed handler: the liveness probe, or an error reply."""
-        if message is PROBE:
-            return self._corral_full_health()
-        self.corral_context.metrics.unhandled += 1
-        what = getattr(message, "type_name", type(message).__name__)
-        error = InvalidMessage(f"manager {self.corral_context.name!r} does not handle {what}")
-        return ErrorReply.of(error)
-
-    @handles(HealthCheck)
-    def _corral_answer_health_check(self, _message: HealthCheck) -> Health:
-        return self._corral_full_health()
-
-    @handles(Reconfigure)
-    def _corral_reconfigure(self, message: Reconfigure) -> Reconfigured:
-        try:
-            options = cast(
-                OptionsT,
-                parse_options(self.Options, message.options, manager=self.corral_context.name)
-                if self.Options is not None
-                else message.options,
-            )
-        except ConfigError as exc:
-            raise InvalidMessage(f"{exc.message:.300}", path="options") from None
-        if options == self.options:
-            return Reconfigured(applied=True)
-        if not self.reconfigure(options):
-            return Reconfigured(applied=False, reason="this manager takes new options on restart")
-        self.options = options
-        return Reconfigured(applied=True, changed=True)
-
-    def _corral_full_health(self) -> Health:
-        own = self.health()
-        return Health(
-            status=own.status,
-            details=own.details,
-            metrics={**self.corral_stats(), **own.metrics},
-            dependencies=own.dependencies,
+    def corral_schedule(
+        self, fn: Callable[[], object], *, delay: float, interval: float | None
+    ) -> Schedule:
+        """Start a :class:`Schedule` of ``fn`` on this actor, cancelled when it stops."""
+        self.corral_schedules = [s for s in self.corral_schedules if s.active]
+        kind = "every" if interval is not None else "after"
+        schedule = Schedule(
+            self.corral_mailbox,
+            fn,
+            delay=delay,
+            interval=interval,
+            name=f"corral-{kind}:{self.corral_context.name}",
         )
+        self.corral_schedules.append(schedule)
+        schedule.start()
+        return schedule
 
     # -- pykka's loop, with corral's failure semantics ------------------------------------
-    #
-    # These override private pykka methods: setup.cfg bounds pykka to the releases tested
-    # (the lowest by `make test-lower-bounds`, the newest by `make test`).
 
     def _actor_loop(self) -> None:
         self.corral_thread = threading.current_thread()
@@ -664,7 +544,8 @@ class Manager(pykka.ThreadingActor, Generic[OptionsT]):
         finally:
             self.corral_settled.set()
             if self.corral_context.on_exit is not None:
-                self.corral_context.on_exit(self, self.corral_failure, self.corral_leftovers)
+                manager = cast("Manager[Any]", self)
+                self.corral_context.on_exit(manager, self.corral_failure, self.corral_leftovers)
 
     def _actor_loop_setup(self) -> None:
         try:
@@ -691,7 +572,11 @@ class Manager(pykka.ThreadingActor, Generic[OptionsT]):
             try:
                 handler = handlers.get(type(message))
                 if handler is None:
-                    response = self._handle_receive(message)  # pykka's own messages, probes
+                    if type(message) is Schedule:
+                        message.run()
+                        response = None
+                    else:
+                        response = self._handle_receive(message)  # pykka's own, probes
                 else:
                     stats = handler_stats[type(message)]
                     started = clock()
@@ -728,6 +613,8 @@ class Manager(pykka.ThreadingActor, Generic[OptionsT]):
             self.corral_current_envelope = None
 
     def _actor_loop_teardown(self) -> None:
+        for schedule in self.corral_schedules:
+            schedule.cancel()
         self.corral_leftovers = self.corral_mailbox.drain()
 
     def _handle_failure(
@@ -751,27 +638,3 @@ class Manager(pykka.ThreadingActor, Generic[OptionsT]):
             self.on_failure(type(exc), exc, exc.__traceback__)
         except Exception:
             log.exception("manager %s: on_failure raised", self.corral_context.name)
-
-    def on_failure(
-        self,
-        exception_type: type[BaseException] | None,
-        exception_value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        """Runs after a crash, on the actor's thread; by default ``on_stop``.
-
-        So that whatever ``on_stop`` releases (connections, threads, waiting
-        callers) is released on a crash too. Override to do something else.
-        """
-        self.on_stop()
-
-
-def _options_class(cls: type[Manager[Any]]) -> type[Section] | None:
-    """The Section a class names as its type argument: ``Manager[CacheOptions]``."""
-    for base in cls.__dict__.get("__orig_bases__", ()):
-        origin = typing.get_origin(base)
-        if isinstance(origin, type) and issubclass(origin, Manager):
-            argument = typing.get_args(base)[0]
-            if isinstance(argument, type) and issubclass(argument, Section):
-                return argument
-    return None

@@ -1,10 +1,11 @@
-"""Cache backends: memory, Redis, and tiered (L1 memory in front of L2 Redis).
+"""The Redis and tiered (L1 memory in front of L2 Redis) cache backends.
 
 Every backend stores encoded values (msgpack bytes) and counts what it does. Only
 the owning actor calls them, except :class:`InvalidationListener`, a thread that
 forwards other nodes' invalidations to the actor through ``deliver``::
 
-    backend = MemoryBackend("local", MemoryStore("lru", 100, None))
+    backend = RedisBackend("main", options, url=url, namespace="corral", origin=origin,
+                           codec=Codec())
     backend.set_many({"k": b"\\xa1v"}, ttl=None, tags=())
     backend.get("k")           # b"\\xa1v"
 
@@ -29,14 +30,15 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import time
 import typing
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import redis
 
+from corral._backoff import Backoff
+from corral._breaker import BreakerState, CircuitBreaker
 from corral._junk import REJECTED, junk_kind
 from corral._redis import (
     REDIS_ERRORS,
@@ -48,16 +50,13 @@ from corral._redis import (
     subscriber,
     topology,
 )
-from corral.actors.cache._memory import MemoryStore
+from corral.actors.cache._memory import MemoryStore, Status, backend_stats, count_drops
 from corral.actors.cache._metrics import (
     BACKEND_ERRORS,
     BREAKER_OPENS,
     BREAKER_STATE,
     BREAKER_STATES,
     DELETES,
-    ENTRIES,
-    EVICTIONS,
-    EXPIRATIONS,
     FALLBACKS,
     HITS,
     INVALIDATIONS_REJECTED,
@@ -72,20 +71,11 @@ from corral.messages.cache import CacheInvalidated, CacheLeaseEnded
 from corral.messages.codec import Codec
 from corral.metrics import ManagerMetrics
 
-__all__ = [
-    "Backend",
-    "Breaker",
-    "InvalidationListener",
-    "LeaseState",
-    "MemoryBackend",
-    "RedisBackend",
-    "Resync",
-]
+__all__ = ["InvalidationListener", "LeaseState", "RedisBackend", "Resync"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Status = Literal["healthy", "degraded", "unhealthy"]
 _GLOB_SPECIALS = frozenset("*?[]\\")
 _CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 
@@ -140,163 +130,6 @@ class LeaseState:
     held_for: float = 0.0
 
 
-class Backend(Protocol):
-    """What the manager asks of a backend; every method may raise BackendUnavailable."""
-
-    name: str
-    kind: str
-
-    def get(self, key: str) -> bytes | None: ...
-    def get_many(self, keys: list[str]) -> dict[str, bytes]: ...
-    def set_many(self, items: dict[str, bytes], ttl: float | None, tags: Iterable[str]) -> None: ...
-    def delete(self, key: str) -> bool: ...
-    def exists(self, key: str) -> bool: ...
-    def clear(self) -> int: ...
-    def invalidate(self, pattern: str) -> int: ...
-    def invalidate_tags(self, tags: list[str]) -> int: ...
-    def status(self) -> tuple[Status, dict[str, Any]]: ...
-    def stats(self) -> dict[str, Any]: ...
-    def close(self) -> None: ...
-
-
-def _stats(kind: str, counters: Counters, store: MemoryStore | None) -> dict[str, Any]:
-    hits, misses = counters.value(HITS), counters.value(MISSES)
-    size = len(store) if store is not None else 0
-    counters.metrics.set(ENTRIES, size, counters.backend)
-    return {
-        "type": kind,
-        "hits": hits,
-        "misses": misses,
-        "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
-        "sets": counters.value(SETS),
-        "deletes": counters.value(DELETES),
-        "evictions": counters.value(EVICTIONS),
-        "expirations": counters.value(EXPIRATIONS),
-        "errors": counters.value(BACKEND_ERRORS),
-        "fallbacks": counters.value(FALLBACKS),
-        "size": size,
-    }
-
-
-def _count_drops(store: MemoryStore, counters: Counters) -> None:
-    """Count what ``store`` drops by itself (evictions, expirations) in ``counters``."""
-    store.on_dropped = lambda evicted: counters.add(EVICTIONS if evicted else EXPIRATIONS)
-
-
-class MemoryBackend:
-    """A :class:`MemoryStore` behind the backend interface."""
-
-    kind = "memory"
-
-    def __init__(self, name: str, store: MemoryStore, counters: Counters | None = None) -> None:
-        self.name = name
-        self.store = store
-        self.counters = counters or Counters(ManagerMetrics(), name)
-        _count_drops(store, self.counters)
-
-    def get(self, key: str) -> bytes | None:
-        entry = self.store.get(key)
-        if entry is None:
-            self.counters.add(MISSES)
-            return None
-        self.counters.add(HITS)
-        return entry.data
-
-    def get_many(self, keys: list[str]) -> dict[str, bytes]:
-        found = {}
-        for key in keys:
-            data = self.get(key)
-            if data is not None:
-                found[key] = data
-        return found
-
-    def set_many(self, items: dict[str, bytes], ttl: float | None, tags: Iterable[str]) -> None:
-        tags = tuple(tags)
-        for key, data in items.items():
-            self.store.set(key, data, ttl, tags)
-        self.counters.add(SETS, len(items))
-
-    def delete(self, key: str) -> bool:
-        deleted = self.store.delete(key)
-        self.counters.add(DELETES, deleted)
-        return deleted
-
-    def exists(self, key: str) -> bool:
-        return self.store.get(key) is not None
-
-    def clear(self) -> int:
-        count = self.store.clear()
-        self.counters.add(DELETES, count)
-        return count
-
-    def invalidate(self, pattern: str) -> int:
-        count = self.store.invalidate(pattern)
-        self.counters.add(DELETES, count)
-        return count
-
-    def invalidate_tags(self, tags: list[str]) -> int:
-        count = self.store.invalidate_tags(tags)
-        self.counters.add(DELETES, count)
-        return count
-
-    def status(self) -> tuple[Status, dict[str, Any]]:
-        return "healthy", {"type": self.kind, "strategy": self.store.strategy}
-
-    def stats(self) -> dict[str, Any]:
-        return _stats(self.kind, self.counters, self.store)
-
-    def close(self) -> None:
-        self.store.clear()
-
-
-class Breaker:
-    """A circuit breaker: ``threshold`` failures in a row open it for ``reset_timeout``
-    seconds; then one request goes through as a probe (half-open), whose success
-    closes it and whose failure opens it again. Used from one thread only."""
-
-    def __init__(
-        self,
-        threshold: int,
-        reset_timeout: float,
-        clock: Callable[[], float] = time.monotonic,
-        *,
-        on_open: Callable[[], None] = lambda: None,
-    ) -> None:
-        self.threshold = threshold
-        self.reset_timeout = reset_timeout
-        self.clock = clock
-        self.on_open = on_open
-        """Called each time the breaker opens from closed."""
-        self.state: Literal["closed", "open", "half_open"] = "closed"
-        self.failures = 0
-        self.opened_at = 0.0
-
-    def allow(self) -> bool:
-        if self.state == "closed":
-            return True
-        if self.state == "open" and self.clock() - self.opened_at >= self.reset_timeout:
-            self.state = "half_open"
-            return True
-        return False
-
-    def succeeded(self) -> bool:
-        """Record a success; True when it closed an open or half-open breaker."""
-        recovered = self.state != "closed"
-        self.state = "closed"
-        self.failures = 0
-        return recovered
-
-    def failed(self) -> None:
-        self.failures += 1
-        if self.state == "half_open" or (
-            self.state == "closed" and self.failures >= self.threshold
-        ):
-            if self.state == "closed":
-                self.on_open()
-            self.state = "open"
-            self.opened_at = self.clock()
-
-
 class RedisBackend:
     """Redis behind a circuit breaker, with an optional local store.
 
@@ -335,11 +168,11 @@ class RedisBackend:
             )
         self.counters = counters or Counters(ManagerMetrics(), name)
         if self.local is not None:
-            _count_drops(self.local, self.counters)
-        self.breaker = Breaker(
+            count_drops(self.local, self.counters)
+        self.breaker = CircuitBreaker(
             options.breaker_threshold,
             options.breaker_reset_timeout,
-            on_open=lambda: self.counters.add(BREAKER_OPENS),
+            on_transition=self._count_opening,
         )
         self.last_error = ""
         self.listener: InvalidationListener | None = None
@@ -582,7 +415,7 @@ class RedisBackend:
         return ("degraded" if self.local is not None else "unhealthy"), details
 
     def stats(self) -> dict[str, Any]:
-        stats = _stats(self.kind, self.counters, self.local)
+        stats = backend_stats(self.kind, self.counters, self.local)
         breaker = self.breaker.state
         for state in BREAKER_STATES:
             self.counters.metrics.set(BREAKER_STATE, float(state == breaker), self.name, state)
@@ -602,6 +435,16 @@ class RedisBackend:
 
     # -- internals ------------------------------------------------------------------------
 
+    def _count_opening(self, old: BreakerState, new: BreakerState) -> None:
+        if old == "closed" and new == "open":
+            self.counters.add(BREAKER_OPENS)
+
+    def _recovered(self) -> bool:
+        """Record a success; True when it closed an open or half-open breaker."""
+        recovered = self.breaker.state != "closed"
+        self.breaker.record(True)
+        return recovered
+
     def _run(self, remote: Callable[[], T], fallback: Callable[[], T] | None) -> T:
         """``remote()`` through the breaker; ``fallback()`` while Redis is unavailable, if
         there is a local store. ``fallback`` None: a change that must reach Redis, refused
@@ -612,11 +455,11 @@ class RedisBackend:
             except _CONNECTION_ERRORS as exc:
                 self.counters.add(BACKEND_ERRORS)
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                self.breaker.failed()
+                self.breaker.record(False)
             except REDIS_ERRORS as exc:
                 self.counters.add(BACKEND_ERRORS)
                 # Redis answered, with an error: it is reachable, so a half-open probe succeeded.
-                if self.breaker.succeeded():
+                if self._recovered():
                     self.last_error = ""
                     self.resync()
                 raise BackendUnavailable(
@@ -624,7 +467,7 @@ class RedisBackend:
                     {"backend": self.name},
                 ) from None
             else:
-                if self.breaker.succeeded():
+                if self._recovered():
                     log.info("cache backend %s: Redis is back, local entries dropped", self.name)
                     self.last_error = ""
                     self.resync()
@@ -745,7 +588,7 @@ class InvalidationListener:
         self.replays = backend.codec.replay_guard()
         self.timeout = backend.options.socket_timeout
         self.deliver = deliver
-        self.reconnect_max = reconnect_max
+        self.backoff = Backoff(initial=0.05, cap=reconnect_max, jitter=0.0)
         self.connected = threading.Event()
         self.stopping = threading.Event()
         self.thread = threading.Thread(
@@ -761,9 +604,9 @@ class InvalidationListener:
             self.thread.join(timeout=2.0)
 
     def _run(self) -> None:
-        delay = 0.0
+        failures = 0
         reconnected = False
-        while not self.stopping.wait(delay):
+        while not self.stopping.wait(self.backoff.delay(failures) if failures else 0.0):
             client: redis.Redis | None = None
             pubsub: redis.client.PubSub | None = None
             try:
@@ -783,7 +626,7 @@ class InvalidationListener:
                         continue
                     if msg["type"] == "ssubscribe":
                         self.connected.set()
-                        delay = 0.0
+                        failures = 0
                         if reconnected and not self.deliver(Resync(self.backend_name)):
                             return
                     elif msg["type"] == "smessage" and not self._forward(msg["data"]):
@@ -797,7 +640,7 @@ class InvalidationListener:
                 if client is not None:
                     client.close()
             reconnected = True
-            delay = min(self.reconnect_max, max(0.05, delay * 2))
+            failures += 1
 
     def _forward(self, data: bytes) -> bool:
         try:
