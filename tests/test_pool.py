@@ -40,7 +40,13 @@ from corral.errors import (
 )
 from corral.manager import handles
 from corral.messages.base import Request, message
-from corral.messages.pool import HttpRequest, HttpResponse, JsonRpcCall, PoolStats
+from corral.messages.pool import (
+    HttpRequest,
+    HttpResponse,
+    JsonRpcCall,
+    PoolBreakerChanged,
+    PoolStats,
+)
 from corral.messages.system import HealthCheck
 from corral.system import System
 from tests.support import read_until, start_corral, wait_until
@@ -445,6 +451,32 @@ def test_breaker_opens_fails_fast_then_half_opens_and_closes(ports: list[Port]) 
         assert stats["breakers"] == {ports[0].url: "closed"}
         assert stats["breaker_transitions"] == 3  # open, half_open, closed
         assert stats["errors"]["breaker_open"] == 2
+
+
+def test_breaker_transitions_are_published_as_events(ports: list[Port]) -> None:
+    service = {"base_urls": [ports[0].url], "breaker_threshold": 2, "retry_attempts": 1,
+               "breaker_open_seconds": 0.2}  # fmt: skip
+    with pool(api=service) as system, system.subscribe("pool.breaker.*") as breakers:
+        for _ in range(2):
+            system.ask(HttpRequest(service="api", path="/status/500"))
+
+        def answered() -> bool:
+            try:
+                return system.ask(HttpRequest(service="api", path="/ok")).status == 200
+            except BackendUnavailable:  # open: failing fast until the cool-down is over
+                return False
+
+        wait_until(answered)
+        changes = []
+        while len(changes) < 3 and (delivery := breakers.get(timeout=5)) is not None:
+            event = delivery.message
+            assert isinstance(event, PoolBreakerChanged) and delivery.topic == "pool.breaker.api"
+            changes.append((event.url, event.old, event.new, event.failures))
+        assert changes == [
+            (ports[0].url, "closed", "open", 2),
+            (ports[0].url, "open", "half_open", 2),
+            (ports[0].url, "half_open", "closed", 0),
+        ]
 
 
 def test_an_open_breaker_is_not_retried(ports: list[Port]) -> None:

@@ -23,19 +23,22 @@ import dataclasses
 import json as _json
 from typing import Annotated, Any, Literal
 
-from corral.messages.base import Count, Range, Reply, Request, TimeLimit, message
+from corral.messages.base import Count, Event, Range, Reply, Request, TimeLimit, message
 
 __all__ = [
+    "BreakerState",
     "HttpMethod",
     "HttpRequest",
     "HttpResponse",
     "JsonRpcCall",
     "JsonRpcResult",
     "PoolAnnounce",
+    "PoolBreakerChanged",
     "PoolInstances",
     "PoolStatistics",
     "PoolStats",
     "PoolWithdraw",
+    "breaker_topic",
 ]
 
 HttpMethod = Literal["GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE"]
@@ -160,3 +163,27 @@ class PoolWithdraw(Request[PoolInstances]):
     manager = "pool"
     service: str
     url: str
+
+
+BreakerState = Literal["closed", "open", "half_open"]
+
+
+@message("pool.breaker_changed")
+class PoolBreakerChanged(Event):
+    """Published on ``pool.breaker.<service>`` when the breaker of one of the service's base
+    URLs changes state (``failures``: the consecutive failures that led there)::
+
+        for delivery in system.subscribe("pool.breaker.*"):
+            alert(delivery.message.service, delivery.message.url, delivery.message.new)
+    """
+
+    service: str
+    url: str
+    old: BreakerState
+    new: BreakerState
+    failures: Count = 0
+
+
+def breaker_topic(service: str) -> str:
+    """Where the :class:`PoolBreakerChanged` events of ``service`` are published."""
+    return f"pool.breaker.{service}"

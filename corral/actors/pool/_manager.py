@@ -31,6 +31,7 @@ idempotent calls on connection errors and ``retry_statuses`` (honouring
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
@@ -62,10 +63,12 @@ from corral.messages.pool import (
     JsonRpcCall,
     JsonRpcResult,
     PoolAnnounce,
+    PoolBreakerChanged,
     PoolInstances,
     PoolStatistics,
     PoolStats,
     PoolWithdraw,
+    breaker_topic,
 )
 from corral.messages.system import Health, HealthStatus
 
@@ -126,6 +129,7 @@ class PoolManager(Manager[PoolOptions]):
                 registry=(self.registry_url, self._registry_key(name))
                 if options.discovery == "registry"
                 else None,
+                on_breaker=self._publish_later,
             )
             for name, options in settings.services.items()
         }
@@ -218,6 +222,16 @@ class PoolManager(Manager[PoolOptions]):
         return PoolInstances(
             service=msg.service, instances=self._registry(WITHDRAW, msg.service, url)
         )
+
+    def _publish_later(self, event: PoolBreakerChanged) -> None:
+        """Publish ``event`` off the pool's loop (a publication may wait on Redis)."""
+        asyncio.get_running_loop().run_in_executor(None, self._publish, event)
+
+    def _publish(self, event: PoolBreakerChanged) -> None:
+        try:
+            self.router.publish(breaker_topic(event.service), event)
+        except CorralError as exc:  # the bus being down changes nothing for the calls
+            log.warning("pool: could not publish %s's breaker change: %s", event.service, exc)
 
     def _registry_key(self, service: str) -> str:
         return registry_key(self.corral_context.namespace, service)

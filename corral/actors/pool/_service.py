@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import httpx
 
-from corral._breaker import CircuitBreaker
+from corral._breaker import BreakerState, CircuitBreaker
 from corral._redis import REDIS_ERRORS, AsyncRedis, connect_async
 from corral.actors.pool._discovery import Instance, registered, resolve
 from corral.actors.pool._metrics import (
@@ -44,7 +44,7 @@ from corral.actors.pool._options import ServiceOptions
 from corral.actors.pool._policy import parse_retry_after, retry_delay
 from corral.actors.pool._transport import AiohttpTransport
 from corral.errors import BackendUnavailable, RequestError, Timeout
-from corral.messages.pool import HttpResponse
+from corral.messages.pool import HttpResponse, PoolBreakerChanged
 from corral.messages.system import HealthStatus
 from corral.metrics import Counter, ManagerMetrics
 
@@ -72,7 +72,10 @@ class Endpoint:
     """One instance of a service: its breaker, probe status and calls in flight."""
 
     def __init__(
-        self, instance: Instance, options: ServiceOptions, on_transition: Callable[[], None]
+        self,
+        instance: Instance,
+        options: ServiceOptions,
+        on_transition: Callable[[Endpoint, BreakerState, BreakerState], None],
     ) -> None:
         self.url = instance.url.rstrip("/")
         self.host = instance.host
@@ -82,7 +85,7 @@ class Endpoint:
             options.breaker_threshold,
             options.breaker_open_seconds,
             probes=options.breaker_probes,
-            on_transition=lambda _old, _new: on_transition(),
+            on_transition=lambda old, new: on_transition(self, old, new),
         )
         self.outstanding = 0
         self.requests = 0
@@ -143,10 +146,13 @@ class Service:
         latency_window: int,
         metrics: ManagerMetrics,
         registry: tuple[str, str] | None = None,
+        on_breaker: Callable[[PoolBreakerChanged], None] = lambda _event: None,
     ) -> None:
         self.name = name
         self.options = options
         self.metrics = metrics
+        self.on_breaker = on_breaker
+        """Told of every breaker transition (the manager publishes them)."""
         self.registry = registry
         """The Redis URL and key of the announced instances (``discovery = "registry"``)."""
         self._redis: AsyncRedis | None = None
@@ -246,14 +252,11 @@ class Service:
     def _use(self, instances: list[Instance]) -> None:
         """Make ``instances`` the endpoints, keeping the state of those already known."""
         known = {endpoint.url: endpoint for endpoint in self.endpoints}
-        name, metrics = self.name, self.metrics
         endpoints = []
         for instance in instances:
             endpoint = known.pop(instance.url.rstrip("/"), None)
             if endpoint is None:
-                endpoint = Endpoint(
-                    instance, self.options, lambda: metrics.add(BREAKER_TRANSITIONS, name)
-                )
+                endpoint = Endpoint(instance, self.options, self._breaker_moved)
                 if self._client is not None:
                     self._start_probe(endpoint)
             endpoints.append(endpoint)
@@ -462,6 +465,18 @@ class Service:
         )
 
     # -- health ---------------------------------------------------------------------------
+
+    def _breaker_moved(self, endpoint: Endpoint, old: BreakerState, new: BreakerState) -> None:
+        self.metrics.add(BREAKER_TRANSITIONS, self.name)
+        (log.warning if new == "open" else log.info)(
+            "pool: %s %s breaker %s -> %s", self.name, endpoint.url, old, new
+        )
+        failures = endpoint.breaker.failures
+        self.on_breaker(
+            PoolBreakerChanged(
+                service=self.name, url=endpoint.url, old=old, new=new, failures=failures
+            )
+        )
 
     def _start_probe(self, endpoint: Endpoint) -> None:
         if self.options.health_path:
