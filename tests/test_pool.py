@@ -467,7 +467,7 @@ def test_breaker_transitions_are_published_as_events(ports: list[Port]) -> None:
                 return False
 
         wait_until(answered)
-        changes = []
+        changes: list[tuple[str, str, str, int]] = []
         while len(changes) < 3 and (delivery := breakers.get(timeout=5)) is not None:
             event = delivery.message
             assert isinstance(event, PoolBreakerChanged) and delivery.topic == "pool.breaker.api"

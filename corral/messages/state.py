@@ -56,7 +56,9 @@ __all__ = [
     "StateWrite",
     "TransitionRule",
     "changed_topic",
+    "entered_topic",
     "events_stream_key",
+    "exited_topic",
     "partition_of",
     "partition_prefix",
     "partitions_key",
@@ -167,6 +169,17 @@ def partitions_key(namespace: str = "corral") -> str:
     return f"{namespace}:state:partitions"
 
 
+def entered_topic(state_type: str = "*", status: str = "*") -> str:
+    """Where a state of a declared machine's type is announced as it enters ``status``
+    (the :class:`StateChanged` of the transition)."""
+    return f"state.entered.{state_type}.{status}"
+
+
+def exited_topic(state_type: str = "*", status: str = "*") -> str:
+    """Where a state of a declared machine's type is announced as it leaves ``status``."""
+    return f"state.exited.{state_type}.{status}"
+
+
 def changed_topic(state_type: str = "*", state_id: str = "*") -> str:
     """The topic of a state's change events; the defaults make a pattern for all of them."""
     return f"state.changed.{state_type}.{state_id}"
@@ -208,6 +221,8 @@ class StateChanged(Event):
     ts: int
     status: str = ""
     partition: Partition = 0
+    previous_status: str = ""
+    """The status before the change ("" for a create)."""
 
 
 @message("state.write")
@@ -336,11 +351,13 @@ class StateExpireDue(Request[StateExpired]):
 
 @message("state.machine_transition")
 class StateMachineTransition(Reply):
-    """One declared transition: from any of ``source`` (``["*"]``: from any state) to ``dest``."""
+    """One declared transition: from any of ``source`` (``["*"]``: from any state) to
+    ``dest``, when its ``guard`` (an expression over the state's data, empty: none) holds."""
 
     name: str
     source: list[str]
     dest: str
+    guard: str = ""
 
 
 @message("state.machine")
