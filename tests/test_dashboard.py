@@ -23,6 +23,7 @@ from websockets.sync.client import connect as ws_connect
 
 import corral
 from corral._redis import connect
+from corral._wire import alive_key
 from corral.config import BusSection, Config, DaemonSection, ManagerSection
 from corral.daemon import Daemon
 from corral.dashboard import STATUS_INTERVAL
@@ -42,7 +43,6 @@ from corral.messages.system import (
     SystemHealth,
 )
 from corral.messages.transaction import TransactionBegin, TransactionRollback
-from corral.remote import alive_key
 from tests.daemons import DaemonGroup, redis_daemons_config
 from tests.redis_server import RedisServer
 from tests.support import Work, run_corral, wait_until

@@ -29,6 +29,7 @@ import websockets
 
 import corral
 from corral._redis import SyncRedis, connect
+from corral._wire import record_key, stream_key
 from corral.actors.cache import CacheManager
 from corral.actors.websocket._signing import ChannelSigner
 from corral.bus import RedisBus
@@ -52,7 +53,6 @@ from corral.messages.state import (
 )
 from corral.messages.system import Ping, Pong
 from corral.messages.websocket import WsEmitToRoom, WsJoinRoom
-from corral.remote import record_key, stream_key
 from corral.streams import DurableSubscription, signed_parts
 from corral.system import System
 from tests.redis_server import RedisServer
