@@ -30,7 +30,7 @@ stream's end is a gap too (``offset_out_of_range``, as Kafka's OffsetOutOfRange)
 the stream was reset under a reader that gave no epoch, or lost its latest
 entries; it never makes the reader skip the events that next take those offsets::
 
-    sub = DurableSubscription(url, stream="corral:{state}:events",
+    sub = DurableSubscription(url, stream=events_stream_key("corral", partition=3),
                               pattern="state.changed.User.*", from_offset=1200)
     for delivery in sub:                       # a corral.bus.Subscription: get(),
         if isinstance(delivery.message, StreamGap):   # iteration, async for, callback
@@ -40,6 +40,12 @@ entries; it never makes the reader skip the events that next take those offsets:
     resume_at, epoch = sub.offset, sub.epoch   # where to resume next time
 
 Deliveries wait for room in the subscription's queue rather than being dropped.
+
+The state manager spreads the states of a namespace over partitions
+(:func:`partition_of`) and writes the changes of each to its own stream
+(:func:`events_stream_key`), whose hash tag every key of the partition shares
+(:func:`partition_prefix`); it records the number of partitions at
+:func:`partitions_key`, which :func:`follow_state_changes` reads.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
@@ -58,10 +65,19 @@ from corral.bus import Bus, Delivery, Subscription, compile_glob
 from corral.errors import InvalidMessage
 from corral.messages.base import Message, lookup
 from corral.messages.signing import Signer
-from corral.messages.state import DEFAULT_PARTITIONS, events_stream_key, partitions_key
+from corral.messages.state import DEFAULT_PARTITIONS
 from corral.messages.stream import GAP_TOPIC, GapReason, StreamGap
 
-__all__ = ["DurableSubscription", "follow_state_changes", "meta_key", "signed_parts"]
+__all__ = [
+    "DurableSubscription",
+    "events_stream_key",
+    "follow_state_changes",
+    "meta_key",
+    "partition_of",
+    "partition_prefix",
+    "partitions_key",
+    "signed_parts",
+]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +102,39 @@ def signed_parts(stream: str, offset: int, fields: Mapping[bytes, bytes]) -> tup
         signature = signer.sign(*signed_parts("corral:{state:0}:events", 7, fields))
     """
     return (stream.encode(), str(offset).encode(), *(fields.get(f, b"") for f in _SIGNED_FIELDS))
+
+
+# -- the state changes' streams: one per partition of a namespace's states ------------
+
+
+def partition_of(state_id: str, partitions: int) -> int:
+    """The partition a state lives in: by the hash of its Redis hash tag (the text
+    between the first ``{`` and the next ``}``, when not empty), else of its whole id,
+    so states that share a tag share a partition (and may change in one commit)."""
+    if partitions <= 1:
+        return 0
+    start = state_id.find("{")
+    if start >= 0:
+        end = state_id.find("}", start + 1)
+        if end > start + 1:
+            state_id = state_id[start + 1 : end]
+    return zlib.crc32(state_id.encode()) % partitions
+
+
+def partition_prefix(namespace: str, partition: int) -> str:
+    """The start of every Redis key of one partition: one hash tag, so one cluster slot."""
+    return f"{namespace}:{{state:{partition}}}:"
+
+
+def events_stream_key(namespace: str = "corral", partition: int = 0) -> str:
+    """The Redis Stream that holds every state change of one partition of a namespace,
+    by offset (what a durable subscription to ``state.changed.*`` reads)."""
+    return partition_prefix(namespace, partition) + "events"
+
+
+def partitions_key(namespace: str = "corral") -> str:
+    """Where the state manager records how many partitions its namespace has."""
+    return f"{namespace}:state:partitions"
 
 
 class _StreamFeed(Bus):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
-import zlib
 from collections.abc import Callable, Collection, Mapping
 from typing import Annotated, Any
 
@@ -62,11 +61,7 @@ __all__ = [
     "check_reads",
     "check_state_id",
     "check_write",
-    "events_stream_key",
     "machine_from_table",
-    "partition_of",
-    "partition_prefix",
-    "partitions_key",
     "read_conflict",
     "status_conflict",
     "undeclared_transition",
@@ -149,36 +144,6 @@ DEFAULT_PARTITIONS = 16
 """How many partitions, unless ``[managers.state] partitions`` says otherwise."""
 
 Partition = Annotated[int, Range(ge=0, le=MAX_PARTITIONS - 1)]
-
-
-def partition_of(state_id: str, partitions: int) -> int:
-    """The partition a state lives in: by the hash of its Redis hash tag (the text
-    between the first ``{`` and the next ``}``, when not empty), else of its whole id,
-    so states that share a tag share a partition (and may change in one commit)."""
-    if partitions <= 1:
-        return 0
-    start = state_id.find("{")
-    if start >= 0:
-        end = state_id.find("}", start + 1)
-        if end > start + 1:
-            state_id = state_id[start + 1 : end]
-    return zlib.crc32(state_id.encode()) % partitions
-
-
-def partition_prefix(namespace: str, partition: int) -> str:
-    """The start of every Redis key of one partition: one hash tag, so one cluster slot."""
-    return f"{namespace}:{{state:{partition}}}:"
-
-
-def events_stream_key(namespace: str = "corral", partition: int = 0) -> str:
-    """The Redis Stream that holds every state change of one partition of a namespace,
-    by offset (what a durable subscription to ``state.changed.*`` reads)."""
-    return partition_prefix(namespace, partition) + "events"
-
-
-def partitions_key(namespace: str = "corral") -> str:
-    """Where the state manager records how many partitions its namespace has."""
-    return f"{namespace}:state:partitions"
 
 
 def changed_topic(state_type: str = "*", state_id: str = "*") -> str:

@@ -51,15 +51,18 @@ from corral.messages.state import (
     StateMachine,
     StateWrite,
     TransitionRule,
-    events_stream_key,
-    partition_of,
-    partition_prefix,
-    partitions_key,
     read_conflict,
     status_conflict,
     undeclared_transition,
 )
-from corral.streams import meta_key, signed_parts
+from corral.streams import (
+    events_stream_key,
+    meta_key,
+    partition_of,
+    partition_prefix,
+    partitions_key,
+    signed_parts,
+)
 
 __all__ = ["RedisBackend", "decode_event"]
 
