@@ -200,5 +200,6 @@ def test_the_readme_names_what_a_manager_may_use() -> None:
     text = (ROOT / "README.md").read_text()
     section = text[text.index("### Your own managers") :].split("\n## ", 1)[0]
     face = ["name", "Options", "placement", "options", "router", "defer_reply()", "take_queued()"]
-    face += ["health()", "on_start", "on_stop", "on_failure", "corral_context", "corral_"]
+    face += ["health()", "on_start", "on_stop", "on_failure", "mount(", "corral_context"]
+    face += ["corral_"]
     assert [name for name in face if f"`{name}" not in section] == []

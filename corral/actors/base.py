@@ -49,12 +49,18 @@ from corral.errors import (
     Overloaded,
 )
 from corral.messages.base import ErrorReply, Event, Message, Reply, Request
+from corral.messages.signing import DEFAULT_REPLAY_WINDOW
 from corral.messages.system import Health, HealthCheck, Reconfigure, Reconfigured
 from corral.metrics import LATENCY_BUCKETS, Family, HandlerStats, ManagerMetrics
 
+if TYPE_CHECKING:
+    from aiohttp import web
+
 __all__ = [
+    "AsyncRouter",
     "AsyncioFuture",
     "CallbackFuture",
+    "HttpMount",
     "Mailbox",
     "Manager",
     "ManagerContext",
@@ -82,6 +88,41 @@ class Router(Protocol):
     def publish(self, topic: str, event: Event) -> None: ...
 
 
+class AsyncRouter(Router, Protocol):
+    """A Router that asyncio code can ask without blocking its loop (``System``, ``Client``)."""
+
+    async def ask_async(self, message: Request[R], *, timeout: float | None = None) -> R: ...
+
+
+@dataclass(kw_only=True)
+class HttpMount:
+    """What :meth:`Manager.mount` gets from the daemon that is about to serve the manager.
+
+    One per configured manager and daemon. ``app`` is the daemon's aiohttp application:
+    add routes and ``on_startup`` / ``on_shutdown`` / ``on_cleanup`` hooks, which run on
+    the daemon's asyncio loop. ``system`` reaches the managers by message. What the hook
+    puts in ``shared`` is handed to the manager's actors on this daemon as
+    ``self.corral_context.mounted``, so that what runs on the loop and the actor find
+    each other within one daemon.
+    """
+
+    name: str
+    """The manager's name in the config (``[managers.<name>]``)."""
+    options: Mapping[str, Any]
+    """Its options table, as given (``parse_options(cls.Options, ...)`` checks them)."""
+    app: web.Application
+    system: AsyncRouter
+    redis_url: str = ""
+    """As :attr:`ManagerContext.redis_url`."""
+    namespace: str = "corral"
+    signing_keys: tuple[bytes, ...] = ()
+    replay_window: float = DEFAULT_REPLAY_WINDOW
+    """The codec's: how fresh a signed payload must be."""
+    metrics: ManagerMetrics = field(default_factory=ManagerMetrics)
+    """Where the manager counts (its actors get the same store)."""
+    shared: Any = None
+
+
 ExitCallback = Callable[["Manager[Any]", BaseException | None, list[Envelope[Any]]], None]
 
 
@@ -104,6 +145,9 @@ class ManagerContext:
     signed Redis traffic."""
     metrics: ManagerMetrics = field(default_factory=ManagerMetrics)
     """Where the manager counts: its supervisor keeps it across restarts."""
+    mounted: Any = None
+    """What the manager's :meth:`Manager.mount` left in :attr:`HttpMount.shared` on the
+    daemon running it; None in a process that serves no HTTP."""
 
 
 class Probe:
@@ -449,7 +493,7 @@ class Manager(pykka.ThreadingActor, Generic[OptionsT]):
 
     What a subclass may use: ``name``, ``Options``, ``placement``,
     ``metric_families``, ``options``, ``router``, ``defer_reply``, ``take_queued``,
-    ``health`` and the hooks ``on_start``, ``on_stop`` and ``on_failure``. Everything
+    ``health`` and the hooks ``on_start``, ``on_stop``, ``on_failure`` and ``mount``. Everything
     else the base keeps is named ``corral_*`` (as pykka's is ``actor_*``), so a
     subclass's own attributes never collide with it: ``corral_context`` (the name it
     runs under, its Redis URL, namespace and signing keys), ``corral_mailbox``,
@@ -565,6 +609,18 @@ class Manager(pykka.ThreadingActor, Generic[OptionsT]):
     def health(self) -> Health:
         """This manager's own health; override to report backends and details."""
         return Health(status="healthy")
+
+    @classmethod
+    def mount(cls, http: HttpMount) -> None:
+        """Offer HTTP routes on the daemon's port. ``corral run`` calls it once for each
+        configured manager, before any manager starts; an embedded System never does.
+        The default offers none::
+
+            @classmethod
+            def mount(cls, http: HttpMount) -> None:
+                http.app.router.add_get("/greeter/hello", hello)
+                http.shared = Visitors()    # the actor's self.corral_context.mounted
+        """
 
     def reconfigure(self, options: OptionsT) -> bool:
         """Take new options while running (``corral run`` on SIGHUP); False when they
