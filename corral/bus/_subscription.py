@@ -93,8 +93,8 @@ class CallbackDispatcher:
             thread = threading.Thread(
                 target=self._work, name=f"{self.name}-{len(self._threads) + 1}", daemon=True
             )
+            thread.start()
             self._threads.append(thread)
-        thread.start()
 
     def schedule(self, sub: Subscription) -> None:
         """Give ``sub`` a turn on the next free thread (it has deliveries waiting)."""
