@@ -207,6 +207,9 @@ class Supervisor:
         self.abandoned_threads: list[str] = []
         self._status: HealthStatus = "healthy"
         self._running = False
+        self.mounted: dict[str, Any] = {}
+        """What each child's ``Manager.mount`` left for its actors (``HttpMount.shared``),
+        by name: filled by the daemon before it starts the supervisor."""
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -623,6 +626,7 @@ class Supervisor:
             namespace=spec.namespace or "corral",
             signing_keys=spec.signing_keys or (),
             metrics=child.metrics,
+            mounted=self.mounted.get(spec.name),
         )
         child.metrics.clear_gauges(spec.manager.metric_families)
         self._set_state(child, "starting")

@@ -121,10 +121,11 @@ class System(EventsMixin):
                 namespace=section.namespace,
                 codec=self.codec,
                 queue_size=section.queue_size,
+                callback_threads=section.callback_threads,
                 reconnect_initial=section.reconnect_initial,
                 reconnect_max=section.reconnect_max,
             )
-        return MemoryBus(queue_size=section.queue_size)
+        return MemoryBus(queue_size=section.queue_size, callback_threads=section.callback_threads)
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -18,8 +18,8 @@ import pytest
 
 import corral
 from corral._redis import connect
+from corral._wire import lease_key
 from corral.errors import CorralError, ManagerUnavailable, Timeout
-from corral.remote import lease_key
 from tests.daemons import DaemonGroup, redis_daemons_config
 from tests.effects import (
     Effect,

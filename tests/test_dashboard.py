@@ -19,6 +19,7 @@ import redis
 
 import corral
 from corral._redis import connect
+from corral._wire import alive_key
 from corral.config import BusSection, Config, DaemonSection, ManagerSection
 from corral.daemon import Daemon
 from corral.dashboard import STATUS_INTERVAL
@@ -38,7 +39,6 @@ from corral.messages.system import (
     SystemHealth,
 )
 from corral.messages.transaction import TransactionBegin, TransactionRollback
-from corral.remote import alive_key
 from tests.browser import DevTools
 from tests.daemons import DaemonGroup, redis_daemons_config
 from tests.redis_server import RedisServer

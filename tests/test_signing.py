@@ -29,6 +29,7 @@ import websockets
 
 import corral
 from corral._redis import SyncRedis, connect
+from corral._wire import record_key, stream_key
 from corral.actors.cache import CacheManager
 from corral.actors.websocket._signing import ChannelSigner
 from corral.bus import RedisBus
@@ -44,16 +45,10 @@ from corral.messages.cache import (
     CacheStats,
 )
 from corral.messages.codec import Codec
-from corral.messages.state import (
-    StateRegister,
-    StateUpdate,
-    events_stream_key,
-    partition_of,
-)
+from corral.messages.state import StateRegister, StateUpdate
 from corral.messages.system import Ping, Pong
 from corral.messages.websocket import WsEmitToRoom, WsJoinRoom
-from corral.remote import record_key, stream_key
-from corral.streams import DurableSubscription, signed_parts
+from corral.streams import DurableSubscription, events_stream_key, partition_of, signed_parts
 from corral.system import System
 from tests.redis_server import RedisServer
 from tests.support import Done, Work, wait_until

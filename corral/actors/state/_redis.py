@@ -52,12 +52,15 @@ from corral.messages.state import (
     StateMachine,
     StateWrite,
     TransitionRule,
+)
+from corral.streams import (
     events_stream_key,
+    meta_key,
     partition_of,
     partition_prefix,
     partitions_key,
+    signed_parts,
 )
-from corral.streams import meta_key, signed_parts
 
 __all__ = ["RedisBackend", "decode_event"]
 
