@@ -54,6 +54,7 @@ from pykka._envelope import Envelope
 from pykka.messages import _ActorStop
 
 from corral.actors.base import PROBE, CallbackFuture, Manager, ManagerContext, Router
+from corral.clock import Clock, SystemClock
 from corral.errors import ConfigError, ManagerUnavailable
 from corral.messages.base import Event, Message
 from corral.messages.system import (
@@ -190,7 +191,11 @@ _STOP = object()
 
 
 class Supervisor:
-    """Starts, watches, restarts and stops a set of managers. See the module docstring."""
+    """Starts, watches, restarts and stops a set of managers. See the module docstring.
+
+    ``clock`` times the restart backoff and the intensity window, and is every manager's
+    (``corral_context.clock``); liveness probes and start-up timeouts wait in real time.
+    """
 
     def __init__(
         self,
@@ -202,8 +207,10 @@ class Supervisor:
         on_escalate: Callable[[str], None] | None = None,
         standby: Collection[str] = (),
         on_dead_letter: Callable[[DeadLetter], None] | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.policy = policy or SupervisorPolicy()
+        self.clock = clock or SystemClock()
         self.router = router
         self._publish = publish
         self._on_escalate = on_escalate
@@ -508,10 +515,9 @@ class Supervisor:
     def _run(self) -> None:
         tick = min(0.25, self.policy.probe_interval / 2, self.policy.probe_timeout / 4)
         while True:
-            now = time.monotonic()
             wait = tick
             if self._timers:
-                wait = max(0.0, min(wait, self._timers[0][0] - now))
+                wait = max(0.0, min(wait, self._timers[0][0] - self.clock.monotonic()))
             try:
                 item = self._events.get(timeout=wait)
             except queue.Empty:
@@ -535,10 +541,11 @@ class Supervisor:
             self._handle_exit(item[1], item[2], item[3])
 
     def _schedule(self, delay: float, action: Callable[[], None]) -> None:
-        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_ids), action))
+        due = self.clock.monotonic() + delay
+        heapq.heappush(self._timers, (due, next(self._timer_ids), action))
 
     def _run_due_timers(self) -> None:
-        now = time.monotonic()
+        now = self.clock.monotonic()
         while self._timers and self._timers[0][0] <= now:
             _, _, action = heapq.heappop(self._timers)
             action()
@@ -624,6 +631,7 @@ class Supervisor:
             namespace=spec.namespace or "corral",
             signing_keys=spec.signing_keys or (),
             metrics=child.metrics,
+            clock=self.clock,
         )
         child.metrics.clear_gauges(spec.manager.metric_families)
         self._set_state(child, "starting")
@@ -735,7 +743,7 @@ class Supervisor:
         self._set_state(child, "restarting")
         if abnormal:
             self._lifecycle(child, "failed", reason)
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if counted:
             self._restart_times.append(now)
             while self._restart_times and self._restart_times[0] < now - self.policy.period:

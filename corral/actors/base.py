@@ -40,6 +40,7 @@ from pykka import ActorDeadError, ActorRegistry
 from pykka._envelope import Envelope
 from pykka.messages import _ActorStop
 
+from corral.clock import Clock, SystemClock
 from corral.config import Section, parse_options
 from corral.errors import (
     ConfigError,
@@ -104,6 +105,8 @@ class ManagerContext:
     signed Redis traffic."""
     metrics: ManagerMetrics = field(default_factory=ManagerMetrics)
     """Where the manager counts: its supervisor keeps it across restarts."""
+    clock: Clock = field(default_factory=SystemClock)
+    """Where the manager reads the time (its system's; a test's :class:`ManualClock`)."""
 
 
 class Probe:

@@ -31,9 +31,6 @@ from corral.bus import compile_glob
 
 __all__ = ["Entry", "MemoryStore"]
 
-Clock = Callable[[], float]
-
-
 class Entry:
     """An encoded value, when it expires (monotonic seconds; inf: never), and its tags."""
 
@@ -58,7 +55,7 @@ class MemoryStore:
         default_ttl: float | None,
         *,
         max_ttl: float | None = None,
-        clock: Clock = time.monotonic,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.strategy = strategy
         self.default_ttl = default_ttl

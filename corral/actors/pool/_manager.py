@@ -107,7 +107,11 @@ class PoolManager(Manager[PoolOptions]):
         self.loop = LoopThread(f"corral-{self.corral_context.name}-loop")
         self.services = {
             name: Service(
-                name, options, latency_window=settings.latency_window, metrics=self.corral_metrics
+                name,
+                options,
+                latency_window=settings.latency_window,
+                metrics=self.corral_metrics,
+                clock=self.corral_context.clock,
             )
             for name, options in settings.services.items()
         }

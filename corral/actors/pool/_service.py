@@ -3,7 +3,9 @@
 Everything here runs on the pool's asyncio loop thread, and only there, so it
 needs no locks::
 
-    service = Service("billing", options, latency_window=1000, metrics=ManagerMetrics())
+    service = Service(
+        "billing", options, latency_window=1000, metrics=ManagerMetrics(), clock=SystemClock()
+    )
     await service.start()
     response = await service.request(Call(method="GET", path="/invoices", idempotent=True))
     await service.close()
@@ -40,6 +42,7 @@ from corral.actors.pool._metrics import (
 from corral.actors.pool._options import ServiceOptions
 from corral.actors.pool._policy import Breaker, parse_retry_after, retry_delay
 from corral.actors.pool._transport import AiohttpTransport
+from corral.clock import Clock
 from corral.errors import BackendUnavailable, RequestError, Timeout
 from corral.messages.pool import HttpResponse
 from corral.messages.system import HealthStatus
@@ -69,7 +72,7 @@ class Endpoint:
     """One base URL of a service: its breaker, probe status and calls in flight."""
 
     def __init__(
-        self, url: str, options: ServiceOptions, on_transition: Callable[[], None]
+        self, url: str, options: ServiceOptions, on_transition: Callable[[], None], clock: Clock
     ) -> None:
         self.url = url.rstrip("/")
         self.breaker = Breaker(
@@ -77,6 +80,7 @@ class Endpoint:
             options.breaker_open_seconds,
             options.breaker_probes,
             on_transition=on_transition,
+            clock=clock.monotonic,
         )
         self.outstanding = 0
         self.requests = 0
@@ -122,13 +126,19 @@ class Service:
     """
 
     def __init__(
-        self, name: str, options: ServiceOptions, *, latency_window: int, metrics: ManagerMetrics
+        self,
+        name: str,
+        options: ServiceOptions,
+        *,
+        latency_window: int,
+        metrics: ManagerMetrics,
+        clock: Clock,
     ) -> None:
         self.name = name
         self.options = options
         self.metrics = metrics
         self.endpoints = [
-            Endpoint(url, options, lambda: metrics.add(BREAKER_TRANSITIONS, name))
+            Endpoint(url, options, lambda: metrics.add(BREAKER_TRANSITIONS, name), clock)
             for url in options.base_urls
         ]
         self._rotation = 0
