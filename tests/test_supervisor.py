@@ -196,11 +196,11 @@ def test_intensity_exceeded_escalates() -> None:
     with system:
         health_events = system.subscribe("health.changed")
         for _ in range(3):
-            wait_until(lambda: system.supervisor.live_ref("w") is not None or escalations)
+            ref = wait_until(lambda: system.supervisor.live_ref("w") or escalations)
             if escalations:
                 break
             system.tell(Work(target="w", action="crash"))
-            time.sleep(0.05)
+            wait_until(lambda ref=ref: system.supervisor.live_ref("w") is not ref)  # crashed
         wait_until(lambda: escalations)
         assert "3 restarts within 30s (max 2)" in escalations[0]
         assert system.health().status == "unhealthy"
