@@ -344,6 +344,28 @@ class Supervisor:
         self._events.put(_STOP)
         thread.join()
 
+    def settle(self) -> None:
+        """Return once the control thread has handled everything asked of it before, and
+        run the restarts due by now on the supervisor's clock. After moving a
+        :class:`~corral.clock.ManualClock`, what the supervisor does at the new time is done::
+
+            clock.advance(policy.backoff_max)
+            supervisor.settle()                 # a restart that was due has happened
+        """
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return
+        done = threading.Event()
+
+        def run_due_timers() -> None:
+            try:
+                self._run_due_timers()
+            finally:
+                done.set()
+
+        self._events.put(("call", run_due_timers))
+        done.wait()
+
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the supervisor stops (or escalates); False on timeout."""
         thread = self._thread
