@@ -80,7 +80,7 @@ def _call_all(
         before = added()
         for sent, thread in enumerate(threads, 1):
             thread.start()
-            wait_until(lambda t=thread, n=sent: added() >= before + n or not t.is_alive())
+            wait_until(lambda: added() >= before + sent or not thread.is_alive())  # noqa: B023
     finally:
         redis.close()
     for thread in threads:

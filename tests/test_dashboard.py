@@ -488,7 +488,7 @@ def test_chromium_sees_both_daemons_the_plots_and_the_restarts_without_overlaps(
         ARTIFACTS.mkdir(exist_ok=True)
         for width in (1280, 1400, 1920):  # 1400: where the last errors once ran over the events
             browser.resize(width, 1000)
-            wait_until(lambda width=width: browser.evaluate("innerWidth") == width)
+            wait_until(lambda: browser.evaluate("innerWidth") == width)  # noqa: B023
             layout = browser.evaluate(OVERLAPS)
             assert layout["checked"] > 200
             assert layout["problems"] == [], f"at {width} px: {layout['problems'][:10]}"

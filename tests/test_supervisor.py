@@ -215,7 +215,7 @@ def test_intensity_exceeded_escalates() -> None:
             if escalations:
                 break
             system.tell(Work(target="w", action="crash"))
-            wait_until(lambda ref=ref: system.supervisor.live_ref("w") is not ref)  # crashed
+            wait_until(lambda: system.supervisor.live_ref("w") is not ref)  # noqa: B023
         wait_until(lambda: escalations)
         assert "3 restarts within 30s (max 2)" in escalations[0]
         assert system.health().status == "unhealthy"
