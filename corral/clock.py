@@ -5,16 +5,16 @@ timeouts, rate-limit windows, ban and token times, circuit-breaker cool-downs, a
 supervisor's restart backoff and intensity window. The default is the machine's clock;
 a test passes a :class:`ManualClock` and advances it instead of sleeping::
 
-    from corral.clock import ManualClock
-
     clock = ManualClock()
-    with corral.System(clock=clock) as system:
+    with corral.System(managers=[CacheManager], clock=clock) as system:
         system.ask(CacheSet(key="k", value=1, ttl=60))
-        clock.advance(61)
+        clock.advance(60)
         system.ask(CacheGet(key="k")).found        # False: expired, without waiting
 
-Time kept by Redis (its ``TIME``, its key TTLs) and real waits (timeouts on a reply,
-the liveness probe) are not the clock's: a manual clock moves neither.
+After moving the clock, ``system.supervisor.settle()`` returns once the supervisor has
+acted on the new time (a restart whose backoff is over has happened). Time kept by
+Redis (its ``TIME``, its key TTLs) and real waits (timeouts on a reply, the liveness
+probe) are not the clock's: a manual clock moves neither.
 """
 
 from __future__ import annotations
