@@ -31,6 +31,7 @@ from corral.bus import compile_glob
 
 __all__ = ["Entry", "MemoryStore"]
 
+
 class Entry:
     """An encoded value, when it expires (monotonic seconds; inf: never), and its tags."""
 
