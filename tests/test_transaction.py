@@ -80,7 +80,8 @@ def data(system: System, state_id: str) -> object:
 
 def record_key(redis_url: str, transaction_id: str) -> str:
     """Where a system of the default namespace keeps the transaction on Redis."""
-    return RedisStore(redis_url, namespace="corral").keys(transaction_id)[0]
+    with contextlib.closing(RedisStore(redis_url, namespace="corral")) as store:
+        return store.keys(transaction_id)[0]
 
 
 def idle_past_timeout(system: System, redis_url: str, transaction_id: str, timeout: float) -> None:
