@@ -208,7 +208,7 @@ class Codec:
     rotated. With keys set, an unsigned or badly signed message is rejected.
     ``replay_window``: seconds the guards of :meth:`replay_guard` accept a signed
     timestamp for (``codec.replay_window``). ``clock``: the time (unix seconds) that
-    envelopes are stamped with and guards judge them by.
+    envelopes are stamped with and guards judge them by; None: the machine's.
     """
 
     def __init__(
@@ -218,7 +218,7 @@ class Codec:
         max_size: int = DEFAULT_MAX_SIZE,
         max_depth: int = DEFAULT_MAX_DEPTH,
         replay_window: float = DEFAULT_REPLAY_WINDOW,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.signer = Signer(keys)
         self.max_size = max_size
@@ -268,13 +268,14 @@ class Codec:
 
         ``deadline`` (unix ms, 0: none): a request's, inside the signature.
         """
+        clock = self.clock
         envelope = _Outgoing(
             message.type_name,
             message.wire_version,
             id or new_id(),
             correlation,
             reply_to,
-            int(self.clock() * 1000),
+            time.time_ns() // 1_000_000 if clock is None else int(clock() * 1000),
             message,
             deadline,
         )

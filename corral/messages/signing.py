@@ -109,7 +109,7 @@ class ReplayGuard:
     set is forgotten early and timestamps before its end are refused from then on: the
     window shortens rather than memory growing. ``remember=False`` checks timestamps only
     (for a channel whose duplicates something else catches). ``clock``: this receiver's
-    time, in unix seconds.
+    time, in unix seconds (None: the machine's).
     """
 
     def __init__(
@@ -118,7 +118,7 @@ class ReplayGuard:
         *,
         capacity: int = DEFAULT_REPLAY_CAPACITY,
         remember: bool = True,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         if not (math.isfinite(window) and window > 0) or capacity < 1:
             raise ValueError("need a finite window > 0 and a capacity >= 1")
@@ -145,7 +145,12 @@ class ReplayGuard:
         ``valid_until`` (unix ms): a signed deadline that keeps a message acceptable past
         the window (a request waiting for a daemon); its timestamp must still not be ahead.
         """
-        now = int(self.clock() * 1000) if now_ms is None else now_ms
+        if now_ms is not None:
+            now = now_ms
+        elif self.clock is None:
+            now = time.time_ns() // 1_000_000
+        else:
+            now = int(self.clock() * 1000)
         window = self.window_ms
         if ts > now + window:
             raise InvalidMessage(
