@@ -51,6 +51,7 @@ from typing import (
 import pykka
 
 from corral._runtime import PROBE, ActorCore, Envelope, Schedule, admit_all
+from corral.clock import Clock, SystemClock
 from corral.config import Placement, Section, parse_options
 from corral.errors import ConfigError, CorralError, InvalidMessage
 from corral.messages.base import ErrorReply, Event, Message, Reply, Request
@@ -167,6 +168,8 @@ class ManagerContext:
     mounted: Any = None
     """What the manager's :meth:`Manager.mount` left in :attr:`HttpMount.shared` on the
     daemon running it; None in a process that serves no HTTP."""
+    clock: Clock = field(default_factory=SystemClock)
+    """Where the manager reads the time (its system's; a test's :class:`ManualClock`)."""
 
 
 class DeferredReply:

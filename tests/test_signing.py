@@ -34,6 +34,7 @@ from corral.actors.cache import CacheManager
 from corral.actors.websocket._signing import ChannelSigner
 from corral.bus import RedisBus
 from corral.client import Client
+from corral.clock import ManualClock
 from corral.config import BusSection, CodecSection, Config, ManagerSection
 from corral.daemon import Daemon
 from corral.messages.base import ErrorReply, Event, Message, message
@@ -116,8 +117,11 @@ def stale(data: bytes, channel: str, window: float) -> bytes:
 
 def test_the_bus_takes_only_fresh_genuine_events(redis_server: RedisServer) -> None:
     url, channel = redis_server.url, "sig:notes"
-    receiver = RedisBus(url, namespace="sig", codec=Codec(keys=[b"k2", b"k1"], replay_window=2))
-    sender = RedisBus(url, namespace="sig", codec=Codec(keys=[b"k2"]))
+    clock = ManualClock()
+    receiver = RedisBus(
+        url, namespace="sig", codec=Codec(keys=[b"k2", b"k1"], replay_window=2, clock=clock.time)
+    )
+    sender = RedisBus(url, namespace="sig", codec=Codec(keys=[b"k2"], clock=clock.time))
     old_sender = RedisBus(url, namespace="sig", codec=Codec(keys=[b"k1"]))  # before rotation
     spy = redis.Redis.from_url(url).pubsub()  # type: ignore[no-untyped-call]
     spy.subscribe(channel)
@@ -142,7 +146,7 @@ def test_the_bus_takes_only_fresh_genuine_events(redis_server: RedisServer) -> N
             assert raw.publish(channel, payload) == 1
         assert raw.publish("sig:other", genuine) == 1  # signed for another channel
         wait_until(lambda: receiver.stats()["rejected"] == len(attacks) + 1)
-        time.sleep(2.5)  # the captured event itself, once the window has passed
+        clock.advance(2.5)  # the captured event itself, once the window has passed
         assert raw.publish(channel, genuine) == 1
         wait_until(lambda: receiver.stats()["rejected"] == len(attacks) + 2)
         sender.publish("notes", Note(n=7))
