@@ -263,6 +263,7 @@ BUILT_IN_AREAS = {
     "cache": "corral.messages.cache",
     "pool": "corral.messages.pool",
     "ratelimit": "corral.messages.ratelimit",
+    "session": "corral.messages.session",
     "state": "corral.messages.state",
     "stream": "corral.messages.stream",
     "transaction": "corral.messages.transaction",
