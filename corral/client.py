@@ -25,9 +25,9 @@ import asyncio
 import contextlib
 import threading
 import time
-from types import TracebackType
 from typing import Any, TypeVar
 
+from corral._closing import Closing
 from corral._events import EventsMixin
 from corral._redis import REDIS_ERRORS, describe
 from corral._redis import connect as connect_redis
@@ -81,7 +81,7 @@ class _Waiter:
                 )
 
 
-class Client(EventsMixin):
+class Client(EventsMixin, Closing):
     """A connection to the corral daemons on one Redis (see the module docstring)."""
 
     def __init__(
@@ -153,17 +153,6 @@ class Client(EventsMixin):
         self._replies.close()
         self.bus.close()
         self._redis.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- internals ------------------------------------------------------------------------
 

@@ -178,10 +178,7 @@ class System(EventsMixin):
         try:
             reply = future.get(timeout=max(0.0, deadline - time.monotonic()))
         except pykka.Timeout:
-            raise Timeout(
-                f"no reply to {message.type_name} from {name!r} within {timeout:g}s",
-                {"manager": name, "timeout": timeout},
-            ) from None
+            raise _no_reply(message, name, timeout) from None
         answer: R = unwrap(reply)
         return answer
 
@@ -203,10 +200,7 @@ class System(EventsMixin):
         try:
             reply = await asyncio.wait_for(bridge.future, max(0.0, deadline - time.monotonic()))
         except TimeoutError:
-            raise Timeout(
-                f"no reply to {message.type_name} from {name!r} within {timeout:g}s",
-                {"manager": name, "timeout": timeout},
-            ) from None
+            raise _no_reply(message, name, timeout) from None
         answer: R = unwrap(reply)
         return answer
 
@@ -404,3 +398,10 @@ def _load_manager(name: str, section: ManagerSection) -> type[Manager[Any]]:
     if not (isinstance(cls, type) and issubclass(cls, Manager)):
         raise ConfigError(f"managers.{name}.class_path: {path!r} is not a corral Manager")
     return cls
+
+
+def _no_reply(message: Message, name: str, timeout: float) -> Timeout:
+    return Timeout(
+        f"no reply to {message.type_name} from {name!r} within {timeout:g}s",
+        {"manager": name, "timeout": timeout},
+    )
