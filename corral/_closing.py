@@ -10,8 +10,8 @@ __all__ = ["Closing"]
 class Closing:
     """A base whose ``with`` block ends with :meth:`close`::
 
-        with MemoryBus() as bus:
-            ...
+    with MemoryBus() as bus:
+        ...
     """
 
     def close(self) -> None:
