@@ -66,9 +66,7 @@ def daemons(redis_url: str) -> Iterator[str]:
         yield namespace
 
 
-def test_through_connect_many_requests_go_in_one_round_trip(
-    redis_url: str, daemons: str
-) -> None:
+def test_through_connect_many_requests_go_in_one_round_trip(redis_url: str, daemons: str) -> None:
     with corral.connect(redis_url, namespace=daemons, validate_messages=True) as client:
         keys = [f"k{i}" for i in range(100)]
         stored = client.ask_many([CacheSet(key=k, value=i) for i, k in enumerate(keys)])
