@@ -138,6 +138,7 @@ OLDER_RELEASES = {
     "aiohttp": "3.11.18",
     "cachetools": "6.2.6",
     "yarl": "1.17.0",
+    "cryptography": "44.0.3",
 }
 """A release older than the newest, of each runtime dependency, that users may well hold."""
 

@@ -41,6 +41,8 @@ __all__ = [
     "StateDelete",
     "StateExpireDue",
     "StateExpired",
+    "StateFind",
+    "StateFound",
     "StateGet",
     "StateGetHistory",
     "StateGetMachine",
@@ -48,6 +50,8 @@ __all__ = [
     "StateInfo",
     "StateMachine",
     "StateMachineTransition",
+    "StateReencrypt",
+    "StateReencrypted",
     "StateRegister",
     "StateTransition",
     "StateType",
@@ -371,6 +375,36 @@ MACHINE_STANDARD_TRANSITIONS = ("delete", "expire")
 @message("state.get_machine", idempotent=True)
 class StateGetMachine(Request[StateMachine]):
     """The state machine declared for ``state_type``; NotFound when it has none."""
+
+    manager = "state"
+    state_type: str
+
+
+@message("state.found")
+class StateFound(Reply):
+    states: list[StateInfo]
+
+
+@message("state.find", idempotent=True)
+class StateFind(Request[StateFound]):
+    """The states of ``state_type`` whose searchable encrypted ``field`` holds ``value``
+    (``[managers.state] searchable_fields``), found by search token, without plaintext."""
+
+    manager = "state"
+    state_type: str
+    field: str
+    value: Any
+
+
+@message("state.reencrypted")
+class StateReencrypted(Reply):
+    written: Offset
+
+
+@message("state.reencrypt")
+class StateReencrypt(Request[StateReencrypted]):
+    """Write again, under the first encryption key, the encrypted fields of the states of
+    ``state_type`` held under an older one (after a new key was put first)."""
 
     manager = "state"
     state_type: str

@@ -23,6 +23,7 @@ from corral._statemachine import (
     guard_refused,
 )
 from corral._time import now_ms
+from corral.actors.state._encrypted import EncryptedBackend
 from corral.actors.state._memory import Backend, memory_backend_for
 from corral.actors.state._options import StateOptions
 from corral.actors.state._redis import RedisBackend
@@ -64,12 +65,16 @@ from corral.messages.state import (
     StateDelete,
     StateExpired,
     StateExpireDue,
+    StateFind,
+    StateFound,
     StateGet,
     StateGetHistory,
     StateGetMachine,
     StateHistory,
     StateInfo,
     StateMachine,
+    StateReencrypt,
+    StateReencrypted,
     StateRegister,
     StateUpdate,
     StateWrite,
@@ -153,6 +158,14 @@ class StateManager(Manager[StateOptions]):
                 history_limit=settings.history_limit,
                 machines=self.machines,
                 tombstone_ttl=settings.tombstone_ttl,
+            )
+        cipher = settings.cipher()
+        if cipher is not None:
+            self.backend = EncryptedBackend(
+                self.backend,
+                cipher,
+                fields=settings.encrypted_fields,
+                searchable=settings.searchable_fields,
             )
         # Publishing waits on the bus (a Redis round trip): a thread of its own does it,
         # in order, so the mailbox moves on as soon as the change is applied.
@@ -267,6 +280,32 @@ class StateManager(Manager[StateOptions]):
     @handles(StateExpireDue)
     def expire_due(self, _msg: StateExpireDue) -> StateExpired:
         return StateExpired(state_ids=[e.state_id for e in self._expire_due()])
+
+    @handles(StateFind)
+    def find(self, msg: StateFind) -> StateFound:
+        backend = self.backend
+        searchable = self.options.searchable_fields.get(msg.state_type, [])
+        if not isinstance(backend, EncryptedBackend) or msg.field not in searchable:
+            raise InvalidMessage(
+                f"{msg.state_type:.70}.{msg.field:.70} is not a searchable field "
+                "(managers.state.searchable_fields)",
+                path="field",
+            )
+        return StateFound(
+            states=self._backend_call(
+                lambda: backend.find(msg.state_type, msg.field, msg.value, now_ms())
+            )
+        )
+
+    @handles(StateReencrypt)
+    def reencrypt(self, msg: StateReencrypt) -> StateReencrypted:
+        backend = self.backend
+        if not isinstance(backend, EncryptedBackend):
+            return StateReencrypted(written=0)
+        ids = self._backend_call(lambda: backend.state_ids(msg.state_type))
+        return StateReencrypted(
+            written=self._backend_call(lambda: backend.rewrite_stale(ids, now_ms()))
+        )
 
     # -- sessions (corral.messages.session) -------------------------------------------
 

@@ -51,6 +51,10 @@ class Backend(Protocol):
         """Expire the states whose TTL has passed; their ``expire`` events."""
         ...
 
+    def state_ids(self, state_type: str) -> list[str]:
+        """The ids of the states of ``state_type`` (a walk over them all: for admin work)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -167,6 +171,10 @@ class MemoryBackend:
                 if until <= now_ms:
                     del self.tombstones[state_id]
             return self._expire(list(self.states), now_ms)
+
+    def state_ids(self, state_type: str) -> list[str]:
+        with self.lock:
+            return [i for i, state in self.states.items() if state.state_type == state_type]
 
     def close(self) -> None:
         """Nothing to release: the states outlive the actor, and go with the system."""

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from corral._statemachine import machine_from_table
 from corral.config import REDIS_URL, Section
+from corral.encryption import FieldCipher
+from corral.errors import ConfigError
 from corral.messages.base import MAX_TTL
 from corral.messages.state import DEFAULT_PARTITIONS, MAX_PARTITIONS, StateMachine
 
@@ -32,14 +34,44 @@ class StateOptions(Section):
     id goes on from it (no version is ever reused within that time)."""
     machines: dict[str, dict[str, Any]] = field(default_factory=dict)
     """``[managers.state.machines.<StateType>]``: a declared state machine per state type."""
+    encryption_keys: list[str] = field(default_factory=list, metadata={"secret": True})
+    """Fernet keys for ``encrypted_fields``: the first encrypts, every one decrypts."""
+    encrypted_fields: dict[str, list[str]] = field(default_factory=dict)
+    """State type -> the top-level data fields kept encrypted at rest."""
+    searchable_fields: dict[str, list[str]] = field(default_factory=dict)
+    """State type -> encrypted fields that ``StateFind`` can look states up by."""
+    search_key: str = field(default="", metadata={"secret": True})
+    """The HMAC key of the search tokens of ``searchable_fields``."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.encrypted_fields and not self.encryption_keys:
+            self._fail("encryption_keys", "encrypted_fields need at least one key")
+        for state_type, names in self.searchable_fields.items():
+            plain = [n for n in names if n not in self.encrypted_fields.get(state_type, [])]
+            if plain:
+                self._fail(
+                    "searchable_fields",
+                    f"{state_type}.{plain[0]} is searchable but not in encrypted_fields",
+                )
+        if self.searchable_fields and not self.search_key:
+            self._fail("search_key", "searchable_fields need a search_key")
+        if self.encrypted_fields:
+            try:
+                self.cipher()
+            except ConfigError as exc:
+                self._fail("encryption_keys", exc.message)
         for state_type, table in self.machines.items():
             try:
                 machine_from_table(state_type, table)
             except ValueError as exc:
                 self._fail(f"machines.{state_type}", str(exc))
+
+    def cipher(self) -> FieldCipher | None:
+        """The cipher of ``encrypted_fields``; None when no field is encrypted."""
+        if not self.encrypted_fields:
+            return None
+        return FieldCipher(self.encryption_keys, search_key=self.search_key)
 
     def state_machines(self) -> dict[str, StateMachine]:
         """The declared machines by state type."""

@@ -537,6 +537,27 @@ class RedisBackend:
             self._reader.zrangebyscore(expiry, "-inf", now_ms, start=0, num=_EXPIRE_BATCH),
         )
 
+    def state_ids(self, state_type: str) -> list[str]:
+        def walk() -> list[str]:
+            found = []
+            for partition in range(self.partitions):
+                prefix = partition_prefix(self.namespace, partition) + "s:"
+                keys = list(self._reader.scan_iter(match=_glob_escape(prefix) + "*", count=1000))
+                if not keys:
+                    continue
+                with self._reader.pipeline(transaction=False) as pipe:
+                    for key in keys:
+                        pipe.hget(key, "type")
+                    types = pipe.execute()
+                found += [
+                    key.decode()[len(prefix) :]
+                    for key, found_type in zip(keys, types, strict=True)
+                    if found_type == state_type.encode()
+                ]
+            return found
+
+        return self._call(walk, "list states")
+
     def record_partitions(self) -> None:
         """Record the partition count for subscribers; ConfigError if another one is."""
         key = partitions_key(self.namespace)
@@ -607,3 +628,8 @@ def _refusal(code: str, write: StateWrite, a: str, b: str) -> Exception:
              "allowed": a.split(",") if a else []},
         )  # fmt: skip
     return status_conflict(state_id, write.transition, a, b.strip(",").split(","))
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched as it is by a Redis glob."""
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
