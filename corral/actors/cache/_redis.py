@@ -12,11 +12,14 @@ forwards other nodes' invalidations to the actor through ``deliver``::
 Redis names start with the backend's prefix ``P``, ``<namespace>:cache:<backend name>``,
 so that two backends never share a key: ``P:{<key>}`` for values, ``P:lease:{<key>}``
 for a single-flight lease (its token, with the lease's expiry; the hash tag keeps it in
-its value's slot), and ``P:tag:{<tag>}`` for the keys stored with a tag: a sorted set
-scored with each key's expiry (unix ms; ``inf`` for none), which drops the keys past
-it on every write and expires with its longest-lived key. Changes are published on
+its value's slot), ``P:lock:{<name>}`` for a lock (its fencing token) with
+``P:fence:{<name>}``, the last token given for that name, and ``P:tag:{<tag>}`` for
+the keys stored with a tag: a sorted set scored with each key's expiry (unix ms;
+``inf`` for none), which drops the keys past it on every write and expires with its
+longest-lived key. Changes are published on
 ``P:invalidated`` as a :class:`CacheInvalidated` envelope, and a lease given back
-without a value as a :class:`CacheLeaseEnded` one; with signing keys, signed for that
+without a value as a :class:`CacheLeaseEnded` one, a released lock as a
+:class:`CacheLockReleased` one; with signing keys, signed for that
 channel, and refused by the listeners when forged or replayed.
 
 While Redis is out of reach (the breaker is open), reads and sets may use the local
@@ -67,7 +70,7 @@ from corral.actors.cache._metrics import (
 )
 from corral.actors.cache._options import BackendOptions
 from corral.errors import BackendUnavailable, ConfigError, InvalidMessage
-from corral.messages.cache import CacheInvalidated, CacheLeaseEnded
+from corral.messages.cache import CacheInvalidated, CacheLeaseEnded, CacheLockReleased
 from corral.messages.codec import Codec
 from corral.metrics import ManagerMetrics
 
@@ -110,11 +113,27 @@ node, read after the key's node set it, so never before the key's own expiry), d
 the keys past theirs, and gives the set the expiry of its longest-lived key (none if
 one has none)."""
 
-_RELEASE_LEASE = """
+_RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-"""KEYS: the lease; ARGV: the token. 1 when that token held it and it is gone now."""
+"""KEYS: a lease or a lock; ARGV: the token. 1 when that token held it and it is gone now."""
+
+_LOCK = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {0, redis.call('PTTL', KEYS[1])} end
+local token = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], token, 'PX', ARGV[1])
+return {token, 0}
+"""
+"""KEYS: the lock, its fencing counter (one slot); ARGV: the lock's milliseconds.
+{token, 0}: the lock is the caller's, with the next fencing token; {0, ms}: another
+holder has it for ``ms`` more milliseconds."""
+
+_EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+"""KEYS: the lock; ARGV: the token, the new milliseconds. 1 when that token holds it."""
 
 
 @dataclass(frozen=True)
@@ -196,8 +215,12 @@ class RedisBackend:
         self.tag_prefix = f"{prefix}:tag:{{"
         self.lease_prefix = f"{prefix}:lease:{{"
         self.channel = f"{prefix}:invalidated"
+        self.lock_prefix = f"{prefix}:lock:{{"
+        self.fence_prefix = f"{prefix}:fence:{{"
         self.take_lease_script = self.client.register_script(_TAKE_LEASE)
-        self.release_lease_script = self.client.register_script(_RELEASE_LEASE)
+        self.release_script = self.client.register_script(_RELEASE)
+        self.lock_script = self.client.register_script(_LOCK)
+        self.extend_script = self.client.register_script(_EXTEND)
 
     # -- keys -----------------------------------------------------------------------------
 
@@ -355,9 +378,8 @@ class RedisBackend:
         """
 
         def remote() -> LeaseState | None:
-            ms = max(1, math.ceil(lease_ttl * 1000))
             keys = [self.redis_key(key), self.lease_key(key)]
-            outcome, detail = self.take_lease_script(keys=keys, args=[token, ms])
+            outcome, detail = self.take_lease_script(keys=keys, args=[token, _ms(lease_ttl)])
             if outcome == 1:
                 return LeaseState(data=detail)
             if outcome == 2:
@@ -372,13 +394,54 @@ class RedisBackend:
         unavailable and the fallback serves."""
 
         def remote() -> bool | None:
-            released = bool(self.release_lease_script(keys=[self.lease_key(key)], args=[token]))
+            released = bool(self.release_script(keys=[self.lease_key(key)], args=[token]))
             if released:
                 event = self._encode(CacheLeaseEnded(origin=self.origin, key=key))
                 publish_own(self.client, self.channel, event)
             return released
 
         return self._run(remote, lambda: None)
+
+    def take_refresh_lease(self, key: str, token: str, lease_ttl: float) -> bool | None:
+        """The lease to refresh a value that is there, unless another caller has it. None
+        while Redis is unavailable and the fallback serves: the caller leases in memory."""
+        return self._run(
+            lambda: bool(self.client.set(self.lease_key(key), token, nx=True, px=_ms(lease_ttl))),
+            lambda: None,
+        )
+
+    # -- locks ----------------------------------------------------------------------------
+    # Never on the fallback store: a lock taken there would not exclude other daemons.
+
+    def lock(self, name: str, ttl: float) -> tuple[int, float]:
+        """(the fencing token, 0) when the caller takes the lock; (0, seconds it is held
+        for) when another holder has it."""
+
+        def remote() -> tuple[int, float]:
+            keys = [f"{self.lock_prefix}{name}}}", f"{self.fence_prefix}{name}}}"]
+            token, held_ms = self.lock_script(keys=keys, args=[_ms(ttl)])
+            return int(token), max(held_ms, 1) / 1000
+
+        return self._run(remote, None)
+
+    def unlock(self, name: str, token: int) -> bool:
+        """Release the lock if ``token`` holds it, and tell the other nodes."""
+
+        def remote() -> bool:
+            lock = f"{self.lock_prefix}{name}}}"
+            released = bool(self.release_script(keys=[lock], args=[token]))
+            if released:
+                event = self._encode(CacheLockReleased(origin=self.origin, name=name))
+                publish_own(self.client, self.channel, event)
+            return released
+
+        return self._run(remote, None)
+
+    def extend_lock(self, name: str, token: int, ttl: float) -> bool:
+        lock = f"{self.lock_prefix}{name}}}"
+        return self._run(
+            lambda: bool(self.extend_script(keys=[lock], args=[token, _ms(ttl)])), None
+        )
 
     def _execute_then_publish(self, pipe: Any, event: bytes) -> list[Any]:
         return execute_then_publish(self.client, pipe, [(self.channel, event)])
@@ -546,8 +609,12 @@ class RedisBackend:
             CacheInvalidated(origin=self.origin, keys=keys or [], patterns=patterns or [])
         )
 
-    def _encode(self, event: CacheInvalidated | CacheLeaseEnded) -> bytes:
+    def _encode(self, event: CacheInvalidated | CacheLeaseEnded | CacheLockReleased) -> bytes:
         return self.codec.encode(event, channel=self.channel)
+
+
+def _ms(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
 
 
 def _escape(text: str) -> str:
@@ -566,7 +633,8 @@ class Resync:
 
 class InvalidationListener:
     """A thread on one exact channel (SSUBSCRIBE, never a pattern) that hands each
-    :class:`CacheInvalidated` and :class:`CacheLeaseEnded` to ``deliver`` — which tells
+    :class:`CacheInvalidated`, :class:`CacheLeaseEnded` and :class:`CacheLockReleased` to
+    ``deliver`` — which tells
     the actor, so the L1 and the lease waiters are only touched on the actor's thread. It
     reconnects with backoff; after a reconnect it delivers :class:`Resync`. ``deliver``
     returning False stops it (the actor is gone). What fails to decode, verify or pass
@@ -649,6 +717,6 @@ class InvalidationListener:
             self.counters.add(INVALIDATIONS_REJECTED)
             REJECTED.reject("cache", junk_kind(exc), f"invalidation on {self.channel}: {exc}", log)
             return True
-        if not isinstance(event, CacheInvalidated | CacheLeaseEnded):
+        if not isinstance(event, CacheInvalidated | CacheLeaseEnded | CacheLockReleased):
             return True
         return self.deliver((self.backend_name, event))
