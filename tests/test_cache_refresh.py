@@ -146,9 +146,10 @@ def test_refresh_settings_the_value_cannot_have_are_refused(system: System) -> N
 
 def test_one_refresher_across_systems(redis_url: str) -> None:
     """Of many callers on two systems reading one stale value at once, one refreshes."""
-    with cache_system({"main": backend_of("redis", redis_url)}) as one, cache_system(
-        {"main": backend_of("tiered", redis_url)}
-    ) as two:
+    with (
+        cache_system({"main": backend_of("redis", redis_url)}) as one,
+        cache_system({"main": backend_of("tiered", redis_url)}) as two,
+    ):
         one.ask(CacheSet(key="k", value="old", ttl=0.05, stale_ttl=60))
         wait_until(lambda: is_stale(one, "k") and is_stale(two, "k"))
         replies: list[Any] = []
@@ -222,7 +223,7 @@ def test_pickle_needs_signing_keys() -> None:
     config = Config().replace(
         managers={"cache": ManagerSection(options={"backends": {"main": {"serializer": "pickle"}}})}
     )
-    with pytest.raises(ConfigError, match="backends.main.serializer: pickle needs signing_keys"):
+    with pytest.raises(ConfigError, match=r"backends\.main\.serializer: pickle needs signing_keys"):
         System(config, managers=[CacheManager])
 
 

@@ -734,6 +734,7 @@ class CacheManager(Manager[CacheOptions]):
         metrics["batched_gets"] = int(counted.value(BATCHED_GETS))
         metrics["batched_sets"] = int(counted.value(BATCHED_SETS))
         metrics["lease_waiters"] = sum(len(f.waiters) for f in self.flights.values())
+        metrics["lock_waiters"] = sum(len(w.waiters) for w in self.lock_waits.values())
         counted.set(LEASES, metrics["leases"])
         counted.set(LEASE_WAITERS, metrics["lease_waiters"])
         return Health(status=status, details=details, metrics=metrics)  # type: ignore[arg-type]
