@@ -39,6 +39,7 @@ from typing import Any
 
 import pykka
 
+from corral._redis import master_urls, redact
 from corral.actors.cache._memory import Backend, MemoryBackend, MemoryStore
 from corral.actors.cache._metrics import (
     BATCHED_GETS,
@@ -49,7 +50,13 @@ from corral.actors.cache._metrics import (
     Counters,
 )
 from corral.actors.cache._options import BackendOptions, CacheOptions
-from corral.actors.cache._redis import InvalidationListener, LeaseState, RedisBackend, Resync
+from corral.actors.cache._redis import (
+    InvalidationListener,
+    LeaseState,
+    RedisBackend,
+    Resync,
+    TrackingListener,
+)
 from corral.actors.cache._values import ValueCodec
 from corral.errors import (
     ConfigError,
@@ -182,8 +189,10 @@ class CacheManager(Manager[CacheOptions]):
                 f"{self.default_backend!r} (backends: {', '.join(self.backends)})"
             )
         for backend in self.backends.values():
-            if isinstance(backend, RedisBackend) and backend.listener is not None:
-                backend.listener.connected.wait(_LISTENER_READY_TIMEOUT)
+            if isinstance(backend, RedisBackend):
+                for listener in [backend.listener, *backend.trackers]:
+                    if listener is not None:
+                        listener.connected.wait(_LISTENER_READY_TIMEOUT)
         self._warn_of_per_process_backends()
 
     def _warn_of_per_process_backends(self) -> None:
@@ -235,7 +244,28 @@ class CacheManager(Manager[CacheOptions]):
         )
         backend.listener = InvalidationListener(backend, self._deliver)
         backend.listener.start()
+        if backend.tiered and options.track_external_writes:
+            self._track(backend, url)
         return backend
+
+    def _track(self, backend: RedisBackend, url: str) -> None:
+        """Follow writes made outside corral to the keys of ``backend``'s L1: one tracking
+        connection per Redis node (BCAST tracking is per node)."""
+        nodes = master_urls(url, setting=f"managers.{self.corral_context.name}.url")
+        for node in nodes:
+            tracker = TrackingListener(backend, self._deliver, url=node)
+            backend.trackers.append(tracker)
+            tracker.start()
+        if len(nodes) > 1:
+            log.info(
+                "cache backend %s: L1 follows writes made outside corral through CLIENT "
+                "TRACKING on the %d masters of the cluster now (%s); tracking is per node: "
+                "after a failover or a resharding, keys on a master not listed are followed "
+                "only through corral's own invalidations until the manager restarts",
+                backend.name,
+                len(nodes),
+                ", ".join(redact(n) for n in nodes),
+            )
 
     def _close_backends(self) -> None:
         for backend in self.backends.values():

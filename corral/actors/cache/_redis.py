@@ -74,7 +74,14 @@ from corral.messages.cache import CacheInvalidated, CacheLeaseEnded, CacheLockRe
 from corral.messages.codec import Codec
 from corral.metrics import ManagerMetrics
 
-__all__ = ["InvalidationListener", "LeaseState", "RedisBackend", "Resync"]
+__all__ = [
+    "TRACKING_ORIGIN",
+    "InvalidationListener",
+    "LeaseState",
+    "RedisBackend",
+    "Resync",
+    "TrackingListener",
+]
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +202,7 @@ class RedisBackend:
         )
         self.last_error = ""
         self.listener: InvalidationListener | None = None
+        self.trackers: list[TrackingListener] = []
         prefix = f"{namespace}:cache:{name}"
         if "{" in prefix or "}" in prefix:
             raise ConfigError(
@@ -449,7 +457,8 @@ class RedisBackend:
     # -- coherence ------------------------------------------------------------------------
 
     def invalidated(self, event: CacheInvalidated) -> None:
-        """Another node changed keys: drop them from the local store."""
+        """Another node changed keys (or anyone did, as Redis's tracking tells): drop them
+        from the local store."""
         local = self.local
         if event.origin == self.origin or local is None:
             return
@@ -472,6 +481,8 @@ class RedisBackend:
             details["last_error"] = self.last_error
         if self.listener is not None:
             details["subscribed"] = self.listener.connected.is_set()
+        if self.trackers:
+            details["tracking"] = all(t.connected.is_set() for t in self.trackers)
         if breaker == "closed":
             return "healthy", details
         details["fallback"] = self.local is not None
@@ -493,6 +504,8 @@ class RedisBackend:
     def close(self) -> None:
         if self.listener is not None:
             self.listener.close()
+        for tracker in self.trackers:
+            tracker.close()
         self.client.close()
         disconnect(self.client)
 
@@ -631,36 +644,34 @@ class Resync:
         self.backend = backend
 
 
-class InvalidationListener:
-    """A thread on one exact channel (SSUBSCRIBE, never a pattern) that hands each
-    :class:`CacheInvalidated`, :class:`CacheLeaseEnded` and :class:`CacheLockReleased` to
-    ``deliver`` — which tells
-    the actor, so the L1 and the lease waiters are only touched on the actor's thread. It
-    reconnects with backoff; after a reconnect it delivers :class:`Resync`. ``deliver``
-    returning False stops it (the actor is gone). What fails to decode, verify or pass
-    the replay guard is dropped and counted (``INVALIDATIONS_REJECTED``).
-    """
+class _Listener:
+    """A thread that follows one Redis connection for the actor: it hands what it reads to
+    ``deliver`` (which tells the actor, so the L1 and the lease waiters are only touched
+    on the actor's thread), reconnects with backoff, and after a reconnect delivers
+    :class:`Resync`. ``deliver`` returning False stops it (the actor is gone)."""
+
+    kind = ""
 
     def __init__(
         self,
         backend: RedisBackend,
         deliver: Callable[[object], bool],
         *,
+        url: str = "",
         reconnect_max: float = 1.0,
     ) -> None:
         self.backend_name = backend.name
         self.counters = backend.counters
-        self.url = backend.url
-        self.channel = backend.channel
-        self.codec = backend.codec
-        self.replays = backend.codec.replay_guard()
+        self.url = url or backend.url
         self.timeout = backend.options.socket_timeout
         self.deliver = deliver
         self.backoff = Backoff(initial=0.05, cap=reconnect_max, jitter=0.0)
         self.connected = threading.Event()
         self.stopping = threading.Event()
+        self.failures = 0
+        self.reconnected = False
         self.thread = threading.Thread(
-            target=self._run, name=f"cache-invalidations-{backend.name}", daemon=True
+            target=self._run, name=f"cache-{self.kind}-{backend.name}", daemon=True
         )
 
     def start(self) -> None:
@@ -672,43 +683,77 @@ class InvalidationListener:
             self.thread.join(timeout=2.0)
 
     def _run(self) -> None:
-        failures = 0
-        reconnected = False
-        while not self.stopping.wait(self.backoff.delay(failures) if failures else 0.0):
-            client: redis.Redis | None = None
-            pubsub: redis.client.PubSub | None = None
+        while not self.stopping.wait(self.backoff.delay(self.failures) if self.failures else 0):
             try:
-                client = subscriber(
-                    self.url,
-                    setting="managers.cache.redis_url",
-                    connect_timeout=self.timeout,
-                    socket_timeout=None,
-                    retries=0,
-                    shard_channel=self.channel,
-                )
-                pubsub = client.pubsub()  # type: ignore[no-untyped-call]
-                pubsub.ssubscribe(self.channel)  # invalidations go by SPUBLISH
-                while not self.stopping.is_set():
-                    msg = pubsub.get_message(timeout=0.2)
-                    if msg is None:
-                        continue
-                    if msg["type"] == "ssubscribe":
-                        self.connected.set()
-                        failures = 0
-                        if reconnected and not self.deliver(Resync(self.backend_name)):
-                            return
-                    elif msg["type"] == "smessage" and not self._forward(msg["data"]):
-                        return
+                if not self._follow():
+                    return
             except REDIS_ERRORS as exc:
-                log.debug("cache invalidations on %s cut: %s", self.channel, exc)
+                log.debug("cache %s of %s cut: %s", self.kind, self.backend_name, exc)
             finally:
                 self.connected.clear()
-                if pubsub is not None:
-                    pubsub.close()
-                if client is not None:
-                    client.close()
-            reconnected = True
-            failures += 1
+            self.reconnected = True
+            self.failures += 1
+
+    def _ready(self) -> bool:
+        """The connection follows what it should; False once the actor is gone."""
+        self.connected.set()
+        self.failures = 0
+        return not self.reconnected or self.deliver(Resync(self.backend_name))
+
+    def _follow(self) -> bool:
+        """Follow one connection until it is cut (raises) or the listener stops (True);
+        False once the actor is gone."""
+        raise NotImplementedError
+
+
+class InvalidationListener(_Listener):
+    """A thread on one exact channel (SSUBSCRIBE, never a pattern) that hands each
+    :class:`CacheInvalidated`, :class:`CacheLeaseEnded` and :class:`CacheLockReleased` to
+    the actor. What fails to decode, verify or pass the replay guard is dropped and
+    counted (``INVALIDATIONS_REJECTED``).
+    """
+
+    kind = "invalidations"
+
+    def __init__(
+        self,
+        backend: RedisBackend,
+        deliver: Callable[[object], bool],
+        *,
+        reconnect_max: float = 1.0,
+    ) -> None:
+        super().__init__(backend, deliver, reconnect_max=reconnect_max)
+        self.channel = backend.channel
+        self.codec = backend.codec
+        self.replays = backend.codec.replay_guard()
+
+    def _follow(self) -> bool:
+        client = subscriber(
+            self.url,
+            setting="managers.cache.redis_url",
+            connect_timeout=self.timeout,
+            socket_timeout=None,
+            retries=0,
+            shard_channel=self.channel,
+        )
+        pubsub: redis.client.PubSub | None = None
+        try:
+            pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+            pubsub.ssubscribe(self.channel)  # invalidations go by SPUBLISH
+            while not self.stopping.is_set():
+                msg = pubsub.get_message(timeout=0.2)
+                if msg is None:
+                    continue
+                if msg["type"] == "ssubscribe":
+                    if not self._ready():
+                        return False
+                elif msg["type"] == "smessage" and not self._forward(msg["data"]):
+                    return False
+            return True
+        finally:
+            if pubsub is not None:
+                pubsub.close()
+            client.close()
 
     def _forward(self, data: bytes) -> bool:
         try:
@@ -720,3 +765,85 @@ class InvalidationListener:
         if not isinstance(event, CacheInvalidated | CacheLeaseEnded | CacheLockReleased):
             return True
         return self.deliver((self.backend_name, event))
+
+
+TRACKING_ORIGIN = "redis-tracking"
+"""The ``origin`` of the invalidations that Redis's client-side caching reports."""
+
+
+class TrackingListener(_Listener):
+    """A RESP3 connection to one Redis node with ``CLIENT TRACKING ON BCAST PREFIX
+    <prefix>:{``: Redis pushes the keys of the backend that anyone changes on that node,
+    corral or not (``SET`` by redis-cli, another application, an expiry), and the
+    listener hands them to the actor as a :class:`CacheInvalidated` from
+    :data:`TRACKING_ORIGIN`. Tracking is per node: on a cluster there is one listener
+    per master.
+    """
+
+    kind = "tracking"
+
+    def __init__(
+        self,
+        backend: RedisBackend,
+        deliver: Callable[[object], bool],
+        *,
+        url: str,
+        reconnect_max: float = 1.0,
+    ) -> None:
+        super().__init__(backend, deliver, url=url, reconnect_max=reconnect_max)
+        self.prefix = backend.key_prefix
+        self.pending: list[str] | None = []
+        """Keys pushed since the last hand-over; None: everything (a FLUSHDB)."""
+
+    def _follow(self) -> bool:
+        client = typing.cast(
+            redis.Redis,
+            connect(
+                self.url,
+                setting="managers.cache.redis_url",
+                connect_timeout=self.timeout,
+                socket_timeout=None,
+                retries=0,
+                node=True,  # one node's connection, even on a cluster
+                protocol=3,
+            ),
+        )
+        connection = client.connection_pool.get_connection()
+        try:
+            # As redis-py's own client-side cache does: invalidations are RESP3 pushes.
+            connection._parser.set_invalidation_push_handler(self._pushed)
+            connection.send_command(  # type: ignore[no-untyped-call]
+                "CLIENT", "TRACKING", "ON", "BCAST", "PREFIX", self.prefix
+            )
+            connection.read_response()
+            if not self._ready():
+                return False
+            while not self.stopping.is_set():
+                if connection.can_read(timeout=0.2):
+                    connection.read_response(push_request=True)
+                    if not self._hand_over():
+                        return False
+            return True
+        finally:
+            connection.disconnect()  # type: ignore[no-untyped-call]
+            client.close()
+
+    def _pushed(self, push: list[Any]) -> None:
+        keys = push[1]
+        if keys is None or self.pending is None:
+            self.pending = None
+            return
+        for key in keys:
+            name = key.decode() if isinstance(key, bytes) else str(key)
+            if name.startswith(self.prefix) and name.endswith("}"):
+                self.pending.append(name[len(self.prefix) : -1])
+
+    def _hand_over(self) -> bool:
+        pending, self.pending = self.pending, []
+        if pending is None:
+            return self.deliver(Resync(self.backend_name))
+        if not pending:
+            return True
+        return self.deliver(
+            (self.backend_name, CacheInvalidated(origin=TRACKING_ORIGIN, keys=pending))
+        )
