@@ -14,7 +14,7 @@ from redis.crc import key_slot
 from corral._redis import connect, masters
 from corral.actors.cache import CacheManager
 from corral.config import Config, ManagerSection
-from corral.messages.cache import CacheGet, CacheSet, CacheStats
+from corral.messages.cache import CacheGet, CacheSet, CacheSetMany, CacheStats
 from corral.system import System
 from tests.support import wait_until
 
@@ -50,13 +50,11 @@ def test_a_write_by_a_plain_redis_client_reaches_the_l1(redis_url: str) -> None:
     with tiered_system(redis_url) as system, connect(redis_url) as raw:
         health = system.health().managers["cache"].health
         assert health is not None and health.details["backends"]["main"]["tracking"] is True
-        for key in keys:
-            system.ask(CacheSet(key=key, value="corral", ttl=600))
-            wait_until(lambda key=key: in_l1(system, key, "corral"))
+        system.ask(CacheSetMany(values=dict.fromkeys(keys, "corral"), ttl=600))
+        wait_until(lambda: all(in_l1(system, key, "corral") for key in keys))
         for key in keys:
             raw.set(f"corral:cache:main:{{{key}}}", msgpack.packb("outside"))
-        for key in keys:
-            wait_until(lambda key=key: system.ask(CacheGet(key=key)).value == "outside")
+        wait_until(lambda: all(system.ask(CacheGet(key=k)).value == "outside" for k in keys))
         if len(masters(raw)) > 1:
             assert len({key_slot(f"corral:cache:main:{{{k}}}".encode()) for k in keys}) > 1
 
