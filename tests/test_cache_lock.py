@@ -117,6 +117,7 @@ def test_a_release_on_another_system_wakes_the_waiter(
 def test_waiters_take_the_lock_in_turn(system: System) -> None:
     held = system.ask(CacheLock(name="job", ttl=60))
     first = in_thread(system, CacheLock(name="job", ttl=60, wait=20))
+    assert system.ask(CacheLock(name="job", ttl=60)).acquired is False  # no wait: at once
     system.ask(CacheUnlock(name="job", token=held.token))
     assert first().token == held.token + 1
 

@@ -650,18 +650,19 @@ class CacheManager(Manager[CacheOptions]):
         backend = self._backend(msg.backend)
         name = self._key(msg.name, "name")
         _check_ttl(msg.ttl, "ttl", MAX_TIMEOUT)
+        now = time.monotonic()
         wait = self.lock_waits.get((backend.name, name))
-        if wait is None or not wait.waiters:  # else first come, first served
+        if wait is None:  # else those waiting here come first
             token, held_for = backend.lock(name, msg.ttl)
-            if token or not msg.wait:
-                return CacheLocked(name=name, acquired=bool(token), token=token)
-        else:
-            held_for = 0.0
+            if token:
+                return CacheLocked(name=name, acquired=True, token=token)
+            wait = _LockWait(now + held_for)
+        if not msg.wait:
+            return CacheLocked(name=name, acquired=False)
         reply = self.defer_reply()
         if not reply.pending:
             return None
-        now = time.monotonic()
-        wait = self.lock_waits.setdefault((backend.name, name), _LockWait(now + held_for))
+        self.lock_waits[backend.name, name] = wait
         wait.waiters.append(_Waiter(reply, now + msg.wait, msg.ttl))
         self._wake_at(min(wait.retry_at, now + msg.wait))
         return None  # answered by _retry_lock
