@@ -12,22 +12,16 @@ import pytest
 from redis.crc import key_slot
 
 from corral._redis import connect, masters
-from corral.actors.cache import CacheManager
-from corral.config import Config, ManagerSection
-from corral.messages.cache import CacheGet, CacheSet, CacheSetMany, CacheStats
+from corral.messages.cache import CacheGet, CacheSet, CacheSetMany
 from corral.system import System
 from tests.support import wait_until
+from tests.test_cache_redis import l1_hits
+from tests.test_cache_redis import tiered_system as tiered_system_of
 
 
 def tiered_system(url: str, **backend: Any) -> System:
-    options = {"backends": {"main": {"type": "tiered", "url": url, "l1_ttl": 600.0, **backend}}}
-    config = Config().replace(managers={"cache": ManagerSection(options=options)})
-    return System(config, managers=[CacheManager]).start()
-
-
-def l1_hits(system: System) -> int:
-    hits: int = system.ask(CacheStats()).backends["main"]["l1_hits"]
-    return hits
+    """A tiered cache whose L1 keeps what it read far longer than any test runs."""
+    return tiered_system_of(url, l1_ttl=600.0, **backend)
 
 
 def in_l1(system: System, key: str, value: Any) -> bool:
