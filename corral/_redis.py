@@ -57,6 +57,7 @@ __all__ = [
     "describe",
     "disconnect",
     "execute_then_publish",
+    "glob_escape",
     "master_urls",
     "masters",
     "parse_url",
@@ -394,6 +395,17 @@ def masters(client: SyncRedis) -> list[redis.Redis]:
             for node in client.get_primaries()  # type: ignore[no-untyped-call]
         ]
     return [client]
+
+
+_GLOB_SPECIALS = frozenset("*?[]\\")
+
+
+def glob_escape(text: str) -> str:
+    r"""``text`` as a literal inside a Redis glob pattern (SCAN MATCH, PSUBSCRIBE)::
+
+    print(glob_escape("user:[1]*"))      # user:\[1\]\*
+    """
+    return "".join("\\" + c if c in _GLOB_SPECIALS else c for c in text)
 
 
 def publish_own(client: SyncRedis, channel: str, data: bytes) -> int:

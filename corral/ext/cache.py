@@ -77,6 +77,7 @@ import uuid
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
 
+from corral._redis import glob_escape
 from corral.errors import Conflict, InvalidMessage, Timeout, UnavailableError
 from corral.manager import Asker, AsyncAsker
 from corral.messages.base import MAX_NESTING, validate
@@ -480,7 +481,7 @@ class CacheKey:
         left out (for ``CacheInvalidate``); the values given are matched literally."""
         parts = []
         for literal, field, spec, conversion in string.Formatter().parse(self.template):
-            parts.append(_glob_escape(literal))
+            parts.append(glob_escape(literal))
             if field is None:
                 continue
             name = re.split(r"[.\[]", field, maxsplit=1)[0]
@@ -488,12 +489,8 @@ class CacheKey:
                 parts.append("*")
                 continue
             text = "{" + field + ("!" + conversion if conversion else "") + ":" + (spec or "") + "}"
-            parts.append(_glob_escape(text.format_map(values)))
+            parts.append(glob_escape(text.format_map(values)))
         return "".join(parts)
-
-
-def _glob_escape(text: str) -> str:
-    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
 def _key_maker(

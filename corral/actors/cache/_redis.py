@@ -48,6 +48,7 @@ from corral._redis import (
     connect,
     disconnect,
     execute_then_publish,
+    glob_escape,
     masters,
     publish_own,
     subscriber,
@@ -86,7 +87,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_GLOB_SPECIALS = frozenset("*?[]\\")
 _CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 _TAKE_LEASE = """
@@ -334,8 +334,8 @@ class RedisBackend:
             self.local.clear()
 
         def remote() -> int:
-            count = self._unlink_matching(f"{_escape(self.key_prefix)}*")
-            self._unlink_matching(f"{_escape(self.tag_prefix)}*")
+            count = self._unlink_matching(f"{glob_escape(self.key_prefix)}*")
+            self._unlink_matching(f"{glob_escape(self.tag_prefix)}*")
             publish_own(self.client, self.channel, self._event(patterns=["*"]))
             return count
 
@@ -348,7 +348,7 @@ class RedisBackend:
             self.local.invalidate(pattern)
 
         def remote() -> int:
-            count = self._unlink_matching(f"{_escape(self.key_prefix)}{pattern}}}")
+            count = self._unlink_matching(f"{glob_escape(self.key_prefix)}{pattern}}}")
             publish_own(self.client, self.channel, self._event(patterns=[pattern]))
             return count
 
@@ -628,11 +628,6 @@ class RedisBackend:
 
 def _ms(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000))
-
-
-def _escape(text: str) -> str:
-    """``text`` as a literal inside a Redis glob pattern."""
-    return "".join("\\" + c if c in _GLOB_SPECIALS else c for c in text)
 
 
 class Resync:
