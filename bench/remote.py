@@ -36,9 +36,9 @@ import redis
 from _report import Row, percentiles, report
 
 import corral
+from corral._wire import alive_key
 from corral.messages.cache import CacheGet, CacheSet
 from corral.messages.system import Ping
-from corral.remote import alive_key
 from tests.redis_server import RedisServer
 
 ROUND_TRIPS = 1_000

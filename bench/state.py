@@ -33,10 +33,8 @@ from corral.messages.state import (
     StateRegister,
     StateUpdate,
     StateWrite,
-    events_stream_key,
-    partition_of,
 )
-from corral.streams import DurableSubscription
+from corral.streams import DurableSubscription, events_stream_key, partition_of
 from corral.supervisor import ChildSpec
 from corral.system import System
 from tests.redis_server import RedisServer

@@ -12,6 +12,7 @@ backend, the Redis backend and a transaction's read-your-writes overlay agree::
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import re
 from collections.abc import Callable, Collection, Mapping
@@ -32,10 +33,13 @@ from corral.messages.state import (
 )
 
 __all__ = [
+    "Guard",
     "apply_transition",
     "check_reads",
     "check_state_id",
     "check_write",
+    "compile_guard",
+    "guard_refused",
     "machine_from_table",
     "read_conflict",
     "status_conflict",
@@ -43,6 +47,121 @@ __all__ = [
 ]
 
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+_GUARD_LENGTH = 500
+
+Guard = Callable[[Mapping[str, Any], str], bool]
+"""A compiled guard: given the state's data after the transition and its status before."""
+
+
+def compile_guard(text: str) -> Guard:
+    """A guard expression over a state's ``data`` (as the transition leaves it) and its
+    ``status`` (before it), checked once here; ValueError saying what is not allowed.
+
+    The language is a small part of Python's expressions, evaluated without ``eval``:
+    literals, ``data.key`` and ``data["key"]`` (None when absent), indexes, ``and``,
+    ``or``, ``not``, comparisons (``== != < <= > >= in not in``), ``+ - * /``, and
+    ``len(...)``; arithmetic takes numbers only. An expression that fails on the data it
+    gets (a comparison of None with a number, say) is false::
+
+        paid = compile_guard("data.amount > 0 and data.currency in ['EUR', 'USD']")
+        paid({"amount": 5, "currency": "EUR"}, "new")      # True
+        paid({}, "new")                                    # False
+    """
+    if not isinstance(text, str) or not text.strip() or len(text) > _GUARD_LENGTH:
+        raise ValueError(f"a guard is an expression of 1-{_GUARD_LENGTH} characters")
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError as exc:
+        raise ValueError(f"guard {text!r:.80}: {exc.msg}") from None
+    for node in ast.walk(tree):
+        if not isinstance(node, _GUARD_NODES):
+            raise ValueError(f"guard {text!r:.80}: {type(node).__name__} is not allowed")
+        if isinstance(node, ast.Name) and node.id not in ("data", "status", "len"):
+            raise ValueError(f"guard {text!r:.80}: unknown name {node.id!r} (data, status, len)")
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_"):
+            raise ValueError(f"guard {text!r:.80}: {node.attr!r} is not allowed")
+        if isinstance(node, ast.Call) and not (
+            isinstance(node.func, ast.Name) and node.func.id == "len" and len(node.args) == 1
+        ):
+            raise ValueError(f"guard {text!r:.80}: only len(x) may be called")
+    body = tree.body
+
+    def guard(data: Mapping[str, Any], status: str) -> bool:
+        try:
+            return bool(_evaluate(body, {"data": data, "status": status}))
+        except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError, OverflowError):
+            return False
+
+    return guard
+
+
+_GUARD_NODES = (
+    ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.USub, ast.UAdd,
+    ast.BinOp, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Compare, ast.Eq, ast.NotEq, ast.Lt,
+    ast.LtE, ast.Gt, ast.GtE, ast.In, ast.NotIn, ast.Constant, ast.Name, ast.Load,
+    ast.Attribute, ast.Subscript, ast.List, ast.Tuple, ast.Call,
+)  # fmt: skip
+
+_COMPARE: dict[type[ast.cmpop], Callable[[Any, Any], bool]] = {
+    ast.Eq: lambda a, b: a == b,
+    ast.NotEq: lambda a, b: a != b,
+    ast.Lt: lambda a, b: a < b,
+    ast.LtE: lambda a, b: a <= b,
+    ast.Gt: lambda a, b: a > b,
+    ast.GtE: lambda a, b: a >= b,
+    ast.In: lambda a, b: a in b,
+    ast.NotIn: lambda a, b: a not in b,
+}
+_ARITHMETIC: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b,
+}
+
+
+def _evaluate(node: ast.expr, names: dict[str, Any]) -> Any:
+    """The value of a checked guard expression (see :func:`compile_guard`)."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.Name):
+        return names.get(node.id)
+    if isinstance(node, ast.Attribute):
+        container = _evaluate(node.value, names)
+        return container.get(node.attr) if isinstance(container, Mapping) else None
+    if isinstance(node, ast.Subscript):
+        container, key = _evaluate(node.value, names), _evaluate(node.slice, names)
+        if isinstance(container, Mapping):
+            return container.get(key)
+        return container[key] if isinstance(container, list | str) else None
+    if isinstance(node, ast.BoolOp):
+        values = (_evaluate(value, names) for value in node.values)
+        return all(values) if isinstance(node.op, ast.And) else any(values)
+    if isinstance(node, ast.UnaryOp):
+        operand = _evaluate(node.operand, names)
+        if isinstance(node.op, ast.Not):
+            return not operand
+        return -operand if isinstance(node.op, ast.USub) else +operand
+    if isinstance(node, ast.BinOp):
+        left, right = _evaluate(node.left, names), _evaluate(node.right, names)
+        if not (isinstance(left, int | float) and isinstance(right, int | float)):
+            raise TypeError("arithmetic on numbers only")  # no "x" * 10**12 from a client
+        return _ARITHMETIC[type(node.op)](left, right)
+    if isinstance(node, ast.Compare):
+        left = _evaluate(node.left, names)
+        for op, comparator in zip(node.ops, node.comparators, strict=True):
+            right = _evaluate(comparator, names)
+            if not _COMPARE[type(op)](left, right):
+                return False
+            left = right
+        return True
+    if isinstance(node, ast.List | ast.Tuple):
+        return [_evaluate(item, names) for item in node.elts]
+    if isinstance(node, ast.Call):
+        return len(_evaluate(node.args[0], names))
+    raise ValueError(f"{type(node).__name__} is not allowed")
+
+
 _TRANSITION = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _STATE_ID = re.compile(r"[^\s*?\[\]]{1,200}")
 
@@ -79,8 +198,18 @@ def machine_from_table(state_type: str, table: dict[str, Any]) -> StateMachine:
             raise ValueError(
                 f"{where}: a snake_case name other than the standard {list(TRANSITION_RULES)}"
             )
-        if not isinstance(rule, dict) or set(rule) != {"source", "dest"}:
-            raise ValueError(f"{where}: a table with source and dest")
+        if not isinstance(rule, dict) or not {"source", "dest"} <= set(rule) <= {
+            "source",
+            "dest",
+            "guard",
+        }:
+            raise ValueError(f"{where}: a table with source, dest and an optional guard")
+        guard = rule.get("guard", "")
+        if guard:
+            try:
+                compile_guard(guard)
+            except ValueError as exc:
+                raise ValueError(f"{where}.guard: {exc}") from None
         source = [rule["source"]] if isinstance(rule["source"], str) else rule["source"]
         if not isinstance(source, list) or not source:
             raise ValueError(f"{where}.source: a state, a list of states, or '*'")
@@ -89,7 +218,9 @@ def machine_from_table(state_type: str, table: dict[str, Any]) -> StateMachine:
                 raise ValueError(f"{where}.source: {state!r:.70} is not one of {states}")
         if rule["dest"] not in states:
             raise ValueError(f"{where}.dest: {rule['dest']!r:.70} is not one of {states}")
-        transitions.append(StateMachineTransition(name=name, source=source, dest=rule["dest"]))
+        transitions.append(
+            StateMachineTransition(name=name, source=source, dest=rule["dest"], guard=guard)
+        )
     return StateMachine(
         state_type=state_type, states=list(states), initial=initial, transitions=transitions
     )
@@ -139,13 +270,16 @@ def apply_transition(
     write: StateWrite,
     now_ms: int,
     machines: Mapping[str, StateMachine] | None = None,
+    *,
+    last_version: int = 0,
 ) -> StateInfo:
     """The state after ``write``, or NotFound / Conflict; the rules every backend follows.
 
     A state of a type with a declared machine in ``machines`` follows that machine's
     transitions; any other the standard ones. A removed state comes back with status
     ``deleted`` or ``expired``. The Redis backend's Lua script is generated from the
-    same rules::
+    same rules. A state created again under the id of a removed one goes on from that
+    one's ``last_version``, so that no version of an id is ever reused::
 
         apply_transition(order, StateWrite(state_id="o1", transition="pay"), now_ms,
                          {"Order": order_machine})
@@ -163,7 +297,7 @@ def apply_transition(
             state_type=write.state_type,
             status=TRANSITION_RULES["create"].target if machine is None else machine.initial,
             data=write.data if write.data is not None else {},
-            version=1,
+            version=last_version + 1,
             allowed_transitions=(
                 machine.names()
                 if machine is not None
@@ -256,6 +390,17 @@ def status_conflict(
         f"only from {', '.join(ordered)}",
         {"state_id": state_id, "transition": transition, "status": status, "sources": ordered},
     )
+
+
+def guard_refused(
+    state_id: str, transition: str, status: str, guard: str, machine: StateMachine
+) -> Conflict:
+    """The error for a transition whose guard does not hold for the state's data."""
+    return Conflict(
+        f"cannot {transition} state {state_id!r}: its guard does not hold ({guard})",
+        {"state_id": state_id, "transition": transition, "status": status, "guard": guard,
+         "allowed": machine.allowed_from(status)},
+    )  # fmt: skip
 
 
 def _version_conflict(write: StateWrite, actual: int) -> Conflict:

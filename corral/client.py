@@ -25,13 +25,13 @@ import asyncio
 import contextlib
 import threading
 import time
-import uuid
 from types import TracebackType
 from typing import Any, TypeVar
 
 from corral._events import EventsMixin
 from corral._redis import REDIS_ERRORS, describe
 from corral._redis import connect as connect_redis
+from corral._wire import SUBMIT_SCRIPT, alive_key, new_reply_topic, stream_key
 from corral.bus import Delivery, RedisBus
 from corral.errors import BackendUnavailable, ManagerUnavailable, Timeout
 from corral.messages.base import (
@@ -47,7 +47,6 @@ from corral.messages.base import (
 from corral.messages.codec import Codec, new_id
 from corral.messages.signing import DEFAULT_REPLAY_WINDOW
 from corral.messages.system import SystemHealth, SystemHealthCheck
-from corral.remote import SUBMIT_SCRIPT, alive_key, stream_key
 
 __all__ = ["Client", "connect"]
 
@@ -100,7 +99,7 @@ class Client(EventsMixin):
         self.ask_timeout: float = _ASK_TIMEOUT.check(ask_timeout, "ask_timeout")
         self.validate = validate_messages
         self.codec = Codec(keys=[k.encode() for k in signing_keys], replay_window=replay_window)
-        self.reply_topic = f"reply.{uuid.uuid4().hex}"
+        self.reply_topic = new_reply_topic()
         self.bus = RedisBus(url, namespace=namespace, codec=self.codec, own_topic=self.reply_topic)
         self.where = self.bus.where
         self._redis = connect_redis(url, setting="url")

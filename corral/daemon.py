@@ -20,8 +20,8 @@ On one host:port (default 127.0.0.1:8650) it serves:
   ``daemon.dashboard_token`` when one is set;
 - ``GET /.well-known/jwks.json``: when an ``auth`` manager runs, its public keys as a
   JSON Web Key Set (asked of it by message, ``AuthJwks``; empty for HS*);
-- room for more routes on the same port (the WebSocket endpoint and dashboard
-  add themselves through :attr:`Daemon.app`).
+- the routes each configured manager offers through its ``Manager.mount`` hook (the
+  ``websocket`` manager's ``/ws``), called before any manager starts.
 
 When the bus is on Redis it also serves remote requests from ``corral.connect()``
 (:mod:`corral.remote`)::
@@ -66,9 +66,9 @@ from prometheus_client.registry import Collector
 from corral import __version__, dashboard
 from corral._junk import REJECTED
 from corral._redis import check_writable
-from corral.actors import websocket
 from corral.config import MANAGER_FIELDS, Config, parse_options
 from corral.errors import ConfigError, CorralError
+from corral.manager import HttpMount
 from corral.messages.auth import AuthJwks
 from corral.messages.system import ChildStatus, Reconfigure, SystemHealth
 from corral.metrics import REQUEST_SECONDS, Counter, Family, Gauge, Histogram, ManagerMetrics
@@ -131,11 +131,32 @@ class Daemon:
         if any(spec.name == "auth" for spec in self.system.supervisor.specs):
             self.app.router.add_get("/.well-known/jwks.json", self._jwks)
         dashboard.mount(self)
-        websocket.mount(self)  # before the system starts: the manager looks for its gateway
+        self._mount_managers()
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
         self.port = self.config.daemon.port
+
+    def _mount_managers(self) -> None:
+        """Let each configured manager offer its routes (``Manager.mount``), before any
+        of them starts: what a hook shares reaches that manager's actors here."""
+        supervisor = self.system.supervisor
+        metrics = supervisor.metrics()
+        for spec in supervisor.specs:
+            http = HttpMount(
+                name=spec.name,
+                options=spec.options,
+                app=self.app,
+                system=self.system,
+                redis_url=spec.redis_url or "",
+                namespace=spec.namespace or self.config.bus.namespace,
+                signing_keys=self.system.codec.keys,
+                replay_window=self.system.codec.replay_window,
+                metrics=metrics[spec.name],
+            )
+            spec.manager.mount(http)
+            if http.shared is not None:
+                supervisor.mounted[spec.name] = http.shared
 
     @property
     def url(self) -> str:

@@ -51,16 +51,23 @@ from typing import (
 import pykka
 
 from corral._runtime import PROBE, ActorCore, Envelope, Schedule, admit_all
+from corral.clock import Clock, SystemClock
 from corral.config import Placement, Section, parse_options
 from corral.errors import ConfigError, CorralError, InvalidMessage
 from corral.messages.base import ErrorReply, Event, Message, Reply, Request
+from corral.messages.signing import DEFAULT_REPLAY_WINDOW
 from corral.messages.system import Health, HealthCheck, Reconfigure, Reconfigured
 from corral.metrics import Family, ManagerMetrics
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 __all__ = [
     "Asker",
     "AsyncAsker",
+    "AsyncRouter",
     "DeferredReply",
+    "HttpMount",
     "Manager",
     "ManagerContext",
     "Router",
@@ -103,6 +110,39 @@ class Router(Asker, Protocol):
     def publish(self, topic: str, event: Event) -> None: ...
 
 
+class AsyncRouter(Router, AsyncAsker, Protocol):
+    """A Router that asyncio code can ask without blocking its loop (``System``, ``Client``)."""
+
+
+@dataclass(kw_only=True)
+class HttpMount:
+    """What :meth:`Manager.mount` gets from the daemon that is about to serve the manager.
+
+    One per configured manager and daemon. ``app`` is the daemon's aiohttp application:
+    add routes and ``on_startup`` / ``on_shutdown`` / ``on_cleanup`` hooks, which run on
+    the daemon's asyncio loop. ``system`` reaches the managers by message. What the hook
+    puts in ``shared`` is handed to the manager's actors on this daemon as
+    ``self.corral_context.mounted``, so that what runs on the loop and the actor find
+    each other within one daemon.
+    """
+
+    name: str
+    """The manager's name in the config (``[managers.<name>]``)."""
+    options: Mapping[str, Any]
+    """Its options table, as given (``parse_options(cls.Options, ...)`` checks them)."""
+    app: web.Application
+    system: AsyncRouter
+    redis_url: str = ""
+    """As :attr:`ManagerContext.redis_url`."""
+    namespace: str = "corral"
+    signing_keys: tuple[bytes, ...] = ()
+    replay_window: float = DEFAULT_REPLAY_WINDOW
+    """The codec's: how fresh a signed payload must be."""
+    metrics: ManagerMetrics = field(default_factory=ManagerMetrics)
+    """Where the manager counts (its actors get the same store)."""
+    shared: Any = None
+
+
 ExitCallback = Callable[["Manager[Any]", BaseException | None, list[Envelope[Any]]], None]
 
 
@@ -125,6 +165,11 @@ class ManagerContext:
     signed Redis traffic."""
     metrics: ManagerMetrics = field(default_factory=ManagerMetrics)
     """Where the manager counts: its supervisor keeps it across restarts."""
+    mounted: Any = None
+    """What the manager's :meth:`Manager.mount` left in :attr:`HttpMount.shared` on the
+    daemon running it; None in a process that serves no HTTP."""
+    clock: Clock = field(default_factory=SystemClock)
+    """Where the manager reads the time (its system's; a test's :class:`ManualClock`)."""
 
 
 class DeferredReply:
@@ -205,8 +250,9 @@ class Manager(ActorCore, Generic[OptionsT]):
 
     What a subclass may use: ``name``, ``Options``, ``placement``,
     ``metric_families``, ``options``, ``router``, ``defer_reply()``, ``take_queued()``,
-    ``every()``, ``after()``, ``health()``, ``reconfigure()`` and the hooks
-    ``on_start``, ``on_stop`` and ``on_failure``, all run on the actor's thread:
+    ``every()``, ``after()``, ``health()``, ``reconfigure()``, the class hook ``mount``
+    (HTTP routes on the daemon, see :meth:`mount`) and the hooks ``on_start``,
+    ``on_stop`` and ``on_failure``, all run on the actor's thread:
     ``on_start`` before the first message, ``on_stop`` after the last one, and
     ``on_failure`` after a crash. Everything else the base keeps is named ``corral_*``
     (as pykka's is ``actor_*``), so a subclass's own attributes never collide with it:
@@ -314,6 +360,18 @@ class Manager(ActorCore, Generic[OptionsT]):
     def health(self) -> Health:
         """This manager's own health; override to report backends and details."""
         return Health(status="healthy")
+
+    @classmethod
+    def mount(cls, http: HttpMount) -> None:
+        """Offer HTTP routes on the daemon's port. ``corral run`` calls it once for each
+        configured manager, before any manager starts; an embedded System never does.
+        The default offers none::
+
+            @classmethod
+            def mount(cls, http: HttpMount) -> None:
+                http.app.router.add_get("/greeter/hello", hello)
+                http.shared = Visitors()    # the actor's self.corral_context.mounted
+        """
 
     def reconfigure(self, options: OptionsT) -> bool:
         """Take new options while running (``corral run`` on SIGHUP); False when they

@@ -1,15 +1,11 @@
-"""Remote requests over Redis: the keys both sides use, and the daemon's RequestServer.
+"""The daemon's side of remote requests: the RequestServer.
 
-A request for manager ``m`` is one entry on the Redis Stream ``<ns>:{req:m}:stream``,
-read by a consumer group of daemons, so exactly one daemon takes it however many
-run. Each daemon keeps itself in the sorted set ``<ns>:{req:m}:alive`` (score = the
-Redis time its heartbeat expires); a client adds a request only if some daemon is
-alive there — one Lua call, so a request to no daemon fails at once instead of
-waiting for a timeout. Both keys share a hash tag, so each command touches one cluster slot;
-heartbeats and reads go manager by manager on a cluster.
-
-The reply goes back on the caller's own channel (the envelope's reply topic),
-correlated by the request id; then the entry is acknowledged and deleted.
+Requests arrive as :mod:`corral._wire` describes them: one entry per request on the
+manager's request stream, read by the daemons' consumer group, so exactly one daemon
+takes it however many run; each daemon keeps itself in the manager's alive set, and
+heartbeats and reads go manager by manager on a cluster. The reply goes back on the
+caller's own channel (the envelope's reply topic), correlated by the request id; then
+the entry is acknowledged and deleted.
 
 Handoff without loss or double execution:
 
@@ -76,40 +72,19 @@ from corral._redis import (
     topology,
 )
 from corral._runtime import CallbackFuture
+from corral._wire import GROUP, alive_key, lease_key, record_key, stream_key
 from corral.errors import Conflict, CorralError, InvalidMessage, ManagerUnavailable
 from corral.messages.base import MAX_TIMEOUT, ErrorReply, Message, Reply, validate
 from corral.messages.codec import Codec, Envelope
 from corral.metrics import REQUEST_SECONDS
 from corral.system import System
 
-__all__ = [
-    "GROUP",
-    "SUBMIT_SCRIPT",
-    "RequestServer",
-    "alive_key",
-    "lease_key",
-    "record_key",
-    "stream_key",
-]
+__all__ = ["RequestServer"]
 
 log = logging.getLogger(__name__)
 
-GROUP = "daemons"
-
 CLOCK_SKEW = 60.0
 """Seconds a client's clock may run ahead of a daemon's, for the deadline check."""
-
-SUBMIT_SCRIPT = """
-local now = redis.call('TIME')
-local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now_ms)
-if redis.call('ZCARD', KEYS[2]) == 0 then
-  return 0
-end
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'm', ARGV[1])
-return 1
-"""
-"""KEYS: stream, alive set. ARGV: envelope, stream cap. 1 = queued."""
 
 HEARTBEAT_SCRIPT = """
 local now = redis.call('TIME')
@@ -149,24 +124,6 @@ RECORD_MARGIN_MS = 60_000
 
 UNDATED_RECORD_MS = 3_600_000
 """How long the run record of a request without a deadline is kept."""
-
-
-def stream_key(namespace: str, manager: str) -> str:
-    return f"{namespace}:{{req:{manager}}}:stream"
-
-
-def alive_key(namespace: str, manager: str) -> str:
-    return f"{namespace}:{{req:{manager}}}:alive"
-
-
-def lease_key(namespace: str, manager: str) -> str:
-    """The lease of a manager placed ``singleton``: the id of the daemon running it."""
-    return f"{namespace}:{{req:{manager}}}:lease"
-
-
-def record_key(namespace: str, manager: str, request_id: bytes) -> str:
-    """Whether a request that is not idempotent has started or finished, and its reply."""
-    return f"{namespace}:{{req:{manager}}}:ran:{request_id.hex()}"
 
 
 @dataclass(eq=False, slots=True)

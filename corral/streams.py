@@ -30,7 +30,7 @@ stream's end is a gap too (``offset_out_of_range``, as Kafka's OffsetOutOfRange)
 the stream was reset under a reader that gave no epoch, or lost its latest
 entries; it never makes the reader skip the events that next take those offsets::
 
-    sub = DurableSubscription(url, stream="corral:{state}:events",
+    sub = DurableSubscription(url, stream=events_stream_key("corral", partition=3),
                               pattern="state.changed.User.*", from_offset=1200)
     for delivery in sub:                       # a corral.bus.Subscription: get(),
         if isinstance(delivery.message, StreamGap):   # iteration, async for, callback
@@ -40,12 +40,19 @@ entries; it never makes the reader skip the events that next take those offsets:
     resume_at, epoch = sub.offset, sub.epoch   # where to resume next time
 
 Deliveries wait for room in the subscription's queue rather than being dropped.
+
+The state manager spreads the states of a namespace over partitions
+(:func:`partition_of`) and writes the changes of each to its own stream
+(:func:`events_stream_key`), whose hash tag every key of the partition shares
+(:func:`partition_prefix`); it records the number of partitions at
+:func:`partitions_key`, which :func:`follow_state_changes` reads.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
@@ -54,19 +61,27 @@ import msgpack
 from corral._backoff import Backoff
 from corral._junk import REJECTED, junk_kind
 from corral._redis import REDIS_ERRORS, connect, disconnect, topology
-from corral.bus import Bus, Delivery, Subscription, _wake, compile_glob
+from corral.bus import Bus, Delivery, Subscription, compile_glob
 from corral.errors import InvalidMessage
 from corral.messages.base import Message, lookup
 from corral.messages.signing import Signer
-from corral.messages.state import DEFAULT_PARTITIONS, events_stream_key, partitions_key
+from corral.messages.state import DEFAULT_PARTITIONS
 from corral.messages.stream import GAP_TOPIC, GapReason, StreamGap
 
-__all__ = ["DurableSubscription", "follow_state_changes", "meta_key", "signed_parts"]
+__all__ = [
+    "DurableSubscription",
+    "events_stream_key",
+    "follow_state_changes",
+    "meta_key",
+    "partition_of",
+    "partition_prefix",
+    "partitions_key",
+    "signed_parts",
+]
 
 log = logging.getLogger(__name__)
 
 _CONNECT_TIMEOUT = 2.0
-_FULL_QUEUE_POLL = 0.01
 _RECONNECT = Backoff(initial=0.05, cap=2.0)
 _ORPHAN_POLL = 0.05
 
@@ -89,12 +104,52 @@ def signed_parts(stream: str, offset: int, fields: Mapping[bytes, bytes]) -> tup
     return (stream.encode(), str(offset).encode(), *(fields.get(f, b"") for f in _SIGNED_FIELDS))
 
 
+# -- the state changes' streams: one per partition of a namespace's states ------------
+
+
+def partition_of(state_id: str, partitions: int) -> int:
+    """The partition a state lives in: by the hash of its Redis hash tag (the text
+    between the first ``{`` and the next ``}``, when not empty), else of its whole id,
+    so states that share a tag share a partition (and may change in one commit)."""
+    if partitions <= 1:
+        return 0
+    start = state_id.find("{")
+    if start >= 0:
+        end = state_id.find("}", start + 1)
+        if end > start + 1:
+            state_id = state_id[start + 1 : end]
+    return zlib.crc32(state_id.encode()) % partitions
+
+
+def partition_prefix(namespace: str, partition: int) -> str:
+    """The start of every Redis key of one partition: one hash tag, so one cluster slot."""
+    return f"{namespace}:{{state:{partition}}}:"
+
+
+def events_stream_key(namespace: str = "corral", partition: int = 0) -> str:
+    """The Redis Stream that holds every state change of one partition of a namespace,
+    by offset (what a durable subscription to ``state.changed.*`` reads)."""
+    return partition_prefix(namespace, partition) + "events"
+
+
+def partitions_key(namespace: str = "corral") -> str:
+    """Where the state manager records how many partitions its namespace has."""
+    return f"{namespace}:state:partitions"
+
+
 class _StreamFeed(Bus):
     """The reader behind one DurableSubscription; a Bus only so that the subscription
-    machinery (queue, callback thread, asyncio) serves it unchanged."""
+    machinery (queue, callback dispatcher, asyncio) serves it unchanged."""
+
+    def __init__(self, *, queue_size: int) -> None:
+        super().__init__(queue_size=queue_size, callback_threads=1)
 
     def publish(self, topic: str, message: Message, *, correlation: bytes | None = None) -> None:
         raise TypeError("a durable subscription is read-only: publish through the system")
+
+    def reject(self) -> None:
+        """Count an entry skipped (undecodable, or not signed with one of the keys)."""
+        self._count("rejected")
 
     def _attach(self, sub: Subscription) -> None:
         pass
@@ -177,8 +232,8 @@ class DurableSubscription(Subscription):
             connect_timeout=_CONNECT_TIMEOUT,
             socket_timeout=block_seconds + 5.0,
         )
-        feed = _StreamFeed(queue_size=queue_size)
-        super().__init__(feed, pattern, queue_size=queue_size, callback=callback)
+        self._feed = _StreamFeed(queue_size=queue_size)
+        super().__init__(self._feed, pattern, queue_size=queue_size, callback=callback)
         # One XREAD may only name streams of one cluster slot: a reader per stream there.
         if topology(self._client) == "cluster":
             groups = [[name] for name in self.streams]
@@ -205,7 +260,7 @@ class DurableSubscription(Subscription):
     @property
     def rejected(self) -> int:
         """Entries skipped: undecodable, or (with keys) not signed with one of them."""
-        return self._bus.stats()["rejected"]
+        return self._feed.stats()["rejected"]
 
     @property
     def offset(self) -> int:
@@ -226,6 +281,10 @@ class DurableSubscription(Subscription):
         )
 
     # -- delivery ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        super().close()
+        self._feed.close()  # ends its callback thread
 
     def _stop(self) -> None:
         self._stopping.set()
@@ -342,10 +401,10 @@ class DurableSubscription(Subscription):
             if cursor.epoch is None:
                 cursor.epoch = epoch  # read only once no entry of a lost epoch is left
             elif epoch != cursor.epoch:
-                self._deliver(batch)
+                self.put(batch)
                 return False
             if offset > cursor.offset + 1:
-                self._deliver(batch)
+                self.put(batch)
                 batch = []
                 self._gap(stream, "trimmed", cursor.offset + 1, offset - 1, cursor.epoch)
             cursor.offset = offset
@@ -354,30 +413,15 @@ class DurableSubscription(Subscription):
                 message = self._decode(stream, fields, offset)
                 if message is not None:
                     batch.append(Delivery(topic, message))
-        self._deliver(batch)
+        self.put(batch)
         return True
-
-    def _deliver(self, deliveries: list[Delivery]) -> None:
-        """Queue a batch under one lock, waiting for room (the reader is the only producer)."""
-        while deliveries:
-            with self._cond:
-                while len(self._items) >= self._maxsize and not self._closed:
-                    self._cond.wait(_FULL_QUEUE_POLL)
-                if self._closed:
-                    return
-                room = self._maxsize - len(self._items)
-                self._items.extend(deliveries[:room])
-                self._cond.notify_all()
-                waiters, self._async_waiters = self._async_waiters, []
-            _wake(waiters)
-            deliveries = deliveries[room:]
 
     def _genuine(self, stream: str, offset: int, fields: dict[bytes, bytes]) -> bool:
         """Whether an entry is signed with one of the keys, for its stream and offset."""
         signature = fields.get(b"s", b"")
         if self._signer.verify(signature, *signed_parts(stream, offset, fields)):
             return True
-        self._bus._count("rejected")
+        self._feed.reject()
         why = "a bad signature" if signature else "no signature"
         REJECTED.reject("durable", "bad_signature", f"{stream} entry {offset}: {why}", log)
         return False
@@ -397,7 +441,7 @@ class DurableSubscription(Subscription):
             # The codec's own per-field check and conversion of a message body.
             return cls._from_wire(body, "body")
         except (InvalidMessage, ValueError, KeyError, msgpack.UnpackException) as exc:
-            self._bus._count("rejected")
+            self._feed.reject()
             kind = junk_kind(exc) if isinstance(exc, InvalidMessage) else "undecodable"
             REJECTED.reject("durable", kind, f"{stream} entry {offset}: {exc}", log)
             return None
@@ -420,7 +464,7 @@ class DurableSubscription(Subscription):
             epoch=epoch,
             previous_epoch=previous,
         )
-        self._deliver([Delivery(GAP_TOPIC, gap)])
+        self.put([Delivery(GAP_TOPIC, gap)])
 
 
 def _cursors(streams: list[str], from_offset: int | str, epoch: str | None) -> dict[str, _Cursor]:

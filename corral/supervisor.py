@@ -52,6 +52,7 @@ from pykka import ActorRef, ActorRegistry
 
 from corral._backoff import Backoff
 from corral._runtime import PROBE, ActorStop, CallbackFuture, Envelope
+from corral.clock import Clock, SystemClock
 from corral.config import Placement, Restart, SupervisorSection
 from corral.errors import ConfigError, ManagerUnavailable
 from corral.manager import Manager, ManagerContext, Router
@@ -169,7 +170,11 @@ _STOP = object()
 
 
 class Supervisor:
-    """Starts, watches, restarts and stops a set of managers. See the module docstring."""
+    """Starts, watches, restarts and stops a set of managers. See the module docstring.
+
+    ``clock`` times the restart backoff and the intensity window, and is every manager's
+    (``corral_context.clock``); liveness probes and start-up timeouts wait in real time.
+    """
 
     def __init__(
         self,
@@ -181,8 +186,10 @@ class Supervisor:
         on_escalate: Callable[[str], None] | None = None,
         standby: Collection[str] = (),
         on_dead_letter: Callable[[DeadLetter], None] | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.policy = policy or SupervisorSection()
+        self.clock = clock or SystemClock()
         self.router = router
         self._publish = publish
         self._on_escalate = on_escalate
@@ -207,6 +214,9 @@ class Supervisor:
         self.abandoned_threads: list[str] = []
         self._status: HealthStatus = "healthy"
         self._running = False
+        self.mounted: dict[str, Any] = {}
+        """What each child's ``Manager.mount`` left for its actors (``HttpMount.shared``),
+        by name: filled by the daemon before it starts the supervisor."""
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -335,6 +345,28 @@ class Supervisor:
         done.wait()
         self._events.put(_STOP)
         thread.join()
+
+    def settle(self) -> None:
+        """Return once the control thread has handled everything asked of it before, and
+        run the restarts due by now on the supervisor's clock. After moving a
+        :class:`~corral.clock.ManualClock`, what the supervisor does at the new time is done::
+
+            clock.advance(policy.backoff_max)
+            supervisor.settle()                 # a restart that was due has happened
+        """
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return
+        done = threading.Event()
+
+        def run_due_timers() -> None:
+            try:
+                self._run_due_timers()
+            finally:
+                done.set()
+
+        self._events.put(("call", run_due_timers))
+        done.wait()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the supervisor stops (or escalates); False on timeout."""
@@ -507,10 +539,9 @@ class Supervisor:
     def _run(self) -> None:
         tick = min(0.25, self.policy.probe_interval / 2, self.policy.probe_timeout / 4)
         while True:
-            now = time.monotonic()
             wait = tick
             if self._timers:
-                wait = max(0.0, min(wait, self._timers[0][0] - now))
+                wait = max(0.0, min(wait, self._timers[0][0] - self.clock.monotonic()))
             try:
                 item = self._events.get(timeout=wait)
             except queue.Empty:
@@ -534,10 +565,11 @@ class Supervisor:
             self._handle_exit(item[1], item[2], item[3])
 
     def _schedule(self, delay: float, action: Callable[[], None]) -> None:
-        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_ids), action))
+        due = self.clock.monotonic() + delay
+        heapq.heappush(self._timers, (due, next(self._timer_ids), action))
 
     def _run_due_timers(self) -> None:
-        now = time.monotonic()
+        now = self.clock.monotonic()
         while self._timers and self._timers[0][0] <= now:
             _, _, action = heapq.heappop(self._timers)
             action()
@@ -623,6 +655,8 @@ class Supervisor:
             namespace=spec.namespace or "corral",
             signing_keys=spec.signing_keys or (),
             metrics=child.metrics,
+            mounted=self.mounted.get(spec.name),
+            clock=self.clock,
         )
         child.metrics.clear_gauges(spec.manager.metric_families)
         self._set_state(child, "starting")
@@ -734,7 +768,7 @@ class Supervisor:
         self._set_state(child, "restarting")
         if abnormal:
             self._lifecycle(child, "failed", reason)
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if counted:
             self._restart_times.append(now)
             while self._restart_times and self._restart_times[0] < now - self.policy.period:

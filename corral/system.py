@@ -36,6 +36,7 @@ from corral._redis import REDIS_ERRORS, connect
 from corral._runtime import AsyncioFuture, Envelope, Mailbox, ReplyFuture
 from corral.actors import BUILTIN
 from corral.bus import Bus, MemoryBus, RedisBus
+from corral.clock import Clock
 from corral.config import Config, ManagerSection, parse_options
 from corral.errors import ConfigError, Timeout
 from corral.manager import Manager
@@ -69,6 +70,9 @@ class System(EventsMixin):
     ``singletons_by_lease``: managers placed ``singleton`` wait in standby until
     this process holds their lease (the daemon's remote server takes it); without
     it, as in an embedding service, this system runs its own instance of them.
+
+    ``clock``: where the supervisor and the managers read the time; a test passes a
+    :class:`~corral.clock.ManualClock` and advances it instead of sleeping.
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class System(EventsMixin):
         bus: Bus | None = None,
         on_escalate: Callable[[str], None] | None = None,
         singletons_by_lease: bool = False,
+        clock: Clock | None = None,
     ) -> None:
         self.config = config or Config()
         specs = plan(self.config, managers)  # before anything is built, which a bad config stops
@@ -107,6 +112,7 @@ class System(EventsMixin):
             on_escalate=on_escalate,
             standby=singletons if singletons_by_lease else (),
             on_dead_letter=self._keep_dead_letter,
+            clock=clock,
         )
         self._dead_letters: deque[DeadLetter] = deque(maxlen=DEAD_LETTERS_KEPT)
         self._started = False
@@ -121,10 +127,11 @@ class System(EventsMixin):
                 namespace=section.namespace,
                 codec=self.codec,
                 queue_size=section.queue_size,
+                callback_threads=section.callback_threads,
                 reconnect_initial=section.reconnect_initial,
                 reconnect_max=section.reconnect_max,
             )
-        return MemoryBus(queue_size=section.queue_size)
+        return MemoryBus(queue_size=section.queue_size, callback_threads=section.callback_threads)
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from corral.actors.auth import AuthManager, AuthOptions
+from corral.clock import ManualClock
 from corral.config import Config, DaemonSection, ManagerSection, parse_options
 from corral.daemon import Daemon
 from corral.errors import BackendUnavailable, ConfigError, InvalidMessage, NotFound, Unauthorized
@@ -63,7 +64,9 @@ ISSUER = "https://auth.corral.test"
 
 
 @contextmanager
-def auth_system(redis_url: str = "", **options: Any) -> Iterator[System]:
+def auth_system(
+    redis_url: str = "", clock: ManualClock | None = None, **options: Any
+) -> Iterator[System]:
     """A system running only the auth manager, in a namespace of its own."""
     options.setdefault("signing_key", SECRET)
     options.setdefault("kid", "k1")
@@ -74,7 +77,7 @@ def auth_system(redis_url: str = "", **options: Any) -> Iterator[System]:
         redis_url=redis_url,
         namespace=f"t{secrets.token_hex(4)}",
     )
-    with System(managers=[spec]) as system:
+    with System(managers=[spec], clock=clock) as system:
         yield system
 
 
@@ -497,7 +500,8 @@ def test_revoking_an_expired_token_is_a_no_op(strict: System) -> None:
 
 
 def test_refresh_rotates_and_a_reused_refresh_token_revokes_the_family(backend_url: str) -> None:
-    with auth_system(backend_url, refresh_grace=0.0) as system:
+    clock = ManualClock()
+    with auth_system(backend_url, clock, refresh_grace=0.0) as system:
         first = system.ask(AuthIssue(subject="user:1", scopes=["read"], claims={"org": 3}))
         assert first.refresh_token is not None
         second = system.ask(AuthRefresh(token=first.refresh_token))
@@ -507,7 +511,7 @@ def test_refresh_rotates_and_a_reused_refresh_token_revokes_the_family(backend_u
         assert renewed.scopes == ["read"]
         assert renewed.claims["org"] == 3
         bystander = system.ask(AuthIssue(subject="user:1"))
-        time.sleep(0.01)  # past the (zero) grace window
+        clock.advance(0.01)  # past the (zero) grace window
         assert reason(system, AuthRefresh(token=first.refresh_token)) == "reused_refresh"
         # The whole family is revoked: the legitimate newest tokens as well.
         assert reason(system, AuthRefresh(token=second.refresh_token)) == "revoked"
@@ -540,11 +544,12 @@ def test_a_retry_within_the_grace_window_gets_the_same_pair(backend_url: str) ->
 
 
 def test_outside_the_grace_window_a_retry_revokes_the_family(backend_url: str) -> None:
-    with auth_system(backend_url, refresh_grace=0.3) as system:
+    clock = ManualClock()
+    with auth_system(backend_url, clock, refresh_grace=0.3) as system:
         first = system.ask(AuthIssue(subject="user:1"))
         assert first.refresh_token is not None
         second = system.ask(AuthRefresh(token=first.refresh_token))
-        time.sleep(0.4)
+        clock.advance(0.4)
         assert reason(system, AuthRefresh(token=first.refresh_token)) == "reused_refresh"
         assert reason(system, AuthValidate(token=second.access_token)) == "revoked"
 
@@ -580,7 +585,8 @@ def test_two_systems_refreshing_at_once_on_one_redis_share_the_grace_window(
 
 
 def test_a_login_ends_at_refresh_max_age_however_often_it_rotates(backend_url: str) -> None:
-    with auth_system(backend_url, refresh_max_age=2, refresh_grace=0.0) as system:
+    clock = ManualClock()
+    with auth_system(backend_url, clock, refresh_max_age=2, refresh_grace=0.0) as system:
         tokens = system.ask(AuthIssue(subject="user:1"))
         started = system.ask(AuthValidate(token=tokens.access_token)).claims["iat"]
         assert tokens.refresh_expires_in == 2
@@ -592,7 +598,7 @@ def test_a_login_ends_at_refresh_max_age_however_often_it_rotates(backend_url: s
             )
             assert refresh.expires_at <= started + 2
             assert system.ask(AuthValidate(token=tokens.access_token)).expires_at <= started + 2
-        time.sleep(max(0.0, started + 2.05 - time.time()))
+        clock.advance(started + 2.05 - clock.time())
         assert tokens.refresh_token is not None
         assert reason(system, AuthRefresh(token=tokens.refresh_token)) == "expired"
     with pytest.raises(ConfigError, match="refresh_max_age: must be >= 1"):

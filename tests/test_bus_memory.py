@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import pytest
 import redis
@@ -290,7 +290,7 @@ def test_counts_stay_exact_under_concurrent_publishers(bus: MemoryBus) -> None:
 # -- the callback form ----------------------------------------------------------------------
 
 
-def test_callback_runs_on_its_own_thread_and_survives_errors(
+def test_callback_runs_on_a_thread_of_the_bus_and_survives_errors(
     bus: MemoryBus, caplog: pytest.LogCaptureFixture
 ) -> None:
     seen: list[int] = []
@@ -317,6 +317,7 @@ def test_callback_runs_on_its_own_thread_and_survives_errors(
     assert "callback failed" in record.getMessage()
     assert record.exc_info is not None
     sub.close()
+    bus.close()
     assert not any(thread.is_alive() for thread in threads)
 
 
@@ -334,6 +335,141 @@ def test_a_callback_may_close_its_own_subscription(bus: MemoryBus) -> None:
     bus.publish("t", BusEvent(n=2))
     assert seen == [1]
     assert bus.stats()["subscriptions"] == 0
+
+
+def _callback_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("corral-bus-callback")]
+
+
+def test_many_callback_subscriptions_share_a_few_threads() -> None:
+    before = len(_callback_threads())
+    with MemoryBus(callback_threads=3) as bus:
+        seen: list[int] = []
+        lock = threading.Lock()
+
+        def callback(delivery: Delivery) -> None:
+            with lock:
+                seen.extend(numbers([delivery]))
+
+        for n in range(2000):
+            bus.subscribe(f"t.{n}", callback=callback)
+        assert len(_callback_threads()) - before == 3
+        for n in range(2000):
+            bus.publish(f"t.{n}", BusEvent(n=n))
+        wait_until(lambda: len(seen) == 2000, timeout=10)
+        assert sorted(seen) == list(range(2000))
+        assert len(_callback_threads()) - before == 3
+    assert len(_callback_threads()) == before
+
+
+def test_a_bus_starts_callback_threads_only_as_callback_subscriptions_come() -> None:
+    before = len(_callback_threads())
+    with MemoryBus(callback_threads=4) as bus:
+        bus.subscribe("read.by.hand")
+        assert len(_callback_threads()) == before
+        bus.subscribe("a", callback=lambda delivery: None)
+        assert len(_callback_threads()) - before == 1
+        bus.subscribe("b", callback=lambda delivery: None)
+        assert len(_callback_threads()) - before == 2
+
+
+@pytest.mark.parametrize("threads", [1, 16, 17, 0])
+def test_the_callback_threads_are_bounded(threads: int) -> None:
+    if 1 <= threads <= 16:
+        MemoryBus(callback_threads=threads).close()
+    else:
+        with pytest.raises(ValueError, match="between 1 and 16"):
+            MemoryBus(callback_threads=threads)
+
+
+def test_each_subscription_sees_its_deliveries_in_order_one_at_a_time() -> None:
+    with MemoryBus(callback_threads=4) as bus:
+        seen: dict[int, list[int]] = {s: [] for s in range(20)}
+        running: dict[int, int] = dict.fromkeys(seen, 0)
+        overlaps: list[int] = []
+        lock = threading.Lock()
+
+        def follower(s: int) -> Callable[[Delivery], None]:
+            def callback(delivery: Delivery) -> None:
+                with lock:
+                    running[s] += 1
+                    if running[s] > 1:
+                        overlaps.append(s)
+                seen[s].extend(numbers([delivery]))
+                with lock:
+                    running[s] -= 1
+
+            return callback
+
+        for s in seen:
+            bus.subscribe("t", callback=follower(s))
+
+        def publish(first: int) -> None:
+            for n in range(first, first + 500):
+                bus.publish("t", BusEvent(n=n))
+
+        publish(0)
+        publisher = threading.Thread(target=publish, args=(500,))
+        publisher.start()
+        publisher.join()
+        wait_until(lambda: all(len(got) == 1000 for got in seen.values()), timeout=10)
+        assert all(got == list(range(1000)) for got in seen.values())
+        assert overlaps == []
+
+
+def test_a_raising_or_blocked_callback_holds_up_only_its_own_subscription(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with MemoryBus(callback_threads=2) as bus:
+        release = threading.Event()
+        blocked_on: list[int] = []
+        healthy: list[int] = []
+
+        def blocks(delivery: Delivery) -> None:
+            blocked_on.extend(numbers([delivery]))
+            release.wait(10)
+
+        def raises(delivery: Delivery) -> None:
+            raise RuntimeError("callback trouble")
+
+        slow = bus.subscribe("t", callback=blocks)
+        broken = bus.subscribe("t", callback=raises)
+        bus.subscribe("t", callback=lambda delivery: healthy.extend(numbers([delivery])))
+        with caplog.at_level(logging.CRITICAL, logger="corral.bus"):
+            for n in range(200):
+                bus.publish("t", BusEvent(n=n))
+            wait_until(lambda: len(healthy) == 200 and broken.callback_errors == 200, timeout=10)
+        assert healthy == list(range(200))
+        assert blocked_on == [0]
+        release.set()
+        wait_until(lambda: len(blocked_on) == 200, timeout=10)
+        assert blocked_on == list(range(200))
+        assert slow.callback_errors == 0
+
+
+def test_closing_waits_for_the_running_callback_and_runs_no_more() -> None:
+    with MemoryBus() as bus:
+        entered = threading.Event()
+        release = threading.Event()
+        finished: list[int] = []
+
+        def callback(delivery: Delivery) -> None:
+            entered.set()
+            release.wait(10)
+            finished.extend(numbers([delivery]))
+
+        sub = bus.subscribe("t", callback=callback)
+        bus.publish("t", BusEvent(n=1))
+        bus.publish("t", BusEvent(n=2))
+        assert entered.wait(5)
+        closer = threading.Thread(target=sub.close)
+        closer.start()
+        wait_until(lambda: sub.closed)
+        assert closer.is_alive()  # waits for the callback in progress
+        release.set()
+        closer.join(5)
+        assert not closer.is_alive()
+        assert finished == [1]
 
 
 # -- the asyncio form -----------------------------------------------------------------------

@@ -297,6 +297,36 @@ def test_close_releases_the_reader_and_the_connections(fresh_redis_server: Redis
             bus.publish("health.changed", BusEvent(n=2))
 
 
+def test_a_thousand_callback_subscriptions_run_on_the_bus_callback_threads(
+    make_bus: MakeBus,
+) -> None:
+    def callback_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("corral-bus-callback")]
+
+    before = len(callback_threads())
+    bus = make_bus(callback_threads=2)
+    publisher = make_bus()
+    seen: dict[int, list[int]] = {n: [] for n in range(1000)}
+
+    def follow(n: int) -> Callable[[Delivery], None]:
+        def callback(delivery: Delivery) -> None:
+            assert isinstance(delivery.message, BusEvent)
+            seen[n].append(delivery.message.n)
+
+        return callback
+
+    for n in seen:
+        bus.subscribe(f"t.{n}", callback=follow(n))
+    assert len(callback_threads()) - before == 2
+    for round_ in range(3):
+        for n in seen:
+            publisher.publish(f"t.{n}", BusEvent(n=round_))
+    wait_until(lambda: all(len(got) == 3 for got in seen.values()), timeout=10)
+    assert all(got == [0, 1, 2] for got in seen.values())
+    bus.close()
+    assert len(callback_threads()) == before
+
+
 def test_stats_name_every_counter(make_bus: MakeBus) -> None:
     stats = make_bus().stats()
     assert set(stats) >= {"published", "delivered", "dropped", "rejected", "reconnects"}

@@ -224,7 +224,8 @@ def test_fifty_concurrent_callers_compute_once(system: System) -> None:
     @cached(system, ttl=60)
     def slow_square(n: int) -> int:
         calls.append(n)
-        time.sleep(0.2)
+        if len(calls) == 1:  # the first computation lasts until every other caller waits
+            wait_until(lambda: lease_waiters(system) == 49)
         return n * n
 
     results: list[int] = []
@@ -271,7 +272,7 @@ def test_failed_compute_hands_the_lease_to_a_waiter(system: System) -> None:
         attempts.append(1)
         if len(attempts) == 1:
             started.set()
-            time.sleep(0.1)
+            wait_until(lambda: lease_waiters(system) == 1)
             raise RuntimeError("first compute fails")
         return "ok"
 

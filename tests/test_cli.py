@@ -24,6 +24,7 @@ from click.testing import CliRunner, Result
 
 import corral
 from corral import cli
+from corral._wire import GROUP, record_key, stream_key
 from corral.actors import BUILTIN
 from corral.cli import main
 from corral.config import BusSection, Config, DaemonSection, ManagerSection
@@ -35,7 +36,6 @@ from corral.messages.state import StateExpired, StateExpireDue
 from corral.messages.system import Ping
 from corral.messages.transaction import TransactionExpired, TransactionExpireIdle
 from corral.messages.websocket import WsAttach, WsAttached, WsDetach, WsJoinRoom, WsTick
-from corral.remote import GROUP, record_key, stream_key
 from tests.redis_server import RedisServer
 from tests.support import (
     Done,

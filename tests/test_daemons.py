@@ -18,8 +18,8 @@ import pytest
 
 import corral
 from corral._redis import connect
+from corral._wire import lease_key, stream_key
 from corral.errors import CorralError, ManagerUnavailable, Timeout
-from corral.remote import lease_key
 from tests.daemons import DaemonGroup, redis_daemons_config
 from tests.effects import (
     Effect,
@@ -58,10 +58,16 @@ def client(redis_url: str, namespace: str) -> Iterator[corral.Client]:
 
 
 def _call_all(
-    client: corral.Client, requests: list[Effect], timeout: float | None = None
+    client: corral.Client, url: str, requests: list[Effect], timeout: float | None = None
 ) -> dict[str, Any]:
-    """Send every request from its own thread; each token's reply or error."""
+    """Send every request from its own thread, in order: each once the one before is in
+    the stream (or answered already); each token's reply or error."""
     outcomes: dict[str, Any] = {}
+    stream = stream_key(client.namespace, "effects")
+    redis = connect(url)
+
+    def added() -> int:
+        return int(redis.xinfo_stream(stream)["entries-added"]) if redis.exists(stream) else 0
 
     def call(request: Effect) -> None:
         try:
@@ -70,9 +76,13 @@ def _call_all(
             outcomes[request.token] = exc
 
     threads = [threading.Thread(target=call, args=(r,)) for r in requests]
-    for thread in threads:
-        thread.start()
-        time.sleep(0.01)
+    try:
+        before = added()
+        for sent, thread in enumerate(threads, 1):
+            thread.start()
+            wait_until(lambda: added() >= before + sent or not thread.is_alive())  # noqa: B023
+    finally:
+        redis.close()
     for thread in threads:
         thread.join(30)
     return outcomes
@@ -95,7 +105,9 @@ def test_sigterm_drains_requests_in_flight(
     with DaemonGroup(tmp_path, config, count=3) as group:
         requests = [Effect(token=f"t{i}", seconds=0.3) for i in range(12)]
         outcomes: dict[str, Any] = {}
-        caller = threading.Thread(target=lambda: outcomes.update(_call_all(client, requests)))
+        caller = threading.Thread(
+            target=lambda: outcomes.update(_call_all(client, redis_url, requests))
+        )
         caller.start()
         victim = next(
             i for i in wait_until(lambda: [i for i in range(3) if _started_on(group, i)()])
@@ -143,7 +155,9 @@ def test_sigkill_loses_nothing_and_runs_nothing_twice(
         requests = [Effect(token=f"k{i}", seconds=0.2) for i in range(15)]
         sent_at = time.time()
         outcomes: dict[str, Any] = {}
-        caller = threading.Thread(target=lambda: outcomes.update(_call_all(client, requests)))
+        caller = threading.Thread(
+            target=lambda: outcomes.update(_call_all(client, redis_url, requests))
+        )
         caller.start()
         victim = next(
             i for i in wait_until(lambda: [i for i in range(3) if _started_on(group, i)()])
@@ -180,7 +194,7 @@ def test_no_request_is_started_after_its_deadline(
         corral.connect(redis_server.url, namespace=namespace) as remote,
     ):
         requests = [Effect(token=f"q{i}", seconds=0.6) for i in range(3)]
-        outcomes = _call_all(remote, requests, timeout=1.0)
+        outcomes = _call_all(remote, redis_server.url, requests, timeout=1.0)
         counts = effect_counts(redis_server.url, namespace)
         # One actor, in order: the second starts at ~0.6 s, within its 1 s; the third
         # would start at ~1.2 s, past its deadline, so it never runs.

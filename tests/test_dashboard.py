@@ -7,7 +7,6 @@ import base64
 import itertools
 import json
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ import redis
 
 import corral
 from corral._redis import connect
+from corral._wire import alive_key
 from corral.config import BusSection, Config, DaemonSection, ManagerSection
 from corral.daemon import Daemon
 from corral.dashboard import STATUS_INTERVAL
@@ -38,7 +38,6 @@ from corral.messages.system import (
     SystemHealth,
 )
 from corral.messages.transaction import TransactionBegin, TransactionRollback
-from corral.remote import alive_key
 from tests.browser import DevTools
 from tests.daemons import DaemonGroup, redis_daemons_config
 from tests.redis_server import RedisServer
@@ -339,7 +338,11 @@ def test_daemons_share_their_status_samples_and_events_through_redis(
         started = {e["daemon"] for e in httpx.get(f"{api}/events").json()["events"]
                    if e["topic"] == "supervisor.child.started"}  # fmt: skip
         assert started == ids
-        time.sleep(STATUS_INTERVAL)
+        written = json.loads(client.hget(key, "status"))["updated"]
+        wait_until(  # the status written once more: a stop must take even a fresh one with it
+            lambda: json.loads(client.hget(key, "status"))["updated"] > written,
+            timeout=STATUS_INTERVAL + 5,
+        )
     assert client.exists(key) == 0  # a daemon that stops takes its status with it
     assert client.xlen(stream) > 0  # the events stay, capped
 
@@ -430,7 +433,7 @@ def _traffic(url: str, namespace: str, stop: threading.Event) -> None:
                     client.ask(Work(action="crash", seconds=n / 1000), timeout=10)
             except CorralError:  # ManagerUnavailable from the crash, mostly
                 pass
-            time.sleep(0.02)
+            stop.wait(0.02)
 
 
 def test_chromium_sees_both_daemons_the_plots_and_the_restarts_without_overlaps(
@@ -485,7 +488,7 @@ def test_chromium_sees_both_daemons_the_plots_and_the_restarts_without_overlaps(
         ARTIFACTS.mkdir(exist_ok=True)
         for width in (1280, 1400, 1920):  # 1400: where the last errors once ran over the events
             browser.resize(width, 1000)
-            time.sleep(0.5)
+            wait_until(lambda: browser.evaluate("innerWidth") == width)  # noqa: B023
             layout = browser.evaluate(OVERLAPS)
             assert layout["checked"] > 200
             assert layout["problems"] == [], f"at {width} px: {layout['problems'][:10]}"

@@ -200,6 +200,6 @@ def test_the_readme_names_what_a_manager_may_use() -> None:
     text = (ROOT / "README.md").read_text()
     section = text[text.index("### Your own managers") :].split("\n## ", 1)[0]
     face = ["name", "Options", "placement", "options", "router", "defer_reply()", "take_queued()"]
-    face += ["every()", "after()", "health()", "on_start", "on_stop", "on_failure"]
+    face += ["every()", "after()", "health()", "on_start", "on_stop", "on_failure", "mount("]
     face += ["corral_context", "corral_"]
     assert [name for name in face if f"`{name}" not in section] == []

@@ -14,14 +14,9 @@ import corral
 from corral.config import BusSection, Config, DaemonSection, ManagerSection
 from corral.daemon import Daemon
 from corral.errors import ConfigError, InvalidMessage, NotFound
-from corral.messages.state import (
-    StateChanged,
-    StateGet,
-    StateRegister,
-    StateUpdate,
-    events_stream_key,
-)
+from corral.messages.state import StateChanged, StateGet, StateRegister, StateUpdate
 from corral.messages.stream import StreamGap
+from corral.streams import events_stream_key
 from tests.redis_server import RedisServer
 from tests.support import next_event, start_corral
 

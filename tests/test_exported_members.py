@@ -31,7 +31,6 @@ PUBLIC_MODULES = sorted(
 MANAGER_EXTRAS: dict[str, set[str]] = {
     "cache": {"BackendOptions"},  # one table per named backend: docs/cache.md
     "pool": {"ServiceOptions"},  # one table per service: docs/pool.md
-    "websocket": {"Gateway", "mount"},  # the daemon mounts /ws with them
 }
 """Public names of a manager package besides its ``<Name>Manager`` and ``<Name>Options``."""
 

@@ -2,6 +2,8 @@
 
 - a manager package (``corral/actors/<name>/``) imports no other manager package, and
   neither ``corral.daemon`` nor ``corral.remote``: managers reach each other by messages;
+- ``corral.daemon`` imports no manager package: a manager offers its routes through its
+  ``Manager.mount`` hook;
 - ``corral.messages.*`` imports nothing of corral but ``corral.errors`` and ``corral.messages.*``;
 - only :data:`PYKKA_INTERNALS_HOME` imports pykka's private modules and names.
 
@@ -26,12 +28,7 @@ MANAGER_PACKAGES = sorted(
 PYKKA_INTERNALS_HOME = "corral._runtime"
 """The one module that may use pykka's private API (its envelope, its stop message)."""
 
-KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("corral.actors.websocket._gateway", "corral.daemon"): (
-        "mount(daemon) serves /ws on the daemon's app: the type of its argument; goes when "
-        "the daemon mounts routes through a hook every manager may offer"
-    ),
-}
+KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {}
 """(importing module, imported module or name) -> why it is allowed for now."""
 
 
@@ -78,6 +75,8 @@ def _violations(module: str, imported: str) -> Iterator[str]:
             yield f"a manager imports another manager ({other})"
         if _within(imported, "corral.daemon") or _within(imported, "corral.remote"):
             yield "a manager imports the daemon's side"
+    if module == "corral.daemon" and _manager_of(imported) is not None:
+        yield "the daemon imports a manager"
     if (
         _within(module, "corral.messages")
         and _within(imported, "corral")
@@ -133,6 +132,8 @@ def test_every_recorded_exception_still_occurs() -> None:
         ("corral.actors.cache._manager", "corral.remote", True),
         ("corral.actors.cache._manager", "corral.manager.Manager", False),
         ("corral.actors.cache._manager", "corral.actors.cache._options.CacheOptions", False),
+        ("corral.daemon", "corral.actors.websocket", True),
+        ("corral.daemon", "corral.manager.HttpMount", False),
         ("corral.messages.cache", "corral.bus.compile_glob", True),
         ("corral.messages.cache", "corral.errors.NotFound", False),
         ("corral.messages.cache", "corral.messages.base.message", False),

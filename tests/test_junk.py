@@ -14,8 +14,8 @@ import msgpack
 import redis
 
 import corral
+from corral._wire import GROUP, stream_key
 from corral.messages.system import Ping
-from corral.remote import GROUP, stream_key
 from tests.daemons import DaemonGroup, redis_daemons_config
 from tests.redis_server import RedisServer
 from tests.support import Work, wait_until

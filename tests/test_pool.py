@@ -27,6 +27,7 @@ from aiohttp import web
 
 from corral.actors.pool import PoolManager, PoolOptions, ServiceOptions
 from corral.actors.pool._policy import parse_retry_after, retry_delay
+from corral.clock import ManualClock
 from corral.config import Config, ManagerSection, parse_options
 from corral.errors import (
     BackendUnavailable,
@@ -236,11 +237,11 @@ def transport(request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 @contextmanager
-def pool(**services: dict[str, Any]) -> Iterator[System]:
+def pool(clock: ManualClock | None = None, **services: dict[str, Any]) -> Iterator[System]:
     services = {name: {"transport": TRANSPORT[0], **options} for name, options in services.items()}
     options: dict[str, Any] = {"services": services}
     config = Config().replace(managers={"pool": ManagerSection(options=options)})
-    with System(config, managers=[PoolManager]) as system:
+    with System(config, managers=[PoolManager], clock=clock) as system:
         yield system
 
 
@@ -419,7 +420,8 @@ def test_breaker_opens_fails_fast_then_half_opens_and_closes(ports: list[Port]) 
         "breaker_open_seconds": 0.3,
         "retry_attempts": 1,
     }
-    with pool(api=service) as system:
+    clock = ManualClock()
+    with pool(clock, api=service) as system:
         for _ in range(2):
             assert system.ask(HttpRequest(service="api", path="/status/500")).status == 500
         seen = len(ports[0].hits)
@@ -429,7 +431,7 @@ def test_breaker_opens_fails_fast_then_half_opens_and_closes(ports: list[Port]) 
         health = system.ask(HealthCheck(target="pool"))
         assert health.status == "unhealthy"
         assert health.details["api"]["urls"][ports[0].url]["breaker"] == "open"
-        time.sleep(0.35)
+        clock.advance(0.35)
 
         # Half-open: one probe at a time; a second call meanwhile fails at once.
         async def probe_and_second() -> tuple[int, BaseException | None]:
@@ -467,7 +469,7 @@ def test_breaker_transitions_are_published_as_events(ports: list[Port]) -> None:
                 return False
 
         wait_until(answered)
-        changes = []
+        changes: list[tuple[str, str, str, int]] = []
         while len(changes) < 3 and (delivery := breakers.get(timeout=5)) is not None:
             event = delivery.message
             assert isinstance(event, PoolBreakerChanged) and delivery.topic == "pool.breaker.api"

@@ -15,6 +15,7 @@ import redis
 from corral.actors.ratelimit import RatelimitManager
 from corral.actors.ratelimit._memory import sliding_window, token_bucket
 from corral.actors.ratelimit._options import Rule, parse_limit
+from corral.clock import ManualClock
 from corral.config import Config, ManagerSection
 from corral.errors import BackendUnavailable, ConfigError, InvalidMessage, NotFound
 from corral.messages.codec import Codec
@@ -36,16 +37,54 @@ HOUR = 3600.0
 
 
 @contextmanager
-def limiter(options: dict[str, Any], url: str = "") -> Iterator[System]:
+def limiter(
+    options: dict[str, Any], url: str = "", clock: ManualClock | None = None
+) -> Iterator[System]:
     """A System with the ratelimit manager: memory when ``url`` is empty; a ``#cluster``
     suffix on the URL picks the Redis Cluster layout (one script per identifier)."""
     url, _, layout = url.partition("#")
     options = {"backend": "redis" if url else "memory", "redis_url": url, **options}
     options.setdefault("cluster", layout == "cluster")
     with System(
-        managers=[ChildSpec(name="ratelimit", manager=RatelimitManager, options=options)]
+        managers=[ChildSpec(name="ratelimit", manager=RatelimitManager, options=options)],
+        clock=clock,
     ) as s:
         yield s
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    """For what the limiter times itself, on Redis too: its local cache, the retry interval."""
+    return ManualClock()
+
+
+class Timeline:
+    """Time going by for a limiter on ``url``. In memory the limiter reads a manual clock,
+    moved at once. On Redis its windows and bans run on Redis's clock, which cannot be
+    moved: ``advance`` waits until Redis's clock has moved as far (and the limiter reads the
+    machine's clock, so that the times it reports from Redis's answers agree with it)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.partition("#")[0]
+        self.clock = None if self.url else ManualClock()
+
+    def advance(self, seconds: float) -> None:
+        if self.clock is not None:
+            self.clock.advance(seconds)
+            return
+        with redis.Redis.from_url(self.url) as client:
+            until = redis_now(client) + seconds
+            wait_until(lambda: redis_now(client) >= until)
+
+
+@pytest.fixture
+def timeline(url: str) -> Timeline:
+    return Timeline(url)
+
+
+def redis_now(client: redis.Redis) -> float:
+    seconds, microseconds = client.time()
+    return seconds + microseconds / 1_000_000
 
 
 @pytest.fixture(params=["memory", "redis", "redis-cluster-layout"])
@@ -136,13 +175,14 @@ def test_sliding_window_edges(url: str) -> None:
         assert state(system.ask(RatelimitCheck(ip="3.3.3.3")), "ip").remaining == 0
 
 
-def test_sliding_window_allows_again_after_retry_after(url: str) -> None:
-    with limiter({"rules": {"ip": "2/second"}, "local_cache": False}, url) as system:
+def test_sliding_window_allows_again_after_retry_after(url: str, timeline: Timeline) -> None:
+    options = {"rules": {"ip": "2/second"}, "local_cache": False}
+    with limiter(options, url, timeline.clock) as system:
         while system.ask(RatelimitCheck(ip="a")).allowed:
             pass
         refused = system.ask(RatelimitCheck(ip="a"))
         assert not refused.allowed and 0 < refused.retry_after <= 2.0
-        time.sleep(refused.retry_after + 0.02)
+        timeline.advance(refused.retry_after)
         assert system.ask(RatelimitCheck(ip="a")).allowed
 
 
@@ -158,14 +198,14 @@ def test_token_bucket_burst_then_rate(url: str) -> None:
         assert HOUR - 5 < refused.retry_after <= HOUR  # one emission interval
 
 
-def test_token_bucket_refills_at_its_rate(url: str) -> None:
+def test_token_bucket_refills_at_its_rate(url: str, timeline: Timeline) -> None:
     rules = {"user": {"limit": "20/second", "algorithm": "token_bucket", "burst": 2}}
-    with limiter({"rules": rules, "local_cache": False}, url) as system:
+    with limiter({"rules": rules, "local_cache": False}, url, timeline.clock) as system:
         assert system.ask(RatelimitCheck(user="ada")).allowed
         assert system.ask(RatelimitCheck(user="ada")).allowed
         refused = system.ask(RatelimitCheck(user="ada"))
         assert not refused.allowed and 0 < refused.retry_after <= 0.05
-        time.sleep(refused.retry_after + 0.005)
+        timeline.advance(refused.retry_after)
         assert system.ask(RatelimitCheck(user="ada")).allowed
 
 
@@ -228,8 +268,8 @@ def test_keys_share_the_identifiers_hash_tag_and_hide_api_keys(redis_server: Red
 # -- bans ----------------------------------------------------------------------------------
 
 
-def test_ban_and_unban(url: str) -> None:
-    with limiter({"rules": {"ip": "5/hour"}}, url) as system:
+def test_ban_and_unban(url: str, timeline: Timeline) -> None:
+    with limiter({"rules": {"ip": "5/hour"}}, url, timeline.clock) as system:
         banned = system.ask(RatelimitBan(level="ip", identifier="6.6.6.6", duration=600))
         assert banned.until is not None and banned.until > time.time() + 590
         refused = system.ask(RatelimitCheck(ip="6.6.6.6", user="anyone"))
@@ -242,7 +282,7 @@ def test_ban_and_unban(url: str) -> None:
         # A ban on a level with no rules still refuses; a short ban runs out.
         system.ask(RatelimitBan(level="user", identifier="mallory", duration=0.1))
         assert system.ask(RatelimitCheck(ip="1.1.1.1", user="mallory")).banned == ["user"]
-        time.sleep(0.15)
+        timeline.advance(0.15)
         assert system.ask(RatelimitCheck(ip="1.1.1.1", user="mallory")).allowed
         with pytest.raises(InvalidMessage):
             system.ask(RatelimitBan(level="ip", identifier="x", duration=-1))
@@ -270,16 +310,16 @@ def test_auto_ban_after_n_refusals(url: str) -> None:
 
 
 def test_refusals_served_from_the_local_cache_count_towards_auto_ban(
-    redis_server: RedisServer,
+    redis_server: RedisServer, clock: ManualClock
 ) -> None:
     options = {"rules": {"ip": "1/hour"}, "ban_after": 4, "local_cache_ttl": 0.05}
-    with limiter(options, redis_server.url) as system:
+    with limiter(options, redis_server.url, clock) as system:
         assert system.ask(RatelimitCheck(ip="bot")).allowed
         for _ in range(3):  # one refusal from Redis, then from the cache
             assert system.ask(RatelimitCheck(ip="bot")).exceeded == ["ip"]
         metrics = system.ask(HealthCheck(target="ratelimit")).metrics
         assert metrics["cached_refusals"] == 2
-        time.sleep(0.06)
+        clock.advance(0.06)  # the local cache's entry ends; Redis keeps the rule's refusal
         assert system.ask(RatelimitCheck(ip="bot")).banned == ["ip"]
 
 
@@ -339,9 +379,9 @@ MODES = {
 }
 
 
-def test_redis_down_each_mode(fresh_redis_server: RedisServer) -> None:
+def test_redis_down_each_mode(fresh_redis_server: RedisServer, clock: ManualClock) -> None:
     options = {"rules": MODES, "retry_interval": 0.05}
-    with limiter(options, fresh_redis_server.url) as system:
+    with limiter(options, fresh_redis_server.url, clock) as system:
         assert system.ask(RatelimitCheck(ip="a", user="u", api_key="k")).allowed
         assert system.health().managers["ratelimit"].status == "healthy"
         fresh_redis_server.kill()
@@ -370,7 +410,7 @@ def test_redis_down_each_mode(fresh_redis_server: RedisServer) -> None:
         assert system.ask(RatelimitCheck(ip="a")).banned == ["ip"]
 
         fresh_redis_server.start()  # empty: no persistence
-        time.sleep(0.06)
+        clock.advance(0.06)  # past retry_interval: Redis is tried again
         back = system.ask(RatelimitCheck(ip="b"))
         assert back.allowed and not back.degraded
         assert system.health().managers["ratelimit"].status == "healthy"
@@ -403,13 +443,13 @@ def test_waiting_checks_share_one_round_trip(fresh_redis_server: RedisServer) ->
         assert metrics["batches"] <= 2
 
 
-def test_redis_down_at_start_then_up(fresh_redis_server: RedisServer) -> None:
+def test_redis_down_at_start_then_up(fresh_redis_server: RedisServer, clock: ManualClock) -> None:
     fresh_redis_server.stop()
     options = {"rules": {"ip": {"limit": "5/hour", "on_backend_error": "closed"}}}
-    with limiter({**options, "retry_interval": 0.05}, fresh_redis_server.url) as system:
+    with limiter({**options, "retry_interval": 0.05}, fresh_redis_server.url, clock) as system:
         assert system.ask(RatelimitCheck(ip="a")).exceeded == ["ip"]
         fresh_redis_server.start()
-        time.sleep(0.06)
+        clock.advance(0.06)
         assert system.ask(RatelimitCheck(ip="a")).allowed  # the scripts are loaded on demand
 
 

@@ -1,6 +1,6 @@
 """Two processes x 8 threads, each process with its own System, hammer one limit on one Redis.
 
-Every thread of both processes starts at once (a ``go`` key in Redis), makes
+Every thread of both processes starts at once (on a ``go`` line on its stdin), makes
 its calls, and the processes report how many were allowed: never more than the
 limit, for the sliding window and for the token bucket.
 """
@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from corral._redis import connect
 from tests.redis_server import ClusterGroup, RedisServer
 
 THREADS = 8
@@ -23,8 +22,7 @@ CALLS = 30  # per thread and per limit: 2 x 8 x 30 = 480 tries at each limit
 
 WORKER = textwrap.dedent(
     """
-    import json, sys, threading, time
-    from corral._redis import connect
+    import json, sys, threading
     from corral.actors.ratelimit import RatelimitManager
     from corral.messages.ratelimit import RatelimitCheck
     from corral.supervisor import ChildSpec
@@ -51,10 +49,8 @@ WORKER = textwrap.dedent(
                         allowed[rule] += 1
 
     with System(managers=[spec]) as system:
-        client = connect(url)
         print("ready", flush=True)
-        while not client.exists("go"):
-            time.sleep(0.002)
+        assert sys.stdin.readline().strip() == "go"
         workers = [threading.Thread(target=hammer, args=(system,)) for _ in range(threads)]
         for worker in workers:
             worker.start()
@@ -85,6 +81,7 @@ def two_processes_hammer(url: str, layout: str) -> dict[str, int]:
         subprocess.Popen(
             [sys.executable, "-c", WORKER, url, str(THREADS), str(CALLS), layout],
             cwd=root,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -94,7 +91,10 @@ def two_processes_hammer(url: str, layout: str) -> dict[str, int]:
         for process in processes:
             assert process.stdout is not None
             assert process.stdout.readline().strip() == "ready"
-        connect(url).set("go", 1)
+        for process in processes:
+            assert process.stdin is not None
+            process.stdin.write("go\n")
+            process.stdin.flush()
         totals = {"window": 0, "bucket": 0}
         for process in processes:
             out, _ = process.communicate(timeout=60)

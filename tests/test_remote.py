@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 import corral
+from corral._wire import GROUP, stream_key
 from corral.client import Client
 from corral.config import (
     BusSection,
@@ -34,7 +35,6 @@ from corral.errors import BackendUnavailable, ManagerUnavailable, NotFound, Time
 from corral.messages.base import MAX_TIMEOUT, Count, ErrorReply, Message
 from corral.messages.codec import Codec
 from corral.messages.system import Ping, Pong, SupervisorChildChanged
-from corral.remote import GROUP, stream_key
 from tests.redis_server import RedisServer
 from tests.support import Done, Work, metric, next_event, scrape, wait_until
 

@@ -29,10 +29,12 @@ import websockets
 
 import corral
 from corral._redis import SyncRedis, connect
+from corral._wire import record_key, stream_key
 from corral.actors.cache import CacheManager
 from corral.actors.websocket._signing import ChannelSigner
 from corral.bus import RedisBus
 from corral.client import Client
+from corral.clock import ManualClock
 from corral.config import BusSection, CodecSection, Config, ManagerSection
 from corral.daemon import Daemon
 from corral.messages.base import ErrorReply, Event, Message, message
@@ -44,16 +46,10 @@ from corral.messages.cache import (
     CacheStats,
 )
 from corral.messages.codec import Codec
-from corral.messages.state import (
-    StateRegister,
-    StateUpdate,
-    events_stream_key,
-    partition_of,
-)
+from corral.messages.state import StateRegister, StateUpdate
 from corral.messages.system import Ping, Pong
 from corral.messages.websocket import WsEmitToRoom, WsJoinRoom
-from corral.remote import record_key, stream_key
-from corral.streams import DurableSubscription, signed_parts
+from corral.streams import DurableSubscription, events_stream_key, partition_of, signed_parts
 from corral.system import System
 from tests.redis_server import RedisServer
 from tests.support import Done, Work, wait_until
@@ -121,8 +117,11 @@ def stale(data: bytes, channel: str, window: float) -> bytes:
 
 def test_the_bus_takes_only_fresh_genuine_events(redis_server: RedisServer) -> None:
     url, channel = redis_server.url, "sig:notes"
-    receiver = RedisBus(url, namespace="sig", codec=Codec(keys=[b"k2", b"k1"], replay_window=2))
-    sender = RedisBus(url, namespace="sig", codec=Codec(keys=[b"k2"]))
+    clock = ManualClock()
+    receiver = RedisBus(
+        url, namespace="sig", codec=Codec(keys=[b"k2", b"k1"], replay_window=2, clock=clock.time)
+    )
+    sender = RedisBus(url, namespace="sig", codec=Codec(keys=[b"k2"], clock=clock.time))
     old_sender = RedisBus(url, namespace="sig", codec=Codec(keys=[b"k1"]))  # before rotation
     spy = redis.Redis.from_url(url).pubsub()  # type: ignore[no-untyped-call]
     spy.subscribe(channel)
@@ -147,7 +146,7 @@ def test_the_bus_takes_only_fresh_genuine_events(redis_server: RedisServer) -> N
             assert raw.publish(channel, payload) == 1
         assert raw.publish("sig:other", genuine) == 1  # signed for another channel
         wait_until(lambda: receiver.stats()["rejected"] == len(attacks) + 1)
-        time.sleep(2.5)  # the captured event itself, once the window has passed
+        clock.advance(2.5)  # the captured event itself, once the window has passed
         assert raw.publish(channel, genuine) == 1
         wait_until(lambda: receiver.stats()["rejected"] == len(attacks) + 2)
         sender.publish("notes", Note(n=7))

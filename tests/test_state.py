@@ -147,7 +147,8 @@ def test_history_keeps_the_latest_changes_and_events_carry_offsets(system: Syste
 
 def test_a_removed_state_takes_its_history_with_it(system: System) -> None:
     """The same on both backends: NotFound after a delete or an expiry, and a state
-    created again under the id starts a new history."""
+    created again under the id starts a new history, at the version after the removed
+    one's (a compare-and-set client never sees a version twice)."""
     register(system, data={"n": 0})
     system.ask(StateUpdate(state_id="u1", data={"n": 1}))
     system.ask(StateDelete(state_id="u1"))
@@ -155,7 +156,7 @@ def test_a_removed_state_takes_its_history_with_it(system: System) -> None:
         system.ask(StateGetHistory(state_id="u1"))
     register(system, data={"n": 2})
     history = system.ask(StateGetHistory(state_id="u1")).entries
-    assert [(e.transition, e.version, e.new) for e in history] == [("create", 1, {"n": 2})]
+    assert [(e.transition, e.version, e.new) for e in history] == [("create", 4, {"n": 2})]
 
     register(system, "s1", state_type="Session", ttl=0.05)
     wait_until(lambda: _gone(system, "s1"))

@@ -11,9 +11,9 @@ import redis
 
 from corral.actors.state import StateManager
 from corral.config import Config
-from corral.messages.state import StateChanged, StateRegister, StateUpdate, events_stream_key
+from corral.messages.state import StateChanged, StateRegister, StateUpdate
 from corral.messages.stream import StreamGap
-from corral.streams import DurableSubscription
+from corral.streams import DurableSubscription, events_stream_key
 from corral.supervisor import ChildSpec
 from corral.system import System
 from tests.redis_server import ClusterGroup, RedisServer

@@ -11,6 +11,7 @@ import pytest
 from pykka import ActorDeadError
 
 from corral._runtime import Envelope, Mailbox
+from corral.clock import ManualClock
 from corral.config import Config, SupervisorSection, SystemSection
 from corral.errors import ConfigError, ManagerUnavailable, NotFound, Overloaded
 from corral.messages.system import HealthChanged, SupervisorChildChanged
@@ -39,11 +40,20 @@ def spec(name: str, **kwargs: Any) -> ChildSpec:
     return ChildSpec(name=name, manager=Worker, **kwargs)
 
 
-def make_system(*specs: ChildSpec, supervisor: SupervisorSection = FAST, **system: Any) -> System:
+def make_system(
+    *specs: ChildSpec,
+    supervisor: SupervisorSection = FAST,
+    clock: ManualClock | None = None,
+    **system: Any,
+) -> System:
     config = Config().replace(
         supervisor=supervisor, system=SystemSection(ask_timeout=3.0, **system)
     )
-    return System(config, managers=specs)
+    return System(config, managers=specs, clock=clock)
+
+
+def state(system: System, name: str) -> str:
+    return system.supervisor.snapshot().managers[name].state
 
 
 @pytest.fixture
@@ -174,17 +184,22 @@ def test_strategies_restart_the_right_children(strategy: str, restarted: set[str
     ],
 )
 def test_restart_policies(restart: str, after_crash: str, after_normal_stop: str) -> None:
-    with make_system(spec("w", restart=restart)) as system:
+    clock = ManualClock()
+    with make_system(spec("w", restart=restart), clock=clock) as system:
         system.tell(Work(target="w", action="crash"))
-        wait_until(lambda: system.supervisor.snapshot().managers["w"].state == after_crash)
+        wait_until(lambda: state(system, "w") != "running")  # the crash is handled
+        clock.advance(FAST.backoff_max)  # a restart, if one is coming, is due
+        system.supervisor.settle()
+        assert state(system, "w") == after_crash
         if after_crash != "running":
             with pytest.raises(ManagerUnavailable, match="'w' is failed"):
                 system.ask(Work(target="w"))
             return
         system.tell(Work(target="w", action="stop"))
-        wait_until(lambda: system.supervisor.snapshot().managers["w"].state == after_normal_stop)
-        time.sleep(0.2)  # a restart, if one were (wrongly) coming, would have happened by now
-        assert system.supervisor.snapshot().managers["w"].state == after_normal_stop
+        wait_until(lambda: state(system, "w") != "running")
+        clock.advance(FAST.backoff_max)
+        system.supervisor.settle()
+        assert state(system, "w") == after_normal_stop
 
 
 def test_intensity_exceeded_escalates() -> None:
@@ -195,11 +210,11 @@ def test_intensity_exceeded_escalates() -> None:
     with system:
         health_events = system.subscribe("health.changed")
         for _ in range(3):
-            wait_until(lambda: system.supervisor.live_ref("w") is not None or escalations)
+            ref = wait_until(lambda: system.supervisor.live_ref("w") or escalations)
             if escalations:
                 break
             system.tell(Work(target="w", action="crash"))
-            time.sleep(0.05)
+            wait_until(lambda: system.supervisor.live_ref("w") is not ref)  # noqa: B023
         wait_until(lambda: escalations)
         assert "3 restarts within 30s (max 2)" in escalations[0]
         assert system.health().status == "unhealthy"
@@ -218,20 +233,43 @@ def test_backoff_doubles_between_restarts() -> None:
     policy = SupervisorSection(
         **{**FAST.__dict__, "backoff_initial": 0.1, "backoff_max": 1.0, "backoff_jitter": 0.0}
     )
-    restarted_at: list[float] = []
-    with make_system(spec("w"), supervisor=policy) as system:
-        system.subscribe(
-            "supervisor.child.restarted", callback=lambda d: restarted_at.append(time.monotonic())
-        )
-        crashed_at = []
-        for n in range(1, 4):
-            wait_until(lambda: system.supervisor.live_ref("w") is not None)
-            crashed_at.append(time.monotonic())
+    clock = ManualClock()
+    with make_system(spec("w"), supervisor=policy, clock=clock) as system:
+        for n, backoff in enumerate([0.1, 0.2, 0.4], 1):
             system.tell(Work(target="w", action="crash"))
-            wait_until(lambda: len(restarted_at) == n)  # noqa: B023 - waited on at once
-        gaps = [r - c for r, c in zip(restarted_at, crashed_at, strict=True)]
-        for gap, expected in zip(gaps, [0.1, 0.2, 0.4], strict=True):
-            assert expected * 0.9 <= gap < expected + 0.25, gaps
+            wait_until(lambda: state(system, "w") == "restarting")
+            clock.advance(backoff - 0.001)
+            system.supervisor.settle()
+            assert state(system, "w") == "restarting"  # not yet
+            clock.advance(0.002)
+            system.supervisor.settle()
+            assert state(system, "w") == "running"
+            assert system.supervisor.snapshot().managers["w"].restarts == n
+
+
+def test_restarts_further_apart_than_the_period_do_not_escalate() -> None:
+    policy = SupervisorSection(**{**FAST.__dict__, "max_restarts": 2, "period": 30.0})
+    escalations: list[str] = []
+    clock = ManualClock()
+    config = Config().replace(supervisor=policy)
+    system = System(config, managers=[spec("w")], on_escalate=escalations.append, clock=clock)
+    with system:
+
+        def crash_and_restart(after: float) -> None:
+            system.tell(Work(target="w", action="crash"))
+            wait_until(lambda: state(system, "w") == "restarting")
+            clock.advance(after)
+            system.supervisor.settle()
+            assert state(system, "w") == "running" and not escalations
+
+        for _ in range(4):
+            crash_and_restart(after=15.01)  # never more than two restarts in 30 s
+        clock.advance(30.0)  # the window forgets them all
+        crash_and_restart(after=FAST.backoff_max)
+        crash_and_restart(after=FAST.backoff_max)
+        system.tell(Work(target="w", action="crash"))
+        wait_until(lambda: escalations)
+        assert "3 restarts within 30s (max 2)" in escalations[0]
 
 
 def test_hung_actor_is_replaced_and_its_thread_reported() -> None:

@@ -36,10 +36,9 @@ from corral.messages.state import (
     StateRegister,
     StateUpdate,
     StateWrite,
-    partition_of,
-    partition_prefix,
 )
 from corral.messages.system import Ping
+from corral.streams import partition_of, partition_prefix
 from corral.system import System
 from tests.redis_server import ClusterGroup, RedisServer, SentinelGroup
 from tests.support import corral_command, next_event, wait_until

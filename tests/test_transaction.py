@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +17,7 @@ from corral.actors.state import StateManager
 from corral.actors.transaction import TransactionManager
 from corral.actors.transaction._redis import RedisStore
 from corral.actors.transaction._store import TransactionRecord
+from corral.clock import ManualClock
 from corral.config import Config
 from corral.errors import Conflict, NotFound
 from corral.ext.transaction import Transaction, on_commit, transaction
@@ -45,7 +45,7 @@ from tests.redis_server import RedisServer
 from tests.support import next_event, wait_until
 
 
-def start_system(backend: str, redis_url: str) -> System:
+def start_system(backend: str, redis_url: str, clock: ManualClock | None = None) -> System:
     """State and transaction managers, both on ``backend``; on Redis, sharing ``redis_url``'s
     data with any other system started so (as daemons of one namespace do)."""
     specs = [
@@ -56,12 +56,15 @@ def start_system(backend: str, redis_url: str) -> System:
                   options={"backend": backend, "sweep_interval": 0.05}, redis_url=redis_url,
                   depends_on=("state",)),
     ]  # fmt: skip
-    return System(Config(), managers=specs).start()
+    return System(Config(), managers=specs, clock=clock).start()
 
 
 @pytest.fixture(params=["memory", "redis"])
 def system(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[System]:
-    system = start_system(request.param, redis_server.url if request.param == "redis" else "")
+    if request.param == "memory":
+        system = start_system("memory", "", ManualClock())
+    else:
+        system = start_system("redis", redis_server.url)
     assert system.ask(HealthCheck(target="transaction")).details["backend"] == request.param
     with system.subscribe("state.changed.*") as sub:
         for state_id in ("a", "b"):
@@ -73,6 +76,25 @@ def system(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterato
 
 def data(system: System, state_id: str) -> object:
     return system.ask(StateGet(state_id=state_id)).data
+
+
+def record_key(redis_url: str, transaction_id: str) -> str:
+    """Where a system of the default namespace keeps the transaction on Redis."""
+    with contextlib.closing(RedisStore(redis_url, namespace="corral")) as store:
+        return store.keys(transaction_id)[0]
+
+
+def idle_past_timeout(system: System, redis_url: str, transaction_id: str, timeout: float) -> None:
+    """The transaction's idle timeout runs out. In memory the system's manual clock moves
+    past it; on Redis, whose key TTL times it (and cannot be moved), wait until Redis has
+    expired the record."""
+    clock = system.supervisor.clock
+    if isinstance(clock, ManualClock):
+        clock.advance(timeout)
+        return
+    with redis.Redis.from_url(redis_url) as client:
+        key = record_key(redis_url, transaction_id)
+        wait_until(lambda: not client.exists(key))
 
 
 def undone_block(
@@ -200,12 +222,12 @@ def test_bad_writes_are_refused_at_once(system: System) -> None:
         system.ask(StateGet(state_id="a"))
 
 
-def test_an_idle_transaction_is_rolled_back(system: System) -> None:
+def test_an_idle_transaction_is_rolled_back(system: System, redis_server: RedisServer) -> None:
     tid = system.ask(TransactionBegin(idle_timeout=0.1)).transaction_id
     write = StateWrite(state_id="a", transition="update", data={"n": 1})
     system.ask(TransactionWrite(transaction_id=tid, write=write))
 
-    time.sleep(0.2)  # asking meanwhile would keep it open
+    idle_past_timeout(system, redis_server.url, tid, 0.1)  # asking meanwhile would keep it open
     if system.ask(HealthCheck(target="transaction")).details["backend"] == "memory":
         # Swept by the manager, not only refused when asked for.
         wait_until(lambda: system.ask(HealthCheck(target="transaction")).metrics["open"] == 0)
@@ -293,17 +315,23 @@ def test_concurrent_writers_on_two_systems_lose_no_write(
 
 
 def test_an_idle_transaction_is_rolled_back_for_every_system(
-    two_systems: tuple[System, System],
+    two_systems: tuple[System, System], redis_server: RedisServer
 ) -> None:
     first, second = two_systems
-    tid = first.ask(TransactionBegin(idle_timeout=0.2)).transaction_id
+    tid = first.ask(TransactionBegin(idle_timeout=30)).transaction_id
+    record = record_key(redis_server.url, tid)
     write = StateWrite(state_id="a", transition="update", data={"n": 1})
-    second.ask(TransactionWrite(transaction_id=tid, write=write))  # restarts the timeout
-    time.sleep(0.1)
-    first.ask(TransactionGet(transaction_id=tid, state_id="a"))  # so does a read
-    time.sleep(0.1)
-    assert second.ask(TransactionGet(transaction_id=tid, state_id="a")).data == {"n": 1}
-    time.sleep(0.3)
+    with redis.Redis.from_url(redis_server.url) as client:
+        # Redis's TTL times the timeout: shortened, it stands for most of it gone by.
+        client.pexpire(record, 2000)
+        second.ask(TransactionWrite(transaction_id=tid, write=write))  # restarts the timeout
+        assert client.pttl(record) > 2000
+        client.pexpire(record, 2000)
+        first.ask(TransactionGet(transaction_id=tid, state_id="a"))  # so does a read
+        assert client.pttl(record) > 2000
+        assert second.ask(TransactionGet(transaction_id=tid, state_id="a")).data == {"n": 1}
+        client.pexpire(record, 1)
+        wait_until(lambda: not client.exists(record))  # idle past its timeout
     for system in two_systems:
         with pytest.raises(NotFound, match="rolled back after its idle timeout"):
             system.ask(TransactionWrite(transaction_id=tid, write=write))

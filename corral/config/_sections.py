@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NoReturn
 
 from corral._redis import parse_url
+from corral.bus import DEFAULT_CALLBACK_THREADS, MAX_CALLBACK_THREADS
 from corral.config._values import Mismatch, Text, convert, hide, mask
 from corral.errors import ConfigError
 from corral.messages.base import MAX_TIMEOUT
@@ -164,6 +165,10 @@ class BusSection(Section):
     url: str = field(default="redis://127.0.0.1:6379/0", metadata=REDIS_URL)
     namespace: str = "corral"
     queue_size: int = field(default=10_000, metadata=_SIZE)
+    callback_threads: int = field(
+        default=DEFAULT_CALLBACK_THREADS, metadata={"ge": 1, "le": MAX_CALLBACK_THREADS}
+    )
+    """Threads the callbacks of every callback subscription run on."""
     reconnect_initial: float = field(default=0.1, metadata={"ge": 0, "le_field": "reconnect_max"})
     reconnect_max: float = field(default=5.0, metadata={"ge": 0, "le": MAX_TIMEOUT})
 

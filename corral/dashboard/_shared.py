@@ -28,8 +28,8 @@ from collections.abc import Iterable
 from typing import Any, Literal, cast
 
 from corral._redis import AsyncRedis, connect_async, time_ms
+from corral._wire import alive_key
 from corral.dashboard._events import EVENT_KINDS, EVENTS_KEPT, Cursor
-from corral.remote import alive_key
 
 __all__ = ["EVENTS_TTL", "STATUS_TTL", "SharedView", "events_key", "status_key"]
 

@@ -207,7 +207,8 @@ class Codec:
     ``keys``: HMAC keys. The first signs; any of them verifies, so keys can be
     rotated. With keys set, an unsigned or badly signed message is rejected.
     ``replay_window``: seconds the guards of :meth:`replay_guard` accept a signed
-    timestamp for (``codec.replay_window``).
+    timestamp for (``codec.replay_window``). ``clock``: the time (unix seconds) that
+    envelopes are stamped with and guards judge them by; None: the machine's.
     """
 
     def __init__(
@@ -217,11 +218,13 @@ class Codec:
         max_size: int = DEFAULT_MAX_SIZE,
         max_depth: int = DEFAULT_MAX_DEPTH,
         replay_window: float = DEFAULT_REPLAY_WINDOW,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.signer = Signer(keys)
         self.max_size = max_size
         self.max_depth = max_depth
         self.replay_window = replay_window
+        self.clock = clock
 
     @property
     def max_depth(self) -> int:
@@ -249,7 +252,7 @@ class Codec:
 
     def replay_guard(self, *, remember: bool = True) -> ReplayGuard:
         """A guard for one receiver's :meth:`decode` calls, over this codec's window."""
-        return ReplayGuard(self.replay_window, remember=remember)
+        return ReplayGuard(self.replay_window, remember=remember, clock=self.clock)
 
     def encode(
         self,
@@ -265,13 +268,14 @@ class Codec:
 
         ``deadline`` (unix ms, 0: none): a request's, inside the signature.
         """
+        clock = self.clock
         envelope = _Outgoing(
             message.type_name,
             message.wire_version,
             id or new_id(),
             correlation,
             reply_to,
-            time.time_ns() // 1_000_000,
+            time.time_ns() // 1_000_000 if clock is None else int(clock() * 1000),
             message,
             deadline,
         )

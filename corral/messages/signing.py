@@ -24,7 +24,7 @@ import hmac
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from corral.errors import InvalidMessage
 
@@ -108,7 +108,8 @@ class ReplayGuard:
     and forgotten once their set has left the window. Past ``capacity`` ids, the oldest
     set is forgotten early and timestamps before its end are refused from then on: the
     window shortens rather than memory growing. ``remember=False`` checks timestamps only
-    (for a channel whose duplicates something else catches).
+    (for a channel whose duplicates something else catches). ``clock``: this receiver's
+    time, in unix seconds (None: the machine's).
     """
 
     def __init__(
@@ -117,9 +118,11 @@ class ReplayGuard:
         *,
         capacity: int = DEFAULT_REPLAY_CAPACITY,
         remember: bool = True,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         if not (math.isfinite(window) and window > 0) or capacity < 1:
             raise ValueError("need a finite window > 0 and a capacity >= 1")
+        self.clock = clock
         self.window = window
         self.window_ms = max(1, int(window * 1000))
         self.capacity = capacity
@@ -142,7 +145,12 @@ class ReplayGuard:
         ``valid_until`` (unix ms): a signed deadline that keeps a message acceptable past
         the window (a request waiting for a daemon); its timestamp must still not be ahead.
         """
-        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        if now_ms is not None:
+            now = now_ms
+        elif self.clock is None:
+            now = time.time_ns() // 1_000_000
+        else:
+            now = int(self.clock() * 1000)
         window = self.window_ms
         if ts > now + window:
             raise InvalidMessage(

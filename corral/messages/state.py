@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import zlib
 from typing import Annotated, Any
 
 from corral.messages.base import Event, Offset, Range, Reply, Request, Ttl, message
@@ -56,10 +55,8 @@ __all__ = [
     "StateWrite",
     "TransitionRule",
     "changed_topic",
-    "events_stream_key",
-    "partition_of",
-    "partition_prefix",
-    "partitions_key",
+    "entered_topic",
+    "exited_topic",
 ]
 
 
@@ -137,34 +134,15 @@ DEFAULT_PARTITIONS = 16
 Partition = Annotated[int, Range(ge=0, le=MAX_PARTITIONS - 1)]
 
 
-def partition_of(state_id: str, partitions: int) -> int:
-    """The partition a state lives in: by the hash of its Redis hash tag (the text
-    between the first ``{`` and the next ``}``, when not empty), else of its whole id,
-    so states that share a tag share a partition (and may change in one commit)."""
-    if partitions <= 1:
-        return 0
-    start = state_id.find("{")
-    if start >= 0:
-        end = state_id.find("}", start + 1)
-        if end > start + 1:
-            state_id = state_id[start + 1 : end]
-    return zlib.crc32(state_id.encode()) % partitions
+def entered_topic(state_type: str = "*", status: str = "*") -> str:
+    """Where a state of a declared machine's type is announced as it enters ``status``
+    (the :class:`StateChanged` of the transition)."""
+    return f"state.entered.{state_type}.{status}"
 
 
-def partition_prefix(namespace: str, partition: int) -> str:
-    """The start of every Redis key of one partition: one hash tag, so one cluster slot."""
-    return f"{namespace}:{{state:{partition}}}:"
-
-
-def events_stream_key(namespace: str = "corral", partition: int = 0) -> str:
-    """The Redis Stream that holds every state change of one partition of a namespace,
-    by offset (what a durable subscription to ``state.changed.*`` reads)."""
-    return partition_prefix(namespace, partition) + "events"
-
-
-def partitions_key(namespace: str = "corral") -> str:
-    """Where the state manager records how many partitions its namespace has."""
-    return f"{namespace}:state:partitions"
+def exited_topic(state_type: str = "*", status: str = "*") -> str:
+    """Where a state of a declared machine's type is announced as it leaves ``status``."""
+    return f"state.exited.{state_type}.{status}"
 
 
 def changed_topic(state_type: str = "*", state_id: str = "*") -> str:
@@ -208,6 +186,8 @@ class StateChanged(Event):
     ts: int
     status: str = ""
     partition: Partition = 0
+    previous_status: str = ""
+    """The status before the change ("" for a create)."""
 
 
 @message("state.write")
@@ -336,11 +316,13 @@ class StateExpireDue(Request[StateExpired]):
 
 @message("state.machine_transition")
 class StateMachineTransition(Reply):
-    """One declared transition: from any of ``source`` (``["*"]``: from any state) to ``dest``."""
+    """One declared transition: from any of ``source`` (``["*"]``: from any state) to
+    ``dest``, when its ``guard`` (an expression over the state's data, empty: none) holds."""
 
     name: str
     source: list[str]
     dest: str
+    guard: str = ""
 
 
 @message("state.machine")

@@ -40,7 +40,6 @@ import logging
 import math
 import secrets
 import threading
-import time
 import typing
 from typing import Any, NoReturn
 
@@ -51,6 +50,7 @@ from corral.actors.auth._memory import MemoryStore
 from corral.actors.auth._options import AuthOptions
 from corral.actors.auth._redis import RedisStore
 from corral.actors.auth._store import Pair, Store
+from corral.clock import Clock
 from corral.errors import (
     BackendUnavailable,
     ConfigError,
@@ -119,13 +119,14 @@ _REASONS: tuple[tuple[type[Exception], str], ...] = (
 
 # Per namespace and process, so that a restarted auth actor keeps its denylist and secret.
 _shared_lock = threading.Lock()
-_memory_stores: dict[str, MemoryStore] = {}
+_memory_stores: dict[tuple[str, Clock], MemoryStore] = {}
 _ephemeral_secrets: dict[tuple[str, str], bytes] = {}
 
 
-def _memory_store(namespace: str) -> MemoryStore:
+def _memory_store(namespace: str, clock: Clock) -> MemoryStore:
+    # Systems share a store only when they share a clock (every SystemClock is the same).
     with _shared_lock:
-        return _memory_stores.setdefault(namespace, MemoryStore())
+        return _memory_stores.setdefault((namespace, clock), MemoryStore(clock))
 
 
 def _ephemeral_secret(namespace: str, algorithm: str) -> bytes:
@@ -166,6 +167,7 @@ class AuthManager(Manager[AuthOptions]):
     def on_start(self) -> None:
         settings = self.options
         namespace = self.corral_context.namespace
+        self.clock = self.corral_context.clock
         self.keys = settings.keyring(
             ephemeral_secret=_ephemeral_secret(namespace, settings.algorithm)
         )
@@ -194,12 +196,14 @@ class AuthManager(Manager[AuthOptions]):
         if backend == "auto":
             backend = "redis" if url else "memory"
         if backend == "memory":
-            return _memory_store(context.namespace)
+            return _memory_store(context.namespace, context.clock)
         if not url:
             raise ConfigError(
                 f"managers.{context.name}.backend: 'redis' needs redis_url or a Redis bus"
             )
-        return RedisStore(url, namespace=context.namespace, timeout=settings.redis_timeout)
+        return RedisStore(
+            url, namespace=context.namespace, timeout=settings.redis_timeout, clock=context.clock
+        )
 
     def health(self) -> Health:
         details: dict[str, Any] = {
@@ -245,7 +249,7 @@ class AuthManager(Manager[AuthOptions]):
         if msg.scopes:
             extra["scope"] = " ".join(msg.scopes)
         self._check_claims(msg.subject, extra)
-        issued_at = max(int(time.time()), self.store.not_before(msg.subject))
+        issued_at = max(int(self.clock.time()), self.store.not_before(msg.subject))
         self.corral_metrics.add(ISSUED)
         if not msg.refresh:
             return AuthTokens(
@@ -286,7 +290,7 @@ class AuthManager(Manager[AuthOptions]):
             )
         extra = {"room": msg.room}
         self._check_claims(msg.subject, extra)
-        issued_at = max(int(time.time()), self.store.not_before(msg.subject))
+        issued_at = max(int(self.clock.time()), self.store.not_before(msg.subject))
         self.corral_metrics.add(ISSUED)
         token = self._sign(msg.subject, "subscription", None, extra, issued_at=issued_at, ttl=ttl)
         return AuthTokens(access_token=token, expires_in=ttl)
@@ -323,7 +327,7 @@ class AuthManager(Manager[AuthOptions]):
         successor = Pair(
             secrets.token_urlsafe(16),
             secrets.token_urlsafe(16),
-            max(int(time.time()), not_before),
+            max(int(self.clock.time()), not_before),
         )
         outcome, pair, deadline = self.store.rotate(
             family,
@@ -350,7 +354,7 @@ class AuthManager(Manager[AuthOptions]):
     @handles(AuthRevoke)
     def revoke(self, msg: AuthRevoke) -> AuthRevoked:
         payload = self._verified(msg.token, None, verify_exp=False)
-        ttl = math.ceil(int(payload["exp"]) + self.options.leeway - time.time())
+        ttl = math.ceil(int(payload["exp"]) + self.options.leeway - self.clock.time())
         if ttl > 0:
             self.store.deny(payload["jti"], ttl)
         family = payload.get("fam")
@@ -366,7 +370,7 @@ class AuthManager(Manager[AuthOptions]):
             raise InvalidMessage("must not be empty", path="subject")
         # The next whole second: every token issued up to now has an earlier iat, and
         # tokens issued later in this second carry this iat (see ``issue``).
-        not_before = int(time.time()) + 1
+        not_before = int(self.clock.time()) + 1
         self.store.revoke_user(msg.subject, not_before, self.not_before_ttl)
         self.corral_metrics.add(REVOKED)
         log.info("auth: every token of %r issued so far is revoked", msg.subject)
@@ -506,7 +510,7 @@ class AuthManager(Manager[AuthOptions]):
             raise InvalidMessage(f"must be > 0 and <= {MAX_TTL} s", path="ttl")
         key_id = secrets.token_hex(8)
         secret = secrets.token_hex(32)
-        created_at = time.time()
+        created_at = self.clock.time()
         expires_at = created_at + msg.ttl if msg.ttl is not None else None
         record = {
             "hash": _digest(secret),
@@ -533,14 +537,14 @@ class AuthManager(Manager[AuthOptions]):
         missing = [scope for scope in msg.scopes if scope not in found.scopes]
         if not hmac.compare_digest(record.get("hash", ""), _digest(secret)):
             refusal = ("invalid_api_key", "unknown or revoked API key")
-        elif found.expires_at is not None and found.expires_at <= time.time():
+        elif found.expires_at is not None and found.expires_at <= self.clock.time():
             refusal = ("expired", "the API key has expired")
         elif missing:
             refusal = ("insufficient_scope", f"the API key lacks the scope {missing[0]!r}")
         self._audit(found, "accepted" if refusal is None else refusal[0], msg.scopes)
         if refusal is not None:
             self._reject(*refusal)
-        used_at = time.time()
+        used_at = self.clock.time()
         self.store.update_api_key(key_id, {"last_used_at": repr(used_at)})
         return dataclasses.replace(found, last_used_at=used_at)
 

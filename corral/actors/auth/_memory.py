@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import heapq
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from corral.actors.auth._store import Pair, Rotation
+from corral.clock import Clock, SystemClock
 
 __all__ = ["MemoryStore"]
 
@@ -28,8 +27,8 @@ class MemoryStore:
 
     kind = "memory"
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
+    def __init__(self, clock: Clock | None = None) -> None:
+        self.clock = clock or SystemClock()
         self.lock = threading.Lock()
         self.denied: dict[str, tuple[float, bool]] = {}
         self.families: dict[str, tuple[float, _Family]] = {}
@@ -39,7 +38,7 @@ class MemoryStore:
 
     def is_revoked(self, jti: str, family: str | None, subject: str, issued_at: float) -> bool:
         with self.lock:
-            now = self.clock()
+            now = self.clock.monotonic()
             if self._live(self.denied.get(jti), now):
                 return True
             user = self.users.get(subject)
@@ -58,17 +57,18 @@ class MemoryStore:
     def not_before(self, subject: str) -> int:
         with self.lock:
             user = self.users.get(subject)
-            return user[1] if user is not None and self._live(user, self.clock()) else 0
+            return user[1] if user is not None and self._live(user, self.clock.monotonic()) else 0
 
     def deny(self, jti: str, ttl: int) -> None:
         with self.lock:
             self._purge()
-            if not self._live(self.denied.get(jti), self.clock()):  # NX: the first TTL stays
+            # NX: the first TTL stays.
+            if not self._live(self.denied.get(jti), self.clock.monotonic()):
                 self.denied[jti] = (self._expire("denied", jti, ttl), True)
 
     def is_denied(self, jti: str) -> bool:
         with self.lock:
-            return self._live(self.denied.get(jti), self.clock())
+            return self._live(self.denied.get(jti), self.clock.monotonic())
 
     def start_family(self, family: str, pair: Pair, *, deadline: int, ttl: int) -> None:
         with self.lock:
@@ -80,12 +80,12 @@ class MemoryStore:
         self, family: str, presented: str, successor: Pair, *, grace: float, ttl: int
     ) -> tuple[Rotation, Pair, int]:
         with self.lock:
-            now = self.clock()
+            now = self.clock.monotonic()
             entry = self.families.get(family)
             if entry is None or not self._live(entry, now) or entry[1].revoked:
                 return "revoked", successor, 0
             record = entry[1]
-            if time.time() >= record.deadline:
+            if self.clock.time() >= record.deadline:
                 return "expired", successor, record.deadline
             if record.current.refresh_jti == presented:
                 record.current, record.previous, record.rotated_at = successor, presented, now
@@ -114,24 +114,24 @@ class MemoryStore:
     def get_api_key(self, key_id: str) -> dict[str, str] | None:
         with self.lock:
             entry = self.api_keys.get(key_id)
-            return dict(entry[1]) if entry and self._live(entry, self.clock()) else None
+            return dict(entry[1]) if entry and self._live(entry, self.clock.monotonic()) else None
 
     def delete_api_key(self, key_id: str) -> dict[str, str] | None:
         with self.lock:
             entry = self.api_keys.pop(key_id, None)
-            return entry[1] if entry and self._live(entry, self.clock()) else None
+            return entry[1] if entry and self._live(entry, self.clock.monotonic()) else None
 
     def update_api_key(self, key_id: str, changes: dict[str, str]) -> dict[str, str] | None:
         with self.lock:
             entry = self.api_keys.get(key_id)
-            if entry is None or not self._live(entry, self.clock()):
+            if entry is None or not self._live(entry, self.clock.monotonic()):
                 return None
             entry[1].update(changes)
             return dict(entry[1])
 
     def api_keys_of(self, owner: str) -> dict[str, dict[str, str]]:
         with self.lock:
-            now = self.clock()
+            now = self.clock.monotonic()
             return {
                 key_id: dict(record)
                 for key_id, (expires, record) in self.api_keys.items()
@@ -145,13 +145,13 @@ class MemoryStore:
         return None
 
     def _expire(self, table: str, key: str, ttl: int) -> float:
-        when = self.clock() + ttl
+        when = self.clock.monotonic() + ttl
         heapq.heappush(self.expiries, (when, table, key))
         return when
 
     def _purge(self) -> None:
         """Drop what has expired; an entry whose expiry moved on since is left alone."""
-        now = self.clock()
+        now = self.clock.monotonic()
         tables: dict[str, dict[str, tuple[float, Any]]] = {
             "denied": self.denied,
             "families": self.families,

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, cast
 
 from corral._redis import REDIS_ERRORS, connect
 from corral.actors.auth._store import Pair, Rotation
+from corral.clock import Clock, SystemClock
 from corral.errors import BackendUnavailable
 
 __all__ = ["RedisStore"]
@@ -55,8 +55,11 @@ class RedisStore:
 
     kind = "redis"
 
-    def __init__(self, url: str, *, namespace: str, timeout: float) -> None:
+    def __init__(
+        self, url: str, *, namespace: str, timeout: float, clock: Clock | None = None
+    ) -> None:
         self.url = url
+        self.clock = clock or SystemClock()
         self.prefix = f"{namespace}:auth"
         self.client = connect(
             url,
@@ -111,7 +114,7 @@ class RedisStore:
     def rotate(
         self, family: str, presented: str, successor: Pair, *, grace: float, ttl: int
     ) -> tuple[Rotation, Pair, int]:
-        now_ms = int(time.time() * 1000)
+        now_ms = int(self.clock.time() * 1000)
         args: list[str | int] = [presented, successor.refresh_jti, successor.access_jti]
         args += [successor.issued_at, now_ms, int(grace * 1000), max(1, ttl)]
         with self._backend("rotate a refresh token"):

@@ -224,7 +224,12 @@ class CacheManager(Manager[CacheOptions]):
 
     def _build(self, name: str, options: BackendOptions) -> Backend:
         if options.type == "memory":
-            store = MemoryStore(options.strategy, options.max_size, options.default_ttl)
+            store = MemoryStore(
+                options.strategy,
+                options.max_size,
+                options.default_ttl,
+                clock=self.corral_context.clock.monotonic,
+            )
             return MemoryBackend(name, store, Counters(self.corral_metrics, name))
         context = self.corral_context
         url = options.url or context.redis_url

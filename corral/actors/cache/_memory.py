@@ -59,8 +59,6 @@ __all__ = [
 
 Status = Literal["healthy", "degraded", "unhealthy"]
 
-Clock = Callable[[], float]
-
 
 class Entry:
     """An encoded value, when it expires (monotonic seconds; inf: never), and its tags."""
@@ -86,7 +84,7 @@ class MemoryStore:
         default_ttl: float | None,
         *,
         max_ttl: float | None = None,
-        clock: Clock = time.monotonic,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.strategy = strategy
         self.default_ttl = default_ttl

@@ -130,6 +130,7 @@ class PoolManager(Manager[PoolOptions]):
                 if options.discovery == "registry"
                 else None,
                 on_breaker=self._publish_later,
+                clock=self.corral_context.clock,
             )
             for name, options in settings.services.items()
         }

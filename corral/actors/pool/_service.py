@@ -3,7 +3,9 @@
 Everything here runs on the pool's asyncio loop thread, and only there, so it
 needs no locks::
 
-    service = Service("billing", options, latency_window=1000, metrics=ManagerMetrics())
+    service = Service(
+        "billing", options, latency_window=1000, metrics=ManagerMetrics(), clock=SystemClock()
+    )
     await service.start()
     response = await service.request(Call(method="GET", path="/invoices", idempotent=True))
     await service.close()
@@ -43,6 +45,7 @@ from corral.actors.pool._metrics import (
 from corral.actors.pool._options import ServiceOptions
 from corral.actors.pool._policy import parse_retry_after, retry_delay
 from corral.actors.pool._transport import AiohttpTransport
+from corral.clock import Clock
 from corral.errors import BackendUnavailable, RequestError, Timeout
 from corral.messages.pool import HttpResponse, PoolBreakerChanged
 from corral.messages.system import HealthStatus
@@ -76,6 +79,7 @@ class Endpoint:
         instance: Instance,
         options: ServiceOptions,
         on_transition: Callable[[Endpoint, BreakerState, BreakerState], None],
+        clock: Clock,
     ) -> None:
         self.url = instance.url.rstrip("/")
         self.host = instance.host
@@ -86,6 +90,7 @@ class Endpoint:
             options.breaker_open_seconds,
             probes=options.breaker_probes,
             on_transition=lambda old, new: on_transition(self, old, new),
+            clock=clock.monotonic,
         )
         self.outstanding = 0
         self.requests = 0
@@ -145,12 +150,14 @@ class Service:
         *,
         latency_window: int,
         metrics: ManagerMetrics,
+        clock: Clock,
         registry: tuple[str, str] | None = None,
         on_breaker: Callable[[PoolBreakerChanged], None] = lambda _event: None,
     ) -> None:
         self.name = name
         self.options = options
         self.metrics = metrics
+        self.clock = clock
         self.on_breaker = on_breaker
         """Told of every breaker transition (the manager publishes them)."""
         self.registry = registry
@@ -256,7 +263,7 @@ class Service:
         for instance in instances:
             endpoint = known.pop(instance.url.rstrip("/"), None)
             if endpoint is None:
-                endpoint = Endpoint(instance, self.options, self._breaker_moved)
+                endpoint = Endpoint(instance, self.options, self._breaker_moved, self.clock)
                 if self._client is not None:
                     self._start_probe(endpoint)
             endpoints.append(endpoint)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -127,7 +126,8 @@ class RatelimitManager(Manager[RatelimitOptions]):
     def on_start(self) -> None:
         settings = self.options
         self._take_rules(settings)
-        self.local = MemoryLimiter()
+        self.clock = self.corral_context.clock
+        self.local = MemoryLimiter(self.clock.time)
         self.redis: RedisLimiter | None = None
         self.down_until = 0.0
         self.last_error = ""
@@ -211,7 +211,7 @@ class RatelimitManager(Manager[RatelimitOptions]):
                 f"must be >= 0 (0: until unbanned) and <= {MAX_TTL} s", path="duration"
             )
         subject = self._subject(msg.level, msg.identifier, "")
-        until = time.time() + msg.duration if msg.duration > 0 else None
+        until = self.clock.time() + msg.duration if msg.duration > 0 else None
         self.local.ban(subject, until)  # honoured here even while Redis is away
         self._forget_cached(subject)
         if self.redis is not None:
@@ -350,7 +350,7 @@ class RatelimitManager(Manager[RatelimitOptions]):
                 (self.local.decide(subjects, cost=cost, consume=consume, policy=policy), False)
                 for _, subjects, cost in calls
             ]
-        if time.monotonic() >= self.down_until and calls:
+        if self.clock.monotonic() >= self.down_until and calls:
             owed = [
                 Call(subjects, cost, {s.key: self.pending_refusals.pop(s.key, 0) for s in subjects})
                 for _, subjects, cost in calls
@@ -385,7 +385,7 @@ class RatelimitManager(Manager[RatelimitOptions]):
 
     def _fallback(self, subjects: list[Subject], cost: int, consume: bool) -> list[SubjectResult]:
         """Redis is away: each rule's ``on_backend_error`` decides; ``local`` rules count here."""
-        now = time.time()
+        now = self.clock.time()
         wait = self.options.retry_interval
         fixed: dict[tuple[str, str], RuleResult] = {}
         local_subjects = []
@@ -424,7 +424,7 @@ class RatelimitManager(Manager[RatelimitOptions]):
         self, results: Sequence[SubjectResult], degraded: bool, cost: int = 0
     ) -> RatelimitDecision:
         """The reply; an uncharged rule that allowed reports what is left before this call."""
-        now = time.time()
+        now = self.clock.time()
         states = []
         exceeded = []
         banned = []
@@ -468,7 +468,7 @@ class RatelimitManager(Manager[RatelimitOptions]):
     def _remember_refusals(self, results: list[SubjectResult]) -> None:
         if not self.options.local_cache:
             return
-        now, wall = time.monotonic(), time.time()
+        now, wall = self.clock.monotonic(), self.clock.time()
         ttl = self.options.local_cache_ttl
         if len(self.over_limit) > _CACHE_SWEEP_SIZE:
             self.over_limit = {k: e for k, e in self.over_limit.items() if e.deadline > now}
@@ -497,7 +497,7 @@ class RatelimitManager(Manager[RatelimitOptions]):
         """
         if not self.over_limit:
             return None
-        now, wall = time.monotonic(), time.time()
+        now, wall = self.clock.monotonic(), self.clock.time()
         results = []
         for subject in subjects:
             result = SubjectResult(subject)
@@ -585,7 +585,7 @@ class RatelimitManager(Manager[RatelimitOptions]):
             log.warning("ratelimit: redis failed (%s); rules decide by on_backend_error", exc)
         self.corral_metrics.add(BACKEND_ERRORS)
         self.last_error = f"{type(exc).__name__}: {exc}"
-        self.down_until = time.monotonic() + self.options.retry_interval
+        self.down_until = self.clock.monotonic() + self.options.retry_interval
 
 
 def _key_safe(level: str, identifier: str) -> str:

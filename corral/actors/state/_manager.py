@@ -14,12 +14,25 @@ from typing import Literal, TypeVar
 
 import msgpack
 
-from corral._statemachine import check_state_id, check_write
+from corral._statemachine import (
+    apply_transition,
+    check_state_id,
+    check_write,
+    compile_guard,
+    guard_refused,
+)
 from corral._time import now_ms
 from corral.actors.state._memory import Backend, memory_backend_for
 from corral.actors.state._options import StateOptions
 from corral.actors.state._redis import RedisBackend
-from corral.errors import BackendUnavailable, ConfigError, CorralError, InvalidMessage, NotFound
+from corral.errors import (
+    BackendUnavailable,
+    ConfigError,
+    Conflict,
+    CorralError,
+    InvalidMessage,
+    NotFound,
+)
 from corral.manager import Manager, handles
 from corral.messages.state import (
     StateChanged,
@@ -38,6 +51,8 @@ from corral.messages.state import (
     StateUpdate,
     StateWrite,
     changed_topic,
+    entered_topic,
+    exited_topic,
 )
 from corral.messages.system import Health
 from corral.metrics import Counter
@@ -47,6 +62,9 @@ __all__ = ["StateManager"]
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+_GUARD_ATTEMPTS = 3
+"""Tries of a guarded write whose state changed between its guard's check and the write."""
 
 _PUBLISH_DRAIN_TIMEOUT = 5.0
 
@@ -75,6 +93,14 @@ class StateManager(Manager[StateOptions]):
             kind = "redis" if url else "memory"
         self.backend: Backend
         self.machines = settings.state_machines()
+        self.guards = {
+            (state_type, transition.name): (transition.guard, compile_guard(transition.guard))
+            for state_type, machine in self.machines.items()
+            for transition in machine.transitions
+            if transition.guard
+        }
+        """(state type, transition) -> its guard's text and the guard, for declared guards."""
+        self.guarded = {transition for _type, transition in self.guards}
         if kind == "redis":
             if not url:
                 raise ConfigError(
@@ -91,6 +117,7 @@ class StateManager(Manager[StateOptions]):
                 wait_timeout=settings.wait_timeout,
                 signing_keys=self.corral_context.signing_keys,
                 machines=self.machines,
+                tombstone_ttl=settings.tombstone_ttl,
             )
             try:
                 self.backend.record_partitions()
@@ -102,6 +129,7 @@ class StateManager(Manager[StateOptions]):
                 self.corral_context.name,
                 history_limit=settings.history_limit,
                 machines=self.machines,
+                tombstone_ttl=settings.tombstone_ttl,
             )
         # Publishing waits on the bus (a Redis round trip): a thread of its own does it,
         # in order, so the mailbox moves on as soon as the change is applied.
@@ -221,14 +249,58 @@ class StateManager(Manager[StateOptions]):
 
     def _apply_one(self, write: StateWrite) -> StateInfo:
         self._check(write, "")
-        return self._apply([write])[0]
+        for attempt in range(_GUARD_ATTEMPTS):
+            try:
+                return self._apply([write])[0]
+            except Conflict as exc:
+                # A guard was checked on data that changed before the write: check again.
+                changed = "read_version" in exc.details and write.transition in self.guarded
+                if not changed or attempt == _GUARD_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def _apply(
         self, writes: list[StateWrite], reads: dict[str, int] | None = None
     ) -> list[StateInfo]:
+        reads = dict(reads or {})
+        if self.guarded.intersection(write.transition for write in writes):
+            self._check_guards(writes, reads)
         events, states = self._backend_call(lambda: self.backend.apply(writes, now_ms(), reads))
         self._publish(events)
         return states
+
+    def _check_guards(self, writes: list[StateWrite], reads: dict[str, int]) -> None:
+        """Refuse a write whose transition's guard does not hold for the data it leaves (the
+        writes before it in ``writes`` applied); the states checked join ``reads``, so that
+        the backend refuses the change if one of them changed meanwhile."""
+        now = now_ms()
+        overlay: dict[str, StateInfo | None] = {}
+        for write in writes:
+            state_id = write.state_id
+            current = overlay[state_id] if state_id in overlay else self._stored(state_id, now)
+            if current is not None:
+                found = self.guards.get((current.state_type, write.transition))
+                if found is not None:
+                    text, guard = found
+                    data = current.data if write.data is None else write.data
+                    if not guard(data, current.status):
+                        machine = self.machines[current.state_type]
+                        raise guard_refused(
+                            state_id, write.transition, current.status, text, machine
+                        )
+                if state_id not in overlay:
+                    reads.setdefault(state_id, current.version)
+            try:
+                after = apply_transition(current, write, now, self.machines)
+            except CorralError:
+                return  # the backend refuses it, with this error
+            overlay[state_id] = None if after.status in ("deleted", "expired") else after
+
+    def _stored(self, state_id: str, now: int) -> StateInfo | None:
+        try:
+            return self._backend_call(lambda: self.backend.get(state_id, now))
+        except NotFound:
+            return None
 
     def _check(self, write: StateWrite, path: str) -> None:
         try:
@@ -272,6 +344,13 @@ class StateManager(Manager[StateOptions]):
             try:
                 self.router.publish(changed_topic(event.state_type, event.state_id), event)
                 self.corral_metrics.add(PUBLISHED)
+                if event.state_type in self.machines and event.previous_status != event.status:
+                    if event.previous_status:
+                        self.router.publish(
+                            exited_topic(event.state_type, event.previous_status), event
+                        )
+                    if event.status not in ("deleted", "expired"):
+                        self.router.publish(entered_topic(event.state_type, event.status), event)
             except CorralError as exc:  # applied already; the event stream keeps it
                 self.corral_metrics.add(PUBLISH_ERRORS)
                 log.warning("state: could not publish %s of %s: %s", event.transition,

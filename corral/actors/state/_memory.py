@@ -64,6 +64,7 @@ def memory_backend_for(
     *,
     history_limit: int,
     machines: dict[str, StateMachine] | None = None,
+    tombstone_ttl: float = 30 * 86_400.0,
 ) -> MemoryBackend:
     """The memory backend of the state manager named ``manager`` in ``system`` (its
     router): made by the first actor, found again by each one restarted after it, gone
@@ -77,14 +78,16 @@ def memory_backend_for(
         if backend is None:
             backend = backends[manager] = MemoryBackend(history_limit=history_limit)
         backend.machines = machines or {}
+        backend.tombstone_ms = int(tombstone_ttl * 1000)
         return backend
 
 
 class MemoryBackend:
     """States in a dict of this process; events get offsets of a per-process epoch.
 
-    A deleted or expired state takes its history with it, as on Redis: a state created
-    again under the same id starts a new history at version 1. Each call holds a lock:
+    A deleted or expired state takes its history with it, as on Redis, and leaves its last
+    version for ``tombstone_ms``: a state created again under the same id starts a new
+    history, at the version after it. Each call holds a lock:
     an actor replaced while it hung may still be in one when its successor starts.
     """
 
@@ -99,6 +102,9 @@ class MemoryBackend:
         self.lock = threading.Lock()
         self.machines: dict[str, StateMachine] = {}
         """Declared state machines by state type: set by the state manager."""
+        self.tombstone_ms = 30 * 86_400_000
+        self.tombstones: dict[str, tuple[int, int]] = {}
+        """A removed state's id -> (its last version, until when it is kept, unix ms)."""
 
     def apply(
         self, writes: list[StateWrite], now_ms: int, reads: dict[str, int] | None = None
@@ -113,15 +119,26 @@ class MemoryBackend:
         events = self._expire([w.state_id for w in writes], now_ms)
         overlay: dict[str, StateInfo | None] = {}
         changes: list[tuple[StateInfo | None, StateWrite, StateInfo]] = []
+        removed: dict[str, int] = {}  # removed in this batch: id -> last version
         for write in writes:
             current = overlay.get(write.state_id, self.states.get(write.state_id))
-            after = apply_transition(current, write, now_ms, self.machines)
-            removed = write.transition in ("delete", "expire")
-            overlay[write.state_id] = None if removed else after
+            last = removed.get(write.state_id) or self._last(write, now_ms)
+            after = apply_transition(current, write, now_ms, self.machines, last_version=last)
+            gone = write.transition in ("delete", "expire")
+            if gone:
+                removed[write.state_id] = after.version
+            overlay[write.state_id] = None if gone else after
             changes.append((current, write, after))
         for current, write, after in changes:
             events.append(self._record(current, write.transition, after, now_ms))
         return events, [after for _, _, after in changes]
+
+    def _last(self, write: StateWrite, now_ms: int) -> int:
+        """The version a removed state of ``write``'s id had, for a create; else 0."""
+        if write.transition != "create":
+            return 0
+        version, until = self.tombstones.get(write.state_id, (0, 0))
+        return version if until > now_ms else 0
 
     def get(self, state_id: str, now_ms: int) -> StateInfo:
         with self.lock:
@@ -146,6 +163,9 @@ class MemoryBackend:
 
     def expire_due(self, now_ms: int) -> list[StateChanged]:
         with self.lock:
+            for state_id, (_version, until) in list(self.tombstones.items()):
+                if until <= now_ms:
+                    del self.tombstones[state_id]
             return self._expire(list(self.states), now_ms)
 
     def close(self) -> None:
@@ -157,9 +177,8 @@ class MemoryBackend:
             state = self.states.get(state_id)
             if state is not None and state.expires_at is not None and state.expires_at <= now_ms:
                 write = StateWrite(state_id=state_id, transition="expire")
-                events.append(
-                    self._record(state, "expire", apply_transition(state, write, now_ms), now_ms)
-                )
+                after = apply_transition(state, write, now_ms)
+                events.append(self._record(state, "expire", after, now_ms))
         return events
 
     def _record(
@@ -169,6 +188,7 @@ class MemoryBackend:
         if removed:
             self.states.pop(after.state_id, None)
             self.histories.pop(after.state_id, None)
+            self.tombstones[after.state_id] = (after.version, now_ms + self.tombstone_ms)
         else:
             self.states[after.state_id] = after
         self.offset += 1
@@ -183,6 +203,7 @@ class MemoryBackend:
             epoch=self.epoch,
             ts=now_ms,
             status=after.status,
+            previous_status="" if before is None else before.status,
         )
         if not removed:
             history = self.histories.get(after.state_id)

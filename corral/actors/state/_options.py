@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from corral._statemachine import machine_from_table
 from corral.config import REDIS_URL, Section
+from corral.messages.base import MAX_TTL
 from corral.messages.state import DEFAULT_PARTITIONS, MAX_PARTITIONS, StateMachine
 
 __all__ = ["StateOptions"]
@@ -26,6 +27,9 @@ class StateOptions(Section):
     partitions: int = field(default=DEFAULT_PARTITIONS, metadata={"ge": 1, "le": MAX_PARTITIONS})
     wait_replicas: int = field(default=0, metadata={"ge": 0, "le": 100})
     wait_timeout: float = field(default=1.0, metadata={"gt": 0, "le": 60})
+    tombstone_ttl: float = field(default=30 * 86_400, metadata={"gt": 0, "le": MAX_TTL})
+    """Seconds a removed state's last version is kept, so that one created again under its
+    id goes on from it (no version is ever reused within that time)."""
     machines: dict[str, dict[str, Any]] = field(default_factory=dict)
     """``[managers.state.machines.<StateType>]``: a declared state machine per state type."""
 

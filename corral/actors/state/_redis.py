@@ -52,12 +52,15 @@ from corral.messages.state import (
     StateMachine,
     StateWrite,
     TransitionRule,
+)
+from corral.streams import (
     events_stream_key,
+    meta_key,
     partition_of,
     partition_prefix,
     partitions_key,
+    signed_parts,
 )
-from corral.streams import meta_key, signed_parts
 
 __all__ = ["RedisBackend", "decode_event"]
 
@@ -111,6 +114,7 @@ local KEEP, REMOVE = "__KEEP__", "__REMOVE__"
 local now = tonumber(ARGV[1])
 local n = tonumber(ARGV[5])
 local current = {}   -- state id -> state table, or false when absent
+local last = {}      -- state id -> the version a removed state had (its tombstone)
 local changes = {}   -- {id, key index, transition, before, after}
 local results = {}
 
@@ -122,6 +126,13 @@ local function load(id, k)
     s = {}
     for j = 1, #h, 2 do s[h[j]] = h[j + 1] end
     s.version = tonumber(s.version)
+    if s.tombstone then
+      -- A removed state's last version: one created again under its id goes on from it.
+      last[id] = s.version
+      s = false
+      current[id] = s
+      return s
+    end
     if s.expires and tonumber(s.expires) <= now then
       local after = {}
       for f, v in pairs(s) do after[f] = v end
@@ -129,6 +140,7 @@ local function load(id, k)
       after.status = "expired"
       after.removed = true
       changes[#changes + 1] = {id, k, "expire", s, after}
+      last[id] = after.version
       s = false
     end
   end
@@ -139,9 +151,9 @@ end
 local r = tonumber(ARGV[7 + 7 * n])
 for j = 1, r do
   local read = 7 + 7 * n + 2 * j
-  local found = redis.call("HMGET", KEYS[3 + 2 * n + j], "version", "expires")
+  local found = redis.call("HMGET", KEYS[3 + 2 * n + j], "version", "expires", "tombstone")
   local actual = 0
-  if found[1] and not (found[2] and tonumber(found[2]) <= now) then
+  if found[1] and not found[3] and not (found[2] and tonumber(found[2]) <= now) then
     actual = tonumber(found[1])
   end
   if actual ~= tonumber(ARGV[read]) then return {0, "read", j, ARGV[read], tostring(actual)} end
@@ -165,7 +177,7 @@ for i = 1, n do
       local status = RULES["create"][2]
       local m = MACHINES[stype]
       if m then status, allowed = m.initial, m.allowed end
-      after = {type = stype, status = status, data = data, version = 1,
+      after = {type = stype, status = status, data = data, version = (last[id] or 0) + 1,
                allowed = allowed, created = tostring(now)}
     else
       if tr == "create" then return {0, "exists", i, "", ""} end
@@ -202,6 +214,7 @@ for i = 1, n do
     if ttl ~= "~" then after.expires = tostring(now + tonumber(ttl)) end
     changes[#changes + 1] = {id, k, tr, s, after}
     current[id] = (not after.removed) and after or false
+    if after.removed then last[id] = after.version end
     results[#results + 1] = {after.status, after.type, after.data, after.version, after.allowed,
                              after.created, after.updated, after.expires or ""}
   end
@@ -226,10 +239,11 @@ for c = 1, #changes do
   local id, k, tr, before, after = unpack(changes[c])
   local new = after.removed and "\\192" or after.data
   local old = before and before.data or "\\192"
-  events[c] = "\\139" .. cmsgpack.pack("state_id", id, "state_type", after.type,
+  events[c] = "\\140" .. cmsgpack.pack("state_id", id, "state_type", after.type,
       "transition", tr, "old") .. old .. cmsgpack.pack("new") .. new ..
       cmsgpack.pack("version", after.version, "offset", base + c, "epoch", epoch, "ts", now,
-                    "status", after.status, "partition", tonumber(ARGV[6]))
+                    "status", after.status, "partition", tonumber(ARGV[6]),
+                    "previous_status", before and before.status or "")
   topics[c] = "state.changed." .. after.type .. "." .. id
 end
 local mode = ARGV[8 + 7 * n + 2 * r] or ""
@@ -261,8 +275,12 @@ for c = 1, #changes do
   end
   if after.removed then
     redis.call("DEL", KEYS[k], KEYS[k + 1])
+    redis.call("HSET", KEYS[k], "version", after.version, "tombstone", "1")
+    redis.call("PEXPIRE", KEYS[k], __TOMBSTONE_MS__)
     redis.call("ZREM", KEYS[3], id)
+    last[id] = after.version
   else
+    if not before then redis.call("DEL", KEYS[k]) end  -- created: over a tombstone, maybe
     redis.call("RPUSH", KEYS[k + 1], body)
     redis.call("LTRIM", KEYS[k + 1], -limit, -1)
     redis.call("HSET", KEYS[k], "type", after.type, "status", after.status, "data", after.data,
@@ -278,10 +296,11 @@ return {1, events, results, reset}
 """
 
 
-def _apply_script(machines: dict[str, StateMachine]) -> str:
+def _apply_script(machines: dict[str, StateMachine], tombstone_ttl: float) -> str:
     standard = ",".join(TRANSITION_RULES)
     return (
         _APPLY.replace("__RULES__", _lua_rules(TRANSITION_RULES))
+        .replace("__TOMBSTONE_MS__", str(max(1, int(tombstone_ttl * 1000))))
         .replace("__MACHINES__", _lua_machines(machines))
         .replace("__KEEP__", KEEP)
         .replace("__REMOVE__", REMOVE)
@@ -315,6 +334,7 @@ class RedisBackend:
         wait_timeout: float = 1.0,
         signing_keys: tuple[bytes, ...] = (),
         machines: dict[str, StateMachine] | None = None,
+        tombstone_ttl: float,
     ) -> None:
         self.url = url
         self.machines = machines or {}
@@ -335,7 +355,7 @@ class RedisBackend:
         # twice. Reads are retried once, which replaces a connection Redis closed.
         self._writer = connect(url, retries=0, **options)
         self._reader = connect(url, retries=1, **options)
-        self._script = self._writer.register_script(_apply_script(self.machines))
+        self._script = self._writer.register_script(_apply_script(self.machines, tombstone_ttl))
 
     def _key(self, kind: str, state_id: str) -> str:
         return partition_prefix(self.namespace, self._partition(state_id)) + kind + state_id
@@ -478,7 +498,8 @@ class RedisBackend:
     def get(self, state_id: str, now_ms: int) -> StateInfo:
         fields = self._call(lambda: self._reader.hgetall(self._key("s:", state_id)), "read a state")
         expires = fields.get(b"expires")
-        if not fields or (expires is not None and int(expires) <= now_ms):
+        gone = not fields or b"tombstone" in fields
+        if gone or (expires is not None and int(expires) <= now_ms):
             raise NotFound(f"no state {state_id!r}", {"state_id": state_id})
         return _state_info(
             state_id,

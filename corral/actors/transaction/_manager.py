@@ -140,7 +140,10 @@ class TransactionManager(Manager[TransactionOptions]):
                     "the daemon that began it, so corral.connect() clients cannot use it",
                     self.corral_context.name,
                 )
-            return MemoryStore(on_expired=lambda: self.corral_metrics.add(EXPIRED))
+            return MemoryStore(
+                self.corral_context.clock.monotonic,
+                on_expired=lambda: self.corral_metrics.add(EXPIRED),
+            )
         setting = f"managers.{self.corral_context.name}.redis_url"
         if not url:
             raise ConfigError(

@@ -12,8 +12,7 @@ each user's ``user:{sub}``) or a subscription token names them; ``WsJoinRoom``
 from the service is never refused.
 """
 
-from corral.actors.websocket._gateway import Gateway, mount
 from corral.actors.websocket._manager import WebSocketManager
 from corral.actors.websocket._options import WebSocketOptions
 
-__all__ = ["Gateway", "WebSocketManager", "WebSocketOptions", "mount"]
+__all__ = ["WebSocketManager", "WebSocketOptions"]

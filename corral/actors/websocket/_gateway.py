@@ -30,11 +30,10 @@ import json
 import logging
 import secrets
 import time
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import WSMsgType, web
 
@@ -53,8 +52,8 @@ from corral.actors.websocket._metrics import (
 from corral.actors.websocket._options import WebSocketOptions
 from corral.actors.websocket._policies import RoomPolicies
 from corral.actors.websocket._signing import ChannelSigner
-from corral.config import parse_options
 from corral.errors import BackendUnavailable, ConfigError, CorralError, Unauthorized
+from corral.manager import HttpMount
 from corral.messages.auth import AuthValidate
 from corral.messages.base import Reply, Request
 from corral.messages.signing import DEFAULT_REPLAY_WINDOW
@@ -70,12 +69,8 @@ from corral.messages.websocket import (
 )
 from corral.metrics import ManagerMetrics
 
-if TYPE_CHECKING:
-    from corral.daemon import Daemon
-
 __all__ = [
-    "CLOSE_FLOODING", "CLOSE_SLOW", "CLOSE_UNAUTHORIZED", "FORBIDDEN", "Gateway", "gateway_for",
-    "mount",
+    "CLOSE_FLOODING", "CLOSE_SLOW", "CLOSE_UNAUTHORIZED", "FORBIDDEN", "Gateway", "serve_gateway",
 ]  # fmt: skip
 
 log = logging.getLogger("corral.websocket")
@@ -88,13 +83,6 @@ CLOSE_FLOODING = 4029
 CLOSE_GOING_AWAY = 1001
 FORBIDDEN = "forbidden"
 """The ``code`` of the error frame that refuses a join, presence or history request."""
-
-_GATEWAYS: weakref.WeakKeyDictionary[object, Gateway] = weakref.WeakKeyDictionary()
-
-
-def gateway_for(router: object) -> Gateway | None:
-    """The gateway serving the system ``router`` (None when no daemon serves it)."""
-    return _GATEWAYS.get(router)
 
 
 class AsyncAsker(Protocol):
@@ -201,7 +189,6 @@ class Gateway:
         self._pubsub: Any = None
         self._room_prefix = f"{namespace}:ws.room."
         self.stopping = False
-        _GATEWAYS[system] = self
 
     # -- lifecycle (aiohttp on_startup / on_cleanup) --------------------------------------
 
@@ -778,41 +765,32 @@ async def _browser_client(request: web.Request) -> web.Response:
     )
 
 
-def mount(daemon: Daemon) -> Gateway | None:
-    """Serve ``/ws`` on the daemon's app when the ``websocket`` manager is configured.
+def serve_gateway(http: HttpMount, options: WebSocketOptions) -> Gateway:
+    """A gateway serving ``/ws`` on the daemon's app, for the manager's actors on it.
 
-    Call it before the daemon starts its system: the manager finds its gateway
-    when it starts.
+    Rooms fan out across daemons on ``options.redis_url``, else on the system's Redis,
+    unless ``backend = "memory"``.
     """
-    config = daemon.config
-    section = config.managers.get("websocket")
-    if section is None or not section.enabled:
-        return None
-    options: WebSocketOptions = parse_options(
-        WebSocketOptions, section.options, manager="websocket"
-    )
-    redis_url = ""
-    if options.backend != "memory":
-        redis_url = options.redis_url or (config.bus.url if config.bus.backend == "redis" else "")
+    redis_url = "" if options.backend == "memory" else options.redis_url or http.redis_url
     if redis_url and not _redis.ASYNC_SHARDED_PUBSUB:
         raise ConfigError(
-            "managers.websocket: rooms fan out across daemons by asyncio sharded pub/sub, "
+            f"managers.{http.name}: rooms fan out across daemons by asyncio sharded pub/sub, "
             "which needs redis-py 8.0 or newer: pip install 'corral[websocket]' "
             '(or set backend = "memory" for a single daemon)'
         )
     gateway = Gateway(
-        daemon.system,
+        http.system,
         options,
         redis_url=redis_url,
-        namespace=config.bus.namespace,
+        namespace=http.namespace,
         tick_interval=options.tick_interval,
-        signing_keys=daemon.system.codec.keys,
-        replay_window=daemon.system.codec.replay_window,
-        metrics=daemon.system.supervisor.metrics()["websocket"],
+        signing_keys=http.signing_keys,
+        replay_window=http.replay_window,
+        metrics=http.metrics,
     )
-    daemon.app.router.add_get("/ws", gateway.handle)
-    daemon.app.router.add_get("/corral.js", _browser_client)
-    daemon.app.on_startup.append(gateway.started)
-    daemon.app.on_shutdown.append(gateway.shutdown)
-    daemon.app.on_cleanup.append(gateway.closed)
+    http.app.router.add_get("/ws", gateway.handle)
+    http.app.router.add_get("/corral.js", _browser_client)
+    http.app.on_startup.append(gateway.started)
+    http.app.on_shutdown.append(gateway.shutdown)
+    http.app.on_cleanup.append(gateway.closed)
     return gateway

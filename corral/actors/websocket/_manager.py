@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corral._redis import REDIS_ERRORS, SyncRedis, connect
-from corral.actors.websocket._gateway import CLOSE_UNAUTHORIZED, Gateway, gateway_for
+from corral.actors.websocket._gateway import CLOSE_UNAUTHORIZED, Gateway, serve_gateway
 from corral.actors.websocket._metrics import (
     CONNECTIONS,
     EMITTED,
@@ -39,8 +39,9 @@ from corral.actors.websocket._options import WebSocketOptions
 from corral.actors.websocket._policies import RoomPolicies
 from corral.actors.websocket._rooms import MemoryRooms, RedisRooms, Rooms, frame_head
 from corral.actors.websocket._signing import ChannelSigner
+from corral.config import parse_options
 from corral.errors import BackendUnavailable, Conflict, InvalidMessage, NotFound, Unauthorized
-from corral.manager import Manager, handles
+from corral.manager import HttpMount, Manager, handles
 from corral.messages.system import Health
 from corral.messages.websocket import (
     WsAck,
@@ -85,8 +86,16 @@ class WebSocketManager(Manager[WebSocketOptions]):
     name = "websocket"
     metric_families = FAMILIES
 
+    @classmethod
+    def mount(cls, http: HttpMount) -> None:
+        """Serve ``/ws`` on the daemon's port, through a :class:`Gateway` on its loop that
+        the actors of this manager on this daemon drive (``self.gateway``)."""
+        options: WebSocketOptions = parse_options(WebSocketOptions, http.options, manager=http.name)
+        http.shared = serve_gateway(http, options)
+
     def on_start(self) -> None:
-        self.gateway: Gateway | None = gateway_for(self.router)
+        mounted = self.corral_context.mounted
+        self.gateway: Gateway | None = mounted if isinstance(mounted, Gateway) else None
         self.node = self.gateway.node if self.gateway is not None else "embedded"
         url = self.options.redis_url or self.corral_context.redis_url
         self.client: SyncRedis | None = None
