@@ -12,6 +12,7 @@ import pytest
 
 from corral._redis import connect
 from corral.actors.cache import CacheManager
+from corral.clock import ManualClock
 from corral.config import Config, ManagerSection
 from corral.errors import BackendUnavailable, ConfigError, InvalidMessage
 from corral.messages.cache import (
@@ -269,3 +270,20 @@ def test_pickle_values_are_signed_and_a_forged_one_is_never_unpickled(
     rotated = ["newer key", KEYS[0]]  # the key it was signed with still verifies
     with cache_system({"main": backend}, signing_keys=rotated) as system:
         assert system.ask(CacheGet(key="k")).value == value
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis", "tiered"])
+def test_refresh_times_follow_the_systems_clock(kind: str, redis_server: RedisServer) -> None:
+    clock = ManualClock()
+    options = {"backends": {"main": backend_of(kind, redis_server.url)}}
+    config = Config().replace(managers={"cache": ManagerSection(options=options)})
+    with System(config, managers=[CacheManager], clock=clock) as system:
+        system.ask(CacheSet(key="k", value="v", ttl=60, stale_ttl=600, early_ttl=10))
+        assert system.ask(CacheGetOrLease(key="k")).lease == ""
+        clock.advance(51)  # past the early mark
+        early = system.ask(CacheGetOrLease(key="k"))
+        assert (early.value, early.stale, bool(early.lease)) == ("v", False, True)
+        system.ask(CacheRelease(key="k", lease=early.lease))
+        clock.advance(10)  # past the ttl
+        stale = system.ask(CacheGetOrLease(key="k"))
+        assert (stale.value, stale.stale, bool(stale.lease)) == ("v", True, True)

@@ -307,7 +307,7 @@ class CacheManager(Manager[CacheOptions]):
 
     def _value(self, backend: str, key: str, data: bytes) -> CacheValue:
         stored = self.values[backend].decode(key, data)
-        stale = time.time() >= stored.stale_at
+        stale = self.corral_context.clock.time() >= stored.stale_at
         return CacheValue(key=key, found=True, value=stored.value, stale=stale)
 
     def _get_together(self, queued: list[tuple[CacheGet, DeferredReply]]) -> None:
@@ -375,7 +375,9 @@ class CacheManager(Manager[CacheOptions]):
         InvalidMessage that refuses it."""
         backend = self._backend(msg.backend)
         key = self._key(msg.key)
-        lifetime = _Lifetime.of(self.backend_settings[backend.name], msg)
+        lifetime = _Lifetime.of(
+            self.backend_settings[backend.name], msg, self.corral_context.clock.time()
+        )
         data = self._encode(backend.name, key, msg.value, lifetime, "value")
         return backend, key, data, lifetime.stored_ttl
 
@@ -413,7 +415,9 @@ class CacheManager(Manager[CacheOptions]):
     @handles(CacheSetMany)
     def set_many(self, msg: CacheSetMany) -> CacheStored:
         backend = self._backend(msg.backend)
-        lifetime = _Lifetime.of(self.backend_settings[backend.name], msg)
+        lifetime = _Lifetime.of(
+            self.backend_settings[backend.name], msg, self.corral_context.clock.time()
+        )
         items = {
             self._key(k, f"values.{k}"): self._encode(backend.name, k, v, lifetime, f"values.{k}")
             for k, v in msg.values.items()
@@ -489,7 +493,7 @@ class CacheManager(Manager[CacheOptions]):
     def _found(self, backend: Backend, msg: CacheGetOrLease, data: bytes) -> CacheLease:
         """The value, and the lease to refresh it when it is due and nobody has it."""
         stored = self.values[backend.name].decode(msg.key, data)
-        now = time.time()
+        now = self.corral_context.clock.time()
         lease = ""
         if now >= stored.refresh_at:
             lease = self._refresh_lease(backend, msg.key, msg.lease_ttl)
@@ -822,8 +826,9 @@ class _Lifetime:
     stale_at: float | None = None
 
     @classmethod
-    def of(cls, options: BackendOptions, msg: CacheSet | CacheSetMany) -> _Lifetime:
-        """Checked: InvalidMessage for refresh times the value's TTL cannot have."""
+    def of(cls, options: BackendOptions, msg: CacheSet | CacheSetMany, now: float) -> _Lifetime:
+        """Checked: InvalidMessage for refresh times the value's TTL cannot have. ``now``:
+        unix seconds."""
         _check_ttl(msg.ttl, "ttl")
         _check_ttl(msg.stale_ttl, "stale_ttl")
         _check_ttl(msg.early_ttl, "early_ttl")
@@ -846,7 +851,6 @@ class _Lifetime:
                 raise InvalidMessage(f"must be less than the ttl ({ttl} s)", path="early_ttl")
         if stale is None and early is None:
             return cls(msg.ttl)
-        now = time.time()
         return cls(
             stored_ttl=ttl + (stale or 0.0),
             refresh_at=now + ttl - (early or 0.0),

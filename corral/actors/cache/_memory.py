@@ -214,7 +214,7 @@ class LocalLocks:
     locks.unlock("report", 1)          # True
     """
 
-    def __init__(self, clock: Clock = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.held: dict[str, tuple[int, float]] = {}
         """The holder's token and when its lock expires, by name."""
