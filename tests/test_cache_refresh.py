@@ -12,6 +12,7 @@ import pytest
 
 from corral._redis import connect
 from corral.actors.cache import CacheManager
+from corral.actors.cache._values import ValueCodec
 from corral.clock import ManualClock
 from corral.config import Config, ManagerSection
 from corral.errors import BackendUnavailable, ConfigError, InvalidMessage
@@ -287,3 +288,10 @@ def test_refresh_times_follow_the_systems_clock(kind: str, redis_server: RedisSe
         clock.advance(10)  # past the ttl
         stale = system.ask(CacheGetOrLease(key="k"))
         assert (stale.value, stale.stale, bool(stale.lease)) == ("v", True, True)
+
+
+def test_a_signed_pickle_that_does_not_load_is_an_error_not_a_crash() -> None:
+    values = ValueCodec("pickle", backend="main", keys=(b"key",))
+    data = values.encode("k", _Tripwire(), refresh_at=None, stale_at=None)
+    with pytest.raises(BackendUnavailable, match="a pickle that does not load"):
+        values.decode("k", data)

@@ -100,7 +100,10 @@ class ValueCodec:
             header = data[: _HEADER.size]
             if not self.signer.verify(signature, _PICKLE_CONTEXT, key.encode(), header, payload):
                 raise self._unreadable(key, "a pickle whose signature does not verify (refused)")
-            value = pickle.loads(payload)
+            try:
+                value = pickle.loads(payload)
+            except Exception as exc:  # signed by us, yet its classes may be gone
+                raise self._unreadable(key, f"a pickle that does not load: {exc!r}") from None
         elif written_by == "json":
             try:
                 value = json.loads(payload)
