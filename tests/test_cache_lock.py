@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from corral.actors.cache import CacheManager
-from corral.config import Config, ManagerSection
+from corral.config import Config, ManagerSection, SystemSection
 from corral.errors import Conflict, InvalidMessage
 from corral.ext.cache import lock
 from corral.messages.base import Request
@@ -122,19 +122,34 @@ def test_waiters_take_the_lock_in_turn(system: System) -> None:
     assert first().token == held.token + 1
 
 
+BAD_REQUESTS: tuple[Request[Any], ...] = (
+    CacheLock(name="", ttl=1),
+    CacheLock(name="job", ttl=0),
+    CacheLock(name="job", ttl=24 * 3600 + 1),
+    CacheLock(name="job", ttl=1, wait=-1),
+    CacheLock(name="job", ttl=1, wait=float("nan")),
+    CacheExtend(name="job", token=1, ttl=0),
+    CacheUnlock(name="job", token=-1),
+)
+
+
 def test_bad_lock_requests_are_refused(system: System) -> None:
-    bad_requests: tuple[Request[Any], ...] = (
-        CacheLock(name="", ttl=1),
-        CacheLock(name="job", ttl=0),
-        CacheLock(name="job", ttl=24 * 3600 + 1),
-        CacheLock(name="job", ttl=1, wait=-1),
-        CacheLock(name="job", ttl=1, wait=float("nan")),
-        CacheExtend(name="job", token=1, ttl=0),
-        CacheUnlock(name="job", token=-1),
-    )
-    for bad in bad_requests:
+    for bad in BAD_REQUESTS:
         with pytest.raises(InvalidMessage):
             system.ask(bad)
+
+
+def test_the_manager_refuses_bad_lock_requests_that_were_not_validated() -> None:
+    config = Config().replace(
+        system=SystemSection(validate=False), managers={"cache": ManagerSection()}
+    )
+    with System(config, managers=[CacheManager]) as system:
+        for bad in BAD_REQUESTS:
+            if isinstance(bad, CacheUnlock):  # a token no lock has: nothing to release
+                assert system.ask(bad).released is False
+                continue
+            with pytest.raises(InvalidMessage):
+                system.ask(bad)
 
 
 def test_the_lock_helper(system: System) -> None:

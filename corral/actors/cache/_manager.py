@@ -659,6 +659,8 @@ class CacheManager(Manager[CacheOptions]):
         backend = self._backend(msg.backend)
         name = self._key(msg.name, "name")
         _check_ttl(msg.ttl, "ttl", MAX_TIMEOUT)
+        if not 0 <= msg.wait <= MAX_TIMEOUT:
+            raise InvalidMessage(f"must be >= 0 and <= {MAX_TIMEOUT} seconds", path="wait")
         now = time.monotonic()
         wait = self.lock_waits.get((backend.name, name))
         if wait is None:  # else those waiting here come first
