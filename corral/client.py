@@ -25,15 +25,19 @@ import asyncio
 import contextlib
 import threading
 import time
-from types import TracebackType
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any, NamedTuple, TypeVar
 
+import redis
+from redis.cluster import RedisCluster
+
+from corral._closing import Closing
 from corral._events import EventsMixin
 from corral._redis import REDIS_ERRORS, describe
 from corral._redis import connect as connect_redis
 from corral._wire import SUBMIT_SCRIPT, alive_key, new_reply_topic, stream_key
 from corral.bus import Delivery, RedisBus
-from corral.errors import BackendUnavailable, ManagerUnavailable, Timeout
+from corral.errors import BackendUnavailable, CorralError, ManagerUnavailable, Timeout
 from corral.messages.base import (
     MAX_TIMEOUT,
     TIMEOUT,
@@ -41,6 +45,8 @@ from corral.messages.base import (
     Range,
     Reply,
     Request,
+    check_batch,
+    settled,
     unwrap,
     validate,
 )
@@ -81,7 +87,20 @@ class _Waiter:
                 )
 
 
-class Client(EventsMixin):
+class _Submission(NamedTuple):
+    """A request encoded for its stream: what the submit script takes."""
+
+    message: Message
+    request_id: bytes
+    keys: list[str]
+    args: list[Any]
+
+
+_UNSENT = Timeout("not sent yet")
+"""A batch's place holder for a request on its way."""
+
+
+class Client(EventsMixin, Closing):
     """A connection to the corral daemons on one Redis (see the module docstring)."""
 
     def __init__(
@@ -154,20 +173,20 @@ class Client(EventsMixin):
         self.bus.close()
         self._redis.close()
 
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     # -- internals ------------------------------------------------------------------------
 
     def _send(self, message: Message, timeout: float, waiter: _Waiter | None) -> bytes:
+        submission = self._prepare(message, timeout, waiter)
+        try:
+            queued = self._submit(keys=submission.keys, args=submission.args)
+        except REDIS_ERRORS as exc:
+            queued = exc
+        self._check_queued(submission, queued)
+        return submission.request_id
+
+    def _prepare(self, message: Message, timeout: float, waiter: _Waiter | None) -> _Submission:
+        """``message`` checked and encoded for its manager's request stream; ``waiter``
+        (None for a tell) is registered for its reply."""
         if self.validate:
             validate(message)
         manager = message.route()
@@ -182,23 +201,101 @@ class Client(EventsMixin):
         )
         if waiter is not None:
             self._pending[request_id] = waiter
-        try:
-            queued = self._submit(
-                keys=[stream, alive_key(self.namespace, manager)], args=[data, STREAM_CAP]
-            )
-        except REDIS_ERRORS as exc:
-            self._pending.pop(request_id, None)
+        return _Submission(
+            message, request_id, [stream, alive_key(self.namespace, manager)], [data, STREAM_CAP]
+        )
+
+    def _check_queued(self, submission: _Submission, queued: object) -> None:
+        """Raise what the submit script's answer (or error) means for ``submission``."""
+        if queued and not isinstance(queued, BaseException):
+            return
+        self._pending.pop(submission.request_id, None)
+        message = submission.message
+        if isinstance(queued, BaseException):
             raise BackendUnavailable(
-                f"cannot send {message.type_name}: {describe(exc, self.where)}"
-            ) from exc
-        if not queued:
-            self._pending.pop(request_id, None)
-            raise ManagerUnavailable(
-                f"no corral daemon is serving {manager} at {self.where} "
-                f"in namespace {self.namespace!r}",
-                {"manager": manager, "url": self.where, "namespace": self.namespace},
-            )
-        return request_id
+                f"cannot send {message.type_name}: {describe(queued, self.where)}"
+            ) from queued
+        manager = message.route() or ""
+        raise ManagerUnavailable(
+            f"no corral daemon is serving {manager} at {self.where} "
+            f"in namespace {self.namespace!r}",
+            {"manager": manager, "url": self.where, "namespace": self.namespace},
+        )
+
+    def ask_many(
+        self, messages: Sequence[Request[Any]], *, timeout: float | None = None
+    ) -> list[Reply | CorralError]:
+        """:meth:`System.ask_many` to the daemons: every request sent in one Redis round
+        trip (a pipeline), then their replies, in order, each error in its place."""
+        timeout = self._checked_timeout(timeout)
+        check_batch(messages)
+        deadline = time.monotonic() + timeout
+        results: list[Reply | CorralError] = []
+        sent: list[tuple[int, _Submission, _Waiter]] = []
+        for index, message in enumerate(messages):
+            waiter = _Waiter()
+            try:
+                sent.append((index, self._prepare(message, timeout, waiter), waiter))
+            except CorralError as exc:
+                results.append(exc)
+                continue
+            results.append(_UNSENT)
+        answers = self._submit_all([submission for _, submission, _ in sent])
+        waiting = []
+        for (index, submission, waiter), queued in zip(sent, answers, strict=True):
+            try:
+                self._check_queued(submission, queued)
+            except CorralError as exc:
+                results[index] = exc
+            else:
+                waiting.append((index, submission, waiter))
+        try:
+            for index, submission, waiter in waiting:
+                if waiter.event.wait(max(0.0, deadline - time.monotonic())):
+                    assert waiter.reply is not None
+                    results[index] = settled(waiter.reply)
+                else:
+                    results[index] = self._timeout(submission.message, timeout)
+        finally:
+            for _, submission, _ in waiting:
+                self._pending.pop(submission.request_id, None)
+        return results
+
+    def _submit_all(self, submissions: list[_Submission]) -> list[object]:
+        """The submit script's answers for ``submissions``, in one round trip (one per
+        node, on a cluster); a request its pipeline could not run (a node that did not
+        know the script yet, a slot that moved) is sent again alone."""
+        answers: list[object] = [None] * len(submissions)
+        for node, indexes in self._by_node(submissions).items():
+            pipe = node.pipeline(transaction=False)
+            for i in indexes:
+                self._submit(keys=submissions[i].keys, args=submissions[i].args, client=pipe)
+            try:
+                done: list[object] = pipe.execute(raise_on_error=False)
+            except REDIS_ERRORS as exc:
+                done = [exc] * len(indexes)
+            for i, answer in zip(indexes, done, strict=True):
+                answers[i] = answer
+        for i, answer in enumerate(answers):
+            if isinstance(answer, Exception):
+                try:
+                    answers[i] = self._submit(keys=submissions[i].keys, args=submissions[i].args)
+                except REDIS_ERRORS as exc:
+                    answers[i] = exc
+        return answers
+
+    def _by_node(self, submissions: list[_Submission]) -> dict[redis.Redis, list[int]]:
+        """The submissions by the client of the node their stream lives on (the one
+        client, on standalone Redis or Sentinel)."""
+        if not isinstance(self._redis, RedisCluster):
+            return {self._redis: list(range(len(submissions)))} if submissions else {}
+        groups: dict[str, list[int]] = {}
+        clients: dict[str, redis.Redis] = {}
+        for i, submission in enumerate(submissions):
+            node = self._redis.get_node_from_key(submission.keys[0])  # type: ignore[no-untyped-call]
+            groups.setdefault(node.name, []).append(i)
+            clients[node.name] = self._redis.get_redis_connection(node)
+        return {clients[name]: indexes for name, indexes in groups.items()}
 
     def _checked_timeout(self, timeout: float | None) -> float:
         """``timeout`` (seconds, 0 to a day; else InvalidMessage), or the default."""

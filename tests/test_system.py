@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import time
 from dataclasses import dataclass, field
 from dataclasses import replace as dataclasses_replace
 from pathlib import Path
@@ -114,10 +113,8 @@ def test_unknown_manager_and_unhandled_message_get_clear_errors() -> None:
 
 def test_ask_times_out_cleanly() -> None:
     with corral.System(managers=[ChildSpec(name="worker", manager=Worker)]) as system:
-        started = time.monotonic()
         with pytest.raises(Timeout, match=r"no reply to test\.work from 'worker' within 0\.2s"):
             system.ask(Work(action="sleep", seconds=1.0), timeout=0.2)
-        assert time.monotonic() - started < 0.9
         assert system.ask(Work()).name == "worker"  # the actor is still serving
 
 

@@ -6,9 +6,8 @@ import abc
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from types import TracebackType
-from typing import Self
 
+from corral._closing import Closing
 from corral.bus._subscription import (
     DEFAULT_CALLBACK_THREADS,
     CallbackDispatcher,
@@ -23,7 +22,7 @@ __all__ = ["Bus"]
 logger = logging.getLogger("corral.bus")
 
 
-class Bus(abc.ABC):
+class Bus(Closing, abc.ABC):
     """Publish events on topics; subscribe to topics or Redis-style glob patterns.
 
     ``callback_threads`` (1 to :data:`MAX_CALLBACK_THREADS`): the threads that run the
@@ -127,17 +126,6 @@ class Bus(abc.ABC):
         self._shutdown()
         self._dispatcher.stop()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     @abc.abstractmethod
     def _attach(self, sub: Subscription) -> None:
         """Start routing deliveries to a new subscription."""
@@ -146,7 +134,7 @@ class Bus(abc.ABC):
     def _detach(self, sub: Subscription) -> None:
         """Stop routing deliveries to a closed subscription."""
 
-    def _shutdown(self) -> None:  # noqa: B027 - an optional hook
+    def _shutdown(self) -> None:
         """Release what the implementation holds, after every subscription is closed."""
 
     def _unsubscribe(self, sub: Subscription) -> None:

@@ -17,9 +17,9 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from types import TracebackType
-from typing import TYPE_CHECKING, Literal, NamedTuple, Self
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
+from corral._closing import Closing
 from corral.messages.base import Message
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ class CallbackDispatcher:
             sub._take_turn()
 
 
-class Subscription:
+class Subscription(Closing):
     """Deliveries whose topic matches ``pattern``, in a bounded queue.
 
     Read them with :meth:`get`, by iterating (blocking), or with ``async for``;
@@ -249,17 +249,6 @@ class Subscription:
                 self.pattern,
                 _CALLBACK_JOIN_TIMEOUT,
             )
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- for the bus ---------------------------------------------------------------------
 

@@ -45,13 +45,24 @@ from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 import flask
+from flask.sessions import SessionInterface, SessionMixin
+from itsdangerous import BadSignature, Signer
+from werkzeug.datastructures import CallbackDict
 
 from corral.actors.ratelimit._options import parse_limit
-from corral.errors import Timeout, UnavailableError
+from corral.errors import NotFound, Timeout, UnavailableError
 from corral.manager import Asker
 from corral.messages.ratelimit import RatelimitCheck, RatelimitDecision
+from corral.messages.session import (
+    SessionCreate,
+    SessionDestroy,
+    SessionDestroyUser,
+    SessionGet,
+    SessionRotate,
+    SessionSave,
+)
 
-__all__ = ["RateLimit"]
+__all__ = ["CorralSession", "CorralSessionInterface", "RateLimit"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -230,3 +241,123 @@ def _route_limits(view: Any) -> tuple[list[str] | None, Identify | None]:
     """The limits and key :meth:`RateLimit.limit` put on a view, or (None, None)."""
     limits: tuple[list[str], Identify] | None = getattr(view, "corral_route_limits", None)
     return limits if limits is not None else (None, None)
+
+
+class CorralSession(CallbackDict[str, Any], SessionMixin):
+    """The session of a request under :class:`CorralSessionInterface`: a dict of the
+    session's data, with its ``user`` ("" anonymous) and ``sid`` (None until saved)."""
+
+    def __init__(
+        self, data: dict[str, Any] | None = None, *, sid: str | None = None, user: str = ""
+    ) -> None:
+        def changed(_session: CallbackDict[str, Any]) -> None:
+            self.modified = True
+
+        super().__init__(data or {}, changed)
+        self.sid = sid
+        self.user = user
+        self.modified = False
+        self.rotate_to: str | None = None
+
+    def rotate(self, user: str | None = None) -> None:
+        """Give the session a new id when the response is saved (do it at login, against
+        session fixation); with ``user``, the session becomes that user's."""
+        self.rotate_to = self.user if user is None else user
+        self.modified = True
+
+
+class CorralSessionInterface(SessionInterface):
+    """Flask sessions kept by corral's ``state`` manager (Flask-Session's shape).
+
+    The cookie holds only the session id, signed with the app's ``secret_key``; the data
+    stays on the server, with a sliding expiry of ``ttl`` seconds, and is shared by every
+    process and daemon of the app::
+
+        app.secret_key = os.environ["SECRET_KEY"]
+        sessions = CorralSessionInterface(system, ttl=1800)
+        app.session_interface = sessions
+
+        @app.post("/login")
+        def login():
+            flask.session.rotate(user=checked_user)     # a new id for the logged-in session
+            flask.session["cart"] = []
+
+        @app.post("/logout-everywhere")
+        def logout_everywhere():
+            sessions.destroy_user(flask.session.user)    # every session of that user ends
+
+    The cookie follows Flask's ``SESSION_COOKIE_*`` settings. A request with no session
+    (or a tampered or ended one) gets an empty one, stored only once it holds data.
+    """
+
+    salt = "corral-session"
+
+    def __init__(self, asker: Asker, *, ttl: float = 1800.0, timeout: float = 2.0) -> None:
+        self.asker = asker
+        self.ttl = ttl
+        self.timeout = timeout
+
+    def _signer(self, app: flask.Flask) -> Signer | None:
+        if not app.secret_key:
+            return None
+        return Signer(app.secret_key, salt=self.salt, key_derivation="hmac")
+
+    def open_session(self, app: flask.Flask, request: flask.Request) -> CorralSession | None:
+        signer = self._signer(app)
+        if signer is None:
+            return None  # Flask's null session, which says the secret key is missing
+        cookie = request.cookies.get(self.get_cookie_name(app))
+        if cookie:
+            try:
+                sid = signer.unsign(cookie).decode()
+                info = self.asker.ask(SessionGet(session_id=sid), timeout=self.timeout)
+            except (BadSignature, NotFound):
+                pass
+            else:
+                return CorralSession(info.data, sid=info.session_id, user=info.user)
+        return CorralSession()
+
+    def save_session(
+        self, app: flask.Flask, session: SessionMixin, response: flask.Response
+    ) -> None:
+        assert isinstance(session, CorralSession)
+        name, domain, path = (
+            self.get_cookie_name(app), self.get_cookie_domain(app), self.get_cookie_path(app)
+        )  # fmt: skip
+        if not session and session.rotate_to is None:
+            if session.sid is not None and session.modified:  # emptied: the session ends
+                self.asker.ask(SessionDestroy(session_id=session.sid), timeout=self.timeout)
+                response.delete_cookie(name, domain=domain, path=path)
+            return
+        if session.sid is None:
+            info = self.asker.ask(
+                SessionCreate(user=session.rotate_to or "", data=dict(session), ttl=self.ttl),
+                timeout=self.timeout,
+            )
+        else:
+            if session.rotate_to is not None:
+                rotated = SessionRotate(session_id=session.sid, user=session.rotate_to)
+                session.sid = self.asker.ask(rotated, timeout=self.timeout).session_id
+            if not session.modified:
+                return  # read only: the cookie stays as it is (its expiry slid on reading)
+            info = self.asker.ask(
+                SessionSave(session_id=session.sid, data=dict(session)), timeout=self.timeout
+            )
+        signer = self._signer(app)
+        assert signer is not None
+        response.set_cookie(
+            name,
+            signer.sign(info.session_id).decode(),
+            max_age=int(self.ttl),
+            domain=domain,
+            path=path,
+            httponly=self.get_cookie_httponly(app),
+            secure=self.get_cookie_secure(app),
+            samesite=self.get_cookie_samesite(app),
+        )
+        response.vary.add("Cookie")
+
+    def destroy_user(self, user: str) -> int:
+        """End every session of ``user``, in every process; the user's new generation."""
+        revoked = self.asker.ask(SessionDestroyUser(user=user), timeout=self.timeout)
+        return int(revoked.generation)

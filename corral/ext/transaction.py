@@ -59,6 +59,8 @@ __all__ = [
     "transaction",
 ]
 
+A = TypeVar("A", bound=Asker | AsyncAsker)
+
 OnCommit = Callable[[], object]
 """A hook: called with no arguments after the outermost commit; in an ``async with``
 block, an awaitable it returns is awaited."""
@@ -92,18 +94,22 @@ class _Hooks:
         return callbacks
 
 
-class Transaction:
-    """One open transaction: buffered writes, reads that see them, savepoints."""
+class _Open(Generic[A]):
+    """What a transaction handle holds, in sync and asyncio code alike."""
 
-    def __init__(self, system: Asker, transaction_id: str) -> None:
-        self.system = system
+    def __init__(self, system: A, transaction_id: str) -> None:
+        self.system: A = system
         self.transaction_id = transaction_id
         self.states: list[StateInfo] = []
         """The committed states, once the outermost block has committed."""
         self.hooks = _Hooks()
 
     def __repr__(self) -> str:
-        return f"<Transaction {self.transaction_id}>"
+        return f"<{type(self).__name__} {self.transaction_id}>"
+
+
+class Transaction(_Open[Asker]):
+    """One open transaction: buffered writes, reads that see them, savepoints."""
 
     def on_commit(self, callback: OnCommit) -> None:
         """Call ``callback()`` once the outermost block has committed (never, if it rolls
@@ -166,18 +172,8 @@ class Transaction:
         self.hooks.forget(name)
 
 
-class AsyncTransaction:
+class AsyncTransaction(_Open[AsyncAsker]):
     """:class:`Transaction` for ``async with``: the same methods, awaited."""
-
-    def __init__(self, system: AsyncAsker, transaction_id: str) -> None:
-        self.system = system
-        self.transaction_id = transaction_id
-        self.states: list[StateInfo] = []
-        """The committed states, once the outermost block has committed."""
-        self.hooks = _Hooks()
-
-    def __repr__(self) -> str:
-        return f"<AsyncTransaction {self.transaction_id}>"
 
     def on_commit(self, callback: OnCommit) -> None:
         """Call ``callback()`` (and await what it returns, if awaitable) once the outermost

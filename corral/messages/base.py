@@ -39,7 +39,7 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, ClassVar, Generic, TypeVar
 
 from corral.errors import CorralError, InvalidMessage, error_class
@@ -48,6 +48,7 @@ from corral.messages._generated import run_generated
 __all__ = [
     "INT64_MAX",
     "INT64_MIN",
+    "MAX_BATCH",
     "MAX_COST",
     "MAX_NESTING",
     "MAX_OFFSET",
@@ -68,9 +69,11 @@ __all__ = [
     "Request",
     "TimeLimit",
     "Ttl",
+    "check_batch",
     "lookup",
     "message",
     "registered",
+    "settled",
     "unwrap",
     "validate",
 ]
@@ -88,6 +91,8 @@ MAX_TTL = 10 * 365 * 24 * 3600
 """The longest TTL or duration (seconds): ten years. Redis ``PX`` of it never overflows."""
 
 MAX_TIMEOUT = 24 * 3600
+MAX_BATCH = 1_000
+"""How many requests one ``ask_many`` may send."""
 """The longest timeout or wait (seconds): one day, far below what a thread can wait."""
 
 MAX_OFFSET = 2**53 - 1
@@ -263,6 +268,7 @@ BUILT_IN_AREAS = {
     "cache": "corral.messages.cache",
     "pool": "corral.messages.pool",
     "ratelimit": "corral.messages.ratelimit",
+    "session": "corral.messages.session",
     "state": "corral.messages.state",
     "stream": "corral.messages.stream",
     "transaction": "corral.messages.transaction",
@@ -896,3 +902,20 @@ def unwrap(reply: Any) -> Any:
     if type(reply) is ErrorReply:
         raise error_class(reply.code)(reply.message, reply.details)
     return reply
+
+
+def check_batch(messages: Sequence[Message]) -> None:
+    """InvalidMessage unless ``messages`` is a list of 1 to :data:`MAX_BATCH` messages."""
+    if not 0 < len(messages) <= MAX_BATCH:
+        raise InvalidMessage(
+            f"a batch holds 1 to {MAX_BATCH} requests, got {len(messages)}", path="messages"
+        )
+
+
+def settled(reply: Message) -> Reply | CorralError:
+    """A reply as :meth:`ask_many` gives it: the reply, or the error an ErrorReply carries."""
+    try:
+        answer: Reply = unwrap(reply)
+    except CorralError as exc:
+        return exc
+    return answer

@@ -6,6 +6,7 @@ it; the event stream, written inside the same script, is the durable record.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -25,6 +26,17 @@ from corral._time import now_ms
 from corral.actors.state._memory import Backend, memory_backend_for
 from corral.actors.state._options import StateOptions
 from corral.actors.state._redis import RedisBackend
+from corral.actors.state._sessions import (
+    SESSION_TYPE,
+    USER_TYPE,
+    check_user,
+    envelope,
+    generation_id,
+    info_of,
+    is_session_id,
+    session_id,
+    unknown,
+)
 from corral.errors import (
     BackendUnavailable,
     ConfigError,
@@ -34,6 +46,17 @@ from corral.errors import (
     NotFound,
 )
 from corral.manager import Manager, handles
+from corral.messages.session import (
+    SessionCreate,
+    SessionDestroy,
+    SessionDestroyed,
+    SessionDestroyUser,
+    SessionGet,
+    SessionInfo,
+    SessionRotate,
+    SessionSave,
+    SessionsRevoked,
+)
 from corral.messages.state import (
     StateChanged,
     StateCommit,
@@ -244,6 +267,130 @@ class StateManager(Manager[StateOptions]):
     @handles(StateExpireDue)
     def expire_due(self, _msg: StateExpireDue) -> StateExpired:
         return StateExpired(state_ids=[e.state_id for e in self._expire_due()])
+
+    # -- sessions (corral.messages.session) -------------------------------------------
+
+    @handles(SessionCreate)
+    def session_create(self, msg: SessionCreate) -> SessionInfo:
+        check_user(msg.user)
+        generation = self._generation(msg.user)[0] if msg.user else 0
+        created = self._apply_one(
+            StateWrite(
+                state_id=session_id(msg.user),
+                transition="create",
+                state_type=SESSION_TYPE,
+                data=envelope(msg.user, generation, msg.ttl, msg.data),
+                ttl=msg.ttl,
+            )
+        )
+        return info_of(created)
+
+    @handles(SessionGet)
+    def session_get(self, msg: SessionGet) -> SessionInfo:
+        state = self._session(msg.session_id)
+        ttl = state.data["ttl"]
+        if msg.touch and (state.expires_at or 0) - now_ms() < ttl * 500:  # half its ttl left
+            state = self._apply_one(
+                StateWrite(state_id=state.state_id, transition="update", ttl=ttl)
+            )
+        return info_of(state)
+
+    @handles(SessionSave)
+    def session_save(self, msg: SessionSave) -> SessionInfo:
+        state = self._session(msg.session_id)
+        held = state.data
+        saved = self._apply_one(
+            StateWrite(
+                state_id=state.state_id,
+                transition="update",
+                data=envelope(held["user"], held["generation"], held["ttl"], msg.data),
+                ttl=held["ttl"],
+                expected_version=msg.expected_version,
+            )
+        )
+        return info_of(saved)
+
+    @handles(SessionRotate)
+    def session_rotate(self, msg: SessionRotate) -> SessionInfo:
+        state = self._session(msg.session_id)
+        held = state.data
+        user = held["user"] if msg.user is None else msg.user
+        check_user(user)
+        generation = held["generation"] if user == held["user"] else self._generation(user)[0]
+        create = StateWrite(
+            state_id=session_id(user),
+            transition="create",
+            state_type=SESSION_TYPE,
+            data=envelope(user, generation, held["ttl"], held["data"]),
+            ttl=held["ttl"],
+        )
+        delete = StateWrite(
+            state_id=state.state_id, transition="delete", expected_version=state.version
+        )
+        if user and user == held["user"]:  # one partition (the user's): one commit
+            return info_of(self._apply([create, delete])[0])
+        created = self._apply_one(create)
+        self._apply_one(delete)
+        return info_of(created)
+
+    @handles(SessionDestroy)
+    def session_destroy(self, msg: SessionDestroy) -> SessionDestroyed:
+        if not is_session_id(msg.session_id):
+            return SessionDestroyed(destroyed=False)
+        try:
+            self._apply_one(StateWrite(state_id=msg.session_id, transition="delete"))
+        except NotFound:
+            return SessionDestroyed(destroyed=False)
+        return SessionDestroyed(destroyed=True)
+
+    @handles(SessionDestroyUser)
+    def session_destroy_user(self, msg: SessionDestroyUser) -> SessionsRevoked:
+        check_user(msg.user)
+        for _attempt in range(_GUARD_ATTEMPTS):
+            generation, version = self._generation(msg.user)
+            write = StateWrite(
+                state_id=generation_id(msg.user),
+                transition="create" if version == 0 else "update",
+                state_type=USER_TYPE,
+                data={"user": msg.user, "generation": generation + 1},
+                expected_version=version,
+            )
+            try:
+                self._apply_one(write)
+            except Conflict:  # another daemon ended them meanwhile: count on from there
+                continue
+            return SessionsRevoked(user=msg.user, generation=generation + 1)
+        raise Conflict(
+            f"the sessions of {msg.user!r:.80} are being ended elsewhere: try again",
+            {"user": msg.user[:80]},
+        )
+
+    def _session(self, text: str) -> StateInfo:
+        """The live session ``text`` names; NotFound when there is none, when it is not a
+        session id, or when its user's sessions were ended since it began (it goes)."""
+        if not is_session_id(text):
+            raise unknown(text)
+        try:
+            state = self._backend_call(lambda: self.backend.get(text, now_ms()))
+        except NotFound:
+            raise unknown(text) from None
+        if state.state_type != SESSION_TYPE:
+            raise unknown(text)
+        user = state.data["user"]
+        if user and state.data["generation"] != self._generation(user)[0]:
+            with contextlib.suppress(CorralError):
+                self._apply_one(StateWrite(state_id=text, transition="delete"))
+            raise unknown(text)
+        return state
+
+    def _generation(self, user: str) -> tuple[int, int]:
+        """``user``'s session generation and the version of the state holding it (0, 0
+        before the first time their sessions were all ended)."""
+        try:
+            state = self._backend_call(lambda: self.backend.get(generation_id(user), now_ms()))
+        except NotFound:
+            return 0, 0
+        return int(state.data["generation"]), state.version
 
     # -- internals --------------------------------------------------------------------
 
