@@ -57,6 +57,8 @@ __all__ = [
     "describe",
     "disconnect",
     "execute_then_publish",
+    "glob_escape",
+    "master_urls",
     "masters",
     "parse_url",
     "publish_own",
@@ -339,13 +341,29 @@ def _node_url(url: str, shard_channel: str | None, kwargs: dict[str, Any]) -> st
             node = random.choice(cluster.get_primaries())  # type: ignore[no-untyped-call]
     finally:
         cluster.close()
+    return _at_node(url, node.host, node.port)
+
+
+def _at_node(url: str, host: str, port: int) -> str:
+    """``url`` (its credentials and options) pointed at one node."""
     parts = urllib.parse.urlsplit(url)
     credentials = parts.netloc.rpartition("@")[0]
     netloc = f"{credentials}@" if credentials else ""
-    node_url = urllib.parse.urlunsplit(
-        (parts.scheme, f"{netloc}{node.host}:{node.port}", "", parts.query, "")
-    )
-    return node_url
+    return urllib.parse.urlunsplit((parts.scheme, f"{netloc}{host}:{port}", "", parts.query, ""))
+
+
+def master_urls(url: str, *, setting: str = "redis url") -> list[str]:
+    """``url`` itself, or on a cluster the URL of each of its masters now (for what must
+    talk to every node on its own connection, such as client-side caching's tracking)."""
+    target = parse_url(url, setting=setting)
+    if target.topology != "standalone" or not _is_cluster(url, target):
+        return [url]
+    cluster = cast("redis.cluster.RedisCluster", connect(url, setting=setting))
+    try:
+        primaries = cluster.get_primaries()  # type: ignore[no-untyped-call]
+    finally:
+        cluster.close()
+    return [_at_node(url, node.host, node.port) for node in primaries]
 
 
 ASYNC_SHARDED_PUBSUB = hasattr(redis.asyncio.client.PubSub, "ssubscribe")
@@ -377,6 +395,17 @@ def masters(client: SyncRedis) -> list[redis.Redis]:
             for node in client.get_primaries()  # type: ignore[no-untyped-call]
         ]
     return [client]
+
+
+_GLOB_SPECIALS = frozenset("*?[]\\")
+
+
+def glob_escape(text: str) -> str:
+    r"""``text`` as a literal inside a Redis glob pattern (SCAN MATCH, PSUBSCRIBE)::
+
+    print(glob_escape("user:[1]*"))      # user:\[1\]\*
+    """
+    return "".join("\\" + c if c in _GLOB_SPECIALS else c for c in text)
 
 
 def publish_own(client: SyncRedis, channel: str, data: bytes) -> int:

@@ -1,7 +1,9 @@
 """The cache manager served by three real ``corral run`` daemons on one Redis (standalone
 and a cluster): one computation for a key however many daemons take its callers, values
 shared by default, a released lease passed to a waiter on another daemon, tiered L1s
-kept coherent, and the start-up warning for a per-process backend on a Redis bus."""
+kept coherent (writes made outside corral too), a stale value refreshed once, a lock
+passed on by a release on any daemon, and the start-up warning for a per-process backend
+on a Redis bus."""
 
 from __future__ import annotations
 
@@ -13,13 +15,23 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import msgpack
 import pytest
 
 import corral
 from corral._redis import connect
 from corral.client import Client
-from corral.ext.cache import cached
-from corral.messages.cache import CacheGet, CacheGetOrLease, CacheLease, CacheRelease, CacheSet
+from corral.ext.cache import cached, lock
+from corral.messages.cache import (
+    CacheGet,
+    CacheGetOrLease,
+    CacheLease,
+    CacheLock,
+    CacheLocked,
+    CacheRelease,
+    CacheSet,
+    CacheUnlock,
+)
 from tests.daemons import DaemonGroup, DaemonProcess, redis_daemons_config
 from tests.support import wait_until
 
@@ -138,17 +150,71 @@ def test_a_memory_backend_on_a_redis_bus_is_warned_of_once(
             assert "each daemon has its own values" in log
 
 
+@pytest.mark.parametrize("writer", ["corral", "a plain Redis client"])
 def test_tiered_l1s_of_three_daemons_follow_a_change(
-    tmp_path: Any, redis_url: str, namespace: str
+    tmp_path: Any, redis_url: str, namespace: str, writer: str
 ) -> None:
     managers = '[managers.cache.backends.main]\ntype = "tiered"\n'
     config = redis_daemons_config(redis_url, namespace, managers)
     with (
         DaemonGroup(tmp_path, config, count=3),
         corral.connect(redis_url, namespace=namespace) as remote,
+        connect(redis_url) as raw,
     ):
         remote.ask(CacheSet(key="price", value=1))
         for _ in range(30):  # the reads fill the L1 of every daemon that serves one
             assert remote.ask(CacheGet(key="price")).value == 1
-        remote.ask(CacheSet(key="price", value=2))
+        if writer == "corral":
+            remote.ask(CacheSet(key="price", value=2))
+        else:  # seen through CLIENT TRACKING
+            raw.set(f"{namespace}:cache:main:{{price}}", msgpack.packb(2))
         wait_until(lambda: all(remote.ask(CacheGet(key="price")).value == 2 for _ in range(30)))
+
+
+def test_a_stale_value_is_refreshed_once_across_three_daemons(client: Client) -> None:
+    loads = 0
+    counting = threading.Lock()
+
+    @cached(client, ttl=0.2, stale_ttl=60, key="report")
+    def report() -> int:
+        nonlocal loads
+        with counting:
+            loads += 1
+            version = loads
+        threading.Event().wait(0.5)  # a slow load: every caller asks meanwhile
+        return version
+
+    assert report() == 1
+    wait_until(lambda: client.ask(CacheGet(key="report")).stale)
+    everyone_asks = threading.Barrier(CALLERS)
+    results: list[int] = []
+
+    def call() -> None:
+        everyone_asks.wait()
+        results.append(report())
+
+    threads = [threading.Thread(target=call) for _ in range(CALLERS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert loads == 2  # one refresh, while the others were served the stale value
+    assert len(results) == CALLERS and set(results) == {1, 2}  # 2: the refresher (and late)
+    assert report.stats().refreshes == 1
+
+
+def test_a_lock_waiter_is_answered_by_a_release_on_any_daemon(client: Client) -> None:
+    held = client.ask(CacheLock(name="nightly", ttl=60))
+    answers: list[CacheLocked] = []
+    waiter = threading.Thread(
+        target=lambda: answers.append(
+            client.ask(CacheLock(name="nightly", ttl=60, wait=20), timeout=25)
+        )
+    )
+    waiter.start()
+    with lock(client, "other", ttl=60) as other:  # locks of other names go their own way
+        assert other.token == 1
+    client.ask(CacheUnlock(name="nightly", token=held.token))
+    waiter.join(25)
+    (answer,) = answers
+    assert (answer.acquired, answer.token) == (True, held.token + 1)

@@ -23,12 +23,13 @@ from corral.client import Client
 from corral.config import BusSection, Config, DaemonSection, ManagerSection, SystemSection
 from corral.daemon import Daemon
 from corral.errors import InvalidMessage
-from corral.ext.cache import CachedFunction, CachedStats, cached
+from corral.ext.cache import CachedFunction, CachedStats, CacheKey, cached
 from corral.manager import Asker
 from corral.messages.base import MAX_NESTING
-from corral.messages.cache import CacheGet, CacheSet
+from corral.messages.cache import CacheGet, CacheInvalidate, CacheSet
 from corral.system import System
 from tests.redis_server import RedisServer
+from tests.support import wait_until
 
 
 def cache_system(*, validate: bool = True) -> System:
@@ -328,3 +329,67 @@ def test_coroutine_functions_through_corral_connect(remote: Client) -> None:
         return [await double(3), await double(3), await double.invalidate(3)]
 
     assert asyncio.run(scenario()) == [(3, 3), (3, 3), True]
+
+
+# -- refresh and key templates --------------------------------------------------------------
+
+
+def test_a_stale_value_is_served_while_one_call_refreshes_it(system: System) -> None:
+    computed: list[int] = []
+
+    @cached(system, ttl=0.05, stale_ttl=60, key="report:{day}")
+    def report(day: str) -> dict[str, Any]:
+        computed.append(len(computed))
+        return {"day": day, "version": len(computed)}
+
+    assert report("mon") == {"day": "mon", "version": 1}
+    wait_until(lambda: system.ask(CacheGet(key="report:mon")).stale)
+    # The first call past the ttl refreshes and returns the new value.
+    assert report("mon") == {"day": "mon", "version": 2}
+    assert report.stats().refreshes == 1
+    assert report.stats().misses == 1
+
+
+def test_early_refresh_through_the_decorator(system: System) -> None:
+    versions = iter(range(1, 100))
+
+    @cached(system, ttl=60, early_ttl=59.9)
+    def value() -> int:
+        return next(versions)
+
+    assert value() == 1
+
+    def refreshed() -> bool:
+        return value() == 2
+
+    wait_until(refreshed)
+    assert value() == 2  # fresh again: served from the cache until its early mark
+    stats = value.stats()
+    assert (stats.misses, stats.refreshes) == (1, 1)
+
+
+def test_refresh_settings_are_checked_when_decorating(system: System) -> None:
+    with pytest.raises(InvalidMessage, match="stale_ttl"):
+        cached(system, ttl=5, stale_ttl=0)
+    with pytest.raises(ValueError, match="early_ttl"):
+        cached(system, ttl=5, early_ttl=5)
+
+
+def test_a_cache_key_makes_the_keys_and_patterns_of_a_function(system: System) -> None:
+    orders = CacheKey("user:{user_id}:orders:{status}")
+
+    @cached(system, ttl=60, key=orders)
+    def user_orders(user_id: int, status: str = "open") -> list[int]:
+        return [user_id, len(status)]
+
+    assert user_orders(42) == [42, 4]
+    assert system.ask(CacheGet(key=orders.format(user_id=42, status="open"))).value == [42, 4]
+    user_orders(42, "shipped")
+    user_orders(7)
+    dropped = system.ask(CacheInvalidate(pattern=orders.pattern(user_id=42))).count
+    assert dropped == 2
+    assert system.ask(CacheGet(key="user:7:orders:open")).found
+    assert orders.names == ("user_id", "status")
+    assert CacheKey("a*{x}").pattern(x="[y]") == "a\\*\\[y\\]"
+    with pytest.raises(ValueError, match="names 'customer', not a parameter"):
+        cached(system, key=CacheKey("c:{customer}"))(lambda user_id: user_id)

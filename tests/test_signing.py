@@ -318,7 +318,10 @@ def test_a_client_takes_only_fresh_genuine_replies(
 
 
 def signed_cache(url: str) -> System:
-    options = {"backends": {"main": {"type": "tiered", "url": url, "l1_ttl": 60.0}}}
+    """A tiered cache whose L1 only corral's (signed) invalidations reach: without Redis's
+    tracking, a write behind its back stays unseen until a forged invalidation is obeyed."""
+    main = {"type": "tiered", "url": url, "l1_ttl": 60.0, "track_external_writes": False}
+    options = {"backends": {"main": main}}
     config = Config().replace(
         codec=CodecSection(signing_keys=[KEY]),
         managers={"cache": ManagerSection(options=options)},

@@ -1,4 +1,5 @@
-"""``cached``: keep a function's results in the cache manager, computing each one once.
+"""``cached``: keep a function's results in the cache manager, computing each one once;
+``CacheKey``: key templates; ``lock``: a distributed lock with a fencing token.
 
 ::
 
@@ -27,9 +28,18 @@ logged once per function. Tuples come back as tuples: a tuple is stored as the m
 ``{" d": map}``); every other value is stored as it is, so other readers see plain
 msgpack.
 
+With ``stale_ttl``, a value is still served for that long after its ``ttl`` while one
+caller (across daemons) computes it again and returns the new value; with
+``early_ttl``, that caller does so from that long before the ``ttl`` ends, so that the
+others never wait::
+
+    @cached(system, ttl=60, stale_ttl=300, early_ttl=10)
+    def report(day: str) -> dict[str, Any]: ...
+
 The key of a call is, by choice:
 
-- a template naming the function's parameters, ``key="user:{user_id}"``;
+- a template naming the function's parameters, ``key="user:{user_id}"``, or a
+  :class:`CacheKey` (which also makes the keys, and patterns, outside the function);
 - a function of the call's arguments, ``key=lambda user_id: f"user:{user_id}"``;
 - by default, the function's qualified name and a digest of its arguments (bound to
   its parameters, defaults applied, so ``f(1)`` and ``f(x=1)`` share a key). Only
@@ -39,10 +49,18 @@ The key of a call is, by choice:
   and dataclass instances made of them. A call with any other argument (an object
   whose ``repr`` is its address, say ``self``) runs without the cache, counted and
   logged once: give that function a ``key``.
+
+A lock held while a job runs, released when it ends, and by its TTL if the process
+dies; the fencing token only grows, so a store can refuse writes of an older holder::
+
+    with lock(system, "nightly-report", ttl=60, wait=5) as held:
+        write_report(fence=held.token)
+        held.extend(60)                         # still ours: 60 s more
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import decimal
@@ -56,25 +74,32 @@ import re
 import string
 import threading
 import uuid
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
 
-from corral.errors import InvalidMessage, Timeout, UnavailableError
+from corral._redis import glob_escape
+from corral.errors import Conflict, InvalidMessage, Timeout, UnavailableError
 from corral.manager import Asker, AsyncAsker
 from corral.messages.base import MAX_NESTING, validate
 from corral.messages.cache import (
     CacheDelete,
+    CacheExtend,
     CacheGetOrLease,
     CacheLease,
+    CacheLock,
     CacheRelease,
     CacheSet,
+    CacheUnlock,
 )
 
 __all__ = [
     "AsyncCachedFunction",
+    "CacheKey",
     "CachedFunction",
     "CachedStats",
+    "HeldLock",
     "cached",
+    "lock",
 ]
 
 log = logging.getLogger(__name__)
@@ -106,13 +131,16 @@ _VALUE_TYPES = (
 class CachedStats:
     """What the calls of one decorated function did, since it was decorated::
 
-    CachedStats(hits=12, misses=3, uncacheable=0, unkeyed=0, bypassed=1)
+    CachedStats(hits=12, misses=3, refreshes=1, uncacheable=0, unkeyed=0, bypassed=1)
     """
 
     hits: int = 0
-    """Answered from the cache (a stored value, or one set while the caller waited)."""
+    """Answered from the cache (a stored value, stale or not, or one set while the
+    caller waited)."""
     misses: int = 0
     """Computed under the lease and stored."""
+    refreshes: int = 0
+    """Computed again under the refresh lease of a value due for it, and stored."""
     uncacheable: int = 0
     """Computed, and returned uncached: the codec cannot carry the value."""
     unkeyed: int = 0
@@ -159,11 +187,13 @@ def cached(
     system: Asker,
     *,
     ttl: float | None = None,
-    key: str | Callable[..., str] | None = None,
+    key: str | CacheKey | Callable[..., str] | None = None,
     backend: str = "",
     tags: Iterable[str] = (),
     lease_ttl: float = 30.0,
     wait: float = 10.0,
+    stale_ttl: float | None = None,
+    early_ttl: float | None = None,
 ) -> _Decorate:
     """Decorate a function (or coroutine function) to cache its results; see the module doc.
 
@@ -174,16 +204,28 @@ def cached(
     ``tags``: tags every stored value carries (``CacheInvalidateTags`` drops them).
     ``lease_ttl``: how long other callers wait for a computation whose caller vanished.
     ``wait``: how long a caller waits for another's computation before computing itself.
+    ``stale_ttl``, ``early_ttl``: see the module doc (None: the backend's defaults).
 
     Settings the cache would refuse (a ``ttl`` of 0, a template naming no parameter)
     raise here, when the function is decorated.
     """
     tag_list = list(tags)
-    validate(CacheSet(key="k", value=None, ttl=ttl, tags=tag_list, backend=backend))
+    store = CacheSet(
+        key="k",
+        value=None,
+        ttl=ttl,
+        tags=tag_list,
+        backend=backend,
+        stale_ttl=stale_ttl,
+        early_ttl=early_ttl,
+    )
+    validate(store)
     validate(CacheGetOrLease(key="k", backend=backend, lease_ttl=lease_ttl, wait=wait))
+    if early_ttl is not None and ttl is not None and early_ttl >= ttl:
+        raise ValueError(f"cached: early_ttl ({early_ttl}) must be less than the ttl ({ttl})")
 
     def decorate(fn: Callable[..., Any]) -> Any:
-        calls = _Calls(fn, _key_maker(fn, key), ttl, backend, tag_list, lease_ttl, wait)
+        calls = _Calls(fn, _key_maker(fn, key), store, lease_ttl, wait)
         if inspect.iscoroutinefunction(fn):
             wrapper = _async_wrapper(fn, calls, cast(AsyncAsker, system))
         else:
@@ -202,17 +244,14 @@ class _Calls:
         self,
         fn: Callable[..., Any],
         make_key: Callable[..., str],
-        ttl: float | None,
-        backend: str,
-        tags: list[str],
+        store: CacheSet,
         lease_ttl: float,
         wait: float,
     ) -> None:
         self.name = f"{fn.__module__}.{fn.__qualname__}"
         self.make_key = make_key
-        self.ttl = ttl
-        self.backend = backend
-        self.tags = tags
+        self.store = store
+        self.backend = store.backend
         self.lease_ttl = lease_ttl
         self.wait = wait
         self.ask_timeout = wait + _ASK_MARGIN
@@ -287,14 +326,7 @@ class _Calls:
 
     def store_request(self, key: str, value: Any, lease: str) -> CacheSet:
         """Raises InvalidMessage for a value nested too deep to carry."""
-        return CacheSet(
-            key=key,
-            value=_to_cache(value, 0),
-            ttl=self.ttl,
-            tags=self.tags,
-            backend=self.backend,
-            lease=lease,
-        )
+        return dataclasses.replace(self.store, key=key, value=_to_cache(value, 0), lease=lease)
 
     def release_request(self, key: str, lease: str) -> CacheRelease:
         return CacheRelease(key=key, lease=lease, backend=self.backend)
@@ -318,17 +350,17 @@ def _sync_wrapper(fn: Callable[..., Any], calls: _Calls, system: Asker) -> Calla
         except (Timeout, UnavailableError) as exc:
             calls.bypassed(key, exc)
             return fn(*args, **kwargs)
-        if reply.found:
+        if reply.found and not reply.lease:
             return calls.hit(reply)
         try:
             value = fn(*args, **kwargs)
         except BaseException:
             _release(system, calls.release_request(key, reply.lease))
             raise
-        store(key, value, reply.lease)
+        store(key, value, reply.lease, "refreshes" if reply.found else "misses")
         return value
 
-    def store(key: str, value: Any, lease: str) -> None:
+    def store(key: str, value: Any, lease: str, outcome: str) -> None:
         try:
             system.ask(calls.store_request(key, value, lease))
         except BaseException as exc:
@@ -336,7 +368,7 @@ def _sync_wrapper(fn: Callable[..., Any], calls: _Calls, system: Asker) -> Calla
             if not calls.not_stored(key, exc):
                 raise
         else:
-            calls.count("misses")
+            calls.count(outcome)
 
     def invalidate(*args: Any, **kwargs: Any) -> bool:
         key = calls.stored_key(args, kwargs)
@@ -359,17 +391,17 @@ def _async_wrapper(
         except (Timeout, UnavailableError) as exc:
             calls.bypassed(key, exc)
             return await fn(*args, **kwargs)
-        if reply.found:
+        if reply.found and not reply.lease:
             return calls.hit(reply)
         try:
             value = await fn(*args, **kwargs)
         except BaseException:
             await _release_async(system, calls.release_request(key, reply.lease))
             raise
-        await store(key, value, reply.lease)
+        await store(key, value, reply.lease, "refreshes" if reply.found else "misses")
         return value
 
-    async def store(key: str, value: Any, lease: str) -> None:
+    async def store(key: str, value: Any, lease: str, outcome: str) -> None:
         try:
             await system.ask_async(calls.store_request(key, value, lease))
         except BaseException as exc:
@@ -377,7 +409,7 @@ def _async_wrapper(
             if not calls.not_stored(key, exc):
                 raise
         else:
-            calls.count("misses")
+            calls.count(outcome)
 
     async def invalidate(*args: Any, **kwargs: Any) -> bool:
         key = calls.stored_key(args, kwargs)
@@ -409,37 +441,89 @@ class _NoStableKey(Exception):
     """An argument has no representation that is the same in every process."""
 
 
-def _key_maker(fn: Callable[..., Any], key: str | Callable[..., str] | None) -> Callable[..., str]:
+class CacheKey:
+    """A key template over named values, for ``@cached(key=...)`` and for the keys and
+    invalidation patterns of the same values anywhere else::
+
+        orders = CacheKey("user:{user_id}:orders:{status}")
+        orders.names                                # ('user_id', 'status')
+        orders.format(user_id=42, status="open")    # 'user:42:orders:open'
+        orders.pattern(user_id=42)                  # 'user:42:orders:*'
+
+    Fields are ``str.format`` fields (``{user.id}``, ``{ids[0]}``, ``{n:05d}``). Two
+    calls share a key when their fields format alike: keep the values of a field free
+    of the text between fields (ids are), or let the default key (a digest) tell them
+    apart.
+    """
+
+    __slots__ = ("names", "template")
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        names: list[str] = []
+        for _, field, _, _ in string.Formatter().parse(template):
+            if field is None:
+                continue
+            name = re.split(r"[.\[]", field, maxsplit=1)[0]
+            if name not in names:
+                names.append(name)
+        self.names: tuple[str, ...] = tuple(names)
+
+    def __repr__(self) -> str:
+        return f"CacheKey({self.template!r})"
+
+    def format(self, **values: Any) -> str:
+        """The key of ``values`` (one for each of :attr:`names`)."""
+        return self.template.format_map(values)
+
+    def pattern(self, **values: Any) -> str:
+        """A Redis glob matching the keys of ``values``, any value standing for the names
+        left out (for ``CacheInvalidate``); the values given are matched literally."""
+        parts = []
+        for literal, field, spec, conversion in string.Formatter().parse(self.template):
+            parts.append(glob_escape(literal))
+            if field is None:
+                continue
+            name = re.split(r"[.\[]", field, maxsplit=1)[0]
+            if name not in values:
+                parts.append("*")
+                continue
+            text = "{" + field + ("!" + conversion if conversion else "") + ":" + (spec or "") + "}"
+            parts.append(glob_escape(text.format_map(values)))
+        return "".join(parts)
+
+
+def _key_maker(
+    fn: Callable[..., Any], key: str | CacheKey | Callable[..., str] | None
+) -> Callable[..., str]:
+    if isinstance(key, str):
+        key = CacheKey(key)
+    if isinstance(key, CacheKey):
+        return _template_key(fn, inspect.signature(fn), key)
     if callable(key):
         return key
-    signature = inspect.signature(fn)
-    if key is None:
-        return _default_key(fn, signature)
-    return _template_key(fn, signature, key)
+    return _default_key(fn, inspect.signature(fn))
 
 
 def _template_key(
-    fn: Callable[..., Any], signature: inspect.Signature, template: str
+    fn: Callable[..., Any], signature: inspect.Signature, template: CacheKey
 ) -> Callable[..., str]:
     """``template`` filled from the call's arguments by parameter name::
 
-    _template_key(profile, signature(profile), "user:{user_id}")(42)    # 'user:42'
+    _template_key(profile, signature(profile), CacheKey("user:{user_id}"))(42)  # 'user:42'
     """
-    for _, field, _, _ in string.Formatter().parse(template):
-        if field is None:
-            continue
-        name = re.split(r"[.\[]", field, maxsplit=1)[0]
+    for name in template.names:
         if name not in signature.parameters:
             raise ValueError(
-                f"cached {fn.__qualname__}: the key template {template!r} names "
-                f"{field or '{}'!r}, not a parameter (parameters: "
+                f"cached {fn.__qualname__}: the key template {template.template!r} names "
+                f"{name or '{}'!r}, not a parameter (parameters: "
                 f"{', '.join(signature.parameters) or 'none'})"
             )
 
     def make_key(*args: Any, **kwargs: Any) -> str:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        return template.format_map(bound.arguments)
+        return template.format(**bound.arguments)
 
     return make_key
 
@@ -525,3 +609,49 @@ def _from_cache(value: Any) -> Any:
                 return {k: _from_cache(v) for k, v in inner.items()}
         return {k: _from_cache(v) for k, v in value.items()}
     return value
+
+
+# -- locks --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class HeldLock:
+    """A lock :func:`lock` took: its ``name`` and fencing ``token`` (greater than any
+    earlier holder's), and ways to keep it longer or let it go early."""
+
+    system: Asker
+    name: str
+    token: int
+    backend: str = ""
+
+    def extend(self, ttl: float) -> bool:
+        """Make the lock last ``ttl`` seconds from now; False when it is no longer held
+        (it expired, and maybe has another holder)."""
+        request = CacheExtend(name=self.name, token=self.token, ttl=ttl, backend=self.backend)
+        return self.system.ask(request).extended
+
+    def release(self) -> bool:
+        """Let the lock go; False when it was no longer held."""
+        request = CacheUnlock(name=self.name, token=self.token, backend=self.backend)
+        return self.system.ask(request).released
+
+
+@contextlib.contextmanager
+def lock(
+    system: Asker, name: str, ttl: float, *, wait: float = 0.0, backend: str = ""
+) -> Iterator[HeldLock]:
+    """Hold the cache lock ``name`` for the ``with`` block, or ``ttl`` seconds if the
+    process dies first; ``wait``: seconds to wait for it (0: not at all).
+
+    Raises :class:`corral.errors.Conflict` when the lock is held by another (after
+    ``wait``). A block that outlives ``ttl`` loses the lock: ``extend`` it, and fence
+    writes with the token."""
+    request = CacheLock(name=name, ttl=ttl, wait=wait, backend=backend)
+    reply = system.ask(request, timeout=wait + _ASK_MARGIN)
+    if not reply.acquired:
+        raise Conflict(f"the lock {name!r} is held by another", {"name": name, "wait": wait})
+    held = HeldLock(system, name, reply.token, backend)
+    try:
+        yield held
+    finally:
+        held.release()

@@ -14,20 +14,53 @@ caller a lease to compute it (then ``CacheSet(..., lease=reply.lease)``), or,
 while another caller holds the lease, answers only once that value is set (or
 the lease passes to this caller when the holder never comes back, or it times
 out with ``corral.errors.Timeout`` after ``wait`` seconds).
+
+Refresh: a value set with ``stale_ttl`` is served for that long after its ``ttl``,
+marked ``stale``, and one with ``early_ttl`` wants refreshing from that long before
+its ``ttl`` ends. Either way ``CacheGetOrLease`` answers ``found`` with the value,
+and exactly one caller (across daemons) also gets a ``lease``: it computes the value
+again and sets it with that lease, while the others keep being served::
+
+    reply = system.ask(CacheGetOrLease(key="report"))
+    if reply.lease:                       # a miss, or a value due for its refresh
+        system.ask(CacheSet(key="report", value=build(), ttl=60, stale_ttl=30,
+                            lease=reply.lease))
+
+Locks: ``CacheLock`` takes a named lock for ``ttl`` seconds (waiting up to ``wait``
+for it) and answers with a fencing ``token``, one more than the last token of that
+name; ``CacheUnlock`` and ``CacheExtend`` act only for the holder of that token::
+
+    held = system.ask(CacheLock(name="nightly-report", ttl=30, wait=5))
+    if held.acquired:
+        ...                               # write with held.token as the fence
+        system.ask(CacheUnlock(name="nightly-report", token=held.token))
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Annotated, Any
 
-from corral.messages.base import Count, Event, Reply, Request, TimeLimit, Ttl, message
+from corral.messages.base import (
+    MAX_OFFSET,
+    MAX_TIMEOUT,
+    Count,
+    Event,
+    Range,
+    Reply,
+    Request,
+    TimeLimit,
+    Ttl,
+    message,
+)
 
 __all__ = [
     "CacheClear",
     "CacheDelete",
     "CacheDeleted",
     "CacheExists",
+    "CacheExtend",
+    "CacheExtended",
     "CacheGet",
     "CacheGetMany",
     "CacheGetOrLease",
@@ -36,6 +69,9 @@ __all__ = [
     "CacheInvalidated",
     "CacheLease",
     "CacheLeaseEnded",
+    "CacheLock",
+    "CacheLockReleased",
+    "CacheLocked",
     "CachePresence",
     "CacheRelease",
     "CacheReleased",
@@ -44,6 +80,8 @@ __all__ = [
     "CacheStatistics",
     "CacheStats",
     "CacheStored",
+    "CacheUnlock",
+    "CacheUnlocked",
     "CacheValue",
     "CacheValues",
 ]
@@ -52,13 +90,20 @@ __all__ = [
 # -- replies ----------------------------------------------------------------------------
 
 
+Wait = Annotated[float, Range(ge=0, le=MAX_TIMEOUT, unit="s")]
+"""How long a request may wait for something; 0: not at all."""
+FencingToken = Annotated[int, Range(ge=0, le=MAX_OFFSET)]
+
+
 @message("cache.value")
 class CacheValue(Reply):
-    """A looked-up key: ``found`` tells a miss from a stored ``None``."""
+    """A looked-up key: ``found`` tells a miss from a stored ``None``; ``stale``: the
+    value's ``ttl`` is over, and it is served within its ``stale_ttl``."""
 
     key: str
     found: bool
     value: Any = None
+    stale: bool = False
 
 
 @message("cache.values")
@@ -96,17 +141,46 @@ class CacheStatistics(Reply):
 
 @message("cache.lease")
 class CacheLease(Reply):
-    """The value (``found``), or a lease to compute it (``lease`` is its token)."""
+    """The value (``found``), or a lease to compute it (``lease`` is its token), or both:
+    the value, due for its refresh, and the lease to refresh it. ``stale`` as in
+    :class:`CacheValue`."""
 
     key: str
     found: bool
     value: Any = None
     lease: str = ""
+    stale: bool = False
 
 
 @message("cache.released")
 class CacheReleased(Reply):
     released: bool
+
+
+@message("cache.locked")
+class CacheLocked(Reply):
+    """``acquired``: the lock is the caller's until ``ttl`` runs out (or it unlocks), with
+    ``token``, the lock's fencing token: greater than any earlier holder's. Not
+    acquired: ``token`` is 0."""
+
+    name: str
+    acquired: bool
+    token: FencingToken = 0
+
+
+@message("cache.unlocked")
+class CacheUnlocked(Reply):
+    """``released``: the caller held the lock and let it go; False when it had expired
+    or passed to another holder."""
+
+    released: bool
+
+
+@message("cache.extended")
+class CacheExtended(Reply):
+    """``extended``: the caller still held the lock, which now lasts the new ``ttl``."""
+
+    extended: bool
 
 
 # -- requests ---------------------------------------------------------------------------
@@ -133,6 +207,10 @@ class CacheSet(Request[CacheStored]):
 
     ``lease``: the token from ``CacheGetOrLease``; setting the key answers its waiters
     either way, and the lease ends.
+    ``stale_ttl``: seconds the value is still served, stale, after ``ttl``, while one
+    caller of ``CacheGetOrLease`` refreshes it. ``early_ttl``: seconds before ``ttl``
+    ends from which one caller refreshes it (less than ``ttl``). None: the backend's
+    default for either.
     """
 
     manager = "cache"
@@ -142,15 +220,21 @@ class CacheSet(Request[CacheStored]):
     tags: list[str] = dataclasses.field(default_factory=list)
     backend: str = ""
     lease: str = ""
+    stale_ttl: Ttl | None = None
+    early_ttl: Ttl | None = None
 
 
 @message("cache.set_many")
 class CacheSetMany(Request[CacheStored]):
+    """``ttl``, ``stale_ttl`` and ``early_ttl`` as in :class:`CacheSet`, for each value."""
+
     manager = "cache"
     values: dict[str, Any]
     ttl: Ttl | None = None
     tags: list[str] = dataclasses.field(default_factory=list)
     backend: str = ""
+    stale_ttl: Ttl | None = None
+    early_ttl: Ttl | None = None
 
 
 @message("cache.delete")
@@ -227,6 +311,41 @@ class CacheRelease(Request[CacheReleased]):
     backend: str = ""
 
 
+@message("cache.lock")
+class CacheLock(Request[CacheLocked]):
+    """Take the lock ``name`` for ``ttl`` seconds: it is released then if its holder
+    never unlocks it (say, it died). ``wait``: seconds to wait for a held lock (0: answer
+    at once); the caller is answered when it is released or expires, not by polling.
+    """
+
+    manager = "cache"
+    name: str
+    ttl: TimeLimit
+    wait: Wait = 0.0
+    backend: str = ""
+
+
+@message("cache.unlock")
+class CacheUnlock(Request[CacheUnlocked]):
+    """Release the lock ``name`` if ``token`` still holds it."""
+
+    manager = "cache"
+    name: str
+    token: FencingToken
+    backend: str = ""
+
+
+@message("cache.extend")
+class CacheExtend(Request[CacheExtended]):
+    """Make the lock ``name`` last ``ttl`` seconds from now, if ``token`` still holds it."""
+
+    manager = "cache"
+    name: str
+    token: FencingToken
+    ttl: TimeLimit
+    backend: str = ""
+
+
 # -- events -----------------------------------------------------------------------------
 
 
@@ -258,3 +377,12 @@ class CacheLeaseEnded(Event):
 
     origin: str
     key: str
+
+
+@message("cache.lock_released")
+class CacheLockReleased(Event):
+    """Published on ``<namespace>:cache:<backend>:invalidated`` when a lock held in Redis
+    was released: managers on other nodes with callers waiting for it try again."""
+
+    origin: str
+    name: str

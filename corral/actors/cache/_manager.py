@@ -19,6 +19,12 @@ On a Redis or tiered backend the lease is a Redis key, so one caller computes
 however many daemons serve: a set or a release on any node is published, and the
 nodes with waiters look again (a timer at the lease's expiry stands in for a lost
 message). A memory backend (or a Redis backend on its fallback) keeps leases here.
+
+Refresh: a value due for its refresh (past its ``early_ttl`` mark, or stale) is served
+to every caller of ``CacheGetOrLease``, and the refresh lease, the same lease a miss
+takes, goes with it to one of them. Locks wait like leases: a ``CacheLock`` with a
+``wait`` is answered when the lock is released (here, or on another node: the event
+on the backend's channel) or expires, or with ``acquired=False`` once ``wait`` is over.
 """
 
 from __future__ import annotations
@@ -31,9 +37,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
 import pykka
 
+from corral._redis import master_urls, redact
 from corral.actors.cache._memory import Backend, MemoryBackend, MemoryStore
 from corral.actors.cache._metrics import (
     BATCHED_GETS,
@@ -44,9 +50,15 @@ from corral.actors.cache._metrics import (
     Counters,
 )
 from corral.actors.cache._options import BackendOptions, CacheOptions
-from corral.actors.cache._redis import InvalidationListener, LeaseState, RedisBackend, Resync
+from corral.actors.cache._redis import (
+    InvalidationListener,
+    LeaseState,
+    RedisBackend,
+    Resync,
+    TrackingListener,
+)
+from corral.actors.cache._values import ValueCodec
 from corral.errors import (
-    BackendUnavailable,
     ConfigError,
     CorralError,
     InvalidMessage,
@@ -60,6 +72,8 @@ from corral.messages.cache import (
     CacheDelete,
     CacheDeleted,
     CacheExists,
+    CacheExtend,
+    CacheExtended,
     CacheGet,
     CacheGetMany,
     CacheGetOrLease,
@@ -68,6 +82,9 @@ from corral.messages.cache import (
     CacheInvalidateTags,
     CacheLease,
     CacheLeaseEnded,
+    CacheLock,
+    CacheLocked,
+    CacheLockReleased,
     CachePresence,
     CacheRelease,
     CacheReleased,
@@ -76,6 +93,8 @@ from corral.messages.cache import (
     CacheStatistics,
     CacheStats,
     CacheStored,
+    CacheUnlock,
+    CacheUnlocked,
     CacheValue,
     CacheValues,
 )
@@ -97,9 +116,19 @@ _LISTENER_READY_TIMEOUT = 1.0
 
 @dataclass
 class _Waiter:
+    """A deferred caller; ``lease_ttl``: how long the lease (or lock) it gets lasts."""
+
     reply: DeferredReply
     deadline: float
     lease_ttl: float
+
+
+@dataclass
+class _LockWait:
+    """Callers here waiting for a lock, and when to try it again (its expiry)."""
+
+    retry_at: float
+    waiters: list[_Waiter] = field(default_factory=list)
 
 
 @dataclass
@@ -133,11 +162,21 @@ class CacheManager(Manager[CacheOptions]):
         self.max_key_length = settings.max_key_length
         self.max_value_size = settings.max_value_size
         self.flights: dict[tuple[str, str], _Flight] = {}
+        self.lock_waits: dict[tuple[str, str], _LockWait] = {}
         self.timer: Schedule | None = None
         self.timer_due = math.inf
         self.backends: dict[str, Backend] = {}
+        self.backend_settings = settings.backend_options(self.corral_context.redis_url)
+        self.values = {
+            name: ValueCodec(
+                options.serializer,
+                backend=name,
+                keys=tuple(k.encode() for k in options.signing_keys),
+            )
+            for name, options in self.backend_settings.items()
+        }
         try:
-            for name, options in settings.backend_options(self.corral_context.redis_url).items():
+            for name, options in self.backend_settings.items():
                 self.backends[name] = self._build(name, options)
         except BaseException:
             self._close_backends()
@@ -150,8 +189,10 @@ class CacheManager(Manager[CacheOptions]):
                 f"{self.default_backend!r} (backends: {', '.join(self.backends)})"
             )
         for backend in self.backends.values():
-            if isinstance(backend, RedisBackend) and backend.listener is not None:
-                backend.listener.connected.wait(_LISTENER_READY_TIMEOUT)
+            if isinstance(backend, RedisBackend):
+                for listener in [backend.listener, *backend.trackers]:
+                    if listener is not None:
+                        listener.connected.wait(_LISTENER_READY_TIMEOUT)
         self._warn_of_per_process_backends()
 
     def _warn_of_per_process_backends(self) -> None:
@@ -174,7 +215,11 @@ class CacheManager(Manager[CacheOptions]):
         for flight in self.flights.values():
             for waiter in flight.waiters:
                 waiter.reply.fail(gone)
+        for wait in self.lock_waits.values():
+            for waiter in wait.waiters:
+                waiter.reply.fail(gone)
         self.flights.clear()
+        self.lock_waits.clear()
         self._close_backends()
 
     def _build(self, name: str, options: BackendOptions) -> Backend:
@@ -204,7 +249,28 @@ class CacheManager(Manager[CacheOptions]):
         )
         backend.listener = InvalidationListener(backend, self._deliver)
         backend.listener.start()
+        if backend.tiered and options.track_external_writes:
+            self._track(backend, url)
         return backend
+
+    def _track(self, backend: RedisBackend, url: str) -> None:
+        """Follow writes made outside corral to the keys of ``backend``'s L1: one tracking
+        connection per Redis node (BCAST tracking is per node)."""
+        nodes = master_urls(url, setting=f"managers.{self.corral_context.name}.url")
+        for node in nodes:
+            tracker = TrackingListener(backend, self._deliver, url=node)
+            backend.trackers.append(tracker)
+            tracker.start()
+        if len(nodes) > 1:
+            log.info(
+                "cache backend %s: L1 follows writes made outside corral through CLIENT "
+                "TRACKING on the %d masters of the cluster now (%s); tracking is per node: "
+                "after a failover or a resharding, keys on a master not listed are followed "
+                "only through corral's own invalidations until the manager restarts",
+                backend.name,
+                len(nodes),
+                ", ".join(redact(n) for n in nodes),
+            )
 
     def _close_backends(self) -> None:
         for backend in self.backends.values():
@@ -237,7 +303,12 @@ class CacheManager(Manager[CacheOptions]):
         data = backend.get(self._key(msg.key))
         if data is None:
             return CacheValue(key=msg.key, found=False)
-        return CacheValue(key=msg.key, found=True, value=_decode(data))
+        return self._value(backend.name, msg.key, data)
+
+    def _value(self, backend: str, key: str, data: bytes) -> CacheValue:
+        stored = self.values[backend].decode(key, data)
+        stale = self.corral_context.clock.time() >= stored.stale_at
+        return CacheValue(key=key, found=True, value=stored.value, stale=stale)
 
     def _get_together(self, queued: list[tuple[CacheGet, DeferredReply]]) -> None:
         """Answer every get of the batch, each with its value or its own error."""
@@ -270,7 +341,7 @@ class CacheManager(Manager[CacheOptions]):
                     value = (
                         CacheValue(key=msg.key, found=False)
                         if data is None
-                        else CacheValue(key=msg.key, found=True, value=_decode(data))
+                        else self._value(name, msg.key, data)
                     )
                 except CorralError as exc:  # a stored value that does not decode
                     _answer(reply, exc)
@@ -282,7 +353,8 @@ class CacheManager(Manager[CacheOptions]):
         backend = self._backend(msg.backend)
         keys = [self._key(k, f"keys[{i}]") for i, k in enumerate(msg.keys)]
         found = backend.get_many(keys)
-        return CacheValues(values={k: _decode(d) for k, d in found.items()})
+        decode = self.values[backend.name].decode
+        return CacheValues(values={k: decode(k, d).value for k, d in found.items()})
 
     @handles(CacheSet)
     def set(self, msg: CacheSet) -> CacheStored | None:
@@ -293,18 +365,21 @@ class CacheManager(Manager[CacheOptions]):
             self.corral_metrics.add(BATCHED_SETS, by=len(queued) + 1)
             self._set_together([(msg, self.defer_reply()), *queued])
             return None  # answered through its reply with the others
-        backend, key, data = self._checked_set(msg)
-        backend.set_many({key: data}, msg.ttl, msg.tags)
+        backend, key, data, ttl = self._checked_set(msg)
+        backend.set_many({key: data}, ttl, msg.tags)
         self._settle(backend.name, key, msg.value)
         return CacheStored(count=1)
 
-    def _checked_set(self, msg: CacheSet) -> tuple[Backend, str, bytes]:
-        """The backend, key and encoded value of a set, or the InvalidMessage that refuses it."""
+    def _checked_set(self, msg: CacheSet) -> tuple[Backend, str, bytes, float | None]:
+        """The backend, key, encoded value and TTL in the backend of a set, or the
+        InvalidMessage that refuses it."""
         backend = self._backend(msg.backend)
         key = self._key(msg.key)
-        data = self._encode(msg.value, "value")
-        _check_ttl(msg.ttl, "ttl")
-        return backend, key, data
+        lifetime = _Lifetime.of(
+            self.backend_settings[backend.name], msg, self.corral_context.clock.time()
+        )
+        data = self._encode(backend.name, key, msg.value, lifetime, "value")
+        return backend, key, data, lifetime.stored_ttl
 
     def _set_together(self, queued: list[tuple[CacheSet, DeferredReply]]) -> None:
         """Store every set of the batch, answering each with CacheStored or its own error."""
@@ -312,11 +387,11 @@ class CacheManager(Manager[CacheOptions]):
             runs: list[tuple[tuple[Any, ...], list[tuple[CacheSet, str, bytes, Any]]]] = []
             for msg, reply in queued:
                 try:
-                    backend, key, data = self._checked_set(msg)
+                    backend, key, data, ttl = self._checked_set(msg)
                 except CorralError as exc:
                     _answer(reply, exc)
                     continue
-                same = (backend.name, msg.ttl, tuple(msg.tags))
+                same = (backend.name, ttl, tuple(msg.tags))
                 if not runs or runs[-1][0] != same:
                     runs.append((same, []))
                 runs[-1][1].append((msg, key, data, reply))
@@ -340,12 +415,14 @@ class CacheManager(Manager[CacheOptions]):
     @handles(CacheSetMany)
     def set_many(self, msg: CacheSetMany) -> CacheStored:
         backend = self._backend(msg.backend)
-        _check_ttl(msg.ttl, "ttl")
+        lifetime = _Lifetime.of(
+            self.backend_settings[backend.name], msg, self.corral_context.clock.time()
+        )
         items = {
-            self._key(k, f"values.{k}"): self._encode(v, f"values.{k}")
+            self._key(k, f"values.{k}"): self._encode(backend.name, k, v, lifetime, f"values.{k}")
             for k, v in msg.values.items()
         }
-        backend.set_many(items, msg.ttl, msg.tags)
+        backend.set_many(items, lifetime.stored_ttl, msg.tags)
         for key, value in msg.values.items():
             self._settle(backend.name, key, value)
         return CacheStored(count=len(items))
@@ -390,33 +467,58 @@ class CacheManager(Manager[CacheOptions]):
         _check_ttl(msg.wait, "wait", MAX_TIMEOUT)
         data = backend.get(key)
         if data is not None:
-            return CacheLease(key=msg.key, found=True, value=_decode(data))
+            return self._found(backend, msg, data)
         token = uuid.uuid4().hex
         if isinstance(backend, RedisBackend):
             shared = backend.take_lease(key, token, msg.lease_ttl)
             if shared is not None:  # None: Redis is out of reach, the lease is kept here
-                return self._shared_lease(backend.name, msg, token, shared)
-        now = time.monotonic()
-        flight = self.flights.get((backend.name, key))
-        if flight is None or flight.expires_at <= now:
-            waiters = flight.waiters if flight is not None else []
-            self.flights[backend.name, key] = _Flight(
-                token, now + msg.lease_ttl, msg.lease_ttl, waiters
-            )
-            self._wake_at(now + msg.lease_ttl)
+                return self._shared_lease(backend, msg, token, shared)
+        if self._lease_here(backend.name, key, token, msg.lease_ttl):
             return CacheLease(key=msg.key, found=False, lease=token)
         self._wait(backend.name, msg)
         return None  # answered later, by _settle, _hand_over, _look_again or _sweep
 
+    def _lease_here(self, backend: str, key: str, token: str, lease_ttl: float) -> bool:
+        """Whether ``token`` takes the lease on ``key`` kept by this manager (nobody
+        holds it, or its holder's time ran out)."""
+        now = time.monotonic()
+        flight = self.flights.get((backend, key))
+        if flight is not None and flight.expires_at > now:
+            return False
+        waiters = flight.waiters if flight is not None else []
+        self.flights[backend, key] = _Flight(token, now + lease_ttl, lease_ttl, waiters)
+        self._wake_at(now + lease_ttl)
+        return True
+
+    def _found(self, backend: Backend, msg: CacheGetOrLease, data: bytes) -> CacheLease:
+        """The value, and the lease to refresh it when it is due and nobody has it."""
+        stored = self.values[backend.name].decode(msg.key, data)
+        now = self.corral_context.clock.time()
+        lease = ""
+        if now >= stored.refresh_at:
+            lease = self._refresh_lease(backend, msg.key, msg.lease_ttl)
+        return CacheLease(
+            key=msg.key, found=True, value=stored.value, lease=lease, stale=now >= stored.stale_at
+        )
+
+    def _refresh_lease(self, backend: Backend, key: str, lease_ttl: float) -> str:
+        """A new lease on ``key``, whose value is there; "" while another caller has one."""
+        token = uuid.uuid4().hex
+        if isinstance(backend, RedisBackend):
+            granted = backend.take_refresh_lease(key, token, lease_ttl)
+            if granted is not None:
+                return token if granted else ""
+        return token if self._lease_here(backend.name, key, token, lease_ttl) else ""
+
     def _shared_lease(
-        self, backend: str, msg: CacheGetOrLease, token: str, shared: LeaseState
+        self, backend: Backend, msg: CacheGetOrLease, token: str, shared: LeaseState
     ) -> CacheLease | None:
         """The answer to ``msg`` from what Redis holds: the value, the lease, or a wait."""
         if shared.data is not None:
-            return CacheLease(key=msg.key, found=True, value=_decode(shared.data))
+            return self._found(backend, msg, shared.data)
         if shared.granted:
             return CacheLease(key=msg.key, found=False, lease=token)
-        self._wait(backend, msg, shared.held_for)
+        self._wait(backend.name, msg, shared.held_for)
         return None
 
     def _wait(self, backend: str, msg: CacheGetOrLease, held_for: float | None = None) -> None:
@@ -486,7 +588,11 @@ class CacheManager(Manager[CacheOptions]):
         try:
             assert isinstance(backend, RedisBackend)
             shared = backend.take_lease(key, token, first.lease_ttl)
-            value = _decode(shared.data) if shared is not None and shared.data is not None else None
+            value = (
+                self.values[backend_name].decode(key, shared.data).value
+                if shared is not None and shared.data is not None
+                else None
+            )
         except CorralError as exc:
             del self.flights[backend_name, key]
             for waiter in flight.waiters:
@@ -527,8 +633,13 @@ class CacheManager(Manager[CacheOptions]):
                 self._hand_over(backend, key, flight, now)
             elif flight.expires_at <= now:
                 self._look_again(backend, key, flight)
+        for (backend, name), wait in list(self.lock_waits.items()):
+            if wait.retry_at <= now or any(w.deadline <= now for w in wait.waiters):
+                self._retry_lock(backend, name)
         wakes = [f.expires_at for f in self.flights.values()]
         wakes += [w.deadline for f in self.flights.values() for w in f.waiters]
+        wakes += [w.retry_at for w in self.lock_waits.values()]
+        wakes += [x.deadline for w in self.lock_waits.values() for x in w.waiters]
         if wakes:
             self._wake_at(min(wakes))
 
@@ -540,6 +651,78 @@ class CacheManager(Manager[CacheOptions]):
             self.timer.cancel()
         self.timer_due = due
         self.timer = self.after(max(0.0, due - time.monotonic()), self._sweep)
+
+    # -- locks ----------------------------------------------------------------------------
+
+    @handles(CacheLock)
+    def lock(self, msg: CacheLock) -> CacheLocked | None:
+        backend = self._backend(msg.backend)
+        name = self._key(msg.name, "name")
+        _check_ttl(msg.ttl, "ttl", MAX_TIMEOUT)
+        if not 0 <= msg.wait <= MAX_TIMEOUT:
+            raise InvalidMessage(f"must be >= 0 and <= {MAX_TIMEOUT} seconds", path="wait")
+        now = time.monotonic()
+        wait = self.lock_waits.get((backend.name, name))
+        if wait is None:  # else those waiting here come first
+            token, held_for = backend.lock(name, msg.ttl)
+            if token:
+                return CacheLocked(name=name, acquired=True, token=token)
+            wait = _LockWait(now + held_for)
+        if not msg.wait:
+            return CacheLocked(name=name, acquired=False)
+        reply = self.defer_reply()
+        if not reply.pending:
+            return None
+        self.lock_waits[backend.name, name] = wait
+        wait.waiters.append(_Waiter(reply, now + msg.wait, msg.ttl))
+        self._wake_at(min(wait.retry_at, now + msg.wait))
+        return None  # answered by _retry_lock
+
+    @handles(CacheUnlock)
+    def unlock(self, msg: CacheUnlock) -> CacheUnlocked:
+        backend = self._backend(msg.backend)
+        released = backend.unlock(self._key(msg.name, "name"), msg.token)
+        if released and (backend.name, msg.name) in self.lock_waits:
+            self._retry_lock(backend.name, msg.name)
+        return CacheUnlocked(released=released)
+
+    @handles(CacheExtend)
+    def extend(self, msg: CacheExtend) -> CacheExtended:
+        backend = self._backend(msg.backend)
+        _check_ttl(msg.ttl, "ttl", MAX_TIMEOUT)
+        return CacheExtended(
+            extended=backend.extend_lock(self._key(msg.name, "name"), msg.token, msg.ttl)
+        )
+
+    def _retry_lock(self, backend_name: str, name: str) -> None:
+        """The lock may be free: the first caller waiting here for it tries to take it;
+        those whose ``wait`` is over are told they did not get it."""
+        wait = self.lock_waits[backend_name, name]
+        now = time.monotonic()
+        waiting = []
+        for waiter in wait.waiters:
+            if waiter.deadline <= now:
+                waiter.reply.resolve(CacheLocked(name=name, acquired=False))
+            else:
+                waiting.append(waiter)
+        wait.waiters = waiting
+        if waiting:
+            try:
+                token, held_for = self.backends[backend_name].lock(name, waiting[0].lease_ttl)
+            except CorralError as exc:
+                for waiter in waiting:
+                    waiter.reply.fail(exc)
+                waiting.clear()
+            else:
+                if token:
+                    first = waiting.pop(0)
+                    first.reply.resolve(CacheLocked(name=name, acquired=True, token=token))
+                    held_for = first.lease_ttl
+                wait.retry_at = now + held_for
+        if not waiting:
+            del self.lock_waits[backend_name, name]
+            return
+        self._wake_at(min(wait.retry_at, *(w.deadline for w in waiting)))
 
     # -- other threads' news, on the actor thread -----------------------------------------
 
@@ -560,6 +743,12 @@ class CacheManager(Manager[CacheOptions]):
                     self._lease_news(name, event.keys)
             elif isinstance(event, CacheLeaseEnded) and event.origin != self.origin:
                 self._lease_news(name, [event.key])
+            elif (
+                isinstance(event, CacheLockReleased)
+                and event.origin != self.origin
+                and (name, event.name) in self.lock_waits
+            ):
+                self._retry_lock(name, event.name)
         else:
             return super().on_receive(message)
         return None
@@ -587,6 +776,7 @@ class CacheManager(Manager[CacheOptions]):
         metrics["batched_gets"] = int(counted.value(BATCHED_GETS))
         metrics["batched_sets"] = int(counted.value(BATCHED_SETS))
         metrics["lease_waiters"] = sum(len(f.waiters) for f in self.flights.values())
+        metrics["lock_waiters"] = sum(len(w.waiters) for w in self.lock_waits.values())
         counted.set(LEASES, metrics["leases"])
         counted.set(LEASE_WAITERS, metrics["lease_waiters"])
         return Health(status=status, details=details, metrics=metrics)  # type: ignore[arg-type]
@@ -612,11 +802,13 @@ class CacheManager(Manager[CacheOptions]):
             )
         return key
 
-    def _encode(self, value: Any, path: str) -> bytes:
+    def _encode(self, backend: str, key: str, value: Any, lifetime: _Lifetime, path: str) -> bytes:
         try:
-            data: bytes = msgpack.packb(value, use_bin_type=True)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise InvalidMessage(f"cannot encode the value as msgpack: {exc}", path=path) from None
+            data = self.values[backend].encode(
+                key, value, refresh_at=lifetime.refresh_at, stale_at=lifetime.stale_at
+            )
+        except InvalidMessage as exc:
+            raise InvalidMessage(exc.message, path=path) from None
         if len(data) > self.max_value_size:
             raise InvalidMessage(
                 f"the value is {len(data)} bytes encoded, over the "
@@ -626,13 +818,46 @@ class CacheManager(Manager[CacheOptions]):
         return data
 
 
-def _decode(data: bytes) -> Any:
-    """A stored value; maps keep the keys they were stored with (a system that does not
-    validate may store keys that are not strings)."""
-    try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=False)
-    except Exception as exc:  # msgpack raises a handful of unrelated types
-        raise BackendUnavailable(f"a stored value is not msgpack: {exc}") from None
+@dataclass(frozen=True)
+class _Lifetime:
+    """When a value set now wants refreshing and goes stale (unix seconds; None: never),
+    and its TTL in the backend (its ``ttl`` plus its ``stale_ttl``)."""
+
+    stored_ttl: float | None
+    refresh_at: float | None = None
+    stale_at: float | None = None
+
+    @classmethod
+    def of(cls, options: BackendOptions, msg: CacheSet | CacheSetMany, now: float) -> _Lifetime:
+        """Checked: InvalidMessage for refresh times the value's TTL cannot have. ``now``:
+        unix seconds."""
+        _check_ttl(msg.ttl, "ttl")
+        _check_ttl(msg.stale_ttl, "stale_ttl")
+        _check_ttl(msg.early_ttl, "early_ttl")
+        ttl = options.default_ttl if msg.ttl is None else msg.ttl
+        if ttl is None:
+            for path in ("stale_ttl", "early_ttl"):
+                if getattr(msg, path) is not None:
+                    raise InvalidMessage(
+                        "a value without a ttl (and a backend without a default_ttl) "
+                        "never expires, so it has nothing to refresh",
+                        path=path,
+                    )
+            return cls(msg.ttl)
+        stale = options.stale_ttl if msg.stale_ttl is None else msg.stale_ttl
+        early = options.early_ttl if msg.early_ttl is None else msg.early_ttl
+        if early is not None and early >= ttl:
+            if msg.early_ttl is None:  # the backend's default: not for values this short
+                early = None
+            else:
+                raise InvalidMessage(f"must be less than the ttl ({ttl} s)", path="early_ttl")
+        if stale is None and early is None:
+            return cls(msg.ttl)
+        return cls(
+            stored_ttl=ttl + (stale or 0.0),
+            refresh_at=now + ttl - (early or 0.0),
+            stale_at=None if stale is None else now + ttl,
+        )
 
 
 def _check_ttl(value: float | None, path: str, limit: float = MAX_TTL) -> None:

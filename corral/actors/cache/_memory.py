@@ -49,6 +49,7 @@ from corral.metrics import ManagerMetrics
 __all__ = [
     "Backend",
     "Entry",
+    "LocalLocks",
     "MemoryBackend",
     "MemoryStore",
     "Status",
@@ -204,6 +205,47 @@ def _make_cache(strategy: str, max_size: int, owner: MemoryStore) -> Cache[str, 
     return _LRU(max_size, owner=owner)
 
 
+class LocalLocks:
+    """Named locks of one process, with a fencing counter per name that only grows::
+
+    locks = LocalLocks()
+    locks.lock("report", 30.0)         # (1, 0.0): taken, token 1
+    locks.lock("report", 30.0)         # (0, 30.0): held for 30 s more
+    locks.unlock("report", 1)          # True
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.held: dict[str, tuple[int, float]] = {}
+        """The holder's token and when its lock expires, by name."""
+        self.fences: dict[str, int] = {}
+
+    def lock(self, name: str, ttl: float) -> tuple[int, float]:
+        now = self.clock()
+        holder = self.held.get(name)
+        if holder is not None and holder[1] > now:
+            return 0, holder[1] - now
+        token = self.fences[name] = self.fences.get(name, 0) + 1
+        self.held[name] = (token, now + ttl)
+        return token, 0.0
+
+    def unlock(self, name: str, token: int) -> bool:
+        if not self._holds(name, token):
+            return False
+        del self.held[name]
+        return True
+
+    def extend(self, name: str, token: int, ttl: float) -> bool:
+        if not self._holds(name, token):
+            return False
+        self.held[name] = (token, self.clock() + ttl)
+        return True
+
+    def _holds(self, name: str, token: int) -> bool:
+        holder = self.held.get(name)
+        return holder is not None and holder[0] == token and holder[1] > self.clock()
+
+
 class Backend(Protocol):
     """What the manager asks of a backend; every method may raise BackendUnavailable."""
 
@@ -218,6 +260,9 @@ class Backend(Protocol):
     def clear(self) -> int: ...
     def invalidate(self, pattern: str) -> int: ...
     def invalidate_tags(self, tags: list[str]) -> int: ...
+    def lock(self, name: str, ttl: float) -> tuple[int, float]: ...
+    def unlock(self, name: str, token: int) -> bool: ...
+    def extend_lock(self, name: str, token: int, ttl: float) -> bool: ...
     def status(self) -> tuple[Status, dict[str, Any]]: ...
     def stats(self) -> dict[str, Any]: ...
     def close(self) -> None: ...
@@ -257,6 +302,7 @@ class MemoryBackend:
         self.name = name
         self.store = store
         self.counters = counters or Counters(ManagerMetrics(), name)
+        self.locks = LocalLocks(store.clock)
         count_drops(store, self.counters)
 
     def get(self, key: str) -> bytes | None:
@@ -303,6 +349,15 @@ class MemoryBackend:
         count = self.store.invalidate_tags(tags)
         self.counters.add(DELETES, count)
         return count
+
+    def lock(self, name: str, ttl: float) -> tuple[int, float]:
+        return self.locks.lock(name, ttl)
+
+    def unlock(self, name: str, token: int) -> bool:
+        return self.locks.unlock(name, token)
+
+    def extend_lock(self, name: str, token: int, ttl: float) -> bool:
+        return self.locks.extend(name, token, ttl)
 
     def status(self) -> tuple[Status, dict[str, Any]]:
         return "healthy", {"type": self.kind, "strategy": self.store.strategy}

@@ -11,6 +11,9 @@
     strategy = "lru"         # ttl | lru | lfu  (the memory store's eviction)
     max_size = 10000
     default_ttl = 300.0
+    serializer = "msgpack"   # msgpack | json | pickle (signed with signing_keys)
+    stale_ttl = 30.0         # after its TTL a value is served, stale, while one caller refreshes
+    early_ttl = 5.0          # from this long before its TTL ends, one caller refreshes it
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from corral.actors.cache._values import Serializer
 from corral.config import REDIS_URL, Section
 from corral.errors import ConfigError
 from corral.messages.base import MAX_TTL
@@ -44,13 +48,23 @@ class BackendOptions(Section):
     circuit breaker; with ``fallback``, an in-memory store of ``l1_max_size`` serves
     reads and sets while the breaker is open.
     ``tiered``: ``redis`` plus an L1 memory store (``l1_max_size`` entries, each kept
-    at most ``l1_ttl`` seconds) kept coherent across nodes through Redis pub/sub.
+    at most ``l1_ttl`` seconds) kept coherent across nodes through Redis pub/sub and,
+    with ``track_external_writes``, Redis's client-side caching invalidations (``CLIENT
+    TRACKING ... BCAST``), which also see writes made outside corral.
+
+    Every type: ``serializer`` (msgpack, json, or pickle: each value signed with the
+    first of ``signing_keys``, and unpickled only when one of them verifies it);
+    ``stale_ttl`` and ``early_ttl``, the defaults of ``CacheSet``.
     """
 
     type: BackendType = "memory"
     strategy: Strategy = "lru"
     max_size: int = field(default=10_000, metadata=_SIZE)
     default_ttl: float | None = field(default=None, metadata=_TTL)
+    serializer: Serializer = "msgpack"
+    signing_keys: list[str] = field(default_factory=list, metadata={"secret": True})
+    stale_ttl: float | None = field(default=None, metadata=_TTL)
+    early_ttl: float | None = field(default=None, metadata=_TTL)
     url: str = field(default="", metadata=REDIS_URL)
     namespace: str = ""
     max_connections: int = field(default=16, metadata=_SIZE)
@@ -61,6 +75,16 @@ class BackendOptions(Section):
     l1_max_size: int = field(default=1_000, metadata=_SIZE)
     l1_ttl: float = field(default=60.0, metadata=_TTL)
     scan_batch: int = field(default=500, metadata=_SIZE)
+    track_external_writes: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.serializer == "pickle" and not self.signing_keys:
+            self._fail(
+                "serializer",
+                "pickle needs signing_keys: an unsigned pickle is never unpickled",
+                related="signing_keys",
+            )
 
 
 _BACKEND_NAME = re.compile(r"[A-Za-z0-9_.-]+")

@@ -12,11 +12,14 @@ forwards other nodes' invalidations to the actor through ``deliver``::
 Redis names start with the backend's prefix ``P``, ``<namespace>:cache:<backend name>``,
 so that two backends never share a key: ``P:{<key>}`` for values, ``P:lease:{<key>}``
 for a single-flight lease (its token, with the lease's expiry; the hash tag keeps it in
-its value's slot), and ``P:tag:{<tag>}`` for the keys stored with a tag: a sorted set
-scored with each key's expiry (unix ms; ``inf`` for none), which drops the keys past
-it on every write and expires with its longest-lived key. Changes are published on
+its value's slot), ``P:lock:{<name>}`` for a lock (its fencing token) with
+``P:fence:{<name>}``, the last token given for that name, and ``P:tag:{<tag>}`` for
+the keys stored with a tag: a sorted set scored with each key's expiry (unix ms;
+``inf`` for none), which drops the keys past it on every write and expires with its
+longest-lived key. Changes are published on
 ``P:invalidated`` as a :class:`CacheInvalidated` envelope, and a lease given back
-without a value as a :class:`CacheLeaseEnded` one; with signing keys, signed for that
+without a value as a :class:`CacheLeaseEnded` one, a released lock as a
+:class:`CacheLockReleased` one; with signing keys, signed for that
 channel, and refused by the listeners when forged or replayed.
 
 While Redis is out of reach (the breaker is open), reads and sets may use the local
@@ -45,6 +48,7 @@ from corral._redis import (
     connect,
     disconnect,
     execute_then_publish,
+    glob_escape,
     masters,
     publish_own,
     subscriber,
@@ -67,16 +71,22 @@ from corral.actors.cache._metrics import (
 )
 from corral.actors.cache._options import BackendOptions
 from corral.errors import BackendUnavailable, ConfigError, InvalidMessage
-from corral.messages.cache import CacheInvalidated, CacheLeaseEnded
+from corral.messages.cache import CacheInvalidated, CacheLeaseEnded, CacheLockReleased
 from corral.messages.codec import Codec
 from corral.metrics import ManagerMetrics
 
-__all__ = ["InvalidationListener", "LeaseState", "RedisBackend", "Resync"]
+__all__ = [
+    "TRACKING_ORIGIN",
+    "InvalidationListener",
+    "LeaseState",
+    "RedisBackend",
+    "Resync",
+    "TrackingListener",
+]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_GLOB_SPECIALS = frozenset("*?[]\\")
 _CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 _TAKE_LEASE = """
@@ -110,11 +120,27 @@ node, read after the key's node set it, so never before the key's own expiry), d
 the keys past theirs, and gives the set the expiry of its longest-lived key (none if
 one has none)."""
 
-_RELEASE_LEASE = """
+_RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-"""KEYS: the lease; ARGV: the token. 1 when that token held it and it is gone now."""
+"""KEYS: a lease or a lock; ARGV: the token. 1 when that token held it and it is gone now."""
+
+_LOCK = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {0, redis.call('PTTL', KEYS[1])} end
+local token = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], token, 'PX', ARGV[1])
+return {token, 0}
+"""
+"""KEYS: the lock, its fencing counter (one slot); ARGV: the lock's milliseconds.
+{token, 0}: the lock is the caller's, with the next fencing token; {0, ms}: another
+holder has it for ``ms`` more milliseconds."""
+
+_EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+"""KEYS: the lock; ARGV: the token, the new milliseconds. 1 when that token holds it."""
 
 
 @dataclass(frozen=True)
@@ -176,6 +202,7 @@ class RedisBackend:
         )
         self.last_error = ""
         self.listener: InvalidationListener | None = None
+        self.trackers: list[TrackingListener] = []
         prefix = f"{namespace}:cache:{name}"
         if "{" in prefix or "}" in prefix:
             raise ConfigError(
@@ -196,8 +223,12 @@ class RedisBackend:
         self.tag_prefix = f"{prefix}:tag:{{"
         self.lease_prefix = f"{prefix}:lease:{{"
         self.channel = f"{prefix}:invalidated"
+        self.lock_prefix = f"{prefix}:lock:{{"
+        self.fence_prefix = f"{prefix}:fence:{{"
         self.take_lease_script = self.client.register_script(_TAKE_LEASE)
-        self.release_lease_script = self.client.register_script(_RELEASE_LEASE)
+        self.release_script = self.client.register_script(_RELEASE)
+        self.lock_script = self.client.register_script(_LOCK)
+        self.extend_script = self.client.register_script(_EXTEND)
 
     # -- keys -----------------------------------------------------------------------------
 
@@ -303,8 +334,8 @@ class RedisBackend:
             self.local.clear()
 
         def remote() -> int:
-            count = self._unlink_matching(f"{_escape(self.key_prefix)}*")
-            self._unlink_matching(f"{_escape(self.tag_prefix)}*")
+            count = self._unlink_matching(f"{glob_escape(self.key_prefix)}*")
+            self._unlink_matching(f"{glob_escape(self.tag_prefix)}*")
             publish_own(self.client, self.channel, self._event(patterns=["*"]))
             return count
 
@@ -317,7 +348,7 @@ class RedisBackend:
             self.local.invalidate(pattern)
 
         def remote() -> int:
-            count = self._unlink_matching(f"{_escape(self.key_prefix)}{pattern}}}")
+            count = self._unlink_matching(f"{glob_escape(self.key_prefix)}{pattern}}}")
             publish_own(self.client, self.channel, self._event(patterns=[pattern]))
             return count
 
@@ -355,9 +386,8 @@ class RedisBackend:
         """
 
         def remote() -> LeaseState | None:
-            ms = max(1, math.ceil(lease_ttl * 1000))
             keys = [self.redis_key(key), self.lease_key(key)]
-            outcome, detail = self.take_lease_script(keys=keys, args=[token, ms])
+            outcome, detail = self.take_lease_script(keys=keys, args=[token, _ms(lease_ttl)])
             if outcome == 1:
                 return LeaseState(data=detail)
             if outcome == 2:
@@ -372,7 +402,7 @@ class RedisBackend:
         unavailable and the fallback serves."""
 
         def remote() -> bool | None:
-            released = bool(self.release_lease_script(keys=[self.lease_key(key)], args=[token]))
+            released = bool(self.release_script(keys=[self.lease_key(key)], args=[token]))
             if released:
                 event = self._encode(CacheLeaseEnded(origin=self.origin, key=key))
                 publish_own(self.client, self.channel, event)
@@ -380,13 +410,55 @@ class RedisBackend:
 
         return self._run(remote, lambda: None)
 
+    def take_refresh_lease(self, key: str, token: str, lease_ttl: float) -> bool | None:
+        """The lease to refresh a value that is there, unless another caller has it. None
+        while Redis is unavailable and the fallback serves: the caller leases in memory."""
+        return self._run(
+            lambda: bool(self.client.set(self.lease_key(key), token, nx=True, px=_ms(lease_ttl))),
+            lambda: None,
+        )
+
+    # -- locks ----------------------------------------------------------------------------
+    # Never on the fallback store: a lock taken there would not exclude other daemons.
+
+    def lock(self, name: str, ttl: float) -> tuple[int, float]:
+        """(the fencing token, 0) when the caller takes the lock; (0, seconds it is held
+        for) when another holder has it."""
+
+        def remote() -> tuple[int, float]:
+            keys = [f"{self.lock_prefix}{name}}}", f"{self.fence_prefix}{name}}}"]
+            token, held_ms = self.lock_script(keys=keys, args=[_ms(ttl)])
+            return int(token), max(held_ms, 1) / 1000
+
+        return self._run(remote, None)
+
+    def unlock(self, name: str, token: int) -> bool:
+        """Release the lock if ``token`` holds it, and tell the other nodes."""
+
+        def remote() -> bool:
+            lock = f"{self.lock_prefix}{name}}}"
+            released = bool(self.release_script(keys=[lock], args=[token]))
+            if released:
+                event = self._encode(CacheLockReleased(origin=self.origin, name=name))
+                publish_own(self.client, self.channel, event)
+            return released
+
+        return self._run(remote, None)
+
+    def extend_lock(self, name: str, token: int, ttl: float) -> bool:
+        lock = f"{self.lock_prefix}{name}}}"
+        return self._run(
+            lambda: bool(self.extend_script(keys=[lock], args=[token, _ms(ttl)])), None
+        )
+
     def _execute_then_publish(self, pipe: Any, event: bytes) -> list[Any]:
         return execute_then_publish(self.client, pipe, [(self.channel, event)])
 
     # -- coherence ------------------------------------------------------------------------
 
     def invalidated(self, event: CacheInvalidated) -> None:
-        """Another node changed keys: drop them from the local store."""
+        """Another node changed keys (or anyone did, as Redis's tracking tells): drop them
+        from the local store."""
         local = self.local
         if event.origin == self.origin or local is None:
             return
@@ -409,6 +481,8 @@ class RedisBackend:
             details["last_error"] = self.last_error
         if self.listener is not None:
             details["subscribed"] = self.listener.connected.is_set()
+        if self.trackers:
+            details["tracking"] = all(t.connected.is_set() for t in self.trackers)
         if breaker == "closed":
             return "healthy", details
         details["fallback"] = self.local is not None
@@ -430,6 +504,8 @@ class RedisBackend:
     def close(self) -> None:
         if self.listener is not None:
             self.listener.close()
+        for tracker in self.trackers:
+            tracker.close()
         self.client.close()
         disconnect(self.client)
 
@@ -546,13 +622,12 @@ class RedisBackend:
             CacheInvalidated(origin=self.origin, keys=keys or [], patterns=patterns or [])
         )
 
-    def _encode(self, event: CacheInvalidated | CacheLeaseEnded) -> bytes:
+    def _encode(self, event: CacheInvalidated | CacheLeaseEnded | CacheLockReleased) -> bytes:
         return self.codec.encode(event, channel=self.channel)
 
 
-def _escape(text: str) -> str:
-    """``text`` as a literal inside a Redis glob pattern."""
-    return "".join("\\" + c if c in _GLOB_SPECIALS else c for c in text)
+def _ms(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
 
 
 class Resync:
@@ -564,35 +639,34 @@ class Resync:
         self.backend = backend
 
 
-class InvalidationListener:
-    """A thread on one exact channel (SSUBSCRIBE, never a pattern) that hands each
-    :class:`CacheInvalidated` and :class:`CacheLeaseEnded` to ``deliver`` — which tells
-    the actor, so the L1 and the lease waiters are only touched on the actor's thread. It
-    reconnects with backoff; after a reconnect it delivers :class:`Resync`. ``deliver``
-    returning False stops it (the actor is gone). What fails to decode, verify or pass
-    the replay guard is dropped and counted (``INVALIDATIONS_REJECTED``).
-    """
+class _Listener:
+    """A thread that follows one Redis connection for the actor: it hands what it reads to
+    ``deliver`` (which tells the actor, so the L1 and the lease waiters are only touched
+    on the actor's thread), reconnects with backoff, and after a reconnect delivers
+    :class:`Resync`. ``deliver`` returning False stops it (the actor is gone)."""
+
+    kind = ""
 
     def __init__(
         self,
         backend: RedisBackend,
         deliver: Callable[[object], bool],
         *,
+        url: str = "",
         reconnect_max: float = 1.0,
     ) -> None:
         self.backend_name = backend.name
         self.counters = backend.counters
-        self.url = backend.url
-        self.channel = backend.channel
-        self.codec = backend.codec
-        self.replays = backend.codec.replay_guard()
+        self.url = url or backend.url
         self.timeout = backend.options.socket_timeout
         self.deliver = deliver
         self.backoff = Backoff(initial=0.05, cap=reconnect_max, jitter=0.0)
         self.connected = threading.Event()
         self.stopping = threading.Event()
+        self.failures = 0
+        self.reconnected = False
         self.thread = threading.Thread(
-            target=self._run, name=f"cache-invalidations-{backend.name}", daemon=True
+            target=self._run, name=f"cache-{self.kind}-{backend.name}", daemon=True
         )
 
     def start(self) -> None:
@@ -604,43 +678,77 @@ class InvalidationListener:
             self.thread.join(timeout=2.0)
 
     def _run(self) -> None:
-        failures = 0
-        reconnected = False
-        while not self.stopping.wait(self.backoff.delay(failures) if failures else 0.0):
-            client: redis.Redis | None = None
-            pubsub: redis.client.PubSub | None = None
+        while not self.stopping.wait(self.backoff.delay(self.failures) if self.failures else 0):
             try:
-                client = subscriber(
-                    self.url,
-                    setting="managers.cache.redis_url",
-                    connect_timeout=self.timeout,
-                    socket_timeout=None,
-                    retries=0,
-                    shard_channel=self.channel,
-                )
-                pubsub = client.pubsub()  # type: ignore[no-untyped-call]
-                pubsub.ssubscribe(self.channel)  # invalidations go by SPUBLISH
-                while not self.stopping.is_set():
-                    msg = pubsub.get_message(timeout=0.2)
-                    if msg is None:
-                        continue
-                    if msg["type"] == "ssubscribe":
-                        self.connected.set()
-                        failures = 0
-                        if reconnected and not self.deliver(Resync(self.backend_name)):
-                            return
-                    elif msg["type"] == "smessage" and not self._forward(msg["data"]):
-                        return
+                if not self._follow():
+                    return
             except REDIS_ERRORS as exc:
-                log.debug("cache invalidations on %s cut: %s", self.channel, exc)
+                log.debug("cache %s of %s cut: %s", self.kind, self.backend_name, exc)
             finally:
                 self.connected.clear()
-                if pubsub is not None:
-                    pubsub.close()
-                if client is not None:
-                    client.close()
-            reconnected = True
-            failures += 1
+            self.reconnected = True
+            self.failures += 1
+
+    def _ready(self) -> bool:
+        """The connection follows what it should; False once the actor is gone."""
+        self.connected.set()
+        self.failures = 0
+        return not self.reconnected or self.deliver(Resync(self.backend_name))
+
+    def _follow(self) -> bool:
+        """Follow one connection until it is cut (raises) or the listener stops (True);
+        False once the actor is gone."""
+        raise NotImplementedError
+
+
+class InvalidationListener(_Listener):
+    """A thread on one exact channel (SSUBSCRIBE, never a pattern) that hands each
+    :class:`CacheInvalidated`, :class:`CacheLeaseEnded` and :class:`CacheLockReleased` to
+    the actor. What fails to decode, verify or pass the replay guard is dropped and
+    counted (``INVALIDATIONS_REJECTED``).
+    """
+
+    kind = "invalidations"
+
+    def __init__(
+        self,
+        backend: RedisBackend,
+        deliver: Callable[[object], bool],
+        *,
+        reconnect_max: float = 1.0,
+    ) -> None:
+        super().__init__(backend, deliver, reconnect_max=reconnect_max)
+        self.channel = backend.channel
+        self.codec = backend.codec
+        self.replays = backend.codec.replay_guard()
+
+    def _follow(self) -> bool:
+        client = subscriber(
+            self.url,
+            setting="managers.cache.redis_url",
+            connect_timeout=self.timeout,
+            socket_timeout=None,
+            retries=0,
+            shard_channel=self.channel,
+        )
+        pubsub: redis.client.PubSub | None = None
+        try:
+            pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+            pubsub.ssubscribe(self.channel)  # invalidations go by SPUBLISH
+            while not self.stopping.is_set():
+                msg = pubsub.get_message(timeout=0.2)
+                if msg is None:
+                    continue
+                if msg["type"] == "ssubscribe":
+                    if not self._ready():
+                        return False
+                elif msg["type"] == "smessage" and not self._forward(msg["data"]):
+                    return False
+            return True
+        finally:
+            if pubsub is not None:
+                pubsub.close()
+            client.close()
 
     def _forward(self, data: bytes) -> bool:
         try:
@@ -649,6 +757,88 @@ class InvalidationListener:
             self.counters.add(INVALIDATIONS_REJECTED)
             REJECTED.reject("cache", junk_kind(exc), f"invalidation on {self.channel}: {exc}", log)
             return True
-        if not isinstance(event, CacheInvalidated | CacheLeaseEnded):
+        if not isinstance(event, CacheInvalidated | CacheLeaseEnded | CacheLockReleased):
             return True
         return self.deliver((self.backend_name, event))
+
+
+TRACKING_ORIGIN = "redis-tracking"
+"""The ``origin`` of the invalidations that Redis's client-side caching reports."""
+
+
+class TrackingListener(_Listener):
+    """A RESP3 connection to one Redis node with ``CLIENT TRACKING ON BCAST PREFIX
+    <prefix>:{``: Redis pushes the keys of the backend that anyone changes on that node,
+    corral or not (``SET`` by redis-cli, another application, an expiry), and the
+    listener hands them to the actor as a :class:`CacheInvalidated` from
+    :data:`TRACKING_ORIGIN`. Tracking is per node: on a cluster there is one listener
+    per master.
+    """
+
+    kind = "tracking"
+
+    def __init__(
+        self,
+        backend: RedisBackend,
+        deliver: Callable[[object], bool],
+        *,
+        url: str,
+        reconnect_max: float = 1.0,
+    ) -> None:
+        super().__init__(backend, deliver, url=url, reconnect_max=reconnect_max)
+        self.prefix = backend.key_prefix
+        self.pending: list[str] | None = []
+        """Keys pushed since the last hand-over; None: everything (a FLUSHDB)."""
+
+    def _follow(self) -> bool:
+        client = typing.cast(
+            redis.Redis,
+            connect(
+                self.url,
+                setting="managers.cache.redis_url",
+                connect_timeout=self.timeout,
+                socket_timeout=None,
+                retries=0,
+                node=True,  # one node's connection, even on a cluster
+                protocol=3,
+            ),
+        )
+        connection = client.connection_pool.get_connection()
+        try:
+            # As redis-py's own client-side cache does: invalidations are RESP3 pushes.
+            connection._parser.set_invalidation_push_handler(self._pushed)
+            connection.send_command(  # type: ignore[no-untyped-call]
+                "CLIENT", "TRACKING", "ON", "BCAST", "PREFIX", self.prefix
+            )
+            connection.read_response()
+            if not self._ready():
+                return False
+            while not self.stopping.is_set():
+                if connection.can_read(timeout=0.2):
+                    connection.read_response(push_request=True)
+                    if not self._hand_over():
+                        return False
+            return True
+        finally:
+            connection.disconnect()  # type: ignore[no-untyped-call]
+            client.close()
+
+    def _pushed(self, push: list[Any]) -> None:
+        keys = push[1]
+        if keys is None or self.pending is None:
+            self.pending = None
+            return
+        for key in keys:
+            name = key.decode() if isinstance(key, bytes) else str(key)
+            if name.startswith(self.prefix) and name.endswith("}"):
+                self.pending.append(name[len(self.prefix) : -1])
+
+    def _hand_over(self) -> bool:
+        pending, self.pending = self.pending, []
+        if pending is None:
+            return self.deliver(Resync(self.backend_name))
+        if not pending:
+            return True
+        return self.deliver(
+            (self.backend_name, CacheInvalidated(origin=TRACKING_ORIGIN, keys=pending))
+        )
