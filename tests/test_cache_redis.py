@@ -12,13 +12,14 @@ from typing import Any
 
 import pytest
 import redis
+from cryptography.fernet import Fernet
 from redis.crc import key_slot
 
 import corral
 from corral._redis import connect, masters
 from corral.actors.cache import CacheManager
 from corral.config import BusSection, Config, ManagerSection
-from corral.errors import BackendUnavailable, InvalidMessage
+from corral.errors import BackendUnavailable, ConfigError, InvalidMessage
 from corral.messages.cache import (
     CacheClear,
     CacheDelete,
@@ -498,3 +499,27 @@ def test_two_redis_backends_keep_their_keys_apart(redis_url: str) -> None:
         lease_key = "corral:cache:b:lease:{order:{7}:items}"
         assert raw.get(lease_key) == holder.lease.encode()
         assert key_slot(lease_key.encode()) == key_slot(b"corral:cache:b:{order:{7}:items}")
+
+
+def test_an_encrypting_backend_keeps_nothing_readable_in_redis(redis_server: RedisServer) -> None:
+    key, other = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    secret = {"card": "4111-1111-1111-1111", "holder": "Ada Lovelace"}
+    with (
+        redis_system(redis_server.url, encryption_keys=[key]) as system,
+        redis.Redis.from_url(redis_server.url) as raw,
+    ):
+        system.ask(CacheSet(key="payment", value=secret, ttl=300, stale_ttl=30))
+        system.ask(CacheSet(key="plain-looking", value="4111-1111-1111-1111"))
+        stored = b"".join(raw.get(k) or b"" for k in raw.scan_iter("corral:cache:main:*"))
+        assert stored and b"4111" not in stored and b"Ada" not in stored
+        assert system.ask(CacheGet(key="payment")).value == secret
+    with redis_system(redis_server.url, encryption_keys=[other, key]) as rotated:
+        assert rotated.ask(CacheGet(key="payment")).value == secret  # an old key still reads
+    for settings in ({"encryption_keys": [other]}, {}):
+        with (
+            redis_system(redis_server.url, fallback=False, **settings) as wrong,
+            pytest.raises(BackendUnavailable, match="encrypted"),
+        ):
+            wrong.ask(CacheGet(key="payment"))
+    with pytest.raises(ConfigError, match="is not a Fernet key"):
+        redis_system(redis_server.url, encryption_keys=["short"])

@@ -172,6 +172,7 @@ class CacheManager(Manager[CacheOptions]):
                 options.serializer,
                 backend=name,
                 keys=tuple(k.encode() for k in options.signing_keys),
+                encryption_keys=tuple(options.encryption_keys),
             )
             for name, options in self.backend_settings.items()
         }

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from corral.actors.cache._values import Serializer
 from corral.config import REDIS_URL, Section
+from corral.encryption import FieldCipher
 from corral.errors import ConfigError
 from corral.messages.base import MAX_TTL
 
@@ -54,6 +55,7 @@ class BackendOptions(Section):
 
     Every type: ``serializer`` (msgpack, json, or pickle: each value signed with the
     first of ``signing_keys``, and unpickled only when one of them verifies it);
+    ``encryption_keys`` (Fernet: every value stored encrypted, the first key encrypts);
     ``stale_ttl`` and ``early_ttl``, the defaults of ``CacheSet``.
     """
 
@@ -63,6 +65,8 @@ class BackendOptions(Section):
     default_ttl: float | None = field(default=None, metadata=_TTL)
     serializer: Serializer = "msgpack"
     signing_keys: list[str] = field(default_factory=list, metadata={"secret": True})
+    encryption_keys: list[str] = field(default_factory=list, metadata={"secret": True})
+    """Fernet keys: every value is stored encrypted (the first encrypts, any decrypts)."""
     stale_ttl: float | None = field(default=None, metadata=_TTL)
     early_ttl: float | None = field(default=None, metadata=_TTL)
     url: str = field(default="", metadata=REDIS_URL)
@@ -79,6 +83,11 @@ class BackendOptions(Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.encryption_keys:
+            try:
+                FieldCipher(self.encryption_keys)
+            except ConfigError as exc:
+                self._fail("encryption_keys", exc.message)
         if self.serializer == "pickle" and not self.signing_keys:
             self._fail(
                 "serializer",

@@ -9,6 +9,10 @@ reader of Redis sees plain msgpack. Anything else is a frame::
     stale_at    8 bytes     unix ms from which the value is served as stale; 0: never
     payload                 the serialized value; for pickle, its HMAC-SHA256 (32 bytes) first
 
+With ``encryption_keys`` every value is a frame whose version is ``E1`` and whose payload
+is encrypted with Fernet (:mod:`corral.encryption`'s keys: the first encrypts, any
+decrypts), so nothing of it is readable in Redis.
+
 So a value written by one serializer and read by a backend of another is refused with
 an error naming both, and a pickle is unpickled only when its signature, made with one
 of the configured keys over the cache key and the payload, verifies::
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import msgpack
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from corral.errors import BackendUnavailable, InvalidMessage
 from corral.messages.signing import Signer
@@ -38,6 +43,7 @@ Serializer = Literal["msgpack", "json", "pickle"]
 SERIALIZERS: tuple[Serializer, ...] = ("msgpack", "json", "pickle")
 
 _MAGIC = b"\xc1C1"
+_ENCRYPTED = b"\xc1E1"
 _HEADER = struct.Struct(">3scQQ")
 _IDS: dict[Serializer, bytes] = {"msgpack": b"m", "json": b"j", "pickle": b"p"}
 _NAMES = {ident: name for name, ident in _IDS.items()}
@@ -57,12 +63,23 @@ class Stored:
 
 class ValueCodec:
     """One backend's serializer; ``keys``: the HMAC keys of a pickle backend (the first
-    signs, any verifies; the options make sure it has one)."""
+    signs, any verifies; the options make sure it has one); ``encryption_keys``: Fernet
+    keys that encrypt every value."""
 
-    def __init__(self, serializer: Serializer, *, backend: str, keys: tuple[bytes, ...] = ()):
+    def __init__(
+        self,
+        serializer: Serializer,
+        *,
+        backend: str,
+        keys: tuple[bytes, ...] = (),
+        encryption_keys: tuple[str, ...] = (),
+    ):
         self.serializer = serializer
         self.backend = backend
         self.signer = Signer(keys)
+        self.fernet = (
+            MultiFernet([Fernet(key) for key in encryption_keys]) if encryption_keys else None
+        )
 
     def encode(
         self, key: str, value: Any, *, refresh_at: float | None, stale_at: float | None
@@ -70,21 +87,30 @@ class ValueCodec:
         """The bytes stored for ``value``; InvalidMessage (path ``value``) when this
         serializer cannot carry it."""
         payload = self._serialize(value)
-        if self.serializer == "msgpack" and refresh_at is None and stale_at is None:
+        plain = self.fernet is None
+        if plain and self.serializer == "msgpack" and refresh_at is None and stale_at is None:
             return payload
         header = _HEADER.pack(
-            _MAGIC, _IDS[self.serializer], _unix_ms(refresh_at), _unix_ms(stale_at)
+            _MAGIC if plain else _ENCRYPTED,
+            _IDS[self.serializer],
+            _unix_ms(refresh_at),
+            _unix_ms(stale_at),
         )
         if self.serializer == "pickle":
             payload = self.signer.sign(_PICKLE_CONTEXT, key.encode(), header, payload) + payload
+        if self.fernet is not None:
+            payload = self.fernet.encrypt(payload)
         return header + payload
 
     def decode(self, key: str, data: bytes) -> Stored:
         """The value stored as ``data`` under ``key``; BackendUnavailable when it is not
         this serializer's, or a pickle whose signature does not verify."""
-        if not data.startswith(_MAGIC):
+        encrypted = data.startswith(_ENCRYPTED)
+        if not encrypted and not data.startswith(_MAGIC):
             if self.serializer != "msgpack":
                 raise self._foreign(key, "msgpack")
+            if self.fernet is not None:
+                raise self._unreadable(key, "not encrypted, and this backend encrypts")
             return Stored(_unpack(data, key))
         if len(data) < _HEADER.size:
             raise self._unreadable(key, "a frame cut short")
@@ -95,6 +121,18 @@ class ValueCodec:
         if written_by != self.serializer:
             raise self._foreign(key, written_by)
         payload = data[_HEADER.size :]
+        if encrypted != (self.fernet is not None):
+            what = (
+                "encrypted, and this backend has no encryption_keys"
+                if encrypted
+                else ("not encrypted, and this backend encrypts")
+            )
+            raise self._unreadable(key, what)
+        if self.fernet is not None:
+            try:
+                payload = self.fernet.decrypt(payload)
+            except InvalidToken:
+                raise self._unreadable(key, "encrypted under none of the keys") from None
         if written_by == "pickle":
             signature, payload = payload[:_SIGNATURE_SIZE], payload[_SIGNATURE_SIZE:]
             header = data[: _HEADER.size]
