@@ -35,11 +35,6 @@ from yarl import URL
 
 __all__ = ["AiohttpTransport"]
 
-_CONNECT_TIMEOUTS: tuple[type[BaseException], ...] = tuple(
-    getattr(aiohttp, name) for name in ("ConnectionTimeoutError",) if hasattr(aiohttp, name)
-)
-"""aiohttp 3.10 and later say which timeout ran out by its class; 3.9 by its message."""
-
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """Sends httpx's requests with one ``aiohttp.ClientSession`` (see the module docstring)."""
@@ -157,7 +152,7 @@ class _Body(httpx.AsyncByteStream):
 def _raise_as_httpx(exc: BaseException, *, while_reading: bool) -> NoReturn:
     """Raise the httpx exception for what aiohttp (or asyncio) raised; others as they are."""
     if isinstance(exc, TimeoutError):  # aiohttp's timeouts are TimeoutErrors too
-        connecting = isinstance(exc, _CONNECT_TIMEOUTS) or str(exc).startswith("Connection timeout")
+        connecting = isinstance(exc, aiohttp.ConnectionTimeoutError)
         if connecting and not while_reading:
             raise httpx.ConnectTimeout(str(exc) or "connect timeout") from exc
         raise httpx.ReadTimeout(str(exc) or "read timeout") from exc
