@@ -155,8 +155,11 @@ def test_sigkill_loses_nothing_and_runs_nothing_twice(
         requests = [Effect(token=f"k{i}", seconds=0.2) for i in range(15)]
         sent_at = time.time()
         outcomes: dict[str, Any] = {}
+        # Time enough for a dead daemon's requests to be claimed (heartbeat_ttl, then
+        # claim_idle) and run behind the others on a loaded machine.
+        timeout = 10.0
         caller = threading.Thread(
-            target=lambda: outcomes.update(_call_all(client, redis_url, requests))
+            target=lambda: outcomes.update(_call_all(client, redis_url, requests, timeout))
         )
         caller.start()
         victim = next(
@@ -174,15 +177,19 @@ def test_sigkill_loses_nothing_and_runs_nothing_twice(
             if isinstance(outcome, EffectDone):
                 assert counts[request.token] == 1, request.token
             else:
-                # Started by the daemon that died: not run again, and said so.
+                # Started by the daemon that died, maybe killed before its effect: not
+                # run again, and said so.
                 assert isinstance(outcome, ManagerUnavailable), outcome
                 assert outcome.details["outcome"] == "unknown"
-                assert counts[request.token] == 1
-            # Nothing started after its caller's deadline (the default 5 s timeout).
-            assert starts[request.token] <= sent_at + 5.0 + 1.0
+                assert counts.get(request.token, 0) <= 1
+            # Nothing started after its caller's deadline.
+            if request.token in starts:
+                assert starts[request.token] <= sent_at + timeout + 1.0
         assert max(counts.values()) == 1
         refused = [t for t, o in outcomes.items() if not isinstance(o, EffectDone)]
-        assert len(refused) <= 1  # only the one the dead daemon was running
+        # The one the dead daemon was running, and the one it may have just finished
+        # without having sent its reply (replies leave from their own thread).
+        assert len(refused) <= 2
 
 
 def test_no_request_is_started_after_its_deadline(
