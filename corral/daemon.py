@@ -68,7 +68,7 @@ from corral._junk import REJECTED
 from corral._redis import check_writable
 from corral.config import MANAGER_FIELDS, Config, parse_options
 from corral.errors import ConfigError, CorralError
-from corral.manager import HttpMount
+from corral.manager import HttpMount, Manager
 from corral.messages.auth import AuthJwks
 from corral.messages.system import ChildStatus, Reconfigure, SystemHealth
 from corral.metrics import REQUEST_SECONDS, Counter, Family, Gauge, Histogram, ManagerMetrics
@@ -258,10 +258,11 @@ class Daemon:
             keys = [f"managers.{name}.{setting}" for setting in settings]
             old, new = self.config.managers.get(name), config.managers.get(name)
             fields = {f for f in settings if f in MANAGER_FIELDS}
-            if old is None or new is None or fields:
-                restart.extend(keys)
+            manager = self._manager_class(name)
+            if old is None or new is None or fields or manager is None:
+                restart.extend(keys)  # manager None: not run here (enabled = false)
                 continue
-            options = self._parsed_options(name, new.options)
+            options = self._parsed_options(manager, name, new.options)
             try:
                 answer = self.system.ask(Reconfigure(target=name, options=options))
             except CorralError as exc:  # down or restarting: it starts with the new options
@@ -276,10 +277,16 @@ class Daemon:
         self.config = _with_reloaded(self.config, config, reloaded)
         return reloaded, restart
 
-    def _parsed_options(self, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    def _manager_class(self, name: str) -> type[Manager[Any]] | None:
+        """The class of the manager this daemon runs as ``name``; None if it runs none."""
+        return next((s.manager for s in self.system.supervisor.specs if s.name == name), None)
+
+    @staticmethod
+    def _parsed_options(
+        manager: type[Manager[Any]], name: str, options: Mapping[str, Any]
+    ) -> dict[str, Any]:
         """``options`` parsed as the manager's ``Options`` (as at start: text from the
         environment or Vault becomes the option's type), as plain values for a message."""
-        manager = next(spec.manager for spec in self.system.supervisor.specs if spec.name == name)
         if manager.Options is None:
             return dict(options)
         parsed = parse_options(manager.Options, options, manager=name)

@@ -8,6 +8,8 @@ import uuid
 from pathlib import Path
 
 import corral
+from corral.config import Config, DaemonSection, ManagerSection
+from corral.daemon import Daemon
 from corral.errors import CorralError
 from corral.messages.ratelimit import RatelimitCheck
 from corral.messages.system import Ping
@@ -79,3 +81,15 @@ def test_sighup_with_a_broken_config_changes_nothing(
         assert remote.ask(RatelimitCheck(ip="10.0.0.2")).allowed
         assert not remote.ask(RatelimitCheck(ip="10.0.0.2")).allowed  # still 1/minute
         assert group[0].process.poll() is None
+
+
+def test_a_reload_leaves_the_options_of_a_manager_not_run_here_for_the_next_start() -> None:
+    before = Config().replace(
+        daemon=DaemonSection(port=0), managers={"cache": ManagerSection(enabled=False)}
+    )
+    after = before.replace(
+        managers={"cache": ManagerSection(enabled=False, options={"default_backend": "memory"})}
+    )
+    with Daemon(before) as daemon:
+        assert daemon.reload(after) == ([], ["managers.cache.default_backend"])
+        assert daemon.system.supervisor.names == ["system"]
