@@ -84,6 +84,15 @@ def redis_cluster(_redis_cluster: ClusterGroup) -> ClusterGroup:
     return _redis_cluster
 
 
+@pytest.fixture(params=["standalone", "cluster"])
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """The URL of the session's standalone Redis, then of one node of its 3-master cluster."""
+    topology: RedisServer | ClusterGroup = request.getfixturevalue(
+        "redis_server" if request.param == "standalone" else "redis_cluster"
+    )
+    return topology.url
+
+
 @pytest.fixture
 def fresh_redis_cluster() -> Iterator[ClusterGroup]:
     cluster = ClusterGroup()

@@ -17,11 +17,11 @@ import signal
 import threading
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import httpx
 
+from corral._closing import Closing
 from tests.support import start_corral
 
 __all__ = ["DaemonGroup", "DaemonProcess", "redis_daemons_config"]
@@ -94,7 +94,7 @@ class DaemonProcess:
         self.wait()
 
 
-class DaemonGroup:
+class DaemonGroup(Closing):
     """``count`` daemons started from one TOML config, each on its own HTTP port."""
 
     def __init__(
@@ -135,17 +135,6 @@ class DaemonGroup:
     def close(self) -> None:
         for daemon in self.daemons:
             daemon.close()
-
-    def __enter__(self) -> DaemonGroup:
-        return self
-
-    def __exit__(
-        self,
-        _type: type[BaseException] | None,
-        _value: BaseException | None,
-        _traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def redis_daemons_config(url: str, namespace: str, managers: str = "", extra: str = "") -> str:

@@ -16,13 +16,13 @@ import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
 
 import pytest
 import redis
 import websockets
 
 import corral
+from corral._closing import Closing
 from corral.errors import Unauthorized
 from corral.messages.auth import AuthIssue, AuthRefresh, AuthValidate
 from corral.messages.cache import CacheGet, CacheSet
@@ -110,7 +110,7 @@ room_policies = {{ "news" = "clients" }}
 """
 
 
-class BusyDaemon:
+class BusyDaemon(Closing):
     """Its own redis-server, an HTTP service for the pool, the daemon, then traffic."""
 
     def __init__(self, directory: Path) -> None:
@@ -195,14 +195,3 @@ class BusyDaemon:
         self.daemon.close()
         self.service.shutdown()
         self.redis.close()
-
-    def __enter__(self) -> BusyDaemon:
-        return self
-
-    def __exit__(
-        self,
-        _type: type[BaseException] | None,
-        _value: BaseException | None,
-        _traceback: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -18,7 +18,6 @@ from corral.messages.base import MAX_BATCH
 from corral.messages.cache import CacheGet, CacheSet, CacheStored, CacheValue
 from corral.messages.pool import PoolStats
 from corral.messages.state import StateGet, StateInfo, StateRegister
-from tests.redis_server import ClusterGroup, RedisServer
 
 
 def test_in_process_replies_come_in_order_with_each_error_in_its_place() -> None:
@@ -42,15 +41,6 @@ def test_in_process_replies_come_in_order_with_each_error_in_its_place() -> None
         for wrong in ([], [CacheGet(key="k")] * (MAX_BATCH + 1)):
             with pytest.raises(InvalidMessage, match="a batch holds 1 to"):
                 system.ask_many(wrong)
-
-
-@pytest.fixture(params=["standalone", "cluster"])
-def redis_url(request: pytest.FixtureRequest) -> str:
-    if request.param == "standalone":
-        server: RedisServer = request.getfixturevalue("redis_server")
-        return server.url
-    cluster: ClusterGroup = request.getfixturevalue("redis_cluster")
-    return cluster.url
 
 
 @pytest.fixture

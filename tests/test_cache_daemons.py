@@ -38,14 +38,6 @@ from tests.support import wait_until
 CALLERS = 20
 
 
-@pytest.fixture(params=["redis_server", "redis_cluster"])
-def redis_url(request: pytest.FixtureRequest) -> str:
-    """The URL of a standalone Redis, then of one node of a 3-master cluster."""
-    topology: Any = request.getfixturevalue(request.param)
-    url: str = topology.url
-    return url
-
-
 @pytest.fixture
 def namespace() -> str:
     return f"cd{uuid.uuid4().hex[:8]}"

@@ -302,14 +302,6 @@ def test_a_probe_answered_with_an_error_still_closes_the_breaker(
 # -- single-flight leases in Redis --------------------------------------------------------
 
 
-@pytest.fixture(params=["redis_server", "redis_cluster"])
-def redis_url(request: pytest.FixtureRequest) -> str:
-    """The URL of a standalone Redis, then of one node of a 3-master cluster."""
-    topology: Any = request.getfixturevalue(request.param)
-    url: str = topology.url
-    return url
-
-
 def wait_in_thread(system: System, request: CacheGetOrLease) -> Callable[[], CacheLease]:
     """Ask ``request`` in a thread once it waits on ``system``; call the result for the reply."""
     answers: list[CacheLease] = []

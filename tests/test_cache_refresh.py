@@ -171,13 +171,6 @@ def test_one_refresher_across_systems(redis_url: str) -> None:
         assert len([r for r in replies if r.lease]) == 1
 
 
-@pytest.fixture(params=["redis_server", "redis_cluster"])
-def redis_url(request: pytest.FixtureRequest) -> str:
-    topology: Any = request.getfixturevalue(request.param)
-    url: str = topology.url
-    return url
-
-
 # -- serializers ----------------------------------------------------------------------------
 
 

@@ -31,13 +31,6 @@ def in_l1(system: System, key: str, value: Any) -> bool:
     return bool(reply.value == value and l1_hits(system) == before + 1)
 
 
-@pytest.fixture(params=["redis_server", "redis_cluster"])
-def redis_url(request: pytest.FixtureRequest) -> str:
-    topology: Any = request.getfixturevalue(request.param)
-    url: str = topology.url
-    return url
-
-
 def test_a_write_by_a_plain_redis_client_reaches_the_l1(redis_url: str) -> None:
     # Keys in several slots, so that on a cluster they live on different masters.
     keys = [f"user:{n}" for n in range(12)]

@@ -30,20 +30,11 @@ from tests.effects import (
     overlaps,
     tally_starts,
 )
-from tests.redis_server import ClusterGroup, RedisServer
+from tests.redis_server import RedisServer
 from tests.support import wait_until
 
 EFFECTS = '[managers.effects]\nclass_path = "tests.effects:Effects"\n'
 TALLY = '[managers.tally]\nclass_path = "tests.effects:Tally"\n'
-
-
-@pytest.fixture(params=["standalone", "cluster"])
-def redis_url(request: pytest.FixtureRequest) -> str:
-    if request.param == "standalone":
-        server: RedisServer = request.getfixturevalue("redis_server")
-        return server.url
-    cluster: ClusterGroup = request.getfixturevalue("redis_cluster")
-    return cluster.url
 
 
 @pytest.fixture

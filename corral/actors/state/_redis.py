@@ -39,7 +39,7 @@ from typing import Any, TypeVar, cast
 import msgpack
 from redis.cluster import RedisCluster
 
-from corral._redis import REDIS_ERRORS, connect
+from corral._redis import REDIS_ERRORS, connect, glob_escape
 from corral._statemachine import read_conflict, status_conflict, undeclared_transition
 from corral.errors import BackendUnavailable, ConfigError, Conflict, InvalidMessage, NotFound
 from corral.messages.signing import Signer
@@ -542,7 +542,7 @@ class RedisBackend:
             found = []
             for partition in range(self.partitions):
                 prefix = partition_prefix(self.namespace, partition) + "s:"
-                keys = list(self._reader.scan_iter(match=_glob_escape(prefix) + "*", count=1000))
+                keys = list(self._reader.scan_iter(match=glob_escape(prefix) + "*", count=1000))
                 if not keys:
                     continue
                 with self._reader.pipeline(transaction=False) as pipe:
@@ -628,8 +628,3 @@ def _refusal(code: str, write: StateWrite, a: str, b: str) -> Exception:
              "allowed": a.split(",") if a else []},
         )  # fmt: skip
     return status_conflict(state_id, write.transition, a, b.strip(",").split(","))
-
-
-def _glob_escape(text: str) -> str:
-    """``text`` matched as it is by a Redis glob."""
-    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
