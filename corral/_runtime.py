@@ -31,6 +31,7 @@ from pykka import ActorDeadError, ActorRegistry
 from pykka._envelope import Envelope
 from pykka.messages import _ActorStop as ActorStop
 
+from corral._loops import call_soon_batched
 from corral.errors import CorralError, ManagerUnavailable, Overloaded
 from corral.messages.base import ErrorReply, Message
 from corral.metrics import LATENCY_BUCKETS, HandlerStats, ManagerMetrics
@@ -272,7 +273,7 @@ class AsyncioFuture(pykka.Future[Any]):
 
     def _call(self, value: Any, exc: BaseException | None) -> None:
         try:
-            self.loop.call_soon_threadsafe(self._resolve, value, exc)
+            call_soon_batched(self.loop, self._resolve, value, exc)
         except RuntimeError:  # the caller's event loop is closed: nobody is waiting any more
             log.debug("reply dropped: the asking event loop is closed")
 

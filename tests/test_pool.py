@@ -158,6 +158,10 @@ class Backend:
                 headers = {"Retry-After": q["retry_after"]} if "retry_after" in q else {}
                 return web.Response(status=int(q.get("status", "503")), headers=headers)
             return web.json_response({"calls": self.flaky[key]})
+        if path == "/cookie":  # sets a cookie, as a login would
+            login = web.json_response({"port": port.port})
+            login.set_cookie("session", q["value"])
+            return login
         if path == "/echo":
             return web.json_response(
                 {"body": (await request.read()).decode(), "headers": dict(request.headers)}
@@ -270,6 +274,19 @@ def test_post_json_and_raw_body(ports: list[Port]) -> None:
         assert echoed["headers"]["Authorization"] == "Bearer t0k"
         raw = system.ask(HttpRequest(service="api", method="PUT", path="/echo", body=b"raw"))
         assert raw.json()["body"] == "raw"
+
+
+def test_a_cookie_set_for_one_caller_never_goes_out_with_another_s_call(
+    ports: list[Port],
+) -> None:
+    with pool(api={"base_urls": [ports[0].url]}) as system:
+        reply = system.ask(HttpRequest(service="api", path="/cookie", params={"value": "alice"}))
+        assert "session=alice" in reply.headers["set-cookie"]
+        echoed = system.ask(HttpRequest(service="api", path="/echo")).json()
+        assert "Cookie" not in echoed["headers"]
+        given = {"Cookie": "session=bob"}  # a caller may still send its own
+        echoed = system.ask(HttpRequest(service="api", path="/echo", headers=given)).json()
+        assert echoed["headers"]["Cookie"] == "session=bob"
 
 
 def test_a_hundred_calls_are_in_flight_at_once(ports: list[Port]) -> None:

@@ -20,6 +20,8 @@ import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
+from corral._loops import call_soon_batched
+
 __all__ = ["LoopThread"]
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,7 @@ class LoopThread:
 
     def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         """Run ``work`` on the loop as a task; returns at once. Raises RuntimeError if closed."""
-        self.loop.call_soon_threadsafe(self._create_task, work)
+        call_soon_batched(self.loop, self._create_task, work)
 
     def _create_task(self, work: Coroutine[Any, Any, Any]) -> None:
         task = self.loop.create_task(work)

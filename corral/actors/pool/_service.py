@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -54,6 +55,23 @@ from corral.metrics import Counter, ManagerMetrics
 __all__ = ["Call", "Endpoint", "Service"]
 
 log = logging.getLogger(__name__)
+
+_parsed_url = functools.lru_cache(maxsize=1024)(httpx.URL)
+"""An endpoint's URL with a call's path, parsed once: httpx parses a URL given as text
+on every request."""
+
+
+class _NoCookies(httpx.Cookies):
+    """A service's cookie jar, which keeps nothing.
+
+    A service's client is shared by every caller of the pool: a cookie set in the
+    response to one caller must not go out with the requests of the others. (It also
+    spares each response httpx's cookie extraction.)
+    """
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
 
 ProbeStatus = Literal["unknown", "healthy", "unhealthy"]
 
@@ -202,6 +220,7 @@ class Service:
             trust_env=False,
             transport=self._aiohttp,
         )
+        self._client._cookies = _NoCookies()  # httpx takes a jar, not a policy
         if options.discovery != "static":
             await self.discover()
             self._discoverer = asyncio.create_task(
@@ -364,7 +383,7 @@ class Service:
         limit = self.options.max_response_bytes
         async with self.client.stream(
             call.method,
-            endpoint.url + call.path,
+            _parsed_url(endpoint.url + call.path),
             params=call.params or None,
             headers=endpoint.headers(call.headers) or None,
             content=call.content,
