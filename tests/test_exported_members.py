@@ -31,6 +31,7 @@ PUBLIC_MODULES = sorted(
 MANAGER_EXTRAS: dict[str, set[str]] = {
     "cache": {"BackendOptions"},  # one table per named backend: docs/cache.md
     "pool": {"ServiceOptions"},  # one table per service: docs/pool.md
+    "ratelimit": {"parse_limit"},  # the rule syntax, for views that limit themselves (ext.flask)
 }
 """Public names of a manager package besides its ``<Name>Manager`` and ``<Name>Options``."""
 

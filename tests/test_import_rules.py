@@ -5,7 +5,9 @@
 - ``corral.daemon`` imports no manager package: a manager offers its routes through its
   ``Manager.mount`` hook;
 - ``corral.messages.*`` imports nothing of corral but ``corral.errors`` and ``corral.messages.*``;
-- only :data:`PYKKA_INTERNALS_HOME` imports pykka's private modules and names.
+- only :data:`PYKKA_INTERNALS_HOME` imports pykka's private modules and names;
+- corral's own modules outside a manager package (``corral.ext``, ``corral.cli``…) use a
+  manager's public face (``corral.actors.<name>``), never its private modules (tests may).
 
 Imports under ``if TYPE_CHECKING:`` and inside functions count like any other. The
 exceptions that remain today are listed below with their reason; a new violation
@@ -75,6 +77,13 @@ def _violations(module: str, imported: str) -> Iterator[str]:
             yield f"a manager imports another manager ({other})"
         if _within(imported, "corral.daemon") or _within(imported, "corral.remote"):
             yield "a manager imports the daemon's side"
+    if (
+        _within(module, "corral")
+        and owner is None
+        and _manager_of(imported) is not None
+        and any(part.startswith("_") for part in imported.split(".")[3:])
+    ):
+        yield "a manager's private module used outside it"
     if module == "corral.daemon" and _manager_of(imported) is not None:
         yield "the daemon imports a manager"
     if (
@@ -133,6 +142,9 @@ def test_every_recorded_exception_still_occurs() -> None:
         ("corral.actors.cache._manager", "corral.manager.Manager", False),
         ("corral.actors.cache._manager", "corral.actors.cache._options.CacheOptions", False),
         ("corral.daemon", "corral.actors.websocket", True),
+        ("corral.ext.flask", "corral.actors.ratelimit._options.parse_limit", True),
+        ("corral.ext.flask", "corral.actors.ratelimit.parse_limit", False),
+        ("tests.test_ratelimit", "corral.actors.ratelimit._options.parse_limit", False),
         ("corral.daemon", "corral.manager.HttpMount", False),
         ("corral.messages.cache", "corral.bus.compile_glob", True),
         ("corral.messages.cache", "corral.errors.NotFound", False),

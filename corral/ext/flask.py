@@ -49,7 +49,7 @@ from flask.sessions import SessionInterface, SessionMixin
 from itsdangerous import BadSignature, Signer
 from werkzeug.datastructures import CallbackDict
 
-from corral.actors.ratelimit._options import parse_limit
+from corral.actors.ratelimit import parse_limit
 from corral.errors import NotFound, Timeout, UnavailableError
 from corral.manager import Asker
 from corral.messages.ratelimit import RatelimitCheck, RatelimitDecision

@@ -20,6 +20,6 @@ and health reports ``degraded`` until Redis answers again.
 """
 
 from corral.actors.ratelimit._manager import RatelimitManager
-from corral.actors.ratelimit._options import RatelimitOptions
+from corral.actors.ratelimit._options import RatelimitOptions, parse_limit
 
-__all__ = ["RatelimitManager", "RatelimitOptions"]
+__all__ = ["RatelimitManager", "RatelimitOptions", "parse_limit"]
