@@ -18,10 +18,9 @@ On one host:port (default 127.0.0.1:8650) it serves:
   ``docs/metrics.md`` lists every family;
 - ``GET /``: the dashboard of the whole namespace (:mod:`corral.dashboard`), behind
   ``daemon.dashboard_token`` when one is set;
-- ``GET /.well-known/jwks.json``: when an ``auth`` manager runs, its public keys as a
-  JSON Web Key Set (asked of it by message, ``AuthJwks``; empty for HS*);
-- the routes each configured manager offers through its ``Manager.mount`` hook (the
-  ``websocket`` manager's ``/ws``), called before any manager starts.
+- the routes each configured manager offers through its ``Manager.mount`` hook, called
+  before any manager starts: the ``websocket`` manager's ``/ws`` and ``/corral.js``, the
+  ``auth`` manager's ``/.well-known/jwks.json``.
 
 When the bus is on Redis it also serves remote requests from ``corral.connect()``
 (:mod:`corral.remote`)::
@@ -69,7 +68,6 @@ from corral._redis import check_writable
 from corral.config import MANAGER_FIELDS, Config, parse_options
 from corral.errors import ConfigError, CorralError
 from corral.manager import HttpMount, Manager
-from corral.messages.auth import AuthJwks
 from corral.messages.system import ChildStatus, Reconfigure, SystemHealth
 from corral.metrics import REQUEST_SECONDS, Counter, Family, Gauge, Histogram, ManagerMetrics
 from corral.remote import RequestServer
@@ -128,8 +126,6 @@ class Daemon:
         self.app.router.add_get("/readyz", self._readyz)
         self.app.router.add_get("/health", self._health)
         self.app.router.add_get("/metrics", self._metrics)
-        if any(spec.name == "auth" for spec in self.system.supervisor.specs):
-            self.app.router.add_get("/.well-known/jwks.json", self._jwks)
         dashboard.mount(self)
         self._mount_managers()
         self._loop = asyncio.new_event_loop()
@@ -363,16 +359,6 @@ class Daemon:
         ready, reasons = self.ready()
         return _json({"status": "ready" if ready else "not ready", "reasons": reasons},
                      200 if ready else 503)  # fmt: skip
-
-    async def _jwks(self, _request: web.Request) -> web.Response:
-        """The auth manager's public keys; verifiers may cache them for five minutes."""
-        try:
-            key_set = await self.system.ask_async(AuthJwks(), timeout=2.0)
-        except CorralError as exc:
-            return _json({"error": exc.code, "message": exc.message}, 503)
-        response = _json({"keys": key_set.keys}, 200)
-        response.headers["Cache-Control"] = "public, max-age=300"
-        return response
 
     async def _metrics(self, _request: web.Request) -> web.Response:
         body = await asyncio.get_running_loop().run_in_executor(

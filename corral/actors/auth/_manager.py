@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import hashlib
 import hmac
 import json
@@ -44,6 +45,7 @@ import typing
 from typing import Any, NoReturn
 
 import jwt
+from aiohttp import web
 
 from corral.actors.auth._keys import KeyRing, public_jwks
 from corral.actors.auth._memory import MemoryStore
@@ -59,7 +61,7 @@ from corral.errors import (
     NotFound,
     Unauthorized,
 )
-from corral.manager import Manager, handles
+from corral.manager import AsyncRouter, HttpMount, Manager, handles
 from corral.messages.auth import (
     AuthApiKey,
     AuthApiKeyCreate,
@@ -163,6 +165,13 @@ class AuthManager(Manager[AuthOptions]):
     store: Store
     keys: KeyRing
     family_ttl: int
+
+    @classmethod
+    def mount(cls, http: HttpMount) -> None:
+        """Serve this manager's public keys at ``/.well-known/jwks.json`` (a JSON Web Key
+        Set, empty for HS*), which verifiers may cache for five minutes."""
+        if http.name == cls.name:  # what AuthJwks reaches
+            http.app.router.add_get("/.well-known/jwks.json", functools.partial(_jwks, http.system))
 
     def on_start(self) -> None:
         settings = self.options
@@ -621,4 +630,14 @@ def _api_key(key_id: str, record: dict[str, str], *, key: str | None = None) -> 
         expires_at=float(expires_at) if expires_at else None,
         key=key,
         last_used_at=float(last_used_at) if last_used_at else None,
+    )
+
+
+async def _jwks(system: AsyncRouter, _request: web.Request) -> web.Response:
+    try:
+        key_set = await system.ask_async(AuthJwks(), timeout=2.0)
+    except CorralError as exc:
+        return web.json_response({"error": exc.code, "message": exc.message}, status=503)
+    return web.json_response(
+        {"keys": key_set.keys}, headers={"Cache-Control": "public, max-age=300"}
     )
