@@ -1,11 +1,12 @@
 """The loop side of the WebSocket manager: sockets, outbound queues, and the rooms' channels.
 
-The :class:`Gateway` lives on the daemon's asyncio loop. It authenticates a
-socket (through the auth manager), then hands everything that needs a decision
-(join, leave, publish, presence, history) to the ``websocket`` actor with
-``ask_async``. The actor hands frames back with ``loop.call_soon_threadsafe``
-(:meth:`Gateway.call`); the gateway writes them to each connection's bounded
-queue, so no send ever blocks the actor or another client. A client's own ``join`` is
+The :class:`Gateway` lives on the daemon's asyncio loop. It takes a socket over from
+aiohttp once upgraded (see :mod:`._socket`), authenticates it (through the auth manager),
+then hands everything that needs a decision (join, leave, publish, presence, history)
+to the ``websocket`` actor with ``ask_async``. The actor hands frames back with
+``loop.call_soon_threadsafe`` (:meth:`Gateway.call`); the gateway writes them to each
+socket, or to its bounded queue while the client reads slowly, so no send ever blocks
+the actor or another client. A client's own ``join`` is
 admitted by the room policies or a subscription token, here, before the actor sees
 it; ``presence`` and ``history`` are answered only about rooms the client is in
 (see :mod:`._policies`). With ``signing_keys``
@@ -15,6 +16,7 @@ and fresh (``replay_window``)::
     gateway = Gateway(system, options, redis_url="redis://...", namespace="corral")
     app.router.add_get("/ws", gateway.handle)
     app.on_startup.append(gateway.started)
+    app.on_shutdown.append(gateway.shutdown)
     app.on_cleanup.append(gateway.closed)
 """
 
