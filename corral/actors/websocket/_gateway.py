@@ -83,6 +83,7 @@ CLOSE_UNAUTHORIZED = 4401
 CLOSE_SLOW = 4008
 CLOSE_FLOODING = 4029
 CLOSE_GOING_AWAY = 1001
+CLOSE_INTERNAL_ERROR = 1011
 FORBIDDEN = "forbidden"
 """The ``code`` of the error frame that refuses a join, presence or history request."""
 
@@ -403,17 +404,25 @@ class Gateway:
     # -- the /ws endpoint -----------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        """Take the socket over from aiohttp, then authenticate it and serve it."""
+        """Take the socket over from aiohttp, then authenticate and admit it."""
         conn = Connection(self)
-        if not take_over(request, conn):
-            return web.Response()
+        if take_over(request, conn):
+            try:
+                await self._admit(request, conn)
+            except Exception:
+                log.exception("websocket: admitting a socket failed")
+                self._close(conn, CLOSE_INTERNAL_ERROR, "internal error")
+        # Written nowhere: aiohttp has no transport for this request any more.
+        return web.Response()
+
+    async def _admit(self, request: web.Request, conn: Connection) -> None:
         self._authenticating.add(conn)
         try:
             claims = await self._authenticate(request, conn)
         finally:
             self._authenticating.discard(conn)
         if claims is None or not conn.open:
-            return web.Response()
+            return
         conn.id = f"{self.node}.{next(self._ids)}"
         conn.user = claims.subject
         conn.expires_at = float(claims.expires_at)
@@ -422,8 +431,8 @@ class Gateway:
         try:
             await self._attach(conn)
         except CorralError as exc:
-            self._close(conn, 1011, f"{exc.code}: {exc.message}")
-            return web.Response()
+            self._close(conn, CLOSE_INTERNAL_ERROR, f"{exc.code}: {exc.message}")
+            return
         welcome = {
             "type": "welcome",
             "connection_id": conn.id,
@@ -433,8 +442,6 @@ class Gateway:
         self._push(conn, _dumps(welcome))
         self.metrics.add(ACCEPTED)
         self.received(conn)  # what the client sent meanwhile
-        # Written nowhere: aiohttp has no transport for this request any more.
-        return web.Response()
 
     async def _attach(self, conn: Connection) -> None:
         await self.system.ask_async(
@@ -479,7 +486,7 @@ class Gateway:
             self.metrics.add(REFUSED)
             conn.close(CLOSE_UNAUTHORIZED, str(exc.details.get("reason", "unauthorized")))
         except CorralError as exc:
-            conn.close(1011, f"auth unavailable: {exc.code}")
+            conn.close(CLOSE_INTERNAL_ERROR, f"auth unavailable: {exc.code}")
         return None
 
     async def _first_frame_token(self, conn: Connection) -> str | None:
@@ -497,9 +504,8 @@ class Gateway:
         frame = _parse(message) if isinstance(message, str) else None
         token = frame.get("token") if frame and frame.get("type") == "auth" else None
         if not isinstance(token, str) or not token:
-            if conn.open:
-                self.metrics.add(REFUSED)
-                conn.close(CLOSE_UNAUTHORIZED, "no token")
+            self.metrics.add(REFUSED)
+            conn.close(CLOSE_UNAUTHORIZED, "no token")
             return None
         return token
 
@@ -530,6 +536,9 @@ class Gateway:
                     self._error(conn, None, "bad_frame", "not a JSON object")
                     continue
                 await self._dispatch(conn, frame)
+        except Exception:
+            log.exception("websocket %s: serving a frame failed", conn.id)
+            self._close(conn, CLOSE_INTERNAL_ERROR, "internal error")
         finally:
             conn.serving = False
 

@@ -159,8 +159,14 @@ class WebSocket(asyncio.Protocol):
 
     @property
     def open(self) -> bool:
-        """Neither side has begun to close."""
-        return self._state == _OPEN
+        """Neither side has begun to close, and the transport takes what is written."""
+        return self._writable() is not None
+
+    def _writable(self) -> asyncio.Transport | None:
+        transport = self.transport
+        if self._state != _OPEN or transport is None or transport.is_closing():
+            return None
+        return transport
 
     def on_message(self) -> None:
         """A message was received: :meth:`pop` takes it."""
@@ -186,8 +192,9 @@ class WebSocket(asyncio.Protocol):
 
     def write(self, frame: bytes) -> None:
         """Send ``frame`` (framed already) while the socket is open."""
-        if self._state == _OPEN and self.transport is not None:
-            self.transport.write(frame)
+        transport = self._writable()
+        if transport is not None:
+            transport.write(frame)
 
     def close(self, code: int, reason: str, *, wait: bool = True) -> None:
         """Send a close frame (once); the client's closes the connection, or with
@@ -319,12 +326,13 @@ class WebSocket(asyncio.Protocol):
             self.transport.close()
 
     def _send_close(self, payload: bytes) -> None:
-        if self._state != _OPEN or self.transport is None:
+        transport = self._writable()
+        if transport is None:
             return
         self._state = _CLOSING
         self._inbox = self._fragments = None
-        self.transport.write(_frame(0x88, payload))
-        self._cut = asyncio.get_running_loop().call_later(self._close_timeout, self.transport.abort)
+        transport.write(_frame(0x88, payload))
+        self._cut = asyncio.get_running_loop().call_later(self._close_timeout, transport.abort)
 
 
 def _valid_close_code(code: int) -> bool:
