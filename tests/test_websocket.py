@@ -317,7 +317,11 @@ class SilentClient:
         self.sock.sendall(b"".join(self.protocol.data_to_send()))
 
     def send(self, frame: dict[str, Any]) -> None:
-        self.protocol.send_text(json.dumps(frame).encode())
+        self.send_text(json.dumps(frame).encode())
+
+    def send_text(self, data: bytes) -> None:
+        """``data`` in a text frame, UTF-8 or not."""
+        self.protocol.send_text(data)
         self._flush()
 
     def read_frames(self, count: int) -> list[dict[str, Any]]:
@@ -457,6 +461,33 @@ def test_bad_frames_get_an_error_or_a_close_never_a_crash(running: Running) -> N
         assert health.managers["websocket"].state == "running"
 
     asyncio.run(scenario())
+
+
+def test_fragments_pings_early_frames_and_closes_follow_rfc_6455(running: Running) -> None:
+    daemon = running.start(config())
+
+    async def scenario() -> None:
+        async with websockets.connect(ws_url(daemon, f"?token={token(daemon)}")) as ws:
+            await ws.send(json.dumps({"type": "join", "room": "r"}))  # before its welcome
+            assert [(await frame(ws))["type"] for _ in range(2)] == ["welcome", "joined"]
+            await ws.send(['{"type": "ping",', ' "id": 3}'])  # one message in two frames
+            assert await frame(ws) == {"type": "pong", "id": 3}
+            await asyncio.wait_for(await ws.ping(b"hi"), 5)
+            await ws.close(code=1000, reason="bye")
+        assert ws.protocol.close_rcvd is not None and ws.protocol.close_rcvd.code == 1000
+        async with websockets.connect(ws_url(daemon)) as ws:
+            await ws.send(json.dumps({"type": "auth", "token": token(daemon)}))
+            await ws.send(json.dumps({"type": "ping", "id": 4}))
+            assert [(await frame(ws))["type"] for _ in range(2)] == ["welcome", "pong"]
+
+    asyncio.run(scenario())
+    not_utf8 = SilentClient(ws_url(daemon, f"?token={token(daemon)}"))
+    not_utf8.send_text(b"\xff\xfe")
+    assert not_utf8.read_until_closed()[0] == 1007
+    unmasked = SilentClient(ws_url(daemon, f"?token={token(daemon)}"))
+    unmasked.sock.sendall(b"\x81\x02{}")
+    assert unmasked.read_until_closed()[0] == 1002
+    assert daemon.system.health().managers["websocket"].state == "running"
 
 
 def test_clients_publish_when_allowed_and_see_presence_events(running: Running) -> None:

@@ -1,11 +1,12 @@
 """The loop side of the WebSocket manager: sockets, outbound queues, and the rooms' channels.
 
-The :class:`Gateway` lives on the daemon's asyncio loop. It authenticates a
-socket (through the auth manager), then hands everything that needs a decision
-(join, leave, publish, presence, history) to the ``websocket`` actor with
-``ask_async``. The actor hands frames back with ``loop.call_soon_threadsafe``
-(:meth:`Gateway.call`); the gateway writes them to each connection's bounded
-queue, so no send ever blocks the actor or another client. A client's own ``join`` is
+The :class:`Gateway` lives on the daemon's asyncio loop. It takes a socket over from
+aiohttp once upgraded (see :mod:`._socket`), authenticates it (through the auth manager),
+then hands everything that needs a decision (join, leave, publish, presence, history)
+to the ``websocket`` actor with ``ask_async``. The actor hands frames back with
+``loop.call_soon_threadsafe`` (:meth:`Gateway.call`); the gateway writes them to each
+socket, or to its bounded queue while the client reads slowly, so no send ever blocks
+the actor or another client. A client's own ``join`` is
 admitted by the room policies or a subscription token, here, before the actor sees
 it; ``presence`` and ``history`` are answered only about rooms the client is in
 (see :mod:`._policies`). With ``signing_keys``
@@ -15,6 +16,7 @@ and fresh (``replay_window``)::
     gateway = Gateway(system, options, redis_url="redis://...", namespace="corral")
     app.router.add_get("/ws", gateway.handle)
     app.on_startup.append(gateway.started)
+    app.on_shutdown.append(gateway.shutdown)
     app.on_cleanup.append(gateway.closed)
 """
 
@@ -31,11 +33,10 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Protocol, TypeVar
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from corral import _redis
 from corral._junk import REJECTED
@@ -52,6 +53,7 @@ from corral.actors.websocket._metrics import (
 from corral.actors.websocket._options import WebSocketOptions
 from corral.actors.websocket._policies import RoomPolicies
 from corral.actors.websocket._signing import ChannelSigner
+from corral.actors.websocket._socket import WebSocket, take_over, text_frame
 from corral.errors import BackendUnavailable, ConfigError, CorralError, Unauthorized
 from corral.manager import HttpMount
 from corral.messages.auth import AuthValidate
@@ -81,6 +83,7 @@ CLOSE_UNAUTHORIZED = 4401
 CLOSE_SLOW = 4008
 CLOSE_FLOODING = 4029
 CLOSE_GOING_AWAY = 1001
+CLOSE_INTERNAL_ERROR = 1011
 FORBIDDEN = "forbidden"
 """The ``code`` of the error frame that refuses a join, presence or history request."""
 
@@ -106,45 +109,59 @@ class GatewayOptions(Protocol):
     def room_policies(self) -> Mapping[str, str]: ...
 
 
-@dataclass(eq=False, slots=True)
-class Connection:
-    """One socket: its rooms, its inbound token bucket, and what waits to be sent.
+class Connection(WebSocket):
+    """One socket: its user once authenticated, its rooms, its inbound token bucket, and
+    what waits to be sent.
 
-    Frames are written straight to the socket's transport while it takes them; they
-    wait in ``pending`` (bounded by ``send_queue_size``), written by a task of their
-    own, only while the client reads slower than it is sent to.
+    Frames are written straight to the socket while its transport takes them; they wait
+    in ``pending`` (bounded by ``send_queue_size``) only while the client reads slower
+    than it is sent to, and go out as the transport drains. Messages from the client are
+    served by a task that lives while some wait (``serving``).
     """
 
-    id: str
-    user: str
-    ws: web.WebSocketResponse
-    transport: asyncio.Transport
-    expires_at: float
-    scopes: list[str]
-    tokens: float
-    refilled: float = field(default_factory=time.monotonic)
-    rooms: set[str] = field(default_factory=set)
-    recovering: dict[str, list[str]] = field(default_factory=dict)
-    pending: collections.deque[str] | None = None
-    flusher: asyncio.Task[None] | None = None
-    closing: bool = False
+    __slots__ = (
+        "expires_at",
+        "gateway",
+        "id",
+        "pending",
+        "recovering",
+        "refilled",
+        "rooms",
+        "scopes",
+        "serving",
+        "tokens",
+        "user",
+        "waiter",
+    )
 
+    def __init__(self, gateway: Gateway) -> None:
+        options = gateway.options
+        super().__init__(
+            max_message_size=options.max_frame_size, close_timeout=options.close_timeout
+        )
+        self.gateway = gateway
+        self.id = ""
+        self.user = ""
+        self.expires_at = 0.0
+        self.scopes: list[str] = []
+        self.tokens = float(options.inbound_burst)
+        self.refilled = time.monotonic()
+        self.rooms: set[str] = set()
+        self.recovering: dict[str, list[str]] | None = None
+        """Per room joined with a recovery under way: the frames that came meanwhile."""
+        self.pending: collections.deque[str] | None = None
+        self.serving = False
+        self.waiter: asyncio.Future[None] | None = None
+        """Set while the first frame is awaited for its token."""
 
-WRITE_HIGH_WATER = 64 * 1024
-"""Bytes a socket's transport may hold unsent before frames wait in ``pending``."""
+    def on_message(self) -> None:
+        self.gateway.received(self)
 
+    def on_writable(self) -> None:
+        self.gateway.drain(self)
 
-def _text_frame(text: str) -> bytes:
-    """``text`` as one unmasked, uncompressed WebSocket text frame (RFC 6455 5.2)."""
-    payload = text.encode()
-    size = len(payload)
-    if size < 126:
-        header = bytes((0x81, size))
-    elif size < 65536:
-        header = bytes((0x81, 126)) + size.to_bytes(2, "big")
-    else:
-        header = bytes((0x81, 127)) + size.to_bytes(8, "big")
-    return header + payload
+    def on_lost(self) -> None:
+        self.gateway.lost(self)
 
 
 def _dumps(frame: dict[str, Any]) -> str:
@@ -181,6 +198,8 @@ class Gateway:
         )
         self.policies = RoomPolicies(options.room_policies)
         self.connections: dict[str, Connection] = {}
+        """The sockets admitted, by connection id."""
+        self._authenticating: set[Connection] = set()
         self.rooms: dict[str, set[Connection]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count(1)
@@ -209,10 +228,14 @@ class Gateway:
     async def shutdown(self, _app: web.Application | None = None) -> None:
         """Close every socket (the managers have stopped: nothing to detach from)."""
         self.stopping = True
-        for conn in list(self.connections.values()):
-            self._close(conn, CLOSE_GOING_AWAY, "server shutting down")
+        for conn in [*self.connections.values(), *self._authenticating]:
+            conn.pending = None
+            conn.close(CLOSE_GOING_AWAY, "server shutting down", wait=False)
 
     async def closed(self, _app: web.Application | None = None) -> None:
+        for conn in [*self.connections.values(), *self._authenticating]:
+            if conn.transport is not None:  # a client that did not read its close frame
+                conn.transport.abort()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -276,6 +299,8 @@ class Gateway:
         for frame in frames:
             self._push(conn, frame)
         if recovering:
+            if conn.recovering is None:
+                conn.recovering = {}
             conn.recovering[room] = []
         conn.rooms.add(room)
         if room not in self.rooms and self._pubsub is not None:
@@ -289,7 +314,7 @@ class Gateway:
         conn = self.connections.get(connection_id)
         if conn is None:
             return
-        buffered = conn.recovering.pop(room, [])
+        buffered = _stop_recovering(conn, room)
         for frame in frames:
             self._push(conn, frame)
         for frame in buffered:
@@ -301,7 +326,7 @@ class Gateway:
         if conn is None:
             return
         conn.rooms.discard(room)
-        conn.recovering.pop(room, None)
+        _stop_recovering(conn, room)
         members = self.rooms.get(room)
         if members is not None:
             members.discard(conn)
@@ -322,10 +347,10 @@ class Gateway:
         members = self.rooms.get(room)
         if not members:
             return
-        wire = _text_frame(frame)
+        wire = text_frame(frame)
         written = 0
         for conn in list(members):
-            pending = conn.recovering.get(room)
+            pending = conn.recovering.get(room) if conn.recovering is not None else None
             if pending is not None:
                 pending.append(frame)
             else:
@@ -343,12 +368,10 @@ class Gateway:
     def _push(self, conn: Connection, frame: str, wire: bytes | None = None) -> bool:
         """Send ``frame`` (``wire``: it framed already) now if the socket takes it, else
         queue it; True when it was written now (for the caller to count)."""
-        if conn.closing:
+        if not conn.open:
             return False
-        if conn.flusher is None and conn.transport.get_write_buffer_size() <= WRITE_HIGH_WATER:
-            if conn.transport.is_closing():
-                return False
-            conn.transport.write(_text_frame(frame) if wire is None else wire)
+        if conn.pending is None and not conn.writing_paused:
+            conn.write(text_frame(frame) if wire is None else wire)
             if wire is None:
                 self.metrics.add(FRAMES_SENT)
             return True
@@ -359,91 +382,66 @@ class Gateway:
             self._close(conn, CLOSE_SLOW, "slow")
             return False
         conn.pending.append(frame)
-        if conn.flusher is None:
-            conn.flusher = asyncio.ensure_future(self._flush(conn, conn.pending))
         return False
 
-    async def _flush(self, conn: Connection, pending: collections.deque[str]) -> None:
-        """Send what waits in ``pending``, at the pace the client reads (aiohttp's send
-        waits for the transport to drain)."""
-        ws = conn.ws
-        try:
-            while pending:
-                await ws.send_str(pending[0])
-                pending.popleft()
-                self.metrics.add(FRAMES_SENT)
-        except (ConnectionError, RuntimeError):
-            pass
-        finally:
-            conn.flusher = conn.pending = None
+    def drain(self, conn: Connection) -> None:
+        """Send what waits in ``conn.pending`` while its transport takes it (called when
+        the transport has sent enough of what it held)."""
+        pending, sent = conn.pending, 0
+        while pending and not conn.writing_paused and conn.open:
+            conn.write(text_frame(pending.popleft()))
+            sent += 1
+        if not pending:
+            conn.pending = None
+        if sent:
+            self.metrics.add(FRAMES_SENT, by=sent)
 
     def _close(self, conn: Connection, code: int, reason: str) -> None:
-        if self._begin_close(conn):
-            self._spawn(self._close_socket(conn, code, reason))
-
-    def _begin_close(self, conn: Connection) -> bool:
-        """Stop sending to ``conn``; False when its close had begun already."""
-        if conn.closing:
-            return False
-        conn.closing = True
-        if conn.flusher is not None:
-            conn.flusher.cancel()
-        return True
-
-    async def _close_socket(self, conn: Connection, code: int, reason: str) -> None:
-        # A client that reads nothing may never let the close frame out: cut it then.
-        with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
-            await asyncio.wait_for(
-                conn.ws.close(code=code, message=reason.encode()[:120]), self.options.close_timeout
-            )
-        if not conn.ws.closed:
-            conn.transport.abort()
+        """Stop sending to ``conn`` (what waits is dropped) and close it with ``code``."""
+        conn.pending = None
+        conn.close(code, reason)
 
     # -- the /ws endpoint -----------------------------------------------------------------
 
-    async def handle(self, request: web.Request) -> web.WebSocketResponse:
-        # Uncompressed: a deflate context costs each socket hundreds of KB, and a frame
-        # compressed per socket cannot be framed once for a whole room.
-        ws = web.WebSocketResponse(
-            max_msg_size=self.options.max_frame_size,
-            timeout=self.options.close_timeout,
-            compress=False,
-        )
-        await ws.prepare(request)
-        claims = await self._authenticate(request, ws)
-        transport = request.transport
-        if claims is None or transport is None:
-            return ws
-        conn = Connection(
-            id=f"{self.node}.{next(self._ids)}",
-            user=claims.subject,
-            ws=ws,
-            transport=transport,
-            expires_at=float(claims.expires_at),
-            scopes=list(claims.scopes),
-            tokens=float(self.options.inbound_burst),
-        )
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Take the socket over from aiohttp, then authenticate and admit it."""
+        conn = Connection(self)
+        if take_over(request, conn):
+            try:
+                await self._admit(request, conn)
+            except Exception:
+                log.exception("websocket: admitting a socket failed")
+                self._close(conn, CLOSE_INTERNAL_ERROR, "internal error")
+        # Written nowhere: aiohttp has no transport for this request any more.
+        return web.Response()
+
+    async def _admit(self, request: web.Request, conn: Connection) -> None:
+        self._authenticating.add(conn)
+        try:
+            claims = await self._authenticate(request, conn)
+        finally:
+            self._authenticating.discard(conn)
+        if claims is None or not conn.open:
+            return
+        conn.id = f"{self.node}.{next(self._ids)}"
+        conn.user = claims.subject
+        conn.expires_at = float(claims.expires_at)
+        conn.scopes = list(claims.scopes)
         self.connections[conn.id] = conn
         try:
             await self._attach(conn)
-            self._push(
-                conn,
-                _dumps(
-                    {
-                        "type": "welcome",
-                        "connection_id": conn.id,
-                        "user": conn.user,
-                        "expires_at": conn.expires_at,
-                    }
-                ),
-            )
-            self.metrics.add(ACCEPTED)
-            await self._serve(conn)
         except CorralError as exc:
-            self._close(conn, 1011, f"{exc.code}: {exc.message}")
-        finally:
-            await self._forget(conn)
-        return ws
+            self._close(conn, CLOSE_INTERNAL_ERROR, f"{exc.code}: {exc.message}")
+            return
+        welcome = {
+            "type": "welcome",
+            "connection_id": conn.id,
+            "user": conn.user,
+            "expires_at": conn.expires_at,
+        }
+        self._push(conn, _dumps(welcome))
+        self.metrics.add(ACCEPTED)
+        self.received(conn)  # what the client sent meanwhile
 
     async def _attach(self, conn: Connection) -> None:
         await self.system.ask_async(
@@ -455,12 +453,14 @@ class Gateway:
             )
         )
 
-    async def _forget(self, conn: Connection) -> None:
-        conn.closing = True
-        if conn.flusher is not None:
-            conn.flusher.cancel()
-        self.connections.pop(conn.id, None)
-        for room in list(conn.rooms):
+    def lost(self, conn: Connection) -> None:
+        """``conn`` has gone: out of its rooms, and detached from the actor."""
+        conn.pending = None
+        if conn.waiter is not None and not conn.waiter.done():
+            conn.waiter.set_result(None)
+        if self.connections.pop(conn.id, None) is None:
+            return  # never admitted
+        for room in conn.rooms:
             members = self.rooms.get(room)
             if members is not None:
                 members.discard(conn)
@@ -468,62 +468,79 @@ class Gateway:
                     del self.rooms[room]
                     self.unsubscribe(room)
         if not self.stopping:
-            with contextlib.suppress(CorralError):
-                await self.system.ask_async(WsDetach(connection_id=conn.id))
+            self._spawn(self._detach(conn.id))
 
-    async def _authenticate(self, request: web.Request, ws: web.WebSocketResponse) -> Any:
+    async def _detach(self, connection_id: str) -> None:
+        with contextlib.suppress(CorralError):
+            await self.system.ask_async(WsDetach(connection_id=connection_id))
+
+    async def _authenticate(self, request: web.Request, conn: Connection) -> Any:
         token = _bearer(request.headers.get("Authorization", "")) or request.query.get("token")
         if not token:
-            token = await self._first_frame_token(ws)
+            token = await self._first_frame_token(conn)
             if token is None:
                 return None
         try:
             return await self.system.ask_async(AuthValidate(token=token))
         except Unauthorized as exc:
             self.metrics.add(REFUSED)
-            reason = str(exc.details.get("reason", "unauthorized"))
-            await ws.close(code=CLOSE_UNAUTHORIZED, message=reason.encode())
+            conn.close(CLOSE_UNAUTHORIZED, str(exc.details.get("reason", "unauthorized")))
         except CorralError as exc:
-            await ws.close(code=1011, message=f"auth unavailable: {exc.code}".encode())
+            conn.close(CLOSE_INTERNAL_ERROR, f"auth unavailable: {exc.code}")
         return None
 
-    async def _first_frame_token(self, ws: web.WebSocketResponse) -> str | None:
-        try:
-            msg = await ws.receive(timeout=self.options.auth_timeout)
-        except TimeoutError:
-            await ws.close(code=CLOSE_UNAUTHORIZED, message=b"no token")
-            return None
-        frame = _parse(msg.data) if msg.type == WSMsgType.TEXT else None
+    async def _first_frame_token(self, conn: Connection) -> str | None:
+        message = conn.pop()
+        if message is None and conn.open:
+            conn.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(conn.waiter, self.options.auth_timeout)
+            except TimeoutError:
+                conn.close(CLOSE_UNAUTHORIZED, "no token")
+                return None
+            finally:
+                conn.waiter = None
+            message = conn.pop()
+        frame = _parse(message) if isinstance(message, str) else None
         token = frame.get("token") if frame and frame.get("type") == "auth" else None
         if not isinstance(token, str) or not token:
             self.metrics.add(REFUSED)
-            if not ws.closed:
-                await ws.close(code=CLOSE_UNAUTHORIZED, message=b"no token")
+            conn.close(CLOSE_UNAUTHORIZED, "no token")
             return None
         return token
 
+    def received(self, conn: Connection) -> None:
+        """Messages wait in ``conn``: wake the authentication that waits for the first,
+        or serve them once it is admitted (one task at a time, in order)."""
+        if conn.waiter is not None:
+            if not conn.waiter.done():
+                conn.waiter.set_result(None)
+        elif conn.id in self.connections and not conn.serving:
+            conn.serving = True
+            self._spawn(self._serve(conn))
+
     async def _serve(self, conn: Connection) -> None:
-        # Frames after a close began are read and dropped, so the socket can finish the close.
-        async for msg in conn.ws:
-            if conn.closing:
-                continue
-            if not self._take_token(conn):
-                self.metrics.add(FLOODING)
-                # Closed by the reading task itself: aiohttp then reads the client's frames up
-                # to its close frame. Closed from another task while this one waits in
-                # receive(), it drops the socket at once, and the unread flood makes that a
-                # reset that can reach the client before the close frame.
-                if self._begin_close(conn):
-                    await self._close_socket(conn, CLOSE_FLOODING, "flooding")
-                break
-            if msg.type != WSMsgType.TEXT:
-                self._error(conn, None, "bad_frame", "frames are JSON text")
-                continue
-            frame = _parse(msg.data)
-            if frame is None:
-                self._error(conn, None, "bad_frame", "not a JSON object")
-                continue
-            await self._dispatch(conn, frame)
+        try:
+            while (message := conn.pop()) is not None:
+                if not conn.open:
+                    continue  # a close has begun: what the client still sends is dropped
+                if not self._take_token(conn):
+                    self.metrics.add(FLOODING)
+                    self._close(conn, CLOSE_FLOODING, "flooding")
+                    continue
+                if not isinstance(message, str):
+                    self._error(conn, None, "bad_frame", "frames are JSON text")
+                    continue
+                frame = _parse(message)
+                if frame is None:
+                    self._error(conn, None, "bad_frame", "not a JSON object")
+                    continue
+                await self._dispatch(conn, frame)
+        except Exception:
+            log.exception("websocket %s: serving a frame failed", conn.id)
+            self._close(conn, CLOSE_INTERNAL_ERROR, "internal error")
+        finally:
+            conn.serving = False
 
     def _take_token(self, conn: Connection) -> bool:
         now = time.monotonic()
@@ -696,6 +713,16 @@ def _parse(data: Any) -> dict[str, Any] | None:
     except (TypeError, ValueError):
         return None
     return frame if isinstance(frame, dict) else None
+
+
+def _stop_recovering(conn: Connection, room: str) -> list[str]:
+    """The frames that came for ``room`` while ``conn`` recovered its history, if it did."""
+    if conn.recovering is None:
+        return []
+    buffered = conn.recovering.pop(room, [])
+    if not conn.recovering:
+        conn.recovering = None
+    return buffered
 
 
 def _optional_int(value: Any) -> int | None:
