@@ -14,12 +14,12 @@ ratio of at least 0.5x.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
 
 import msgpack
+import msgspec
 from _report import Row, report, timed
 
 from corral.messages import Codec, Message, Reply, Request, message
@@ -50,7 +50,7 @@ class BenchBulkSet(Request[BenchCacheValue]):
 
     manager = "cache"
     namespace: str = "default"
-    values: Any = dataclasses.field(default_factory=dict)
+    values: Any = msgspec.field(default_factory=dict)
 
 
 SMALL = BenchCacheGet(key="user:42", namespace="default", ttl=300)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import enum
 import hashlib
 import hmac
@@ -12,6 +11,7 @@ import time
 from typing import Annotated, Any, Literal
 
 import msgpack
+import msgspec
 import pytest
 
 from corral.errors import CorralError, InvalidMessage, NotFound, error_class
@@ -91,7 +91,7 @@ class CodecAll(Event):
     by_name: dict[str, list[CodecItem]]
     extra: Any
     opt_item: CodecItem | None = None
-    tags: list[str] = dataclasses.field(default_factory=list)
+    tags: list[str] = msgspec.field(default_factory=list)
     wide: Annotated[float, Range(finite=False)] = 0.0
     ttl: Annotated[float, Range(gt=0, le=60, unit="s")] | None = None
     few: Annotated[int, Range(ge=1, le=3)] = 1
