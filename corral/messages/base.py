@@ -274,7 +274,14 @@ class FieldInfo:
         return _describe(self.annotation)
 
 
-_REGISTRY: dict[str, type[Message]] = {}
+class _Registry(dict[str, type[Message]]):
+    """The message classes by wire name, and how many times a name was registered again
+    by another class object (a module reloaded), which outdates what was made of the old."""
+
+    replaced = 0
+
+
+_REGISTRY = _Registry()
 
 BUILT_IN_AREAS = {
     "auth": "corral.messages.auth",
@@ -350,6 +357,8 @@ def message(
         cls.internal = internal
         cls.idempotent = idempotent
         _compile(cls)
+        if existing is not None and existing is not cls:
+            _REGISTRY.replaced += 1
         _REGISTRY[name] = cls
         return cls
 

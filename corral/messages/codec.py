@@ -42,7 +42,7 @@ import os
 import time
 import typing
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any, ClassVar, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgpack
 import msgspec
@@ -72,21 +72,19 @@ _SIGNATURE_ENTRY = b"\xa1s\xc4\x20"
 _SIGNATURE_TAIL = len(_SIGNATURE_ENTRY) + 32
 
 
-class _Ids:
-    """Unique 16-byte ids: 8 random bytes per process, then a counter (cheaper than urandom)."""
-
-    def __init__(self) -> None:
-        self.reset()
-        os.register_at_fork(after_in_child=self.reset)
-
-    def reset(self) -> None:
-        self.counter = itertools.count(int.from_bytes(os.urandom(8), "big") << 64)
-
-    def next(self) -> bytes:
-        return next(self.counter).to_bytes(16, "big")
+def new_id() -> bytes:
+    """A unique 16-byte id: 8 random bytes per process, then a counter (cheaper than urandom)."""
+    return next(_ids).to_bytes(16, "big")
 
 
-new_id = _Ids().next
+def _new_ids() -> None:
+    global _ids
+    _ids = itertools.count(int.from_bytes(os.urandom(8), "big") << 64)
+
+
+_ids: itertools.count[int]
+_new_ids()
+os.register_at_fork(after_in_child=_new_ids)
 
 
 class _Outgoing(msgspec.Struct, omit_defaults=True, gc=False):
@@ -117,9 +115,6 @@ class Envelope(msgspec.Struct, frozen=True, gc=False):
     ts: int = 0
     version: int = msgspec.field(default=1, name="v")
     deadline: int = msgspec.field(default=0, name="d")
-
-    check: ClassVar[Callable[[Message], Message] | None] = None
-    """What remains to check of a decoded message (its ``Any`` values); None: nothing."""
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Envelope):
@@ -198,7 +193,7 @@ def _make_plan(cls: type[Message], max_depth: int) -> _Plan | None:
                 f"{cls.__name__}Envelope",
                 [(n, t) if d is msgspec.NODEFAULT else (n, t, d) for n, t, d in fields + extra],
                 bases=(Envelope,),
-                namespace={"check": None if body.check is None else staticmethod(body.check)},
+                namespace=_checking(body.check),
                 kw_only=True,
                 forbid_unknown_fields=True,
                 tag_field="t",
@@ -212,6 +207,18 @@ def _make_plan(cls: type[Message], max_depth: int) -> _Plan | None:
     return _Plan(unsigned, signed)
 
 
+def _checking(check: Callable[[Message], Message] | None) -> dict[str, Any]:
+    """The namespace of an envelope type whose message msgspec decodes, then ``check`` checks
+    (msgspec runs ``__post_init__`` on what it decodes)."""
+    if check is None:
+        return {}
+
+    def __post_init__(self: Envelope) -> None:
+        check(self.message)
+
+    return {"__post_init__": __post_init__}
+
+
 class _Header(msgspec.Struct, gc=False):
     """What ``decode`` reads of an envelope whose class it has no plan for yet."""
 
@@ -219,6 +226,7 @@ class _Header(msgspec.Struct, gc=False):
 
 
 _encode_envelope = msgspec.msgpack.Encoder().encode
+_time_ns = time.time_ns
 _decode_header = msgspec.msgpack.Decoder(_Header).decode
 
 
@@ -281,6 +289,7 @@ class Codec:
         """By type name, each class's plan, made on its first message (None: it has none)."""
         self._decode_unsigned: Callable[[bytes], Envelope] = _no_plans
         self._decode_signed: Callable[[bytes], Envelope] = _no_plans
+        self._replaced = _REGISTRY.replaced
 
     @property
     def keys(self) -> tuple[bytes, ...]:
@@ -316,10 +325,10 @@ class Codec:
         envelope = _Outgoing(
             message.type_name,
             message.wire_version,
-            id or new_id(),
+            id or next(_ids).to_bytes(16, "big"),
             correlation,
             reply_to,
-            time.time_ns() // 1_000_000 if clock is None else int(clock() * 1000),
+            _time_ns() // 1_000_000 if clock is None else int(clock() * 1000),
             message,
             deadline,
         )
@@ -362,17 +371,13 @@ class Codec:
         signing = self.signer.signing
         try:
             envelope = (self._decode_signed if signing else self._decode_unsigned)(data)
-            check = type(envelope).check
-            if check is not None:
-                check(envelope.message)
         except REFUSED:
             if self._plan(data):
                 return self.decode(data, channel=channel, guard=guard)
             return self._decode_checked(data, channel, guard)
-        message = envelope.message
-        if _REGISTRY.get(message.type_name) is not type(message):  # registered again since
+        if _REGISTRY.replaced != self._replaced:  # a class planned may be outdated
             self._forget_plans()
-            return self._decode_checked(data, channel, guard)
+            return self.decode(data, channel=channel, guard=guard)
         if signing:
             if not self._signed_as_encoded(data, envelope.deadline, channel):
                 return self._decode_checked(data, channel, guard)
