@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import linecache
 import math
@@ -332,6 +333,15 @@ def test_unsupported_field_types_rejected(annotation: str, problem: str) -> None
     with pytest.raises(TypeError, match=problem):
         message("test.msg_unsupported")(cls)
     assert lookup("test.msg_unsupported") is None
+
+
+def test_dataclass_field_default_rejected() -> None:
+    class WithDataclassField(Event):
+        tags: list[str] = dataclasses.field(default_factory=list)
+
+    with pytest.raises(TypeError, match=r"takes msgspec\.field"):
+        message("test.msg_dataclass_field")(WithDataclassField)
+    assert lookup("test.msg_dataclass_field") is None
 
 
 def test_nested_message_must_be_registered() -> None:

@@ -369,6 +369,11 @@ def _compile(cls: type[Message]) -> None:
     hints = _declared_types(cls)
     infos: list[FieldInfo] = []
     for field in msgspec.structs.fields(cls):
+        if isinstance(field.default, dataclasses.Field):
+            raise TypeError(
+                f"{cls.__name__}.{field.name}: a message field takes msgspec.field(...), "
+                "not dataclasses.field(...)"
+            )
         annotation = hints[field.name]
         from_wire, check, to_wire = _compile_type(annotation)
         has_default = field.default is not msgspec.NODEFAULT
