@@ -1,14 +1,15 @@
 """The msgspec types of a message's fields, so that msgspec decodes and checks it in C.
 
-A message class is a ``msgspec.Struct`` (unknown fields forbidden). For the codec,
-:func:`body_check` gives each of its fields, in the annotations of the class that
-declares it, a msgspec type that accepts exactly the values the class's generated
+A message class is a ``msgspec.Struct`` (unknown fields forbidden). When it is
+registered, :func:`declare_wire_types` gives each field it declares, in its
+annotations, a msgspec type that accepts exactly the values the class's generated
 ``_from_wire`` accepts, or fewer: numbers carry their
 :class:`~corral.messages.base.Range` as ``msgspec.Meta`` bounds (and the 64-bit and
 finite limits every number has), enums and literals their values, nested messages
 their classes. msgspec then decodes a body straight into the message; what it cannot
-say in C (``Any`` values: plain msgpack values, str map keys, nesting) is checked on
-the decoded message by straight-line code written for its class::
+say in C (``Any`` values: plain msgpack values, str map keys, nesting under the codec's
+limit) is checked on the decoded message by straight-line code written for its class,
+which :func:`body_check` gives::
 
     body = body_check(CacheGet, max_depth=32)
     message = msgspec.msgpack.decode(b"\x81\xa3key\xa1k", type=CacheGet)
@@ -42,7 +43,7 @@ from corral.messages.base import (
     _span,
 )
 
-__all__ = ["REFUSED", "BodyCheck", "body_check"]
+__all__ = ["REFUSED", "BodyCheck", "body_check", "declare_wire_types"]
 
 Check = Callable[[Any], Any]
 """Returns a decoded value as it is, or raises :data:`REFUSED`."""
@@ -298,7 +299,8 @@ def _make_message_node(cls: type[Message], depth: int, limit: int | None) -> _No
     nodes = [_node(info.annotation, depth + 1, limit) for info in cls.fields_info]
     namespace: dict[str, Any] = {}
     lines = ["def check(message):"]
-    owners = [_declaring_class(cls, info.name) for info in cls.fields_info]
+    for info in cls.fields_info:
+        _check_declared(cls, info.name)
     for i, (info, node) in enumerate(zip(cls.fields_info, nodes, strict=True)):
         if node.check is None:
             continue
@@ -311,17 +313,37 @@ def _make_message_node(cls: type[Message], depth: int, limit: int | None) -> _No
         namespace[f"check_{i}"] = node.check
         lines.append(f"    check_{i}(message.{info.name})")
     lines.append("    return message")
-    for owner, info, node in zip(owners, cls.fields_info, nodes, strict=True):
-        vars(owner)["__annotations__"][info.name] = node.type
     if len(lines) == 2:
         return _Node(cls, None)
     run_generated("\n".join(lines), f"checks of {cls.__module__}.{cls.__qualname__}", namespace)
     return _Node(cls, namespace["check"])
 
 
-def _declaring_class(cls: type[Message], name: str) -> type[Message]:
-    """The registered class whose annotations declare field ``name`` of ``cls``."""
+def _check_declared(cls: type[Message], name: str) -> None:
+    """Unsupported unless a registered class (which :func:`declare_wire_types` gave its
+    msgspec type) declares field ``name`` of ``cls``."""
     owner = next(k for k in cls.__mro__ if name in vars(k).get("__annotations__", {}))
     if "fields_info" not in vars(owner):
         raise _Unsupported(f"{name} is declared by {owner.__qualname__}, not a registered message")
-    return owner
+
+
+def declare_wire_types(cls: type[Message]) -> None:
+    """Give each field that ``cls`` declares the msgspec type it decodes as, in its
+    annotations, where msgspec reads it (when a decoder of the class is first made).
+
+    Done when the class is registered, so that msgspec never sees a message class
+    without its bounds. A field msgspec cannot check exactly keeps its declared type,
+    and the codec decodes its class by the reference path only.
+    """
+    annotations = vars(cls).get("__annotations__", {})
+    for info in cls.fields_info:
+        if info.name in annotations:
+            try:
+                node = _node(info.annotation, _BODY_DEPTH + 1, _UNBOUNDED)
+            except _Unsupported:
+                continue
+            annotations[info.name] = node.type
+
+
+_UNBOUNDED = 1 << 30
+"""A nesting limit no message reaches: the types do not depend on the limit, only checks."""

@@ -357,6 +357,9 @@ def message(
         cls.internal = internal
         cls.idempotent = idempotent
         _compile(cls)
+        from corral.messages._typed import declare_wire_types  # noqa: PLC0415 - builds on this
+
+        declare_wire_types(cls)
         if existing is not None and existing is not cls:
             _REGISTRY.replaced += 1
         _REGISTRY[name] = cls
@@ -398,9 +401,9 @@ def _compile(cls: type[Message]) -> None:
 def _declared_types(cls: type[Message]) -> dict[str, Any]:
     """The field types as the class and its bases declare them.
 
-    The codec gives a registered class's own annotations the msgspec types it decodes
-    them as (see :mod:`corral.messages._typed`): a field declared by such a class keeps
-    the type of that class's ``fields_info``.
+    Registering a class gives its own annotations the msgspec types it decodes them as
+    (see :mod:`corral.messages._typed`): a field declared by a registered class keeps the
+    type of that class's ``fields_info``.
     """
     hints = typing.get_type_hints(cls, include_extras=True)
     for name in hints:

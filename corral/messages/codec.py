@@ -39,6 +39,7 @@ import functools
 import itertools
 import operator
 import os
+import threading
 import time
 import typing
 from collections.abc import Callable, Sequence
@@ -268,6 +269,7 @@ class Codec:
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.signer = Signer(keys)
+        self._planning = threading.Lock()
         self.max_size = max_size
         self.max_depth = max_depth
         self.replay_window = replay_window
@@ -285,11 +287,12 @@ class Codec:
         self._forget_plans()
 
     def _forget_plans(self) -> None:
-        self._plans: dict[str, _Plan | None] = {}
-        """By type name, each class's plan, made on its first message (None: it has none)."""
-        self._decode_unsigned: Callable[[bytes], Envelope] = _no_plans
-        self._decode_signed: Callable[[bytes], Envelope] = _no_plans
-        self._replaced = _REGISTRY.replaced
+        with self._planning:
+            self._plans: dict[str, _Plan | None] = {}
+            """By type name, each class's plan, made on its first message (None: it has none)."""
+            self._decode_unsigned: Callable[[bytes], Envelope] = _no_plans
+            self._decode_signed: Callable[[bytes], Envelope] = _no_plans
+            self._replaced = _REGISTRY.replaced
 
     @property
     def keys(self) -> tuple[bytes, ...]:
@@ -409,14 +412,17 @@ class Codec:
         except REFUSED:
             return False
         cls = _lookup(type_name)
-        if cls is None or type_name in self._plans:
+        if cls is None:
             return False
-        plan = self._plans[type_name] = _plan_of(cls, self.max_depth)
-        if plan is None:
-            return False
-        plans = [p for p in self._plans.values() if p is not None]
-        self._decode_unsigned = _decoder_of([p.unsigned for p in plans])
-        self._decode_signed = _decoder_of([p.signed for p in plans])
+        with self._planning:
+            if type_name in self._plans:
+                return False
+            plan = self._plans[type_name] = _plan_of(cls, self.max_depth)
+            if plan is None:
+                return False
+            plans = [p for p in self._plans.values() if p is not None]
+            self._decode_unsigned = _decoder_of([p.unsigned for p in plans])
+            self._decode_signed = _decoder_of([p.signed for p in plans])
         return True
 
     def _decode_checked(
