@@ -12,7 +12,7 @@ limit) is checked on the decoded message by straight-line code written for its c
 which :func:`body_check` gives::
 
     body = body_check(CacheGet, max_depth=32)
-    message = msgspec.msgpack.decode(b"\x81\xa3key\xa1k", type=CacheGet)
+    message = msgspec.msgpack.decode(b"\\x81\\xa3key\\xa1k", type=CacheGet)
     assert body.check is None                   # CacheGet holds no Any values
 
 Where msgspec or those checks refuse a body (raising one of :data:`REFUSED`), the codec
