@@ -461,6 +461,16 @@ def test_valid_hand_built_envelope() -> None:
     )
 
 
+def test_decoded_envelope_compares_by_its_fields() -> None:
+    codec = Codec()
+    decoded = codec.decode(codec.encode(CodecCacheGet(key="a"), id=b"\x02" * 16, reply_to="r"))
+    built = Envelope(decoded.message, b"\x02" * 16, None, "r", decoded.ts)
+    assert decoded == built and built == decoded
+    assert (decoded != built) is False and hash(decoded) == hash(built)
+    assert decoded != Envelope(decoded.message, b"\x03" * 16, None, "r", decoded.ts)
+    assert repr(decoded) == repr(built)
+
+
 def test_unknown_type() -> None:
     text = rejected(pack(envelope(t="test.codec_nope")))
     assert text == "t: unknown message type 'test.codec_nope'"

@@ -122,6 +122,10 @@ class Envelope(msgspec.Struct, frozen=True, gc=False):
             return NotImplemented
         return self._fields() == other._fields()
 
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
     def __hash__(self) -> int:
         return hash(self._fields())
 
