@@ -13,10 +13,11 @@ backend, the Redis backend and a transaction's read-your-writes overlay agree::
 from __future__ import annotations
 
 import ast
-import dataclasses
 import re
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
+
+import msgspec
 
 from corral.errors import Conflict, InvalidMessage, NotFound
 from corral.messages.base import MAX_TTL
@@ -334,7 +335,7 @@ def apply_transition(
     expires_at = current.expires_at
     if write.ttl is not None:
         expires_at = now_ms + int(write.ttl * 1000)
-    return dataclasses.replace(
+    return msgspec.structs.replace(
         current,
         status=status,
         data=current.data if write.data is None else write.data,

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
+import msgspec
 import pykka
 
 from corral._events import EventsMixin
@@ -301,7 +302,7 @@ class System(EventsMixin):
         return list(self._dead_letters)
 
     def _keep_dead_letter(self, letter: DeadLetter) -> None:
-        letter = dataclasses.replace(letter, daemon=f"{socket.gethostname()}:{os.getpid()}")
+        letter = msgspec.structs.replace(letter, daemon=f"{socket.gethostname()}:{os.getpid()}")
         self._dead_letters.append(letter)
         section = self.config.bus
         if section.backend != "redis":

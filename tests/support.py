@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
 import httpx
+import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
 from corral.bus import Subscription
@@ -191,5 +191,5 @@ class Worker(Manager):
         if msg.action == "together":
             for _, reply in self.take_queued(Work, 100):
                 self.count += 1
-                reply.resolve(dataclasses.replace(done, handled=self.count))
+                reply.resolve(msgspec.structs.replace(done, handled=self.count))
         return done

@@ -12,12 +12,12 @@ import threading
 import time
 import tomllib
 from collections.abc import Iterator
-from dataclasses import field
 from pathlib import Path
 from typing import Any, Literal
 
 import click
 import httpx
+import msgspec
 import pytest
 import redis
 from click.testing import CliRunner, Result
@@ -567,7 +567,7 @@ class Typed(Request[Done]):
     mode: Literal["fast", "slow"] = "fast"
     limit: int | None = None
     data: Any = None
-    tags: list[str] = field(default_factory=list)
+    tags: list[str] = msgspec.field(default_factory=list)
     raw: bytes = b""
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import enum
 import hashlib
 import hmac
@@ -12,6 +11,7 @@ import time
 from typing import Annotated, Any, Literal
 
 import msgpack
+import msgspec
 import pytest
 
 from corral.errors import CorralError, InvalidMessage, NotFound, error_class
@@ -91,7 +91,7 @@ class CodecAll(Event):
     by_name: dict[str, list[CodecItem]]
     extra: Any
     opt_item: CodecItem | None = None
-    tags: list[str] = dataclasses.field(default_factory=list)
+    tags: list[str] = msgspec.field(default_factory=list)
     wide: Annotated[float, Range(finite=False)] = 0.0
     ttl: Annotated[float, Range(gt=0, le=60, unit="s")] | None = None
     few: Annotated[int, Range(ge=1, le=3)] = 1
@@ -459,6 +459,16 @@ def test_valid_hand_built_envelope() -> None:
     assert decoded == Envelope(
         CodecCacheGet(key="a", namespace="ns", ttl=30), b"\x01" * 16, None, None, 1_700_000_000_000
     )
+
+
+def test_decoded_envelope_compares_by_its_fields() -> None:
+    codec = Codec()
+    decoded = codec.decode(codec.encode(CodecCacheGet(key="a"), id=b"\x02" * 16, reply_to="r"))
+    built = Envelope(decoded.message, b"\x02" * 16, None, "r", decoded.ts)
+    assert decoded == built and built == decoded
+    assert (decoded != built) is False and hash(decoded) == hash(built)
+    assert decoded != Envelope(decoded.message, b"\x03" * 16, None, "r", decoded.ts)
+    assert repr(decoded) == repr(built)
 
 
 def test_unknown_type() -> None:

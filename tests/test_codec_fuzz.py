@@ -17,7 +17,6 @@ Examples are derandomized, so a run is reproducible and CI sees the same inputs.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import hashlib
 import hmac
@@ -28,6 +27,7 @@ import typing
 from typing import Annotated, Any, Literal
 
 import msgpack
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
@@ -95,7 +95,7 @@ class FuzzOrder(Request[FuzzPart]):
     maybe_part: FuzzPart | None
     extra: Any
     note: str = ""
-    more: list[FuzzPart] = dataclasses.field(default_factory=list)
+    more: list[FuzzPart] = msgspec.field(default_factory=list)
 
 
 class Size(enum.Enum):
@@ -137,7 +137,7 @@ class FuzzTyped(Request[FuzzPart]):
     note: str = ""
     ttl: Annotated[float, Range(gt=0, le=60)] | None = None
     few: Annotated[int, Range(gt=0.5, le=3.5)] = 1
-    more: list[FuzzPart] = dataclasses.field(default_factory=list)
+    more: list[FuzzPart] = msgspec.field(default_factory=list)
     spare: FuzzPart = FuzzPart(name="spare")
 
 

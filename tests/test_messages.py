@@ -12,6 +12,7 @@ import traceback
 import types
 from typing import Annotated, Any, Literal
 
+import msgspec
 import pytest
 
 from corral import errors
@@ -76,7 +77,7 @@ class MsgSample(Request["MsgSampleReply"]):
     items: list[MsgItem]
     extra: Any
     opt_item: MsgItem | None = None
-    tags: list[str] = dataclasses.field(default_factory=list)
+    tags: list[str] = msgspec.field(default_factory=list)
 
 
 @message("test.msg_sample_reply")
@@ -137,7 +138,7 @@ class MsgBounded(Request[MsgItem]):
     copies: Annotated[int, Range(ge=1, le=8)] = 1
     ratio: Annotated[float, Range(gt=0, le=1)] = 0.5
     anything: Annotated[float, Range(finite=False)] = 0.0
-    scores: list[Annotated[float, Range(ge=0)]] = dataclasses.field(default_factory=list)
+    scores: list[Annotated[float, Range(ge=0)]] = msgspec.field(default_factory=list)
     plain: float = 0.0
     whole: int = 0
 
@@ -178,18 +179,19 @@ def unchecked(cls: type[Message], **fields: Any) -> Message:
 # -- @message: what it makes ----------------------------------------------------------
 
 
-def test_message_is_a_frozen_dataclass() -> None:
+def test_message_is_a_frozen_struct() -> None:
     msg = sample()
-    assert dataclasses.is_dataclass(msg)
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    assert isinstance(msg, msgspec.Struct)
+    with pytest.raises(AttributeError, match="immutable"):
         msg.i = 8  # type: ignore[misc]
     assert msg.i == 7
+    assert hash(MsgItem(name="a")) == hash(MsgItem(name="a"))
 
 
 def test_message_is_slotted() -> None:
     msg = MsgItem(name="a")
     assert "__slots__" in vars(MsgItem)
-    assert set(MsgItem.__slots__) == {"name", "qty"}
+    assert set(vars(MsgItem)["__slots__"]) == {"name", "qty"}
     assert not hasattr(msg, "__dict__")
 
 
@@ -331,6 +333,15 @@ def test_unsupported_field_types_rejected(annotation: str, problem: str) -> None
     with pytest.raises(TypeError, match=problem):
         message("test.msg_unsupported")(cls)
     assert lookup("test.msg_unsupported") is None
+
+
+def test_dataclass_field_default_rejected() -> None:
+    class WithDataclassField(Event):
+        tags: list[str] = dataclasses.field(default_factory=list)
+
+    with pytest.raises(TypeError, match=r"takes msgspec\.field"):
+        message("test.msg_dataclass_field")(WithDataclassField)
+    assert lookup("test.msg_dataclass_field") is None
 
 
 def test_nested_message_must_be_registered() -> None:

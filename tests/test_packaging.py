@@ -129,7 +129,7 @@ OLDER_RELEASES = {
     "pykka": "4.4.2",
     "redis": "7.4.1",
     "msgpack": "1.2.0",
-    "msgspec": "0.19.0",
+    "msgspec": "0.20.0",
     "click": "8.2.1",
     "prometheus-client": "0.22.1",
     "httpx": "0.27.2",

@@ -6,10 +6,10 @@ import asyncio
 import json
 import signal
 from dataclasses import dataclass, field
-from dataclasses import replace as dataclasses_replace
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 import corral
@@ -304,5 +304,5 @@ def test_a_childs_health_reads_in_the_design_documents_shape() -> None:
         assert child.metrics == child.health.metrics and child.metrics["handled"] >= 1
         assert child.details == child.health.details
         assert child.dependencies == child.health.dependencies
-        unprobed = dataclasses_replace(child, health=None)
+        unprobed = msgspec.structs.replace(child, health=None)
         assert (unprobed.metrics, unprobed.details, unprobed.dependencies) == ({}, {}, {})

@@ -77,6 +77,8 @@ import uuid
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
 
+import msgspec
+
 from corral._redis import glob_escape
 from corral.errors import Conflict, InvalidMessage, Timeout, UnavailableError
 from corral.manager import Asker, AsyncAsker
@@ -326,7 +328,7 @@ class _Calls:
 
     def store_request(self, key: str, value: Any, lease: str) -> CacheSet:
         """Raises InvalidMessage for a value nested too deep to carry."""
-        return dataclasses.replace(self.store, key=key, value=_to_cache(value, 0), lease=lease)
+        return msgspec.structs.replace(self.store, key=key, value=_to_cache(value, 0), lease=lease)
 
     def release_request(self, key: str, lease: str) -> CacheRelease:
         return CacheRelease(key=key, lease=lease, backend=self.backend)
@@ -569,9 +571,12 @@ def _stable(value: Any) -> Any:
     if isinstance(value, tuple):  # a named tuple
         return (qualified, tuple(_stable(item) for item in value))
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = dataclasses.fields(value)
-        return (qualified, tuple((f.name, _stable(getattr(value, f.name))) for f in fields))
-    raise _NoStableKey(f"a {qualified}")
+        names = [f.name for f in dataclasses.fields(value)]
+    elif isinstance(value, msgspec.Struct):  # a message
+        names = list(value.__struct_fields__)
+    else:
+        raise _NoStableKey(f"a {qualified}")
+    return (qualified, tuple((name, _stable(getattr(value, name))) for name in names))
 
 
 # -- values -------------------------------------------------------------------------------

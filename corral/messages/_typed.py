@@ -1,22 +1,24 @@
-"""msgspec structs that decode a message's body in C, accepting nothing its own checks refuse.
+"""The msgspec types of a message's fields, so that msgspec decodes and checks it in C.
 
-For a message class, :func:`body_type` builds a ``msgspec.Struct`` with the same
-fields (unknown ones forbidden), each typed so that msgspec accepts exactly the values
-the class's generated ``_from_wire`` accepts, or fewer: numbers carry their
+A message class is a ``msgspec.Struct`` (unknown fields forbidden). When it is
+registered, :func:`declare_wire_types` gives each field it declares, in its
+annotations, a msgspec type that accepts exactly the values the class's generated
+``_from_wire`` accepts, or fewer: numbers carry their
 :class:`~corral.messages.base.Range` as ``msgspec.Meta`` bounds (and the 64-bit and
 finite limits every number has), enums and literals their values, nested messages
-structs of their own. What msgspec cannot say in C is checked on the decoded values
-(``Any`` values: plain msgpack values, str map keys, nesting), and the struct becomes
-the message through straight-line code written for its class::
+their classes. msgspec then decodes a body straight into the message; what it cannot
+say in C (``Any`` values: plain msgpack values, str map keys, nesting under the codec's
+limit) is checked on the decoded message by straight-line code written for its class,
+which :func:`body_check` gives::
 
-    body = body_type(CacheGet, max_depth=32)
-    decode = msgspec.msgpack.Decoder(body.struct).decode
-    message = body.convert(decode(b"\\x81\\xa3key\\xa1k"))    # CacheGet(key="k")
+    body = body_check(CacheGet, max_depth=32)
+    message = msgspec.msgpack.decode(b"\\x81\\xa3key\\xa1k", type=CacheGet)
+    assert body.check is None                   # CacheGet holds no Any values
 
 Where msgspec or those checks refuse a body (raising one of :data:`REFUSED`), the codec
 decodes it again with msgpack and the class's own checks, which say what is wrong, with
 its path. A class whose fields msgspec cannot type that way (an enum of str and int
-values, a union of two messages, a float tried before an int...) has no body type.
+values, a union of two messages, a float tried before an int...) has no body check.
 """
 
 from __future__ import annotations
@@ -41,10 +43,10 @@ from corral.messages.base import (
     _span,
 )
 
-__all__ = ["REFUSED", "BodyType", "body_type"]
+__all__ = ["REFUSED", "BodyCheck", "body_check", "declare_wire_types"]
 
-Convert = Callable[[Any], Any]
-"""Turns a decoded value into the message's: a struct into its message, or a check."""
+Check = Callable[[Any], Any]
+"""Returns a decoded value as it is, or raises :data:`REFUSED`."""
 
 _BODY_DEPTH = 2
 """The envelope is level 1 of the codec's nesting limit, the body level 2."""
@@ -67,29 +69,29 @@ class _Unsupported(Exception):
 
 
 class _Node(NamedTuple):
-    """One field type as msgspec decodes it, and how its value becomes the message's."""
+    """One field type as msgspec decodes it, and the check of its decoded value."""
 
     type: Any
-    convert: Convert | None
-    """None: the decoded value is the message's as it is."""
+    check: Check | None
+    """None: what msgspec decodes needs no more checks."""
 
 
-class BodyType(NamedTuple):
-    """The struct a message's body decodes as, and the code that makes it the message."""
+class BodyCheck(NamedTuple):
+    """What remains to check of a message that msgspec decoded (see the module docstring)."""
 
-    struct: type[msgspec.Struct]
-    convert: Callable[[Any], Message]
-    """Raises one of :data:`REFUSED` for a value msgspec took and a check here refuses."""
+    check: Callable[[Message], Message] | None
+    """Returns the message, or raises one of :data:`REFUSED` for a value msgspec took and a
+    check here refuses; None: nothing remains to check."""
 
 
-def body_type(cls: type[Message], max_depth: int) -> BodyType | None:
-    """The body type of ``cls``, or None when msgspec cannot check it exactly.
+def body_check(cls: type[Message], max_depth: int) -> BodyCheck | None:
+    """How the codec decodes ``cls``, or None when msgspec cannot check it exactly.
 
     ``max_depth``: the codec's nesting limit, which bounds classes holding ``Any`` values.
     """
     key = (cls, max_depth if cls.open_values else None)
     try:
-        return _BODY_TYPES[key]
+        return _BODY_CHECKS[key]
     except KeyError:
         pass
     try:
@@ -98,13 +100,12 @@ def body_type(cls: type[Message], max_depth: int) -> BodyType | None:
     except (_Unsupported, TypeError):
         found = None
     else:
-        assert node.convert is not None
-        found = BodyType(node.type, node.convert)
-    _BODY_TYPES[key] = found
+        found = BodyCheck(node.check)
+    _BODY_CHECKS[key] = found
     return found
 
 
-_BODY_TYPES: dict[tuple[type[Message], int | None], BodyType | None] = {}
+_BODY_CHECKS: dict[tuple[type[Message], int | None], BodyCheck | None] = {}
 
 
 def _node(annotation: Any, depth: int, limit: int | None) -> _Node:
@@ -128,11 +129,11 @@ def _node(annotation: Any, depth: int, limit: int | None) -> _Node:
         return _node(args[0], depth, limit) if rng is None else _number(args[0], rng)
     if origin is list:
         item = _node(args[0], depth + 1, limit)
-        return _Node(_list_of(item.type), _each(item.convert) if item.convert else None)
+        return _Node(_list_of(item.type), _each(item.check) if item.check else None)
     if origin is dict:
         value = _node(args[1], depth + 1, limit)
-        convert = _each_value(value.convert) if value.convert else None
-        return _Node(_map_of(value.type), convert)
+        check = _each_value(value.check) if value.check else None
+        return _Node(_map_of(value.type), check)
     if origin in (typing.Union, types.UnionType):
         return _union([_node(option, depth, limit) for option in args], args)
     if origin is typing.Literal:
@@ -140,7 +141,7 @@ def _node(annotation: Any, depth: int, limit: int | None) -> _Node:
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         return _Node(annotation, None)
     if isinstance(annotation, type) and issubclass(annotation, Message):
-        # Without a nesting limit, a class's struct is the same at every depth.
+        # Without a nesting limit, a class's checks are the same at every depth.
         return _message_node(annotation, _BODY_DEPTH if limit is None else depth, limit)
     raise _Unsupported(f"no msgspec type for {annotation!r}")
 
@@ -177,21 +178,21 @@ def _union(options: list[_Node], annotations: tuple[Any, ...]) -> _Node:
             seen_float = True
         elif seen_float and _takes_ints(base):
             raise _Unsupported("a float option before an int option")
-    converts: dict[type, Convert] = {}
+    checks: dict[type, Check] = {}
     for option in options:
         if option.type is Any:
             raise _Unsupported("Any in a union")  # no type tells when to check a value
-        if option.convert is not None:
-            converts[_decoded_type(option.type)] = option.convert
+        if option.check is not None:
+            checks[_decoded_type(option.type)] = option.check
     union = functools.reduce(lambda a, b: a | b, [o.type for o in options])
-    if not converts:
+    if not checks:
         return _Node(union, None)
 
-    def convert(value: Any) -> Any:
-        step = converts.get(type(value))
+    def check(value: Any) -> Any:
+        step = checks.get(type(value))
         return value if step is None else step(value)
 
-    return _Node(union, convert)
+    return _Node(union, check)
 
 
 def _base(annotation: Any) -> Any:
@@ -218,24 +219,28 @@ def _decoded_type(msgspec_type: Any) -> type:
         return _decoded_type(typing.get_args(msgspec_type)[0])
     if origin is not None:
         return typing.cast(type, origin)  # list, dict
-    return typing.cast(type, msgspec_type)  # a struct
+    return typing.cast(type, msgspec_type)  # a message class
 
 
-def _each(convert: Convert) -> Convert:
+def _each(check: Check) -> Check:
     def each(items: list[Any]) -> list[Any]:
-        return [convert(item) for item in items]
+        for item in items:
+            check(item)
+        return items
 
     return each
 
 
-def _each_value(convert: Convert) -> Convert:
+def _each_value(check: Check) -> Check:
     def each_value(items: dict[str, Any]) -> dict[str, Any]:
-        return {key: convert(value) for key, value in items.items()}
+        for value in items.values():
+            check(value)
+        return items
 
     return each_value
 
 
-def _any_check(levels: int) -> Convert:
+def _any_check(levels: int) -> Check:
     """A check that a value is plain msgpack (str map keys) nested at most ``levels`` deep."""
     if levels < 1:
         raise _Unsupported("no room for a value")
@@ -278,60 +283,67 @@ def _plain_within(level: list[Any], levels: int) -> bool:
     return True
 
 
-_ABSENT = msgspec.UNSET
-"""What a struct field holds when its map left it out (for fields whose value is converted)."""
-
-
 def _message_node(cls: type[Message], depth: int, limit: int | None) -> _Node:
-    """A struct for ``cls`` with its map at ``depth``, and the code that builds the message."""
+    """``cls`` with its map at ``depth``, and the check of its ``Any`` values, if any."""
     key = (cls, depth, limit)
-    node = _STRUCTS.get(key)
+    node = _NODES.get(key)
     if node is None:
-        node = _STRUCTS[key] = _make_message_node(cls, depth, limit)
+        node = _NODES[key] = _make_message_node(cls, depth, limit)
     return node
 
 
-_STRUCTS: dict[tuple[type[Message], int, int | None], _Node] = {}
+_NODES: dict[tuple[type[Message], int, int | None], _Node] = {}
 
 
 def _make_message_node(cls: type[Message], depth: int, limit: int | None) -> _Node:
-    fields: list[tuple[str, Any, Any]] = []
-    namespace: dict[str, Any] = {"cls": cls, "new": object.__new__, "ABSENT": _ABSENT}
-    lines = ["def convert(s):", "    obj = new(cls)"]
-    for i, info in enumerate(cls.fields_info):
-        node = _node(info.annotation, depth + 1, limit)
+    nodes = [_node(info.annotation, depth + 1, limit) for info in cls.fields_info]
+    namespace: dict[str, Any] = {}
+    lines = ["def check(message):"]
+    for info in cls.fields_info:
+        _check_declared(cls, info.name)
+    for i, (info, node) in enumerate(zip(cls.fields_info, nodes, strict=True)):
+        if node.check is None:
+            continue
         default, is_factory = info.default
-        # The field's slot; an inherited field's slot lives on the base class.
-        slot = next(k.__dict__[info.name] for k in cls.__mro__ if info.name in k.__dict__)
-        namespace[f"set_{i}"] = slot.__set__
-        namespace[f"convert_{i}"] = node.convert
-        namespace[f"default_{i}"] = default
-        if node.convert is None:
-            if info.required:
-                fields.append((info.name, node.type, msgspec.NODEFAULT))
-            elif is_factory:
-                fields.append((info.name, node.type, msgspec.field(default_factory=default)))
-            else:
-                fields.append((info.name, node.type, default))
-            lines.append(f"    set_{i}(obj, s.{info.name})")
-            continue
-        if info.required:
-            fields.append((info.name, node.type, msgspec.NODEFAULT))
-            lines.append(f"    set_{i}(obj, convert_{i}(s.{info.name}))")
-            continue
-        fields.append((info.name, node.type | msgspec.UnsetType, _ABSENT))
-        fresh = f"default_{i}()" if is_factory else f"default_{i}"
-        lines.append(f"    v = s.{info.name}")
-        lines.append(f"    set_{i}(obj, {fresh} if v is ABSENT else convert_{i}(v))")
-    if hasattr(cls, "__post_init__"):
-        lines.append("    obj.__post_init__()")
-    lines.append("    return obj")
-    struct = msgspec.defstruct(
-        f"{cls.__name__}Struct",
-        [(n, t) if d is msgspec.NODEFAULT else (n, t, d) for n, t, d in fields],
-        kw_only=True,
-        forbid_unknown_fields=True,
-        gc=False,
-    )
-    run_generated("\n".join(lines), f"struct of {cls.__module__}.{cls.__qualname__}", namespace)
-    return _Node(struct, namespace["convert"])
+        if not info.required:
+            try:
+                node.check(default() if is_factory else default)
+            except REFUSED:
+                raise _Unsupported("a default that the check refuses") from None
+        namespace[f"check_{i}"] = node.check
+        lines.append(f"    check_{i}(message.{info.name})")
+    lines.append("    return message")
+    if len(lines) == 2:
+        return _Node(cls, None)
+    run_generated("\n".join(lines), f"checks of {cls.__module__}.{cls.__qualname__}", namespace)
+    return _Node(cls, namespace["check"])
+
+
+def _check_declared(cls: type[Message], name: str) -> None:
+    """Unsupported unless a registered class (which :func:`declare_wire_types` gave its
+    msgspec type) declares field ``name`` of ``cls``."""
+    owner = next(k for k in cls.__mro__ if name in vars(k).get("__annotations__", {}))
+    if "fields_info" not in vars(owner):
+        raise _Unsupported(f"{name} is declared by {owner.__qualname__}, not a registered message")
+
+
+def declare_wire_types(cls: type[Message]) -> None:
+    """Give each field that ``cls`` declares the msgspec type it decodes as, in its
+    annotations, where msgspec reads it (when a decoder of the class is first made).
+
+    Done when the class is registered, so that msgspec never sees a message class
+    without its bounds. A field msgspec cannot check exactly keeps its declared type,
+    and the codec decodes its class by the reference path only.
+    """
+    annotations = vars(cls).get("__annotations__", {})
+    for info in cls.fields_info:
+        if info.name in annotations:
+            try:
+                node = _node(info.annotation, _BODY_DEPTH + 1, _UNBOUNDED)
+            except _Unsupported:
+                continue
+            annotations[info.name] = node.type
+
+
+_UNBOUNDED = 1 << 30
+"""A nesting limit no message reaches: the types do not depend on the limit, only checks."""

@@ -17,8 +17,9 @@ A refused token raises :class:`corral.errors.Unauthorized` whose
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Literal
+
+import msgspec
 
 from corral.messages.base import Count, Event, Reply, Request, Ttl, message
 
@@ -86,8 +87,8 @@ class AuthIssue(Request["AuthTokens"]):
 
     manager = "auth"
     subject: str
-    scopes: list[str] = dataclasses.field(default_factory=list)
-    claims: dict[str, Any] = dataclasses.field(default_factory=dict)
+    scopes: list[str] = msgspec.field(default_factory=list)
+    claims: dict[str, Any] = msgspec.field(default_factory=dict)
     refresh: bool = True
 
 
@@ -127,7 +128,7 @@ class AuthValidate(Request["AuthClaims"]):
     manager = "auth"
     token: str
     token_type: TokenType = "access"
-    scopes: list[str] = dataclasses.field(default_factory=list)
+    scopes: list[str] = msgspec.field(default_factory=list)
 
 
 @message("auth.claims")
@@ -252,7 +253,7 @@ class AuthApiKeyCreate(Request[AuthApiKey]):
 
     manager = "auth"
     owner: str
-    scopes: list[str] = dataclasses.field(default_factory=list)
+    scopes: list[str] = msgspec.field(default_factory=list)
     name: str = ""
     ttl: Ttl | None = None
 
@@ -263,7 +264,7 @@ class AuthApiKeyValidate(Request[AuthApiKey]):
 
     manager = "auth"
     key: str
-    scopes: list[str] = dataclasses.field(default_factory=list)
+    scopes: list[str] = msgspec.field(default_factory=list)
 
 
 @message("auth.api_key_revoke")
@@ -325,4 +326,4 @@ class AuthApiKeyUsed(Event):
     key_id: str
     owner: str
     outcome: str
-    scopes: list[str] = dataclasses.field(default_factory=list)
+    scopes: list[str] = msgspec.field(default_factory=list)

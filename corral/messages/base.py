@@ -1,6 +1,6 @@
 """Typed messages: the ``@message`` registry and the kinds Request, Reply and Event.
 
-A message is a frozen, slotted, keyword-only dataclass registered under a stable
+A message is a frozen, keyword-only ``msgspec.Struct`` registered under a stable
 wire name and version. Its field types come from its annotations and are checked
 on the way in (``from_wire``) and, for messages built in process, by
 :func:`validate`::
@@ -41,6 +41,8 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, ClassVar, Generic, TypeVar
+
+import msgspec
 
 from corral.errors import CorralError, InvalidMessage, error_class
 from corral.messages._generated import run_generated
@@ -178,10 +180,24 @@ TIMEOUT = Range(ge=0, le=MAX_TIMEOUT, unit="s")
 """The bounds of a timeout given to the API (``System.ask``, ``Client.ask``, ``corral send``)."""
 
 
-class Message:
-    """Base of every message. Subclass Request, Reply or Event, never this directly."""
+class _MessageMeta(msgspec.StructMeta):
+    """Makes every message class keyword-only, as ``kw_only`` is not inherited."""
 
-    __slots__ = ()
+    def __new__(
+        mcls, name: str, bases: tuple[type, ...], namespace: dict[str, Any], **options: Any
+    ) -> Any:
+        options.setdefault("kw_only", True)
+        return super().__new__(mcls, name, bases, namespace, **options)
+
+
+@typing.dataclass_transform(
+    kw_only_default=True, frozen_default=True, field_specifiers=(msgspec.field,)
+)
+class Message(msgspec.Struct, metaclass=_MessageMeta, frozen=True, forbid_unknown_fields=True):
+    """Base of every message. Subclass Request, Reply or Event, never this directly.
+
+    Fields whose default is a new list or map take ``msgspec.field(default_factory=...)``.
+    """
 
     type_name: ClassVar[str]
     wire_version: ClassVar[int]
@@ -222,7 +238,6 @@ R = TypeVar("R", bound="Reply")
 class Request(Message, Generic[R]):
     """A message that expects exactly one Reply (or an error)."""
 
-    __slots__ = ()
     kind = "request"
 
     @classmethod
@@ -234,14 +249,12 @@ class Request(Message, Generic[R]):
 class Reply(Message):
     """The answer to a Request."""
 
-    __slots__ = ()
     kind = "reply"
 
 
 class Event(Message):
     """A fire-and-forget message published on a topic."""
 
-    __slots__ = ()
     kind = "event"
 
 
@@ -261,7 +274,14 @@ class FieldInfo:
         return _describe(self.annotation)
 
 
-_REGISTRY: dict[str, type[Message]] = {}
+class _Registry(dict[str, type[Message]]):
+    """The message classes by wire name, and how many times a name was registered again
+    by another class object (a module reloaded), which outdates what was made of the old."""
+
+    replaced = 0
+
+
+_REGISTRY = _Registry()
 
 BUILT_IN_AREAS = {
     "auth": "corral.messages.auth",
@@ -307,11 +327,10 @@ def validate(msg: Message) -> None:
 M = TypeVar("M", bound=type[Message])
 
 
-@typing.dataclass_transform(kw_only_default=True, frozen_default=True)
 def message(
     name: str, *, version: int = 1, internal: bool = False, idempotent: bool = False
 ) -> Callable[[M], M]:
-    """Register a message class under a wire name and version, and make it a dataclass.
+    """Register a message class under a wire name and version, and compile its checks.
 
     ``internal``: a message corral sends to itself, left out of ``corral messages`` and
     ``corral send``. ``idempotent``: a request that changes nothing, or nothing more when
@@ -333,26 +352,35 @@ def message(
             raise ValueError(
                 f"{name!r} is already registered by {existing.__module__}.{existing.__qualname__}"
             )
-        made = typing.cast(M, dataclasses.dataclass(frozen=True, slots=True, kw_only=True)(cls))
-        made.type_name = name
-        made.wire_version = version
-        made.internal = internal
-        made.idempotent = idempotent
-        _compile(made)
-        _REGISTRY[name] = made
-        return made
+        cls.type_name = name
+        cls.wire_version = version
+        cls.internal = internal
+        cls.idempotent = idempotent
+        _compile(cls)
+        from corral.messages._typed import declare_wire_types  # noqa: PLC0415 - builds on this
+
+        declare_wire_types(cls)
+        if existing is not None and existing is not cls:
+            _REGISTRY.replaced += 1
+        _REGISTRY[name] = cls
+        return cls
 
     return register
 
 
 def _compile(cls: type[Message]) -> None:
-    hints = typing.get_type_hints(cls, include_extras=True)
+    hints = _declared_types(cls)
     infos: list[FieldInfo] = []
-    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for field in msgspec.structs.fields(cls):
+        if isinstance(field.default, dataclasses.Field):
+            raise TypeError(
+                f"{cls.__name__}.{field.name}: a message field takes msgspec.field(...), "
+                "not dataclasses.field(...)"
+            )
         annotation = hints[field.name]
         from_wire, check, to_wire = _compile_type(annotation)
-        has_default = field.default is not dataclasses.MISSING
-        has_factory = field.default_factory is not dataclasses.MISSING
+        has_default = field.default is not msgspec.NODEFAULT
+        has_factory = field.default_factory is not msgspec.NODEFAULT
         default: Any = field.default if has_default else field.default_factory
         infos.append(
             FieldInfo(
@@ -370,6 +398,21 @@ def _compile(cls: type[Message]) -> None:
     _generate_methods(cls, infos)
 
 
+def _declared_types(cls: type[Message]) -> dict[str, Any]:
+    """The field types as the class and its bases declare them.
+
+    Registering a class gives its own annotations the msgspec types it decodes them as
+    (see :mod:`corral.messages._typed`): a field declared by a registered class keeps the
+    type of that class's ``fields_info``.
+    """
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for name in hints:
+        owner = next(k for k in cls.__mro__ if name in vars(k).get("__annotations__", {}))
+        declared = vars(owner).get("fields_info", ())
+        hints[name] = next((f.annotation for f in declared if f.name == name), hints[name])
+    return hints
+
+
 _FAST_TYPES = {str: str, bytes: bytes, bool: bool, int: int, float: float, type(None): type(None)}
 _MISSING = object()
 
@@ -385,7 +428,6 @@ def _generate_methods(cls: type[Message], infos: list[FieldInfo]) -> None:
     namespace: dict[str, Any] = {
         "cls": cls,
         "names": names,
-        "new": object.__new__,
         "MISSING": _MISSING,
         "unknown_field": _unknown_field,
         "missing_field": _missing_field,
@@ -394,7 +436,6 @@ def _generate_methods(cls: type[Message], infos: list[FieldInfo]) -> None:
         "def from_wire(body, path):",
         "    if not names.issuperset(body):",
         "        unknown_field(cls, body, path)",
-        "    obj = new(cls)",
     ]
     check = ["def validate(msg):"]
     to_wire = ["def to_wire(self):", "    return {"]
@@ -402,9 +443,6 @@ def _generate_methods(cls: type[Message], infos: list[FieldInfo]) -> None:
         namespace[f"conv_{i}"] = f.from_wire
         namespace[f"check_{i}"] = f.check
         namespace[f"wire_{i}"] = f.to_wire
-        # The field's slot; an inherited field's slot lives on the base class.
-        slot = next(k.__dict__[f.name] for k in cls.__mro__ if f.name in k.__dict__)
-        namespace[f"set_{i}"] = slot.__set__
         default, is_factory = f.default
         namespace[f"default_{i}"] = default
         fast = _fast_spec(f.annotation)
@@ -434,16 +472,15 @@ def _generate_methods(cls: type[Message], infos: list[FieldInfo]) -> None:
             decode.append("    else:")
             check.append(f"    check_{i}(msg.{f.name}, {f.name!r})")
         decode.append(f"        v = conv_{i}(v, path + {'.' + f.name!r})")
-        decode.append(f"    set_{i}(obj, v)")
+        decode.append(f"    v_{i} = v")
         identity = f.to_wire is _identity
         to_wire.append(
             f"        {f.name!r}: self.{f.name},"
             if identity
             else f"        {f.name!r}: wire_{i}(self.{f.name}),"
         )
-    if hasattr(cls, "__post_init__"):
-        decode.append("    obj.__post_init__()")
-    decode.append("    return obj")
+    values = ", ".join(f"{f.name}=v_{i}" for i, f in enumerate(infos))
+    decode.append(f"    return cls({values})")
     check.append("    return None")
     to_wire.append("    }")
     run_generated("\n".join(decode + check + to_wire), f"message {_dotted(cls)}", namespace)
@@ -889,7 +926,7 @@ class ErrorReply(Reply):
 
     code: str
     message: str = ""
-    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    details: dict[str, Any] = msgspec.field(default_factory=dict)
 
     @classmethod
     def of(cls, error: CorralError) -> ErrorReply:

@@ -38,8 +38,9 @@ name; ``CacheUnlock`` and ``CacheExtend`` act only for the holder of that token:
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Annotated, Any
+
+import msgspec
 
 from corral.messages.base import (
     MAX_OFFSET,
@@ -217,7 +218,7 @@ class CacheSet(Request[CacheStored]):
     key: str
     value: Any
     ttl: Ttl | None = None
-    tags: list[str] = dataclasses.field(default_factory=list)
+    tags: list[str] = msgspec.field(default_factory=list)
     backend: str = ""
     lease: str = ""
     stale_ttl: Ttl | None = None
@@ -231,7 +232,7 @@ class CacheSetMany(Request[CacheStored]):
     manager = "cache"
     values: dict[str, Any]
     ttl: Ttl | None = None
-    tags: list[str] = dataclasses.field(default_factory=list)
+    tags: list[str] = msgspec.field(default_factory=list)
     backend: str = ""
     stale_ttl: Ttl | None = None
     early_ttl: Ttl | None = None
@@ -359,8 +360,8 @@ class CacheInvalidated(Event):
     """
 
     origin: str
-    keys: list[str] = dataclasses.field(default_factory=list)
-    patterns: list[str] = dataclasses.field(default_factory=list)
+    keys: list[str] = msgspec.field(default_factory=list)
+    patterns: list[str] = msgspec.field(default_factory=list)
 
 
 @message("cache.lease_ended")

@@ -23,20 +23,25 @@ channel (or stream) it was written to when one is given (see
 :class:`~corral.messages.signing.Signer` and docs/wire.md): a message signed for one
 channel is refused on any other.
 
-msgspec writes the envelopes, and reads the ones laid out as corral writes them: for
-each message class, one msgspec call decodes and checks a whole envelope, its body as a
-struct typed from the class's fields (:mod:`corral.messages._typed`), and straight-line
-code makes the message of it. What it refuses, and any other layout, goes to the
-reference path: ``msgpack.unpackb`` and the class's own checks, which take any layout
-and name what is wrong. Both paths accept the same input and build the same messages
-(``tests/test_codec_fuzz.py`` holds them to it).
+msgspec writes the envelopes, and reads them: messages are msgspec structs, and for each
+message class the codec makes an :class:`Envelope` type whose body is that class, its
+fields typed so that msgspec checks them in C (:mod:`corral.messages._typed`); one
+msgspec decoder takes the envelopes of every class the codec has seen, told apart by
+their "t", in one call. What it refuses goes to the reference path: ``msgpack.unpackb``
+and the class's own checks, which take any layout and name what is wrong. Both paths
+accept the same input and build the same messages (``tests/test_codec_fuzz.py`` holds
+them to it).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
+import operator
 import os
+import threading
 import time
+import typing
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal, NamedTuple
 
@@ -44,13 +49,12 @@ import msgpack
 import msgspec
 
 from corral.errors import InvalidMessage
-from corral.messages._typed import REFUSED, body_type
+from corral.messages._typed import REFUSED, body_check
 from corral.messages.base import _REGISTRY, Message, lookup
 from corral.messages.signing import DEFAULT_REPLAY_WINDOW, ReplayGuard, Signer
 
 _packb = msgpack.packb
 _unpackb = msgpack.unpackb
-_new_envelope = tuple.__new__
 _lookup = lookup
 
 __all__ = ["DEFAULT_MAX_DEPTH", "DEFAULT_MAX_SIZE", "Codec", "Envelope", "new_id"]
@@ -69,21 +73,19 @@ _SIGNATURE_ENTRY = b"\xa1s\xc4\x20"
 _SIGNATURE_TAIL = len(_SIGNATURE_ENTRY) + 32
 
 
-class _Ids:
-    """Unique 16-byte ids: 8 random bytes per process, then a counter (cheaper than urandom)."""
-
-    def __init__(self) -> None:
-        self.reset()
-        os.register_at_fork(after_in_child=self.reset)
-
-    def reset(self) -> None:
-        self.counter = itertools.count(int.from_bytes(os.urandom(8), "big") << 64)
-
-    def next(self) -> bytes:
-        return next(self.counter).to_bytes(16, "big")
+def new_id() -> bytes:
+    """A unique 16-byte id: 8 random bytes per process, then a counter (cheaper than urandom)."""
+    return next(_ids).to_bytes(16, "big")
 
 
-new_id = _Ids().next
+def _new_ids() -> None:
+    global _ids
+    _ids = itertools.count(int.from_bytes(os.urandom(8), "big") << 64)
+
+
+_ids: itertools.count[int]
+_new_ids()
+os.register_at_fork(after_in_child=_new_ids)
 
 
 class _Outgoing(msgspec.Struct, omit_defaults=True, gc=False):
@@ -99,55 +101,65 @@ class _Outgoing(msgspec.Struct, omit_defaults=True, gc=False):
     d: int = 0
 
 
-class _Incoming(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, gc=False):
-    """An envelope as ``decode`` takes it on its fast path, its body left undecoded.
+class Envelope(msgspec.Struct, frozen=True, gc=False):
+    """A decoded message with its envelope: id, correlation id, reply topic, timestamp,
+    the version it was written in, and a request's deadline (unix ms; 0: none).
 
-    Each message class gets a subclass of its own whose body is that class's struct
-    (see :class:`_Plan`), so that one msgspec call decodes a whole message.
+    ``decode`` gives an envelope of a subclass made for the message's class (see
+    :class:`_Plan`), which msgspec decodes in one call; envelopes compare by these fields.
     """
 
-    t: str
-    v: int
-    id: Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]
-    c: bytes | None = None
-    r: str | None = None
+    message: Message = msgspec.field(name="b")
+    id: bytes
+    correlation: bytes | None = msgspec.field(default=None, name="c")
+    reply_to: str | None = msgspec.field(default=None, name="r")
     ts: int = 0
-    d: int = 0
-    b: msgspec.Raw
-    s: bytes | None = None
+    version: int = msgspec.field(default=1, name="v")
+    deadline: int = msgspec.field(default=0, name="d")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Envelope):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        fields = zip(_FIELDS, self._fields(), strict=True)
+        shown = ", ".join(f"{name}={value!r}" for name, value in fields)
+        return f"Envelope({shown})"
+
+    def _fields(self) -> tuple[Any, ...]:
+        return (
+            self.message,
+            self.id,
+            self.correlation,
+            self.reply_to,
+            self.ts,
+            self.version,
+            self.deadline,
+        )
 
 
-class _Signed(_Incoming, kw_only=True, forbid_unknown_fields=True, gc=False):
-    """A signed envelope as ``encode`` writes it: every key but "d" present, so that its map
-    header tells whether a key came twice (see ``decode``)."""
+_FIELDS = ("message", "id", "correlation", "reply_to", "ts", "version", "deadline")
 
-    c: bytes | None
-    r: str | None
-    ts: int
-    s: bytes
-
-
-_SIGNED_KEYS = len(msgspec.structs.fields(_Signed)) - 1
-"""How many keys a signed envelope without "d" has."""
+_SIGNED_KEYS = 8
+"""How many keys a signed envelope without "d" has: t, v, id, c, r, ts, b and s."""
 
 
 class _Plan(NamedTuple):
-    """How ``decode`` takes the messages of one class in one pass."""
+    """The envelope types ``decode`` takes the messages of one class as, in one msgspec call:
+    tagged by "t", their body the message class, every key checked."""
 
-    type_name: str
-    version: int
-    cls: type[Message]
-    decode: Callable[[bytes], Any]
-    """Decodes a whole envelope of this type and version, its body as the class's struct."""
-    decode_signed: Callable[[bytes], Any]
-    """The same for a signed envelope."""
-    convert: Callable[[Any], Message]
-
-    def key(self) -> bytes | None:
-        """How the envelopes ``encode`` writes for this class begin, after their map header:
-        ``"t"`` and the type name as msgpack fixstrs; None for a name too long for one."""
-        name = self.type_name.encode()
-        return _T_FIRST + _BYTE[0xA0 | len(name)] + name if len(name) < 32 else None
+    unsigned: type[Envelope]
+    signed: type[Envelope]
+    """A signed envelope as ``encode`` writes it: every key but "d" present, so that its map
+    header tells whether a key came twice (see ``decode``)."""
 
 
 def _plan_of(cls: type[Message], max_depth: int) -> _Plan | None:
@@ -160,37 +172,77 @@ def _plan_of(cls: type[Message], max_depth: int) -> _Plan | None:
 
 _PLANS: dict[tuple[type[Message], int | None], _Plan | None] = {}
 
+_ID = Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]
+
 
 def _make_plan(cls: type[Message], max_depth: int) -> _Plan | None:
-    body = body_type(cls, max_depth)
+    body = body_check(cls, max_depth)
     if body is None:
         return None
-    fields = [("t", Literal[cls.type_name]), ("v", Literal[cls.wire_version]), ("b", body.struct)]
-    name = f"{body.struct.__name__}Envelope"
+    fields: list[tuple[str, Any, Any]] = [
+        ("message", cls, msgspec.field(name="b")),
+        ("version", Literal[cls.wire_version], msgspec.field(name="v")),
+        ("id", _ID, msgspec.NODEFAULT),
+    ]
+    signed_fields: list[tuple[str, Any, Any]] = [
+        ("correlation", bytes | None, msgspec.field(name="c")),
+        ("reply_to", str | None, msgspec.field(name="r")),
+        ("ts", int, msgspec.NODEFAULT),
+        ("signature", bytes, msgspec.field(name="s")),
+    ]
+    optional_signature = ("signature", bytes | None, msgspec.field(default=None, name="s"))
     unsigned, signed = (
-        msgspec.msgpack.Decoder(msgspec.defstruct(name, fields, bases=(base,))).decode
-        for base in (_Incoming, _Signed)
+        typing.cast(
+            type[Envelope],
+            msgspec.defstruct(
+                f"{cls.__name__}Envelope",
+                [(n, t) if d is msgspec.NODEFAULT else (n, t, d) for n, t, d in fields + extra],
+                bases=(Envelope,),
+                namespace=_checking(body.check),
+                kw_only=True,
+                forbid_unknown_fields=True,
+                tag_field="t",
+                tag=cls.type_name,
+                frozen=True,
+                gc=False,
+            ),
+        )
+        for extra in ([optional_signature], signed_fields)
     )
-    return _Plan(cls.type_name, cls.wire_version, cls, unsigned, signed, body.convert)
+    return _Plan(unsigned, signed)
+
+
+def _checking(check: Callable[[Message], Message] | None) -> dict[str, Any]:
+    """The namespace of an envelope type whose message msgspec decodes, then ``check`` checks
+    (msgspec runs ``__post_init__`` on what it decodes)."""
+    if check is None:
+        return {}
+
+    def __post_init__(self: Envelope) -> None:
+        check(self.message)
+
+    return {"__post_init__": __post_init__}
+
+
+class _Header(msgspec.Struct, gc=False):
+    """What ``decode`` reads of an envelope whose class it has no plan for yet."""
+
+    t: str
 
 
 _encode_envelope = msgspec.msgpack.Encoder().encode
-_decode_envelope = msgspec.msgpack.Decoder(_Incoming).decode
-_T_FIRST = b"\xa1t"
-"""The first key of the envelopes ``encode`` writes."""
+_time_ns = time.time_ns
+_decode_header = msgspec.msgpack.Decoder(_Header).decode
 
 
-class Envelope(NamedTuple):
-    """A decoded message with its envelope: id, correlation id, reply topic, timestamp,
-    and a request's deadline (unix ms; 0: none)."""
+def _decoder_of(envelopes: list[type[Envelope]]) -> Callable[[bytes], Envelope]:
+    """One msgspec decoder of all ``envelopes``, told apart by their "t"."""
+    return msgspec.msgpack.Decoder(functools.reduce(operator.or_, envelopes)).decode
 
-    message: Message
-    id: bytes
-    correlation: bytes | None = None
-    reply_to: str | None = None
-    ts: int = 0
-    version: int = 1
-    deadline: int = 0
+
+def _no_plans(data: bytes) -> Envelope:
+    """A codec's decoder before it has any plan."""
+    raise msgspec.ValidationError("no message class planned yet")
 
 
 def _fail(path: str, problem: str) -> InvalidMessage:
@@ -221,6 +273,7 @@ class Codec:
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.signer = Signer(keys)
+        self._planning = threading.Lock()
         self.max_size = max_size
         self.max_depth = max_depth
         self.replay_window = replay_window
@@ -234,9 +287,16 @@ class Codec:
     @max_depth.setter
     def max_depth(self, max_depth: int) -> None:
         self._max_depth = max_depth
-        # By what follows "t" in an envelope (see _Plan.key): the plans of classes
-        # holding Any values depend on the limit.
-        self._plans: dict[bytes, _Plan] = {}
+        # The plans of classes holding Any values depend on the limit.
+        self._forget_plans()
+
+    def _forget_plans(self) -> None:
+        with self._planning:
+            self._plans: dict[str, _Plan | None] = {}
+            """By type name, each class's plan, made on its first message (None: it has none)."""
+            self._decode_unsigned: Callable[[bytes], Envelope] = _no_plans
+            self._decode_signed: Callable[[bytes], Envelope] = _no_plans
+            self._replaced = _REGISTRY.replaced
 
     @property
     def keys(self) -> tuple[bytes, ...]:
@@ -272,10 +332,10 @@ class Codec:
         envelope = _Outgoing(
             message.type_name,
             message.wire_version,
-            id or new_id(),
+            id or next(_ids).to_bytes(16, "big"),
             correlation,
             reply_to,
-            time.time_ns() // 1_000_000 if clock is None else int(clock() * 1000),
+            _time_ns() // 1_000_000 if clock is None else int(clock() * 1000),
             message,
             deadline,
         )
@@ -314,41 +374,23 @@ class Codec:
             data = bytes(data)
         if len(data) > self.max_size:
             raise _fail("", f"message is {len(data)} bytes, over the {self.max_size}-byte limit")
-        # The fast path: msgspec decodes the layout encode() writes, by the message's class.
-        plan = self._plans.get(data[1 : data[3] - 0x9C]) if len(data) > 3 else None
-        if plan is None:
-            plan = self._plan(data)
-        if plan is not None:
-            type_name, version, cls, decode, decode_signed, convert = plan
-            signing = self.signer.signing
-            try:
-                if signing:
-                    incoming: _Incoming = decode_signed(data)
-                    if not self._signed_as_encoded(data, incoming.d, channel):
-                        return self._decode_checked(data, channel, guard)
-                else:
-                    incoming = decode(data)
-                message = convert(incoming.b)
-            except REFUSED:
-                pass
-            else:
-                if _REGISTRY.get(type_name) is cls:
-                    if guard is not None and signing:
-                        guard.check(incoming.id, incoming.ts, valid_until=incoming.d)
-                    return _new_envelope(
-                        Envelope,
-                        (
-                            message,
-                            incoming.id,
-                            incoming.c,
-                            incoming.r,
-                            incoming.ts,
-                            version,
-                            incoming.d,
-                        ),
-                    )
-        # Anything else, and anything refused: msgpack and the message's own checks.
-        return self._decode_checked(data, channel, guard)
+        # The fast path: msgspec decodes and checks the whole envelope, by the message's class.
+        signing = self.signer.signing
+        try:
+            envelope = (self._decode_signed if signing else self._decode_unsigned)(data)
+        except REFUSED:
+            if self._plan(data):
+                return self.decode(data, channel=channel, guard=guard)
+            return self._decode_checked(data, channel, guard)
+        if _REGISTRY.replaced != self._replaced:  # a class planned may be outdated
+            self._forget_plans()
+            return self.decode(data, channel=channel, guard=guard)
+        if signing:
+            if not self._signed_as_encoded(data, envelope.deadline, channel):
+                return self._decode_checked(data, channel, guard)
+            if guard is not None:
+                guard.check(envelope.id, envelope.ts, valid_until=envelope.deadline)
+        return envelope
 
     def _signed_as_encoded(self, data: bytes, deadline: int, channel: str | bytes | None) -> bool:
         """Whether a signed envelope is laid out as encode() writes it, no key twice (its map
@@ -363,19 +405,29 @@ class Codec:
             return self.signer.verify(data[-32:], unsigned)
         return self.signer.verify(data[-32:], _channel_bytes(channel), unsigned)
 
-    def _plan(self, data: bytes) -> _Plan | None:
-        """The plan for the class ``data`` names, made on its first message."""
+    def _plan(self, data: bytes) -> bool:
+        """Plan for the class ``data`` names, on its first message; whether there is a new plan.
+
+        The codec decodes every planned class with one msgspec decoder, which tells the
+        envelope types apart by their "t".
+        """
         try:
-            type_name = _decode_envelope(data).t
+            type_name = _decode_header(data).t
         except REFUSED:
-            return None
+            return False
         cls = _lookup(type_name)
         if cls is None:
-            return None
-        plan = _plan_of(cls, self.max_depth)
-        if plan is not None and (key := plan.key()) is not None:
-            self._plans[key] = plan
-        return plan
+            return False
+        with self._planning:
+            if type_name in self._plans:
+                return False
+            plan = self._plans[type_name] = _plan_of(cls, self.max_depth)
+            if plan is None:
+                return False
+            plans = [p for p in self._plans.values() if p is not None]
+            self._decode_unsigned = _decoder_of([p.unsigned for p in plans])
+            self._decode_signed = _decoder_of([p.signed for p in plans])
+        return True
 
     def _decode_checked(
         self, data: bytes, channel: str | bytes | None, guard: ReplayGuard | None
@@ -433,9 +485,7 @@ class Codec:
             # answers requests can tell the sender why.
             exc.request_id, exc.reply_to = msg_id, reply_to  # type: ignore[attr-defined]
             raise
-        return _new_envelope(
-            Envelope, (message, msg_id, correlation, reply_to, ts, version, deadline)
-        )
+        return Envelope(message, msg_id, correlation, reply_to, ts, version, deadline)
 
     def _check_depth(self, body: dict[str, Any]) -> None:
         limit = self.max_depth

@@ -19,9 +19,10 @@ limit), ``InvalidMessage`` (unknown service, bad path, body that is not JSON).
 
 from __future__ import annotations
 
-import dataclasses
 import json as _json
 from typing import Annotated, Any, Literal
+
+import msgspec
 
 from corral.messages.base import Count, Event, Range, Reply, Request, TimeLimit, message
 
@@ -62,8 +63,8 @@ class HttpRequest(Request["HttpResponse"]):
     service: str
     method: HttpMethod = "GET"
     path: str = "/"
-    params: dict[str, Any] = dataclasses.field(default_factory=dict)
-    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    params: dict[str, Any] = msgspec.field(default_factory=dict)
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
     json: Any = None
     body: bytes | None = None
     timeout: TimeLimit | None = None
@@ -78,7 +79,7 @@ class HttpResponse(Reply):
     """
 
     status: int
-    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
     body: bytes = b""
     elapsed: Seconds = 0.0
     attempts: Count = 1
@@ -127,7 +128,7 @@ class PoolStats(Request["PoolStatistics"]):
 class PoolStatistics(Reply):
     """Per service: requests, errors by class, retries, breakers, latency, connections."""
 
-    services: dict[str, Any] = dataclasses.field(default_factory=dict)
+    services: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 AnnounceTtl = Annotated[float, Range(gt=0, le=86_400, unit="s")]

@@ -11,8 +11,9 @@ says whether the call may proceed and how each configured rule stands::
 
 from __future__ import annotations
 
-import dataclasses
 import math
+
+import msgspec
 
 from corral.messages.base import Cost, Count, Duration, Reply, Request, message
 
@@ -59,9 +60,9 @@ class RatelimitDecision(Reply):
     """
 
     allowed: bool
-    rules: list[RatelimitRuleState] = dataclasses.field(default_factory=list)
-    exceeded: list[str] = dataclasses.field(default_factory=list)
-    banned: list[str] = dataclasses.field(default_factory=list)
+    rules: list[RatelimitRuleState] = msgspec.field(default_factory=list)
+    exceeded: list[str] = msgspec.field(default_factory=list)
+    banned: list[str] = msgspec.field(default_factory=list)
     retry_after: float = 0.0
     degraded: bool = False
 
@@ -105,9 +106,9 @@ class RatelimitCheck(Request[RatelimitDecision]):
     user: str | None = None
     api_key: str | None = None
     endpoint: str = ""
-    identifiers: dict[str, str] = dataclasses.field(default_factory=dict)
+    identifiers: dict[str, str] = msgspec.field(default_factory=dict)
     cost: Cost = 1
-    route_limits: list[str] = dataclasses.field(default_factory=list)
+    route_limits: list[str] = msgspec.field(default_factory=list)
     route_key: str | None = None
 
 
@@ -121,9 +122,9 @@ class RatelimitInfo(Request[RatelimitDecision]):
     user: str | None = None
     api_key: str | None = None
     endpoint: str = ""
-    identifiers: dict[str, str] = dataclasses.field(default_factory=dict)
+    identifiers: dict[str, str] = msgspec.field(default_factory=dict)
     cost: Cost = 1
-    route_limits: list[str] = dataclasses.field(default_factory=list)
+    route_limits: list[str] = msgspec.field(default_factory=list)
     route_key: str | None = None
 
 

@@ -14,8 +14,9 @@ one of them at once, on every daemon::
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Annotated, Any
+
+import msgspec
 
 from corral.messages.base import MAX_TTL, Offset, Range, Reply, Request, message
 
@@ -56,7 +57,7 @@ class SessionCreate(Request[SessionInfo]):
 
     manager = "state"
     user: str = ""
-    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
     ttl: SessionTtl = 1800.0
 
 

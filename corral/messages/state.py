@@ -24,6 +24,8 @@ import dataclasses
 import enum
 from typing import Annotated, Any
 
+import msgspec
+
 from corral.messages.base import Event, Offset, Range, Reply, Request, Ttl, message
 
 __all__ = [
@@ -221,7 +223,7 @@ class StateRegister(Request[StateInfo]):
     manager = "state"
     state_id: str
     state_type: str
-    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
     allowed_transitions: list[str] | None = None
     ttl: Ttl | None = None
 
@@ -300,7 +302,7 @@ class StateCommit(Request[StateCommitted]):
     manager = "state"
     writes: list[StateWrite]
     transaction_id: str = ""
-    reads: dict[str, Offset] = dataclasses.field(default_factory=dict)
+    reads: dict[str, Offset] = msgspec.field(default_factory=dict)
 
 
 @message("state.expired", internal=True)

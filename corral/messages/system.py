@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Annotated, Any, Literal
+
+import msgspec
 
 from corral.messages.base import Count, Event, Range, Reply, Request, message
 
@@ -32,9 +33,9 @@ class Health(Reply):
     """One manager's health: its status, details, metrics and dependencies."""
 
     status: HealthStatus
-    details: dict[str, Any] = dataclasses.field(default_factory=dict)
-    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
-    dependencies: dict[str, str] = dataclasses.field(default_factory=dict)
+    details: dict[str, Any] = msgspec.field(default_factory=dict)
+    metrics: dict[str, Any] = msgspec.field(default_factory=dict)
+    dependencies: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 @message("health.check", idempotent=True)
@@ -176,4 +177,4 @@ class HealthChanged(Event):
 
     status: HealthStatus
     previous: HealthStatus
-    reasons: list[str] = dataclasses.field(default_factory=list)
+    reasons: list[str] = msgspec.field(default_factory=list)

@@ -16,8 +16,9 @@ applies them all or none (one ``state.commit``), and only then are events publis
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Literal
+
+import msgspec
 
 from corral.messages.base import Count, Reply, Request, TimeLimit, message
 from corral.messages.state import StateInfo, StateWrite
@@ -52,7 +53,7 @@ class TransactionInfo(Reply):
 
     transaction_id: str
     writes: Count
-    savepoints: list[str] = dataclasses.field(default_factory=list)
+    savepoints: list[str] = msgspec.field(default_factory=list)
     savepoint: str = ""
 
 

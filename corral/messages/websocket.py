@@ -13,8 +13,9 @@ Messages marked *internal* travel between the daemon's HTTP loop and the manager
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Annotated, Any
+
+import msgspec
 
 from corral.messages.base import CloseCode, Count, Offset, Range, Reply, Request, message
 
@@ -191,7 +192,7 @@ class WsAttach(Request[WsAttached]):
     connection_id: str
     user: str
     expires_at: float
-    scopes: list[str] = dataclasses.field(default_factory=list)
+    scopes: list[str] = msgspec.field(default_factory=list)
 
 
 @message("ws.detach", internal=True)

@@ -32,7 +32,6 @@ of a user issued before it (a per-user not-before).
 from __future__ import annotations
 
 import base64
-import dataclasses
 import functools
 import hashlib
 import hmac
@@ -45,6 +44,7 @@ import typing
 from typing import Any, NoReturn
 
 import jwt
+import msgspec
 from aiohttp import web
 
 from corral.actors.auth._keys import KeyRing, public_jwks
@@ -555,7 +555,7 @@ class AuthManager(Manager[AuthOptions]):
             self._reject(*refusal)
         used_at = self.clock.time()
         self.store.update_api_key(key_id, {"last_used_at": repr(used_at)})
-        return dataclasses.replace(found, last_used_at=used_at)
+        return msgspec.structs.replace(found, last_used_at=used_at)
 
     def _audit(self, key: AuthApiKey, outcome: str, scopes: list[str]) -> None:
         """Publish an :class:`AuthApiKeyUsed` event; the bus being down refuses nothing."""

@@ -16,10 +16,11 @@ matches::
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping
 from typing import Any
+
+import msgspec
 
 from corral.actors.state._memory import Backend
 from corral.encryption import FieldCipher
@@ -142,19 +143,19 @@ class EncryptedBackend:
         for field in self.searchable.get(state_type or "", []):
             if field in data:
                 data[f"#{field}"] = self.cipher.search_token(state_type or "", field, data[field])
-        return dataclasses.replace(write, data=self.cipher.seal(data, fields))
+        return msgspec.structs.replace(write, data=self.cipher.seal(data, fields))
 
     def _open(self, state: StateInfo) -> StateInfo:
         fields = self.fields.get(state.state_type)
         if not fields:
             return state
-        return dataclasses.replace(state, data=self._open_data(state.state_type, state.data))
+        return msgspec.structs.replace(state, data=self._open_data(state.state_type, state.data))
 
     def open_event(self, event: StateChanged) -> StateChanged:
         """``event`` with its data opened, as a reply gives it."""
         if not self.fields.get(event.state_type):
             return event
-        return dataclasses.replace(
+        return msgspec.structs.replace(
             event,
             old=None if event.old is None else self._open_data(event.state_type, event.old),
             new=None if event.new is None else self._open_data(event.state_type, event.new),

@@ -19,12 +19,13 @@ that each request may be served by any daemon, else this process's memory.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
+
+import msgspec
 
 from corral._backoff import Backoff
 from corral._statemachine import apply_transition, check_write
@@ -335,7 +336,7 @@ class TransactionManager(Manager[TransactionOptions]):
         versioned = []
         for write in tx.writes:
             expected = versions[write.state_id]
-            versioned.append(dataclasses.replace(write, expected_version=expected))
+            versioned.append(msgspec.structs.replace(write, expected_version=expected))
             versions[write.state_id] = (
                 0 if write.transition in ("delete", "expire") else expected + 1
             )
