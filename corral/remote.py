@@ -72,7 +72,16 @@ from corral._redis import (
     topology,
 )
 from corral._runtime import CallbackFuture
-from corral._wire import GROUP, alive_key, lease_key, record_key, stream_key
+from corral._wire import (
+    GROUP,
+    REPLY_LIST,
+    REPLY_LIST_TTL_MS,
+    alive_key,
+    lease_key,
+    record_key,
+    reply_list_key,
+    stream_key,
+)
 from corral.errors import Conflict, CorralError, InvalidMessage, ManagerUnavailable
 from corral.messages.base import MAX_TIMEOUT, ErrorReply, Message, Reply, validate
 from corral.messages.codec import Codec, Envelope
@@ -208,6 +217,9 @@ class RequestServer:
         self._stop = threading.Event()
         self._threads: dict[str, threading.Thread] = {}
         self._idle = threading.Condition()
+        self._sending = threading.Lock()
+        """Held while replies are sent: by the replier, or by a manager's thread replying
+        to a lone request (see ``_send_alone``)."""
         self._in_flight = 0
         self._admitting = True
         self.draining = False
@@ -529,7 +541,7 @@ class RequestServer:
             self._blocking.submit(self._ask_blocking, entry, message, remaining)
             return
         callback = CallbackFuture(
-            functools.partial(self._answer, entry),
+            functools.partial(self._answer, entry, handled=True),
             admit=functools.partial(self._admit, entry),
             admit_together=self._admit_together,
             request=entry,
@@ -693,31 +705,69 @@ class RequestServer:
         except CorralError as exc:
             self._answer(entry, None, exc)
 
-    def _answer(self, entry: _Entry, value: Any, error: BaseException | None) -> None:
-        """The reply to a taken request (or the end of a tell): hand it to the replier."""
+    def _answer(
+        self, entry: _Entry, value: Any, error: BaseException | None, *, handled: bool = False
+    ) -> None:
+        """The reply to a taken request (or the end of a tell): hand it to the replier, or
+        send it from here when ``handled`` (this is its manager's thread)."""
         envelope = entry.envelope
         assert envelope is not None
         if envelope.reply_to is not None:
-            self._finish(_Outcome(entry, _as_reply(value, error, envelope)))
+            outcome = _Outcome(entry, _as_reply(value, error, envelope))
+        else:
+            if error is not None:
+                self.counts["dropped"] += 1
+                REJECTED.reject(
+                    "remote", "dropped_tell", f"{envelope.message.type_name}: {error}", log
+                )
+            outcome = _Outcome(entry)
+        if handled and self._send_alone(outcome):
             return
-        if error is not None:
-            self.counts["dropped"] += 1
-            REJECTED.reject("remote", "dropped_tell", f"{envelope.message.type_name}: {error}", log)
-        self._finish(_Outcome(entry))
+        self._finish(outcome)
+
+    def _send_alone(self, outcome: _Outcome) -> bool:
+        """Send the outcome of the only request in flight from the thread that has it,
+        sparing a hand-off to the replier, when the replier is idle; False if not sent.
+        Under load, outcomes go to the replier, which sends them in batches."""
+        if self._in_flight != 1 or not self._outcomes.empty():
+            return False
+        if not self._sending.acquire(blocking=False):
+            return False
+        try:
+            sent = self._send_replies([outcome], attempts=1)
+        finally:
+            self._sending.release()
+        if sent:
+            self._settled(1)
+        return sent
 
     def _finish(self, outcome: _Outcome) -> None:
         self._outcomes.put(outcome)
 
+    def _settled(self, count: int) -> None:
+        with self._idle:
+            self._in_flight -= count
+            self._idle.notify_all()
+
     # -- replying -------------------------------------------------------------------------
 
-    def _encode_reply(self, reply: Message, envelope: Envelope) -> bytes:
-        channel = f"{self.namespace}:{envelope.reply_to}"
+    def _reply_address(self, entry: _Entry) -> tuple[str, bool] | None:
+        """Where the reply to ``entry`` goes: its reply list's key (True) or its caller's
+        channel (False); None for a tell. See :mod:`corral._wire`."""
+        envelope = entry.envelope
+        if envelope is None or envelope.reply_to is None:
+            return None
+        if envelope.reply_to.startswith(REPLY_LIST):
+            return reply_list_key(self.namespace, entry.manager, envelope.id), True
+        return f"{self.namespace}:{envelope.reply_to}", False
+
+    def _encode_reply(self, reply: Message, envelope: Envelope, address: str) -> bytes:
         try:
             validate(reply)  # the caller's decoder would drop a reply out of bounds
-            return self.codec.encode(reply, correlation=envelope.id, channel=channel)
+            return self.codec.encode(reply, correlation=envelope.id, channel=address)
         except InvalidMessage as exc:  # too big, or a manager's reply with bad fields
             log.error("reply to %s not encodable: %s", envelope.message.type_name, exc)
-            return self.codec.encode(_unencodable(exc), correlation=envelope.id, channel=channel)
+            return self.codec.encode(_unencodable(exc), correlation=envelope.id, channel=address)
 
     def _reply_loop(self) -> None:
         while True:
@@ -735,44 +785,56 @@ class RequestServer:
                     break
                 items.append(item)
             try:
-                self._send_replies(items)
+                with self._sending:
+                    self._send_replies(items)
             finally:
-                with self._idle:
-                    self._in_flight -= len(items)
-                    self._idle.notify_all()
+                self._settled(len(items))
 
-    def _send_replies(self, outcomes: Iterable[_Outcome]) -> None:
+    def _send_replies(self, outcomes: Iterable[_Outcome], *, attempts: int = 3) -> bool:
+        """Send ``outcomes``' replies, records and acknowledgements in one round trip;
+        False if all ``attempts`` failed."""
         outcomes = list(outcomes)
-        replies: list[tuple[str, bytes]] = []
+        pushes: list[tuple[str, bytes]] = []
+        publishes: list[tuple[str, bytes]] = []
         records: list[tuple[str, bytes, int]] = []
+        taken: dict[str, list[bytes]] = {}
         for outcome in outcomes:
             entry, envelope = outcome.entry, outcome.entry.envelope
+            taken.setdefault(entry.stream, []).append(entry.entry_id)
+            address = self._reply_address(entry)
             data = outcome.recorded
-            if data is None and outcome.reply is not None and envelope is not None:
-                data = self._encode_reply(outcome.reply, envelope)
-            if data is not None and envelope is not None and envelope.reply_to is not None:
-                replies.append((f"{self.namespace}:{envelope.reply_to}", data))
+            if data is None and outcome.reply is not None and address is not None:
+                assert envelope is not None
+                data = self._encode_reply(outcome.reply, envelope, address[0])
+            if data is not None and address is not None:
+                (pushes if address[1] else publishes).append((address[0], data))
                 self.counts["served"] += 1
             if entry.started:
                 kept = b"" if envelope is None or envelope.message.idempotent else data or b""
                 records.append((entry.record, FINISHED + kept, self._record_ttl_ms(entry)))
-        for attempt in range(3):
+        for attempt in range(attempts):
             # A pipeline is emptied by execute(), failed or not: each attempt fills its own.
             pipe = self._redis.pipeline(transaction=False)
             for key, value, ttl_ms in records:  # before the acknowledgement: see the module doc
                 pipe.set(key, value, px=max(ttl_ms, 1))
-            for outcome in outcomes:
-                pipe.xack(outcome.entry.stream, GROUP, outcome.entry.entry_id)
-                pipe.xdel(outcome.entry.stream, outcome.entry.entry_id)
+            for stream, entry_ids in taken.items():
+                pipe.xack(stream, GROUP, *entry_ids)
+                pipe.xdel(stream, *entry_ids)
+            for key, data in pushes:
+                pipe.lpush(key, data)
+                pipe.pexpire(key, REPLY_LIST_TTL_MS)
             try:
-                execute_then_publish(self._redis, pipe, replies)
+                execute_then_publish(self._redis, pipe, publishes)
             except REDIS_ERRORS as exc:
                 log.warning("could not send replies (attempt %d): %s", attempt + 1, exc)
-                time.sleep(0.2 * (attempt + 1))
+                if attempt + 1 < attempts:
+                    time.sleep(0.2 * (attempt + 1))
                 continue
             self._observe_latency(outcomes)
-            return
-        self.counts["errors"] += 1
+            return True
+        if attempts > 1:
+            self.counts["errors"] += 1
+        return False
 
     def _observe_latency(self, outcomes: list[_Outcome]) -> None:
         """Count each answered request's time here in its manager's request histogram."""
