@@ -30,19 +30,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple, TypeVar, cast
 
 import redis
-from redis.cluster import RedisCluster
-from redis.connection import Connection
 
 from corral._closing import Closing
 from corral._events import EventsMixin
 from corral._junk import REJECTED, junk_kind
-from corral._redis import REDIS_ERRORS, describe
+from corral._redis import REDIS_ERRORS, KeptConnections, describe, node_of
 from corral._redis import connect as connect_redis
 from corral._wire import (
     REPLY_LIST,
@@ -88,10 +87,28 @@ _ASK_TIMEOUT = Range(gt=0, le=MAX_TIMEOUT, unit="s")
 
 _WAIT_SLACK = 1.0
 """Seconds a reply list's ``BLPOP`` may take past its own timeout before the socket's
-read gives up: Redis unblocks it itself at the timeout."""
+read gives up, at least: Redis unblocks it itself at the timeout."""
 
 _SHORTEST_WAIT = 0.001
 """The shortest ``BLPOP`` timeout sent: Redis counts it in ms, and 0 waits forever."""
+
+
+def _blpop(reply_list: str, timeout: float) -> tuple[Any, ...]:
+    return ("BLPOP", reply_list, max(timeout, _SHORTEST_WAIT))
+
+
+def _popped(answer: object) -> bytes | None:
+    """The item of a ``BLPOP`` answer, None when it timed out."""
+    if isinstance(answer, redis.ResponseError):
+        raise answer
+    return None if answer is None else cast(list[bytes], answer)[1]
+
+
+def _socket_timeout(wait: float) -> float:
+    """How long a connection's reads may block, for a ``BLPOP`` of ``wait`` seconds: a
+    power of two past it, so that connections are kept for a few timeouts only."""
+    return float(2 ** math.ceil(math.log2(wait + _WAIT_SLACK)))
+
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +173,7 @@ class Client(EventsMixin, Closing):
         self._redis = connect_redis(url, setting="url")
         self._submit = self._redis.register_script(SUBMIT_SCRIPT)
         self._pending: dict[bytes, _Waiter] = {}
+        self._connections = KeptConnections()
         self._replies = self.bus.subscribe(self.reply_topic, callback=self._on_reply)
 
     # -- the System interface -------------------------------------------------------------
@@ -206,6 +224,7 @@ class Client(EventsMixin, Closing):
     def close(self) -> None:
         self._replies.close()
         self.bus.close()
+        self._connections.close()
         self._redis.close()
 
     # -- internals ------------------------------------------------------------------------
@@ -252,96 +271,50 @@ class Client(EventsMixin, Closing):
         """Send ``message`` and wait for its reply on its own reply list, in one round
         trip: the submit script and a ``BLPOP`` on the list, pipelined on one connection."""
         submission = self._prepare(message, timeout, None, by_list=True)
-        reply_list = submission.keys[2]
+        keys, args = submission.keys, submission.args
+        reply_list = keys[2]
         deadline = time.monotonic() + timeout
+        evalsha = ("EVALSHA", self._submit.sha, len(keys), *keys, *args)
         try:
-            queued, popped = self._submit_and_pop(submission, timeout)
+            answers = self._blocking_call(reply_list, [evalsha, _blpop(reply_list, timeout)])
         except REDIS_ERRORS as exc:
-            queued, popped = exc, None
+            answers = [exc]
+        queued = answers[0]
         if isinstance(queued, redis.ResponseError):
-            queued, popped = self._submit_slowly(submission, timeout)
+            # Nothing was queued (Redis lost the script, or the slot moved): again the
+            # long way, through redis-py, which loads the script and follows the slot.
+            try:
+                queued = self._submit(keys=keys, args=args)
+            except REDIS_ERRORS as exc:
+                queued = exc
+            answers = [queued]
         self._check_queued(submission, queued)
+        # The reply; or, when no daemon serves, the item the script pushed, at once.
+        popped = _popped(answers[1]) if len(answers) > 1 else b""
         while popped is not None:
-            reply = self._reply_from(popped, reply_list, submission.request_id)
-            if reply is not None:
-                return reply
+            if popped:
+                reply = self._reply_from(popped, reply_list, submission.request_id)
+                if reply is not None:
+                    return reply
             popped = self._pop(reply_list, deadline - time.monotonic())
         raise self._timeout(message, timeout)
-
-    def _submit_and_pop(
-        self, submission: _Submission, timeout: float
-    ) -> tuple[object, bytes | None]:
-        """The submit script's answer (an error from it returned, not raised) and, when
-        it queued the request, its reply or None after ``timeout`` seconds."""
-        keys, args = submission.keys, submission.args
-        with self._connection_for(keys[2]) as conn:
-            conn.send_packed_command(  # type: ignore[no-untyped-call]
-                conn.pack_commands(  # type: ignore[no-untyped-call]
-                    [
-                        ("EVALSHA", self._submit.sha, len(keys), *keys, *args),
-                        ("BLPOP", keys[2], max(timeout, _SHORTEST_WAIT)),
-                    ]
-                )
-            )
-            try:
-                queued = conn.read_response()
-            except redis.ResponseError as exc:
-                conn.disconnect()  # type: ignore[no-untyped-call]  # its BLPOP waits for nothing
-                return exc, None
-            # The reply; or, when no daemon serves, the item the script pushed, at once.
-            popped = self._read_pop(conn, timeout)
-        return queued, popped if queued else None
-
-    def _submit_slowly(
-        self, submission: _Submission, timeout: float
-    ) -> tuple[object, bytes | None]:
-        """:meth:`_submit_and_pop` in two round trips, for when its script failed without
-        queueing anything (Redis lost the script, the slot moved): through redis-py, which
-        loads the script and follows the slot, then the wait."""
-        try:
-            queued = self._submit(keys=submission.keys, args=submission.args)
-        except REDIS_ERRORS as exc:
-            return exc, None
-        return queued, self._pop(submission.keys[2], timeout) if queued else None
 
     def _pop(self, reply_list: str, timeout: float) -> bytes | None:
         """The next item of ``reply_list`` within ``timeout`` seconds, or None."""
         if timeout <= 0:
             return None
-        with self._connection_for(reply_list) as conn:
-            conn.send_command(  # type: ignore[no-untyped-call]
-                "BLPOP", reply_list, max(timeout, _SHORTEST_WAIT)
-            )
-            return self._read_pop(conn, timeout)
-
-    def _read_pop(self, conn: Connection, timeout: float) -> bytes | None:
         try:
-            popped = conn.read_response(timeout=timeout + _WAIT_SLACK)
+            return _popped(self._blocking_call(reply_list, [_blpop(reply_list, timeout)])[0])
         except REDIS_ERRORS as exc:
             raise BackendUnavailable(
                 f"lost Redis while waiting for a reply: {describe(exc, self.where)}"
             ) from exc
-        return None if popped is None else cast(list[bytes], popped)[1]
 
-    @contextlib.contextmanager
-    def _connection_for(self, key: str) -> Iterator[Connection]:
-        """A connection of the node holding ``key``, closed if what used it raised."""
-        pool = self._node_of(key).connection_pool
-        conn = pool.get_connection()
-        try:
-            yield conn
-        except BaseException:
-            conn.disconnect()  # type: ignore[no-untyped-call]
-            raise
-        finally:
-            pool.release(conn)
-
-    def _node_of(self, key: str) -> redis.Redis:
-        """The client of the node holding ``key``: the one client but on a cluster."""
-        if not isinstance(self._redis, RedisCluster):
-            return self._redis
-        node = self._redis.get_node_from_key(key)  # type: ignore[no-untyped-call]
-        return self._redis.get_redis_connection(node)
+    def _blocking_call(self, key: str, commands: list[tuple[Any, ...]]) -> list[object]:
+        """:meth:`KeptConnections.call` on the node holding ``key``; the last command, a
+        ``BLPOP``, sets how long its answer may take."""
+        wait = float(commands[-1][-1])
+        return self._connections.call(node_of(self._redis, key), commands, _socket_timeout(wait))
 
     def _reply_from(self, data: bytes, reply_list: str, request_id: bytes) -> Message | None:
         """The reply in ``data`` popped from ``reply_list``; None (counted as junk) for
@@ -440,7 +413,7 @@ class Client(EventsMixin, Closing):
         client, on standalone Redis or Sentinel)."""
         groups: dict[redis.Redis, list[int]] = {}
         for i, submission in enumerate(submissions):
-            groups.setdefault(self._node_of(submission.keys[0]), []).append(i)
+            groups.setdefault(node_of(self._redis, submission.keys[0]), []).append(i)
         return groups
 
     def _checked_timeout(self, timeout: float | None) -> float:

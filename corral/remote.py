@@ -65,9 +65,11 @@ from corral._backoff import Backoff
 from corral._junk import REJECTED, junk_kind
 from corral._redis import (
     REDIS_ERRORS,
+    KeptConnections,
     connect,
     describe,
     execute_then_publish,
+    node_of,
     time_ms,
     topology,
 )
@@ -200,7 +202,9 @@ class RequestServer:
         self.held: set[str] = set()
         """The singletons whose lease this daemon holds (it runs them and reads their requests)."""
         self._renewed_at: dict[str, float] = {}
-        self._redis = connect(url, setting="remote url", socket_timeout=block + 5)
+        self._socket_timeout = block + 5
+        self._redis = connect(url, setting="remote url", socket_timeout=self._socket_timeout)
+        self._kept = KeptConnections()
         # One command may only touch one cluster slot: a reader per manager there.
         if topology(self._redis) == "cluster":
             self._read_groups = [[stream] for stream in self.streams]
@@ -306,6 +310,7 @@ class RequestServer:
         if replier is not None:
             replier.join(5)
         self._blocking.shutdown(wait=False)
+        self._kept.close()
         self._redis.close()
 
     def _leave(self) -> None:
@@ -812,6 +817,9 @@ class RequestServer:
             if entry.started:
                 kept = b"" if envelope is None or envelope.message.idempotent else data or b""
                 records.append((entry.record, FINISHED + kept, self._record_ttl_ms(entry)))
+        if not publishes and len(taken) == 1 and self._send_raw(records, taken, pushes):
+            self._observe_latency(outcomes)
+            return True
         for attempt in range(attempts):
             # A pipeline is emptied by execute(), failed or not: each attempt fills its own.
             pipe = self._redis.pipeline(transaction=False)
@@ -835,6 +843,29 @@ class RequestServer:
         if attempts > 1:
             self.counts["errors"] += 1
         return False
+
+    def _send_raw(
+        self,
+        records: list[tuple[str, bytes, int]],
+        taken: dict[str, list[bytes]],
+        pushes: list[tuple[str, bytes]],
+    ) -> bool:
+        """What ``_send_replies`` sends for one stream and reply lists only, all in the
+        stream's slot: as raw commands on a kept connection, sparing redis-py's pipeline
+        and pool their cost. False when it failed (a moved slot, Redis gone): the caller
+        sends it all again its usual way."""
+        ((stream, entry_ids),) = taken.items()
+        commands: list[tuple[Any, ...]] = [
+            ("SET", key, value, "PX", max(ttl_ms, 1)) for key, value, ttl_ms in records
+        ]
+        commands += [("XACK", stream, GROUP, *entry_ids), ("XDEL", stream, *entry_ids)]
+        for key, data in pushes:
+            commands += [("LPUSH", key, data), ("PEXPIRE", key, REPLY_LIST_TTL_MS)]
+        try:
+            answers = self._kept.call(node_of(self._redis, stream), commands, self._socket_timeout)
+        except REDIS_ERRORS:
+            return False
+        return not isinstance(answers[-1], redis.ResponseError)
 
     def _observe_latency(self, outcomes: list[_Outcome]) -> None:
         """Count each answered request's time here in its manager's request histogram."""
