@@ -3,9 +3,12 @@
 Requests arrive as :mod:`corral._wire` describes them: one entry per request on the
 manager's request stream, read by the daemons' consumer group, so exactly one daemon
 takes it however many run; each daemon keeps itself in the manager's alive set, and
-heartbeats and reads go manager by manager on a cluster. The reply goes back on the
-caller's own channel (the envelope's reply topic), correlated by the request id; then
-the entry is acknowledged and deleted.
+heartbeats and reads go manager by manager on a cluster. The reply goes where the
+envelope's reply topic says, correlated by the request id: pushed to the request's own
+reply list (which its caller waits on), or published on the caller's channel; in the
+same round trip the entry is acknowledged and deleted. The reply to the only request in
+flight is sent from the thread that produced it; under load the replier thread sends
+the replies queued meanwhile together, and a read takes up to ``batch`` requests.
 
 Handoff without loss or double execution:
 
@@ -445,13 +448,7 @@ class RequestServer:
                     self.connected = True
                     failures = 0
                     log.info("daemon %s reconnected to Redis", self.daemon_id)
-                batches = self._redis.xreadgroup(
-                    GROUP,
-                    self.daemon_id,
-                    dict.fromkeys(serving, ">"),
-                    count=self.batch,
-                    block=self.block_ms,
-                )
+                batches = self._read(serving)
             except REDIS_ERRORS as exc:
                 if self.connected:
                     log.warning("remote requests: Redis unavailable (%s); reconnecting", exc)
@@ -459,9 +456,28 @@ class RequestServer:
                 failures += 1
                 self._stop.wait(_RECONNECT.delay(failures))
                 continue
-            for stream, entries in cast(list[tuple[bytes, list[Any]]], batches or []):
+            for stream, entries in batches:
                 for entry_id, fields in entries:
                     self._handle(stream.decode(), entry_id, fields)
+
+    def _read(self, streams: list[str]) -> list[tuple[bytes, list[Any]]]:
+        """New entries of ``streams`` (one cluster slot), waiting up to ``block``: a raw
+        ``XREADGROUP`` on a kept connection; on an error answer (a moved slot, a group
+        Redis lost) again through redis-py, which follows the slot or raises."""
+        command = ("XREADGROUP", "GROUP", GROUP, self.daemon_id, "COUNT", self.batch,
+                   "BLOCK", self.block_ms, "STREAMS", *streams, *[">"] * len(streams))  # fmt: skip
+        node = node_of(self._redis, streams[0])
+        answer = self._kept.call(node, [command], self._socket_timeout)[0]
+        if isinstance(answer, redis.ResponseError):
+            answer = self._redis.xreadgroup(
+                GROUP, self.daemon_id, dict.fromkeys(streams, ">"), count=self.batch,
+                block=self.block_ms,
+            )  # fmt: skip
+            return cast(list[tuple[bytes, list[Any]]], answer or [])
+        return [
+            (stream, [(entry_id, _fields(flat)) for entry_id, flat in entries])
+            for stream, entries in cast(list[tuple[bytes, list[Any]]], answer or [])
+        ]
 
     def _handle(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         """Take one request entry. Never raises: a bad entry is acknowledged and counted."""
@@ -714,7 +730,10 @@ class RequestServer:
         self, entry: _Entry, value: Any, error: BaseException | None, *, handled: bool = False
     ) -> None:
         """The reply to a taken request (or the end of a tell): hand it to the replier, or
-        send it from here when ``handled`` (this is its manager's thread)."""
+        send it from here when ``handled`` (this is its manager's thread) and answered.
+        A crash's error goes by the replier, as it always did: meanwhile the supervisor
+        quarantines the request (see :mod:`corral.supervisor`), which the same request
+        sent again at once then finds."""
         envelope = entry.envelope
         assert envelope is not None
         if envelope.reply_to is not None:
@@ -726,7 +745,7 @@ class RequestServer:
                     "remote", "dropped_tell", f"{envelope.message.type_name}: {error}", log
                 )
             outcome = _Outcome(entry)
-        if handled and self._send_alone(outcome):
+        if handled and error is None and self._send_alone(outcome):
             return
         self._finish(outcome)
 
@@ -877,6 +896,11 @@ class RequestServer:
             if kept is None or envelope is None or envelope.message.kind != "request":
                 continue  # the supervisor's health, or a refused entry
             kept.observe(REQUEST_SECONDS, now - entry.taken_at, envelope.message.type_name)
+
+
+def _fields(flat: list[bytes] | None) -> dict[bytes, bytes]:
+    """A stream entry's fields from a raw answer's ``[name, value, ...]`` (None: deleted)."""
+    return dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
 
 
 def _context(entry: _Entry) -> dict[str, str]:
