@@ -97,13 +97,6 @@ def _blpop(reply_list: str, timeout: float) -> tuple[Any, ...]:
     return ("BLPOP", reply_list, max(timeout, _SHORTEST_WAIT))
 
 
-def _popped(answer: object) -> bytes | None:
-    """The item of a ``BLPOP`` answer, None when it timed out."""
-    if isinstance(answer, redis.ResponseError):
-        raise answer
-    return None if answer is None else cast(list[bytes], answer)[1]
-
-
 def _socket_timeout(wait: float) -> float:
     """How long a connection's reads may block, for a ``BLPOP`` of ``wait`` seconds: a
     power of two past it, so that connections are kept for a few timeouts only."""
@@ -290,7 +283,7 @@ class Client(EventsMixin, Closing):
             answers = [queued]
         self._check_queued(submission, queued)
         # The reply; or, when no daemon serves, the item the script pushed, at once.
-        popped = _popped(answers[1]) if len(answers) > 1 else b""
+        popped = self._item(answers[1]) if len(answers) > 1 else b""
         while popped is not None:
             if popped:
                 reply = self._reply_from(popped, reply_list, submission.request_id)
@@ -304,11 +297,18 @@ class Client(EventsMixin, Closing):
         if timeout <= 0:
             return None
         try:
-            return _popped(self._blocking_call(reply_list, [_blpop(reply_list, timeout)])[0])
+            answer = self._blocking_call(reply_list, [_blpop(reply_list, timeout)])[0]
         except REDIS_ERRORS as exc:
+            answer = exc
+        return self._item(answer)
+
+    def _item(self, answer: object) -> bytes | None:
+        """The item a ``BLPOP`` answered, None when it timed out."""
+        if isinstance(answer, Exception):
             raise BackendUnavailable(
-                f"lost Redis while waiting for a reply: {describe(exc, self.where)}"
-            ) from exc
+                f"lost Redis while waiting for a reply: {describe(answer, self.where)}"
+            ) from answer
+        return None if answer is None else cast(list[bytes], answer)[1]
 
     def _blocking_call(self, key: str, commands: list[tuple[Any, ...]]) -> list[object]:
         """:meth:`KeptConnections.call` on the node holding ``key``; the last command, a
