@@ -810,7 +810,8 @@ class RequestServer:
                 items.append(item)
             try:
                 with self._sending:
-                    self._send_replies(items)
+                    if not self._send_replies(items):
+                        self.counts["errors"] += 1
             finally:
                 self._settled(len(items))
 
@@ -859,8 +860,6 @@ class RequestServer:
                 continue
             self._observe_latency(outcomes)
             return True
-        if attempts > 1:
-            self.counts["errors"] += 1
         return False
 
     def _send_raw(
