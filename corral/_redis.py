@@ -27,6 +27,7 @@ works (as ``redis-cli -c`` does); the node is asked each time a client is built.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import urllib.parse
@@ -48,6 +49,7 @@ from corral.errors import ConfigError
 __all__ = [
     "REDIS_ERRORS",
     "AsyncRedis",
+    "KeptConnections",
     "RedisURL",
     "SyncRedis",
     "Topology",
@@ -60,6 +62,7 @@ __all__ = [
     "glob_escape",
     "master_urls",
     "masters",
+    "node_of",
     "parse_url",
     "publish_own",
     "redact",
@@ -414,6 +417,77 @@ def publish_own(client: SyncRedis, channel: str, data: bytes) -> int:
     subscriber, and on a cluster kept on the channel's shard, where its subscribers
     SSUBSCRIBE (see :func:`subscriber`). Returns how many received it."""
     return int(client.spublish(channel, data))
+
+
+def node_of(client: SyncRedis, key: str) -> redis.Redis:
+    """The client of the node holding ``key``: ``client`` itself but on a cluster."""
+    if not isinstance(client, redis.cluster.RedisCluster):
+        return client
+    node = client.get_node_from_key(key)  # type: ignore[no-untyped-call]
+    return client.get_redis_connection(node)
+
+
+class KeptConnections:
+    """Connections for hot paths, kept by node and socket timeout, sending pipelines of
+    raw commands (:meth:`call`).
+
+    Taking one does not check it as redis-py's pool does (a select and two changes of
+    the socket's timeout, each giving the GIL up: with a few busy threads, as much CPU
+    as the rest of a call); one that Redis closed meanwhile fails instead, and the call
+    is sent again once on a new one::
+
+        kept = KeptConnections()
+        kept.call(node_of(client, "k"), [("SET", "k", "v"), ("GET", "k")], 5.0)
+    """
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple[redis.Redis, float], list[Any]] = {}
+
+    def call(
+        self, node: redis.Redis, commands: Sequence[tuple[Any, ...]], socket_timeout: float
+    ) -> list[object]:
+        """The answers to ``commands``, sent together on a connection to ``node`` whose
+        reads may block ``socket_timeout`` seconds. An error answer ends the call: it is
+        returned last, and the connection closed (a later command, a ``BLPOP``, could
+        wait for nothing)."""
+        conn, kept = self._take(node, socket_timeout, new=False)
+        while True:
+            answers: list[object] = []
+            try:
+                conn.send_packed_command(conn.pack_commands(commands))
+                for _ in commands:
+                    answers.append(conn.read_response())
+            except redis.ResponseError as exc:
+                conn.disconnect()
+                return [*answers, exc]
+            except redis.ConnectionError:
+                conn.disconnect()
+                if kept and not answers:  # closed while kept: Redis took nothing from it
+                    conn, kept = self._take(node, socket_timeout, new=True)
+                    continue
+                raise
+            except BaseException:
+                conn.disconnect()
+                raise
+            self._idle[node, socket_timeout].append(conn)
+            return answers
+
+    def _take(self, node: redis.Redis, socket_timeout: float, *, new: bool) -> tuple[Any, bool]:
+        """A connection to ``node``, and whether it was kept (else it is ``new``)."""
+        idle = self._idle.setdefault((node, socket_timeout), [])
+        if not new:
+            with contextlib.suppress(IndexError):
+                return idle.pop(), True
+        pool = node.connection_pool  # its settings, not its count of connections
+        conn: Any = pool.connection_class(**pool.connection_kwargs)
+        conn.socket_timeout = socket_timeout
+        conn.connect()  # its own way: a Sentinel's connection asks where the master is
+        return conn, False
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            while idle:
+                idle.pop().disconnect()
 
 
 def execute_then_publish(

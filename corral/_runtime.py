@@ -289,8 +289,9 @@ class AsyncioFuture(pykka.Future[Any]):
 class CallbackFuture(pykka.Future[Any]):
     """A pykka future that calls ``callback(value, error)`` when the reply is set.
 
-    The callback runs on the replying actor's thread: it must only hand over
-    (put in a queue), never wait on the network.
+    The callback runs on the replying actor's thread: it must not wait long (the
+    remote server sends the reply of its only request in flight from there, in one
+    round trip, and hands the others over to its replier).
 
     ``correlation`` names the request in the logs (a remote request's id, in hex).
     ``admit``, when given, is asked on the actor's thread right before the handler

@@ -17,27 +17,49 @@ without change. A request when no daemon serves its manager fails at once with
 URL may carry a password or ACL user (``redis://user:pass@host/0``), use TLS
 (``rediss://``), name any node of a Redis Cluster, or name Sentinels
 (``redis+sentinel://host:26379,host:26380/service``): see ``corral._redis``.
+
+How a reply comes back: ``ask`` without signing keys sends the request and waits for
+its reply in one Redis round trip, on the calling thread (the submit script and a
+``BLPOP`` on the request's own reply list, pipelined). ``ask_async``, ``ask_many``, and
+``ask`` with signing keys take their replies from the client's reply topic, read by its
+bus; so do replies to requests other tools send (``corral send``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import math
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 import redis
-from redis.cluster import RedisCluster
 
 from corral._closing import Closing
 from corral._events import EventsMixin
-from corral._redis import REDIS_ERRORS, describe
+from corral._junk import REJECTED, junk_kind
+from corral._redis import REDIS_ERRORS, KeptConnections, describe, node_of
 from corral._redis import connect as connect_redis
-from corral._wire import SUBMIT_SCRIPT, alive_key, new_reply_topic, stream_key
+from corral._wire import (
+    REPLY_LIST,
+    REPLY_LIST_TTL_MS,
+    SUBMIT_SCRIPT,
+    alive_key,
+    new_reply_topic,
+    reply_list_key,
+    stream_key,
+)
 from corral.bus import Delivery, RedisBus
-from corral.errors import BackendUnavailable, CorralError, ManagerUnavailable, Timeout
+from corral.errors import (
+    BackendUnavailable,
+    CorralError,
+    InvalidMessage,
+    ManagerUnavailable,
+    Timeout,
+)
 from corral.messages.base import (
     MAX_TIMEOUT,
     TIMEOUT,
@@ -62,6 +84,26 @@ STREAM_CAP = 100_000
 """Approximate cap of a request stream: requests are deleted once served."""
 
 _ASK_TIMEOUT = Range(gt=0, le=MAX_TIMEOUT, unit="s")
+
+_WAIT_SLACK = 1.0
+"""Seconds a reply list's ``BLPOP`` may take past its own timeout before the socket's
+read gives up, at least: Redis unblocks it itself at the timeout."""
+
+_SHORTEST_WAIT = 0.001
+"""The shortest ``BLPOP`` timeout sent: Redis counts it in ms, and 0 waits forever."""
+
+
+def _blpop(reply_list: str, timeout: float) -> tuple[Any, ...]:
+    return ("BLPOP", reply_list, max(timeout, _SHORTEST_WAIT))
+
+
+def _socket_timeout(wait: float) -> float:
+    """How long a connection's reads may block, for a ``BLPOP`` of ``wait`` seconds: a
+    power of two past it, so that connections are kept for a few timeouts only."""
+    return float(2 ** math.ceil(math.log2(wait + _WAIT_SLACK)))
+
+
+log = logging.getLogger(__name__)
 
 
 class _Waiter:
@@ -124,6 +166,7 @@ class Client(EventsMixin, Closing):
         self._redis = connect_redis(url, setting="url")
         self._submit = self._redis.register_script(SUBMIT_SCRIPT)
         self._pending: dict[bytes, _Waiter] = {}
+        self._connections = KeptConnections()
         self._replies = self.bus.subscribe(self.reply_topic, callback=self._on_reply)
 
     # -- the System interface -------------------------------------------------------------
@@ -131,6 +174,9 @@ class Client(EventsMixin, Closing):
     def ask(self, message: Request[R], *, timeout: float | None = None) -> R:
         """Send a request to a daemon and return its reply (see :meth:`System.ask`)."""
         timeout = self._checked_timeout(timeout)
+        if not self.codec.signing:
+            answer: R = unwrap(self._ask_by_list(message, timeout))
+            return answer
         waiter = _Waiter()
         request_id = self._send(message, timeout, waiter)
         try:
@@ -138,7 +184,7 @@ class Client(EventsMixin, Closing):
                 raise self._timeout(message, timeout)
         finally:
             self._pending.pop(request_id, None)
-        answer: R = unwrap(waiter.reply)
+        answer = unwrap(waiter.reply)
         return answer
 
     async def ask_async(self, message: Request[R], *, timeout: float | None = None) -> R:
@@ -171,6 +217,7 @@ class Client(EventsMixin, Closing):
     def close(self) -> None:
         self._replies.close()
         self.bus.close()
+        self._connections.close()
         self._redis.close()
 
     # -- internals ------------------------------------------------------------------------
@@ -184,16 +231,21 @@ class Client(EventsMixin, Closing):
         self._check_queued(submission, queued)
         return submission.request_id
 
-    def _prepare(self, message: Message, timeout: float, waiter: _Waiter | None) -> _Submission:
+    def _prepare(
+        self, message: Message, timeout: float, waiter: _Waiter | None, *, by_list: bool = False
+    ) -> _Submission:
         """``message`` checked and encoded for its manager's request stream; ``waiter``
-        (None for a tell) is registered for its reply."""
+        (None for a tell) is registered for its reply. ``by_list``: its reply goes to its
+        own reply list, the third key (the submit script's third argument, its TTL)."""
         if self.validate:
             validate(message)
         manager = message.route()
         if manager is None:
             raise ManagerUnavailable(f"{message.type_name} names no manager to handle it")
         request_id = new_id()
-        reply_to = self.reply_topic if waiter is not None else None
+        reply_to = (
+            REPLY_LIST + self.reply_topic if by_list else self.reply_topic if waiter else None
+        )
         stream = stream_key(self.namespace, manager)
         deadline_ms = int((time.time() + timeout) * 1000)
         data = self.codec.encode(
@@ -201,9 +253,81 @@ class Client(EventsMixin, Closing):
         )
         if waiter is not None:
             self._pending[request_id] = waiter
-        return _Submission(
-            message, request_id, [stream, alive_key(self.namespace, manager)], [data, STREAM_CAP]
-        )
+        keys: list[str] = [stream, alive_key(self.namespace, manager)]
+        args: list[Any] = [data, STREAM_CAP]
+        if by_list:
+            keys.append(reply_list_key(self.namespace, manager, request_id))
+            args.append(REPLY_LIST_TTL_MS)
+        return _Submission(message, request_id, keys, args)
+
+    def _ask_by_list(self, message: Message, timeout: float) -> Message:
+        """Send ``message`` and wait for its reply on its own reply list, in one round
+        trip: the submit script and a ``BLPOP`` on the list, pipelined on one connection."""
+        submission = self._prepare(message, timeout, None, by_list=True)
+        keys, args = submission.keys, submission.args
+        reply_list = keys[2]
+        deadline = time.monotonic() + timeout
+        evalsha = ("EVALSHA", self._submit.sha, len(keys), *keys, *args)
+        try:
+            answers = self._blocking_call(reply_list, [evalsha, _blpop(reply_list, timeout)])
+        except REDIS_ERRORS as exc:
+            answers = [exc]
+        queued = answers[0]
+        if isinstance(queued, redis.ResponseError):
+            # Nothing was queued (Redis lost the script, or the slot moved): again the
+            # long way, through redis-py, which loads the script and follows the slot.
+            try:
+                queued = self._submit(keys=keys, args=args)
+            except REDIS_ERRORS as exc:
+                queued = exc
+            answers = [queued]
+        self._check_queued(submission, queued)
+        # The reply; or, when no daemon serves, the item the script pushed, at once.
+        popped = self._item(answers[1]) if len(answers) > 1 else b""
+        while popped is not None:
+            if popped:
+                reply = self._reply_from(popped, reply_list, submission.request_id)
+                if reply is not None:
+                    return reply
+            popped = self._pop(reply_list, deadline - time.monotonic())
+        raise self._timeout(message, timeout)
+
+    def _pop(self, reply_list: str, timeout: float) -> bytes | None:
+        """The next item of ``reply_list`` within ``timeout`` seconds, or None."""
+        if timeout <= 0:
+            return None
+        try:
+            answer = self._blocking_call(reply_list, [_blpop(reply_list, timeout)])[0]
+        except REDIS_ERRORS as exc:
+            answer = exc
+        return self._item(answer)
+
+    def _item(self, answer: object) -> bytes | None:
+        """The item a ``BLPOP`` answered, None when it timed out."""
+        if isinstance(answer, Exception):
+            raise BackendUnavailable(
+                f"lost Redis while waiting for a reply: {describe(answer, self.where)}"
+            ) from answer
+        return None if answer is None else cast(list[bytes], answer)[1]
+
+    def _blocking_call(self, key: str, commands: list[tuple[Any, ...]]) -> list[object]:
+        """:meth:`KeptConnections.call` on the node holding ``key``; the last command, a
+        ``BLPOP``, sets how long its answer may take."""
+        wait = float(commands[-1][-1])
+        return self._connections.call(node_of(self._redis, key), commands, _socket_timeout(wait))
+
+    def _reply_from(self, data: bytes, reply_list: str, request_id: bytes) -> Message | None:
+        """The reply in ``data`` popped from ``reply_list``; None (counted as junk) for
+        anything else written there."""
+        try:
+            envelope = self.codec.decode(data, channel=reply_list)
+        except InvalidMessage as exc:
+            REJECTED.reject("client", junk_kind(exc), f"on {reply_list}: {exc}", log)
+            return None
+        if envelope.correlation != request_id:
+            REJECTED.reject("client", "uncorrelated", f"on {reply_list}", log)
+            return None
+        return envelope.message
 
     def _check_queued(self, submission: _Submission, queued: object) -> None:
         """Raise what the submit script's answer (or error) means for ``submission``."""
@@ -287,15 +411,10 @@ class Client(EventsMixin, Closing):
     def _by_node(self, submissions: list[_Submission]) -> dict[redis.Redis, list[int]]:
         """The submissions by the client of the node their stream lives on (the one
         client, on standalone Redis or Sentinel)."""
-        if not isinstance(self._redis, RedisCluster):
-            return {self._redis: list(range(len(submissions)))} if submissions else {}
-        groups: dict[str, list[int]] = {}
-        clients: dict[str, redis.Redis] = {}
+        groups: dict[redis.Redis, list[int]] = {}
         for i, submission in enumerate(submissions):
-            node = self._redis.get_node_from_key(submission.keys[0])  # type: ignore[no-untyped-call]
-            groups.setdefault(node.name, []).append(i)
-            clients[node.name] = self._redis.get_redis_connection(node)
-        return {clients[name]: indexes for name, indexes in groups.items()}
+            groups.setdefault(node_of(self._redis, submission.keys[0]), []).append(i)
+        return groups
 
     def _checked_timeout(self, timeout: float | None) -> float:
         """``timeout`` (seconds, 0 to a day; else InvalidMessage), or the default."""

@@ -3,9 +3,12 @@
 Requests arrive as :mod:`corral._wire` describes them: one entry per request on the
 manager's request stream, read by the daemons' consumer group, so exactly one daemon
 takes it however many run; each daemon keeps itself in the manager's alive set, and
-heartbeats and reads go manager by manager on a cluster. The reply goes back on the
-caller's own channel (the envelope's reply topic), correlated by the request id; then
-the entry is acknowledged and deleted.
+heartbeats and reads go manager by manager on a cluster. The reply goes where the
+envelope's reply topic says, correlated by the request id: pushed to the request's own
+reply list (which its caller waits on), or published on the caller's channel; in the
+same round trip the entry is acknowledged and deleted. The reply to the only request in
+flight is sent from the thread that produced it; under load the replier thread sends
+the replies queued meanwhile together, and a read takes up to ``batch`` requests.
 
 Handoff without loss or double execution:
 
@@ -65,14 +68,25 @@ from corral._backoff import Backoff
 from corral._junk import REJECTED, junk_kind
 from corral._redis import (
     REDIS_ERRORS,
+    KeptConnections,
     connect,
     describe,
     execute_then_publish,
+    node_of,
     time_ms,
     topology,
 )
 from corral._runtime import CallbackFuture
-from corral._wire import GROUP, alive_key, lease_key, record_key, stream_key
+from corral._wire import (
+    GROUP,
+    REPLY_LIST,
+    REPLY_LIST_TTL_MS,
+    alive_key,
+    lease_key,
+    record_key,
+    reply_list_key,
+    stream_key,
+)
 from corral.errors import Conflict, CorralError, InvalidMessage, ManagerUnavailable
 from corral.messages.base import MAX_TIMEOUT, ErrorReply, Message, Reply, validate
 from corral.messages.codec import Codec, Envelope
@@ -191,7 +205,9 @@ class RequestServer:
         self.held: set[str] = set()
         """The singletons whose lease this daemon holds (it runs them and reads their requests)."""
         self._renewed_at: dict[str, float] = {}
-        self._redis = connect(url, setting="remote url", socket_timeout=block + 5)
+        self._socket_timeout = block + 5
+        self._redis = connect(url, setting="remote url", socket_timeout=self._socket_timeout)
+        self._kept = KeptConnections()
         # One command may only touch one cluster slot: a reader per manager there.
         if topology(self._redis) == "cluster":
             self._read_groups = [[stream] for stream in self.streams]
@@ -208,6 +224,9 @@ class RequestServer:
         self._stop = threading.Event()
         self._threads: dict[str, threading.Thread] = {}
         self._idle = threading.Condition()
+        self._sending = threading.Lock()
+        """Held while replies are sent: by the replier, or by a manager's thread replying
+        to a lone request (see ``_send_alone``)."""
         self._in_flight = 0
         self._admitting = True
         self.draining = False
@@ -294,6 +313,7 @@ class RequestServer:
         if replier is not None:
             replier.join(5)
         self._blocking.shutdown(wait=False)
+        self._kept.close()
         self._redis.close()
 
     def _leave(self) -> None:
@@ -428,13 +448,7 @@ class RequestServer:
                     self.connected = True
                     failures = 0
                     log.info("daemon %s reconnected to Redis", self.daemon_id)
-                batches = self._redis.xreadgroup(
-                    GROUP,
-                    self.daemon_id,
-                    dict.fromkeys(serving, ">"),
-                    count=self.batch,
-                    block=self.block_ms,
-                )
+                batches = self._read(serving)
             except REDIS_ERRORS as exc:
                 if self.connected:
                     log.warning("remote requests: Redis unavailable (%s); reconnecting", exc)
@@ -442,9 +456,28 @@ class RequestServer:
                 failures += 1
                 self._stop.wait(_RECONNECT.delay(failures))
                 continue
-            for stream, entries in cast(list[tuple[bytes, list[Any]]], batches or []):
+            for stream, entries in batches:
                 for entry_id, fields in entries:
                     self._handle(stream.decode(), entry_id, fields)
+
+    def _read(self, streams: list[str]) -> list[tuple[bytes, list[Any]]]:
+        """New entries of ``streams`` (one cluster slot), waiting up to ``block``: a raw
+        ``XREADGROUP`` on a kept connection; on an error answer (a moved slot, a group
+        Redis lost) again through redis-py, which follows the slot or raises."""
+        command = ("XREADGROUP", "GROUP", GROUP, self.daemon_id, "COUNT", self.batch,
+                   "BLOCK", self.block_ms, "STREAMS", *streams, *[">"] * len(streams))  # fmt: skip
+        node = node_of(self._redis, streams[0])
+        answer = self._kept.call(node, [command], self._socket_timeout)[0]
+        if isinstance(answer, redis.ResponseError):
+            answer = self._redis.xreadgroup(
+                GROUP, self.daemon_id, dict.fromkeys(streams, ">"), count=self.batch,
+                block=self.block_ms,
+            )  # fmt: skip
+            return cast(list[tuple[bytes, list[Any]]], answer or [])
+        return [
+            (stream, [(entry_id, _fields(flat)) for entry_id, flat in entries])
+            for stream, entries in cast(list[tuple[bytes, list[Any]]], answer or [])
+        ]
 
     def _handle(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         """Take one request entry. Never raises: a bad entry is acknowledged and counted."""
@@ -529,7 +562,7 @@ class RequestServer:
             self._blocking.submit(self._ask_blocking, entry, message, remaining)
             return
         callback = CallbackFuture(
-            functools.partial(self._answer, entry),
+            functools.partial(self._answer, entry, handled=True),
             admit=functools.partial(self._admit, entry),
             admit_together=self._admit_together,
             request=entry,
@@ -693,31 +726,72 @@ class RequestServer:
         except CorralError as exc:
             self._answer(entry, None, exc)
 
-    def _answer(self, entry: _Entry, value: Any, error: BaseException | None) -> None:
-        """The reply to a taken request (or the end of a tell): hand it to the replier."""
+    def _answer(
+        self, entry: _Entry, value: Any, error: BaseException | None, *, handled: bool = False
+    ) -> None:
+        """The reply to a taken request (or the end of a tell): hand it to the replier, or
+        send it from here when ``handled`` (this is its manager's thread) and answered.
+        A crash's error goes by the replier, as it always did: meanwhile the supervisor
+        quarantines the request (see :mod:`corral.supervisor`), which the same request
+        sent again at once then finds."""
         envelope = entry.envelope
         assert envelope is not None
         if envelope.reply_to is not None:
-            self._finish(_Outcome(entry, _as_reply(value, error, envelope)))
+            outcome = _Outcome(entry, _as_reply(value, error, envelope))
+        else:
+            if error is not None:
+                self.counts["dropped"] += 1
+                REJECTED.reject(
+                    "remote", "dropped_tell", f"{envelope.message.type_name}: {error}", log
+                )
+            outcome = _Outcome(entry)
+        if handled and error is None and self._send_alone(outcome):
             return
-        if error is not None:
-            self.counts["dropped"] += 1
-            REJECTED.reject("remote", "dropped_tell", f"{envelope.message.type_name}: {error}", log)
-        self._finish(_Outcome(entry))
+        self._finish(outcome)
+
+    def _send_alone(self, outcome: _Outcome) -> bool:
+        """Send the outcome of the only request in flight from the thread that has it,
+        sparing a hand-off to the replier, when the replier is idle; False if not sent.
+        Under load, outcomes go to the replier, which sends them in batches."""
+        if self._in_flight != 1 or not self._outcomes.empty():
+            return False
+        if not self._sending.acquire(blocking=False):
+            return False
+        try:
+            sent = self._send_replies([outcome], attempts=1)
+        finally:
+            self._sending.release()
+        if sent:
+            self._settled(1)
+        return sent
 
     def _finish(self, outcome: _Outcome) -> None:
         self._outcomes.put(outcome)
 
+    def _settled(self, count: int) -> None:
+        with self._idle:
+            self._in_flight -= count
+            self._idle.notify_all()
+
     # -- replying -------------------------------------------------------------------------
 
-    def _encode_reply(self, reply: Message, envelope: Envelope) -> bytes:
-        channel = f"{self.namespace}:{envelope.reply_to}"
+    def _reply_address(self, entry: _Entry) -> tuple[str, bool] | None:
+        """Where the reply to ``entry`` goes: its reply list's key (True) or its caller's
+        channel (False); None for a tell. See :mod:`corral._wire`."""
+        envelope = entry.envelope
+        if envelope is None or envelope.reply_to is None:
+            return None
+        if envelope.reply_to.startswith(REPLY_LIST):
+            return reply_list_key(self.namespace, entry.manager, envelope.id), True
+        return f"{self.namespace}:{envelope.reply_to}", False
+
+    def _encode_reply(self, reply: Message, envelope: Envelope, address: str) -> bytes:
         try:
             validate(reply)  # the caller's decoder would drop a reply out of bounds
-            return self.codec.encode(reply, correlation=envelope.id, channel=channel)
+            return self.codec.encode(reply, correlation=envelope.id, channel=address)
         except InvalidMessage as exc:  # too big, or a manager's reply with bad fields
             log.error("reply to %s not encodable: %s", envelope.message.type_name, exc)
-            return self.codec.encode(_unencodable(exc), correlation=envelope.id, channel=channel)
+            return self.codec.encode(_unencodable(exc), correlation=envelope.id, channel=address)
 
     def _reply_loop(self) -> None:
         while True:
@@ -735,44 +809,81 @@ class RequestServer:
                     break
                 items.append(item)
             try:
-                self._send_replies(items)
+                with self._sending:
+                    if not self._send_replies(items):
+                        self.counts["errors"] += 1
             finally:
-                with self._idle:
-                    self._in_flight -= len(items)
-                    self._idle.notify_all()
+                self._settled(len(items))
 
-    def _send_replies(self, outcomes: Iterable[_Outcome]) -> None:
+    def _send_replies(self, outcomes: Iterable[_Outcome], *, attempts: int = 3) -> bool:
+        """Send ``outcomes``' replies, records and acknowledgements in one round trip;
+        False if all ``attempts`` failed."""
         outcomes = list(outcomes)
-        replies: list[tuple[str, bytes]] = []
+        pushes: list[tuple[str, bytes]] = []
+        publishes: list[tuple[str, bytes]] = []
         records: list[tuple[str, bytes, int]] = []
+        taken: dict[str, list[bytes]] = {}
         for outcome in outcomes:
             entry, envelope = outcome.entry, outcome.entry.envelope
+            taken.setdefault(entry.stream, []).append(entry.entry_id)
+            address = self._reply_address(entry)
             data = outcome.recorded
-            if data is None and outcome.reply is not None and envelope is not None:
-                data = self._encode_reply(outcome.reply, envelope)
-            if data is not None and envelope is not None and envelope.reply_to is not None:
-                replies.append((f"{self.namespace}:{envelope.reply_to}", data))
+            if data is None and outcome.reply is not None and address is not None:
+                assert envelope is not None
+                data = self._encode_reply(outcome.reply, envelope, address[0])
+            if data is not None and address is not None:
+                (pushes if address[1] else publishes).append((address[0], data))
                 self.counts["served"] += 1
             if entry.started:
                 kept = b"" if envelope is None or envelope.message.idempotent else data or b""
                 records.append((entry.record, FINISHED + kept, self._record_ttl_ms(entry)))
-        for attempt in range(3):
+        if not publishes and len(taken) == 1 and self._send_raw(records, taken, pushes):
+            self._observe_latency(outcomes)
+            return True
+        for attempt in range(attempts):
             # A pipeline is emptied by execute(), failed or not: each attempt fills its own.
             pipe = self._redis.pipeline(transaction=False)
             for key, value, ttl_ms in records:  # before the acknowledgement: see the module doc
                 pipe.set(key, value, px=max(ttl_ms, 1))
-            for outcome in outcomes:
-                pipe.xack(outcome.entry.stream, GROUP, outcome.entry.entry_id)
-                pipe.xdel(outcome.entry.stream, outcome.entry.entry_id)
+            for stream, entry_ids in taken.items():
+                pipe.xack(stream, GROUP, *entry_ids)
+                pipe.xdel(stream, *entry_ids)
+            for key, data in pushes:
+                pipe.lpush(key, data)
+                pipe.pexpire(key, REPLY_LIST_TTL_MS)
             try:
-                execute_then_publish(self._redis, pipe, replies)
+                execute_then_publish(self._redis, pipe, publishes)
             except REDIS_ERRORS as exc:
                 log.warning("could not send replies (attempt %d): %s", attempt + 1, exc)
-                time.sleep(0.2 * (attempt + 1))
+                if attempt + 1 < attempts:
+                    time.sleep(0.2 * (attempt + 1))
                 continue
             self._observe_latency(outcomes)
-            return
-        self.counts["errors"] += 1
+            return True
+        return False
+
+    def _send_raw(
+        self,
+        records: list[tuple[str, bytes, int]],
+        taken: dict[str, list[bytes]],
+        pushes: list[tuple[str, bytes]],
+    ) -> bool:
+        """What ``_send_replies`` sends for one stream and reply lists only, all in the
+        stream's slot: as raw commands on a kept connection, sparing redis-py's pipeline
+        and pool their cost. False when it failed (a moved slot, Redis gone): the caller
+        sends it all again its usual way."""
+        ((stream, entry_ids),) = taken.items()
+        commands: list[tuple[Any, ...]] = [
+            ("SET", key, value, "PX", max(ttl_ms, 1)) for key, value, ttl_ms in records
+        ]
+        commands += [("XACK", stream, GROUP, *entry_ids), ("XDEL", stream, *entry_ids)]
+        for key, data in pushes:
+            commands += [("LPUSH", key, data), ("PEXPIRE", key, REPLY_LIST_TTL_MS)]
+        try:
+            answers = self._kept.call(node_of(self._redis, stream), commands, self._socket_timeout)
+        except REDIS_ERRORS:
+            return False
+        return not isinstance(answers[-1], redis.ResponseError)
 
     def _observe_latency(self, outcomes: list[_Outcome]) -> None:
         """Count each answered request's time here in its manager's request histogram."""
@@ -784,6 +895,11 @@ class RequestServer:
             if kept is None or envelope is None or envelope.message.kind != "request":
                 continue  # the supervisor's health, or a refused entry
             kept.observe(REQUEST_SECONDS, now - entry.taken_at, envelope.message.type_name)
+
+
+def _fields(flat: list[bytes] | None) -> dict[bytes, bytes]:
+    """A stream entry's fields from a raw answer's ``[name, value, ...]`` (None: deleted)."""
+    return dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
 
 
 def _context(entry: _Entry) -> dict[str, str]:
