@@ -41,6 +41,7 @@ import redis
 from corral._closing import Closing
 from corral._events import EventsMixin
 from corral._junk import REJECTED, junk_kind
+from corral._loops import call_soon_batched
 from corral._redis import REDIS_ERRORS, KeptConnections, describe, node_of
 from corral._redis import connect as connect_redis
 from corral._wire import (
@@ -121,12 +122,9 @@ class _Waiter:
         self.reply = reply
         self.event.set()
         if self.loop is not None and self.future is not None:
-            future = self.future
             # A closed loop (RuntimeError) means nobody is waiting any more.
             with contextlib.suppress(RuntimeError):
-                self.loop.call_soon_threadsafe(
-                    lambda: None if future.done() else future.set_result(reply)
-                )
+                call_soon_batched(self.loop, _settle, self.future, reply)
 
 
 class _Submission(NamedTuple):
@@ -441,3 +439,8 @@ class Client(EventsMixin, Closing):
 def connect(url: str, **options: Any) -> Client:
     """Connect to the corral daemons on the Redis at ``url`` (see :class:`Client`)."""
     return Client(url, **options)
+
+
+def _settle(future: asyncio.Future[Message], reply: Message) -> None:
+    if not future.done():
+        future.set_result(reply)
