@@ -350,18 +350,70 @@ class Client(EventsMixin, Closing):
         """:meth:`System.ask_many` to the daemons: every request sent in one Redis round
         trip (a pipeline), then their replies, in order, each error in its place."""
         timeout = self._checked_timeout(timeout)
-        check_batch(messages)
         deadline = time.monotonic() + timeout
+        results, sent = self._prepare_many(messages, timeout, None)
+        try:
+            for index, submission, waiter in self._queue_many(results, sent):
+                if waiter.event.wait(max(0.0, deadline - time.monotonic())):
+                    assert waiter.reply is not None
+                    results[index] = settled(waiter.reply)
+                else:
+                    results[index] = self._timeout(submission.message, timeout)
+        finally:
+            self._forget(sent)
+        return results
+
+    async def ask_many_async(
+        self, messages: Sequence[Request[Any]], *, timeout: float | None = None
+    ) -> list[Reply | CorralError]:
+        """:meth:`ask_many` for asyncio code: never blocks the event loop."""
+        timeout = self._checked_timeout(timeout)
+        deadline = time.monotonic() + timeout
+        loop = asyncio.get_running_loop()
+        results, sent = self._prepare_many(messages, timeout, loop)
+        try:
+            waiting = await loop.run_in_executor(None, self._queue_many, results, sent)
+            futures = [waiter.future for *_, waiter in waiting if waiter.future is not None]
+            if futures:
+                await asyncio.wait(futures, timeout=max(0.0, deadline - time.monotonic()))
+            for index, submission, waiter in waiting:
+                if waiter.future is not None and waiter.future.done():
+                    results[index] = settled(waiter.future.result())
+                else:
+                    results[index] = self._timeout(submission.message, timeout)
+        finally:
+            self._forget(sent)
+        return results
+
+    def _prepare_many(
+        self,
+        messages: Sequence[Request[Any]],
+        timeout: float,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> tuple[list[Reply | CorralError], list[tuple[int, _Submission, _Waiter]]]:
+        """The batch checked and encoded: the results so far (each refused request's error
+        in its place), and the requests to send, with waiters for their replies (futures
+        of ``loop``, when given)."""
+        check_batch(messages)
         results: list[Reply | CorralError] = []
         sent: list[tuple[int, _Submission, _Waiter]] = []
         for index, message in enumerate(messages):
-            waiter = _Waiter()
+            waiter = _Waiter(loop)
             try:
                 sent.append((index, self._prepare(message, timeout, waiter), waiter))
             except CorralError as exc:
                 results.append(exc)
                 continue
             results.append(_UNSENT)
+        return results, sent
+
+    def _queue_many(
+        self,
+        results: list[Reply | CorralError],
+        sent: list[tuple[int, _Submission, _Waiter]],
+    ) -> list[tuple[int, _Submission, _Waiter]]:
+        """Send the prepared requests in one round trip; those now queued for a daemon
+        (the others get their error in ``results``)."""
         answers = self._submit_all([submission for _, submission, _ in sent])
         waiting = []
         for (index, submission, waiter), queued in zip(sent, answers, strict=True):
@@ -371,17 +423,11 @@ class Client(EventsMixin, Closing):
                 results[index] = exc
             else:
                 waiting.append((index, submission, waiter))
-        try:
-            for index, submission, waiter in waiting:
-                if waiter.event.wait(max(0.0, deadline - time.monotonic())):
-                    assert waiter.reply is not None
-                    results[index] = settled(waiter.reply)
-                else:
-                    results[index] = self._timeout(submission.message, timeout)
-        finally:
-            for _, submission, _ in waiting:
-                self._pending.pop(submission.request_id, None)
-        return results
+        return waiting
+
+    def _forget(self, sent: list[tuple[int, _Submission, _Waiter]]) -> None:
+        for _, submission, _ in sent:
+            self._pending.pop(submission.request_id, None)
 
     def _submit_all(self, submissions: list[_Submission]) -> list[object]:
         """The submit script's answers for ``submissions``, in one round trip (one per

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import importlib
 import logging
 import os
@@ -228,6 +229,52 @@ class System(EventsMixin):
                 results[index] = _no_reply(message, name, timeout)
                 continue
             results[index] = settled(reply)
+        return results
+
+    async def ask_many_async(
+        self, messages: Sequence[Request[Any]], *, timeout: float | None = None
+    ) -> list[Reply | CorralError]:
+        """:meth:`ask_many` for asyncio code: awaiting never blocks the event loop::
+
+        answers = await system.ask_many_async([CacheGet(key=k) for k in ("a", "b")])
+        """
+        timeout = self._timeout(timeout)
+        check_batch(messages)
+        deadline = time.monotonic() + timeout
+        loop = asyncio.get_running_loop()
+        results: list[Reply | CorralError] = []
+        waiting: list[tuple[int, Request[Any], str, AsyncioFuture]] = []
+        for index, message in enumerate(messages):
+            try:
+                name = self._route(message)
+                if name == "supervisor":
+                    health = functools.partial(
+                        self.health, timeout=max(0.0, deadline - time.monotonic())
+                    )
+                    results.append(await loop.run_in_executor(None, health))
+                    continue
+                bridge = AsyncioFuture(loop)
+                envelope = Envelope(message, reply_to=bridge)
+                if not self._try_put(name, envelope):
+                    left = max(0.0, deadline - time.monotonic())
+                    await loop.run_in_executor(None, self._deliver, name, envelope, left)
+            except CorralError as exc:
+                results.append(exc)
+                continue
+            results.append(_NO_REPLY_YET)
+            waiting.append((index, message, name, bridge))
+        if waiting:
+            futures = [bridge.future for *_, bridge in waiting]
+            await asyncio.wait(futures, timeout=max(0.0, deadline - time.monotonic()))
+        for index, message, name, bridge in waiting:
+            if not bridge.future.done():
+                results[index] = _no_reply(message, name, timeout)
+            elif (error := bridge.future.exception()) is not None:
+                if not isinstance(error, CorralError):
+                    raise error
+                results[index] = error
+            else:
+                results[index] = settled(bridge.future.result())
         return results
 
     async def ask_async(self, message: Request[R], *, timeout: float | None = None) -> R:
