@@ -10,7 +10,8 @@ server side in a process of its own:
   of the reply to a per-request list, the client ``LPUSH`` + ``BLPOP`` — the
   smallest request/reply one would write by hand with redis-py and msgpack.
 
-Figures: sequential round trip p50/p99, and throughput with 8 calling threads; the
+Figures: sequential round trip p50/p99, and throughput with 8 calling threads (the best
+of 3 rounds, corral and the reference in turn); the
 cost of the run record a request that is not idempotent pays (``cache.set`` against
 ``cache.get``); the cost of signing (``codec.signing_keys``) with the replay check:
 every envelope signed and verified, each reply through the client's replay guard, and
@@ -45,6 +46,7 @@ from tests.redis_server import RedisServer
 ROUND_TRIPS = 1_000
 CONCURRENT = 2_000
 THREADS = 8
+ROUNDS = 3
 SIGNED = "signed"
 """The namespace of the daemon with signing keys."""
 KEY = "bench-signing-key"
@@ -117,6 +119,15 @@ def throughput(
         list(pool.map(lambda _: call(), range(CONCURRENT)))
         rate = CONCURRENT / (time.perf_counter() - started)
     return rate, (cpu_seconds(daemons) - cpu_before) / CONCURRENT * 1000
+
+
+def best_of(
+    best: tuple[float, float, float] | None, new: tuple[float, float, float]
+) -> tuple[float, float, float]:
+    """The lower p50 and p99 and the higher rate of two ``measure`` results."""
+    if best is None:
+        return new
+    return min(best[0], new[0]), min(best[1], new[1]), max(best[2], new[2])
 
 
 def measure(call: Callable[[], object]) -> tuple[float, float, float]:
@@ -204,10 +215,11 @@ def main() -> None:
                     _, raw = plain.blpop([reply_key])  # type: ignore[misc]
                     return msgpack.unpackb(raw)
 
-                results = {}
-                for name, call in (("corral", corral_call), ("redis-py", plain_call)):
-                    call()
-                    results[name] = measure(call)
+                results: dict[str, tuple[float, float, float]] = {}
+                for _ in range(ROUNDS):  # interleaved, the best of each: the machine is shared
+                    for name, call in (("corral", corral_call), ("redis-py", plain_call)):
+                        call()
+                        results[name] = best_of(results.get(name), measure(call))
                 cache_set()
                 record = {
                     name: measure(call) for name, call in (("get", cache_get), ("set", cache_set))
