@@ -234,10 +234,8 @@ class System(EventsMixin):
     async def ask_many_async(
         self, messages: Sequence[Request[Any]], *, timeout: float | None = None
     ) -> list[Reply | CorralError]:
-        """:meth:`ask_many` for asyncio code: awaiting never blocks the event loop::
-
-        answers = await system.ask_many_async([CacheGet(key=k) for k in ("a", "b")])
-        """
+        """:meth:`ask_many` for asyncio code: awaiting never blocks the event loop
+        (``answers = await system.ask_many_async([CacheGet(key="a"), CacheGet(key="b")])``)."""
         timeout = self._timeout(timeout)
         check_batch(messages)
         deadline = time.monotonic() + timeout
