@@ -10,8 +10,10 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
+import msgpack
 import pytest
 import redis
 from cryptography import x509
@@ -20,7 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 import corral
-from corral._wire import GROUP, stream_key
+from corral._junk import REJECTED
+from corral._wire import GROUP, reply_list_key, stream_key
 from corral.client import Client
 from corral.config import (
     BusSection,
@@ -524,3 +527,47 @@ def test_a_request_with_a_bad_field_is_answered_with_why(
         with pytest.raises(corral.errors.InvalidMessage) as refused:  # an answer, no Timeout
             remote.ask(Work(seconds=float("inf")), timeout=10)
         assert refused.value.path == "b.seconds"
+
+
+def test_junk_in_a_reply_list_is_dropped_and_the_reply_still_taken(
+    redis_server: RedisServer, daemon: Daemon, client: Client
+) -> None:
+    stream = stream_key("rt", "worker")
+    raw = redis.Redis.from_url(redis_server.url)
+    before = REJECTED.counts()
+    last = raw.xinfo_stream(stream)["last-generated-id"] if raw.exists(stream) else b"0-0"
+    answer: dict[str, Done] = {}
+    caller = threading.Thread(
+        target=lambda: answer.update(done=client.ask(Work(action="sleep", seconds=1.0)))
+    )
+    caller.start()
+    entries: Any = []  # the request, which waits in the stream while it runs
+
+    def added() -> bool:
+        entries[:] = raw.xrange(stream, min=b"(" + last)
+        return bool(entries)
+
+    wait_until(added)
+    request_id = msgpack.unpackb(entries[0][1][b"m"])["id"]
+    reply_list = reply_list_key("rt", "worker", request_id)
+    someone_else = Codec().encode(Done(incarnation=1, handled=999, name="x"), correlation=b"x" * 16)
+    raw.lpush(reply_list, b"not an envelope", someone_else)
+    caller.join(10)
+    assert answer["done"].handled == 1 and answer["done"].name == "worker"
+    after = REJECTED.counts()
+    assert after.get(("client", "uncorrelated"), 0) == before.get(("client", "uncorrelated"), 0) + 1
+    assert sum(after.values()) == sum(before.values()) + 2
+    raw.close()
+
+
+def test_a_connection_redis_dropped_between_asks_costs_the_next_ask_nothing(
+    redis_server: RedisServer, daemon: Daemon, client: Client
+) -> None:
+    assert client.ask(Ping(payload=b"1")).payload == b"1"
+    raw = redis.Redis.from_url(redis_server.url)
+    waiting_clients = [c for c in raw.client_list() if c["cmd"] == "blpop"]
+    assert waiting_clients  # the client's kept connection, which the ask above used last
+    for kept in waiting_clients:
+        raw.client_kill_filter(_id=kept["id"])
+    assert client.ask(Ping(payload=b"2")).payload == b"2"  # at once, on a new connection
+    raw.close()
