@@ -5,7 +5,7 @@ server side in a process of its own:
 
 - corral: ``corral run`` (bus on Redis) serving ``system.ping``; the client adds
   the request to the request stream and waits for the reply on the request's own
-  reply list, in one round trip (a signed client: on its own reply channel);
+  reply list, in one round trip;
 - reference: a responder process doing ``BLPOP`` on a request list and ``LPUSH``
   of the reply to a per-request list, the client ``LPUSH`` + ``BLPOP`` — the
   smallest request/reply one would write by hand with redis-py and msgpack.

@@ -18,11 +18,12 @@ URL may carry a password or ACL user (``redis://user:pass@host/0``), use TLS
 (``rediss://``), name any node of a Redis Cluster, or name Sentinels
 (``redis+sentinel://host:26379,host:26380/service``): see ``corral._redis``.
 
-How a reply comes back: ``ask`` without signing keys sends the request and waits for
-its reply in one Redis round trip, on the calling thread (the submit script and a
-``BLPOP`` on the request's own reply list, pipelined). ``ask_async``, ``ask_many``, and
-``ask`` with signing keys take their replies from the client's reply topic, read by its
-bus; so do replies to requests other tools send (``corral send``).
+How a reply comes back: ``ask`` sends the request and waits for its reply in one Redis
+round trip, on the calling thread (the submit script and a ``BLPOP`` on the request's
+own reply list, pipelined); with signing keys the reply must be signed for that list,
+and pass a replay guard. ``ask_async``, ``ask_many`` and ``ask_many_async`` take their
+replies from the client's reply topic, read by its bus; so do replies to requests other
+tools send (``corral send``).
 """
 
 from __future__ import annotations
@@ -165,6 +166,8 @@ class Client(EventsMixin, Closing):
         self._submit = self._redis.register_script(SUBMIT_SCRIPT)
         self._pending: dict[bytes, _Waiter] = {}
         self._connections = KeptConnections()
+        self._list_guard = self.codec.replay_guard()
+        """With keys, replies taken from reply lists pass it: fresh, and each once."""
         self._replies = self.bus.subscribe(self.reply_topic, callback=self._on_reply)
 
     # -- the System interface -------------------------------------------------------------
@@ -172,17 +175,7 @@ class Client(EventsMixin, Closing):
     def ask(self, message: Request[R], *, timeout: float | None = None) -> R:
         """Send a request to a daemon and return its reply (see :meth:`System.ask`)."""
         timeout = self._checked_timeout(timeout)
-        if not self.codec.signing:
-            answer: R = unwrap(self._ask_by_list(message, timeout))
-            return answer
-        waiter = _Waiter()
-        request_id = self._send(message, timeout, waiter)
-        try:
-            if not waiter.event.wait(timeout):
-                raise self._timeout(message, timeout)
-        finally:
-            self._pending.pop(request_id, None)
-        answer = unwrap(waiter.reply)
+        answer: R = unwrap(self._ask_by_list(message, timeout))
         return answer
 
     async def ask_async(self, message: Request[R], *, timeout: float | None = None) -> R:
@@ -318,7 +311,7 @@ class Client(EventsMixin, Closing):
         """The reply in ``data`` popped from ``reply_list``; None (counted as junk) for
         anything else written there."""
         try:
-            envelope = self.codec.decode(data, channel=reply_list)
+            envelope = self.codec.decode(data, channel=reply_list, guard=self._list_guard)
         except InvalidMessage as exc:
             REJECTED.reject("client", junk_kind(exc), f"on {reply_list}: {exc}", log)
             return None

@@ -28,8 +28,9 @@ import redis
 import websockets
 
 import corral
+from corral._junk import REJECTED
 from corral._redis import SyncRedis, connect
-from corral._wire import record_key, stream_key
+from corral._wire import record_key, reply_list_key, stream_key
 from corral.actors.cache import CacheManager
 from corral.actors.websocket._signing import ChannelSigner
 from corral.bus import RedisBus
@@ -256,39 +257,36 @@ def test_a_replayed_read_is_refused_too(
 ) -> None:
     """With keys an idempotent request leaves a run record as well (without its reply)."""
     url, stream = redis_server.url, stream_key("sig", "system")
-    spy = redis.Redis.from_url(url).pubsub()  # type: ignore[no-untyped-call]
-    spy.ssubscribe(f"sig:{signed_client.reply_topic}")
-    assert spy.get_message(timeout=5)["type"] == "ssubscribe"
     genuine, pong = captured_request(url, stream, lambda: signed_client.ask(Ping(payload=b"p")))
     assert pong == Pong(payload=b"p")
-    codec, channel = Codec(keys=[KEY.encode()]), f"sig:{signed_client.reply_topic}"
-    assert codec.decode(next_data(spy), channel=channel).message == pong
     request_id = msgpack.unpackb(genuine)["id"]
     raw = redis.Redis.from_url(url)
     assert raw.get(record_key("sig", "system", request_id)) == b"F"
-    raw.xadd(stream, {"m": genuine})
-    answer = codec.decode(next_data(spy), channel=channel).message
+    raw.xadd(stream, {"m": genuine})  # the daemon answers on the request's reply list
+    reply_list = reply_list_key("sig", "system", request_id)
+    popped: Any = raw.blpop([reply_list], timeout=5)
+    codec = Codec(keys=[KEY.encode()])
+    answer = codec.decode(popped[1], channel=reply_list).message
     assert isinstance(answer, ErrorReply) and answer.code == "conflict"
     assert answer.details["duplicate"] is True
-    spy.close()
     raw.close()
 
 
-def test_a_client_takes_only_fresh_genuine_replies(
+def test_a_client_takes_only_fresh_genuine_replies_on_its_reply_topic(
     redis_server: RedisServer, signed_daemon: Daemon, signed_client: Client
 ) -> None:
     url, channel = redis_server.url, f"sig:{signed_client.reply_topic}"
     spy = redis.Redis.from_url(url).pubsub()  # type: ignore[no-untyped-call]
     spy.ssubscribe(channel)
     assert spy.get_message(timeout=5)["type"] == "ssubscribe"
-    assert signed_client.ask(Work()).handled == 1
+    assert asyncio.run(signed_client.ask_async(Work())).handled == 1
     earlier = next_data(spy)  # a genuine reply, to an earlier request
     spy.close()
     stream = stream_key("sig", "worker")
     asked: dict[str, Done] = {}
 
     def slow_ask() -> None:
-        asked["done"] = signed_client.ask(Work(action="sleep", seconds=1.0))
+        asked["done"] = asyncio.run(signed_client.ask_async(Work(action="sleep", seconds=1.0)))
 
     caller = threading.Thread(target=slow_ask)
     request, _ = captured_request(url, stream, caller.start)
@@ -311,6 +309,50 @@ def test_a_client_takes_only_fresh_genuine_replies(
     caller.join(10)
     assert asked["done"].handled == 2  # the daemon's reply, not one of those
     assert signed_client.bus.stats()["rejected"] == rejected + len(attacks)
+    raw.close()
+
+
+def test_a_client_takes_only_fresh_genuine_replies_from_a_reply_list(
+    redis_server: RedisServer, signed_daemon: Daemon, signed_client: Client
+) -> None:
+    url, stream = redis_server.url, stream_key("sig", "worker")
+    earlier_request, _ = captured_request(url, stream, lambda: signed_client.ask(Work()))
+    earlier_list = reply_list_key("sig", "worker", msgpack.unpackb(earlier_request)["id"])
+    asked: dict[str, Done] = {}
+
+    def slow_ask() -> None:
+        asked["done"] = signed_client.ask(Work(action="sleep", seconds=1.0))
+
+    caller = threading.Thread(target=slow_ask)
+    request, _ = captured_request(url, stream, caller.start)
+    request_id = msgpack.unpackb(request)["id"]
+    reply_list = reply_list_key("sig", "worker", request_id)
+    forged_done = Done(incarnation=1, handled=999, name="worker")
+    signer = Codec(keys=[KEY.encode()])
+    attacks = {
+        "unsigned": Codec().encode(forged_done, correlation=request_id),
+        "wrong key": Codec(keys=[WRONG_KEY.encode()]).encode(
+            forged_done, correlation=request_id, channel=reply_list
+        ),
+        "signed for another list": signer.encode(
+            forged_done, correlation=request_id, channel=earlier_list
+        ),
+        "signed for the reply topic": signer.encode(
+            forged_done, correlation=request_id, channel=f"sig:{signed_client.reply_topic}"
+        ),
+        "another request's reply": signer.encode(
+            forged_done, correlation=b"e" * 16, channel=reply_list
+        ),
+        "outside the window": envelope_signed_at(
+            forged_done, now_ms() - int(2 * WINDOW * 1000), reply_list, c=request_id
+        ),
+    }
+    raw = redis.Redis.from_url(url)
+    before = sum(REJECTED.counts().values())
+    raw.rpush(reply_list, *attacks.values())
+    caller.join(10)
+    assert asked["done"].handled == 2  # the daemon's reply, not one of those
+    assert sum(REJECTED.counts().values()) == before + len(attacks)
     raw.close()
 
 
