@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["call_soon_batched"]
+__all__ = ["call_soon_batched", "settle"]
 
 
 class _Inbox:
@@ -81,3 +81,17 @@ def call_soon_batched(
             if inbox is None:
                 inbox = _inboxes[loop] = _Inbox()
     inbox.put(loop, callback, args)
+
+
+def settle(
+    future: asyncio.Future[Any], value: Any = None, error: BaseException | None = None
+) -> None:
+    """Give ``future`` its result (or ``error``), unless it is done already: a caller that
+    stopped waiting (a timeout) has cancelled it. On the future's loop; as a callback of
+    :func:`call_soon_batched` from other threads."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)

@@ -31,7 +31,7 @@ from pykka import ActorDeadError, ActorRegistry
 from pykka._envelope import Envelope
 from pykka.messages import _ActorStop as ActorStop
 
-from corral._loops import call_soon_batched
+from corral._loops import call_soon_batched, settle
 from corral.errors import CorralError, ManagerUnavailable, Overloaded
 from corral.messages.base import ErrorReply, Message
 from corral.metrics import LATENCY_BUCKETS, HandlerStats, ManagerMetrics
@@ -273,17 +273,9 @@ class AsyncioFuture(pykka.Future[Any]):
 
     def _call(self, value: Any, exc: BaseException | None) -> None:
         try:
-            call_soon_batched(self.loop, self._resolve, value, exc)
+            call_soon_batched(self.loop, settle, self.future, value, exc)
         except RuntimeError:  # the caller's event loop is closed: nobody is waiting any more
             log.debug("reply dropped: the asking event loop is closed")
-
-    def _resolve(self, value: Any, exc: BaseException | None) -> None:
-        if self.future.done():
-            return
-        if exc is not None:
-            self.future.set_exception(exc)
-        else:
-            self.future.set_result(value)
 
 
 class CallbackFuture(pykka.Future[Any]):

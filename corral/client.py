@@ -42,7 +42,7 @@ import redis
 from corral._closing import Closing
 from corral._events import EventsMixin
 from corral._junk import REJECTED, junk_kind
-from corral._loops import call_soon_batched
+from corral._loops import call_soon_batched, settle
 from corral._redis import REDIS_ERRORS, KeptConnections, describe, node_of
 from corral._redis import connect as connect_redis
 from corral._wire import (
@@ -125,7 +125,7 @@ class _Waiter:
         if self.loop is not None and self.future is not None:
             # A closed loop (RuntimeError) means nobody is waiting any more.
             with contextlib.suppress(RuntimeError):
-                call_soon_batched(self.loop, _settle, self.future, reply)
+                call_soon_batched(self.loop, settle, self.future, reply)
 
 
 class _Submission(NamedTuple):
@@ -478,8 +478,3 @@ class Client(EventsMixin, Closing):
 def connect(url: str, **options: Any) -> Client:
     """Connect to the corral daemons on the Redis at ``url`` (see :class:`Client`)."""
     return Client(url, **options)
-
-
-def _settle(future: asyncio.Future[Message], reply: Message) -> None:
-    if not future.done():
-        future.set_result(reply)

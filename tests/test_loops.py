@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from corral._loops import call_soon_batched
+from corral._loops import call_soon_batched, settle
 
 
 def test_callbacks_from_many_threads_all_run_each_thread_s_in_order() -> None:
@@ -77,3 +77,19 @@ def test_a_closed_loop_raises_runtime_error_and_a_new_loop_is_not_blocked() -> N
         return await asyncio.wait_for(future, 10)
 
     assert asyncio.run(main()) == "ran"
+
+
+def test_settle_gives_a_result_or_an_error_and_leaves_a_done_future_alone() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        answered, failed, cancelled = (loop.create_future() for _ in range(3))
+        settle(answered, "reply")
+        settle(failed, error=ValueError("refused"))
+        cancelled.cancel()  # its caller stopped waiting
+        settle(cancelled, "late reply")
+        settle(answered, "second reply")
+        assert answered.result() == "reply"
+        assert isinstance(failed.exception(), ValueError)
+        assert cancelled.cancelled()
+
+    asyncio.run(main())

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from corral._closing import Closing
-from corral._loops import call_soon_batched
+from corral._loops import call_soon_batched, settle
 from corral.messages.base import Message
 
 if TYPE_CHECKING:
@@ -318,9 +318,4 @@ def _wake(waiters: list[_AsyncWaiter]) -> None:
     for loop, waiter in waiters:
         # RuntimeError: that event loop is closed, so nobody waits on it any more.
         with contextlib.suppress(RuntimeError):
-            call_soon_batched(loop, _resolve, waiter)
-
-
-def _resolve(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
+            call_soon_batched(loop, settle, waiter)
