@@ -162,6 +162,8 @@ class Backend:
             login = web.json_response({"port": port.port})
             login.set_cookie("session", q["value"])
             return login
+        if path == "/query":
+            return web.json_response({"query": request.rel_url.raw_query_string})
         if path == "/echo":
             return web.json_response(
                 {"body": (await request.read()).decode(), "headers": dict(request.headers)}
@@ -274,6 +276,22 @@ def test_post_json_and_raw_body(ports: list[Port]) -> None:
         assert echoed["headers"]["Authorization"] == "Bearer t0k"
         raw = system.ask(HttpRequest(service="api", method="PUT", path="/echo", body=b"raw"))
         assert raw.json()["body"] == "raw"
+
+
+def test_query_params_go_out_as_httpx_writes_them_however_often_a_url_recurs(
+    ports: list[Port],
+) -> None:
+    def query(path: str, params: dict[str, Any]) -> str:
+        reply = system.ask(HttpRequest(service="api", path=path, params=params))
+        return str(reply.json()["query"])
+
+    with pool(api={"base_urls": [ports[0].url]}) as system:
+        for _ in range(2):  # the second time from the pool's parsed URLs
+            assert query("/query", {"a": True}) == "a=true"
+            assert query("/query", {"a": 1}) == "a=1"  # equal to True, not the same query
+            assert query("/query", {"a": 1.0}) == "a=1.0"
+            assert query("/query", {"a": None, "b": "x y"}) == "a=&b=x+y"
+            assert query("/query", {"a": ["x", "y"]}) == "a=x&a=y"
 
 
 def test_a_cookie_set_for_one_caller_never_goes_out_with_another_s_call(

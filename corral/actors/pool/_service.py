@@ -61,6 +61,24 @@ _parsed_url = functools.lru_cache(maxsize=1024)(httpx.URL)
 on every request."""
 
 
+def _url_of(url: str, params: dict[str, Any]) -> httpx.URL:
+    """``url`` (an endpoint's with a call's path) with ``params`` merged into its query, as
+    httpx would merge them, the recent ones parsed once (httpx parses the whole URL again
+    to merge them, on every request)."""
+    if not params:
+        return _parsed_url(url)
+    try:
+        # The values' types are in the key: True and 1 are equal, but not in a query.
+        return _url_with_params(url, tuple((k, type(v), v) for k, v in params.items()))
+    except TypeError:  # a list of values: not hashable
+        return _parsed_url(url).copy_merge_params(params)
+
+
+@functools.lru_cache(maxsize=1024)
+def _url_with_params(url: str, params: tuple[tuple[str, type, Any], ...]) -> httpx.URL:
+    return _parsed_url(url).copy_merge_params({k: v for k, _, v in params})
+
+
 class _NoCookies(httpx.Cookies):
     """A service's cookie jar, which keeps nothing.
 
@@ -383,8 +401,7 @@ class Service:
         limit = self.options.max_response_bytes
         async with self.client.stream(
             call.method,
-            _parsed_url(endpoint.url + call.path),
-            params=call.params or None,
+            _url_of(endpoint.url + call.path, call.params),
             headers=endpoint.headers(call.headers) or None,
             content=call.content,
             timeout=self._timeout(remaining),
