@@ -349,7 +349,7 @@ class Codec:
                 signature = signer.sign(data)
             else:
                 signature = signer.sign(_channel_bytes(channel), data)
-            data = _BYTE[data[0] + 1] + data[1:] + _SIGNATURE_ENTRY + signature
+            data = b"".join((_BYTE[data[0] + 1], data[1:], _SIGNATURE_ENTRY, signature))
         if len(data) > self.max_size:
             raise _fail("", f"message is {len(data)} bytes, over the {self.max_size}-byte limit")
         return data
