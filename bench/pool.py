@@ -49,11 +49,8 @@ def serve() -> None:
     after N ms with the same small JSON body, on asyncio's transports, at a few tens of
     µs of CPU per request: the figures measure the clients, not the server (aiohttp's
     server spends about 250 µs per request, which for 100 concurrent calls on 2 cores
-    is most of their time; ``--aiohttp`` serves with it instead, for comparison).
+    is most of their time; ``serve_aiohttp`` serves with it instead, for comparison).
     """
-    if sys.argv[2:] == ["--aiohttp"]:
-        serve_aiohttp()
-        return
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
@@ -199,9 +196,12 @@ def start_server(*flags: str) -> tuple[subprocess.Popen[str], str]:
 
 
 def main() -> None:
-    lean, url = start_server()
-    aiohttp_server, aiohttp_url = start_server("--aiohttp")
+    servers: list[subprocess.Popen[str]] = []
     try:
+        lean, url = start_server()
+        servers.append(lean)
+        aiohttp_server, aiohttp_url = start_server("--aiohttp")
+        servers.append(aiohttp_server)
         services = {
             name: {"base_urls": [base], "max_connections": 100, "max_keepalive": 100}
             for name, base in (("bench", url), ("bench-aiohttp", aiohttp_url))
@@ -213,7 +213,7 @@ def main() -> None:
             many, one, many_httpx = asyncio.run(slow_calls(system, url))
             on_aiohttp = asyncio.run(slow_calls(system, aiohttp_url, "bench-aiohttp"))
     finally:
-        for server in (lean, aiohttp_server):
+        for server in servers:
             server.terminate()
             server.wait(5)
     pool_p50, pool_p99 = percentiles(pool_times)
@@ -249,7 +249,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--serve"]:
+    if sys.argv[1:] == ["--serve"]:
         serve()
+    elif sys.argv[1:] == ["--serve", "--aiohttp"]:
+        serve_aiohttp()
     else:
         main()
